@@ -1,0 +1,3 @@
+//! Inputs: prompts as texts, chat messages or raw token ids.
+
+pub mod prompts;

@@ -1,0 +1,315 @@
+//! The one forward pass, for every family (quirks are ModelConfig fields), on the CPU
+//! reference backend. Varlen batch: the rows of all sequences are concatenated, GEMMs run on
+//! all rows at once, attention runs per sequence over its KV cache plus its new rows.
+//! Every site of DESIGN.md section 2 passes through `hooks.apply`, where interventions and
+//! captures happen.
+
+use rayon::prelude::*;
+
+use crate::backend::cpu;
+use crate::intervene::{Capture, Captured, Hooks, Intervention, RowMap};
+use crate::model::Model;
+use crate::model::config::RopeScaling;
+use crate::sites::{Positions, Site, SiteKind};
+use crate::{Error, Result};
+
+/// Keys and values of one sequence, all layers, post-RoPE keys (what RotK shows).
+#[derive(Clone, Debug, Default)]
+pub struct KvCache {
+    /// Per layer: [len, n_kv_heads, d_head]
+    pub k: Vec<Vec<f32>>,
+    /// Per layer: [len, n_kv_heads, d_head]
+    pub v: Vec<Vec<f32>>,
+    pub len: usize,
+}
+
+impl KvCache {
+    pub fn new(n_layers: usize) -> KvCache {
+        KvCache { k: vec![Vec::new(); n_layers], v: vec![Vec::new(); n_layers], len: 0 }
+    }
+}
+
+/// One sequence of a forward call: new tokens appended to its cache.
+pub struct SeqInput<'a> {
+    pub tokens: &'a [u32],
+    pub cache: &'a mut KvCache,
+}
+
+pub struct ForwardOutput {
+    /// [n_logit_rows, vocab], rows in the order of `logit_rows`.
+    pub logits: Vec<f32>,
+    /// (sequence, absolute position) of each logits row.
+    pub logit_rows: Vec<(usize, usize)>,
+}
+
+/// The result of [`Model::run`].
+pub struct RunOutput {
+    /// [n_logit_rows, vocab]
+    pub logits: Vec<f32>,
+    /// (sequence, absolute position) of each logits row.
+    pub logit_rows: Vec<(usize, usize)>,
+    /// The captures, in request order.
+    pub captured: Vec<Captured>,
+}
+
+fn row_map(seqs: &[SeqInput]) -> RowMap {
+    RowMap::new(seqs.iter().map(|s| s.cache.len).collect(), seqs.iter().map(|s| s.tokens.len()).collect())
+}
+
+impl Model {
+    /// Resolves interventions and captures against `seqs`, runs the forward, returns logits at
+    /// `logits_at` and the captures. Captured patterns have `n_keys` key columns when given
+    /// (to align several calls), else as many as the longest sequence.
+    pub fn run(
+        &self,
+        seqs: &mut [SeqInput],
+        interventions: &[Intervention],
+        captures: &[Capture],
+        logits_at: Option<&Positions>,
+        n_keys: Option<usize>,
+    ) -> Result<RunOutput> {
+        let mut hooks = Hooks::new(&self.cfg, &row_map(seqs), interventions, captures, n_keys)?;
+        let out = self.forward(seqs, &mut hooks, logits_at)?;
+        Ok(RunOutput { logits: out.logits, logit_rows: out.logit_rows, captured: hooks.into_captured() })
+    }
+
+    /// Runs `seqs` (new tokens after each cache) through the model, applying `hooks`. Logits
+    /// are computed only at `logits_at` (positions relative to each sequence's length after this
+    /// call; positions this call does not compute are skipped).
+    fn forward(&self, seqs: &mut [SeqInput], hooks: &mut Hooks, logits_at: Option<&Positions>) -> Result<ForwardOutput> {
+        let cfg = &self.cfg;
+        let rows = row_map(seqs);
+        let t = rows.n_rows();
+        if t == 0 {
+            return Err(Error::input("empty input: no tokens to run"));
+        }
+        for (s, seq) in seqs.iter().enumerate() {
+            if let Some(&bad) = seq.tokens.iter().find(|&&id| id as usize >= cfg.vocab_size) {
+                return Err(Error::input(format!("prompt {s}: token id {bad} is out of range (vocab_size {})", cfg.vocab_size)));
+            }
+            if seq.cache.k.len() != cfg.n_layers {
+                return Err(Error::input(format!("prompt {s}: KV cache has {} layers, the model {}", seq.cache.k.len(), cfg.n_layers)));
+            }
+        }
+        let (d, qw, kvw) = (cfg.d_model, cfg.q_width(), cfg.kv_width());
+        let positions: Vec<usize> = rows.row_positions().into_iter().map(|(_, p)| p).collect();
+        let n_keys = hooks.n_keys();
+
+        // x = embed_tokens(ids) (* sqrt(d_model) for Gemma)
+        let mut x = vec![0.0f32; t * d]; // [T, d_model]
+        let tokens: Vec<u32> = seqs.iter().flat_map(|s| s.tokens.iter().copied()).collect();
+        x.par_chunks_mut(d).zip(tokens.par_iter()).for_each(|(row, &id)| {
+            let id = id as usize;
+            self.weights.embed.to_f32_range(id * d, (id + 1) * d, row);
+            if let Some(s) = cfg.embed_scale {
+                row.iter_mut().for_each(|v| *v *= s);
+            }
+        });
+
+        // Buffers, one per meaning.
+        let mut a = vec![0.0f32; t * d]; // [T, d_model] sublayer input (attn_in, then mlp_in)
+        let mut q = vec![0.0f32; t * qw]; // [T, n_heads, d_head]
+        let mut k = vec![0.0f32; t * kvw]; // [T, n_kv_heads, d_head]
+        let mut v = vec![0.0f32; t * kvw]; // [T, n_kv_heads, d_head]
+        let mut z = vec![0.0f32; t * qw]; // [T, n_heads, d_head]
+        let mut o = vec![0.0f32; t * d]; // [T, d_model] sublayer output (attn_out, then mlp_out)
+        let mut gate = vec![0.0f32; t * cfg.d_mlp]; // [T, d_mlp] gate, then act(gate) * up
+        let mut up = vec![0.0f32; t * cfg.d_mlp]; // [T, d_mlp]
+        let mut tmp = vec![0.0f32; t * qw.max(d)]; // norm scratch
+
+        // The rope frequencies depend on each sequence's length for longrope.
+        let rope_tables: Vec<(Vec<f32>, f32)> = (0..rows.n_seqs()).map(|s| self.rope_freqs(rows.total_len(s))).collect();
+
+        for (l, lw) in self.weights.layers.iter().enumerate() {
+            let site = |kind| Site::new(l, kind);
+            hooks.apply(site(SiteKind::ResidPre), &rows, &mut x, d);
+
+            // ---- attention ----
+            // a = input_layernorm(x)  (OLMo 2: x itself)
+            match &lw.attn_norm {
+                Some(w) => cpu::rmsnorm(&x, w, cfg.norm_eps, cfg.norm_weight, &mut a),
+                None => a.copy_from_slice(&x),
+            }
+            hooks.apply(site(SiteKind::AttnIn), &rows, &mut a, d);
+            cpu::linear(&a, t, &lw.q, &mut q);
+            cpu::linear(&a, t, &lw.k, &mut k);
+            cpu::linear(&a, t, &lw.v, &mut v);
+            // OLMo 2: q = q_norm(q_proj(x)), k = k_norm(k_proj(x)) over the whole projection.
+            if let (Some(qn), Some(kn)) = (&lw.q_norm, &lw.k_norm) {
+                cpu::rmsnorm(&q, qn, cfg.norm_eps, cfg.norm_weight, &mut tmp[..t * qw]);
+                q.copy_from_slice(&tmp[..t * qw]);
+                cpu::rmsnorm(&k, kn, cfg.norm_eps, cfg.norm_weight, &mut tmp[..t * kvw]);
+                k.copy_from_slice(&tmp[..t * kvw]);
+            }
+            hooks.apply(site(SiteKind::Q), &rows, &mut q, qw);
+            hooks.apply(site(SiteKind::K), &rows, &mut k, kvw);
+            hooks.apply(site(SiteKind::V), &rows, &mut v, kvw);
+            for s in 0..rows.n_seqs() {
+                let (r0, r1) = (rows.row_start[s], rows.row_start[s] + rows.new_len[s]);
+                let (inv_freq, factor) = &rope_tables[s];
+                cpu::rope(&mut q[r0 * qw..r1 * qw], cfg.n_heads, cfg.d_head, &positions[r0..r1], inv_freq, *factor);
+                cpu::rope(&mut k[r0 * kvw..r1 * kvw], cfg.n_kv_heads, cfg.d_head, &positions[r0..r1], inv_freq, *factor);
+            }
+            hooks.apply(site(SiteKind::RotQ), &rows, &mut q, qw);
+            hooks.apply(site(SiteKind::RotK), &rows, &mut k, kvw);
+
+            // softmax(q k^T * scale (soft-capped), causal (+ window)) v, per sequence
+            let want_pattern = hooks.touches(site(SiteKind::Pattern));
+            let mut pattern = if want_pattern { vec![0.0f32; t * cfg.n_heads * n_keys] } else { Vec::new() }; // [T, n_heads, n_keys]
+            for (s, seq) in seqs.iter_mut().enumerate() {
+                let (r0, r1) = (rows.row_start[s], rows.row_start[s] + rows.new_len[s]);
+                let cache = &mut *seq.cache;
+                cache.k[l].extend_from_slice(&k[r0 * kvw..r1 * kvw]);
+                cache.v[l].extend_from_slice(&v[r0 * kvw..r1 * kvw]);
+                let probs = want_pattern.then(|| &mut pattern[r0 * cfg.n_heads * n_keys..r1 * cfg.n_heads * n_keys]);
+                cpu::attention(
+                    &q[r0 * qw..r1 * qw],
+                    &cache.k[l],
+                    &cache.v[l],
+                    &mut z[r0 * qw..r1 * qw],
+                    probs,
+                    n_keys,
+                    rows.cache_len[s],
+                    cfg.n_heads,
+                    cfg.n_kv_heads,
+                    cfg.d_head,
+                    cfg.attn_scale,
+                    cfg.attn_softcap,
+                    cfg.layer_window[l],
+                );
+            }
+            if want_pattern {
+                hooks.apply(site(SiteKind::Pattern), &rows, &mut pattern, cfg.n_heads * n_keys);
+            }
+            hooks.apply(site(SiteKind::Z), &rows, &mut z, qw);
+
+            // o = o_proj(z); with HeadOut hooked, as the sum of per-head products.
+            if hooks.touches(site(SiteKind::HeadOut)) {
+                let mut result = vec![0.0f32; t * cfg.n_heads * d]; // [T, n_heads, d_model]
+                let mut zh = vec![0.0f32; t * qw]; // [T, n_heads, d_head], zero but head h
+                let mut oh = vec![0.0f32; t * d]; // [T, d_model]
+                for h in 0..cfg.n_heads {
+                    // z_h @ W_O[:, h]^T as o_proj of z with the other heads zeroed.
+                    zh.fill(0.0);
+                    for r in 0..t {
+                        let head = r * qw + h * cfg.d_head..r * qw + (h + 1) * cfg.d_head;
+                        zh[head.clone()].copy_from_slice(&z[head]);
+                    }
+                    cpu::matmul_t(&zh, t, &lw.o.w, &mut oh);
+                    for r in 0..t {
+                        result[(r * cfg.n_heads + h) * d..(r * cfg.n_heads + h + 1) * d].copy_from_slice(&oh[r * d..(r + 1) * d]);
+                    }
+                }
+                hooks.apply(site(SiteKind::HeadOut), &rows, &mut result, cfg.n_heads * d);
+                o.par_chunks_mut(d).zip(result.par_chunks(cfg.n_heads * d)).for_each(|(o, res)| {
+                    o.fill(0.0);
+                    res.chunks(d).for_each(|r| o.iter_mut().zip(r).for_each(|(o, r)| *o += r));
+                });
+                if let Some(b) = &lw.o.b {
+                    o.par_chunks_mut(d).for_each(|o| o.iter_mut().zip(b).for_each(|(o, b)| *o += b));
+                }
+            } else {
+                cpu::linear(&z, t, &lw.o, &mut o);
+            }
+            if let Some(w) = &lw.attn_post_norm {
+                cpu::rmsnorm(&o, w, cfg.norm_eps, cfg.norm_weight, &mut tmp[..t * d]);
+                o.copy_from_slice(&tmp[..t * d]);
+            }
+            hooks.apply(site(SiteKind::AttnOut), &rows, &mut o, d);
+            add_into(&mut x, &o);
+            hooks.apply(site(SiteKind::ResidMid), &rows, &mut x, d);
+
+            // ---- MLP ----
+            match &lw.mlp_norm {
+                Some(w) => cpu::rmsnorm(&x, w, cfg.norm_eps, cfg.norm_weight, &mut a),
+                None => a.copy_from_slice(&x),
+            }
+            hooks.apply(site(SiteKind::MlpIn), &rows, &mut a, d);
+            cpu::linear(&a, t, &lw.gate, &mut gate);
+            cpu::linear(&a, t, &lw.up, &mut up);
+            cpu::act_mul(&mut gate, &up, cfg.activation);
+            hooks.apply(site(SiteKind::MlpPost), &rows, &mut gate, cfg.d_mlp);
+            cpu::linear(&gate, t, &lw.down, &mut o);
+            if let Some(w) = &lw.mlp_post_norm {
+                cpu::rmsnorm(&o, w, cfg.norm_eps, cfg.norm_weight, &mut tmp[..t * d]);
+                o.copy_from_slice(&tmp[..t * d]);
+            }
+            hooks.apply(site(SiteKind::MlpOut), &rows, &mut o, d);
+            add_into(&mut x, &o);
+            hooks.apply(site(SiteKind::ResidPost), &rows, &mut x, d);
+        }
+        for seq in seqs.iter_mut() {
+            seq.cache.len += seq.tokens.len();
+        }
+
+        // ---- final norm and logits ----
+        cpu::rmsnorm(&x, &self.weights.final_norm, cfg.norm_eps, cfg.norm_weight, &mut a);
+        hooks.apply(Site::final_norm(cfg), &rows, &mut a, d);
+        let mut logit_rows: Vec<(usize, usize)> = Vec::new();
+        if let Some(p) = logits_at {
+            for s in 0..rows.n_seqs() {
+                for pos in p.resolve(rows.total_len(s)).map_err(|e| Error::input(format!("logits of prompt {s}: {e}")))? {
+                    if rows.row(s, pos).is_some() {
+                        logit_rows.push((s, pos));
+                    }
+                }
+            }
+        }
+        let n = logit_rows.len();
+        let mut logits = vec![0.0f32; n * cfg.vocab_size]; // [n, vocab]
+        if n > 0 {
+            let sel: Vec<f32> = logit_rows
+                .iter()
+                .flat_map(|&(s, p)| {
+                    let r = rows.row(s, p).unwrap_or_default();
+                    a[r * d..(r + 1) * d].iter().copied()
+                })
+                .collect(); // [n, d_model]
+            cpu::matmul_t(&sel, n, &self.weights.lm_head, &mut logits);
+            if let Some(c) = cfg.final_softcap {
+                logits.par_iter_mut().for_each(|v| *v = (*v / c).tanh() * c);
+            }
+        }
+        Ok(ForwardOutput { logits, logit_rows })
+    }
+
+    /// Inverse frequencies (rotary_dim/2) and cos/sin factor for a sequence of `len` tokens.
+    pub fn rope_freqs(&self, len: usize) -> (Vec<f32>, f32) {
+        let cfg = &self.cfg;
+        let dim = cfg.rotary_dim;
+        let base: Vec<f64> = (0..dim / 2).map(|i| 1.0 / (cfg.rope_theta as f64).powf((2 * i) as f64 / dim as f64)).collect();
+        match &cfg.rope_scaling {
+            RopeScaling::Default => (base.iter().map(|&f| f as f32).collect(), 1.0),
+            RopeScaling::Linear { factor } => (base.iter().map(|&f| (f / *factor as f64) as f32).collect(), 1.0),
+            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position } => {
+                let (factor, lo, hi, old) = (*factor as f64, *low_freq_factor as f64, *high_freq_factor as f64, *original_max_position as f64);
+                let (low_wavelen, high_wavelen) = (old / lo, old / hi);
+                let f = base
+                    .iter()
+                    .map(|&f| {
+                        let wavelen = 2.0 * std::f64::consts::PI / f;
+                        if wavelen < high_wavelen {
+                            f
+                        } else if wavelen > low_wavelen {
+                            f / factor
+                        } else {
+                            let smooth = (old / wavelen - lo) / (hi - lo);
+                            (1.0 - smooth) * f / factor + smooth * f
+                        }
+                    })
+                    .map(|f| f as f32)
+                    .collect();
+                (f, 1.0)
+            }
+            RopeScaling::LongRope { short_factor, long_factor, original_max_position, attention_factor } => {
+                let ext = if len > *original_max_position { long_factor } else { short_factor };
+                (base.iter().zip(ext).map(|(&f, &e)| (f / e as f64) as f32).collect(), *attention_factor)
+            }
+        }
+    }
+}
+
+/// x += y
+fn add_into(x: &mut [f32], y: &[f32]) {
+    x.par_chunks_mut(4096).zip(y.par_chunks(4096)).for_each(|(x, y)| x.iter_mut().zip(y).for_each(|(x, y)| *x += y));
+}

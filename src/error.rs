@@ -1,0 +1,45 @@
+//! The one error type of patchbay. Every message names the file, field or input it is about
+//! and what was expected, on one line; the library never panics on user input.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A file could not be opened or read.
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    /// A file was read but its contents are not what they must be (corrupt, truncated, wrong shape).
+    #[error("{path}: {msg}")]
+    File { path: PathBuf, msg: String },
+    /// A field of config.json (or another JSON config) is missing or holds a bad value.
+    #[error("{path}: field `{field}`: {msg}")]
+    Config { path: PathBuf, field: String, msg: String },
+    /// The checkpoint uses something patchbay does not implement (a model type, a rope type...).
+    #[error("unsupported: {0}")]
+    Unsupported(String),
+    /// Bad user input: an unknown site name, an out-of-range layer/head/position, empty input.
+    #[error("{0}")]
+    Input(String),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io { path: path.into(), source }
+    }
+    pub fn file(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {
+        Error::File { path: path.into(), msg: msg.into() }
+    }
+    pub fn config(path: impl Into<PathBuf>, field: impl Into<String>, msg: impl Into<String>) -> Self {
+        Error::Config { path: path.into(), field: field.into(), msg: msg.into() }
+    }
+    pub fn input(msg: impl Into<String>) -> Self {
+        Error::Input(msg.into())
+    }
+}
+
+/// Reads a whole file, naming it in the error.
+pub fn read_file(path: &std::path::Path) -> Result<Vec<u8>> {
+    std::fs::read(path).map_err(|e| Error::io(path, e))
+}

@@ -1,0 +1,3 @@
+//! Experiments built on the engine.
+
+pub mod capture;

@@ -1,0 +1,348 @@
+//! Interventions: one contract for everything (DESIGN.md section 3). At a site, for selected
+//! rows (prompt, position) and selected units (heads, neurons, dimensions), an intervention maps
+//! the activation to a new value. Captures copy the (possibly modified) value out.
+//!
+//! The functions here are the reference semantics every fast path reproduces.
+
+use std::collections::HashMap;
+
+use crate::model::config::ModelConfig;
+use crate::sites::{Positions, Site, SiteKind};
+use crate::{Error, Result};
+
+/// What an intervention does to the selected slice `x` (width W = selected units x unit width).
+#[derive(Clone, Debug, PartialEq)]
+pub enum Op {
+    /// x <- source activation. `values` is `[n_rows, W]`, one row per selected (prompt, position)
+    /// in prompt-major order, or `[W]` for the same value at every row.
+    Patch { values: Vec<f32> },
+    /// x <- x + beta * v, v (W) scaled to unit norm first when `normalize`.
+    Add { beta: f32, v: Vec<f32>, normalize: bool },
+    /// x <- x - beta * P x + v, P `[W, W]` row-major (a projection onto a subspace), v (W).
+    ProjectSet { beta: f32, p: Vec<f32>, v: Vec<f32> },
+    /// x <- 0
+    Zero,
+    /// x <- mean (W)
+    Mean { mean: Vec<f32> },
+    /// x <- a Gaussian vector rescaled to |x|; the noise depends only on (seed, position,
+    /// element), so batching does not change it.
+    RandomEqualNorm { seed: u64 },
+    /// x <- alpha * x
+    Scale { alpha: f32 },
+}
+
+impl Op {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Op::Patch { .. } => "patch",
+            Op::Add { .. } => "add",
+            Op::ProjectSet { .. } => "project_set",
+            Op::Zero => "zero",
+            Op::Mean { .. } => "mean",
+            Op::RandomEqualNorm { .. } => "random_equal_norm",
+            Op::Scale { .. } => "scale",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Intervention {
+    pub site: Site,
+    /// Prompts of the batch it applies to (indices); None = every prompt.
+    pub prompts: Option<Vec<usize>>,
+    pub positions: Positions,
+    /// Units selected (heads at head sites, neurons at mlp.hook_post, dimensions at d_model
+    /// sites); None = the whole row.
+    pub units: Option<Vec<usize>>,
+    pub op: Op,
+}
+
+/// A request to copy a site out at the given positions of every prompt.
+#[derive(Clone, Debug)]
+pub struct Capture {
+    pub site: Site,
+    pub positions: Positions,
+}
+
+/// A captured tensor: `[n_rows, per-token shape...]` with rows in prompt-major order.
+#[derive(Clone, Debug)]
+pub struct Captured {
+    pub site: Site,
+    /// Per prompt, the absolute positions captured (row order within that prompt).
+    pub positions: Vec<Vec<usize>>,
+    /// Per-token shape (e.g. `[n_heads, d_head]`).
+    pub token_shape: Vec<usize>,
+    /// `[n_rows, prod(token_shape)]`
+    pub data: Vec<f32>,
+}
+
+/// Interventions and captures resolved against one batch: rows are (prompt, absolute position).
+pub struct Hooks {
+    by_site: HashMap<Site, SiteHooks>,
+    captured: Vec<Captured>,
+    /// Key axis of Pattern rows (>= the longest sequence of the call).
+    n_keys: usize,
+}
+
+#[derive(Default)]
+struct SiteHooks {
+    /// Indices into the intervention list, in the order given.
+    interventions: Vec<ResolvedIntervention>,
+    /// Indices into `Hooks::captured`.
+    captures: Vec<usize>,
+}
+
+struct ResolvedIntervention {
+    /// (prompt, position, operand row)
+    rows: Vec<(usize, usize, usize)>,
+    /// Element ranges of the row selected, in order: (start, len).
+    slices: Vec<(usize, usize)>,
+    op: Op,
+}
+
+/// Where the rows of one forward call sit: sequence `s` contributes positions
+/// `cache_len[s] .. cache_len[s] + new_len[s]` at rows `row_start[s] ..`.
+#[derive(Clone, Debug)]
+pub struct RowMap {
+    pub row_start: Vec<usize>,
+    pub cache_len: Vec<usize>,
+    pub new_len: Vec<usize>,
+}
+
+impl RowMap {
+    pub fn new(cache_len: Vec<usize>, new_len: Vec<usize>) -> RowMap {
+        let mut row_start = Vec::with_capacity(new_len.len());
+        let mut r = 0;
+        for &n in &new_len {
+            row_start.push(r);
+            r += n;
+        }
+        RowMap { row_start, cache_len, new_len }
+    }
+    pub fn n_rows(&self) -> usize {
+        self.new_len.iter().sum()
+    }
+    pub fn n_seqs(&self) -> usize {
+        self.new_len.len()
+    }
+    /// Total length of sequence `s` after this call.
+    pub fn total_len(&self, s: usize) -> usize {
+        self.cache_len[s] + self.new_len[s]
+    }
+    /// The row computing position `pos` of sequence `s`, if this call computes it.
+    pub fn row(&self, s: usize, pos: usize) -> Option<usize> {
+        (pos >= self.cache_len[s] && pos < self.total_len(s)).then(|| self.row_start[s] + pos - self.cache_len[s])
+    }
+    /// (sequence, position) of every row.
+    pub fn row_positions(&self) -> Vec<(usize, usize)> {
+        (0..self.n_seqs()).flat_map(|s| (self.cache_len[s]..self.total_len(s)).map(move |p| (s, p))).collect()
+    }
+    /// Longest total length: the key count of Pattern rows.
+    pub fn max_len(&self) -> usize {
+        (0..self.n_seqs()).map(|s| self.total_len(s)).max().unwrap_or(0)
+    }
+}
+
+impl Hooks {
+    /// No interventions, no captures.
+    pub fn none() -> Hooks {
+        Hooks { by_site: HashMap::new(), captured: Vec::new(), n_keys: 0 }
+    }
+
+    /// Resolves positions against the sequence lengths (after this call) and checks every
+    /// index and operand size, so the forward cannot fail half-way on bad input. Captured
+    /// patterns have `n_keys` key columns (None: the longest sequence of the call).
+    pub fn new(cfg: &ModelConfig, rows: &RowMap, interventions: &[Intervention], captures: &[Capture], n_keys: Option<usize>) -> Result<Hooks> {
+        let n_seqs = rows.n_seqs();
+        let n_keys = n_keys.unwrap_or(0).max(rows.max_len());
+        let mut by_site: HashMap<Site, SiteHooks> = HashMap::new();
+        for (i, iv) in interventions.iter().enumerate() {
+            let what = format!("intervention {i} ({} at {})", iv.op.name(), iv.site);
+            iv.site.check(cfg)?;
+            if iv.site.kind == SiteKind::Pattern {
+                return Err(Error::input(format!("{what}: attention patterns can be captured, not intervened on")));
+            }
+            let (n_units, unit_w) = iv.site.kind.units(cfg, n_keys);
+            let slices: Vec<(usize, usize)> = match &iv.units {
+                None => vec![(0, n_units * unit_w)],
+                Some(u) => {
+                    if u.is_empty() {
+                        return Err(Error::input(format!("{what}: empty {} list", iv.site.kind.unit_name())));
+                    }
+                    let mut seen = vec![false; n_units];
+                    for &h in u {
+                        if h >= n_units {
+                            return Err(Error::input(format!("{what}: {} {h} is out of range (0..{n_units})", iv.site.kind.unit_name())));
+                        }
+                        if std::mem::replace(&mut seen[h], true) {
+                            return Err(Error::input(format!("{what}: {} {h} is listed twice", iv.site.kind.unit_name())));
+                        }
+                    }
+                    u.iter().map(|&h| (h * unit_w, unit_w)).collect()
+                }
+            };
+            let width: usize = slices.iter().map(|s| s.1).sum();
+            let prompts: Vec<usize> = match &iv.prompts {
+                None => (0..n_seqs).collect(),
+                Some(p) => {
+                    if let Some(&bad) = p.iter().find(|&&p| p >= n_seqs) {
+                        return Err(Error::input(format!("{what}: prompt {bad} is out of range (the batch has {n_seqs})")));
+                    }
+                    p.clone()
+                }
+            };
+            let mut resolved_rows = Vec::new();
+            for &s in &prompts {
+                for pos in iv.positions.resolve(rows.total_len(s)).map_err(|e| Error::input(format!("{what}, prompt {s}: {e}")))? {
+                    let k = resolved_rows.len();
+                    resolved_rows.push((s, pos, k));
+                }
+            }
+            check_operands(&iv.op, width, resolved_rows.len()).map_err(|e| Error::input(format!("{what}: {e}")))?;
+            let op = match &iv.op {
+                Op::Add { beta, v, normalize: true } => {
+                    let n = norm(v);
+                    if n == 0.0 {
+                        return Err(Error::input(format!("{what}: cannot normalise a zero vector")));
+                    }
+                    Op::Add { beta: *beta, v: v.iter().map(|x| x / n).collect(), normalize: false }
+                }
+                op => op.clone(),
+            };
+            by_site.entry(iv.site).or_default().interventions.push(ResolvedIntervention { rows: resolved_rows, slices, op });
+        }
+        let mut captured = Vec::new();
+        for c in captures {
+            c.site.check(cfg)?;
+            let positions = (0..n_seqs)
+                .map(|s| c.positions.resolve(rows.total_len(s)).map_err(|e| Error::input(format!("capture of {}, prompt {s}: {e}", c.site))))
+                .collect::<Result<Vec<_>>>()?;
+            let n: usize = positions.iter().map(Vec::len).sum();
+            let token_shape = c.site.kind.token_shape(cfg, n_keys);
+            let width: usize = token_shape.iter().product();
+            by_site.entry(c.site).or_default().captures.push(captured.len());
+            captured.push(Captured { site: c.site, positions, token_shape, data: vec![0.0; n * width] });
+        }
+        Ok(Hooks { by_site, captured, n_keys })
+    }
+
+    pub fn n_keys(&self) -> usize {
+        self.n_keys
+    }
+
+    /// True when anything (intervention or capture) happens at `site`: the forward uses this to
+    /// decide whether to materialise optional tensors (per-head outputs, patterns).
+    pub fn touches(&self, site: Site) -> bool {
+        self.by_site.contains_key(&site)
+    }
+
+    /// Applies the interventions at `site` to `x` (`[n_rows, width]`), then captures.
+    pub fn apply(&mut self, site: Site, rows: &RowMap, x: &mut [f32], width: usize) {
+        let Some(h) = self.by_site.get(&site) else { return };
+        let mut slice = Vec::new();
+        for iv in &h.interventions {
+            for &(s, pos, k) in &iv.rows {
+                let Some(r) = rows.row(s, pos) else { continue };
+                let row = &mut x[r * width..(r + 1) * width];
+                slice.clear();
+                for &(a, n) in &iv.slices {
+                    slice.extend_from_slice(&row[a..a + n]);
+                }
+                apply_op(&iv.op, &mut slice, k, pos);
+                let mut o = 0;
+                for &(a, n) in &iv.slices {
+                    row[a..a + n].copy_from_slice(&slice[o..o + n]);
+                    o += n;
+                }
+            }
+        }
+        for &ci in &h.captures {
+            let c = &mut self.captured[ci];
+            let w: usize = c.token_shape.iter().product();
+            let mut out_row = 0;
+            for (s, poss) in c.positions.iter().enumerate() {
+                for &pos in poss {
+                    if let Some(r) = rows.row(s, pos) {
+                        // Pattern rows may be narrower than the capture (keys of a shorter call).
+                        let n = w.min(width);
+                        c.data[out_row * w..out_row * w + n].copy_from_slice(&x[r * width..r * width + n]);
+                    }
+                    out_row += 1;
+                }
+            }
+        }
+    }
+
+    /// The captures, in the order they were requested.
+    pub fn into_captured(self) -> Vec<Captured> {
+        self.captured
+    }
+}
+
+fn check_operands(op: &Op, width: usize, n_rows: usize) -> std::result::Result<(), String> {
+    let want = |name: &str, got: usize, expect: usize| {
+        if got == expect { Ok(()) } else { Err(format!("{name} has {got} values, expected {expect}")) }
+    };
+    match op {
+        Op::Patch { values } => {
+            if values.len() == width || values.len() == width * n_rows {
+                Ok(())
+            } else {
+                Err(format!("patch values have {} elements, expected {width} (one row) or {n_rows} x {width}", values.len()))
+            }
+        }
+        Op::Add { v, .. } => want("v", v.len(), width),
+        Op::ProjectSet { p, v, .. } => want("P", p.len(), width * width).and(want("v", v.len(), width)),
+        Op::Mean { mean } => want("mean", mean.len(), width),
+        Op::Zero | Op::RandomEqualNorm { .. } | Op::Scale { .. } => Ok(()),
+    }
+}
+
+/// The reference semantics of every op on one selected slice `x` (W). `k` is the operand row
+/// (for patches), `pos` the absolute position (for the noise).
+pub fn apply_op(op: &Op, x: &mut [f32], k: usize, pos: usize) {
+    let w = x.len();
+    match op {
+        Op::Patch { values } => {
+            let src = if values.len() == w { values.as_slice() } else { &values[k * w..(k + 1) * w] };
+            x.copy_from_slice(src);
+        }
+        Op::Add { beta, v, .. } => x.iter_mut().zip(v).for_each(|(x, v)| *x += beta * v),
+        Op::ProjectSet { beta, p, v } => {
+            let px: Vec<f32> = (0..w).map(|i| p[i * w..(i + 1) * w].iter().zip(x.iter()).map(|(a, b)| a * b).sum()).collect();
+            for i in 0..w {
+                x[i] = x[i] - beta * px[i] + v[i];
+            }
+        }
+        Op::Zero => x.fill(0.0),
+        Op::Mean { mean } => x.copy_from_slice(mean),
+        Op::RandomEqualNorm { seed } => {
+            let target = norm(x);
+            let r: Vec<f32> = (0..w).map(|i| gaussian(*seed, pos as u64, i as u64)).collect();
+            let rn = norm(&r);
+            let s = if rn > 0.0 { target / rn } else { 0.0 };
+            x.iter_mut().zip(&r).for_each(|(x, r)| *x = r * s);
+        }
+        Op::Scale { alpha } => x.iter_mut().for_each(|x| *x *= alpha),
+    }
+}
+
+pub fn norm(v: &[f32]) -> f32 {
+    v.iter().map(|x| x * x).sum::<f32>().sqrt()
+}
+
+/// splitmix64: a counter-based hash, so every backend draws the same noise.
+pub fn splitmix64(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// A standard normal draw keyed by (seed, position, element) (Box-Muller on two hashed uniforms).
+pub fn gaussian(seed: u64, pos: u64, i: u64) -> f32 {
+    let h = splitmix64(seed ^ splitmix64(pos.wrapping_mul(0x1000_0000_01B3) ^ splitmix64(i)));
+    let u1 = ((h >> 40) as f64 + 0.5) / (1u64 << 24) as f64;
+    let u2 = ((h & 0xFF_FFFF) as f64 + 0.5) / (1u64 << 24) as f64;
+    ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
+}

@@ -1,0 +1,14 @@
+//! patchbay: an interpretability engine for decoder-only transformer LLMs.
+//! See DESIGN.md for the architecture.
+
+pub mod backend;
+pub mod data;
+pub mod engine;
+pub mod error;
+pub mod experiments;
+pub mod intervene;
+pub mod io;
+pub mod model;
+pub mod sites;
+
+pub use error::{Error, Result};

@@ -1,0 +1,35 @@
+//! Loading a Hugging Face model directory: config.json -> ModelConfig, safetensors weights
+//! (memory-mapped), tokenizer.json + chat template.
+
+pub mod checkpoint;
+pub mod config;
+pub mod tokenizer;
+
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+use crate::Result;
+use checkpoint::{Checkpoint, ModelWeights};
+use config::ModelConfig;
+
+/// A loaded model: config and memory-mapped weights.
+pub struct Model {
+    pub dir: PathBuf,
+    pub cfg: ModelConfig,
+    pub weights: ModelWeights,
+    /// sha256 of config.json (hex), recorded in every output's provenance.
+    pub config_hash: String,
+}
+
+impl Model {
+    /// Loads DIR/config.json and the safetensors weights, checking every tensor's shape.
+    pub fn load(dir: &Path) -> Result<Model> {
+        let cfg = ModelConfig::load(dir)?;
+        let config_bytes = crate::error::read_file(&dir.join("config.json"))?;
+        let config_hash = Sha256::digest(&config_bytes).iter().map(|b| format!("{b:02x}")).collect();
+        let ck = Checkpoint::open(dir)?;
+        let weights = ModelWeights::load(&cfg, &ck)?;
+        Ok(Model { dir: dir.to_path_buf(), cfg, weights, config_hash })
+    }
+}
