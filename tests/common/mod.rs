@@ -1,0 +1,121 @@
+//! Shared test helpers: fixture discovery, tolerance table, tensor comparison, checkpoint copies
+//! in other storage layouts.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use safetensors::{Dtype, SafeTensors};
+
+/// Families with a generated fixture (tests/fixtures/<family>, made by scripts/golden).
+pub const FAMILIES: [&str; 6] = ["llama", "mistral", "qwen2", "gemma2", "phi3", "olmo2"];
+
+/// The tolerance table: |got - want| <= atol + rtol * |want|.
+/// f32 reference path vs Hugging Face float32 eager: HF's own eager vs sdpa differ by ~4e-6;
+/// our summation order differs from torch's, so 1e-4 absolute on O(1) activations.
+pub const F32_ATOL: f32 = 1e-4;
+pub const F32_RTOL: f32 = 1e-4;
+
+pub fn fixtures_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests").join("fixtures")
+}
+
+pub fn fixture(family: &str) -> PathBuf {
+    fixtures_dir().join(family)
+}
+
+/// Reads every tensor of a safetensors file as f32 (f32, bf16, f16, i64 accepted).
+pub fn read_tensors(path: &Path) -> HashMap<String, (Vec<usize>, Vec<f32>)> {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let st = SafeTensors::deserialize(&bytes).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    st.iter()
+        .map(|(name, v)| {
+            let d = v.data();
+            let data: Vec<f32> = match v.dtype() {
+                Dtype::F32 => d.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+                Dtype::BF16 => d.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+                Dtype::F16 => d.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+                Dtype::I64 => d.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f32).collect(),
+                other => panic!("{name}: unexpected dtype {other:?}"),
+            };
+            (name.to_string(), (v.shape().to_vec(), data))
+        })
+        .collect()
+}
+
+/// Compares element-wise; returns the max abs error. Panics naming the worst index when any
+/// element is out of tolerance or not finite.
+pub fn assert_close(name: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32) -> f32 {
+    assert_eq!(got.len(), want.len(), "{name}: {} values, expected {}", got.len(), want.len());
+    let mut worst: Option<(usize, f32)> = None;
+    let mut max_abs = 0.0f32;
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let err = (g - w).abs();
+        let bad = !g.is_finite() || !(err <= atol + rtol * w.abs());
+        if g.is_finite() {
+            max_abs = max_abs.max(err);
+        }
+        let excess = if g.is_finite() { err - (atol + rtol * w.abs()) } else { f32::INFINITY };
+        if bad && worst.is_none_or(|(_, e)| excess > e) {
+            worst = Some((i, excess));
+        }
+    }
+    if let Some((i, _)) = worst {
+        panic!("{name}: out of tolerance (atol {atol}, rtol {rtol}); worst at index {i}: got {}, want {}; max abs err {max_abs}", got[i], want[i]);
+    }
+    max_abs
+}
+
+/// Copies a model directory (all small files) to `dst`, rewriting the weights with every
+/// float tensor converted to `dtype`, into `n_shards` files (with an index when > 1).
+pub fn copy_checkpoint(src: &Path, dst: &Path, dtype: Dtype, n_shards: usize) {
+    std::fs::create_dir_all(dst).unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let e = e.unwrap();
+        let name = e.file_name().into_string().unwrap();
+        if !name.ends_with(".safetensors") && !name.ends_with(".index.json") {
+            std::fs::copy(e.path(), dst.join(&name)).unwrap();
+        }
+    }
+    let tensors = read_tensors(&src.join("model.safetensors"));
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    let per = names.len().div_ceil(n_shards);
+    let mut weight_map = serde_json::Map::new();
+    for (i, chunk) in names.chunks(per).enumerate() {
+        let file = if n_shards == 1 { "model.safetensors".to_string() } else { format!("model-{:05}-of-{:05}.safetensors", i + 1, n_shards) };
+        let encoded: Vec<(String, Vec<usize>, Vec<u8>)> = chunk
+            .iter()
+            .map(|n| {
+                let (shape, data) = &tensors[*n];
+                let bytes: Vec<u8> = match dtype {
+                    Dtype::F32 => data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                    Dtype::BF16 => data.iter().flat_map(|&v| half::bf16::from_f32(v).to_le_bytes()).collect(),
+                    Dtype::F16 => data.iter().flat_map(|&v| half::f16::from_f32(v).to_le_bytes()).collect(),
+                    other => panic!("unsupported {other:?}"),
+                };
+                ((*n).clone(), shape.clone(), bytes)
+            })
+            .collect();
+        let views: Vec<(String, safetensors::tensor::TensorView)> =
+            encoded.iter().map(|(n, s, b)| (n.clone(), safetensors::tensor::TensorView::new(dtype, s.clone(), b).unwrap())).collect();
+        safetensors::serialize_to_file(views, None, &dst.join(&file)).unwrap();
+        for n in chunk {
+            weight_map.insert((*n).clone(), serde_json::Value::String(file.clone()));
+        }
+    }
+    if n_shards > 1 {
+        let index = serde_json::json!({"metadata": {"total_size": 0}, "weight_map": weight_map});
+        std::fs::write(dst.join("model.safetensors.index.json"), serde_json::to_vec_pretty(&index).unwrap()).unwrap();
+    }
+}
+
+/// Token ids recorded by the generator (`prompts.json`).
+pub fn fixture_prompts(family: &str) -> serde_json::Value {
+    let p = fixture(family).join("prompts.json");
+    serde_json::from_slice(&std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))).unwrap()
+}
+
+pub fn prompt_ids(family: &str) -> Vec<Vec<u32>> {
+    serde_json::from_value(fixture_prompts(family)["ids"].clone()).unwrap()
+}
