@@ -1,0 +1,82 @@
+//! `patchbay inspect`: what a model directory holds.
+
+use std::path::{Path, PathBuf};
+
+use clap::Args;
+use serde_json::json;
+
+use patchbay::model::Model;
+use patchbay::sites::{Site, SiteKind};
+use patchbay::{Error, Result};
+
+#[derive(Args)]
+#[command(after_help = "Examples:\n  patchbay inspect --model tests/fixtures/llama\n  patchbay inspect --model ~/models/Llama-3.2-1B-Instruct --json")]
+pub struct InspectArgs {
+    /// Hugging Face model directory (config.json, *.safetensors).
+    #[arg(long)]
+    model: PathBuf,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(a: InspectArgs) -> Result<()> {
+    inspect(&a.model, a.json)
+}
+
+fn inspect(dir: &Path, as_json: bool) -> Result<()> {
+    let m = Model::load(dir)?;
+    let c = &m.cfg;
+    let sites: Vec<serde_json::Value> = SiteKind::ALL
+        .iter()
+        .map(|k| json!({"kind": k.short_name(), "name": Site::new(if *k == SiteKind::FinalNorm { c.n_layers } else { 0 }, *k).to_string(), "shape": k.token_shape(c, 0).iter().map(|&d| if *k == SiteKind::Pattern && d == 0 { json!("n_keys") } else { json!(d) }).collect::<Vec<_>>()}))
+        .collect();
+    let windows: Vec<Option<usize>> = c.layer_window.clone();
+    let info = json!({
+        "family": c.family.name(),
+        "model_type": c.model_type,
+        "layers": c.n_layers,
+        "d_model": c.d_model,
+        "n_heads": c.n_heads,
+        "n_kv_heads": c.n_kv_heads,
+        "d_head": c.d_head,
+        "d_mlp": c.d_mlp,
+        "vocab": c.vocab_size,
+        "dtype": m.weights.dtype.name(),
+        "parameters": m.weights.n_params,
+        "tied_embeddings": c.tie_embeddings,
+        "rope_type": c.rope_scaling.name(),
+        "rope_theta": c.rope_theta,
+        "rotary_dim": c.rotary_dim,
+        "sliding_window": windows,
+        "attn_softcap": c.attn_softcap,
+        "final_softcap": c.final_softcap,
+        "config_sha256": m.config_hash,
+        "sites": sites,
+    });
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(&info).map_err(|e| Error::input(e.to_string()))?);
+        return Ok(());
+    }
+    println!("model        {}", dir.display());
+    println!("family       {} (model_type {})", c.family.name(), c.model_type);
+    println!("layers       {}", c.n_layers);
+    println!("d_model      {}", c.d_model);
+    println!("heads        {} query, {} key/value, d_head {}", c.n_heads, c.n_kv_heads, c.d_head);
+    println!("d_mlp        {}", c.d_mlp);
+    println!("vocab        {}", c.vocab_size);
+    println!("dtype        {}", m.weights.dtype.name());
+    println!("parameters   {} ({:.2} M){}", m.weights.n_params, m.weights.n_params as f64 / 1e6, if c.tie_embeddings { ", embeddings tied" } else { "" });
+    println!("rope         {} (theta {}, rotary dim {})", c.rope_scaling.name(), c.rope_theta, c.rotary_dim);
+    if windows.iter().any(Option::is_some) {
+        println!("windows      {}", windows.iter().map(|w| w.map_or("full".to_string(), |w| w.to_string())).collect::<Vec<_>>().join(","));
+    }
+    println!("sites        (per token; blocks.L.* for L in 0..{})", c.n_layers);
+    for k in SiteKind::ALL {
+        let name = Site::new(if k == SiteKind::FinalNorm { c.n_layers } else { 0 }, k).to_string().replacen("blocks.0.", "blocks.L.", 1);
+        let shape = k.token_shape(c, 0).iter().map(|d| if k == SiteKind::Pattern && *d == 0 { "n_keys".into() } else { d.to_string() }).collect::<Vec<_>>().join(" x ");
+        println!("  {:<12} {:<32} {}", k.short_name(), name, shape);
+    }
+    Ok(())
+}
+
