@@ -100,6 +100,27 @@ struct ResolvedIntervention {
     op: Op,
 }
 
+/// One intervention on one row of a forward call.
+pub struct RowOp<'a> {
+    pub row: usize,
+    /// Absolute position (the noise key of RandomEqualNorm).
+    pub pos: usize,
+    /// Row of the operand (patch values) for this (prompt, position).
+    pub operand_row: usize,
+    pub op: &'a Op,
+    /// Element ranges (start, len) of the row the op acts on.
+    pub slices: &'a [(usize, usize)],
+}
+
+/// One captured row of a forward call.
+pub struct RowCapture {
+    pub row: usize,
+    /// Index into the captures.
+    pub capture: usize,
+    /// Row of the capture's output.
+    pub out_row: usize,
+}
+
 /// Where the rows of one forward call sit: sequence `s` contributes positions
 /// `cache_len[s] .. cache_len[s] + new_len[s]` at rows `row_start[s] ..`.
 #[derive(Clone, Debug)]
@@ -236,40 +257,64 @@ impl Hooks {
         self.by_site.contains_key(&site)
     }
 
-    /// Applies the interventions at `site` to `x` (`[n_rows, width]`), then captures.
-    pub fn apply(&mut self, site: Site, rows: &RowMap, x: &mut [f32], width: usize) {
-        let Some(h) = self.by_site.get(&site) else { return };
-        let mut slice = Vec::new();
-        for iv in &h.interventions {
-            for &(s, pos, k) in &iv.rows {
-                let Some(r) = rows.row(s, pos) else { continue };
-                let row = &mut x[r * width..(r + 1) * width];
-                slice.clear();
-                for &(a, n) in &iv.slices {
-                    slice.extend_from_slice(&row[a..a + n]);
-                }
-                apply_op(&iv.op, &mut slice, k, pos);
-                let mut o = 0;
-                for &(a, n) in &iv.slices {
-                    row[a..a + n].copy_from_slice(&slice[o..o + n]);
-                    o += n;
-                }
-            }
-        }
-        for &ci in &h.captures {
-            let c = &mut self.captured[ci];
-            let w: usize = c.token_shape.iter().product();
+    /// The interventions at `site` on the rows of this call, in application order.
+    pub fn row_ops(&self, site: Site, rows: &RowMap) -> Vec<RowOp<'_>> {
+        let Some(h) = self.by_site.get(&site) else { return Vec::new() };
+        h.interventions
+            .iter()
+            .flat_map(|iv| {
+                iv.rows.iter().filter_map(move |&(s, pos, k)| {
+                    rows.row(s, pos).map(|row| RowOp { row, pos, operand_row: k, op: &iv.op, slices: &iv.slices })
+                })
+            })
+            .collect()
+    }
+
+    /// The captures at `site` of the rows of this call: (row, capture index, output row).
+    pub fn row_captures(&self, site: Site, rows: &RowMap) -> Vec<RowCapture> {
+        let Some(h) = self.by_site.get(&site) else { return Vec::new() };
+        let mut out = Vec::new();
+        for &capture in &h.captures {
+            let c = &self.captured[capture];
             let mut out_row = 0;
             for (s, poss) in c.positions.iter().enumerate() {
                 for &pos in poss {
-                    if let Some(r) = rows.row(s, pos) {
-                        // Pattern rows may be narrower than the capture (keys of a shorter call).
-                        let n = w.min(width);
-                        c.data[out_row * w..out_row * w + n].copy_from_slice(&x[r * width..r * width + n]);
+                    if let Some(row) = rows.row(s, pos) {
+                        out.push(RowCapture { row, capture, out_row });
                     }
                     out_row += 1;
                 }
             }
+        }
+        out
+    }
+
+    pub fn captured_mut(&mut self, capture: usize) -> &mut Captured {
+        &mut self.captured[capture]
+    }
+
+    /// Applies the interventions at `site` to `x` (`[n_rows, width]`), then captures.
+    pub fn apply(&mut self, site: Site, rows: &RowMap, x: &mut [f32], width: usize) {
+        let mut slice = Vec::new();
+        for ro in self.row_ops(site, rows) {
+            let row = &mut x[ro.row * width..(ro.row + 1) * width];
+            slice.clear();
+            for &(a, n) in ro.slices {
+                slice.extend_from_slice(&row[a..a + n]);
+            }
+            apply_op(ro.op, &mut slice, ro.operand_row, ro.pos);
+            let mut o = 0;
+            for &(a, n) in ro.slices {
+                row[a..a + n].copy_from_slice(&slice[o..o + n]);
+                o += n;
+            }
+        }
+        for rc in self.row_captures(site, rows) {
+            let c = &mut self.captured[rc.capture];
+            let w: usize = c.token_shape.iter().product();
+            // Pattern rows may be narrower than the capture (keys of a shorter call).
+            let n = w.min(width);
+            c.data[rc.out_row * w..rc.out_row * w + n].copy_from_slice(&x[rc.row * width..rc.row * width + n]);
         }
     }
 
