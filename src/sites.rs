@@ -183,14 +183,20 @@ impl Site {
 
     /// Parses one TransformerLens name (`blocks.3.attn.hook_z`, `ln_final.hook_normalized`).
     pub fn parse(name: &str, cfg: &ModelConfig) -> Result<Site> {
-        let site = Site::all(cfg).into_iter().find(|s| s.to_string() == name);
-        site.ok_or_else(|| {
-            Error::input(format!(
-                "unknown site `{name}` (expected a TransformerLens name such as blocks.0.hook_resid_pre or blocks.{}.attn.hook_z, with layers 0..{})",
-                cfg.n_layers - 1,
-                cfg.n_layers - 1
-            ))
-        })
+        if let Some(site) = Site::all(cfg).into_iter().find(|s| s.to_string() == name) {
+            return Ok(site);
+        }
+        let last = cfg.n_layers.saturating_sub(1);
+        // A well-formed name at a layer the model does not have: say so rather than "unknown".
+        if let Some((layer, suffix)) = name.strip_prefix("blocks.").and_then(|r| r.split_once('.')) {
+            let known = SiteKind::ALL[..SiteKind::ALL.len() - 1].iter().any(|k| k.tl_suffix() == suffix);
+            if known && let Ok(l) = layer.parse::<usize>() {
+                return Err(Error::input(format!("site `{name}`: layer {l} is out of range (the model has {} layers: 0..={last})", cfg.n_layers)));
+            }
+        }
+        Err(Error::input(format!(
+            "unknown site `{name}` (expected a TransformerLens name such as blocks.0.hook_resid_pre or blocks.{last}.attn.hook_z, with layers 0..={last}, or a short name such as resid_post)"
+        )))
     }
 
     /// Parses a comma-separated site spec: TransformerLens names, globs over them

@@ -25,6 +25,10 @@ pub struct Model {
 impl Model {
     /// Loads DIR/config.json and the safetensors weights, checking every tensor's shape.
     pub fn load(dir: &Path) -> Result<Model> {
+        if !dir.is_dir() {
+            let what = if dir.exists() { "is not a directory" } else { "does not exist" };
+            return Err(crate::Error::file(dir, format!("model directory {what} (expected a Hugging Face model directory with config.json and model.safetensors)")));
+        }
         let cfg = ModelConfig::load(dir)?;
         let config_bytes = crate::error::read_file(&dir.join("config.json"))?;
         let config_hash = Sha256::digest(&config_bytes).iter().map(|b| format!("{b:02x}")).collect();
