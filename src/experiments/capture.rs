@@ -12,7 +12,7 @@ use std::collections::HashMap;
 
 use indicatif::ProgressBar;
 
-use crate::engine::forward::{KvCache, SeqInput};
+use crate::engine::Engine;
 use crate::intervene::Capture;
 use crate::io::{OutDtype, OutTensor};
 use crate::model::Model;
@@ -30,8 +30,8 @@ pub struct CaptureSpec {
 
 /// Runs every prompt and returns the tensors of the capture contract, in site order, then
 /// `logits`, then `prompt_offsets` (positions `all` only).
-pub fn capture(model: &Model, prompts: &[Vec<u32>], spec: &CaptureSpec, progress: &ProgressBar) -> Result<Vec<(String, OutTensor)>> {
-    let cfg = &model.cfg;
+pub fn capture(engine: &dyn Engine, prompts: &[Vec<u32>], spec: &CaptureSpec, progress: &ProgressBar) -> Result<Vec<(String, OutTensor)>> {
+    let cfg = engine.config();
     for s in &spec.sites {
         s.check(cfg)?;
     }
@@ -40,9 +40,7 @@ pub fn capture(model: &Model, prompts: &[Vec<u32>], spec: &CaptureSpec, progress
     let mut site_data: Vec<Vec<f32>> = vec![Vec::new(); spec.sites.len()];
     let mut logits = Vec::new();
     for batch in prompts.chunks(spec.batch_size.max(1)) {
-        let mut caches: Vec<KvCache> = batch.iter().map(|_| KvCache::new(cfg.n_layers)).collect();
-        let mut seqs: Vec<SeqInput> = batch.iter().zip(caches.iter_mut()).map(|(p, c)| SeqInput { tokens: p, cache: c }).collect();
-        let out = model.run(&mut seqs, &[], &captures, spec.logits.then_some(&spec.positions), Some(max_len))?;
+        let out = engine.run_prompts(batch, &[], &captures, spec.logits.then_some(&spec.positions), Some(max_len))?;
         for (acc, c) in site_data.iter_mut().zip(out.captured) {
             acc.extend_from_slice(&c.data);
         }
@@ -74,8 +72,9 @@ pub fn capture(model: &Model, prompts: &[Vec<u32>], spec: &CaptureSpec, progress
 }
 
 /// Provenance recorded in every capture file.
-pub fn metadata(model: &Model, spec: &CaptureSpec) -> HashMap<String, String> {
+pub fn metadata(model: &Model, device: &str, spec: &CaptureSpec) -> HashMap<String, String> {
     HashMap::from([
+        ("device".to_string(), device.to_string()),
         ("model".to_string(), model.dir.display().to_string()),
         ("config_sha256".to_string(), model.config_hash.clone()),
         ("patchbay_version".to_string(), env!("CARGO_PKG_VERSION").to_string()),
