@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use clap::Args;
 use serde_json::json;
 
+use super::print_stdout;
 use patchbay::model::Model;
 use patchbay::sites::{Site, SiteKind};
 use patchbay::{Error, Result};
@@ -18,6 +19,14 @@ pub struct InspectArgs {
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
+}
+
+/// writeln! into a String (cannot fail).
+macro_rules! outln {
+    ($out:expr, $($arg:tt)*) => {{
+        use std::fmt::Write;
+        let _ = writeln!($out, $($arg)*);
+    }};
 }
 
 pub fn run(a: InspectArgs) -> Result<()> {
@@ -51,32 +60,41 @@ fn inspect(dir: &Path, as_json: bool) -> Result<()> {
         "sliding_window": windows,
         "attn_softcap": c.attn_softcap,
         "final_softcap": c.final_softcap,
+        "bos_token_id": c.bos_token_id,
+        "eos_token_ids": c.eos_token_ids,
+        "generation": c.generation.as_ref().map(|g| json!({"do_sample": g.do_sample, "temperature": g.temperature, "top_p": g.top_p, "max_new_tokens": g.max_new_tokens})),
         "config_sha256": m.config_hash,
         "sites": sites,
     });
     if as_json {
-        println!("{}", serde_json::to_string_pretty(&info).map_err(|e| Error::input(e.to_string()))?);
+        print_stdout(&format!("{}\n", serde_json::to_string_pretty(&info).map_err(|e| Error::input(e.to_string()))?));
         return Ok(());
     }
-    println!("model        {}", dir.display());
-    println!("family       {} (model_type {})", c.family.name(), c.model_type);
-    println!("layers       {}", c.n_layers);
-    println!("d_model      {}", c.d_model);
-    println!("heads        {} query, {} key/value, d_head {}", c.n_heads, c.n_kv_heads, c.d_head);
-    println!("d_mlp        {}", c.d_mlp);
-    println!("vocab        {}", c.vocab_size);
-    println!("dtype        {}", m.weights.dtype.name());
-    println!("parameters   {} ({:.2} M){}", m.weights.n_params, m.weights.n_params as f64 / 1e6, if c.tie_embeddings { ", embeddings tied" } else { "" });
-    println!("rope         {} (theta {}, rotary dim {})", c.rope_scaling.name(), c.rope_theta, c.rotary_dim);
+    let mut out = String::new();
+    outln!(out, "model        {}", dir.display());
+    outln!(out, "family       {} (model_type {})", c.family.name(), c.model_type);
+    outln!(out, "layers       {}", c.n_layers);
+    outln!(out, "d_model      {}", c.d_model);
+    outln!(out, "heads        {} query, {} key/value, d_head {}", c.n_heads, c.n_kv_heads, c.d_head);
+    outln!(out, "d_mlp        {}", c.d_mlp);
+    outln!(out, "vocab        {}", c.vocab_size);
+    outln!(out, "dtype        {}", m.weights.dtype.name());
+    outln!(out, "parameters   {} ({:.2} M){}", m.weights.n_params, m.weights.n_params as f64 / 1e6, if c.tie_embeddings { ", embeddings tied" } else { "" });
+    outln!(out, "rope         {} (theta {}, rotary dim {})", c.rope_scaling.name(), c.rope_theta, c.rotary_dim);
     if windows.iter().any(Option::is_some) {
-        println!("windows      {}", windows.iter().map(|w| w.map_or("full".to_string(), |w| w.to_string())).collect::<Vec<_>>().join(","));
+        outln!(out, "windows      {}", windows.iter().map(|w| w.map_or("full".to_string(), |w| w.to_string())).collect::<Vec<_>>().join(","));
     }
-    println!("sites        (per token; blocks.L.* for L in 0..{})", c.n_layers);
+    outln!(out, "bos / eos    {:?} / {:?}", c.bos_token_id, c.eos_token_ids);
+    if let Some(g) = &c.generation {
+        outln!(out, "generation   do_sample {}, temperature {:?}, top_p {:?} (generation_config.json)", g.do_sample, g.temperature, g.top_p);
+    }
+    outln!(out, "sites        (per token; blocks.L.* for L in 0..{})", c.n_layers);
     for k in SiteKind::ALL {
         let name = Site::new(if k == SiteKind::FinalNorm { c.n_layers } else { 0 }, k).to_string().replacen("blocks.0.", "blocks.L.", 1);
         let shape = k.token_shape(c, 0).iter().map(|d| if k == SiteKind::Pattern && *d == 0 { "n_keys".into() } else { d.to_string() }).collect::<Vec<_>>().join(" x ");
-        println!("  {:<12} {:<32} {}", k.short_name(), name, shape);
+        outln!(out, "  {:<12} {:<32} {}", k.short_name(), name, shape);
     }
+    print_stdout(&out);
     Ok(())
 }
 

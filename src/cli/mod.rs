@@ -36,3 +36,9 @@ pub fn progress_bar(len: u64, what: &str, unit: &str, quiet: bool) -> ProgressBa
     bar.set_message(what.to_string());
     bar
 }
+
+/// Writes to stdout; a closed pipe (`patchbay inspect | head`) is not an error.
+pub fn print_stdout(s: &str) {
+    use std::io::Write;
+    let _ = std::io::stdout().lock().write_all(s.as_bytes());
+}

@@ -147,16 +147,44 @@ pub struct ModelConfig {
     pub declared_dtype: Option<DType>,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
+    /// generation_config.json, when the directory has one.
+    pub generation: Option<GenerationDefaults>,
+}
+
+/// The checkpoint's generation defaults (generation_config.json). Its bos/eos ids, when given,
+/// replace config.json's in `ModelConfig`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GenerationDefaults {
+    pub do_sample: bool,
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub max_new_tokens: Option<usize>,
 }
 
 impl ModelConfig {
-    /// Reads DIR/config.json.
+    /// Reads DIR/config.json and DIR/generation_config.json when present.
     pub fn load(model_dir: &Path) -> Result<Self> {
         let path = model_dir.join("config.json");
-        let bytes = crate::error::read_file(&path)?;
-        let value: Value = serde_json::from_slice(&bytes)
-            .map_err(|e| Error::file(&path, format!("not valid JSON: {e}")))?;
-        Self::from_json(&value, &path)
+        let mut cfg = Self::from_json(&read_json(&path)?, &path)?;
+        let gen_path = model_dir.join("generation_config.json");
+        if gen_path.exists() {
+            let value = read_json(&gen_path)?;
+            let obj = value.as_object().ok_or_else(|| Error::file(&gen_path, "must hold a JSON object"))?;
+            let f = Fields { obj, path: gen_path.clone() };
+            if let Some(bos) = f.opt_u32("bos_token_id")? {
+                cfg.bos_token_id = Some(bos);
+            }
+            if f.get("eos_token_id").is_some() {
+                cfg.eos_token_ids = f.token_ids("eos_token_id")?;
+            }
+            cfg.generation = Some(GenerationDefaults {
+                do_sample: f.opt_bool("do_sample")?.unwrap_or(false),
+                temperature: f.opt_f32("temperature")?,
+                top_p: f.opt_f32("top_p")?,
+                max_new_tokens: f.opt_usize("max_new_tokens")?,
+            });
+        }
+        Ok(cfg)
     }
 
     /// Parses a config.json value; `path` only names the file in errors.
@@ -256,11 +284,7 @@ impl ModelConfig {
         };
         let tie_embeddings = f.opt_bool("tie_word_embeddings")?.unwrap_or(is_gemma);
         let bos_token_id = f.opt_u32("bos_token_id")?;
-        let eos_token_ids = match obj.get("eos_token_id") {
-            None | Some(Value::Null) => vec![],
-            Some(Value::Array(a)) => a.iter().map(|v| f.as_u32(v, "eos_token_id")).collect::<Result<_>>()?,
-            Some(v) => vec![f.as_u32(v, "eos_token_id")?],
-        };
+        let eos_token_ids = f.token_ids("eos_token_id")?;
 
         Ok(ModelConfig {
             family,
@@ -294,6 +318,7 @@ impl ModelConfig {
             declared_dtype,
             bos_token_id,
             eos_token_ids,
+            generation: None,
         })
     }
 
@@ -434,6 +459,11 @@ fn rope(f: &Fields, d_head: usize, max_position: usize) -> Result<(f32, usize, R
     Ok((theta, rotary_dim, scaling))
 }
 
+fn read_json(path: &Path) -> Result<Value> {
+    let bytes = crate::error::read_file(path)?;
+    serde_json::from_slice(&bytes).map_err(|e| Error::file(path, format!("not valid JSON: {e}")))
+}
+
 /// Typed access to a JSON object's fields with errors naming the field.
 struct Fields<'a> {
     obj: &'a Map<String, Value>,
@@ -468,6 +498,14 @@ impl Fields<'_> {
     }
     fn opt_u32(&self, k: &str) -> Result<Option<u32>> {
         self.get(k).map(|v| self.as_u32(v, k)).transpose()
+    }
+    /// A token id or a list of them (absent = none).
+    fn token_ids(&self, k: &str) -> Result<Vec<u32>> {
+        match self.get(k) {
+            None => Ok(vec![]),
+            Some(Value::Array(a)) => a.iter().map(|v| self.as_u32(v, k)).collect(),
+            Some(v) => Ok(vec![self.as_u32(v, k)?]),
+        }
     }
     fn as_u32(&self, v: &Value, k: &str) -> Result<u32> {
         v.as_u64()
