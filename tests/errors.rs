@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::*;
+use patchbay::engine::Engine;
 use patchbay::engine::forward::{KvCache, SeqInput};
 use patchbay::intervene::{Capture, Hooks, Intervention, Op, RowMap};
 use patchbay::model::Model;
@@ -495,9 +496,7 @@ fn llama() -> Model {
 #[track_caller]
 fn run_err(model: &Model, ivs: &[Intervention], caps: &[Capture]) -> String {
     let prompts = prompt_ids("llama");
-    let mut caches: Vec<KvCache> = prompts.iter().map(|_| KvCache::new(model.cfg.n_layers)).collect();
-    let mut seqs: Vec<SeqInput> = prompts.iter().zip(caches.iter_mut()).map(|(p, c)| SeqInput { tokens: p, cache: c }).collect();
-    match model.run(&mut seqs, ivs, caps, Some(&Positions::List(vec![-1])), None) {
+    match model.run_prompts(&prompts, ivs, caps, Some(&Positions::List(vec![-1])), None) {
         Ok(_) => panic!("expected an error for {ivs:?}"),
         Err(e) => {
             let msg = e.to_string();
@@ -524,7 +523,7 @@ fn sanity_valid_interventions_run() {
     let m = llama();
     let prompts = prompt_ids("llama");
     let mut caches: Vec<KvCache> = prompts.iter().map(|_| KvCache::new(m.cfg.n_layers)).collect();
-    let mut seqs: Vec<SeqInput> = prompts.iter().zip(caches.iter_mut()).map(|(p, c)| SeqInput { tokens: p, cache: c }).collect();
+    let mut seqs: Vec<SeqInput> = prompts.iter().zip(caches.iter_mut()).map(|(p, c)| SeqInput::tokens(p, c)).collect();
     let z = Site::new(1, SiteKind::Z);
     let d = m.cfg.d_model;
     let ivs = [

@@ -4,16 +4,15 @@
 mod common;
 
 use common::*;
-use patchbay::engine::forward::{KvCache, RunOutput, SeqInput};
+use patchbay::engine::Engine;
+use patchbay::engine::forward::RunOutput;
 use patchbay::intervene::{Capture, Intervention, Op};
 use patchbay::model::Model;
 use patchbay::sites::{Positions, Site};
 use serde_json::Value;
 
 fn run(model: &Model, prompts: &[Vec<u32>], ivs: &[Intervention], caps: &[Capture]) -> RunOutput {
-    let mut caches: Vec<KvCache> = prompts.iter().map(|_| KvCache::new(model.cfg.n_layers)).collect();
-    let mut seqs: Vec<SeqInput> = prompts.iter().zip(caches.iter_mut()).map(|(p, c)| SeqInput { tokens: p, cache: c }).collect();
-    model.run(&mut seqs, ivs, caps, Some(&Positions::All), None).unwrap()
+    model.run_prompts(prompts, ivs, caps, Some(&Positions::All), None).unwrap()
 }
 
 fn positions(v: &Value) -> Positions {

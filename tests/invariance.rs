@@ -5,6 +5,7 @@
 mod common;
 
 use common::*;
+use patchbay::engine::Engine;
 use patchbay::engine::forward::{KvCache, RunOutput, SeqInput};
 use patchbay::intervene::{Capture, Intervention, Op};
 use patchbay::model::Model;
@@ -12,9 +13,7 @@ use patchbay::model::config::RopeScaling;
 use patchbay::sites::{Positions, Site, SiteKind};
 
 fn run(model: &Model, prompts: &[Vec<u32>], ivs: &[Intervention], caps: &[Capture]) -> RunOutput {
-    let mut caches: Vec<KvCache> = prompts.iter().map(|_| KvCache::new(model.cfg.n_layers)).collect();
-    let mut seqs: Vec<SeqInput> = prompts.iter().zip(caches.iter_mut()).map(|(p, c)| SeqInput { tokens: p, cache: c }).collect();
-    model.run(&mut seqs, ivs, caps, Some(&Positions::All), None).unwrap()
+    model.run_prompts(prompts, ivs, caps, Some(&Positions::All), None).unwrap()
 }
 
 fn all_captures(model: &Model) -> Vec<Capture> {
@@ -44,7 +43,7 @@ fn kv_cache_decode_equals_full_recompute() {
         let mut got = Vec::new();
         let mut pos = 0;
         for chunk in [&prompt[..prefill]].into_iter().chain(prompt[prefill..].chunks(1)) {
-            let mut seqs = [SeqInput { tokens: chunk, cache: &mut cache }];
+            let mut seqs = [SeqInput::tokens(chunk, &mut cache)];
             let out = model.run(&mut seqs, &[], &[], Some(&Positions::All), None).unwrap();
             assert_eq!(out.logit_rows.first().map(|r| r.1), Some(pos), "{family}: decode rows start at the cache length");
             pos += chunk.len();

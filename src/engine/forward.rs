@@ -4,6 +4,8 @@
 //! Every site of DESIGN.md section 2 passes through `hooks.apply`, where interventions and
 //! captures happen.
 
+use std::sync::Arc;
+
 use rayon::prelude::*;
 
 use crate::backend::cpu;
@@ -13,26 +15,85 @@ use crate::model::config::RopeScaling;
 use crate::sites::{Positions, Site, SiteKind};
 use crate::{Error, Result};
 
-/// Keys and values of one sequence, all layers, post-RoPE keys (what RotK shows).
+/// Keys (post-RoPE, what RotK shows) and values of one sequence, all layers. A resumed
+/// segment's cache continues the first `prefix_len` positions of a shared clean cache and holds
+/// only its own rows, and only for the layers from where it resumed.
 #[derive(Clone, Debug, Default)]
 pub struct KvCache {
-    /// Per layer: [len, n_kv_heads, d_head]
-    pub k: Vec<Vec<f32>>,
-    /// Per layer: [len, n_kv_heads, d_head]
-    pub v: Vec<Vec<f32>>,
+    /// The clean cache this one continues, and how many of its positions.
+    prefix: Option<(Arc<KvCache>, usize)>,
+    /// Own rows per layer: [len - prefix_len, n_kv_heads, d_head]
+    k: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+    /// Total positions (prefix included).
     pub len: usize,
+    /// Layers below this one hold no keys (a segment resumed at this layer).
+    first_layer: usize,
 }
 
 impl KvCache {
     pub fn new(n_layers: usize) -> KvCache {
-        KvCache { k: vec![Vec::new(); n_layers], v: vec![Vec::new(); n_layers], len: 0 }
+        KvCache { prefix: None, k: vec![Vec::new(); n_layers], v: vec![Vec::new(); n_layers], len: 0, first_layer: 0 }
+    }
+
+    /// A cache continuing positions `0..p0` of `clean` (which must be complete at `layer` and
+    /// above), for a segment resumed at `layer`.
+    pub fn resume(clean: &Arc<KvCache>, layer: usize, p0: usize) -> Result<KvCache> {
+        if p0 > clean.len || layer < clean.first_layer {
+            return Err(Error::input(format!(
+                "cannot resume at layer {layer}, position {p0} from a cache of {} positions starting at layer {}",
+                clean.len, clean.first_layer
+            )));
+        }
+        // Point at the cache that owns the rows, so prefixes never chain.
+        let prefix = match &clean.prefix {
+            Some((base, n)) if p0 <= *n => (base.clone(), p0),
+            _ => (clean.clone(), p0),
+        };
+        let n_layers = clean.k.len();
+        Ok(KvCache { prefix: Some(prefix), k: vec![Vec::new(); n_layers], v: vec![Vec::new(); n_layers], len: p0, first_layer: layer })
+    }
+
+    /// Keys and values of layer `l` for positions 0..len, each [len, n_kv_heads, d_head].
+    pub fn layer(&self, l: usize) -> (std::borrow::Cow<'_, [f32]>, std::borrow::Cow<'_, [f32]>) {
+        use std::borrow::Cow;
+        match &self.prefix {
+            None => (Cow::Borrowed(&self.k[l]), Cow::Borrowed(&self.v[l])),
+            Some((base, n)) => {
+                let (bk, bv) = base.layer(l);
+                let w = if base.len == 0 { 0 } else { bk.len() / base.len };
+                let join = |b: &[f32], own: &[f32]| [&b[..n * w], own].concat();
+                (Cow::Owned(join(&bk, &self.k[l])), Cow::Owned(join(&bv, &self.v[l])))
+            }
+        }
     }
 }
 
-/// One sequence of a forward call: new tokens appended to its cache.
+/// The rows a sequence feeds into a forward call.
+pub enum SeqRows<'a> {
+    /// New tokens, embedded (the call starts at layer 0).
+    Tokens(&'a [u32]),
+    /// The residual entering the start layer for the new positions: [n_new, d_model].
+    Resid(&'a [f32]),
+}
+
+/// One sequence of a forward call: new rows appended to its cache.
 pub struct SeqInput<'a> {
-    pub tokens: &'a [u32],
+    pub rows: SeqRows<'a>,
     pub cache: &'a mut KvCache,
+}
+
+impl<'a> SeqInput<'a> {
+    pub fn tokens(tokens: &'a [u32], cache: &'a mut KvCache) -> Self {
+        SeqInput { rows: SeqRows::Tokens(tokens), cache }
+    }
+    /// Number of new positions, given the model width (for residual rows).
+    fn n_new(&self, d_model: usize) -> usize {
+        match self.rows {
+            SeqRows::Tokens(t) => t.len(),
+            SeqRows::Resid(x) => x.len() / d_model,
+        }
+    }
 }
 
 pub struct ForwardOutput {
@@ -52,8 +113,8 @@ pub struct RunOutput {
     pub captured: Vec<Captured>,
 }
 
-fn row_map(seqs: &[SeqInput]) -> RowMap {
-    RowMap::new(seqs.iter().map(|s| s.cache.len).collect(), seqs.iter().map(|s| s.tokens.len()).collect())
+fn row_map(seqs: &[SeqInput], d_model: usize) -> RowMap {
+    RowMap::new(seqs.iter().map(|s| s.cache.len).collect(), seqs.iter().map(|s| s.n_new(d_model)).collect())
 }
 
 impl Model {
@@ -68,43 +129,82 @@ impl Model {
         logits_at: Option<&Positions>,
         n_keys: Option<usize>,
     ) -> Result<RunOutput> {
-        let mut hooks = Hooks::new(&self.cfg, &row_map(seqs), interventions, captures, n_keys)?;
-        let out = self.forward(seqs, &mut hooks, logits_at)?;
+        self.run_from(0, seqs, interventions, captures, logits_at, n_keys)
+    }
+
+    /// As [`Model::run`], starting at block `start_layer`: every sequence feeds residual rows
+    /// (`SeqRows::Resid`, the clean resid_pre of that layer) after a cache resumed at that
+    /// layer or below. This is the resumed segment of DESIGN.md section 1.
+    pub fn run_from(
+        &self,
+        start_layer: usize,
+        seqs: &mut [SeqInput],
+        interventions: &[Intervention],
+        captures: &[Capture],
+        logits_at: Option<&Positions>,
+        n_keys: Option<usize>,
+    ) -> Result<RunOutput> {
+        let mut hooks = Hooks::new(&self.cfg, &row_map(seqs, self.cfg.d_model), interventions, captures, n_keys)?;
+        let out = self.forward(start_layer, seqs, &mut hooks, logits_at)?;
         Ok(RunOutput { logits: out.logits, logit_rows: out.logit_rows, captured: hooks.into_captured() })
     }
 
-    /// Runs `seqs` (new tokens after each cache) through the model, applying `hooks`. Logits
-    /// are computed only at `logits_at` (positions relative to each sequence's length after this
-    /// call; positions this call does not compute are skipped).
-    fn forward(&self, seqs: &mut [SeqInput], hooks: &mut Hooks, logits_at: Option<&Positions>) -> Result<ForwardOutput> {
+    /// Runs `seqs` (new rows after each cache) through blocks `start_layer..`, applying `hooks`.
+    /// Logits are computed only at `logits_at` (positions relative to each sequence's length
+    /// after this call; positions this call does not compute are skipped).
+    fn forward(&self, start_layer: usize, seqs: &mut [SeqInput], hooks: &mut Hooks, logits_at: Option<&Positions>) -> Result<ForwardOutput> {
         let cfg = &self.cfg;
-        let rows = row_map(seqs);
+        let (d, qw, kvw) = (cfg.d_model, cfg.q_width(), cfg.kv_width());
+        let rows = row_map(seqs, d);
         let t = rows.n_rows();
         if t == 0 {
             return Err(Error::input("empty input: no tokens to run"));
         }
+        if start_layer >= cfg.n_layers {
+            return Err(Error::input(format!("start layer {start_layer} is out of range (the model has {} layers)", cfg.n_layers)));
+        }
         for (s, seq) in seqs.iter().enumerate() {
-            if let Some(&bad) = seq.tokens.iter().find(|&&id| id as usize >= cfg.vocab_size) {
-                return Err(Error::input(format!("prompt {s}: token id {bad} is out of range (vocab_size {})", cfg.vocab_size)));
+            let cache = &seq.cache;
+            if cache.k.len() != cfg.n_layers {
+                return Err(Error::input(format!("prompt {s}: KV cache has {} layers, the model {}", cache.k.len(), cfg.n_layers)));
             }
-            if seq.cache.k.len() != cfg.n_layers {
-                return Err(Error::input(format!("prompt {s}: KV cache has {} layers, the model {}", seq.cache.k.len(), cfg.n_layers)));
+            if cache.first_layer > start_layer {
+                return Err(Error::input(format!("prompt {s}: its cache starts at layer {}, the call at layer {start_layer}", cache.first_layer)));
+            }
+            match seq.rows {
+                SeqRows::Tokens(tokens) => {
+                    if start_layer != 0 {
+                        return Err(Error::input(format!("prompt {s}: tokens can only start at layer 0 (give residual rows to resume)")));
+                    }
+                    if let Some(&bad) = tokens.iter().find(|&&id| id as usize >= cfg.vocab_size) {
+                        return Err(Error::input(format!("prompt {s}: token id {bad} is out of range (vocab_size {})", cfg.vocab_size)));
+                    }
+                }
+                SeqRows::Resid(x) => {
+                    if x.len() % d != 0 {
+                        return Err(Error::input(format!("prompt {s}: residual rows of {} values are not a multiple of d_model {d}", x.len())));
+                    }
+                }
             }
         }
-        let (d, qw, kvw) = (cfg.d_model, cfg.q_width(), cfg.kv_width());
         let positions: Vec<usize> = rows.row_positions().into_iter().map(|(_, p)| p).collect();
         let n_keys = hooks.n_keys();
 
-        // x = embed_tokens(ids) (* sqrt(d_model) for Gemma)
+        // x = embed_tokens(ids) (* sqrt(d_model) for Gemma), or the given residual rows
         let mut x = vec![0.0f32; t * d]; // [T, d_model]
-        let tokens: Vec<u32> = seqs.iter().flat_map(|s| s.tokens.iter().copied()).collect();
-        x.par_chunks_mut(d).zip(tokens.par_iter()).for_each(|(row, &id)| {
-            let id = id as usize;
-            self.weights.embed.to_f32_range(id * d, (id + 1) * d, row);
-            if let Some(s) = cfg.embed_scale {
-                row.iter_mut().for_each(|v| *v *= s);
+        for (s, seq) in seqs.iter().enumerate() {
+            let dst = &mut x[rows.row_start[s] * d..(rows.row_start[s] + rows.new_len[s]) * d];
+            match seq.rows {
+                SeqRows::Resid(src) => dst.copy_from_slice(src),
+                SeqRows::Tokens(tokens) => dst.par_chunks_mut(d).zip(tokens.par_iter()).for_each(|(row, &id)| {
+                    let id = id as usize;
+                    self.weights.embed.to_f32_range(id * d, (id + 1) * d, row);
+                    if let Some(s) = cfg.embed_scale {
+                        row.iter_mut().for_each(|v| *v *= s);
+                    }
+                }),
             }
-        });
+        }
 
         // Buffers, one per meaning.
         let mut a = vec![0.0f32; t * d]; // [T, d_model] sublayer input (attn_in, then mlp_in)
@@ -120,7 +220,7 @@ impl Model {
         // The rope frequencies depend on each sequence's length for longrope.
         let rope_tables: Vec<(Vec<f32>, f32)> = (0..rows.n_seqs()).map(|s| self.rope_freqs(rows.total_len(s))).collect();
 
-        for (l, lw) in self.weights.layers.iter().enumerate() {
+        for (l, lw) in self.weights.layers.iter().enumerate().skip(start_layer) {
             let site = |kind| Site::new(l, kind);
             hooks.apply(site(SiteKind::ResidPre), &rows, &mut x, d);
 
@@ -162,10 +262,11 @@ impl Model {
                 cache.k[l].extend_from_slice(&k[r0 * kvw..r1 * kvw]);
                 cache.v[l].extend_from_slice(&v[r0 * kvw..r1 * kvw]);
                 let probs = want_pattern.then(|| &mut pattern[r0 * cfg.n_heads * n_keys..r1 * cfg.n_heads * n_keys]);
+                let (kc, vc) = cache.layer(l);
                 cpu::attention(
                     &q[r0 * qw..r1 * qw],
-                    &cache.k[l],
-                    &cache.v[l],
+                    &kc,
+                    &vc,
                     &mut z[r0 * qw..r1 * qw],
                     probs,
                     n_keys,
@@ -238,8 +339,8 @@ impl Model {
             add_into(&mut x, &o);
             hooks.apply(site(SiteKind::ResidPost), &rows, &mut x, d);
         }
-        for seq in seqs.iter_mut() {
-            seq.cache.len += seq.tokens.len();
+        for (s, seq) in seqs.iter_mut().enumerate() {
+            seq.cache.len += rows.new_len[s];
         }
 
         // ---- final norm and logits ----

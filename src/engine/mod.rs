@@ -43,7 +43,7 @@ impl Engine for crate::model::Model {
         n_keys: Option<usize>,
     ) -> Result<RunOutput> {
         let mut caches: Vec<KvCache> = prompts.iter().map(|_| KvCache::new(self.cfg.n_layers)).collect();
-        let mut seqs: Vec<SeqInput> = prompts.iter().zip(caches.iter_mut()).map(|(p, c)| SeqInput { tokens: p, cache: c }).collect();
+        let mut seqs: Vec<SeqInput> = prompts.iter().zip(caches.iter_mut()).map(|(p, c)| SeqInput::tokens(p, c)).collect();
         self.run(&mut seqs, interventions, captures, logits_at, n_keys)
     }
 }
