@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use common::*;
 use patchbay::engine::Engine;
-use patchbay::engine::forward::{KvCache, SeqInput, SeqRows};
+use patchbay::engine::forward::{KvCache, RunRequest, SeqInput, SeqRows};
 use patchbay::intervene::{Capture, Intervention, Op};
 use patchbay::model::Model;
 use patchbay::sites::{Positions, Site, SiteKind};
@@ -51,7 +51,9 @@ fn resumed_segments_equal_full_forward() {
                         iv
                     }))
                     .collect();
-                let resumed = model.run_from(layer, &mut seqs, &ivs, &[], Some(&Positions::List(vec![-1])), None).unwrap();
+                let last = Positions::List(vec![-1]);
+                let req = RunRequest { interventions: &ivs, logits_at: Some(&last), ..Default::default() };
+                let resumed = model.run_from(layer, &mut seqs, &req).unwrap();
                 for (i, e) in experiments.iter().enumerate() {
                     let naive = model.run_prompts(std::slice::from_ref(&prompt), e, &[], Some(&Positions::List(vec![-1])), None).unwrap();
                     let v = cfg.vocab_size;
@@ -73,9 +75,27 @@ fn resume_rejects_bad_requests() {
     let mut seg = KvCache::resume(&cache, 1, 2).unwrap();
     let x = vec![0.0; model.cfg.d_model];
     // Starting below the layer the segment was resumed at.
-    let e = model.run_from(0, &mut [SeqInput { rows: SeqRows::Resid(&x), cache: &mut seg }], &[], &[], None, None).err().unwrap().to_string();
+    let e = model.run_from(0, &mut [SeqInput { rows: SeqRows::Resid(&x), cache: &mut seg }], &RunRequest::default()).err().unwrap().to_string();
     assert!(e.contains("starts at layer 1"), "{e}");
     // Tokens cannot start mid-network.
-    let e = model.run_from(1, &mut [SeqInput::tokens(&prompt, &mut seg)], &[], &[], None, None).err().unwrap().to_string();
+    let e = model.run_from(1, &mut [SeqInput::tokens(&prompt, &mut seg)], &RunRequest::default()).err().unwrap().to_string();
     assert!(e.contains("layer 0"), "{e}");
+}
+
+#[test]
+fn label_logits_are_the_columns_of_full_logits() {
+    for family in FAMILIES {
+        let model = Model::load(&fixture(family)).unwrap();
+        let prompts = prompt_ids(family);
+        let last = Positions::List(vec![-1, -2]);
+        let full = model.run_prompts(&prompts, &[], &[], Some(&last), None).unwrap();
+        let labels = [5u32, 300, 17, 5];
+        let mut caches: Vec<KvCache> = prompts.iter().map(|_| KvCache::new(model.cfg.n_layers)).collect();
+        let mut seqs: Vec<SeqInput> = prompts.iter().zip(caches.iter_mut()).map(|(p, c)| SeqInput::tokens(p, c)).collect();
+        let req = RunRequest { logits_at: Some(&last), logit_tokens: Some(&labels), ..Default::default() };
+        let sel = model.run_from(0, &mut seqs, &req).unwrap();
+        let v = model.cfg.vocab_size;
+        let want: Vec<f32> = (0..full.logit_rows.len()).flat_map(|r| labels.iter().map(move |&t| (r, t))).map(|(r, t)| full.logits[r * v + t as usize]).collect();
+        assert_close(&format!("{family}: label logits"), &sel.logits, &want, 1e-6, 1e-6);
+    }
 }

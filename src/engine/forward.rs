@@ -103,6 +103,19 @@ pub struct ForwardOutput {
     pub logit_rows: Vec<(usize, usize)>,
 }
 
+/// What a forward call does besides computing: interventions, captures, which logits.
+#[derive(Clone, Copy, Default)]
+pub struct RunRequest<'a> {
+    pub interventions: &'a [Intervention],
+    pub captures: &'a [Capture],
+    /// Positions (relative to each sequence) whose logits are returned.
+    pub logits_at: Option<&'a Positions>,
+    /// Only these vocabulary entries (e.g. a label set), in this order; None = the whole vocabulary.
+    pub logit_tokens: Option<&'a [u32]>,
+    /// Key columns of captured patterns (None: the longest sequence).
+    pub n_keys: Option<usize>,
+}
+
 /// The result of [`Model::run`].
 pub struct RunOutput {
     /// [n_logit_rows, vocab]
@@ -129,30 +142,30 @@ impl Model {
         logits_at: Option<&Positions>,
         n_keys: Option<usize>,
     ) -> Result<RunOutput> {
-        self.run_from(0, seqs, interventions, captures, logits_at, n_keys)
+        self.run_from(0, seqs, &RunRequest { interventions, captures, logits_at, logit_tokens: None, n_keys })
     }
 
     /// As [`Model::run`], starting at block `start_layer`: every sequence feeds residual rows
     /// (`SeqRows::Resid`, the clean resid_pre of that layer) after a cache resumed at that
     /// layer or below. This is the resumed segment of DESIGN.md section 1.
-    pub fn run_from(
-        &self,
-        start_layer: usize,
-        seqs: &mut [SeqInput],
-        interventions: &[Intervention],
-        captures: &[Capture],
-        logits_at: Option<&Positions>,
-        n_keys: Option<usize>,
-    ) -> Result<RunOutput> {
-        let mut hooks = Hooks::new(&self.cfg, &row_map(seqs, self.cfg.d_model), interventions, captures, n_keys)?;
-        let out = self.forward(start_layer, seqs, &mut hooks, logits_at)?;
+    pub fn run_from(&self, start_layer: usize, seqs: &mut [SeqInput], req: &RunRequest) -> Result<RunOutput> {
+        let mut hooks = Hooks::new(&self.cfg, &row_map(seqs, self.cfg.d_model), req.interventions, req.captures, req.n_keys)?;
+        let out = self.forward(start_layer, seqs, &mut hooks, req.logits_at, req.logit_tokens)?;
         Ok(RunOutput { logits: out.logits, logit_rows: out.logit_rows, captured: hooks.into_captured() })
     }
 
     /// Runs `seqs` (new rows after each cache) through blocks `start_layer..`, applying `hooks`.
     /// Logits are computed only at `logits_at` (positions relative to each sequence's length
-    /// after this call; positions this call does not compute are skipped).
-    fn forward(&self, start_layer: usize, seqs: &mut [SeqInput], hooks: &mut Hooks, logits_at: Option<&Positions>) -> Result<ForwardOutput> {
+    /// after this call; positions this call does not compute are skipped), and only for the
+    /// vocabulary entries `logit_tokens` when given (the lm_head rows of a label set).
+    fn forward(
+        &self,
+        start_layer: usize,
+        seqs: &mut [SeqInput],
+        hooks: &mut Hooks,
+        logits_at: Option<&Positions>,
+        logit_tokens: Option<&[u32]>,
+    ) -> Result<ForwardOutput> {
         let cfg = &self.cfg;
         let (d, qw, kvw) = (cfg.d_model, cfg.q_width(), cfg.kv_width());
         let rows = row_map(seqs, d);
@@ -357,7 +370,16 @@ impl Model {
             }
         }
         let n = logit_rows.len();
-        let mut logits = vec![0.0f32; n * cfg.vocab_size]; // [n, vocab]
+        let head = match logit_tokens {
+            None => self.weights.lm_head.clone(),
+            Some(ids) => {
+                if let Some(&bad) = ids.iter().find(|&&id| id as usize >= cfg.vocab_size) {
+                    return Err(Error::input(format!("logit token {bad} is out of range (vocab_size {})", cfg.vocab_size)));
+                }
+                self.weights.lm_head.gather_rows(ids)
+            }
+        };
+        let mut logits = vec![0.0f32; n * head.shape[0]]; // [n, vocab or n_tokens]
         if n > 0 {
             let sel: Vec<f32> = logit_rows
                 .iter()
@@ -366,7 +388,7 @@ impl Model {
                     a[r * d..(r + 1) * d].iter().copied()
                 })
                 .collect(); // [n, d_model]
-            cpu::matmul_t(&sel, n, &self.weights.lm_head, &mut logits);
+            cpu::matmul_t(&sel, n, &head, &mut logits);
             if let Some(c) = cfg.final_softcap {
                 logits.par_iter_mut().for_each(|v| *v = (*v / c).tanh() * c);
             }

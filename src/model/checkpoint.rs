@@ -14,10 +14,26 @@ use safetensors::{Dtype as StDtype, SafeTensors};
 use super::config::{DType, ModelConfig};
 use crate::{Error, Result};
 
+/// Bytes behind a weight: a memory-mapped checkpoint file, or a small owned copy.
+enum Storage {
+    Mapped(Mmap),
+    Owned(Vec<u8>),
+}
+
+impl std::ops::Deref for Storage {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Storage::Mapped(m) => m,
+            Storage::Owned(v) => v,
+        }
+    }
+}
+
 /// A tensor living in a memory-mapped checkpoint file (row-major).
 #[derive(Clone)]
 pub struct Weight {
-    map: Arc<Mmap>,
+    map: Arc<Storage>,
     /// Byte range of the data inside the mapped file.
     start: usize,
     len: usize,
@@ -45,6 +61,18 @@ impl Weight {
         let row_bytes = self.shape[1] * self.dtype.size();
         Weight { map: self.map.clone(), start: self.start + r0 * row_bytes, len: (r1 - r0) * row_bytes, dtype: self.dtype, shape: vec![r1 - r0, self.shape[1]] }
     }
+    /// The rows `ids` of a 2-D weight, copied into a new in-memory tensor `[ids.len(), cols]`
+    /// (e.g. the lm_head rows of a label set). Ids must be < rows.
+    pub fn gather_rows(&self, ids: &[u32]) -> Weight {
+        let row_bytes = self.shape[1] * self.dtype.size();
+        let mut bytes = Vec::with_capacity(ids.len() * row_bytes);
+        for &id in ids {
+            let r = id as usize * row_bytes;
+            bytes.extend_from_slice(&self.bytes()[r..r + row_bytes]);
+        }
+        Weight { len: bytes.len(), map: Arc::new(Storage::Owned(bytes)), start: 0, dtype: self.dtype, shape: vec![ids.len(), self.shape[1]] }
+    }
+
     /// Elements `i0..i1` converted to f32.
     pub fn to_f32_range(&self, i0: usize, i1: usize, out: &mut [f32]) {
         let b = self.bytes();
@@ -113,7 +141,7 @@ impl Checkpoint {
             let file = File::open(&path).map_err(|e| Error::io(&path, e))?;
             // SAFETY: the file is mapped read-only; patchbay never writes to checkpoint files.
             // Another process truncating it while mapped is outside what we can guard against.
-            let map = Arc::new(unsafe { Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?);
+            let map = Arc::new(Storage::Mapped(unsafe { Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?));
             let st = SafeTensors::deserialize(&map).map_err(|e| Error::file(&path, format!("not a valid safetensors file: {e}")))?;
             for (name, view) in st.iter() {
                 let dtype = match view.dtype() {
