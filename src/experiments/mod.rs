@@ -1,3 +1,4 @@
 //! Experiments built on the engine.
 
 pub mod capture;
+pub mod patch;

@@ -210,6 +210,21 @@ pub struct LayerWeights {
     pub mlp_post_norm: Option<Vec<f32>>,
 }
 
+/// Checkpoint names (under `model.layers.{l}.`) of the four per-block norms, by role:
+/// [attention pre-norm, attention post-norm, MLP pre-norm, MLP post-norm]; None where the
+/// family has none. The names differ by family, the roles do not.
+pub fn norm_names(cfg: &ModelConfig) -> Result<[Option<&'static str>; 4]> {
+    Ok(match (cfg.pre_norms, cfg.post_norms) {
+        // Llama, Mistral, Qwen2, Phi-3: post_attention_layernorm is the MLP's pre-norm.
+        (true, false) => [Some("input_layernorm"), None, Some("post_attention_layernorm"), None],
+        // Gemma 2: sandwich norms.
+        (true, true) => [Some("input_layernorm"), Some("post_attention_layernorm"), Some("pre_feedforward_layernorm"), Some("post_feedforward_layernorm")],
+        // OLMo 2: norms after each sublayer only.
+        (false, true) => [None, Some("post_attention_layernorm"), None, Some("post_feedforward_layernorm")],
+        (false, false) => return Err(Error::Unsupported("a block without any norm".into())),
+    })
+}
+
 /// All weights of a model, checked against its config.
 pub struct ModelWeights {
     pub embed: Weight, // [vocab, d_model]
@@ -256,16 +271,7 @@ impl ModelWeights {
             } else {
                 (linear(&format!("{p}.mlp.gate_proj"), cfg.d_mlp, d, cfg.mlp_bias)?, linear(&format!("{p}.mlp.up_proj"), cfg.d_mlp, d, cfg.mlp_bias)?)
             };
-            // Checkpoint names of the four norms differ by family; their roles are fixed here.
-            let (attn_norm, attn_post_norm, mlp_norm, mlp_post_norm) = match (cfg.pre_norms, cfg.post_norms) {
-                // Llama, Mistral, Qwen2, Phi-3: post_attention_layernorm is the MLP's pre-norm.
-                (true, false) => (Some("input_layernorm"), None, Some("post_attention_layernorm"), None),
-                // Gemma 2: sandwich norms.
-                (true, true) => (Some("input_layernorm"), Some("post_attention_layernorm"), Some("pre_feedforward_layernorm"), Some("post_feedforward_layernorm")),
-                // OLMo 2: norms after each sublayer only.
-                (false, true) => (None, Some("post_attention_layernorm"), None, Some("post_feedforward_layernorm")),
-                (false, false) => return Err(Error::Unsupported("a block without any norm".into())),
-            };
+            let [attn_norm, attn_post_norm, mlp_norm, mlp_post_norm] = norm_names(cfg)?;
             let norm = |n: Option<&str>| n.map(|n| vec(&format!("{p}.{n}.weight"), d)).transpose();
             layers.push(LayerWeights {
                 attn_norm: norm(attn_norm)?,

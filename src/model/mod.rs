@@ -3,6 +3,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod synth;
 pub mod tokenizer;
 
 use std::path::{Path, PathBuf};

@@ -119,3 +119,28 @@ pub fn fixture_prompts(family: &str) -> serde_json::Value {
 pub fn prompt_ids(family: &str) -> Vec<Vec<u32>> {
     serde_json::from_value(fixture_prompts(family)["ids"].clone()).unwrap()
 }
+
+/// A random checkpoint with the config of fixture `family` but `n_layers` layers, in a tempdir.
+pub fn synth_family(family: &str, n_layers: usize, seed: u64) -> tempfile::TempDir {
+    let text = std::fs::read_to_string(fixture(family).join("config.json")).unwrap();
+    let mut cfg: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let obj = cfg.as_object_mut().unwrap();
+    obj.insert("num_hidden_layers".into(), n_layers.into());
+    if let Some(types) = obj.get("layer_types").and_then(|t| t.as_array()).cloned() {
+        let cycled: Vec<serde_json::Value> = (0..n_layers).map(|l| types[l % types.len()].clone()).collect();
+        obj.insert("layer_types".into(), cycled.into());
+    }
+    let dir = tempfile::tempdir().unwrap();
+    patchbay::model::synth::write_checkpoint(&cfg, dir.path(), seed).unwrap();
+    dir
+}
+
+/// `n` prompts of random token ids with lengths in `lens` (cycled).
+pub fn random_prompts(n: usize, lens: &[usize], vocab: usize, seed: u64) -> Vec<Vec<u32>> {
+    (0..n)
+        .map(|i| {
+            let len = lens[i % lens.len()];
+            (0..len).map(|j| (patchbay::intervene::splitmix64(seed ^ ((i as u64) << 32) ^ j as u64) % vocab as u64) as u32).collect()
+        })
+        .collect()
+}

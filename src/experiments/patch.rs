@@ -1,0 +1,356 @@
+//! Activation-patching sweeps (the Tak et al. protocol and general sweeps), resumed from clean
+//! runs (DESIGN.md section 1).
+//!
+//! An experiment patches one site kind at a window of consecutive layers, at the same relative
+//! positions, from a source prompt's clean run into a target prompt, and reads the label logits
+//! at the target's last position. Two methods give the same numbers:
+//! - `Naive`: one full forward of the target per experiment (the oracle and the baseline);
+//! - `Resumed`: one clean pass per distinct prompt, then every experiment as a segment that
+//!   starts at the window's first layer and the first patched position, over the target's clean
+//!   KV prefix; segments with the same start layer share one batched forward.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+
+use indicatif::ProgressBar;
+use serde::{Deserialize, Serialize};
+
+use crate::engine::forward::{KvCache, RunRequest, SeqInput, SeqRows};
+use crate::intervene::{Capture, Intervention, Op};
+use crate::model::Model;
+use crate::sites::{Positions, Site, SiteKind};
+use crate::{Error, Result};
+
+/// A (source, target) pair of prompt indices.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Pair {
+    pub source: usize,
+    pub target: usize,
+}
+
+/// What to patch, where, and what to read.
+#[derive(Clone, Debug)]
+pub struct SweepSpec {
+    /// Site kinds patched (each is its own experiment).
+    pub sites: Vec<SiteKind>,
+    /// Heads (z, q, ...) or neurons (mlp_post) patched; None = the whole site.
+    pub units: Option<Vec<usize>>,
+    /// Layers patched at once: the window centred on each centre layer.
+    pub window: usize,
+    /// Centre layers.
+    pub centers: Vec<usize>,
+    /// Positions patched, resolved in each prompt (-1 = its last token).
+    pub positions: Vec<i64>,
+    /// Label token ids whose logits are read at the target's last position.
+    pub label_tokens: Vec<u32>,
+}
+
+/// Layers of the window of `window` layers centred on `center` (for even windows the centre
+/// is the upper middle), or None where it does not fit in `n_layers`.
+pub fn window_layers(center: usize, window: usize, n_layers: usize) -> Option<Vec<usize>> {
+    let start = center.checked_sub((window - 1) / 2)?;
+    let end = start + window;
+    (window > 0 && end <= n_layers).then(|| (start..end).collect())
+}
+
+/// Every centre where a window fits: for W = 5 on 16 layers, 2..=13.
+pub fn all_centers(window: usize, n_layers: usize) -> Vec<usize> {
+    (0..n_layers).filter(|&c| window_layers(c, window, n_layers).is_some()).collect()
+}
+
+/// One experiment of a sweep.
+#[derive(Clone, Debug)]
+pub struct Experiment {
+    /// Index in enumeration order (pair, site, centre): stable across runs, used by --resume.
+    pub id: usize,
+    pub pair: Pair,
+    pub site: SiteKind,
+    pub center: usize,
+    pub layers: Vec<usize>,
+}
+
+/// Enumerates the experiments of a sweep, pair-major, then site, then centre.
+pub fn experiments(pairs: &[Pair], spec: &SweepSpec, n_layers: usize) -> Result<Vec<Experiment>> {
+    if spec.window == 0 || spec.window > n_layers {
+        return Err(Error::input(format!("window {} must be in 1..={n_layers}", spec.window)));
+    }
+    let mut out = Vec::new();
+    for &pair in pairs {
+        for &site in &spec.sites {
+            for &center in &spec.centers {
+                let layers = window_layers(center, spec.window, n_layers).ok_or_else(|| {
+                    Error::input(format!("a window of {} layers centred on layer {center} does not fit in {n_layers} layers", spec.window))
+                })?;
+                out.push(Experiment { id: out.len(), pair, site, center, layers });
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The outcome of one experiment; one line of experiments.jsonl.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ExperimentResult {
+    pub id: usize,
+    pub target: usize,
+    pub source: usize,
+    /// Short site name (`resid_post`, `z`...).
+    pub site: String,
+    pub center: usize,
+    pub layers: Vec<usize>,
+    /// Absolute positions patched in the target.
+    pub positions: Vec<usize>,
+    /// Label logits (label order) at the last position: clean target, clean source, patched.
+    pub clean_target: Vec<f32>,
+    pub clean_source: Vec<f32>,
+    pub patched: Vec<f32>,
+    /// Predicted label (index) after patching, and in the clean target and source.
+    pub pred: usize,
+    pub target_pred: usize,
+    pub source_pred: usize,
+    /// The patched prediction is the source's prediction (and the clean target's was not).
+    pub flipped_to_source: bool,
+    /// patched[source_pred] - patched[target_pred]
+    pub logit_diff: f32,
+    /// Probability of the source's prediction among the labels after patching.
+    pub source_prob: f32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Method {
+    Resumed,
+    Naive,
+}
+
+/// Execution settings.
+pub struct RunSettings<'a> {
+    pub method: Method,
+    /// Experiments already done (skipped).
+    pub skip: &'a HashSet<usize>,
+    /// Rows per batched resumed forward.
+    pub batch_rows: usize,
+    /// Bytes of clean KV caches held at once; targets beyond are processed in later groups.
+    pub mem_budget: usize,
+    pub progress: &'a ProgressBar,
+}
+
+/// Index of the largest value (the first on ties).
+pub fn argmax(v: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &x) in v.iter().enumerate() {
+        if x > v[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+fn softmax_at(v: &[f32], i: usize) -> f32 {
+    let m = v.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f32 = v.iter().map(|x| (x - m).exp()).sum();
+    (v[i] - m).exp() / sum
+}
+
+/// Clean values a sweep needs from one prompt used as a source.
+struct SourceClean {
+    /// Patched sites -> [n_positions, width] at the patch positions.
+    values: HashMap<Site, Vec<f32>>,
+    label_logits: Vec<f32>,
+}
+
+/// Runs the experiments not in `settings.skip`, calling `emit` with each result (in a
+/// deterministic order: by target group, then start layer, then id for `Resumed`; by id for
+/// `Naive`).
+pub fn run_sweep(
+    model: &Model,
+    prompts: &[Vec<u32>],
+    spec: &SweepSpec,
+    exps: &[Experiment],
+    settings: &RunSettings,
+    emit: &mut dyn FnMut(ExperimentResult) -> Result<()>,
+) -> Result<()> {
+    let cfg = &model.cfg;
+    if spec.label_tokens.is_empty() {
+        return Err(Error::input("no label tokens"));
+    }
+    if spec.positions.is_empty() {
+        return Err(Error::input("no positions to patch"));
+    }
+    if spec.sites.contains(&SiteKind::Pattern) {
+        return Err(Error::input("attention patterns cannot be patched (pick resid_pre, attn_out, mlp_out, resid_post, z, ...)"));
+    }
+    let todo: Vec<&Experiment> = exps.iter().filter(|e| !settings.skip.contains(&e.id)).collect();
+    for e in &todo {
+        for p in [e.pair.source, e.pair.target] {
+            if p >= prompts.len() {
+                return Err(Error::input(format!("experiment {}: prompt {p} is out of range ({} prompts)", e.id, prompts.len())));
+            }
+        }
+    }
+    let positions = Positions::List(spec.positions.clone());
+    let last = Positions::List(vec![-1]);
+
+    // Phase 1: clean runs of the sources: the patched values and the label logits.
+    let mut needed: BTreeMap<usize, HashSet<Site>> = BTreeMap::new();
+    for e in &todo {
+        let s = needed.entry(e.pair.source).or_default();
+        s.extend(e.layers.iter().map(|&l| Site::new(l, e.site)));
+    }
+    let mut sources: HashMap<usize, SourceClean> = HashMap::new();
+    for (&src, sites) in &needed {
+        let sites: Vec<Site> = sites.iter().copied().collect();
+        let caps: Vec<Capture> = sites.iter().map(|&site| Capture { site, positions: positions.clone() }).collect();
+        let mut cache = KvCache::new(cfg.n_layers);
+        let req = RunRequest { captures: &caps, logits_at: Some(&last), logit_tokens: Some(&spec.label_tokens), ..Default::default() };
+        let out = model.run_from(0, &mut [SeqInput::tokens(&prompts[src], &mut cache)], &req)
+            .map_err(|e| Error::input(format!("source prompt {src}: {e}")))?;
+        let values = sites.into_iter().zip(out.captured).map(|(s, c)| (s, c.data)).collect();
+        sources.insert(src, SourceClean { values, label_logits: out.logits });
+    }
+
+    // The interventions of one experiment on batch entry `seq`.
+    let interventions = |e: &Experiment, seq: usize| -> Result<(Vec<Intervention>, Vec<usize>)> {
+        let target_len = prompts[e.pair.target].len();
+        let abs = positions.resolve(target_len).map_err(|err| Error::input(format!("target prompt {}: {err}", e.pair.target)))?;
+        let src = &sources[&e.pair.source];
+        let mut ivs = Vec::with_capacity(e.layers.len());
+        for &l in &e.layers {
+            let site = Site::new(l, e.site);
+            let (n_units, unit_w) = e.site.units(cfg, 0);
+            let full = &src.values[&site]; // [n_positions, n_units * unit_w]
+            let values = match &spec.units {
+                None => full.clone(),
+                Some(units) => {
+                    if let Some(&bad) = units.iter().find(|&&u| u >= n_units) {
+                        return Err(Error::input(format!("{} {bad} is out of range (0..{n_units}) at {site}", e.site.unit_name())));
+                    }
+                    full.chunks(n_units * unit_w).flat_map(|row| units.iter().flat_map(move |&u| row[u * unit_w..(u + 1) * unit_w].iter().copied())).collect()
+                }
+            };
+            ivs.push(Intervention {
+                site,
+                prompts: Some(vec![seq]),
+                positions: Positions::List(abs.iter().map(|&p| p as i64).collect()),
+                units: spec.units.clone(),
+                op: Op::Patch { values },
+            });
+        }
+        Ok((ivs, abs))
+    };
+    let result = |e: &Experiment, abs: Vec<usize>, clean_target: &[f32], patched: Vec<f32>| -> ExperimentResult {
+        let clean_source = sources[&e.pair.source].label_logits.clone();
+        let (pred, target_pred, source_pred) = (argmax(&patched), argmax(clean_target), argmax(&clean_source));
+        ExperimentResult {
+            id: e.id,
+            target: e.pair.target,
+            source: e.pair.source,
+            site: e.site.short_name().to_string(),
+            center: e.center,
+            layers: e.layers.clone(),
+            positions: abs,
+            clean_target: clean_target.to_vec(),
+            flipped_to_source: pred == source_pred && target_pred != source_pred,
+            logit_diff: patched[source_pred] - patched[target_pred],
+            source_prob: softmax_at(&patched, source_pred),
+            clean_source,
+            patched,
+            pred,
+            target_pred,
+            source_pred,
+        }
+    };
+
+    match settings.method {
+        Method::Naive => {
+            let mut clean_targets: HashMap<usize, Vec<f32>> = HashMap::new();
+            for e in &todo {
+                let t = e.pair.target;
+                if !clean_targets.contains_key(&t) {
+                    let mut cache = KvCache::new(cfg.n_layers);
+                    let req = RunRequest { logits_at: Some(&last), logit_tokens: Some(&spec.label_tokens), ..Default::default() };
+                    let out = model.run_from(0, &mut [SeqInput::tokens(&prompts[t], &mut cache)], &req)?;
+                    clean_targets.insert(t, out.logits);
+                }
+                let (ivs, abs) = interventions(e, 0)?;
+                let mut cache = KvCache::new(cfg.n_layers);
+                let req = RunRequest { interventions: &ivs, logits_at: Some(&last), logit_tokens: Some(&spec.label_tokens), ..Default::default() };
+                let out = model.run_from(0, &mut [SeqInput::tokens(&prompts[t], &mut cache)], &req)?;
+                emit(result(e, abs, &clean_targets[&t], out.logits))?;
+                settings.progress.inc(1);
+            }
+        }
+        Method::Resumed => {
+            // Group targets so their clean caches fit the memory budget.
+            let mut by_target: BTreeMap<usize, Vec<&Experiment>> = BTreeMap::new();
+            for e in &todo {
+                by_target.entry(e.pair.target).or_default().push(e);
+            }
+            let kv_bytes = |len: usize| len * cfg.kv_width() * 2 * 4 * cfg.n_layers + len * cfg.d_model * 4 * cfg.n_layers;
+            let mut groups: Vec<Vec<usize>> = vec![Vec::new()];
+            let mut used = 0;
+            for &t in by_target.keys() {
+                let b = kv_bytes(prompts[t].len());
+                if used + b > settings.mem_budget && !groups.last().is_some_and(Vec::is_empty) {
+                    groups.push(Vec::new());
+                    used = 0;
+                }
+                groups.last_mut().map(|g| g.push(t));
+                used += b;
+            }
+            for group in groups {
+                // Clean pass of each target: KV cache, resid_pre at every layer, label logits.
+                let caps: Vec<Capture> = (0..cfg.n_layers).map(|l| Capture { site: Site::new(l, SiteKind::ResidPre), positions: Positions::All }).collect();
+                let mut clean: HashMap<usize, (Arc<KvCache>, Vec<Vec<f32>>, Vec<f32>)> = HashMap::new();
+                for &t in &group {
+                    let mut cache = KvCache::new(cfg.n_layers);
+                    let req = RunRequest { captures: &caps, logits_at: Some(&last), logit_tokens: Some(&spec.label_tokens), ..Default::default() };
+                    let out = model.run_from(0, &mut [SeqInput::tokens(&prompts[t], &mut cache)], &req)
+                        .map_err(|e| Error::input(format!("target prompt {t}: {e}")))?;
+                    let resid: Vec<Vec<f32>> = out.captured.into_iter().map(|c| c.data).collect();
+                    clean.insert(t, (Arc::new(cache), resid, out.logits));
+                }
+                // Segments of this group, by start layer then id.
+                let mut segs: Vec<(usize, &Experiment)> = group.iter().flat_map(|t| by_target[t].iter().map(|e| (e.layers[0], *e))).collect();
+                segs.sort_by_key(|&(l, e)| (l, e.id));
+                let mut i = 0;
+                while i < segs.len() {
+                    let layer = segs[i].0;
+                    // One batch: segments of this start layer up to batch_rows rows.
+                    let mut batch: Vec<(&Experiment, Vec<Intervention>, Vec<usize>, usize)> = Vec::new();
+                    let mut rows = 0;
+                    while i < segs.len() && segs[i].0 == layer && (batch.is_empty() || rows < settings.batch_rows) {
+                        let e = segs[i].1;
+                        let (ivs, abs) = interventions(e, batch.len())?;
+                        let p0 = abs.iter().copied().min().unwrap_or(0);
+                        rows += prompts[e.pair.target].len() - p0;
+                        batch.push((e, ivs, abs, p0));
+                        i += 1;
+                    }
+                    let d = cfg.d_model;
+                    let mut caches: Vec<KvCache> = batch
+                        .iter()
+                        .map(|(e, _, _, p0)| KvCache::resume(&clean[&e.pair.target].0, layer, *p0))
+                        .collect::<Result<_>>()?;
+                    let mut seqs: Vec<SeqInput> = batch
+                        .iter()
+                        .zip(caches.iter_mut())
+                        .map(|((e, _, _, p0), cache)| {
+                            let resid = &clean[&e.pair.target].1[layer];
+                            SeqInput { rows: SeqRows::Resid(&resid[p0 * d..]), cache }
+                        })
+                        .collect();
+                    let ivs: Vec<Intervention> = batch.iter().flat_map(|b| b.1.iter().cloned()).collect();
+                    let req = RunRequest { interventions: &ivs, logits_at: Some(&last), logit_tokens: Some(&spec.label_tokens), ..Default::default() };
+                    let out = model.run_from(layer, &mut seqs, &req)?;
+                    let n_labels = spec.label_tokens.len();
+                    for (k, (e, _, abs, _)) in batch.into_iter().enumerate() {
+                        let patched = out.logits[k * n_labels..(k + 1) * n_labels].to_vec();
+                        emit(result(e, abs, &clean[&e.pair.target].2, patched))?;
+                        settings.progress.inc(1);
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
