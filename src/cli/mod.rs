@@ -1,7 +1,9 @@
 //! The subcommands of the patchbay binary, one file each.
 
+pub mod bench;
 pub mod capture;
 pub mod inspect;
+pub mod synth;
 
 use clap::{Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -12,6 +14,10 @@ pub enum Command {
     Inspect(inspect::InspectArgs),
     /// Run prompts and save activations at chosen sites (and logits) to a safetensors file.
     Capture(capture::CaptureArgs),
+    /// Write a random checkpoint with the exact layout of a real model (for costs and benches).
+    Synth(synth::SynthArgs),
+    /// Measure costs side by side (e.g. resumed vs naive patching).
+    Bench(bench::BenchArgs),
 }
 
 impl Command {
@@ -19,6 +25,8 @@ impl Command {
         match self {
             Command::Inspect(a) => inspect::run(a),
             Command::Capture(a) => capture::run(a),
+            Command::Synth(a) => synth::run(a),
+            Command::Bench(a) => bench::run(a),
         }
     }
 }
@@ -41,4 +49,18 @@ pub fn progress_bar(len: u64, what: &str, unit: &str, quiet: bool) -> ProgressBa
 pub fn print_stdout(s: &str) {
     use std::io::Write;
     let _ = std::io::stdout().lock().write_all(s.as_bytes());
+}
+
+/// Parses a byte count such as `512M`, `2G`, `1.5G` or `1048576`.
+pub fn parse_bytes(s: &str) -> patchbay::Result<usize> {
+    let t = s.trim();
+    let (num, mult) = match t.chars().last() {
+        Some('K' | 'k') => (&t[..t.len() - 1], 1u64 << 10),
+        Some('M' | 'm') => (&t[..t.len() - 1], 1 << 20),
+        Some('G' | 'g') => (&t[..t.len() - 1], 1 << 30),
+        Some('T' | 't') => (&t[..t.len() - 1], 1 << 40),
+        _ => (t, 1),
+    };
+    let v: f64 = num.parse().map_err(|_| patchbay::Error::input(format!("`{s}` is not a size (examples: 512M, 2G)")))?;
+    Ok((v * mult as f64) as usize)
 }

@@ -1,4 +1,5 @@
 //! Experiments built on the engine.
 
+pub mod bench;
 pub mod capture;
 pub mod patch;

@@ -354,3 +354,74 @@ pub fn run_sweep(
     }
     Ok(())
 }
+
+/// One row of summary.csv: a site at a window centre over all pairs.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SummaryRow {
+    pub site: String,
+    pub center: usize,
+    pub n: usize,
+    pub flip_rate: f64,
+    /// Wilson 95% interval of the flip rate.
+    pub flip_lo: f64,
+    pub flip_hi: f64,
+    pub mean_logit_diff: f64,
+    /// Normal 95% interval of the mean logit difference.
+    pub diff_lo: f64,
+    pub diff_hi: f64,
+}
+
+/// Aggregates results per (site, centre), sorted by site (first appearance) then centre.
+pub fn summarize(results: &[ExperimentResult]) -> Vec<SummaryRow> {
+    let mut sites: Vec<&str> = Vec::new();
+    let mut groups: BTreeMap<(usize, usize), Vec<&ExperimentResult>> = BTreeMap::new();
+    for r in results {
+        let si = match sites.iter().position(|s| *s == r.site) {
+            Some(i) => i,
+            None => {
+                sites.push(&r.site);
+                sites.len() - 1
+            }
+        };
+        groups.entry((si, r.center)).or_default().push(r);
+    }
+    groups
+        .into_iter()
+        .map(|((si, center), rs)| {
+            let n = rs.len() as f64;
+            let k = rs.iter().filter(|r| r.flipped_to_source).count() as f64;
+            let p = k / n;
+            let z = 1.96f64;
+            let denom = 1.0 + z * z / n;
+            let centre = (p + z * z / (2.0 * n)) / denom;
+            let half = z * (p * (1.0 - p) / n + z * z / (4.0 * n * n)).sqrt() / denom;
+            let diffs: Vec<f64> = rs.iter().map(|r| r.logit_diff as f64).collect();
+            let mean = diffs.iter().sum::<f64>() / n;
+            let var = if rs.len() > 1 { diffs.iter().map(|d| (d - mean).powi(2)).sum::<f64>() / (n - 1.0) } else { 0.0 };
+            let se = (var / n).sqrt();
+            SummaryRow {
+                site: sites[si].to_string(),
+                center,
+                n: rs.len(),
+                flip_rate: p,
+                flip_lo: (centre - half).max(0.0),
+                flip_hi: (centre + half).min(1.0),
+                mean_logit_diff: mean,
+                diff_lo: mean - z * se,
+                diff_hi: mean + z * se,
+            }
+        })
+        .collect()
+}
+
+/// summary.csv text.
+pub fn summary_csv(rows: &[SummaryRow]) -> String {
+    let mut s = String::from("site,center,n,flip_rate,flip_rate_lo95,flip_rate_hi95,mean_logit_diff,logit_diff_lo95,logit_diff_hi95\n");
+    for r in rows {
+        s.push_str(&format!(
+            "{},{},{},{:.6},{:.6},{:.6},{:.6},{:.6},{:.6}\n",
+            r.site, r.center, r.n, r.flip_rate, r.flip_lo, r.flip_hi, r.mean_logit_diff, r.diff_lo, r.diff_hi
+        ));
+    }
+    s
+}
