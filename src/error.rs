@@ -20,6 +20,10 @@ pub enum Error {
     /// Bad user input: an unknown site name, an out-of-range layer/head/position, empty input.
     #[error("{0}")]
     Input(String),
+    /// The compute device failed or is missing: no GPU/driver, a kernel launch error (with the
+    /// kernel's file:line on the emulated device), an out-of-memory.
+    #[error("device: {0}")]
+    Device(String),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -36,6 +40,9 @@ impl Error {
     }
     pub fn input(msg: impl Into<String>) -> Self {
         Error::Input(msg.into())
+    }
+    pub fn device(msg: impl Into<String>) -> Self {
+        Error::Device(msg.into())
     }
 }
 
