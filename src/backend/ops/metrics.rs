@@ -1,0 +1,142 @@
+//! Logit metrics over a label set, reduced on device (kernels/metrics.cu, `label_metrics_f32`).
+//!
+//! For each of n rows of label logits `[n, L]` (the final rows multiplied by the gathered
+//! lm_head rows of the L label tokens, soft-capping applied): the predicted label (argmax, ties
+//! to the lowest index as numpy), a logit difference, the softmax probability of one label and
+//! the log-sum-exp, all over the L labels. [`label_metrics_row`] is the reference semantics;
+//! the CPU path uses it too.
+
+use crate::backend::device::{DeviceBuffer, Driver, KernelArgs, LaunchConfig};
+use crate::{Error, Result};
+
+/// Rows per block of `label_metrics_f32` (one warp each); `METRICS_WARPS` in the kernel.
+const WARPS_PER_BLOCK: u32 = 4;
+
+/// `b` value meaning "subtract the max over the labels other than `a`".
+pub const DIFF_VS_MAX_OTHER: i32 = -1;
+
+/// The operands of one [`label_metrics`] launch. Buffers may be longer than needed.
+pub struct LabelMetrics<'a> {
+    /// `[n, l]` label logits.
+    pub logits: &'a DeviceBuffer<f32>,
+    pub n: usize,
+    pub l: usize,
+    /// `[n]` label index of the first term of the logit difference.
+    pub a: &'a DeviceBuffer<i32>,
+    /// `[n]` label index subtracted, or [`DIFF_VS_MAX_OTHER`].
+    pub b: &'a DeviceBuffer<i32>,
+    /// `[n]` label whose probability is reported.
+    pub c: &'a DeviceBuffer<i32>,
+    /// `[n]` out: argmax label.
+    pub pred: &'a DeviceBuffer<i32>,
+    /// `[n]` out.
+    pub logit_diff: &'a DeviceBuffer<f32>,
+    /// `[n]` out.
+    pub prob: &'a DeviceBuffer<f32>,
+    /// `[n]` out.
+    pub logsumexp: &'a DeviceBuffer<f32>,
+}
+
+/// The metrics of one row.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LabelMetricsRow {
+    pub pred: i32,
+    pub logit_diff: f32,
+    pub prob: f32,
+    pub logsumexp: f32,
+}
+
+/// Reference semantics of one row `x` (the L label logits), as `label_metrics_f32` computes them:
+/// - `pred` = argmax_j x[j], the lowest j among equal maxima (numpy.argmax);
+/// - `logit_diff` = x[a] - x[b] for 0 <= b < L; for b = -1 ([`DIFF_VS_MAX_OTHER`]),
+///   x[a] - max_{j != a} x[j] (+inf when L = 1: the max over no label is -inf);
+/// - `prob` = softmax(x)[c] = exp(x[c] - m) / sum_j exp(x[j] - m) with m = max_j x[j];
+/// - `logsumexp` = m + ln(sum_j exp(x[j] - m)).
+///
+/// An index out of range (a or c outside [0, L), b outside [-1, L)) makes the output that uses
+/// it NaN. Logits are finite or -inf (masked labels); when all are -inf, logsumexp is -inf and
+/// prob NaN. f32 math with an f32 sum, in index order (the kernel sums in another order: the
+/// results agree to f32 rounding). `x` must not be empty.
+pub fn label_metrics_row(x: &[f32], a: i32, b: i32, c: i32) -> LabelMetricsRow {
+    let l = x.len();
+    let mut best = 0usize;
+    for (j, &v) in x.iter().enumerate() {
+        if v > x[best] {
+            best = j;
+        }
+    }
+    let in_range = |i: i32| i >= 0 && (i as usize) < l;
+    let logit_diff = if !in_range(a) {
+        f32::NAN
+    } else if b == DIFF_VS_MAX_OTHER {
+        let other = x.iter().enumerate().filter(|&(j, _)| j != a as usize).fold(f32::NEG_INFINITY, |m, (_, &v)| m.max(v));
+        x[a as usize] - other
+    } else if in_range(b) {
+        x[a as usize] - x[b as usize]
+    } else {
+        f32::NAN
+    };
+    let m = x[best];
+    let shift = if m == f32::NEG_INFINITY { 0.0 } else { m };
+    let s: f32 = x.iter().map(|&v| (v - shift).exp()).sum();
+    let prob = if in_range(c) { (x[c as usize] - shift).exp() / s } else { f32::NAN };
+    LabelMetricsRow { pred: best as i32, logit_diff, prob, logsumexp: shift + s.ln() }
+}
+
+/// [`label_metrics_row`] for each row of `logits` (`[n, l]`, n = logits.len() / l), with the
+/// per-row indices `a`, `b`, `c` (`[n]` each).
+pub fn label_metrics_ref(logits: &[f32], l: usize, a: &[i32], b: &[i32], c: &[i32]) -> Result<Vec<LabelMetricsRow>> {
+    if l == 0 || !logits.len().is_multiple_of(l) {
+        return Err(Error::input(format!("label metrics: {} logits are not rows of {l} labels", logits.len())));
+    }
+    let n = logits.len() / l;
+    if a.len() != n || b.len() != n || c.len() != n {
+        return Err(Error::input(format!("label metrics: {n} rows but {}, {}, {} label indices", a.len(), b.len(), c.len())));
+    }
+    Ok(logits.chunks_exact(l).enumerate().map(|(r, x)| label_metrics_row(x, a[r], b[r], c[r])).collect())
+}
+
+/// Launches `label_metrics_f32` after checking the shape and every buffer's length. n = 0 is a
+/// no-op. Index values are not checked here (they live on the device): out-of-range ones give
+/// NaN outputs, as in [`label_metrics_row`].
+pub fn label_metrics(driver: &dyn Driver, op: &LabelMetrics) -> Result<()> {
+    let (n, l) = (op.n, op.l);
+    if l == 0 || l > i32::MAX as usize || n > i32::MAX as usize {
+        return Err(Error::input(format!("label_metrics: bad shape [{n}, {l}] (need 1 <= L, both < 2^31)")));
+    }
+    let nl = n.checked_mul(l).ok_or_else(|| Error::input(format!("label_metrics: [{n}, {l}] overflows")))?;
+    fn check<T: bytemuck::Pod>(name: &str, b: &DeviceBuffer<T>, want: usize) -> Result<()> {
+        if b.len() < want || b.ptr().is_null() {
+            return Err(Error::input(format!("label_metrics: {name} has {} elements, expected at least {want}", b.len())));
+        }
+        Ok(())
+    }
+    check("logits", op.logits, nl)?;
+    check("a", op.a, n)?;
+    check("b", op.b, n)?;
+    check("c", op.c, n)?;
+    check("pred", op.pred, n)?;
+    check("logit_diff", op.logit_diff, n)?;
+    check("prob", op.prob, n)?;
+    check("logsumexp", op.logsumexp, n)?;
+    if n == 0 {
+        return Ok(());
+    }
+    let cfg = LaunchConfig { grid: ((n as u32).div_ceil(WARPS_PER_BLOCK), 1, 1), block: (32 * WARPS_PER_BLOCK, 1, 1), shared_bytes: 0 };
+    // SAFETY: logits holds n x L floats and a, b, c, pred, logit_diff, prob, logsumexp hold n
+    // elements each (checked above); the kernel reads label indices only after range checks.
+    unsafe {
+        KernelArgs::new()
+            .ptr(op.logits.ptr())
+            .i32(n as i32)
+            .i32(l as i32)
+            .ptr(op.a.ptr())
+            .ptr(op.b.ptr())
+            .ptr(op.c.ptr())
+            .ptr(op.pred.ptr())
+            .ptr(op.logit_diff.ptr())
+            .ptr(op.prob.ptr())
+            .ptr(op.logsumexp.ptr())
+            .launch(driver, "label_metrics_f32", cfg)
+    }
+}
