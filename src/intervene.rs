@@ -158,6 +158,23 @@ impl RowMap {
     pub fn row_positions(&self) -> Vec<(usize, usize)> {
         (0..self.n_seqs()).flat_map(|s| (self.cache_len[s]..self.total_len(s)).map(move |p| (s, p))).collect()
     }
+    /// The (sequence, position) pairs of `positions` (relative to each sequence's total length)
+    /// that this call computes, sequence-major; None selects nothing. `what` names the request
+    /// in errors.
+    pub fn select(&self, positions: Option<&Positions>, what: &str) -> Result<Vec<(usize, usize)>> {
+        let mut out = Vec::new();
+        if let Some(p) = positions {
+            for s in 0..self.n_seqs() {
+                for pos in p.resolve(self.total_len(s)).map_err(|e| Error::input(format!("{what} of prompt {s}: {e}")))? {
+                    if self.row(s, pos).is_some() {
+                        out.push((s, pos));
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// Longest total length: the key count of Pattern rows.
     pub fn max_len(&self) -> usize {
         (0..self.n_seqs()).map(|s| self.total_len(s)).max().unwrap_or(0)
@@ -287,6 +304,11 @@ impl Hooks {
             }
         }
         out
+    }
+
+    /// The captures (their data filled as sites pass).
+    pub fn captured(&self) -> &[Captured] {
+        &self.captured
     }
 
     pub fn captured_mut(&mut self, capture: usize) -> &mut Captured {

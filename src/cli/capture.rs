@@ -4,8 +4,9 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use super::{Device, progress_bar};
+use super::{load_engine, progress_bar};
 use patchbay::Result;
+use patchbay::backend::DeviceSpec;
 use patchbay::data::prompts::{PromptSource, load_prompts};
 use patchbay::experiments::capture::{CaptureSpec, capture, metadata};
 use patchbay::io::{OutDtype, write_safetensors};
@@ -34,9 +35,10 @@ pub struct CaptureArgs {
     /// Hugging Face model directory.
     #[arg(long)]
     model: PathBuf,
-    /// Compute device. Only the CPU reference exists so far.
-    #[arg(long, value_enum, default_value_t = Device::Cpu)]
-    device: Device,
+    /// Compute device: cpu (the f32 reference), cuda / cuda:N (a GPU), emu (the CUDA kernels
+    /// emulated on the CPU: slow, for checking the GPU path without a GPU).
+    #[arg(long, default_value = "cpu")]
+    device: DeviceSpec,
     /// A prompt text (repeatable).
     #[arg(long, num_args = 1.., required_unless_present_any = ["prompts", "token_ids"], conflicts_with_all = ["prompts", "token_ids"])]
     text: Vec<String>,
@@ -73,8 +75,8 @@ pub struct CaptureArgs {
 }
 
 pub fn run(a: CaptureArgs) -> Result<()> {
-    let Device::Cpu = a.device;
     let model = Model::load(&a.model)?;
+    let engine = load_engine(&model, a.device)?;
     let source = match (&a.prompts, &a.token_ids) {
         (Some(p), _) => PromptSource::Jsonl(p),
         (_, Some(t)) => PromptSource::TokenIds(t),
@@ -83,9 +85,9 @@ pub fn run(a: CaptureArgs) -> Result<()> {
     let prompts = load_prompts(source, &a.model, a.chat)?;
     let spec = CaptureSpec { sites: Site::parse_spec(&a.sites, &model.cfg)?, positions: Positions::parse(&a.positions)?, logits: a.logits, dtype: a.dtype, batch_size: a.batch_size };
     let bar = progress_bar(prompts.len() as u64, "capture", "prompts", a.quiet);
-    let tensors = capture(&model, &prompts, &spec, &bar)?;
+    let tensors = capture(engine.as_ref(), &prompts, &spec, &bar)?;
     bar.finish_and_clear();
-    write_safetensors(&a.out, &tensors, metadata(&model, "cpu", &spec))?;
+    write_safetensors(&a.out, &tensors, metadata(&model, &engine.device_name(), &spec))?;
     if !a.quiet {
         eprintln!("wrote {} tensors for {} prompts to {}", tensors.len(), prompts.len(), a.out.display());
     }

@@ -3,9 +3,12 @@
 pub mod bench;
 pub mod capture;
 pub mod inspect;
+pub mod inputs;
+pub mod probe;
+pub mod score;
 pub mod synth;
 
-use clap::{Subcommand, ValueEnum};
+use clap::Subcommand;
 use indicatif::{ProgressBar, ProgressStyle};
 
 #[derive(Subcommand)]
@@ -18,6 +21,10 @@ pub enum Command {
     Synth(synth::SynthArgs),
     /// Measure costs side by side (e.g. resumed vs naive patching).
     Bench(bench::BenchArgs),
+    /// Score a dataset with the model's next-token logits over a label set: predictions, accuracy, confusion matrix.
+    Score(score::ScoreArgs),
+    /// The probing pipeline: dataset -> prompts -> sharded capture -> scores -> linear probes -> results and plots.
+    Probe(probe::ProbeArgs),
 }
 
 impl Command {
@@ -27,13 +34,19 @@ impl Command {
             Command::Capture(a) => capture::run(a),
             Command::Synth(a) => synth::run(a),
             Command::Bench(a) => bench::run(a),
+            Command::Score(a) => score::run(a),
+            Command::Probe(a) => probe::run(a),
         }
     }
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-pub enum Device {
-    Cpu,
+/// The engine for `--device`: the CPU reference model itself, or its weights uploaded to a
+/// device (GPU or emulator).
+pub fn load_engine<'a>(model: &'a patchbay::model::Model, device: patchbay::backend::DeviceSpec) -> patchbay::Result<Box<dyn patchbay::engine::Engine + 'a>> {
+    Ok(match device.driver()? {
+        None => Box::new(model),
+        Some(driver) => Box::new(patchbay::engine::device_forward::DeviceModel::upload(model, driver)?),
+    })
 }
 
 /// A progress bar counting `len` items of `unit`, hidden when `quiet`.

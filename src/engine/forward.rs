@@ -11,7 +11,6 @@ use rayon::prelude::*;
 use crate::backend::cpu;
 use crate::intervene::{Capture, Captured, Hooks, Intervention, RowMap};
 use crate::model::Model;
-use crate::model::config::RopeScaling;
 use crate::sites::{Positions, Site, SiteKind};
 use crate::{Error, Result};
 
@@ -231,7 +230,7 @@ impl Model {
         let mut tmp = vec![0.0f32; t * qw.max(d)]; // norm scratch
 
         // The rope frequencies depend on each sequence's length for longrope.
-        let rope_tables: Vec<(Vec<f32>, f32)> = (0..rows.n_seqs()).map(|s| self.rope_freqs(rows.total_len(s))).collect();
+        let rope_tables: Vec<(Vec<f32>, f32)> = (0..rows.n_seqs()).map(|s| cfg.rope_freqs(rows.total_len(s))).collect();
 
         for (l, lw) in self.weights.layers.iter().enumerate().skip(start_layer) {
             let site = |kind| Site::new(l, kind);
@@ -359,16 +358,7 @@ impl Model {
         // ---- final norm and logits ----
         cpu::rmsnorm(&x, &self.weights.final_norm, cfg.norm_eps, cfg.norm_weight, &mut a);
         hooks.apply(Site::final_norm(cfg), &rows, &mut a, d);
-        let mut logit_rows: Vec<(usize, usize)> = Vec::new();
-        if let Some(p) = logits_at {
-            for s in 0..rows.n_seqs() {
-                for pos in p.resolve(rows.total_len(s)).map_err(|e| Error::input(format!("logits of prompt {s}: {e}")))? {
-                    if rows.row(s, pos).is_some() {
-                        logit_rows.push((s, pos));
-                    }
-                }
-            }
-        }
+        let logit_rows = rows.select(logits_at, "logits")?;
         let n = logit_rows.len();
         let head = match logit_tokens {
             None => self.weights.lm_head.clone(),
@@ -394,41 +384,6 @@ impl Model {
             }
         }
         Ok(ForwardOutput { logits, logit_rows })
-    }
-
-    /// Inverse frequencies (rotary_dim/2) and cos/sin factor for a sequence of `len` tokens.
-    pub fn rope_freqs(&self, len: usize) -> (Vec<f32>, f32) {
-        let cfg = &self.cfg;
-        let dim = cfg.rotary_dim;
-        let base: Vec<f64> = (0..dim / 2).map(|i| 1.0 / (cfg.rope_theta as f64).powf((2 * i) as f64 / dim as f64)).collect();
-        match &cfg.rope_scaling {
-            RopeScaling::Default => (base.iter().map(|&f| f as f32).collect(), 1.0),
-            RopeScaling::Linear { factor } => (base.iter().map(|&f| (f / *factor as f64) as f32).collect(), 1.0),
-            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position } => {
-                let (factor, lo, hi, old) = (*factor as f64, *low_freq_factor as f64, *high_freq_factor as f64, *original_max_position as f64);
-                let (low_wavelen, high_wavelen) = (old / lo, old / hi);
-                let f = base
-                    .iter()
-                    .map(|&f| {
-                        let wavelen = 2.0 * std::f64::consts::PI / f;
-                        if wavelen < high_wavelen {
-                            f
-                        } else if wavelen > low_wavelen {
-                            f / factor
-                        } else {
-                            let smooth = (old / wavelen - lo) / (hi - lo);
-                            (1.0 - smooth) * f / factor + smooth * f
-                        }
-                    })
-                    .map(|f| f as f32)
-                    .collect();
-                (f, 1.0)
-            }
-            RopeScaling::LongRope { short_factor, long_factor, original_max_position, attention_factor } => {
-                let ext = if len > *original_max_position { long_factor } else { short_factor };
-                (base.iter().zip(ext).map(|(&f, &e)| (f / e as f64) as f32).collect(), *attention_factor)
-            }
-        }
     }
 }
 

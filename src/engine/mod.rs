@@ -1,6 +1,7 @@
 //! The engine: the one forward pass on the CPU reference (`forward`) and on a device
 //! (`device_forward`, the CUDA backend's host code), behind one interface.
 
+pub mod device_forward;
 pub mod forward;
 
 use crate::intervene::{Capture, Intervention};
@@ -45,5 +46,24 @@ impl Engine for crate::model::Model {
         let mut caches: Vec<KvCache> = prompts.iter().map(|_| KvCache::new(self.cfg.n_layers)).collect();
         let mut seqs: Vec<SeqInput> = prompts.iter().zip(caches.iter_mut()).map(|(p, c)| SeqInput::tokens(p, c)).collect();
         self.run(&mut seqs, interventions, captures, logits_at, n_keys)
+    }
+}
+
+impl<T: Engine + ?Sized> Engine for &T {
+    fn config(&self) -> &ModelConfig {
+        (**self).config()
+    }
+    fn device_name(&self) -> String {
+        (**self).device_name()
+    }
+    fn run_prompts(
+        &self,
+        prompts: &[Vec<u32>],
+        interventions: &[Intervention],
+        captures: &[Capture],
+        logits_at: Option<&Positions>,
+        n_keys: Option<usize>,
+    ) -> Result<RunOutput> {
+        (**self).run_prompts(prompts, interventions, captures, logits_at, n_keys)
     }
 }

@@ -332,6 +332,41 @@ impl ModelConfig {
     pub fn kv_width(&self) -> usize {
         self.n_kv_heads * self.d_head
     }
+
+    /// Inverse frequencies (rotary_dim/2) and cos/sin factor for a sequence of `len` tokens.
+    pub fn rope_freqs(&self, len: usize) -> (Vec<f32>, f32) {
+        let cfg = self;
+        let dim = cfg.rotary_dim;
+        let base: Vec<f64> = (0..dim / 2).map(|i| 1.0 / (cfg.rope_theta as f64).powf((2 * i) as f64 / dim as f64)).collect();
+        match &cfg.rope_scaling {
+            RopeScaling::Default => (base.iter().map(|&f| f as f32).collect(), 1.0),
+            RopeScaling::Linear { factor } => (base.iter().map(|&f| (f / *factor as f64) as f32).collect(), 1.0),
+            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position } => {
+                let (factor, lo, hi, old) = (*factor as f64, *low_freq_factor as f64, *high_freq_factor as f64, *original_max_position as f64);
+                let (low_wavelen, high_wavelen) = (old / lo, old / hi);
+                let f = base
+                    .iter()
+                    .map(|&f| {
+                        let wavelen = 2.0 * std::f64::consts::PI / f;
+                        if wavelen < high_wavelen {
+                            f
+                        } else if wavelen > low_wavelen {
+                            f / factor
+                        } else {
+                            let smooth = (old / wavelen - lo) / (hi - lo);
+                            (1.0 - smooth) * f / factor + smooth * f
+                        }
+                    })
+                    .map(|f| f as f32)
+                    .collect();
+                (f, 1.0)
+            }
+            RopeScaling::LongRope { short_factor, long_factor, original_max_position, attention_factor } => {
+                let ext = if len > *original_max_position { long_factor } else { short_factor };
+                (base.iter().zip(ext).map(|(&f, &e)| (f / e as f64) as f32).collect(), *attention_factor)
+            }
+        }
+    }
 }
 
 /// Per-layer attention window from `layer_types` or the family's convention.
