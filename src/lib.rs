@@ -8,6 +8,7 @@ pub mod error;
 pub mod experiments;
 pub mod intervene;
 pub mod io;
+pub mod learn;
 pub mod model;
 pub mod sites;
 

@@ -253,18 +253,37 @@ pub enum Positions {
 }
 
 impl Positions {
-    /// Parses `all` or a comma-separated list such as `-1,-2` or `0,3`.
+    /// Parses `all` or a comma-separated list of positions and inclusive ranges, such as
+    /// `-1,-2`, `0,3` or `-1..-5` (= -1,-2,-3,-4,-5; a range does not cross from absolute to
+    /// relative positions).
     pub fn parse(spec: &str) -> Result<Positions> {
         let spec = spec.trim();
         if spec == "all" {
             return Ok(Positions::All);
         }
-        let list = spec
-            .split(',')
-            .map(|s| s.trim().parse::<i64>().map_err(|_| Error::input(format!("position `{s}` is not an integer (use `all`, or a list like -1,-2 or 0,3)"))))
-            .collect::<Result<Vec<_>>>()?;
+        let int = |s: &str| s.trim().parse::<i64>().map_err(|_| Error::input(format!("position `{s}` is not an integer (use `all`, or a list like -1,-2, 0,3 or a range -1..-5)")));
+        let mut list = Vec::new();
+        for item in spec.split(',') {
+            match item.split_once("..") {
+                Some((a, b)) => {
+                    let (a, b) = (int(a)?, int(b)?);
+                    if (a < 0) != (b < 0) {
+                        return Err(Error::input(format!("position range `{}` mixes absolute and from-the-end positions", item.trim())));
+                    }
+                    if a.abs_diff(b) >= 1 << 16 {
+                        return Err(Error::input(format!("position range `{}` is too long", item.trim())));
+                    }
+                    if a <= b { list.extend(a..=b) } else { list.extend((b..=a).rev()) }
+                }
+                None => list.push(int(item)?),
+            }
+        }
         if list.is_empty() {
             return Err(Error::input("empty position list"));
+        }
+        let mut seen = std::collections::HashSet::new();
+        if let Some(p) = list.iter().find(|p| !seen.insert(**p)) {
+            return Err(Error::input(format!("position {p} is listed twice")));
         }
         Ok(Positions::List(list))
     }

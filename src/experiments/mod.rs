@@ -3,3 +3,6 @@
 pub mod bench;
 pub mod capture;
 pub mod patch;
+pub mod probe;
+pub mod score;
+pub mod shards;

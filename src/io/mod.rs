@@ -1,6 +1,9 @@
 //! Result files. Every file is written to `NAME.partial` and renamed when complete, so a killed
 //! run never leaves a truncated file under the final name.
 
+pub mod plot;
+pub mod tensorfile;
+
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::io::Write;

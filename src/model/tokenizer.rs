@@ -375,6 +375,11 @@ impl PromptTokenizer {
         self.encode_with(text, true)
     }
 
+    /// Token ids of `text` without special tokens (HF `tokenizer(text, add_special_tokens=False)`).
+    pub fn encode_plain(&self, text: &str) -> Result<Vec<u32>> {
+        self.encode_with(text, false)
+    }
+
     fn encode_with(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
         let enc = self
             .tokenizer

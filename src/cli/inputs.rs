@@ -1,0 +1,167 @@
+//! Command-line arguments shared by `score` and `probe`: the dataset and the prompt template.
+
+use std::path::PathBuf;
+
+use clap::Args;
+use serde_json::json;
+
+use patchbay::Result;
+use patchbay::data::dataset::{self, Dataset, DatasetSpec, Encoding, Filter, Format};
+use patchbay::data::template::Template;
+use patchbay::model::tokenizer::PromptTokenizer;
+
+#[derive(Args, Clone)]
+pub struct DatasetArgs {
+    /// Dataset file: CSV, TSV or JSONL (one object per line).
+    #[arg(long)]
+    pub dataset: Option<PathBuf>,
+    /// Column declarations of a known dataset (`envent`: crowd-enVENT); the options below override it.
+    #[arg(long)]
+    pub preset: Option<String>,
+    /// File format (default: from the extension).
+    #[arg(long, value_enum)]
+    pub format: Option<Format>,
+    /// Text encoding of the file [default: utf-8, or the preset's].
+    #[arg(long, value_enum)]
+    pub encoding: Option<Encoding>,
+    /// Column holding the text [default: text, or the preset's].
+    #[arg(long)]
+    pub text_col: Option<String>,
+    /// Column holding the gold label [default: label when the file has one, or the preset's]; `none` for no label.
+    #[arg(long)]
+    pub label_col: Option<String>,
+    /// Numeric columns (comma-separated; `none` for none) [default: the preset's].
+    #[arg(long)]
+    pub numeric_cols: Option<String>,
+    /// Label renames OLD=NEW (repeatable or comma-separated), applied before anything else.
+    #[arg(long)]
+    pub rename: Vec<String>,
+    /// Keep rows where COLUMN=VALUE (several values of one column: any) or COLUMN!=VALUE (repeatable).
+    #[arg(long)]
+    pub filter: Vec<String>,
+    /// Use only the first N rows that pass the filters.
+    #[arg(long)]
+    pub limit: Option<usize>,
+}
+
+impl DatasetArgs {
+    /// The dataset spec, with the allowed labels (from --labels) when given.
+    pub fn spec(&self, allowed: Option<Vec<String>>) -> Result<Option<DatasetSpec>> {
+        let Some(path) = &self.dataset else { return Ok(None) };
+        let preset = self.preset.as_deref().map(dataset::preset).transpose()?;
+        let mut spec = DatasetSpec::new(path, self.text_col.clone().unwrap_or_else(|| preset.map_or("text", |p| p.text_column).to_string()));
+        spec.format = self.format;
+        spec.encoding = self.encoding.or(preset.map(|p| p.encoding)).unwrap_or(Encoding::Utf8);
+        spec.label_column = match self.label_col.as_deref() {
+            Some("none") => None,
+            Some(c) => Some(c.to_string()),
+            None => Some(preset.map_or("label", |p| p.label_column).to_string()),
+        };
+        spec.numeric_columns = match self.numeric_cols.as_deref() {
+            Some("none") => Vec::new(),
+            Some(list) => patchbay::data::labels::parse_list(list, "numeric column")?,
+            None => preset.map_or(Vec::new(), |p| p.numeric_columns.iter().map(|s| s.to_string()).collect()),
+        };
+        spec.renames = preset.map_or(Vec::new(), |p| p.renames.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect());
+        spec.renames.extend(dataset::parse_renames(&self.rename)?);
+        spec.filters = self.filter.iter().map(|f| Filter::parse(f)).collect::<Result<_>>()?;
+        spec.allowed_labels = allowed;
+        spec.limit = self.limit;
+        Ok(Some(spec))
+    }
+
+    /// Loads the dataset. Without an explicit --label-col and preset, a file without a `label`
+    /// column is read without labels.
+    pub fn load(&self, allowed: Option<Vec<String>>) -> Result<Option<Dataset>> {
+        let Some(mut spec) = self.spec(allowed)? else { return Ok(None) };
+        if self.label_col.is_none() && self.preset.is_none() {
+            match dataset::load(&spec) {
+                Err(patchbay::Error::File { msg, .. }) if msg.contains("no column `label`") => spec.label_column = None,
+                other => return other.map(Some),
+            }
+        }
+        dataset::load(&spec).map(Some)
+    }
+}
+
+#[derive(Args, Clone)]
+pub struct TemplateArgs {
+    /// Prompt template: a preset (tak, tak-list, tak-guess, plain) or a string with {text} (and optionally {shots}).
+    #[arg(long, default_value = "plain")]
+    pub template: String,
+    /// Few-shot examples: `tak` (the study's joy and sadness shots), `tak:E1,E2` (its shots of those emotions) or a JSONL file of {"text", "answer"}.
+    #[arg(long)]
+    pub shots: Option<String>,
+    /// Wrap each prompt as a user message in the model's chat template.
+    #[arg(long)]
+    pub chat: bool,
+}
+
+impl TemplateArgs {
+    pub fn template(&self) -> Result<Template> {
+        let mut t = Template::parse(&self.template)?;
+        if let Some(s) = &self.shots {
+            t = t.with_shots(Template::load_shots(s)?)?;
+        }
+        t.chat = self.chat;
+        Ok(t)
+    }
+}
+
+/// Renders and encodes every example's prompt.
+pub fn encode_dataset(ds: &Dataset, template: &Template, tok: &PromptTokenizer, bar: &indicatif::ProgressBar) -> Result<Vec<Vec<u32>>> {
+    let mut out = Vec::with_capacity(ds.examples.len());
+    for e in &ds.examples {
+        let ids = template.encode(tok, &e.text)?;
+        if ids.is_empty() {
+            return Err(patchbay::Error::input(format!("{}: row {}: the prompt encodes to no tokens", ds.spec.path.display(), e.row)));
+        }
+        out.push(ids);
+        bar.inc(1);
+    }
+    Ok(out)
+}
+
+/// Provenance of a dataset for manifests.
+pub fn dataset_json(ds: &Dataset) -> serde_json::Value {
+    json!({
+        "path": ds.spec.path.display().to_string(),
+        "sha256": ds.file_sha256,
+        "encoding": ds.spec.encoding.name(),
+        "text_column": ds.spec.text_column,
+        "label_column": ds.spec.label_column,
+        "numeric_columns": ds.spec.numeric_columns,
+        "renames": ds.spec.renames,
+        "filters": ds.spec.filters,
+        "limit": ds.spec.limit,
+        "rows_read": ds.rows_read,
+        "examples": ds.examples.len(),
+    })
+}
+
+/// Writes the examples a mask selects as JSONL with the dataset's own column names (plus
+/// `index` and `row`), so the file loads back as a dataset.
+pub fn write_examples(path: &std::path::Path, ds: &Dataset, keep: &[bool]) -> Result<usize> {
+    let mut out = String::new();
+    let mut n = 0;
+    for (i, (e, &k)) in ds.examples.iter().zip(keep).enumerate() {
+        if !k {
+            continue;
+        }
+        let mut o = serde_json::Map::new();
+        o.insert("index".into(), json!(i));
+        o.insert("row".into(), json!(e.row));
+        o.insert(ds.spec.text_column.clone(), json!(e.text));
+        if let (Some(c), Some(l)) = (&ds.spec.label_column, &e.label) {
+            o.insert(c.clone(), json!(l));
+        }
+        for (c, v) in ds.spec.numeric_columns.iter().zip(&e.numeric) {
+            o.insert(c.clone(), json!(v));
+        }
+        out.push_str(&serde_json::Value::Object(o).to_string());
+        out.push('\n');
+        n += 1;
+    }
+    patchbay::io::write_atomic(path, out.as_bytes())?;
+    Ok(n)
+}

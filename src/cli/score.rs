@@ -1,0 +1,159 @@
+//! `patchbay score`: the model's own predictions over a label set.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use clap::Args;
+use serde_json::json;
+
+use super::inputs::{DatasetArgs, TemplateArgs, dataset_json, encode_dataset, write_examples};
+use super::{load_engine, progress_bar};
+use patchbay::backend::DeviceSpec;
+use patchbay::data::labels::{LabelSet, parse_list};
+use patchbay::data::template::TokenStats;
+use patchbay::experiments::score::{Scores, label_logits};
+use patchbay::model::Model;
+use patchbay::model::tokenizer::PromptTokenizer;
+use patchbay::{Error, Result};
+
+const SCORE_HELP: &str = "Examples:
+  patchbay score --model M --dataset emotions.csv --template tak --labels anger,joy,fear,sadness --out runs/score
+  patchbay score --model M --dataset envent_gen.csv --preset envent --template tak --shots tak --out runs/envent --keep-correct runs/envent/correct.jsonl
+  patchbay score --model M --token-ids ids.json --label-token-ids anger=4719,joy=16913 --out runs/ids
+
+Each label is scored by the first token of \" <label>\" (encoded without special tokens); two
+labels sharing that token are an error. The prediction is the label with the highest next-token
+logit at the last position of the prompt. Without --labels, the labels are the dataset's gold
+labels (sorted).
+
+Outputs in --out: scores.jsonl (one object per prompt, in input order: index, label_logits in
+label order, pred, and gold/correct/row when known), score.json (accuracy, per-label counts,
+label tokens), confusion.csv (gold down, predicted across), manifest.json.";
+
+#[derive(Args)]
+#[command(after_help = SCORE_HELP)]
+pub struct ScoreArgs {
+    /// Hugging Face model directory.
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long, default_value = "cpu")]
+    device: DeviceSpec,
+    #[command(flatten)]
+    data: DatasetArgs,
+    #[command(flatten)]
+    template: TemplateArgs,
+    /// JSON file: a list of lists of token ids, used verbatim (instead of --dataset).
+    #[arg(long, conflicts_with = "dataset")]
+    token_ids: Option<PathBuf>,
+    /// Label names, comma-separated (each scored by the first token of " name").
+    #[arg(long, conflicts_with = "label_token_ids")]
+    labels: Option<String>,
+    /// Label tokens given directly: NAME=ID,... or ID,...
+    #[arg(long)]
+    label_token_ids: Option<String>,
+    /// Prompts per forward pass.
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    /// Write the correctly predicted examples here (JSONL with the dataset's columns).
+    #[arg(long)]
+    keep_correct: Option<PathBuf>,
+    /// Output directory.
+    #[arg(long)]
+    out: PathBuf,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+}
+
+pub fn run(a: ScoreArgs) -> Result<()> {
+    let t0 = Instant::now();
+    if a.data.dataset.is_none() && a.token_ids.is_none() {
+        return Err(Error::input("give the prompts: --dataset FILE or --token-ids FILE"));
+    }
+    if a.keep_correct.is_some() && a.data.dataset.is_none() {
+        return Err(Error::input("--keep-correct needs --dataset (gold labels)"));
+    }
+    let model = Model::load(&a.model)?;
+    let engine = load_engine(&model, a.device)?;
+    let names = a.labels.as_deref().map(|l| parse_list(l, "label")).transpose()?;
+    let tok = if a.data.dataset.is_some() || a.label_token_ids.is_none() { Some(PromptTokenizer::load(&a.model)?) } else { PromptTokenizer::load(&a.model).ok() };
+    let (prompts, ds, template) = match &a.token_ids {
+        Some(path) => (patchbay::data::prompts::load_prompts(patchbay::data::prompts::PromptSource::TokenIds(path), &a.model, false)?, None, None),
+        None => {
+            let ds = a.data.load(names.clone())?.ok_or_else(|| Error::input("no --dataset"))?;
+            let template = a.template.template()?;
+            let bar = progress_bar(ds.examples.len() as u64, "tokenize", "prompts", a.quiet);
+            let tok = tok.as_ref().ok_or_else(|| Error::input("no tokenizer"))?;
+            let prompts = encode_dataset(&ds, &template, tok, &bar)?;
+            bar.finish_and_clear();
+            (prompts, Some(ds), Some(template))
+        }
+    };
+    let labels = match (&a.label_token_ids, &names) {
+        (Some(spec), _) => LabelSet::parse_ids(spec, tok.as_ref())?,
+        (None, Some(n)) => LabelSet::resolve(n, tok.as_ref().ok_or_else(|| Error::input("no tokenizer"))?)?,
+        (None, None) => {
+            let ds = ds.as_ref().ok_or_else(|| Error::input("give the labels: --labels a,b,c or --label-token-ids"))?;
+            let values = ds.label_values();
+            if values.is_empty() {
+                return Err(Error::input("the dataset has no label column: give --labels"));
+            }
+            LabelSet::resolve(&values, tok.as_ref().ok_or_else(|| Error::input("no tokenizer"))?)?
+        }
+    };
+    let gold: Vec<Option<usize>> = match &ds {
+        Some(ds) => ds
+            .examples
+            .iter()
+            .map(|e| match &e.label {
+                None => Ok(None),
+                Some(l) => labels.index_of(l).map(Some).ok_or_else(|| Error::input(format!("{}: row {}: label `{l}` is not in the label set [{}]", ds.spec.path.display(), e.row, labels.names.join(", ")))),
+            })
+            .collect::<Result<_>>()?,
+        None => vec![None; prompts.len()],
+    };
+    let stats = TokenStats::of(&prompts);
+    if !a.quiet {
+        eprintln!("{}", stats.describe());
+        eprintln!("labels: {}", labels.names.iter().zip(&labels.token_ids).zip(&labels.tokens).map(|((n, id), t)| format!("{n}={id} ({t:?})")).collect::<Vec<_>>().join(", "));
+    }
+    let t_score = Instant::now();
+    let bar = progress_bar(prompts.len() as u64, "score", "prompts", a.quiet);
+    let logits = label_logits(engine.as_ref(), &prompts, &labels, a.batch_size, &bar)?;
+    bar.finish_and_clear();
+    let score_s = t_score.elapsed().as_secs_f64();
+    let scores = Scores::new(labels.clone(), logits, gold);
+    let rows: Option<Vec<usize>> = ds.as_ref().map(|d| d.examples.iter().map(|e| e.row).collect());
+    scores.write(&a.out, rows.as_deref())?;
+    let mut kept = None;
+    if let (Some(path), Some(ds)) = (&a.keep_correct, &ds) {
+        let keep: Vec<bool> = scores.correct().into_iter().map(|c| c == Some(true)).collect();
+        kept = Some(write_examples(path, ds, &keep)?);
+    }
+    let manifest = json!({
+        "command": "score",
+        "patchbay_version": env!("CARGO_PKG_VERSION"),
+        "command_line": std::env::args().collect::<Vec<_>>(),
+        "model": {"path": model.dir.display().to_string(), "config_sha256": model.config_hash, "family": model.cfg.family.name()},
+        "device": engine.device_name(),
+        "dataset": ds.as_ref().map(dataset_json),
+        "token_ids": a.token_ids.as_ref().map(|p| p.display().to_string()),
+        "template": template,
+        "token_stats": stats,
+        "labels": labels,
+        "n": scores.n(),
+        "accuracy": scores.accuracy(),
+        "kept_correct": kept,
+        "timings_s": {"score": score_s, "total": t0.elapsed().as_secs_f64()},
+        "peak_rss_bytes": patchbay::io::tensorfile::peak_rss_bytes(),
+    });
+    patchbay::io::write_atomic(&a.out.join("manifest.json"), serde_json::to_string_pretty(&manifest).map_err(|e| Error::input(e.to_string()))?.as_bytes())?;
+    if !a.quiet {
+        eprint!("{}", scores.describe());
+        if let (Some(n), Some(p)) = (kept, &a.keep_correct) {
+            eprintln!("kept {n} correctly predicted examples in {}", p.display());
+        }
+        eprintln!("wrote {}", a.out.join("scores.jsonl").display());
+    }
+    Ok(())
+}

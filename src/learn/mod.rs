@@ -1,0 +1,8 @@
+//! Linear probes: multinomial logistic regression and ridge regression (the models and
+//! objectives of scikit-learn's LogisticRegression and Ridge), seeded splits, metrics.
+
+pub mod linalg;
+pub mod logreg;
+pub mod metrics;
+pub mod ridge;
+pub mod split;
