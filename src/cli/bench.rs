@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use clap::{Args, Subcommand};
 
 use super::{parse_bytes, print_stdout, progress_bar};
+use patchbay::backend::DeviceSpec;
 use patchbay::experiments::bench::{PatchBenchSpec, bench_patch};
 use patchbay::model::Model;
 use patchbay::sites::SiteKind;
@@ -29,6 +30,9 @@ enum BenchWhat {
 struct PatchBenchArgs {
     #[arg(long)]
     model: PathBuf,
+    /// Compute device; resumed patching runs on the CPU path only so far.
+    #[arg(long, default_value = "cpu")]
+    device: DeviceSpec,
     #[arg(long, default_value_t = 50)]
     n_prompts: usize,
     #[arg(long, default_value_t = 32)]
@@ -67,6 +71,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
 }
 
 fn patch(a: PatchBenchArgs) -> Result<()> {
+    if a.device != DeviceSpec::Cpu {
+        return Err(Error::input(format!("bench patch: resumed patching runs on the CPU path only so far (got --device {})", a.device)));
+    }
     let model = Model::load(&a.model)?;
     let sites = a
         .sites
