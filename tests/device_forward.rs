@@ -8,6 +8,7 @@ mod common;
 use common::kernels::test_driver;
 use common::*;
 use indicatif::ProgressBar;
+use patchbay::engine::RunRequest;
 use patchbay::backend::emu::FiberOrder;
 use patchbay::engine::Engine;
 use patchbay::engine::device_forward::DeviceModel;
@@ -104,14 +105,14 @@ fn emu_interventions_match_reference() {
             .into_iter()
             .map(|site| Capture { site, positions: Positions::List(vec![-1, 0]) })
             .collect();
-        let want = model.run_prompts(&prompts, &ivs, &caps, Some(&Positions::All), None).unwrap();
-        let got = dev.run_prompts(&prompts, &ivs, &caps, Some(&Positions::All), None).unwrap();
+        let want = model.run_prompts(&prompts, &RunRequest { interventions: &ivs, captures: &caps, logits_at: Some(&Positions::All), ..Default::default() }).unwrap();
+        let got = dev.run_prompts(&prompts, &RunRequest { interventions: &ivs, captures: &caps, logits_at: Some(&Positions::All), ..Default::default() }).unwrap();
         assert_forward_close(&format!("{family} ({dev_name}): logits with interventions"), &got.logits, &want.logits);
         for (g, w) in got.captured.iter().zip(&want.captured) {
             assert_forward_close(&format!("{family} ({dev_name}): {} with interventions", g.site), &g.data, &w.data);
         }
         // The interventions changed something (the test can fail).
-        let clean = model.run_prompts(&prompts, &[], &[], Some(&Positions::All), None).unwrap();
+        let clean = model.run_prompts(&prompts, &RunRequest { logits_at: Some(&Positions::All), ..Default::default() }).unwrap();
         assert!(clean.logits.iter().zip(&want.logits).any(|(a, b)| (a - b).abs() > 0.1), "{family}: interventions changed nothing");
     }
 }
@@ -144,9 +145,27 @@ fn emu_matches_hf_intervention_goldens() {
                 other => panic!("unknown op {other}"),
             };
             let iv = Intervention { site, prompts: prompts_sel, positions, units, op };
-            let out = dev.run_prompts(&prompts, &[iv], &[], Some(&Positions::All), None).unwrap();
+            let out = dev.run_prompts(&prompts, &RunRequest { interventions: &[iv], logits_at: Some(&Positions::All), ..Default::default() }).unwrap();
             let want = &tensors[case["logits"].as_str().unwrap()].1;
             assert_forward_close(&format!("{family} ({dev_name}): {}", case["name"]), &out.logits, want);
         }
+    }
+}
+
+/// Logits for a label set only (the gathered lm_head rows) equal those columns of the full
+/// logits, on the device.
+#[test]
+fn emu_label_logits_are_columns_of_full_logits() {
+    for family in ["llama", "gemma2", "phi3"] {
+        let model = Model::load(&fixture(family)).unwrap();
+        let (_, dev) = device(&model, FiberOrder::Forward);
+        let prompts = prompt_ids(family);
+        let last = Positions::List(vec![-1, -2]);
+        let labels = [5u32, 300, 17, 5];
+        let full = dev.run_prompts(&prompts, &RunRequest { logits_at: Some(&last), ..Default::default() }).unwrap();
+        let sel = dev.run_prompts(&prompts, &RunRequest { logits_at: Some(&last), logit_tokens: Some(&labels), ..Default::default() }).unwrap();
+        let v = model.cfg.vocab_size;
+        let want: Vec<f32> = (0..full.logit_rows.len()).flat_map(|r| labels.iter().map(move |&t| (r, t))).map(|(r, t)| full.logits[r * v + t as usize]).collect();
+        assert_eq!(sel.logits, want, "{family}: label logits differ from the full logits' columns");
     }
 }

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::*;
+use patchbay::engine::RunRequest;
 use patchbay::engine::Engine;
 use patchbay::engine::forward::{KvCache, SeqInput};
 use patchbay::intervene::{Capture, Hooks, Intervention, Op, RowMap};
@@ -496,7 +497,7 @@ fn llama() -> Model {
 #[track_caller]
 fn run_err(model: &Model, ivs: &[Intervention], caps: &[Capture]) -> String {
     let prompts = prompt_ids("llama");
-    match model.run_prompts(&prompts, ivs, caps, Some(&Positions::List(vec![-1])), None) {
+    match model.run_prompts(&prompts, &RunRequest { interventions: ivs, captures: caps, logits_at: Some(&Positions::List(vec![-1])), ..Default::default() }) {
         Ok(_) => panic!("expected an error for {ivs:?}"),
         Err(e) => {
             let msg = e.to_string();

@@ -4,6 +4,7 @@
 mod common;
 
 use common::*;
+use patchbay::engine::RunRequest;
 use patchbay::engine::Engine;
 use patchbay::engine::forward::RunOutput;
 use patchbay::intervene::{Capture, Intervention, Op};
@@ -12,7 +13,7 @@ use patchbay::sites::{Positions, Site};
 use serde_json::Value;
 
 fn run(model: &Model, prompts: &[Vec<u32>], ivs: &[Intervention], caps: &[Capture]) -> RunOutput {
-    model.run_prompts(prompts, ivs, caps, Some(&Positions::All), None).unwrap()
+    model.run_prompts(prompts, &RunRequest { interventions: ivs, captures: caps, logits_at: Some(&Positions::All), ..Default::default() }).unwrap()
 }
 
 fn positions(v: &Value) -> Positions {

@@ -5,6 +5,7 @@
 mod common;
 
 use common::*;
+use patchbay::engine::RunRequest;
 use patchbay::engine::Engine;
 use patchbay::engine::forward::{KvCache, RunOutput, SeqInput};
 use patchbay::intervene::{Capture, Intervention, Op};
@@ -13,7 +14,7 @@ use patchbay::model::config::RopeScaling;
 use patchbay::sites::{Positions, Site, SiteKind};
 
 fn run(model: &Model, prompts: &[Vec<u32>], ivs: &[Intervention], caps: &[Capture]) -> RunOutput {
-    model.run_prompts(prompts, ivs, caps, Some(&Positions::All), None).unwrap()
+    model.run_prompts(prompts, &RunRequest { interventions: ivs, captures: caps, logits_at: Some(&Positions::All), ..Default::default() }).unwrap()
 }
 
 fn all_captures(model: &Model) -> Vec<Capture> {

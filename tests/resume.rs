@@ -55,7 +55,7 @@ fn resumed_segments_equal_full_forward() {
                 let req = RunRequest { interventions: &ivs, logits_at: Some(&last), ..Default::default() };
                 let resumed = model.run_from(layer, &mut seqs, &req).unwrap();
                 for (i, e) in experiments.iter().enumerate() {
-                    let naive = model.run_prompts(std::slice::from_ref(&prompt), e, &[], Some(&Positions::List(vec![-1])), None).unwrap();
+                    let naive = model.run_prompts(std::slice::from_ref(&prompt), &RunRequest { interventions: e, logits_at: Some(&Positions::List(vec![-1])), ..Default::default() }).unwrap();
                     let v = cfg.vocab_size;
                     assert_close(&format!("{family}: layer {layer} p0 {p0} experiment {i}"), &resumed.logits[i * v..(i + 1) * v], &naive.logits, 1e-5, 1e-5);
                 }
@@ -88,7 +88,7 @@ fn label_logits_are_the_columns_of_full_logits() {
         let model = Model::load(&fixture(family)).unwrap();
         let prompts = prompt_ids(family);
         let last = Positions::List(vec![-1, -2]);
-        let full = model.run_prompts(&prompts, &[], &[], Some(&last), None).unwrap();
+        let full = model.run_prompts(&prompts, &RunRequest { logits_at: Some(&last), ..Default::default() }).unwrap();
         let labels = [5u32, 300, 17, 5];
         let mut caches: Vec<KvCache> = prompts.iter().map(|_| KvCache::new(model.cfg.n_layers)).collect();
         let mut seqs: Vec<SeqInput> = prompts.iter().zip(caches.iter_mut()).map(|(p, c)| SeqInput::tokens(p, c)).collect();

@@ -8,6 +8,7 @@ use std::path::Path;
 use std::process::Command;
 
 use common::fixture;
+use patchbay::engine::RunRequest;
 use patchbay::data::dataset::{self, DatasetSpec};
 use patchbay::engine::Engine;
 use patchbay::model::Model;
@@ -57,7 +58,7 @@ fn scores_match_the_engine_logits_and_the_summary_adds_up() {
     let ids: Vec<u32> = labels.iter().map(|l| tok.encode_plain(&format!(" {l}")).unwrap()[0]).collect();
     let t = patchbay::data::template::Template::parse("tak").unwrap();
     let prompts: Vec<Vec<u32>> = ds.examples.iter().take(5).map(|e| t.encode(&tok, &e.text).unwrap()).collect();
-    let run = m.run_prompts(&prompts, &[], &[], Some(&Positions::List(vec![-1])), None).unwrap();
+    let run = m.run_prompts(&prompts, &RunRequest { logits_at: Some(&Positions::List(vec![-1])), ..Default::default() }).unwrap();
     let vocab = m.cfg.vocab_size;
     for (i, row) in rows.iter().take(5).enumerate() {
         assert_eq!(row["index"], i);
@@ -143,7 +144,7 @@ fn token_ids_with_explicit_label_tokens() {
     let rows = jsonl(&out.join("scores.jsonl"));
     assert_eq!(rows.len(), 3);
     let m = Model::load(&fixture("llama")).unwrap();
-    let run = m.run_prompts(&[vec![5, 6, 7]], &[], &[], Some(&Positions::List(vec![-1])), None).unwrap();
+    let run = m.run_prompts(&[vec![5, 6, 7]], &RunRequest { logits_at: Some(&Positions::List(vec![-1])), ..Default::default() }).unwrap();
     let got: Vec<f64> = rows[1]["label_logits"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
     for (g, id) in got.iter().zip([10usize, 20, 30]) {
         assert!((g - run.logits[id] as f64).abs() < 1e-5);

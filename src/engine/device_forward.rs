@@ -21,8 +21,8 @@ use crate::backend::ops::norm::{AddNorm, add_norm};
 use crate::backend::ops::rope::{RopeTables, kv_write, qk_norm, rope};
 use crate::backend::ops::site_ops::{DeviceSitePlan, SitePlanBuilder, site_ops};
 use crate::engine::Engine;
-use crate::engine::forward::RunOutput;
-use crate::intervene::{Capture, Hooks, Intervention, RowMap};
+use crate::engine::forward::{RunOutput, RunRequest};
+use crate::intervene::{Hooks, RowMap};
 use crate::model::Model;
 use crate::model::checkpoint::{Linear, Weight};
 use crate::model::config::{ModelConfig, NormWeight};
@@ -380,17 +380,10 @@ impl Engine for DeviceModel {
     fn device_name(&self) -> String {
         self.driver.name()
     }
-    fn run_prompts(
-        &self,
-        prompts: &[Vec<u32>],
-        interventions: &[Intervention],
-        captures: &[Capture],
-        logits_at: Option<&Positions>,
-        n_keys: Option<usize>,
-    ) -> Result<RunOutput> {
+    fn run_prompts(&self, prompts: &[Vec<u32>], req: &RunRequest) -> Result<RunOutput> {
         let rows = RowMap::new(vec![0; prompts.len()], prompts.iter().map(Vec::len).collect());
-        let mut hooks = Hooks::new(&self.cfg, &rows, interventions, captures, n_keys)?;
-        let (logits, logit_rows) = self.forward(prompts, &rows, &mut hooks, logits_at, None)?;
+        let mut hooks = Hooks::new(&self.cfg, &rows, req.interventions, req.captures, req.n_keys)?;
+        let (logits, logit_rows) = self.forward(prompts, &rows, &mut hooks, req.logits_at, req.logit_tokens)?;
         Ok(RunOutput { logits, logit_rows, captured: hooks.into_captured() })
     }
 }

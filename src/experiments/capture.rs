@@ -12,6 +12,7 @@ use std::collections::HashMap;
 
 use indicatif::ProgressBar;
 
+use crate::engine::RunRequest;
 use crate::engine::Engine;
 use crate::intervene::Capture;
 use crate::io::{OutDtype, OutTensor};
@@ -40,7 +41,7 @@ pub fn capture(engine: &dyn Engine, prompts: &[Vec<u32>], spec: &CaptureSpec, pr
     let mut site_data: Vec<Vec<f32>> = vec![Vec::new(); spec.sites.len()];
     let mut logits = Vec::new();
     for batch in prompts.chunks(spec.batch_size.max(1)) {
-        let out = engine.run_prompts(batch, &[], &captures, spec.logits.then_some(&spec.positions), Some(max_len))?;
+        let out = engine.run_prompts(batch, &RunRequest { captures: &captures, logits_at: spec.logits.then_some(&spec.positions), n_keys: Some(max_len), ..Default::default() })?;
         for (acc, c) in site_data.iter_mut().zip(out.captured) {
             acc.extend_from_slice(&c.data);
         }

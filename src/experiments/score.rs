@@ -13,25 +13,24 @@ use std::path::Path;
 use indicatif::ProgressBar;
 use serde_json::json;
 
+use crate::engine::RunRequest;
 use crate::data::labels::LabelSet;
 use crate::engine::Engine;
 use crate::sites::Positions;
 use crate::{Error, Result};
 
-/// Label logits `[n, n_labels]` of every prompt, by batches.
+/// Label logits `[n, n_labels]` of every prompt, by batches (only the label rows of the lm_head
+/// are multiplied).
 pub fn label_logits(engine: &dyn Engine, prompts: &[Vec<u32>], labels: &LabelSet, batch_size: usize, progress: &ProgressBar) -> Result<Vec<f32>> {
-    let vocab = engine.config().vocab_size;
-    labels.check_vocab(vocab)?;
+    labels.check_vocab(engine.config().vocab_size)?;
     let last = Positions::List(vec![-1]);
     let mut out = Vec::with_capacity(prompts.len() * labels.len());
     for batch in prompts.chunks(batch_size.max(1)) {
-        let r = engine.run_prompts(batch, &[], &[], Some(&last), None)?;
-        if r.logits.len() != batch.len() * vocab {
-            return Err(Error::input(format!("engine returned {} logits rows for {} prompts", r.logits.len() / vocab.max(1), batch.len())));
+        let r = engine.run_prompts(batch, &RunRequest { logits_at: Some(&last), logit_tokens: Some(&labels.token_ids), ..Default::default() })?;
+        if r.logits.len() != batch.len() * labels.len() {
+            return Err(Error::input(format!("engine returned {} label logits for {} prompts", r.logits.len(), batch.len())));
         }
-        for row in r.logits.chunks(vocab) {
-            out.extend(labels.token_ids.iter().map(|&id| row[id as usize]));
-        }
+        out.extend_from_slice(&r.logits);
         progress.inc(batch.len() as u64);
     }
     Ok(out)

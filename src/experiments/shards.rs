@@ -23,6 +23,7 @@ use indicatif::ProgressBar;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::engine::RunRequest;
 use crate::engine::Engine;
 use crate::intervene::Capture;
 use crate::io::OutDtype;
@@ -248,7 +249,7 @@ pub fn capture_shards(engine: &dyn Engine, model_path: &str, config_sha256: &str
         bufs.iter_mut().for_each(Vec::clear);
         label_logits.clear();
         for batch in prompts[range.clone()].chunks(spec.batch_size.max(1)) {
-            let out = engine.run_prompts(batch, &[], &captures, (n_labels > 0).then_some(&last), None)?;
+            let out = engine.run_prompts(batch, &RunRequest { captures: &captures, logits_at: (n_labels > 0).then_some(&last), ..Default::default() })?;
             for (buf, c) in bufs.iter_mut().zip(&out.captured) {
                 buf.extend_from_slice(&c.data);
             }
