@@ -10,6 +10,7 @@
 //! 3. The emulator: every kernel file compiled as host C++ with emu/cuda_emu.h force-included, a
 //!    generated thunk per entry point, a registry, emu/runtime.cpp and the context switch, all in
 //!    the static library `patchbay_emu`. Sets `cfg(patchbay_emu)`.
+//!
 //! Without NVRTC / the CUDA headers the build still succeeds, with one warning; with
 //! `PATCHBAY_REQUIRE_NVRTC=1` (CI) it fails instead.
 //! Every compilation is cached in OUT_DIR under a hash of what it depends on, and the
@@ -684,7 +685,7 @@ fn resource_table(files: &[KernelFile], logs: &BTreeMap<(usize, usize), String>)
 /// The number just before `marker` in `s` ("16 registers" -> 16), 0 if none.
 fn number_before(s: &str, marker: &str) -> u64 {
     let Some(at) = s.find(marker) else { return 0 };
-    s[..at].split(|c: char| !c.is_ascii_digit()).filter(|w| !w.is_empty()).next_back().and_then(|w| w.parse().ok()).unwrap_or(0)
+    s[..at].split(|c: char| !c.is_ascii_digit()).rfind(|w| !w.is_empty()).and_then(|w| w.parse().ok()).unwrap_or(0)
 }
 
 /// OUT_DIR/kernels.rs: the kernel table of src/backend/kernels.rs.
@@ -881,10 +882,11 @@ impl Task<'_> {
                 let mut h = DefaultHasher::new();
                 (deps.nvrtc, &f.source, &opts, nvrtc_version()).hash(&mut h);
                 let key = format!("{:016x}", h.finish());
-                if bin.is_file() && fs::read_to_string(&stamp).ok().as_deref() == Some(key.as_str()) {
-                    if let Ok(log) = fs::read_to_string(&log_path) {
-                        return Ok(Done::Nvrtc { file, target, log });
-                    }
+                if bin.is_file()
+                    && fs::read_to_string(&stamp).ok().as_deref() == Some(key.as_str())
+                    && let Ok(log) = fs::read_to_string(&log_path)
+                {
+                    return Ok(Done::Nvrtc { file, target, log });
                 }
                 let (code, log) = nvrtc_compile(&f.source, &f.rel, &opts, kind)
                     .map_err(|e| format!("NVRTC ({arch}) failed on {}:\n{e}", f.rel))?;
