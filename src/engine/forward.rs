@@ -256,31 +256,35 @@ impl Model {
             hooks.apply(site(SiteKind::Q), &rows, &mut q, qw);
             hooks.apply(site(SiteKind::K), &rows, &mut k, kvw);
             hooks.apply(site(SiteKind::V), &rows, &mut v, kvw);
-            for s in 0..rows.n_seqs() {
-                let (r0, r1) = (rows.row_start[s], rows.row_start[s] + rows.new_len[s]);
+            // Per sequence (each has its own frequencies), sequences in parallel.
+            split_rows(&mut q, &rows.new_len, qw).into_par_iter().zip(split_rows(&mut k, &rows.new_len, kvw)).enumerate().for_each(|(s, (qs, ks))| {
+                let pos = &positions[rows.row_start[s]..rows.row_start[s] + rows.new_len[s]];
                 let (inv_freq, factor) = &rope_tables[s];
-                cpu::rope(&mut q[r0 * qw..r1 * qw], cfg.n_heads, cfg.d_head, &positions[r0..r1], inv_freq, *factor);
-                cpu::rope(&mut k[r0 * kvw..r1 * kvw], cfg.n_kv_heads, cfg.d_head, &positions[r0..r1], inv_freq, *factor);
-            }
+                cpu::rope(qs, cfg.n_heads, cfg.d_head, pos, inv_freq, *factor);
+                cpu::rope(ks, cfg.n_kv_heads, cfg.d_head, pos, inv_freq, *factor);
+            });
             hooks.apply(site(SiteKind::RotQ), &rows, &mut q, qw);
             hooks.apply(site(SiteKind::RotK), &rows, &mut k, kvw);
 
             // softmax(q k^T * scale (soft-capped), causal (+ window)) v, per sequence
             let want_pattern = hooks.touches(site(SiteKind::Pattern));
             let mut pattern = if want_pattern { vec![0.0f32; t * cfg.n_heads * n_keys] } else { Vec::new() }; // [T, n_heads, n_keys]
-            for (s, seq) in seqs.iter_mut().enumerate() {
+            // Sequences in parallel; each appends its new K/V and attends over its cache.
+            let pattern_width = if want_pattern { cfg.n_heads * n_keys } else { 0 };
+            let z_parts = split_rows(&mut z, &rows.new_len, qw);
+            let p_parts = split_rows(&mut pattern, &rows.new_len, pattern_width);
+            seqs.par_iter_mut().zip(z_parts).zip(p_parts).enumerate().for_each(|(s, ((seq, zs), ps))| {
                 let (r0, r1) = (rows.row_start[s], rows.row_start[s] + rows.new_len[s]);
                 let cache = &mut *seq.cache;
                 cache.k[l].extend_from_slice(&k[r0 * kvw..r1 * kvw]);
                 cache.v[l].extend_from_slice(&v[r0 * kvw..r1 * kvw]);
-                let probs = want_pattern.then(|| &mut pattern[r0 * cfg.n_heads * n_keys..r1 * cfg.n_heads * n_keys]);
                 let (kc, vc) = cache.layer(l);
                 cpu::attention(
                     &q[r0 * qw..r1 * qw],
                     &kc,
                     &vc,
-                    &mut z[r0 * qw..r1 * qw],
-                    probs,
+                    zs,
+                    want_pattern.then_some(ps),
                     n_keys,
                     rows.cache_len[s],
                     cfg.n_heads,
@@ -290,7 +294,7 @@ impl Model {
                     cfg.attn_softcap,
                     cfg.layer_window[l],
                 );
-            }
+            });
             if want_pattern {
                 hooks.apply(site(SiteKind::Pattern), &rows, &mut pattern, cfg.n_heads * n_keys);
             }
@@ -385,6 +389,18 @@ impl Model {
         }
         Ok(ForwardOutput { logits, logit_rows })
     }
+}
+
+/// Splits `x` (rows of `width`) into consecutive parts of `lens[i]` rows (empty parts when
+/// `width` is 0).
+fn split_rows<'a>(mut x: &'a mut [f32], lens: &[usize], width: usize) -> Vec<&'a mut [f32]> {
+    let mut parts = Vec::with_capacity(lens.len());
+    for &n in lens {
+        let (head, tail) = std::mem::take(&mut x).split_at_mut(n * width);
+        parts.push(head);
+        x = tail;
+    }
+    parts
 }
 
 /// x += y
