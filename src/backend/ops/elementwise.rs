@@ -124,34 +124,22 @@ fn check_rows(op: &str, rows: &DeviceBuffer<i32>, n: usize, d: usize, r: usize) 
 /// out[k, :] = bf16(src[rows[k], :]) for k < n; src `[r, d]` f32, out `[n, d]` bf16 (the final rows
 /// that need logits). Precondition (device indices, not checked): rows in `0..r`; an index outside
 /// gives a NaN row, never an out-of-bounds read. [`upload_rows`] checks host indices.
-#[allow(clippy::too_many_arguments)]
 pub fn gather_rows_f32_bf16(driver: &dyn Driver, src: &DeviceBuffer<f32>, r: usize, rows: &DeviceBuffer<i32>, out: &DeviceBuffer<bf16>, n: usize, d: usize) -> Result<()> {
-    check_rows("gather_rows_f32_bf16", rows, n, d, r)?;
-    need("gather_rows_f32_bf16", "src", src, r * d)?;
-    need("gather_rows_f32_bf16", "out", out, n * d)?;
-    if n == 0 || d == 0 {
-        return Ok(());
-    }
-    // SAFETY: src holds r x d floats, rows n ints, out n x d; the kernel bounds every index by r.
-    unsafe {
-        KernelArgs::new()
-            .ptr(src.ptr())
-            .ptr(rows.ptr())
-            .ptr(out.ptr())
-            .i32(n as i32)
-            .i32(d as i32)
-            .i32(r as i32)
-            .launch(driver, "gather_rows_f32_bf16", rows_cfg(n, d))
-    }
+    gather_rows(driver, "gather_rows_f32_bf16", src, r, rows, out, n, d)
 }
 
 /// out[k, :] = src[rows[k], :] for k < n; src `[r, d]` bf16 (lm_head rows of a label set), out
 /// `[n, d]`. Same precondition as [`gather_rows_f32_bf16`].
-#[allow(clippy::too_many_arguments)]
 pub fn gather_rows_bf16(driver: &dyn Driver, src: &DeviceBuffer<bf16>, r: usize, rows: &DeviceBuffer<i32>, out: &DeviceBuffer<bf16>, n: usize, d: usize) -> Result<()> {
-    check_rows("gather_rows_bf16", rows, n, d, r)?;
-    need("gather_rows_bf16", "src", src, r * d)?;
-    need("gather_rows_bf16", "out", out, n * d)?;
+    gather_rows(driver, "gather_rows_bf16", src, r, rows, out, n, d)
+}
+
+/// The launcher of both gathers (`kernel` takes src of element type T).
+#[allow(clippy::too_many_arguments)]
+fn gather_rows<T: bytemuck::Pod>(driver: &dyn Driver, kernel: &str, src: &DeviceBuffer<T>, r: usize, rows: &DeviceBuffer<i32>, out: &DeviceBuffer<bf16>, n: usize, d: usize) -> Result<()> {
+    check_rows(kernel, rows, n, d, r)?;
+    need(kernel, "src", src, r * d)?;
+    need(kernel, "out", out, n * d)?;
     if n == 0 || d == 0 {
         return Ok(());
     }
@@ -164,7 +152,7 @@ pub fn gather_rows_bf16(driver: &dyn Driver, src: &DeviceBuffer<bf16>, r: usize,
             .i32(n as i32)
             .i32(d as i32)
             .i32(r as i32)
-            .launch(driver, "gather_rows_bf16", rows_cfg(n, d))
+            .launch(driver, kernel, rows_cfg(n, d))
     }
 }
 
