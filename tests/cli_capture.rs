@@ -595,3 +595,21 @@ fn output_appears_atomically() {
     assert!(stderr.contains("wrote") && stderr.contains("3 prompts"), "{stderr}");
     assert_eq!(dir_listing(&out_dir), set(&["acts.safetensors"]));
 }
+
+/// `capture --device emu` (the CUDA kernels on the emulated device) reproduces the Hugging Face
+/// goldens within the bf16 forward tolerances, and records the device in the metadata.
+#[test]
+fn capture_on_the_emulated_device_matches_hf() {
+    let w = Work::new();
+    for family in ["llama", "olmo2"] {
+        let ids = w.ids_file(family);
+        let f = w.capture(&fixture(family), &format!("{family}_emu.safetensors"), &["--token-ids", &ids, "--sites", "all", "--positions", "all", "--logits", "--device", "emu"]);
+        assert!(f.metadata["device"].starts_with("emu"), "{family}: device metadata {}", f.metadata["device"]);
+        let golden = read_tensors(&fixture(family).join("golden.safetensors"));
+        let got = read_tensors(&w.path(&format!("{family}_emu.safetensors")));
+        for (name, (_, want)) in &golden {
+            assert_forward_close(&format!("{family} --device emu: {name}"), &got[name].1, want);
+        }
+        assert_eq!(f.tensors.len(), golden.len());
+    }
+}
