@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod capture;
 pub mod inspect;
+pub mod patch;
 pub mod inputs;
 pub mod probe;
 pub mod score;
@@ -17,6 +18,8 @@ pub enum Command {
     Inspect(inspect::InspectArgs),
     /// Run prompts and save activations at chosen sites (and logits) to a safetensors file.
     Capture(capture::CaptureArgs),
+    /// Activation-patching sweeps resumed from clean runs (the Tak et al. protocol and general sweeps).
+    Patch(patch::PatchArgs),
     /// Write a random checkpoint with the exact layout of a real model (for costs and benches).
     Synth(synth::SynthArgs),
     /// Measure costs side by side (e.g. resumed vs naive patching).
@@ -32,6 +35,7 @@ impl Command {
         match self {
             Command::Inspect(a) => inspect::run(a),
             Command::Capture(a) => capture::run(a),
+            Command::Patch(a) => patch::run(a),
             Command::Synth(a) => synth::run(a),
             Command::Bench(a) => bench::run(a),
             Command::Score(a) => score::run(a),

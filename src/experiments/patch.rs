@@ -179,8 +179,12 @@ pub fn run_sweep(
     if spec.sites.contains(&SiteKind::Pattern) {
         return Err(Error::input("attention patterns cannot be patched (pick resid_pre, attn_out, mlp_out, resid_post, z, ...)"));
     }
-    let todo: Vec<&Experiment> = exps.iter().filter(|e| !settings.skip.contains(&e.id)).collect();
-    for e in &todo {
+    let skip = settings.skip;
+    let todo: Vec<&Experiment> = exps.iter().filter(|e| !skip.contains(&e.id)).collect();
+    if todo.is_empty() {
+        return Ok(());
+    }
+    for e in exps {
         for p in [e.pair.source, e.pair.target] {
             if p >= prompts.len() {
                 return Err(Error::input(format!("experiment {}: prompt {p} is out of range ({} prompts)", e.id, prompts.len())));
@@ -190,9 +194,14 @@ pub fn run_sweep(
     let positions = Positions::List(spec.positions.clone());
     let last = Positions::List(vec![-1]);
 
-    // Phase 1: clean runs of the sources: the patched values and the label logits.
+    // Phase 1: clean runs of the sources: the patched values and the label logits. The resumed
+    // method recomputes whole batches (see below), so it needs every experiment's source.
     let mut needed: BTreeMap<usize, HashSet<Site>> = BTreeMap::new();
-    for e in &todo {
+    let source_exps: Vec<&Experiment> = match settings.method {
+        Method::Naive => todo.clone(),
+        Method::Resumed => exps.iter().collect(),
+    };
+    for e in &source_exps {
         let s = needed.entry(e.pair.source).or_default();
         s.extend(e.layers.iter().map(|&l| Site::new(l, e.site)));
     }
@@ -280,9 +289,13 @@ pub fn run_sweep(
             }
         }
         Method::Resumed => {
+            // Groups and batches are formed from ALL experiments, whatever is already done, so
+            // that every experiment is computed in the same batch as in an uninterrupted run
+            // (bit-identical results after --resume); finished batches are skipped, partly
+            // finished ones recomputed and only their missing experiments emitted.
             // Group targets so their clean caches fit the memory budget.
             let mut by_target: BTreeMap<usize, Vec<&Experiment>> = BTreeMap::new();
-            for e in &todo {
+            for e in exps {
                 by_target.entry(e.pair.target).or_default().push(e);
             }
             let kv_bytes = |len: usize| len * cfg.kv_width() * 2 * 4 * cfg.n_layers + len * cfg.d_model * 4 * cfg.n_layers;
@@ -298,6 +311,9 @@ pub fn run_sweep(
                 used += b;
             }
             for group in groups {
+                if group.iter().all(|t| by_target[t].iter().all(|e| skip.contains(&e.id))) {
+                    continue;
+                }
                 // Clean pass of each target: KV cache, resid_pre at every layer, label logits.
                 let caps: Vec<Capture> = (0..cfg.n_layers).map(|l| Capture { site: Site::new(l, SiteKind::ResidPre), positions: Positions::All }).collect();
                 let mut clean: HashMap<usize, (Arc<KvCache>, Vec<Vec<f32>>, Vec<f32>)> = HashMap::new();
@@ -326,6 +342,9 @@ pub fn run_sweep(
                         batch.push((e, ivs, abs, p0));
                         i += 1;
                     }
+                    if batch.iter().all(|b| skip.contains(&b.0.id)) {
+                        continue;
+                    }
                     let d = cfg.d_model;
                     let mut caches: Vec<KvCache> = batch
                         .iter()
@@ -343,7 +362,7 @@ pub fn run_sweep(
                     let req = RunRequest { interventions: &ivs, logits_at: Some(&last), logit_tokens: Some(&spec.label_tokens), ..Default::default() };
                     let out = model.run_from(layer, &mut seqs, &req)?;
                     let n_labels = spec.label_tokens.len();
-                    for (k, (e, _, abs, _)) in batch.into_iter().enumerate() {
+                    for (k, (e, _, abs, _)) in batch.into_iter().enumerate().filter(|(_, b)| !skip.contains(&b.0.id)) {
                         let patched = out.logits[k * n_labels..(k + 1) * n_labels].to_vec();
                         emit(result(e, abs, &clean[&e.pair.target].2, patched))?;
                         settings.progress.inc(1);
