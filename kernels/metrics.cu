@@ -23,21 +23,13 @@
 //
 // dtypes: f32 in, f32 math and accumulation, i32 indices.
 
+#include "common.cuh"
+
 #define METRICS_WARPS 4
 #define METRICS_FULL_MASK 0xffffffffu
 
-// The float with bit pattern `u` (NVRTC has no INFINITY/NAN macros; a union works on the
-// device and in the host emulator alike).
-__device__ __forceinline__ float metrics_from_bits(unsigned int u) {
-    union {
-        unsigned int u;
-        float f;
-    } v;
-    v.u = u;
-    return v.f;
-}
-#define METRICS_NEG_INF metrics_from_bits(0xff800000u)
-#define METRICS_NAN metrics_from_bits(0x7fc00000u)
+#define METRICS_NEG_INF pb_float_from_bits(0xff800000u)
+#define METRICS_NAN pb_float_from_bits(0x7fc00000u)
 
 // (v, i) wins over (w, k) when v > w, or v == w and i < k: the lowest index among equal maxima.
 __device__ __forceinline__ void metrics_argmax_combine(float& v, int& i, float w, int k) {

@@ -29,32 +29,18 @@
 //
 // dtypes: f32 logits, f32 math and accumulation; i32 steps and ids; u64 seed.
 
+#include "common.cuh"
+
 #define SAMPLE_FULL_MASK 0xffffffffu
 #define SAMPLE_MAX_INT 0x7fffffff
 // Domain separation from the other users of splitmix64 (intervention noise).
 #define SAMPLE_SALT 0x73616d706c652121ull
 
-__device__ __forceinline__ float sample_from_bits(unsigned int u) {
-    union {
-        unsigned int u;
-        float f;
-    } v;
-    v.u = u;
-    return v.f;
-}
-
-// splitmix64, bit-identical to crate::intervene::splitmix64.
-__device__ __forceinline__ unsigned long long sample_splitmix64(unsigned long long z) {
-    z += 0x9E3779B97F4A7C15ull;
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-}
 
 // The row's uniform in [0, 1): the top 24 bits of splitmix64(seed ^ splitmix64(step ^ salt)),
 // an exact float. Mirrors ops::sample::sample_uniform.
 __device__ __forceinline__ float sample_uniform(unsigned long long seed, int step) {
-    const unsigned long long h = sample_splitmix64(seed ^ sample_splitmix64((unsigned long long)(unsigned int)step ^ SAMPLE_SALT));
+    const unsigned long long h = pb_splitmix64(seed ^ pb_splitmix64((unsigned long long)(unsigned int)step ^ SAMPLE_SALT));
     return (float)(unsigned int)(h >> 40) * (1.0f / 16777216.0f);
 }
 
@@ -216,7 +202,7 @@ extern "C" __global__ void sample_f32(
     const int tid = threadIdx.x, nt = blockDim.x;
 
     // Argmax (ties -> lowest id); its value is the shift m.
-    float m = sample_from_bits(0xff800000u);  // -inf
+    float m = pb_float_from_bits(0xff800000u);  // -inf
     int best = V;                             // V = "no element yet"
     for (int i = tid; i < V; i += nt) {
         const float v = x[i];
@@ -250,7 +236,7 @@ extern "C" __global__ void sample_f32(
         unsigned int lo = 0u, hi = 0x3f800001u;  // S(lo) >= target; S(hi) = 0 (w <= 1)
         while (hi - lo > 1u) {
             const unsigned int mid = lo + (hi - lo) / 2u;
-            const float t = sample_from_bits(mid);
+            const float t = pb_float_from_bits(mid);
             float s = 0.0f;
             for (int i = tid; i < V; i += nt) {
                 const float w = sample_weight(x[i], m, inv_t);
@@ -265,7 +251,7 @@ extern "C" __global__ void sample_f32(
                 hi = mid;
             }
         }
-        W = sample_from_bits(lo);
+        W = pb_float_from_bits(lo);
     }
 
     // Chunk pass 1: mass above W (G) and the ties at W, ranked by id.

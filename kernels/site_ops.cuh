@@ -25,6 +25,8 @@
 // dtypes: f32 throughout (the Gaussian in f64 as the reference).
 #pragma once
 
+#include "common.cuh"
+
 #define SITE_PATCH 0
 #define SITE_ADD 1
 #define SITE_PROJECT 2
@@ -78,16 +80,9 @@ static __device__ __forceinline__ float site_block_sum(float v) {
     return t;
 }
 
-static __device__ __forceinline__ unsigned long long site_splitmix64(unsigned long long z) {
-    z += 0x9E3779B97F4A7C15ull;
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-}
-
 // intervene.rs `gaussian`: a standard normal keyed by (seed, position, element).
 static __device__ __forceinline__ float site_gaussian(unsigned long long seed, unsigned long long pos, unsigned long long i) {
-    const unsigned long long h = site_splitmix64(seed ^ site_splitmix64((pos * 0x1000000001B3ull) ^ site_splitmix64(i)));
+    const unsigned long long h = pb_splitmix64(seed ^ pb_splitmix64((pos * 0x1000000001B3ull) ^ pb_splitmix64(i)));
     const double u1 = ((double)(h >> 40) + 0.5) / 16777216.0;
     const double u2 = ((double)(h & 0xFFFFFFull) + 0.5) / 16777216.0;
     return (float)(sqrt(-2.0 * log(u1)) * cos(2.0 * 3.14159265358979323846 * u2));
