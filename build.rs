@@ -421,14 +421,29 @@ fn rewrite_dynamic_shared(src: &str, rel: &str) -> Result<String, String> {
     Ok(out)
 }
 
+/// A token list entry: the token plus whatever position data its scanner keeps.
+trait TokAt<'a> {
+    fn tok(&self) -> &Tok<'a>;
+}
+impl<'a> TokAt<'a> for (Tok<'a>, usize) {
+    fn tok(&self) -> &Tok<'a> {
+        &self.0
+    }
+}
+impl<'a, T> TokAt<'a> for (Tok<'a>, usize, T) {
+    fn tok(&self) -> &Tok<'a> {
+        &self.0
+    }
+}
+
 /// Index just past the balanced parenthesis group starting at `j` (or `j` if none starts there).
-fn skip_parens<T>(t: &[(Tok<'_>, usize, T)], mut j: usize) -> usize {
-    if !t.get(j).is_some_and(|x| x.0 == Tok::Punct('(')) {
+fn skip_parens<'a, E: TokAt<'a>>(t: &[E], mut j: usize) -> usize {
+    if !t.get(j).is_some_and(|x| *x.tok() == Tok::Punct('(')) {
         return j;
     }
     let mut depth = 0;
     while j < t.len() {
-        match t[j].0 {
+        match t[j].tok() {
             Tok::Punct('(') => depth += 1,
             Tok::Punct(')') => {
                 depth -= 1;
@@ -488,25 +503,9 @@ fn scan_entries(code: &str) -> Result<Vec<String>, String> {
         let mut name = None;
         while j < t.len() {
             match &t[j].0 {
-                Tok::Ident(id @ ("__launch_bounds__" | "__maxnreg__" | "__align__" | "alignas" | "__attribute__" | "__cluster_dims__")) => {
-                    let _ = id;
-                    j += 1;
-                    if t.get(j).is_some_and(|x| x.0 == Tok::Punct('(')) {
-                        let mut depth = 0;
-                        while j < t.len() {
-                            match t[j].0 {
-                                Tok::Punct('(') => depth += 1,
-                                Tok::Punct(')') => {
-                                    depth -= 1;
-                                    if depth == 0 {
-                                        break;
-                                    }
-                                }
-                                _ => {}
-                            }
-                            j += 1;
-                        }
-                    }
+                Tok::Ident("__launch_bounds__" | "__maxnreg__" | "__align__" | "alignas" | "__attribute__" | "__cluster_dims__") => {
+                    j = skip_parens(&t, j + 1);
+                    continue;
                 }
                 Tok::Ident("__global__") => is_global = true,
                 Tok::Ident(id) => name = Some(*id),
