@@ -114,67 +114,37 @@ __device__ __forceinline__ void sample_block_argmax(float& v, int& i, float* shv
     }
 }
 
-// Exclusive prefix sum over threads in threadIdx order; `*total` gets the block total.
-// Integer version (exact).
-__device__ __forceinline__ int sample_block_excl_scan_int(int v, int* sh, int* total) {
+// Exclusive prefix sum over threads in threadIdx order; `*total` gets the block total. A fixed
+// tree, so the float version is deterministic; the int version is exact.
+template <typename T>
+__device__ __forceinline__ T sample_block_excl_scan(T v, T* sh, T* total) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-    int inc = v;
+    T inc = v;
     for (int o = 1; o < 32; o <<= 1) {
-        const int t = __shfl_up_sync(SAMPLE_FULL_MASK, inc, o);
+        const T t = __shfl_up_sync(SAMPLE_FULL_MASK, inc, o);
         if (lane >= o) {
             inc += t;
         }
     }
-    int excl = __shfl_up_sync(SAMPLE_FULL_MASK, inc, 1);
+    T excl = __shfl_up_sync(SAMPLE_FULL_MASK, inc, 1);
     if (lane == 0) {
-        excl = 0;
+        excl = T(0);
     }
     __syncthreads();
     if (lane == 31) {
         sh[warp] = inc;
     }
     __syncthreads();
-    int w = lane < nwarps ? sh[lane] : 0;
+    T w = lane < nwarps ? sh[lane] : T(0);
     for (int o = 1; o < 32; o <<= 1) {
-        const int t = __shfl_up_sync(SAMPLE_FULL_MASK, w, o);
+        const T t = __shfl_up_sync(SAMPLE_FULL_MASK, w, o);
         if (lane >= o) {
             w += t;
         }
     }
-    int before = __shfl_sync(SAMPLE_FULL_MASK, w, (warp + 31) & 31);
+    const T before = __shfl_sync(SAMPLE_FULL_MASK, w, (warp + 31) & 31);
     *total = __shfl_sync(SAMPLE_FULL_MASK, w, nwarps - 1);
-    return (warp == 0 ? 0 : before) + excl;
-}
-
-// Float version of the exclusive scan (fixed tree: deterministic).
-__device__ __forceinline__ float sample_block_excl_scan(float v, float* sh, float* total) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-    float inc = v;
-    for (int o = 1; o < 32; o <<= 1) {
-        const float t = __shfl_up_sync(SAMPLE_FULL_MASK, inc, o);
-        if (lane >= o) {
-            inc += t;
-        }
-    }
-    float excl = __shfl_up_sync(SAMPLE_FULL_MASK, inc, 1);
-    if (lane == 0) {
-        excl = 0.0f;
-    }
-    __syncthreads();
-    if (lane == 31) {
-        sh[warp] = inc;
-    }
-    __syncthreads();
-    float w = lane < nwarps ? sh[lane] : 0.0f;
-    for (int o = 1; o < 32; o <<= 1) {
-        const float t = __shfl_up_sync(SAMPLE_FULL_MASK, w, o);
-        if (lane >= o) {
-            w += t;
-        }
-    }
-    const float before = __shfl_sync(SAMPLE_FULL_MASK, w, (warp + 31) & 31);
-    *total = __shfl_sync(SAMPLE_FULL_MASK, w, nwarps - 1);
-    return (warp == 0 ? 0.0f : before) + excl;
+    return (warp == 0 ? T(0) : before) + excl;
 }
 
 // The unnormalised probability of logit v: exp((v - m) / T) in [0, 1].
@@ -270,7 +240,7 @@ extern "C" __global__ void sample_f32(
     }
     g = sample_block_sum(g, sh_f);
     int n_ties = 0;
-    const int tie_rank0 = sample_block_excl_scan_int(ties, sh_i, &n_ties);
+    const int tie_rank0 = sample_block_excl_scan(ties, sh_i, &n_ties);
     int r = n_ties;
     if (!keep_all && W > 0.0f) {
         const float need = ceilf((target - g) / W);
