@@ -79,14 +79,12 @@ extern "C" __global__ void softcap_f32(
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) x[i] = tanhf(x[i] / cap) * cap;
 }
 
-extern "C" __global__ void gather_rows_f32_bf16(
-    const float* src,      // [R, d]
-    const int* rows,       // [n]
-    __nv_bfloat16* out,    // [n, d]
-    int n,
-    int d,
-    int R
-) {
+static __device__ __forceinline__ __nv_bfloat16 gather_to_bf16(float v) { return __float2bfloat16(v); }
+static __device__ __forceinline__ __nv_bfloat16 gather_to_bf16(__nv_bfloat16 v) { return v; }
+
+// out[k, :] = bf16(src[rows[k], :]); a row index outside 0..R gives a NaN row.
+template <typename T>
+static __device__ __forceinline__ void gather_rows(const T* src, const int* rows, __nv_bfloat16* out, int n, int d, int R) {
     const int k = blockIdx.x;
     if (k >= n) return;
     const int r = rows[k];
@@ -95,8 +93,19 @@ extern "C" __global__ void gather_rows_f32_bf16(
         for (int i = threadIdx.x; i < d; i += blockDim.x) o[i] = __float2bfloat16(__int_as_float(0x7fffffff));
         return;
     }
-    const float* s = src + (long long)r * d;
-    for (int i = threadIdx.x; i < d; i += blockDim.x) o[i] = __float2bfloat16(s[i]);
+    const T* s = src + (long long)r * d;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) o[i] = gather_to_bf16(s[i]);
+}
+
+extern "C" __global__ void gather_rows_f32_bf16(
+    const float* src,      // [R, d]
+    const int* rows,       // [n]
+    __nv_bfloat16* out,    // [n, d]
+    int n,
+    int d,
+    int R
+) {
+    gather_rows(src, rows, out, n, d, R);
 }
 
 extern "C" __global__ void gather_rows_bf16(
@@ -107,14 +116,5 @@ extern "C" __global__ void gather_rows_bf16(
     int d,
     int R
 ) {
-    const int k = blockIdx.x;
-    if (k >= n) return;
-    const int r = rows[k];
-    __nv_bfloat16* o = out + (long long)k * d;
-    if (r < 0 || r >= R) {
-        for (int i = threadIdx.x; i < d; i += blockDim.x) o[i] = __float2bfloat16(__int_as_float(0x7fffffff));
-        return;
-    }
-    const __nv_bfloat16* s = src + (long long)r * d;
-    for (int i = threadIdx.x; i < d; i += blockDim.x) o[i] = s[i];
+    gather_rows(src, rows, out, n, d, R);
 }
