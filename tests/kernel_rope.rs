@@ -2,7 +2,7 @@
 //! qk_norm_f32 vs `cpu::rmsnorm` (plain weight), rope_f32 vs `cpu::rope` per sequence (several
 //! sequences with their own frequency tables and factors, positions past 100k, partial
 //! rotary dims), kv_write_bf16 vs bf16 rounding into the paged cache (bit for bit, nothing
-//! else written).
+//! else written), kv_copy_slots_bf16 vs host slot copies (bit for bit, nothing else written).
 
 mod common;
 
@@ -12,7 +12,7 @@ use half::bf16;
 use patchbay::backend::cpu;
 use patchbay::backend::device::{DeviceBuffer, Driver};
 use patchbay::backend::ops::attention::{PagedBatch, PagedSeq};
-use patchbay::backend::ops::rope::{RopeTables, kv_write, qk_norm, rope};
+use patchbay::backend::ops::rope::{RopeTables, SlotCopies, kv_copy_slots, kv_write, qk_norm, rope};
 use patchbay::model::config::NormWeight;
 
 use common::{KERNEL_F32_ATOL, KERNEL_F32_RTOL, assert_close};
@@ -183,6 +183,37 @@ fn kv_write_rounds_into_the_right_slots() {
     }
 }
 
+#[test]
+fn kv_copy_slots_copies_exactly_the_listed_slots() {
+    let seed = test_seed();
+    let mut rng = Rng::new(seed ^ 0xc0b);
+    for &(kvw, n_slots, n_copies) in &[(8usize, 4usize, 1usize), (72, 64, 23), (130, 200, 97)] {
+        // Distinct destinations, sources drawn from the other slots.
+        let mut slots: Vec<usize> = (0..n_slots).collect();
+        rng.shuffle(&mut slots);
+        let (dsts, srcs) = slots.split_at(n_copies);
+        let pairs: Vec<(usize, usize)> = dsts.iter().map(|&d| (srcs[(rng.next_u64() % srcs.len() as u64) as usize], d)).collect();
+        let k: Vec<bf16> = (0..n_slots * kvw).map(|_| bf16::from_f32(rng.uniform(-3.0, 3.0))).collect();
+        let v: Vec<bf16> = (0..n_slots * kvw).map(|_| bf16::from_f32(rng.uniform(-3.0, 3.0))).collect();
+        let (mut k_want, mut v_want) = (k.clone(), v.clone());
+        for &(s, d) in &pairs {
+            k_want.copy_within(s * kvw..(s + 1) * kvw, d * kvw);
+            v_want.copy_within(s * kvw..(s + 1) * kvw, d * kvw);
+        }
+        for (order, drv) in test_drivers() {
+            let name = format!("kv_copy_slots kv_width {kvw} slots {n_slots} copies {n_copies} [{order}, seed {seed}]");
+            let copies = SlotCopies::new(&drv, &pairs, n_slots).unwrap();
+            let (mut kc, mut vc) = (upload(&drv, &k), upload(&drv, &v));
+            kv_copy_slots(drv.as_ref(), &mut kc, &mut vc, &copies, kvw).unwrap();
+            for (what, got, want) in [("k", kc.download().unwrap(), &k_want), ("v", vc.download().unwrap(), &v_want)] {
+                if let Some(i) = got.iter().zip(want.iter()).position(|(g, w)| g.to_bits() != w.to_bits()) {
+                    panic!("{name}: {what} cache element {i} (slot {}): got {:#06x}, want {:#06x}", i / kvw, got[i].to_bits(), want[i].to_bits());
+                }
+            }
+        }
+    }
+}
+
 /// The checked entry points refuse inconsistent inputs with an error.
 #[test]
 fn bad_inputs_are_errors() {
@@ -208,4 +239,11 @@ fn bad_inputs_are_errors() {
     let mut short = DeviceBuffer::<bf16>::filled(&drv, 4 * 8 - 1, 0).unwrap();
     assert!(msg(kv_write(drv.as_ref(), &k, &k, &mut kc, &mut short, &batch, 8)).contains("v_cache"));
     assert!(msg(kv_write(drv.as_ref(), &k, &k, &mut kc, &mut short, &batch, 7)).contains("expected [3, 7]"));
+
+    let err = |pairs: &[(usize, usize)]| SlotCopies::new(&drv, pairs, 4).err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(err(&[(0, 4)]).contains("outside the cache of 4 slots"));
+    assert!(err(&[(0, 2), (1, 2)]).contains("slot 2 is written twice"));
+    assert!(err(&[(0, 1), (1, 2)]).contains("slot 1 is both copied from and written"));
+    let copies = SlotCopies::new(&drv, &[(0, 3)], 4).unwrap();
+    assert!(msg(kv_copy_slots(drv.as_ref(), &mut kc, &mut short, &copies, 8)).contains("v_cache"));
 }

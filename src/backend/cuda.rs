@@ -230,6 +230,15 @@ impl Driver for CudaDriver {
         unsafe { driver::result::memset_d8_async(dst.0, byte, bytes, self.stream.cu_stream()) }.map_err(|e| dev_err("memset", e))
     }
 
+    fn dtod(&self, dst: DevPtr, src: DevPtr, bytes: usize) -> Result<()> {
+        if bytes == 0 {
+            return Ok(());
+        }
+        self.bind()?;
+        // SAFETY: stream-ordered copy between device allocations the caller owns.
+        unsafe { driver::result::memcpy_dtod_async(dst.0, src.0, bytes, self.stream.cu_stream()) }.map_err(|e| dev_err("device copy", e))
+    }
+
     unsafe fn launch(&self, name: &str, cfg: LaunchConfig, args: &mut [*mut c_void]) -> Result<()> {
         let Some((&key, f)) = self.functions.get_key_value(name) else {
             return Err(Error::device(format!("`{name}` is not a compiled kernel entry point (kernels/*.cu)")));

@@ -177,6 +177,17 @@ impl Driver for EmuDriver {
         Ok(())
     }
 
+    fn dtod(&self, dst: DevPtr, src: DevPtr, bytes: usize) -> Result<()> {
+        self.check_range(src, bytes, "device copy source")?;
+        self.check_range(dst, bytes, "device copy destination")?;
+        if src.0.max(dst.0) < src.0.min(dst.0) + bytes as u64 {
+            return Err(Error::device(format!("emu: device copy of {bytes} bytes between overlapping ranges {:#x} and {:#x}", src.0, dst.0)));
+        }
+        // SAFETY: both ranges lie in live allocations and do not overlap (checked above).
+        unsafe { std::ptr::copy_nonoverlapping(src.0 as *const u8, dst.0 as *mut u8, bytes) };
+        Ok(())
+    }
+
     unsafe fn launch(&self, name: &str, cfg: LaunchConfig, args: &mut [*mut c_void]) -> Result<()> {
         // SAFETY: forwarded to the caller's contract (arguments match the kernel's parameters).
         unsafe { ffi::launch(name, cfg, args, self.order) }

@@ -8,7 +8,7 @@
 //! that produces the site where one exists (norms, activation) and by the standalone site
 //! kernel otherwise; all captures of a call land in one device arena downloaded at the end.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use half::bf16;
 
@@ -18,9 +18,9 @@ use crate::backend::ops::attention::{AttnParams, PagedBatch, PagedSeq, PatternOu
 use crate::backend::ops::elementwise::{bias_add, gather_rows_bf16, gather_rows_f32_bf16, head_mask, softcap, sum_heads, to_bf16};
 use crate::backend::ops::embed::embed_tokens;
 use crate::backend::ops::norm::{AddNorm, add_norm};
-use crate::backend::ops::rope::{RopeTables, kv_write, qk_norm, rope};
+use crate::backend::ops::rope::{RopeTables, SlotCopies, kv_copy_slots, kv_write, qk_norm, rope};
 use crate::backend::ops::site_ops::{DeviceSitePlan, SitePlanBuilder, site_ops};
-use crate::engine::Engine;
+use crate::engine::{CleanRun, Engine, Segment};
 use crate::engine::forward::{RunOutput, RunRequest};
 use crate::intervene::{Hooks, RowMap};
 use crate::model::Model;
@@ -56,9 +56,106 @@ struct DeviceLayer {
     mlp_post_norm: Option<DeviceBuffer<f32>>,
 }
 
+/// The device's paged KV cache (DESIGN.md section 1): per layer one buffer of keys and one of
+/// values, `n_blocks * BLOCK_SIZE` slots each, and the free blocks. A call takes blocks for its
+/// new rows and gives them back at its end; a kept clean run holds its blocks until dropped,
+/// and resumed segments read its full prefix blocks in place.
+struct KvPool {
+    k: Vec<DeviceBuffer<bf16>>, // per layer [n_blocks * BLOCK_SIZE, kv_width]
+    v: Vec<DeviceBuffer<bf16>>, // per layer [n_blocks * BLOCK_SIZE, kv_width]
+    n_blocks: usize,
+    free: Vec<u32>,
+    kv_width: usize,
+}
+
+impl KvPool {
+    fn new(driver: &Arc<dyn Driver>, n_layers: usize, kv_width: usize) -> Result<KvPool> {
+        let empty = || DeviceBuffer::alloc(driver, 0);
+        Ok(KvPool { k: (0..n_layers).map(|_| empty()).collect::<Result<_>>()?, v: (0..n_layers).map(|_| empty()).collect::<Result<_>>()?, n_blocks: 0, free: Vec::new(), kv_width })
+    }
+
+    /// `n` free blocks, growing the pool (at least doubling, contents kept) when short.
+    fn take(&mut self, driver: &Arc<dyn Driver>, n: usize) -> Result<Vec<u32>> {
+        if self.free.len() < n {
+            let n_blocks = (2 * self.n_blocks).max(self.n_blocks + n - self.free.len());
+            to_u32(n_blocks * BLOCK_SIZE, "KV pool slots")?;
+            for buf in self.k.iter_mut().chain(self.v.iter_mut()) {
+                // New blocks hold NaN (0xFFFF) until written: a read of a slot nobody wrote
+                // shows in the results instead of passing silently.
+                let grown = DeviceBuffer::<bf16>::filled(driver, n_blocks * BLOCK_SIZE * self.kv_width, 0xFF)?;
+                driver.dtod(grown.ptr(), buf.ptr(), self.n_blocks * BLOCK_SIZE * self.kv_width * 2)?;
+                *buf = grown;
+            }
+            self.free.extend((self.n_blocks as u32..n_blocks as u32).rev());
+            self.n_blocks = n_blocks;
+        }
+        Ok(self.free.split_off(self.free.len() - n))
+    }
+
+    fn give_back(&mut self, blocks: &[u32]) {
+        self.free.extend_from_slice(blocks);
+    }
+}
+
+fn to_u32(v: usize, what: &str) -> Result<u32> {
+    u32::try_from(v).map_err(|_| Error::input(format!("{what} = {v} does not fit 32-bit indices")))
+}
+
+/// A device clean run: its KV blocks in the pool and its resid_pre rows.
+struct DeviceClean {
+    pool: Arc<Mutex<KvPool>>,
+    /// Blocks of positions 0..len.
+    blocks: Vec<u32>,
+    /// resid_pre of the run's whole call: [n_layers, call_rows, d_model], shared by its prompts.
+    resid: Arc<DeviceBuffer<f32>>,
+    call_rows: usize,
+    /// This prompt's first row in the call.
+    row0: usize,
+}
+
+impl Drop for DeviceClean {
+    fn drop(&mut self) {
+        lock(&self.pool).give_back(&self.blocks);
+    }
+}
+
+fn lock(pool: &Mutex<KvPool>) -> MutexGuard<'_, KvPool> {
+    pool.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// What one sequence of a device forward call feeds.
+enum CallInput<'a> {
+    /// New tokens (the call starts at layer 0).
+    Tokens(&'a [u32]),
+    /// The residual entering the start layer for the new rows, `[n_new, d_model]` f32 here.
+    Resid(DevPtr),
+}
+
+/// One sequence of a device forward call.
+struct CallSeq<'a> {
+    input: CallInput<'a>,
+    /// Positions already in the cache; the new rows are pos0..pos0 + n_new.
+    pos0: usize,
+    n_new: usize,
+    /// Pool blocks of positions 0..pos0 + n_new (a clean prefix's blocks, then the call's own).
+    blocks: Vec<u32>,
+}
+
+/// A device forward call.
+struct Call<'a> {
+    start_layer: usize,
+    seqs: Vec<CallSeq<'a>>,
+    /// Slot copies (source, destination) applied to every layer's cache from the start layer
+    /// on before it is read: resumed segments' partial prefix blocks.
+    copies: Vec<(usize, usize)>,
+    /// Keep resid_pre of every layer (start layer on): [n_layers, T, d_model].
+    keep_resid: bool,
+}
+
 /// A model's weights on a device.
 pub struct DeviceModel {
     driver: Arc<dyn Driver>,
+    pool: Arc<Mutex<KvPool>>,
     pub cfg: ModelConfig,
     embed: DeviceBuffer<bf16>, // [vocab, d_model]
     /// [vocab, d_model]; None when tied to the embedding.
@@ -128,6 +225,7 @@ impl DeviceModel {
             lm_head: if model.cfg.tie_embeddings { None } else { Some(upload_weight(&driver, &w.lm_head)?) },
             final_norm: DeviceBuffer::from_slice(&driver, &w.final_norm)?,
             layers,
+            pool: Arc::new(Mutex::new(KvPool::new(&driver, model.cfg.n_layers, model.cfg.kv_width())?)),
             cfg: model.cfg.clone(),
             driver,
         })
@@ -146,32 +244,43 @@ impl DeviceModel {
         Ok(())
     }
 
-    /// One forward over whole prompts (fresh caches), applying `hooks`.
-    fn forward(&self, prompts: &[Vec<u32>], rows: &RowMap, hooks: &mut Hooks, logits_at: Option<&Positions>, logit_tokens: Option<&[u32]>) -> Result<(Vec<f32>, Vec<(usize, usize)>)> {
+    /// One forward call over `call.seqs` from `call.start_layer` on, with its KV blocks in
+    /// `pool`, applying `hooks`. Returns the logits at `logits_at` (positions relative to each
+    /// sequence's length), their (sequence, position), and resid_pre when `call.keep_resid`.
+    #[allow(clippy::type_complexity)]
+    fn forward(&self, call: &Call, pool: &mut KvPool, rows: &RowMap, hooks: &mut Hooks, logits_at: Option<&Positions>, logit_tokens: Option<&[u32]>) -> Result<(Vec<f32>, Vec<(usize, usize)>, Option<DeviceBuffer<f32>>)> {
         let cfg = &self.cfg;
         let drv = &self.driver;
         let (d, qw, kvw, dm) = (cfg.d_model, cfg.q_width(), cfg.kv_width(), cfg.d_mlp);
         let t = rows.n_rows();
+        let start = call.start_layer;
         if t == 0 {
             return Err(Error::input("empty input: no tokens to run"));
         }
-        for (s, p) in prompts.iter().enumerate() {
-            if let Some(&bad) = p.iter().find(|&&id| id as usize >= cfg.vocab_size) {
-                return Err(Error::input(format!("prompt {s}: token id {bad} is out of range (vocab_size {})", cfg.vocab_size)));
+        if start >= cfg.n_layers {
+            return Err(Error::input(format!("start layer {start} is out of range (the model has {} layers)", cfg.n_layers)));
+        }
+        for (s, seq) in call.seqs.iter().enumerate() {
+            match seq.input {
+                CallInput::Tokens(p) => {
+                    if start != 0 {
+                        return Err(Error::input(format!("prompt {s}: tokens can only start at layer 0 (give residual rows to resume)")));
+                    }
+                    if let Some(&bad) = p.iter().find(|&&id| id as usize >= cfg.vocab_size) {
+                        return Err(Error::input(format!("prompt {s}: token id {bad} is out of range (vocab_size {})", cfg.vocab_size)));
+                    }
+                }
+                CallInput::Resid(_) => {}
             }
         }
-        // Paged KV cache of this call: fresh blocks for every prompt.
-        let mut tables: Vec<Vec<u32>> = Vec::with_capacity(prompts.len());
-        let mut n_blocks = 0u32;
-        for p in prompts {
-            let nb = p.len().div_ceil(BLOCK_SIZE) as u32;
-            tables.push((n_blocks..n_blocks + nb).collect());
-            n_blocks += nb;
+        let from_tokens = call.seqs.iter().all(|s| matches!(s.input, CallInput::Tokens(_)));
+        if !from_tokens && call.seqs.iter().any(|s| matches!(s.input, CallInput::Tokens(_))) {
+            return Err(Error::input("a device call feeds either tokens or residual rows, not both"));
         }
-        let seqs: Vec<PagedSeq> = prompts.iter().zip(&tables).map(|(p, b)| PagedSeq { pos0: 0, n_new: p.len(), blocks: b }).collect();
-        let batch = PagedBatch::new(drv, &seqs, BLOCK_SIZE, n_blocks as usize)?;
-        let n_slots = n_blocks as usize * BLOCK_SIZE;
-        let rope_tables = RopeTables::new(drv, &(0..prompts.len()).map(|s| cfg.rope_freqs(rows.total_len(s))).collect::<Vec<_>>())?;
+        let seqs: Vec<PagedSeq> = call.seqs.iter().map(|s| PagedSeq { pos0: s.pos0, n_new: s.n_new, blocks: &s.blocks }).collect();
+        let batch = PagedBatch::new(drv, &seqs, BLOCK_SIZE, pool.n_blocks)?;
+        let copies = SlotCopies::new(drv, &call.copies, pool.n_blocks * BLOCK_SIZE)?;
+        let rope_tables = RopeTables::new(drv, &(0..call.seqs.len()).map(|s| cfg.rope_freqs(rows.total_len(s))).collect::<Vec<_>>())?;
 
         // Buffers, one per meaning.
         let resid = DeviceBuffer::<f32>::alloc(drv, t * d)?; // [T, d_model] residual stream
@@ -186,8 +295,7 @@ impl DeviceModel {
         let gate = DeviceBuffer::<f32>::alloc(drv, t * dm)?; // [T, d_mlp] gate, then act(gate) * up
         let up = DeviceBuffer::<f32>::alloc(drv, t * dm)?; // [T, d_mlp]
         let post16 = DeviceBuffer::<bf16>::alloc(drv, t * dm)?; // [T, d_mlp] down_proj operand
-        let mut k_cache: Vec<DeviceBuffer<bf16>> = (0..cfg.n_layers).map(|_| DeviceBuffer::alloc(drv, n_slots * kvw)).collect::<Result<_>>()?; // per layer [slots, kv]
-        let mut v_cache: Vec<DeviceBuffer<bf16>> = (0..cfg.n_layers).map(|_| DeviceBuffer::alloc(drv, n_slots * kvw)).collect::<Result<_>>()?;
+        let kept = if call.keep_resid { Some(DeviceBuffer::<f32>::alloc(drv, cfg.n_layers * t * d)?) } else { None }; // [n_layers, T, d_model]
 
         // Every capture of the call lands in one arena, each capture's rows at its own base.
         let mut bases = Vec::new();
@@ -235,15 +343,32 @@ impl DeviceModel {
         };
         let empty = DeviceSitePlan::empty();
 
-        // x = embed_tokens(ids) (* sqrt(d_model)); ResidPre(0); a = attn_norm(x); AttnIn(0).
-        let tokens: Vec<u32> = prompts.iter().flatten().copied().collect();
-        let ids = DeviceBuffer::<i32>::alloc(drv, t)?;
-        embed_tokens(&**drv, &resid, &self.embed, cfg.vocab_size, d, &tokens, &ids, cfg.embed_scale.unwrap_or(1.0))?;
-        norm([&plan(Site::new(0, SiteKind::ResidPre))?, &empty], None, self.layers[0].attn_norm.as_ref(), &plan(Site::new(0, SiteKind::AttnIn))?)?;
+        // x = embed_tokens(ids) (* sqrt(d_model)) or the given residual rows; ResidPre(start);
+        // a = attn_norm(x); AttnIn(start).
+        if from_tokens {
+            let tokens: Vec<u32> = call.seqs.iter().flat_map(|s| match s.input {
+                CallInput::Tokens(p) => p,
+                CallInput::Resid(_) => &[],
+            }).copied().collect();
+            let ids = DeviceBuffer::<i32>::alloc(drv, t)?;
+            embed_tokens(&**drv, &resid, &self.embed, cfg.vocab_size, d, &tokens, &ids, cfg.embed_scale.unwrap_or(1.0))?;
+        } else {
+            for (s, seq) in call.seqs.iter().enumerate() {
+                if let CallInput::Resid(src) = seq.input {
+                    drv.dtod(resid.ptr().offset(rows.row_start[s] * d * 4), src, seq.n_new * d * 4)?;
+                }
+            }
+        }
+        norm([&plan(Site::new(start, SiteKind::ResidPre))?, &empty], None, self.layers[start].attn_norm.as_ref(), &plan(Site::new(start, SiteKind::AttnIn))?)?;
 
         let mut patterns: Vec<(usize, Vec<f32>, Vec<(usize, usize, usize)>)> = Vec::new(); // (layer, [n_pat, n_keys], (capture, out_row, head))
-        for (l, lw) in self.layers.iter().enumerate() {
+        for (l, lw) in self.layers.iter().enumerate().skip(start) {
             let site = |kind| Site::new(l, kind);
+            if let Some(kept) = &kept {
+                drv.dtod(kept.ptr().offset(l * t * d * 4), resid.ptr(), t * d * 4)?;
+            }
+            let (k_cache, v_cache) = (&mut pool.k[l], &mut pool.v[l]);
+            kv_copy_slots(&**drv, k_cache, v_cache, &copies, kvw)?;
             // ---- attention ----
             self.linear(&a16, t, &lw.q, &q)?;
             self.linear(&a16, t, &lw.k, &k)?;
@@ -259,7 +384,7 @@ impl DeviceModel {
             rope(&**drv, &mut k, &batch, &rope_tables, cfg.n_kv_heads, cfg.d_head)?;
             site_ops(&**drv, &q, t, qw, &plan(site(SiteKind::RotQ))?, Some(&arena))?;
             site_ops(&**drv, &k, t, kvw, &plan(site(SiteKind::RotK))?, Some(&arena))?;
-            kv_write(&**drv, &k, &v, &mut k_cache[l], &mut v_cache[l], &batch, kvw)?;
+            kv_write(&**drv, &k, &v, k_cache, v_cache, &batch, kvw)?;
             // Pattern captures: every head of each captured row.
             let pat_rows: Vec<(usize, usize, usize)> = hooks
                 .row_captures(site(SiteKind::Pattern), rows)
@@ -268,13 +393,13 @@ impl DeviceModel {
                 .collect();
             let params = AttnParams { n_heads: cfg.n_heads, n_kv_heads: cfg.n_kv_heads, d_head: cfg.d_head, scale: cfg.attn_scale, softcap: cfg.attn_softcap, window: cfg.layer_window[l] };
             if pat_rows.is_empty() {
-                attention(&**drv, &batch, &params, &q, &k_cache[l], &v_cache[l], &mut z, None)?;
+                attention(&**drv, &batch, &params, &q, k_cache, v_cache, &mut z, None)?;
             } else {
                 let pairs: Vec<(usize, usize)> = pat_rows.iter().map(|&(r, _, i)| (r, i % cfg.n_heads)).collect();
                 let request = PatternRequest::new(drv, &pairs)?;
                 let n_keys = hooks.n_keys();
                 let mut out = DeviceBuffer::<f32>::alloc(drv, pairs.len() * n_keys)?;
-                attention(&**drv, &batch, &params, &q, &k_cache[l], &v_cache[l], &mut z, Some(PatternOut { request: &request, out: &mut out, n_keys }))?;
+                attention(&**drv, &batch, &params, &q, k_cache, v_cache, &mut z, Some(PatternOut { request: &request, out: &mut out, n_keys }))?;
                 patterns.push((l, out.download()?, pat_rows.iter().map(|&(_, c, i)| (c, i / cfg.n_heads, i % cfg.n_heads)).collect()));
             }
             site_ops(&**drv, &z, t, qw, &plan(site(SiteKind::Z))?, Some(&arena))?;
@@ -369,7 +494,42 @@ impl DeviceModel {
             }
         }
         self.driver.synchronize()?;
-        Ok((logits, logit_rows))
+        Ok((logits, logit_rows, kept))
+    }
+
+    /// Runs `prompts` from layer 0 on fresh pool blocks; returns each prompt's blocks (the
+    /// caller keeps or gives them back), the output and, with `keep_resid`, resid_pre.
+    fn run_fresh(&self, pool: &mut KvPool, prompts: &[Vec<u32>], req: &RunRequest, keep_resid: bool) -> Result<(Vec<Vec<u32>>, RunOutput, Option<DeviceBuffer<f32>>)> {
+        let mut seqs = Vec::with_capacity(prompts.len());
+        for p in prompts {
+            let blocks = pool.take(&self.driver, p.len().div_ceil(BLOCK_SIZE));
+            let blocks = match blocks {
+                Ok(b) => b,
+                Err(e) => {
+                    seqs.iter().for_each(|s: &CallSeq| pool.give_back(&s.blocks));
+                    return Err(e);
+                }
+            };
+            seqs.push(CallSeq { input: CallInput::Tokens(p), pos0: 0, n_new: p.len(), blocks });
+        }
+        let call = Call { start_layer: 0, seqs, copies: Vec::new(), keep_resid };
+        let out = self.run_call(&call, pool, req);
+        let blocks: Vec<Vec<u32>> = call.seqs.into_iter().map(|s| s.blocks).collect();
+        match out {
+            Ok((out, kept)) => Ok((blocks, out, kept)),
+            Err(e) => {
+                blocks.iter().for_each(|b| pool.give_back(b));
+                Err(e)
+            }
+        }
+    }
+
+    /// Resolves the request's hooks against the call's rows and runs it.
+    fn run_call(&self, call: &Call, pool: &mut KvPool, req: &RunRequest) -> Result<(RunOutput, Option<DeviceBuffer<f32>>)> {
+        let rows = RowMap::new(call.seqs.iter().map(|s| s.pos0).collect(), call.seqs.iter().map(|s| s.n_new).collect());
+        let mut hooks = Hooks::new(&self.cfg, &rows, req.interventions, req.captures, req.n_keys)?;
+        let (logits, logit_rows, kept) = self.forward(call, pool, &rows, &mut hooks, req.logits_at, req.logit_tokens)?;
+        Ok((RunOutput { logits, logit_rows, captured: hooks.into_captured() }, kept))
     }
 }
 
@@ -381,9 +541,71 @@ impl Engine for DeviceModel {
         self.driver.name()
     }
     fn run_prompts(&self, prompts: &[Vec<u32>], req: &RunRequest) -> Result<RunOutput> {
-        let rows = RowMap::new(vec![0; prompts.len()], prompts.iter().map(Vec::len).collect());
-        let mut hooks = Hooks::new(&self.cfg, &rows, req.interventions, req.captures, req.n_keys)?;
-        let (logits, logit_rows) = self.forward(prompts, &rows, &mut hooks, req.logits_at, req.logit_tokens)?;
-        Ok(RunOutput { logits, logit_rows, captured: hooks.into_captured() })
+        let mut pool = lock(&self.pool);
+        let (blocks, out, _) = self.run_fresh(&mut pool, prompts, req, false)?;
+        blocks.iter().for_each(|b| pool.give_back(b));
+        Ok(out)
+    }
+
+    fn run_clean(&self, prompts: &[Vec<u32>], req: &RunRequest) -> Result<(Vec<CleanRun>, RunOutput)> {
+        let mut pool = lock(&self.pool);
+        let (blocks, out, kept) = self.run_fresh(&mut pool, prompts, req, true)?;
+        drop(pool);
+        let resid = Arc::new(kept.ok_or_else(|| Error::device("the clean run kept no residual"))?);
+        let call_rows: usize = prompts.iter().map(Vec::len).sum();
+        let mut row0 = 0;
+        let runs = prompts
+            .iter()
+            .zip(blocks)
+            .map(|(p, blocks)| {
+                let run = CleanRun::new(p.len(), DeviceClean { pool: self.pool.clone(), blocks, resid: resid.clone(), call_rows, row0 });
+                row0 += p.len();
+                run
+            })
+            .collect();
+        Ok((runs, out))
+    }
+
+    fn run_segments(&self, start_layer: usize, segs: &[Segment], req: &RunRequest) -> Result<RunOutput> {
+        let d = self.cfg.d_model;
+        if start_layer >= self.cfg.n_layers {
+            return Err(Error::input(format!("start layer {start_layer} is out of range (the model has {} layers)", self.cfg.n_layers)));
+        }
+        let mut pool = lock(&self.pool);
+        let mut call = Call { start_layer, seqs: Vec::with_capacity(segs.len()), copies: Vec::new(), keep_resid: false };
+        // Own blocks of each segment: from its first partly or wholly new block on.
+        let mut own: Vec<Vec<u32>> = Vec::with_capacity(segs.len());
+        let mut build = |pool: &mut KvPool| -> Result<()> {
+            for (i, seg) in segs.iter().enumerate() {
+                let len = seg.clean.len;
+                let clean = seg.clean.state::<DeviceClean>()?;
+                if !Arc::ptr_eq(&clean.pool, &self.pool) {
+                    return Err(Error::input("a clean run can only be resumed by the engine (device) that made it"));
+                }
+                if seg.p0 > len {
+                    return Err(Error::input(format!("segment {i}: start position {} is past its prompt's {len} positions", seg.p0)));
+                }
+                let full = seg.p0 / BLOCK_SIZE;
+                let blocks = pool.take(&self.driver, len.div_ceil(BLOCK_SIZE) - full)?;
+                // Copy-on-write of the partial block: its first positions are the clean run's.
+                for j in 0..seg.p0 % BLOCK_SIZE {
+                    call.copies.push((clean.blocks[full] as usize * BLOCK_SIZE + j, blocks[0] as usize * BLOCK_SIZE + j));
+                }
+                let src = clean.resid.ptr().offset((start_layer * clean.call_rows + clean.row0 + seg.p0) * d * 4);
+                call.seqs.push(CallSeq { input: CallInput::Resid(src), pos0: seg.p0, n_new: len - seg.p0, blocks: [&clean.blocks[..full], &blocks[..]].concat() });
+                own.push(blocks);
+            }
+            Ok(())
+        };
+        let built = build(&mut pool);
+        let out = built.and_then(|()| self.run_call(&call, &mut pool, req));
+        own.iter().for_each(|b| pool.give_back(b));
+        Ok(out?.0)
+    }
+
+    fn clean_run_bytes(&self, len: usize) -> usize {
+        // bf16 keys and values (whole blocks) and f32 resid_pre per layer.
+        let n_layers = self.cfg.n_layers;
+        len.div_ceil(BLOCK_SIZE) * BLOCK_SIZE * 2 * self.cfg.kv_width() * 2 * n_layers + len * self.cfg.d_model * 4 * n_layers
     }
 }

@@ -4,13 +4,45 @@
 pub mod device_forward;
 pub mod forward;
 
+use std::any::Any;
+use std::sync::Arc;
+
 use crate::model::config::ModelConfig;
-use crate::Result;
-use forward::{KvCache, RunOutput, SeqInput};
+use crate::sites::{Positions, Site, SiteKind};
+use crate::intervene::Capture;
+use crate::{Error, Result};
+use forward::{KvCache, RunOutput, SeqInput, SeqRows};
 pub use forward::RunRequest;
 
-/// Runs whole prompts with interventions and captures: what capture, scoring and the naive
-/// patching path need from any backend.
+/// A prompt's clean run kept for resumed segments (DESIGN.md section 1): its KV cache and the
+/// residual entering every layer. Opaque: only the engine that made it can resume from it
+/// (host vectors on the CPU; pool blocks and a device buffer on a device, released on drop).
+pub struct CleanRun {
+    /// Prompt length.
+    pub len: usize,
+    state: Box<dyn Any + Send + Sync>,
+}
+
+impl CleanRun {
+    pub fn new<S: Any + Send + Sync>(len: usize, state: S) -> CleanRun {
+        CleanRun { len, state: Box::new(state) }
+    }
+    /// The engine-specific state; an error when another kind of engine made this run.
+    pub fn state<S: Any>(&self) -> Result<&S> {
+        self.state.downcast_ref().ok_or_else(|| Error::input("a clean run can only be resumed by the engine (device) that made it"))
+    }
+}
+
+/// A resumed segment: rows `p0..clean.len` of the clean run's prompt, recomputed from the call's
+/// start layer over the clean KV cache of positions `< p0`.
+#[derive(Clone, Copy)]
+pub struct Segment<'a> {
+    pub clean: &'a CleanRun,
+    pub p0: usize,
+}
+
+/// Runs prompts with interventions and captures, and resumes segments from kept clean runs:
+/// what capture, scoring and both patching methods need from any backend.
 pub trait Engine {
     fn config(&self) -> &ModelConfig;
     /// Where it runs ("cpu", "emu", "cuda:0 ...").
@@ -18,6 +50,27 @@ pub trait Engine {
     /// One forward over `prompts` (a fresh cache each) with the request's interventions,
     /// captures and logits.
     fn run_prompts(&self, prompts: &[Vec<u32>], req: &RunRequest) -> Result<RunOutput>;
+    /// As [`Engine::run_prompts`], also keeping each prompt's clean run for
+    /// [`Engine::run_segments`]. The request should carry no interventions (what is kept is
+    /// what the request computes).
+    fn run_clean(&self, prompts: &[Vec<u32>], req: &RunRequest) -> Result<(Vec<CleanRun>, RunOutput)>;
+    /// Runs `segs` from block `start_layer` on (every segment's clean run must come from this
+    /// engine) with the request's interventions (positions absolute in each prompt), captures
+    /// and logits (positions relative to each prompt's length).
+    fn run_segments(&self, start_layer: usize, segs: &[Segment], req: &RunRequest) -> Result<RunOutput>;
+    /// Bytes a kept clean run of `len` positions holds (for memory budgets).
+    fn clean_run_bytes(&self, len: usize) -> usize;
+}
+
+/// The resid_pre captures of every layer at every position: what a clean run keeps.
+fn resid_pre_captures(cfg: &ModelConfig) -> Vec<Capture> {
+    (0..cfg.n_layers).map(|l| Capture { site: Site::new(l, SiteKind::ResidPre), positions: Positions::All }).collect()
+}
+
+/// The CPU reference's clean run: the cache and resid_pre per layer (`[len, d_model]` each).
+struct CpuClean {
+    cache: Arc<KvCache>,
+    resid: Vec<Vec<f32>>,
 }
 
 impl Engine for crate::model::Model {
@@ -32,6 +85,45 @@ impl Engine for crate::model::Model {
         let mut seqs: Vec<SeqInput> = prompts.iter().zip(caches.iter_mut()).map(|(p, c)| SeqInput::tokens(p, c)).collect();
         self.run_from(0, &mut seqs, req)
     }
+    fn run_clean(&self, prompts: &[Vec<u32>], req: &RunRequest) -> Result<(Vec<CleanRun>, RunOutput)> {
+        let n_user = req.captures.len();
+        let captures: Vec<Capture> = req.captures.iter().cloned().chain(resid_pre_captures(&self.cfg)).collect();
+        let mut caches: Vec<KvCache> = prompts.iter().map(|_| KvCache::new(self.cfg.n_layers)).collect();
+        let mut seqs: Vec<SeqInput> = prompts.iter().zip(caches.iter_mut()).map(|(p, c)| SeqInput::tokens(p, c)).collect();
+        let mut out = self.run_from(0, &mut seqs, &RunRequest { captures: &captures, ..*req })?;
+        // Split each layer's [sum(len), d] capture into the prompts' rows.
+        let d = self.cfg.d_model;
+        let resid_all = out.captured.split_off(n_user);
+        let mut resid: Vec<Vec<Vec<f32>>> = prompts.iter().map(|_| Vec::with_capacity(self.cfg.n_layers)).collect();
+        for layer in resid_all {
+            let mut at = 0;
+            for (s, p) in prompts.iter().enumerate() {
+                resid[s].push(layer.data[at * d..(at + p.len()) * d].to_vec());
+                at += p.len();
+            }
+        }
+        let runs = caches.into_iter().zip(resid).map(|(cache, resid)| CleanRun::new(cache.len, CpuClean { cache: Arc::new(cache), resid })).collect();
+        Ok((runs, out))
+    }
+    fn run_segments(&self, start_layer: usize, segs: &[Segment], req: &RunRequest) -> Result<RunOutput> {
+        let d = self.cfg.d_model;
+        if start_layer >= self.cfg.n_layers {
+            return Err(Error::input(format!("start layer {start_layer} is out of range (the model has {} layers)", self.cfg.n_layers)));
+        }
+        let cleans: Vec<&CpuClean> = segs.iter().map(|s| s.clean.state::<CpuClean>()).collect::<Result<_>>()?;
+        let mut caches: Vec<KvCache> = segs.iter().zip(&cleans).map(|(s, c)| KvCache::resume(&c.cache, start_layer, s.p0)).collect::<Result<_>>()?;
+        let mut seqs: Vec<SeqInput> = segs
+            .iter()
+            .zip(&cleans)
+            .zip(caches.iter_mut())
+            .map(|((s, c), cache)| SeqInput { rows: SeqRows::Resid(&c.resid[start_layer][s.p0 * d..]), cache })
+            .collect();
+        self.run_from(start_layer, &mut seqs, req)
+    }
+    fn clean_run_bytes(&self, len: usize) -> usize {
+        // f32 keys, values and resid_pre per layer.
+        len * (2 * self.cfg.kv_width() + self.cfg.d_model) * 4 * self.cfg.n_layers
+    }
 }
 
 impl<T: Engine + ?Sized> Engine for &T {
@@ -43,5 +135,14 @@ impl<T: Engine + ?Sized> Engine for &T {
     }
     fn run_prompts(&self, prompts: &[Vec<u32>], req: &RunRequest) -> Result<RunOutput> {
         (**self).run_prompts(prompts, req)
+    }
+    fn run_clean(&self, prompts: &[Vec<u32>], req: &RunRequest) -> Result<(Vec<CleanRun>, RunOutput)> {
+        (**self).run_clean(prompts, req)
+    }
+    fn run_segments(&self, start_layer: usize, segs: &[Segment], req: &RunRequest) -> Result<RunOutput> {
+        (**self).run_segments(start_layer, segs, req)
+    }
+    fn clean_run_bytes(&self, len: usize) -> usize {
+        (**self).clean_run_bytes(len)
     }
 }

@@ -10,14 +10,11 @@
 //!   KV prefix; segments with the same start layer share one batched forward.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::Arc;
-
 use indicatif::ProgressBar;
 use serde::{Deserialize, Serialize};
 
-use crate::engine::forward::{KvCache, RunRequest, SeqInput, SeqRows};
+use crate::engine::{CleanRun, Engine, RunRequest, Segment};
 use crate::intervene::{Capture, Intervention, Op};
-use crate::model::Model;
 use crate::sites::{Positions, Site, SiteKind};
 use crate::{Error, Result};
 
@@ -162,14 +159,14 @@ struct SourceClean {
 /// deterministic order: by target group, then start layer, then id for `Resumed`; by id for
 /// `Naive`).
 pub fn run_sweep(
-    model: &Model,
+    engine: &dyn Engine,
     prompts: &[Vec<u32>],
     spec: &SweepSpec,
     exps: &[Experiment],
     settings: &RunSettings,
     emit: &mut dyn FnMut(ExperimentResult) -> Result<()>,
 ) -> Result<()> {
-    let cfg = &model.cfg;
+    let cfg = engine.config();
     if spec.label_tokens.is_empty() {
         return Err(Error::input("no label tokens"));
     }
@@ -209,9 +206,8 @@ pub fn run_sweep(
     for (&src, sites) in &needed {
         let sites: Vec<Site> = sites.iter().copied().collect();
         let caps: Vec<Capture> = sites.iter().map(|&site| Capture { site, positions: positions.clone() }).collect();
-        let mut cache = KvCache::new(cfg.n_layers);
         let req = RunRequest { captures: &caps, logits_at: Some(&last), logit_tokens: Some(&spec.label_tokens), ..Default::default() };
-        let out = model.run_from(0, &mut [SeqInput::tokens(&prompts[src], &mut cache)], &req)
+        let out = engine.run_prompts(std::slice::from_ref(&prompts[src]), &req)
             .map_err(|e| Error::input(format!("source prompt {src}: {e}")))?;
         let values = sites.into_iter().zip(out.captured).map(|(s, c)| (s, c.data)).collect();
         sources.insert(src, SourceClean { values, label_logits: out.logits });
@@ -274,16 +270,14 @@ pub fn run_sweep(
             let mut clean_targets: HashMap<usize, Vec<f32>> = HashMap::new();
             for e in &todo {
                 let t = e.pair.target;
+                let target = std::slice::from_ref(&prompts[t]);
                 if !clean_targets.contains_key(&t) {
-                    let mut cache = KvCache::new(cfg.n_layers);
                     let req = RunRequest { logits_at: Some(&last), logit_tokens: Some(&spec.label_tokens), ..Default::default() };
-                    let out = model.run_from(0, &mut [SeqInput::tokens(&prompts[t], &mut cache)], &req)?;
-                    clean_targets.insert(t, out.logits);
+                    clean_targets.insert(t, engine.run_prompts(target, &req)?.logits);
                 }
                 let (ivs, abs) = interventions(e, 0)?;
-                let mut cache = KvCache::new(cfg.n_layers);
                 let req = RunRequest { interventions: &ivs, logits_at: Some(&last), logit_tokens: Some(&spec.label_tokens), ..Default::default() };
-                let out = model.run_from(0, &mut [SeqInput::tokens(&prompts[t], &mut cache)], &req)?;
+                let out = engine.run_prompts(target, &req)?;
                 emit(result(e, abs, &clean_targets[&t], out.logits))?;
                 settings.progress.inc(1);
             }
@@ -298,11 +292,10 @@ pub fn run_sweep(
             for e in exps {
                 by_target.entry(e.pair.target).or_default().push(e);
             }
-            let kv_bytes = |len: usize| len * cfg.kv_width() * 2 * 4 * cfg.n_layers + len * cfg.d_model * 4 * cfg.n_layers;
             let mut groups: Vec<Vec<usize>> = vec![Vec::new()];
             let mut used = 0;
             for &t in by_target.keys() {
-                let b = kv_bytes(prompts[t].len());
+                let b = engine.clean_run_bytes(prompts[t].len());
                 if used + b > settings.mem_budget && !groups.last().is_some_and(Vec::is_empty) {
                     groups.push(Vec::new());
                     used = 0;
@@ -314,16 +307,26 @@ pub fn run_sweep(
                 if group.iter().all(|t| by_target[t].iter().all(|e| skip.contains(&e.id))) {
                     continue;
                 }
-                // Clean pass of each target: KV cache, resid_pre at every layer, label logits.
-                let caps: Vec<Capture> = (0..cfg.n_layers).map(|l| Capture { site: Site::new(l, SiteKind::ResidPre), positions: Positions::All }).collect();
-                let mut clean: HashMap<usize, (Arc<KvCache>, Vec<Vec<f32>>, Vec<f32>)> = HashMap::new();
-                for &t in &group {
-                    let mut cache = KvCache::new(cfg.n_layers);
-                    let req = RunRequest { captures: &caps, logits_at: Some(&last), logit_tokens: Some(&spec.label_tokens), ..Default::default() };
-                    let out = model.run_from(0, &mut [SeqInput::tokens(&prompts[t], &mut cache)], &req)
-                        .map_err(|e| Error::input(format!("target prompt {t}: {e}")))?;
-                    let resid: Vec<Vec<f32>> = out.captured.into_iter().map(|c| c.data).collect();
-                    clean.insert(t, (Arc::new(cache), resid, out.logits));
+                // Clean pass of each target (KV cache, resid_pre at every layer, label logits),
+                // batched up to batch_rows rows.
+                let mut clean: HashMap<usize, (CleanRun, Vec<f32>)> = HashMap::new();
+                let req = RunRequest { logits_at: Some(&last), logit_tokens: Some(&spec.label_tokens), ..Default::default() };
+                let n_labels = spec.label_tokens.len();
+                let mut rest = &group[..];
+                while !rest.is_empty() {
+                    let mut n = 0;
+                    let mut rows = 0;
+                    while n < rest.len() && (n == 0 || rows + prompts[rest[n]].len() <= settings.batch_rows) {
+                        rows += prompts[rest[n]].len();
+                        n += 1;
+                    }
+                    let (chunk, tail) = rest.split_at(n);
+                    rest = tail;
+                    let chunk_prompts: Vec<Vec<u32>> = chunk.iter().map(|&t| prompts[t].clone()).collect();
+                    let (runs, out) = engine.run_clean(&chunk_prompts, &req).map_err(|e| Error::input(format!("clean pass of target prompts {chunk:?}: {e}")))?;
+                    for ((&t, run), logits) in chunk.iter().zip(runs).zip(out.logits.chunks(n_labels)) {
+                        clean.insert(t, (run, logits.to_vec()));
+                    }
                 }
                 // Segments of this group, by start layer then id.
                 let mut segs: Vec<(usize, &Experiment)> = group.iter().flat_map(|t| by_target[t].iter().map(|e| (e.layers[0], *e))).collect();
@@ -345,26 +348,13 @@ pub fn run_sweep(
                     if batch.iter().all(|b| skip.contains(&b.0.id)) {
                         continue;
                     }
-                    let d = cfg.d_model;
-                    let mut caches: Vec<KvCache> = batch
-                        .iter()
-                        .map(|(e, _, _, p0)| KvCache::resume(&clean[&e.pair.target].0, layer, *p0))
-                        .collect::<Result<_>>()?;
-                    let mut seqs: Vec<SeqInput> = batch
-                        .iter()
-                        .zip(caches.iter_mut())
-                        .map(|((e, _, _, p0), cache)| {
-                            let resid = &clean[&e.pair.target].1[layer];
-                            SeqInput { rows: SeqRows::Resid(&resid[p0 * d..]), cache }
-                        })
-                        .collect();
+                    let segments: Vec<Segment> = batch.iter().map(|(e, _, _, p0)| Segment { clean: &clean[&e.pair.target].0, p0: *p0 }).collect();
                     let ivs: Vec<Intervention> = batch.iter().flat_map(|b| b.1.iter().cloned()).collect();
                     let req = RunRequest { interventions: &ivs, logits_at: Some(&last), logit_tokens: Some(&spec.label_tokens), ..Default::default() };
-                    let out = model.run_from(layer, &mut seqs, &req)?;
-                    let n_labels = spec.label_tokens.len();
+                    let out = engine.run_segments(layer, &segments, &req)?;
                     for (k, (e, _, abs, _)) in batch.into_iter().enumerate().filter(|(_, b)| !skip.contains(&b.0.id)) {
                         let patched = out.logits[k * n_labels..(k + 1) * n_labels].to_vec();
-                        emit(result(e, abs, &clean[&e.pair.target].2, patched))?;
+                        emit(result(e, abs, &clean[&e.pair.target].1, patched))?;
                         settings.progress.inc(1);
                     }
                 }
@@ -444,3 +434,4 @@ pub fn summary_csv(rows: &[SummaryRow]) -> String {
     }
     s
 }
+

@@ -151,3 +151,57 @@ pub fn kv_write(
         )
     }
 }
+
+/// Slot-to-slot copies inside a paged cache (`kv_copy_slots_bf16`), validated once on the host
+/// and uploaded once, then applied to the caches of every layer: the copy-on-write of resumed
+/// segments' partial prefix blocks.
+pub struct SlotCopies {
+    n: usize,
+    n_slots: usize,
+    src: DeviceBuffer<i32>, // [n]
+    dst: DeviceBuffer<i32>, // [n]
+}
+
+impl SlotCopies {
+    /// `pairs` of (source slot, destination slot) in a cache of `n_slots` slots. Errors on a slot
+    /// out of range, a destination listed twice, or a destination that is also a source (the
+    /// copies would race).
+    pub fn new(driver: &Arc<dyn Driver>, pairs: &[(usize, usize)], n_slots: usize) -> Result<SlotCopies> {
+        rows_i32(n_slots, "kv_copy_slots: cache slots")?;
+        if let Some(&(s, d)) = pairs.iter().find(|&&(s, d)| s >= n_slots || d >= n_slots) {
+            return Err(Error::input(format!("kv_copy_slots: copy {s} -> {d} is outside the cache of {n_slots} slots")));
+        }
+        let mut dsts: Vec<usize> = pairs.iter().map(|p| p.1).collect();
+        dsts.sort_unstable();
+        if let Some(w) = dsts.windows(2).find(|w| w[0] == w[1]) {
+            return Err(Error::input(format!("kv_copy_slots: slot {} is written twice", w[0])));
+        }
+        if let Some(&(s, _)) = pairs.iter().find(|p| dsts.binary_search(&p.0).is_ok()) {
+            return Err(Error::input(format!("kv_copy_slots: slot {s} is both copied from and written")));
+        }
+        let src: Vec<i32> = pairs.iter().map(|p| p.0 as i32).collect();
+        let dst: Vec<i32> = pairs.iter().map(|p| p.1 as i32).collect();
+        Ok(SlotCopies { n: pairs.len(), n_slots, src: DeviceBuffer::from_slice(driver, &src)?, dst: DeviceBuffer::from_slice(driver, &dst)? })
+    }
+}
+
+/// Applies `copies` to one layer's caches k_cache, v_cache `[>= n_slots, kv_width]` bf16.
+pub fn kv_copy_slots(driver: &dyn Driver, k_cache: &mut DeviceBuffer<bf16>, v_cache: &mut DeviceBuffer<bf16>, copies: &SlotCopies, kv_width: usize) -> Result<()> {
+    let need = copies.n_slots.checked_mul(kv_width).ok_or_else(|| Error::input("kv_copy_slots: cache size overflows"))?;
+    for (name, c) in [("k_cache", &*k_cache), ("v_cache", &*v_cache)] {
+        if c.len() < need {
+            return Err(Error::input(format!("kv_copy_slots: {name} has {} elements, the copies address {} slots of {kv_width}", c.len(), copies.n_slots)));
+        }
+    }
+    if copies.n == 0 || kv_width == 0 {
+        return Ok(());
+    }
+    let (n_i, w_i, s_i) = (rows_i32(copies.n, "kv_copy_slots: copies")?, rows_i32(kv_width, "kv_copy_slots: kv_width")?, rows_i32(copies.n_slots, "kv_copy_slots: slots")?);
+    let cfg = LaunchConfig { grid: (copies.n as u32, 1, 1), block: (THREADS, 1, 1), shared_bytes: 0 };
+    // SAFETY: every slot is < n_slots (checked in SlotCopies::new) and the caches hold n_slots x
+    // kv_width; destinations are distinct and never sources, so no element is both read and
+    // written; k_cache and v_cache are distinct (two &mut).
+    unsafe {
+        KernelArgs::new().ptr(k_cache.ptr()).ptr(v_cache.ptr()).ptr(copies.src.ptr()).ptr(copies.dst.ptr()).i32(n_i).i32(w_i).i32(s_i).launch(driver, "kv_copy_slots_bf16", cfg)
+    }
+}
