@@ -2,7 +2,8 @@
 # On a machine with an NVIDIA GPU (driver >= 525; the pinned NVRTC 12.9 emits PTX that CUDA 12.9+
 # drivers accept): builds with every kernel compiled by NVRTC, runs the kernel tests and the whole
 # device forward against Hugging Face goldens ON THE GPU (PATCHBAY_TEST_DEVICE), then the same
-# capture through the CLI, and the patching bench.
+# capture through the CLI, resumed == naive patching on the GPU (tests/patch.rs), and the
+# patching bench.
 #   scripts/gpu-check.sh            # cuda:0
 #   scripts/gpu-check.sh cuda:1
 set -euo pipefail
@@ -13,7 +14,7 @@ export PATCHBAY_CUDA_ROOT="$PWD/.cache/cuda" PATCHBAY_REQUIRE_NVRTC=1
 export LD_LIBRARY_PATH="$PATCHBAY_CUDA_ROOT/nvidia/cuda_nvrtc/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
 tests=()
-for f in tests/kernel_*.rs tests/device_forward.rs; do tests+=(--test "$(basename "$f" .rs)"); done
+for f in tests/kernel_*.rs tests/device_forward.rs tests/patch.rs; do tests+=(--test "$(basename "$f" .rs)"); done
 PATCHBAY_TEST_DEVICE="$DEVICE" cargo test --release --locked "${tests[@]}"
 cargo build --release --locked
 for fam in llama mistral qwen2 gemma2 phi3 olmo2; do
