@@ -5,31 +5,13 @@
 
 mod common;
 
-use std::collections::HashSet;
-
 use common::kernels::test_driver;
 use common::*;
-use indicatif::ProgressBar;
 use patchbay::backend::emu::FiberOrder;
-use patchbay::engine::Engine;
 use patchbay::engine::device_forward::DeviceModel;
-use patchbay::experiments::patch::{ExperimentResult, Method, Pair, RunSettings, SweepSpec, all_centers, experiments, run_sweep};
+use patchbay::experiments::patch::{ExperimentResult, Method, Pair, SweepSpec, all_centers};
 use patchbay::model::Model;
 use patchbay::sites::SiteKind;
-
-fn sweep(engine: &dyn Engine, prompts: &[Vec<u32>], spec: &SweepSpec, pairs: &[Pair], method: Method, batch_rows: usize, mem_budget: usize) -> Vec<ExperimentResult> {
-    let exps = experiments(pairs, spec, engine.config().n_layers).unwrap();
-    let mut out = Vec::new();
-    let settings = RunSettings { method, skip: &HashSet::new(), batch_rows, mem_budget, progress: &ProgressBar::hidden() };
-    run_sweep(engine, prompts, spec, &exps, &settings, &mut |r| {
-        out.push(r);
-        Ok(())
-    })
-    .unwrap();
-    out.sort_by_key(|r| r.id);
-    assert_eq!(out.len(), exps.len());
-    out
-}
 
 fn assert_same(tag: &str, resumed: &[ExperimentResult], naive: &[ExperimentResult]) {
     assert_same_within(tag, resumed, naive, F32_ATOL, F32_RTOL);
@@ -60,9 +42,9 @@ fn resumed_equals_naive_on_every_family_and_site() {
         ] {
             for (window, positions) in [(1, vec![-1]), (5, vec![-1, -3])] {
                 let spec = SweepSpec { sites: sites.clone(), units: units.clone(), window, centers: all_centers(window, 6), positions, label_tokens: labels.clone() };
-                let naive = sweep(&model, &prompts, &spec, &pairs, Method::Naive, 0, 0);
+                let naive = run_patch_sweep(&model, &prompts, &spec, &pairs, Method::Naive, 0, 0);
                 // Small batches and a memory budget that forces several target groups.
-                let resumed = sweep(&model, &prompts, &spec, &pairs, Method::Resumed, 7, 1);
+                let resumed = run_patch_sweep(&model, &prompts, &spec, &pairs, Method::Resumed, 7, 1);
                 assert_same(&format!("{family} {sites:?} W{window}"), &resumed, &naive);
                 // Patching changes something (the test can fail).
                 assert!(naive.iter().any(|r| r.patched != r.clean_target), "{family}: no patch changed the logits");
@@ -95,14 +77,14 @@ fn resumed_equals_naive_on_the_device() {
         ] {
             let spec = SweepSpec { sites: sites.clone(), units: units.clone(), window, centers: all_centers(window, 6), positions, label_tokens: labels.clone() };
             let tag = format!("{family} ({dev_name}) {sites:?} W{window}");
-            let naive = sweep(&dev, &prompts, &spec, &pairs, Method::Naive, 0, 0);
+            let naive = run_patch_sweep(&dev, &prompts, &spec, &pairs, Method::Naive, 0, 0);
             // Small batches and target groups (blocks given back and reused), then one batch.
-            let small = sweep(&dev, &prompts, &spec, &pairs, Method::Resumed, 40, 1);
-            let whole = sweep(&dev, &prompts, &spec, &pairs, Method::Resumed, 1 << 20, usize::MAX);
+            let small = run_patch_sweep(&dev, &prompts, &spec, &pairs, Method::Resumed, 40, 1);
+            let whole = run_patch_sweep(&dev, &prompts, &spec, &pairs, Method::Resumed, 1 << 20, usize::MAX);
             // Same bf16 KV and weights on both paths; only GEMM batch shapes differ.
             assert_same_within(&format!("{tag} small batches"), &small, &naive, DEVICE_SAME_ATOL, DEVICE_SAME_RTOL);
             assert_same_within(&format!("{tag} one batch"), &whole, &naive, DEVICE_SAME_ATOL, DEVICE_SAME_RTOL);
-            let cpu = sweep(&model, &prompts, &spec, &pairs, Method::Resumed, 1 << 20, usize::MAX);
+            let cpu = run_patch_sweep(&model, &prompts, &spec, &pairs, Method::Resumed, 1 << 20, usize::MAX);
             let flat = |rs: &[ExperimentResult]| rs.iter().flat_map(|r| r.patched.iter().copied()).collect::<Vec<f32>>();
             assert_forward_close(&format!("{tag} device vs cpu"), &flat(&small), &flat(&cpu));
             assert!(naive.iter().any(|r| r.patched != r.clean_target), "{tag}: no patch changed the logits");

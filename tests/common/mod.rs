@@ -193,3 +193,28 @@ pub fn assert_forward_close(name: &str, got: &[f32], want: &[f32]) -> (f32, f32)
     );
     (rel, nmse)
 }
+
+/// Runs a patching sweep with `method` on `engine`; results sorted by experiment id (every
+/// experiment present).
+pub fn run_patch_sweep(
+    engine: &dyn patchbay::engine::Engine,
+    prompts: &[Vec<u32>],
+    spec: &patchbay::experiments::patch::SweepSpec,
+    pairs: &[patchbay::experiments::patch::Pair],
+    method: patchbay::experiments::patch::Method,
+    batch_rows: usize,
+    mem_budget: usize,
+) -> Vec<patchbay::experiments::patch::ExperimentResult> {
+    use patchbay::experiments::patch::{RunSettings, experiments, run_sweep};
+    let exps = experiments(pairs, spec, engine.config().n_layers).unwrap();
+    let mut out = Vec::new();
+    let settings = RunSettings { method, skip: &std::collections::HashSet::new(), batch_rows, mem_budget, progress: &indicatif::ProgressBar::hidden() };
+    run_sweep(engine, prompts, spec, &exps, &settings, &mut |r| {
+        out.push(r);
+        Ok(())
+    })
+    .unwrap();
+    out.sort_by_key(|r| r.id);
+    assert_eq!(out.len(), exps.len());
+    out
+}
