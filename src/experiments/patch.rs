@@ -43,7 +43,7 @@ pub struct SweepSpec {
 }
 
 /// Layers of the window of `window` layers centred on `center` (for even windows the centre
-/// is the upper middle), or None where it does not fit in `n_layers`.
+/// is the lower middle: W = 2 centred on 0 is layers 0 and 1), or None where it does not fit in `n_layers`.
 pub fn window_layers(center: usize, window: usize, n_layers: usize) -> Option<Vec<usize>> {
     let start = center.checked_sub((window - 1) / 2)?;
     let end = start + window;
@@ -191,26 +191,40 @@ pub fn run_sweep(
     let positions = Positions::List(spec.positions.clone());
     let last = Positions::List(vec![-1]);
 
-    // Phase 1: clean runs of the sources: the patched values and the label logits. The resumed
-    // method recomputes whole batches (see below), so it needs every experiment's source.
+    // Phase 1: clean runs of the sources: the patched values and the label logits. Every
+    // experiment's source, done or not, so that the batches (and so the numbers) are the same
+    // in a run continued with --resume as in an uninterrupted one.
     let mut needed: BTreeMap<usize, HashSet<Site>> = BTreeMap::new();
-    let source_exps: Vec<&Experiment> = match settings.method {
-        Method::Naive => todo.clone(),
-        Method::Resumed => exps.iter().collect(),
-    };
-    for e in &source_exps {
+    for e in exps {
         let s = needed.entry(e.pair.source).or_default();
         s.extend(e.layers.iter().map(|&l| Site::new(l, e.site)));
     }
+    // Batched up to batch_rows rows, each batch capturing the union of its sources' sites.
     let mut sources: HashMap<usize, SourceClean> = HashMap::new();
-    for (&src, sites) in &needed {
-        let sites: Vec<Site> = sites.iter().copied().collect();
+    let needed: Vec<(usize, HashSet<Site>)> = needed.into_iter().collect();
+    for chunk in chunk_by_rows(&needed, |(src, _)| prompts[*src].len(), settings.batch_rows) {
+        let sites: Vec<Site> = chunk.iter().flat_map(|(_, s)| s.iter().copied()).collect::<HashSet<_>>().into_iter().collect();
         let caps: Vec<Capture> = sites.iter().map(|&site| Capture { site, positions: positions.clone() }).collect();
         let req = RunRequest { captures: &caps, logits_at: Some(&last), logit_tokens: Some(&spec.label_tokens), ..Default::default() };
-        let out = engine.run_prompts(std::slice::from_ref(&prompts[src]), &req)
-            .map_err(|e| Error::input(format!("source prompt {src}: {e}")))?;
-        let values = sites.into_iter().zip(out.captured).map(|(s, c)| (s, c.data)).collect();
-        sources.insert(src, SourceClean { values, label_logits: out.logits });
+        let chunk_prompts: Vec<Vec<u32>> = chunk.iter().map(|(src, _)| prompts[*src].clone()).collect();
+        let ids: Vec<usize> = chunk.iter().map(|(src, _)| *src).collect();
+        let out = engine.run_prompts(&chunk_prompts, &req).map_err(|e| Error::input(format!("clean pass of source prompts {ids:?}: {e}")))?;
+        let n_labels = spec.label_tokens.len();
+        let mut row0 = 0;
+        for (k, (src, wanted)) in chunk.iter().enumerate() {
+            let n_rows = out.captured.first().map_or(0, |c| c.positions[k].len());
+            let values = sites
+                .iter()
+                .zip(&out.captured)
+                .filter(|(site, _)| wanted.contains(site))
+                .map(|(&site, c)| {
+                    let w: usize = c.token_shape.iter().product();
+                    (site, c.data[row0 * w..(row0 + n_rows) * w].to_vec())
+                })
+                .collect();
+            row0 += n_rows;
+            sources.insert(*src, SourceClean { values, label_logits: out.logits[k * n_labels..(k + 1) * n_labels].to_vec() });
+        }
     }
 
     // The interventions of one experiment on batch entry `seq`.
@@ -312,16 +326,7 @@ pub fn run_sweep(
                 let mut clean: HashMap<usize, (CleanRun, Vec<f32>)> = HashMap::new();
                 let req = RunRequest { logits_at: Some(&last), logit_tokens: Some(&spec.label_tokens), ..Default::default() };
                 let n_labels = spec.label_tokens.len();
-                let mut rest = &group[..];
-                while !rest.is_empty() {
-                    let mut n = 0;
-                    let mut rows = 0;
-                    while n < rest.len() && (n == 0 || rows + prompts[rest[n]].len() <= settings.batch_rows) {
-                        rows += prompts[rest[n]].len();
-                        n += 1;
-                    }
-                    let (chunk, tail) = rest.split_at(n);
-                    rest = tail;
+                for chunk in chunk_by_rows(&group, |&t| prompts[t].len(), settings.batch_rows) {
                     let chunk_prompts: Vec<Vec<u32>> = chunk.iter().map(|&t| prompts[t].clone()).collect();
                     let (runs, out) = engine.run_clean(&chunk_prompts, &req).map_err(|e| Error::input(format!("clean pass of target prompts {chunk:?}: {e}")))?;
                     for ((&t, run), logits) in chunk.iter().zip(runs).zip(out.logits.chunks(n_labels)) {
@@ -362,6 +367,25 @@ pub fn run_sweep(
         }
     }
     Ok(())
+}
+
+/// Consecutive chunks of `items` of at most `max_rows` rows each (`rows` of an item), at least
+/// one item per chunk.
+fn chunk_by_rows<T>(items: &[T], rows: impl Fn(&T) -> usize, max_rows: usize) -> Vec<&[T]> {
+    let mut chunks = Vec::new();
+    let mut rest = items;
+    while !rest.is_empty() {
+        let mut n = 1;
+        let mut total = rows(&rest[0]);
+        while n < rest.len() && total + rows(&rest[n]) <= max_rows {
+            total += rows(&rest[n]);
+            n += 1;
+        }
+        let (chunk, tail) = rest.split_at(n);
+        chunks.push(chunk);
+        rest = tail;
+    }
+    chunks
 }
 
 /// One row of summary.csv: a site at a window centre over all pairs.
