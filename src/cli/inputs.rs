@@ -1,14 +1,107 @@
-//! Command-line arguments shared by `score` and `probe`: the dataset and the prompt template.
+//! Command-line arguments shared by `score`, `probe` and `patch`: the model, the device, the
+//! dataset and the prompt template (`InputArgs`), and for `score` and `patch` token-id prompts
+//! and the label set (`LabelArgs`), resolved in one place (`Prompts::load`).
 
 use std::path::PathBuf;
 
 use clap::Args;
 use serde_json::json;
 
-use patchbay::Result;
+use super::progress_bar;
+use patchbay::backend::DeviceSpec;
 use patchbay::data::dataset::{self, Dataset, DatasetSpec, Encoding, Filter, Format};
+use patchbay::data::labels::{LabelSet, parse_list};
+use patchbay::data::prompts::{PromptSource, load_prompts};
 use patchbay::data::template::Template;
 use patchbay::model::tokenizer::PromptTokenizer;
+use patchbay::{Error, Result};
+
+/// The model, the device and the prompts as a dataset rendered through a template.
+#[derive(Args, Clone)]
+pub struct InputArgs {
+    /// Hugging Face model directory.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Compute device: cpu (the f32 reference), cuda, cuda:N, or emu (the CUDA emulator).
+    #[arg(long, default_value = "cpu")]
+    pub device: DeviceSpec,
+    #[command(flatten)]
+    pub data: DatasetArgs,
+    #[command(flatten)]
+    pub template: TemplateArgs,
+}
+
+/// Prompts given as token ids instead of a dataset, and the label set scored.
+#[derive(Args, Clone)]
+pub struct LabelArgs {
+    /// JSON file: a list of lists of token ids, used verbatim (instead of --dataset).
+    #[arg(long, conflicts_with = "dataset")]
+    pub token_ids: Option<PathBuf>,
+    /// Label names, comma-separated (each scored by the first token of " name") [default: the dataset's gold labels].
+    #[arg(long, conflicts_with = "label_token_ids")]
+    pub labels: Option<String>,
+    /// Label tokens given directly: NAME=ID,... or ID,...
+    #[arg(long)]
+    pub label_token_ids: Option<String>,
+}
+
+/// The prompts and the label set of a run.
+pub struct Prompts {
+    /// Token ids of every prompt: [prompt][token].
+    pub ids: Vec<Vec<u32>>,
+    /// The dataset the prompts were rendered from (None with --token-ids).
+    pub dataset: Option<Dataset>,
+    pub template: Option<Template>,
+    pub labels: LabelSet,
+}
+
+impl Prompts {
+    /// Loads the prompts (the dataset through the template, or --token-ids verbatim) and the
+    /// label set: --label-token-ids, else --labels, else the dataset's gold labels (sorted).
+    pub fn load(inputs: &InputArgs, l: &LabelArgs, quiet: bool) -> Result<Prompts> {
+        if inputs.data.dataset.is_none() && l.token_ids.is_none() {
+            return Err(Error::input("give the prompts: --dataset FILE or --token-ids FILE"));
+        }
+        let names = l.labels.as_deref().map(|l| parse_list(l, "label")).transpose()?;
+        let tok = if inputs.data.dataset.is_some() || l.label_token_ids.is_none() { Some(PromptTokenizer::load(&inputs.model)?) } else { PromptTokenizer::load(&inputs.model).ok() };
+        let no_tok = || Error::input("no tokenizer");
+        let (ids, dataset, template) = match &l.token_ids {
+            Some(path) => (load_prompts(PromptSource::TokenIds(path), &inputs.model, false)?, None, None),
+            None => {
+                let ds = inputs.data.load(names.clone())?.ok_or_else(|| Error::input("no --dataset"))?;
+                let template = inputs.template.template()?;
+                let ids = encode_dataset(&ds, &template, tok.as_ref().ok_or_else(no_tok)?, quiet)?;
+                (ids, Some(ds), Some(template))
+            }
+        };
+        let labels = match (&l.label_token_ids, &names) {
+            (Some(spec), _) => LabelSet::parse_ids(spec, tok.as_ref())?,
+            (None, Some(n)) => LabelSet::resolve(n, tok.as_ref().ok_or_else(no_tok)?)?,
+            (None, None) => {
+                let ds = dataset.as_ref().ok_or_else(|| Error::input("give the labels: --labels a,b,c or --label-token-ids"))?;
+                let values = ds.label_values();
+                if values.is_empty() {
+                    return Err(Error::input("the dataset has no label column: give --labels"));
+                }
+                LabelSet::resolve(&values, tok.as_ref().ok_or_else(no_tok)?)?
+            }
+        };
+        Ok(Prompts { ids, dataset, template, labels })
+    }
+
+    /// Each prompt's gold label as an index into the label set (None without one).
+    pub fn gold(&self) -> Result<Vec<Option<usize>>> {
+        let Some(ds) = &self.dataset else { return Ok(vec![None; self.ids.len()]) };
+        let labels = &self.labels;
+        ds.examples
+            .iter()
+            .map(|e| match &e.label {
+                None => Ok(None),
+                Some(l) => labels.index_of(l).map(Some).ok_or_else(|| Error::input(format!("{}: row {}: label `{l}` is not in the label set [{}]", ds.spec.path.display(), e.row, labels.names.join(", ")))),
+            })
+            .collect()
+    }
+}
 
 #[derive(Args, Clone)]
 pub struct DatasetArgs {
@@ -108,17 +201,19 @@ impl TemplateArgs {
     }
 }
 
-/// Renders and encodes every example's prompt.
-pub fn encode_dataset(ds: &Dataset, template: &Template, tok: &PromptTokenizer, bar: &indicatif::ProgressBar) -> Result<Vec<Vec<u32>>> {
+/// Renders and encodes every example's prompt (with a progress bar unless `quiet`).
+pub fn encode_dataset(ds: &Dataset, template: &Template, tok: &PromptTokenizer, quiet: bool) -> Result<Vec<Vec<u32>>> {
+    let bar = progress_bar(ds.examples.len() as u64, "tokenize", "prompts", quiet);
     let mut out = Vec::with_capacity(ds.examples.len());
     for e in &ds.examples {
         let ids = template.encode(tok, &e.text)?;
         if ids.is_empty() {
-            return Err(patchbay::Error::input(format!("{}: row {}: the prompt encodes to no tokens", ds.spec.path.display(), e.row)));
+            return Err(Error::input(format!("{}: row {}: the prompt encodes to no tokens", ds.spec.path.display(), e.row)));
         }
         out.push(ids);
         bar.inc(1);
     }
+    bar.finish_and_clear();
     Ok(out)
 }
 

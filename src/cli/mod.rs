@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod capture;
 pub mod inspect;
+pub mod merge;
 pub mod patch;
 pub mod inputs;
 pub mod probe;
@@ -20,6 +21,8 @@ pub enum Command {
     Capture(capture::CaptureArgs),
     /// Activation-patching sweeps resumed from clean runs (the Tak et al. protocol and general sweeps).
     Patch(patch::PatchArgs),
+    /// Combine the shards of a patching sweep (patch --shard i/n) into the whole run's outputs.
+    Merge(merge::MergeArgs),
     /// Write a random checkpoint with the exact layout of a real model (for costs and benches).
     Synth(synth::SynthArgs),
     /// Measure costs side by side (e.g. resumed vs naive patching).
@@ -36,6 +39,7 @@ impl Command {
             Command::Inspect(a) => inspect::run(a),
             Command::Capture(a) => capture::run(a),
             Command::Patch(a) => patch::run(a),
+            Command::Merge(a) => merge::run(a),
             Command::Synth(a) => synth::run(a),
             Command::Bench(a) => bench::run(a),
             Command::Score(a) => score::run(a),

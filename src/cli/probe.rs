@@ -15,9 +15,8 @@ use std::time::Instant;
 use clap::Args;
 use serde_json::json;
 
-use super::inputs::{DatasetArgs, TemplateArgs, dataset_json, encode_dataset, write_examples};
+use super::inputs::{InputArgs, dataset_json, encode_dataset, write_examples};
 use super::{load_engine, progress_bar};
-use patchbay::backend::DeviceSpec;
 use patchbay::data::labels::{LabelSet, parse_list};
 use patchbay::data::template::TokenStats;
 use patchbay::experiments::probe::{ProbeParams, ProbeTargets, probes_dir, run_probes, write_results_csv};
@@ -55,15 +54,8 @@ positions (0,3) work too.";
 #[derive(Args)]
 #[command(after_help = PROBE_HELP)]
 pub struct ProbeArgs {
-    /// Hugging Face model directory.
-    #[arg(long)]
-    model: PathBuf,
-    #[arg(long, default_value = "cpu")]
-    device: DeviceSpec,
     #[command(flatten)]
-    data: DatasetArgs,
-    #[command(flatten)]
-    template: TemplateArgs,
+    inputs: InputArgs,
     /// Label set (comma-separated) for scoring; gold labels must be among them [default: the dataset's labels].
     #[arg(long)]
     labels: Option<String>,
@@ -153,7 +145,7 @@ pub fn run(a: ProbeArgs) -> Result<()> {
             eprintln!("{s}");
         }
     };
-    if a.data.dataset.is_none() {
+    if a.inputs.data.dataset.is_none() {
         return Err(Error::input("--dataset is required"));
     }
     if a.shard_mb.is_nan() || a.shard_mb <= 0.0 {
@@ -163,25 +155,23 @@ pub fn run(a: ProbeArgs) -> Result<()> {
         return Err(Error::input("--C and --alpha must be positive"));
     }
     // ---- dataset ----
-    let model = Model::load(&a.model)?;
-    let engine = load_engine(&model, a.device)?;
+    let model = Model::load(&a.inputs.model)?;
+    let engine = load_engine(&model, a.inputs.device)?;
     let cfg = &model.cfg;
     let sites = Site::parse_spec(&a.sites, cfg)?;
     let positions = match Positions::parse(&a.positions)? {
         Positions::List(l) => l,
         Positions::All => return Err(Error::input("--positions all: probes need fixed positions (e.g. -1..-5)")),
     };
-    let tok = PromptTokenizer::load(&a.model)?;
+    let tok = PromptTokenizer::load(&a.inputs.model)?;
     let names = a.labels.as_deref().map(|l| parse_list(l, "label")).transpose()?;
-    let ds = a.data.load(names.clone())?.ok_or_else(|| Error::input("--dataset is required"))?;
-    let template = a.template.template()?;
+    let ds = a.inputs.data.load(names.clone())?.ok_or_else(|| Error::input("--dataset is required"))?;
+    let template = a.inputs.template.template()?;
     say(format!("dataset: {} examples from {} ({} rows read)", ds.examples.len(), ds.spec.path.display(), ds.rows_read));
     lap("dataset", &mut timings);
 
     // ---- tokenize ----
-    let bar = progress_bar(ds.examples.len() as u64, "tokenize", "prompts", a.quiet);
-    let prompts = encode_dataset(&ds, &template, &tok, &bar)?;
-    bar.finish_and_clear();
+    let prompts = encode_dataset(&ds, &template, &tok, a.quiet)?;
     let stats = TokenStats::of(&prompts);
     say(format!("tokens: {}", stats.describe()));
     let need = positions.iter().map(|&p| if p < 0 { (-p) as usize } else { p as usize + 1 }).max().unwrap_or(1);

@@ -6,14 +6,11 @@ use std::time::Instant;
 use clap::Args;
 use serde_json::json;
 
-use super::inputs::{DatasetArgs, TemplateArgs, dataset_json, encode_dataset, write_examples};
+use super::inputs::{InputArgs, LabelArgs, Prompts, dataset_json, write_examples};
 use super::{load_engine, progress_bar};
-use patchbay::backend::DeviceSpec;
-use patchbay::data::labels::{LabelSet, parse_list};
 use patchbay::data::template::TokenStats;
 use patchbay::experiments::score::{Scores, label_logits};
 use patchbay::model::Model;
-use patchbay::model::tokenizer::PromptTokenizer;
 use patchbay::{Error, Result};
 
 const SCORE_HELP: &str = "Examples:
@@ -33,24 +30,10 @@ label tokens), confusion.csv (gold down, predicted across), manifest.json.";
 #[derive(Args)]
 #[command(after_help = SCORE_HELP)]
 pub struct ScoreArgs {
-    /// Hugging Face model directory.
-    #[arg(long)]
-    model: PathBuf,
-    #[arg(long, default_value = "cpu")]
-    device: DeviceSpec,
     #[command(flatten)]
-    data: DatasetArgs,
+    inputs: InputArgs,
     #[command(flatten)]
-    template: TemplateArgs,
-    /// JSON file: a list of lists of token ids, used verbatim (instead of --dataset).
-    #[arg(long, conflicts_with = "dataset")]
-    token_ids: Option<PathBuf>,
-    /// Label names, comma-separated (each scored by the first token of " name").
-    #[arg(long, conflicts_with = "label_token_ids")]
-    labels: Option<String>,
-    /// Label tokens given directly: NAME=ID,... or ID,...
-    #[arg(long)]
-    label_token_ids: Option<String>,
+    labels: LabelArgs,
     /// Prompts per forward pass.
     #[arg(long, default_value_t = 8)]
     batch_size: usize,
@@ -67,51 +50,14 @@ pub struct ScoreArgs {
 
 pub fn run(a: ScoreArgs) -> Result<()> {
     let t0 = Instant::now();
-    if a.data.dataset.is_none() && a.token_ids.is_none() {
-        return Err(Error::input("give the prompts: --dataset FILE or --token-ids FILE"));
-    }
-    if a.keep_correct.is_some() && a.data.dataset.is_none() {
+    let p = Prompts::load(&a.inputs, &a.labels, a.quiet)?;
+    if a.keep_correct.is_some() && p.dataset.is_none() {
         return Err(Error::input("--keep-correct needs --dataset (gold labels)"));
     }
-    let model = Model::load(&a.model)?;
-    let engine = load_engine(&model, a.device)?;
-    let names = a.labels.as_deref().map(|l| parse_list(l, "label")).transpose()?;
-    let tok = if a.data.dataset.is_some() || a.label_token_ids.is_none() { Some(PromptTokenizer::load(&a.model)?) } else { PromptTokenizer::load(&a.model).ok() };
-    let (prompts, ds, template) = match &a.token_ids {
-        Some(path) => (patchbay::data::prompts::load_prompts(patchbay::data::prompts::PromptSource::TokenIds(path), &a.model, false)?, None, None),
-        None => {
-            let ds = a.data.load(names.clone())?.ok_or_else(|| Error::input("no --dataset"))?;
-            let template = a.template.template()?;
-            let bar = progress_bar(ds.examples.len() as u64, "tokenize", "prompts", a.quiet);
-            let tok = tok.as_ref().ok_or_else(|| Error::input("no tokenizer"))?;
-            let prompts = encode_dataset(&ds, &template, tok, &bar)?;
-            bar.finish_and_clear();
-            (prompts, Some(ds), Some(template))
-        }
-    };
-    let labels = match (&a.label_token_ids, &names) {
-        (Some(spec), _) => LabelSet::parse_ids(spec, tok.as_ref())?,
-        (None, Some(n)) => LabelSet::resolve(n, tok.as_ref().ok_or_else(|| Error::input("no tokenizer"))?)?,
-        (None, None) => {
-            let ds = ds.as_ref().ok_or_else(|| Error::input("give the labels: --labels a,b,c or --label-token-ids"))?;
-            let values = ds.label_values();
-            if values.is_empty() {
-                return Err(Error::input("the dataset has no label column: give --labels"));
-            }
-            LabelSet::resolve(&values, tok.as_ref().ok_or_else(|| Error::input("no tokenizer"))?)?
-        }
-    };
-    let gold: Vec<Option<usize>> = match &ds {
-        Some(ds) => ds
-            .examples
-            .iter()
-            .map(|e| match &e.label {
-                None => Ok(None),
-                Some(l) => labels.index_of(l).map(Some).ok_or_else(|| Error::input(format!("{}: row {}: label `{l}` is not in the label set [{}]", ds.spec.path.display(), e.row, labels.names.join(", ")))),
-            })
-            .collect::<Result<_>>()?,
-        None => vec![None; prompts.len()],
-    };
+    let gold = p.gold()?;
+    let model = Model::load(&a.inputs.model)?;
+    let engine = load_engine(&model, a.inputs.device)?;
+    let Prompts { ids: prompts, dataset: ds, template, labels } = p;
     let stats = TokenStats::of(&prompts);
     if !a.quiet {
         eprintln!("{}", stats.describe());
@@ -137,7 +83,7 @@ pub fn run(a: ScoreArgs) -> Result<()> {
         "model": {"path": model.dir.display().to_string(), "config_sha256": model.config_hash, "family": model.cfg.family.name()},
         "device": engine.device_name(),
         "dataset": ds.as_ref().map(dataset_json),
-        "token_ids": a.token_ids.as_ref().map(|p| p.display().to_string()),
+        "token_ids": a.labels.token_ids.as_ref().map(|p| p.display().to_string()),
         "template": template,
         "token_stats": stats,
         "labels": labels,

@@ -9,11 +9,13 @@
 //!   starts at the window's first layer and the first patched position, over the target's clean
 //!   KV prefix; segments with the same start layer share one batched forward.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use indicatif::ProgressBar;
 use serde::{Deserialize, Serialize};
 
+use crate::backend::ops::metrics::label_metrics_row;
 use crate::engine::{CleanRun, Engine, RunRequest, Segment};
+use crate::learn::logreg::argmax;
 use crate::intervene::{Capture, Intervention, Op};
 use crate::sites::{Positions, Site, SiteKind};
 use crate::{Error, Result};
@@ -131,23 +133,6 @@ pub struct RunSettings<'a> {
     pub progress: &'a ProgressBar,
 }
 
-/// Index of the largest value (the first on ties).
-pub fn argmax(v: &[f32]) -> usize {
-    let mut best = 0;
-    for (i, &x) in v.iter().enumerate() {
-        if x > v[best] {
-            best = i;
-        }
-    }
-    best
-}
-
-fn softmax_at(v: &[f32], i: usize) -> f32 {
-    let m = v.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-    let sum: f32 = v.iter().map(|x| (x - m).exp()).sum();
-    (v[i] - m).exp() / sum
-}
-
 /// Clean values a sweep needs from one prompt used as a source.
 struct SourceClean {
     /// Patched sites -> [n_positions, width] at the patch positions.
@@ -190,48 +175,47 @@ pub fn run_sweep(
     }
     let positions = Positions::List(spec.positions.clone());
     let last = Positions::List(vec![-1]);
+    let n_labels = spec.label_tokens.len();
 
-    // Phase 1: clean runs of the sources: the patched values and the label logits. Every
-    // experiment's source, done or not, so that the batches (and so the numbers) are the same
-    // in a run continued with --resume as in an uninterrupted one.
-    let mut needed: BTreeMap<usize, HashSet<Site>> = BTreeMap::new();
-    for e in exps {
-        let s = needed.entry(e.pair.source).or_default();
-        s.extend(e.layers.iter().map(|&l| Site::new(l, e.site)));
-    }
-    // Batched up to batch_rows rows, each batch capturing the union of its sources' sites.
-    let mut sources: HashMap<usize, SourceClean> = HashMap::new();
-    let needed: Vec<(usize, HashSet<Site>)> = needed.into_iter().collect();
-    for chunk in chunk_by_rows(&needed, |(src, _)| prompts[*src].len(), settings.batch_rows) {
-        let sites: Vec<Site> = chunk.iter().flat_map(|(_, s)| s.iter().copied()).collect::<HashSet<_>>().into_iter().collect();
-        let caps: Vec<Capture> = sites.iter().map(|&site| Capture { site, positions: positions.clone() }).collect();
-        let req = RunRequest { captures: &caps, logits_at: Some(&last), logit_tokens: Some(&spec.label_tokens), ..Default::default() };
-        let chunk_prompts: Vec<Vec<u32>> = chunk.iter().map(|(src, _)| prompts[*src].clone()).collect();
-        let ids: Vec<usize> = chunk.iter().map(|(src, _)| *src).collect();
-        let out = engine.run_prompts(&chunk_prompts, &req).map_err(|e| Error::input(format!("clean pass of source prompts {ids:?}: {e}")))?;
-        let n_labels = spec.label_tokens.len();
-        let mut row0 = 0;
-        for (k, (src, wanted)) in chunk.iter().enumerate() {
-            let n_rows = out.captured.first().map_or(0, |c| c.positions[k].len());
-            let values = sites
-                .iter()
-                .zip(&out.captured)
-                .filter(|(site, _)| wanted.contains(site))
-                .map(|(&site, c)| {
-                    let w: usize = c.token_shape.iter().product();
-                    (site, c.data[row0 * w..(row0 + n_rows) * w].to_vec())
-                })
-                .collect();
-            row0 += n_rows;
-            sources.insert(*src, SourceClean { values, label_logits: out.logits[k * n_labels..(k + 1) * n_labels].to_vec() });
+    // Clean runs of sources: the patched values and the label logits, batched up to
+    // `max_rows` rows, each batch capturing the union of its sources' sites.
+    let source_cleans = |exps: &[&Experiment], max_rows: usize| -> Result<HashMap<usize, SourceClean>> {
+        let mut needed: BTreeMap<usize, BTreeSet<Site>> = BTreeMap::new();
+        for e in exps {
+            needed.entry(e.pair.source).or_default().extend(e.layers.iter().map(|&l| Site::new(l, e.site)));
         }
-    }
+        let needed: Vec<(usize, BTreeSet<Site>)> = needed.into_iter().collect();
+        let mut sources = HashMap::new();
+        for chunk in chunk_by_rows(&needed, |(src, _)| prompts[*src].len(), max_rows) {
+            let sites: Vec<Site> = chunk.iter().flat_map(|(_, s)| s.iter().copied()).collect::<BTreeSet<_>>().into_iter().collect();
+            let caps: Vec<Capture> = sites.iter().map(|&site| Capture { site, positions: positions.clone() }).collect();
+            let req = RunRequest { captures: &caps, logits_at: Some(&last), logit_tokens: Some(&spec.label_tokens), ..Default::default() };
+            let chunk_prompts: Vec<Vec<u32>> = chunk.iter().map(|(src, _)| prompts[*src].clone()).collect();
+            let ids: Vec<usize> = chunk.iter().map(|(src, _)| *src).collect();
+            let out = engine.run_prompts(&chunk_prompts, &req).map_err(|e| Error::input(format!("clean pass of source prompts {ids:?}: {e}")))?;
+            let mut row0 = 0;
+            for (k, (src, wanted)) in chunk.iter().enumerate() {
+                let n_rows = out.captured.first().map_or(0, |c| c.positions[k].len());
+                let values = sites
+                    .iter()
+                    .zip(&out.captured)
+                    .filter(|(site, _)| wanted.contains(site))
+                    .map(|(&site, c)| {
+                        let w: usize = c.token_shape.iter().product();
+                        (site, c.data[row0 * w..(row0 + n_rows) * w].to_vec())
+                    })
+                    .collect();
+                row0 += n_rows;
+                sources.insert(*src, SourceClean { values, label_logits: out.logits[k * n_labels..(k + 1) * n_labels].to_vec() });
+            }
+        }
+        Ok(sources)
+    };
 
     // The interventions of one experiment on batch entry `seq`.
-    let interventions = |e: &Experiment, seq: usize| -> Result<(Vec<Intervention>, Vec<usize>)> {
+    let interventions = |e: &Experiment, src: &SourceClean, seq: usize| -> Result<(Vec<Intervention>, Vec<usize>)> {
         let target_len = prompts[e.pair.target].len();
         let abs = positions.resolve(target_len).map_err(|err| Error::input(format!("target prompt {}: {err}", e.pair.target)))?;
-        let src = &sources[&e.pair.source];
         let mut ivs = Vec::with_capacity(e.layers.len());
         for &l in &e.layers {
             let site = Site::new(l, e.site);
@@ -256,9 +240,12 @@ pub fn run_sweep(
         }
         Ok((ivs, abs))
     };
-    let result = |e: &Experiment, abs: Vec<usize>, clean_target: &[f32], patched: Vec<f32>| -> ExperimentResult {
-        let clean_source = sources[&e.pair.source].label_logits.clone();
-        let (pred, target_pred, source_pred) = (argmax(&patched), argmax(clean_target), argmax(&clean_source));
+    let result = |e: &Experiment, src: &SourceClean, abs: Vec<usize>, clean_target: &[f32], patched: Vec<f32>| -> ExperimentResult {
+        let clean_source = src.label_logits.clone();
+        let (target_pred, source_pred) = (argmax(clean_target), argmax(&clean_source));
+        // pred, patched[source_pred] - patched[target_pred], softmax(patched)[source_pred]
+        let m = label_metrics_row(&patched, source_pred as i32, target_pred as i32, source_pred as i32);
+        let pred = m.pred as usize;
         ExperimentResult {
             id: e.id,
             target: e.pair.target,
@@ -269,8 +256,8 @@ pub fn run_sweep(
             positions: abs,
             clean_target: clean_target.to_vec(),
             flipped_to_source: pred == source_pred && target_pred != source_pred,
-            logit_diff: patched[source_pred] - patched[target_pred],
-            source_prob: softmax_at(&patched, source_pred),
+            logit_diff: m.logit_diff,
+            source_prob: m.prob,
             clean_source,
             patched,
             pred,
@@ -281,51 +268,51 @@ pub fn run_sweep(
 
     match settings.method {
         Method::Naive => {
+            // Every prompt alone (clean passes included), so results do not depend on which
+            // other experiments run.
             let mut clean_targets: HashMap<usize, Vec<f32>> = HashMap::new();
+            let mut sources: HashMap<usize, SourceClean> = HashMap::new();
             for e in &todo {
+                if !sources.contains_key(&e.pair.source) {
+                    let all_of_source: Vec<&Experiment> = exps.iter().filter(|x| x.pair.source == e.pair.source).collect();
+                    sources.extend(source_cleans(&all_of_source, 0)?);
+                }
+                let src = &sources[&e.pair.source];
                 let t = e.pair.target;
                 let target = std::slice::from_ref(&prompts[t]);
                 if !clean_targets.contains_key(&t) {
                     let req = RunRequest { logits_at: Some(&last), logit_tokens: Some(&spec.label_tokens), ..Default::default() };
                     clean_targets.insert(t, engine.run_prompts(target, &req)?.logits);
                 }
-                let (ivs, abs) = interventions(e, 0)?;
+                let (ivs, abs) = interventions(e, src, 0)?;
                 let req = RunRequest { interventions: &ivs, logits_at: Some(&last), logit_tokens: Some(&spec.label_tokens), ..Default::default() };
                 let out = engine.run_prompts(target, &req)?;
-                emit(result(e, abs, &clean_targets[&t], out.logits))?;
+                emit(result(e, src, abs, &clean_targets[&t], out.logits))?;
                 settings.progress.inc(1);
             }
         }
         Method::Resumed => {
-            // Groups and batches are formed from ALL experiments, whatever is already done, so
-            // that every experiment is computed in the same batch as in an uninterrupted run
-            // (bit-identical results after --resume); finished batches are skipped, partly
-            // finished ones recomputed and only their missing experiments emitted.
-            // Group targets so their clean caches fit the memory budget.
+            // Groups and batches are formed from ALL experiments, whatever is already done or
+            // skipped, and nothing is batched across groups, so that every experiment is
+            // computed in the same batches as in an uninterrupted, unsharded run (bit-identical
+            // results after --resume and in shards made of whole groups, see `target_groups`);
+            // skipped groups and batches are not computed, partly skipped batches are and only
+            // their other experiments are emitted.
             let mut by_target: BTreeMap<usize, Vec<&Experiment>> = BTreeMap::new();
             for e in exps {
                 by_target.entry(e.pair.target).or_default().push(e);
             }
-            let mut groups: Vec<Vec<usize>> = vec![Vec::new()];
-            let mut used = 0;
-            for &t in by_target.keys() {
-                let b = engine.clean_run_bytes(prompts[t].len());
-                if used + b > settings.mem_budget && !groups.last().is_some_and(Vec::is_empty) {
-                    groups.push(Vec::new());
-                    used = 0;
-                }
-                groups.last_mut().map(|g| g.push(t));
-                used += b;
-            }
+            let groups = target_groups(engine, prompts, exps, settings.mem_budget);
             for group in groups {
                 if group.iter().all(|t| by_target[t].iter().all(|e| skip.contains(&e.id))) {
                     continue;
                 }
+                let group_exps: Vec<&Experiment> = group.iter().flat_map(|t| by_target[t].iter().copied()).collect();
+                let sources = source_cleans(&group_exps, settings.batch_rows)?;
                 // Clean pass of each target (KV cache, resid_pre at every layer, label logits),
                 // batched up to batch_rows rows.
                 let mut clean: HashMap<usize, (CleanRun, Vec<f32>)> = HashMap::new();
                 let req = RunRequest { logits_at: Some(&last), logit_tokens: Some(&spec.label_tokens), ..Default::default() };
-                let n_labels = spec.label_tokens.len();
                 for chunk in chunk_by_rows(&group, |&t| prompts[t].len(), settings.batch_rows) {
                     let chunk_prompts: Vec<Vec<u32>> = chunk.iter().map(|&t| prompts[t].clone()).collect();
                     let (runs, out) = engine.run_clean(&chunk_prompts, &req).map_err(|e| Error::input(format!("clean pass of target prompts {chunk:?}: {e}")))?;
@@ -344,7 +331,7 @@ pub fn run_sweep(
                     let mut rows = 0;
                     while i < segs.len() && segs[i].0 == layer && (batch.is_empty() || rows < settings.batch_rows) {
                         let e = segs[i].1;
-                        let (ivs, abs) = interventions(e, batch.len())?;
+                        let (ivs, abs) = interventions(e, &sources[&e.pair.source], batch.len())?;
                         let p0 = abs.iter().copied().min().unwrap_or(0);
                         rows += prompts[e.pair.target].len() - p0;
                         batch.push((e, ivs, abs, p0));
@@ -359,7 +346,7 @@ pub fn run_sweep(
                     let out = engine.run_segments(layer, &segments, &req)?;
                     for (k, (e, _, abs, _)) in batch.into_iter().enumerate().filter(|(_, b)| !skip.contains(&b.0.id)) {
                         let patched = out.logits[k * n_labels..(k + 1) * n_labels].to_vec();
-                        emit(result(e, abs, &clean[&e.pair.target].1, patched))?;
+                        emit(result(e, &sources[&e.pair.source], abs, &clean[&e.pair.target].1, patched))?;
                         settings.progress.inc(1);
                     }
                 }
@@ -367,6 +354,33 @@ pub fn run_sweep(
         }
     }
     Ok(())
+}
+
+/// Most targets in one group of the resumed method: bounds the unit of computation so that
+/// sweeps split into shards of whole groups (64 targets of a Tak-style sweep, positions -1, give
+/// batches of a few hundred segment rows per start layer).
+pub const GROUP_TARGETS: usize = 64;
+
+/// The target groups of the resumed method: targets in index order, cut so that each group's
+/// kept clean runs fit `mem_budget` and it holds at most [`GROUP_TARGETS`] targets (at least
+/// one). A group is the unit of computation: nothing is batched across groups, so a shard made
+/// of whole groups computes exactly what the unsharded run does for them.
+pub fn target_groups(engine: &dyn Engine, prompts: &[Vec<u32>], exps: &[Experiment], mem_budget: usize) -> Vec<Vec<usize>> {
+    let targets: BTreeSet<usize> = exps.iter().map(|e| e.pair.target).collect();
+    let mut groups: Vec<Vec<usize>> = Vec::new();
+    let mut used = 0;
+    for t in targets {
+        let b = engine.clean_run_bytes(prompts.get(t).map_or(0, Vec::len));
+        match groups.last_mut() {
+            Some(g) if used + b <= mem_budget && g.len() < GROUP_TARGETS => g.push(t),
+            _ => {
+                groups.push(vec![t]);
+                used = 0;
+            }
+        }
+        used += b;
+    }
+    groups
 }
 
 /// Consecutive chunks of `items` of at most `max_rows` rows each (`rows` of an item), at least
@@ -459,3 +473,27 @@ pub fn summary_csv(rows: &[SummaryRow]) -> String {
     s
 }
 
+/// The flip rates of a summary as a heatmap grid: sites as rows (in summary order), centre
+/// layers as columns (ascending), None where a site has no experiment at a centre.
+pub fn summary_grid(rows: &[SummaryRow]) -> crate::io::plot::Grid {
+    let mut sites: Vec<&str> = Vec::new();
+    let mut centers: Vec<usize> = Vec::new();
+    for r in rows {
+        if !sites.contains(&r.site.as_str()) {
+            sites.push(&r.site);
+        }
+        if !centers.contains(&r.center) {
+            centers.push(r.center);
+        }
+    }
+    centers.sort_unstable();
+    let pairs = rows.iter().map(|r| r.n).max().unwrap_or(0);
+    crate::io::plot::Grid {
+        title: format!("Flip rate to the source's prediction by window centre layer ({pairs} pairs)"),
+        row_labels: sites.iter().map(|s| s.to_string()).collect(),
+        col_labels: centers.iter().map(|c| c.to_string()).collect(),
+        values: sites.iter().map(|&s| centers.iter().map(|&c| rows.iter().find(|r| r.site == s && r.center == c).map(|r| r.flip_rate)).collect()).collect(),
+        value_label: "flip rate".into(),
+        range: Some((0.0, 1.0)),
+    }
+}

@@ -1,9 +1,10 @@
-//! PNG plots of probe results, drawn with plotters into an RGB buffer and encoded with `png`.
+//! PNG plots of probe and patching results, drawn with plotters into an RGB buffer and encoded with `png`.
 //! Text uses DejaVu Sans compiled into the binary (no system fonts needed).
 //!
 //! - accuracy by layer, one line per site, one panel per position (the study's Figure 2),
 //!   with the 95% interval as a band and the majority-class rate as a dashed line;
-//! - R^2 of each numeric column by layer, one heatmap panel per site (at one position).
+//! - R^2 of each numeric column by layer, one heatmap panel per site (at one position);
+//! - any labelled grid of values as a heatmap (`heatmap`, e.g. patching flip rates).
 
 use std::path::Path;
 use std::sync::Once;
@@ -172,11 +173,126 @@ fn heat_color(v: f64, lo: f64, hi: f64) -> RGBColor {
     RGBColor(lerp(255.0, 8.0, t), lerp(255.0, 48.0, t), lerp(255.0, 107.0, t))
 }
 
-/// Heatmaps of R^2 (numeric column x layer), one panel per site, at `position`; the value is
-/// printed in each cell when there is room.
-pub fn r2_heatmap(path: &Path, rows: &[ResultRow], position: i64, title: &str) -> Result<()> {
+/// A heatmap: `values[row][col]` (None = no value, drawn grey), labelled rows and columns, and
+/// a colour scale over `range` (default: from min(0, smallest) to the largest value), white at 0,
+/// blue above, red below.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Grid {
+    pub title: String,
+    pub row_labels: Vec<String>,
+    pub col_labels: Vec<String>,
+    /// [row][col]
+    pub values: Vec<Vec<Option<f64>>>,
+    /// Name of the value, beside the colour bar.
+    pub value_label: String,
+    pub range: Option<(f64, f64)>,
+}
+
+impl Grid {
+    fn check(&self) -> Result<()> {
+        if self.row_labels.is_empty() || self.col_labels.is_empty() {
+            return Err(Error::input(format!("heatmap `{}`: nothing to plot (no rows or columns)", self.title)));
+        }
+        if self.values.len() != self.row_labels.len() || self.values.iter().any(|r| r.len() != self.col_labels.len()) {
+            return Err(Error::input(format!("heatmap `{}`: values must be {} rows of {} columns", self.title, self.row_labels.len(), self.col_labels.len())));
+        }
+        Ok(())
+    }
+
+    fn finite(&self) -> impl Iterator<Item = f64> + '_ {
+        self.values.iter().flatten().filter_map(|v| *v).filter(|v| v.is_finite())
+    }
+}
+
+/// Draws one heatmap, with the value printed in each cell when there is room.
+pub fn heatmap(path: &Path, grid: &Grid) -> Result<()> {
+    draw_heatmaps(path, &grid.title, std::slice::from_ref(grid), false)
+}
+
+/// Draws `panels` side by side under one `title` (each panel's title above it) with one colour
+/// scale: the first panel's range, or the span of all their values.
+fn draw_heatmaps(path: &Path, title: &str, panels: &[Grid], panel_titles: bool) -> Result<()> {
     use plotters::style::text_anchor::{HPos, Pos, VPos};
     register_font();
+    if panels.is_empty() {
+        return Err(Error::input(format!("heatmap `{title}`: nothing to plot")));
+    }
+    panels.iter().try_for_each(Grid::check)?;
+    let (lo, hi) = panels[0].range.unwrap_or_else(|| {
+        let all = || panels.iter().flat_map(Grid::finite);
+        (all().fold(0.0f64, f64::min), all().fold(0.0f64, f64::max))
+    });
+    let n_cols = panels.iter().map(|g| g.col_labels.len()).max().unwrap_or(1);
+    let n_rows = panels.iter().map(|g| g.row_labels.len()).max().unwrap_or(1);
+    let cell_w: i32 = if n_cols <= 12 { 44 } else { 30 };
+    let cell_h: i32 = 24;
+    let label_w: i32 = panels.iter().flat_map(|g| g.row_labels.iter()).map(|l| 8 * l.chars().count() as i32 + 20).max().unwrap_or(0).max(60);
+    let grid_w = cell_w * n_cols as i32;
+    let panel_w = label_w + grid_w + 30;
+    let top: i32 = if panel_titles { 80 } else { 56 };
+    let grid_h = cell_h * n_rows as i32;
+    // Panels then the colour bar, centred under a wider title.
+    let content_w = panel_w * panels.len() as i32 + 120;
+    let w = content_w.max(11 * title.chars().count() as i32 + 40);
+    let ox = (w - content_w) / 2;
+    let bar_h = grid_h.max(120);
+    let (w, h) = (w as u32, (top + bar_h.max(grid_h + 24) + 16) as u32);
+    let show_values = cell_w >= 40;
+    let mut buf = vec![255u8; (w * h * 3) as usize];
+    {
+        let root = BitMapBackend::with_buffer(&mut buf, (w, h)).into_drawing_area();
+        root.fill(&WHITE).map_err(plot_err(path))?;
+        let err = plot_err(path);
+        let text = |size: f64, hp: HPos| ("sans-serif", size).into_font().color(&BLACK).pos(Pos::new(hp, VPos::Center));
+        root.draw(&Text::new(title.to_string(), (w as i32 / 2, 22), ("sans-serif", 22).into_font().style(FontStyle::Bold).color(&BLACK).pos(Pos::new(HPos::Center, VPos::Center)))).map_err(&err)?;
+        for (pi, g) in panels.iter().enumerate() {
+            let x0 = ox + pi as i32 * panel_w + label_w;
+            let gw = cell_w * g.col_labels.len() as i32;
+            let gh = cell_h * g.row_labels.len() as i32;
+            if panel_titles {
+                root.draw(&Text::new(g.title.clone(), (x0 + gw / 2, top - 22), text(17.0, HPos::Center))).map_err(&err)?;
+            }
+            for (ri, (label, row)) in g.row_labels.iter().zip(&g.values).enumerate() {
+                let y = top + ri as i32 * cell_h;
+                root.draw(&Text::new(label.clone(), (x0 - 8, y + cell_h / 2), text(13.0, HPos::Right))).map_err(&err)?;
+                for (ci, v) in row.iter().enumerate() {
+                    let x = x0 + ci as i32 * cell_w;
+                    let v = v.unwrap_or(f64::NAN);
+                    let color = heat_color(v, lo, hi);
+                    root.draw(&Rectangle::new([(x, y), (x + cell_w, y + cell_h)], color.filled())).map_err(&err)?;
+                    if show_values && v.is_finite() {
+                        let dark = (color.0 as u32 + color.1 as u32 + color.2 as u32) < 380;
+                        let style = ("sans-serif", 11.0).into_font().color(if dark { &WHITE } else { &BLACK }).pos(Pos::new(HPos::Center, VPos::Center));
+                        root.draw(&Text::new(format!("{v:.2}"), (x + cell_w / 2, y + cell_h / 2), style)).map_err(&err)?;
+                    }
+                }
+            }
+            root.draw(&Rectangle::new([(x0, top), (x0 + gw, top + gh)], BLACK.mix(0.5))).map_err(&err)?;
+            let every = g.col_labels.len().div_ceil(16).max(1);
+            for (ci, c) in g.col_labels.iter().enumerate().filter(|(i, _)| i % every == 0) {
+                root.draw(&Text::new(c.clone(), (x0 + ci as i32 * cell_w + cell_w / 2, top + gh + 12), text(12.0, HPos::Center))).map_err(&err)?;
+            }
+        }
+        // Colour bar from lo to hi.
+        let bx = ox + content_w - 90;
+        let steps = 60;
+        for s in 0..steps {
+            let v = hi - (hi - lo) * s as f64 / steps as f64;
+            let y0 = top + (s as f64 / steps as f64 * bar_h as f64) as i32;
+            let y1 = top + ((s + 1) as f64 / steps as f64 * bar_h as f64) as i32 + 1;
+            root.draw(&Rectangle::new([(bx, y0), (bx + 16, y1)], heat_color(v, lo, hi).filled())).map_err(&err)?;
+        }
+        root.draw(&Rectangle::new([(bx, top), (bx + 16, top + bar_h)], BLACK.mix(0.5))).map_err(&err)?;
+        root.draw(&Text::new(format!("{hi:.2}"), (bx + 20, top + 6), text(12.0, HPos::Left))).map_err(&err)?;
+        root.draw(&Text::new(format!("{lo:.2}"), (bx + 20, top + bar_h - 6), text(12.0, HPos::Left))).map_err(&err)?;
+        root.draw(&Text::new(panels[0].value_label.clone(), (bx + 8, top - 14), text(14.0, HPos::Center))).map_err(&err)?;
+        root.present().map_err(&err)?;
+    }
+    encode_png(path, &buf, w, h)
+}
+
+/// Heatmaps of R^2 (numeric column x layer), one panel per site, at `position`.
+pub fn r2_heatmap(path: &Path, rows: &[ResultRow], position: i64, title: &str) -> Result<()> {
     let r2: Vec<&ResultRow> = rows.iter().filter(|r| r.metric.starts_with("r2:") && r.position == position).collect();
     if r2.is_empty() {
         return Err(Error::input("no R^2 results to plot"));
@@ -190,61 +306,19 @@ pub fn r2_heatmap(path: &Path, rows: &[ResultRow], position: i64, title: &str) -
     };
     let hi = r2.iter().map(|r| r.value).filter(|v| v.is_finite()).fold(0.05f64, f64::max);
     let lo = r2.iter().map(|r| r.value).filter(|v| v.is_finite()).fold(0.0f64, f64::min).max(-1.0);
-    let cell_w: i32 = if layers.len() <= 12 { 44 } else { 30 };
-    let cell_h: i32 = 24;
-    let label_w: i32 = 150;
-    let grid_w = cell_w * layers.len() as i32;
-    let panel_w = label_w + grid_w + 30;
-    let top: i32 = 80;
-    let grid_h = cell_h * cols.len() as i32;
-    let (w, h) = ((panel_w * sites.len() as i32 + 120) as u32, (top + grid_h + 60) as u32);
-    let show_values = cell_w >= 40;
-    let mut buf = vec![255u8; (w * h * 3) as usize];
-    {
-        let root = BitMapBackend::with_buffer(&mut buf, (w, h)).into_drawing_area();
-        root.fill(&WHITE).map_err(plot_err(path))?;
-        let err = plot_err(path);
-        let text = |size: f64, hp: HPos| ("sans-serif", size).into_font().color(&BLACK).pos(Pos::new(hp, VPos::Center));
-        root.draw(&Text::new(title.to_string(), (w as i32 / 2, 22), ("sans-serif", 22).into_font().style(FontStyle::Bold).color(&BLACK).pos(Pos::new(HPos::Center, VPos::Center)))).map_err(&err)?;
-        for (si, site) in sites.iter().enumerate() {
-            let x0 = si as i32 * panel_w + label_w;
-            root.draw(&Text::new(format!("{site} (position {position})"), (x0 + grid_w / 2, top - 22), text(17.0, HPos::Center))).map_err(&err)?;
-            for (ci, c) in cols.iter().enumerate() {
-                let y = top + ci as i32 * cell_h;
-                root.draw(&Text::new(c.clone(), (x0 - 8, y + cell_h / 2), text(13.0, HPos::Right))).map_err(&err)?;
-                for (li, &l) in layers.iter().enumerate() {
-                    let x = x0 + li as i32 * cell_w;
-                    let v = r2.iter().find(|r| &r.site == site && r.layer == l && r.metric.trim_start_matches("r2:") == c).map_or(f64::NAN, |r| r.value);
-                    let color = heat_color(v, lo, hi);
-                    root.draw(&Rectangle::new([(x, y), (x + cell_w, y + cell_h)], color.filled())).map_err(&err)?;
-                    if show_values && v.is_finite() {
-                        let dark = (color.0 as u32 + color.1 as u32 + color.2 as u32) < 380;
-                        let style = ("sans-serif", 11.0).into_font().color(if dark { &WHITE } else { &BLACK }).pos(Pos::new(HPos::Center, VPos::Center));
-                        root.draw(&Text::new(format!("{v:.2}"), (x + cell_w / 2, y + cell_h / 2), style)).map_err(&err)?;
-                    }
-                }
-            }
-            root.draw(&Rectangle::new([(x0, top), (x0 + grid_w, top + grid_h)], BLACK.mix(0.5))).map_err(&err)?;
-            let every = layers.len().div_ceil(16).max(1);
-            for (li, &l) in layers.iter().enumerate().filter(|(i, _)| i % every == 0) {
-                root.draw(&Text::new(l.to_string(), (x0 + li as i32 * cell_w + cell_w / 2, top + grid_h + 12), text(12.0, HPos::Center))).map_err(&err)?;
-            }
-            root.draw(&Text::new("layer".to_string(), (x0 + grid_w / 2, top + grid_h + 34), text(14.0, HPos::Center))).map_err(&err)?;
-        }
-        // Colour bar from lo to hi.
-        let bx = w as i32 - 90;
-        let steps = 60;
-        for s in 0..steps {
-            let v = hi - (hi - lo) * s as f64 / steps as f64;
-            let y0 = top + (s as f64 / steps as f64 * grid_h as f64) as i32;
-            let y1 = top + ((s + 1) as f64 / steps as f64 * grid_h as f64) as i32 + 1;
-            root.draw(&Rectangle::new([(bx, y0), (bx + 16, y1)], heat_color(v, lo, hi).filled())).map_err(&err)?;
-        }
-        root.draw(&Rectangle::new([(bx, top), (bx + 16, top + grid_h)], BLACK.mix(0.5))).map_err(&err)?;
-        root.draw(&Text::new(format!("{hi:.2}"), (bx + 20, top + 6), text(12.0, HPos::Left))).map_err(&err)?;
-        root.draw(&Text::new(format!("{lo:.2}"), (bx + 20, top + grid_h - 6), text(12.0, HPos::Left))).map_err(&err)?;
-        root.draw(&Text::new("R²".to_string(), (bx + 8, top - 14), text(14.0, HPos::Center))).map_err(&err)?;
-        root.present().map_err(&err)?;
-    }
-    encode_png(path, &buf, w, h)
+    let panels: Vec<Grid> = sites
+        .iter()
+        .map(|site| Grid {
+            title: format!("{site} (position {position})"),
+            row_labels: cols.clone(),
+            col_labels: layers.iter().map(|l| l.to_string()).collect(),
+            values: cols
+                .iter()
+                .map(|c| layers.iter().map(|&l| r2.iter().find(|r| &r.site == site && r.layer == l && r.metric.trim_start_matches("r2:") == c).map(|r| r.value)).collect())
+                .collect(),
+            value_label: "R²".into(),
+            range: Some((lo, hi)),
+        })
+        .collect();
+    draw_heatmaps(path, title, &panels, true)
 }
