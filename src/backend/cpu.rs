@@ -175,14 +175,3 @@ pub fn attention(
         }
     });
 }
-
-/// Bytes of host memory available to new allocations (Linux `MemAvailable`).
-pub fn host_mem_available() -> crate::Result<usize> {
-    let info = std::fs::read_to_string("/proc/meminfo").map_err(|e| crate::Error::device(format!("reading /proc/meminfo: {e}")))?;
-    info.lines()
-        .find_map(|l| l.strip_prefix("MemAvailable:"))
-        .and_then(|v| v.trim().strip_suffix("kB"))
-        .and_then(|v| v.trim().parse::<usize>().ok())
-        .map(|kb| kb * 1024)
-        .ok_or_else(|| crate::Error::device("/proc/meminfo has no MemAvailable line; pass the memory budget explicitly"))
-}

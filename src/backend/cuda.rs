@@ -230,11 +230,6 @@ impl Driver for CudaDriver {
         unsafe { driver::result::memset_d8_async(dst.0, byte, bytes, self.stream.cu_stream()) }.map_err(|e| dev_err("memset", e))
     }
 
-    fn mem_available(&self) -> Result<usize> {
-        self.bind()?;
-        Ok(driver::result::mem_get_info().map_err(|e| dev_err("cuMemGetInfo", e))?.0)
-    }
-
     fn dtod(&self, dst: DevPtr, src: DevPtr, bytes: usize) -> Result<()> {
         if bytes == 0 {
             return Ok(());

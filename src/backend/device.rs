@@ -46,8 +46,6 @@ pub trait Driver: Send + Sync {
     fn htod(&self, dst: DevPtr, src: &[u8]) -> Result<()>;
     fn dtoh(&self, src: DevPtr, dst: &mut [u8]) -> Result<()>;
     fn memset(&self, dst: DevPtr, byte: u8, bytes: usize) -> Result<()>;
-    /// Bytes this device can still allocate (for default memory budgets).
-    fn mem_available(&self) -> Result<usize>;
     /// Copies `bytes` from `src` to `dst` on the device (the ranges must not overlap).
     fn dtod(&self, dst: DevPtr, src: DevPtr, bytes: usize) -> Result<()>;
     /// Launches the `extern "C"` kernel `name`; `args[i]` points to the value of parameter i

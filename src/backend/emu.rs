@@ -177,10 +177,6 @@ impl Driver for EmuDriver {
         Ok(())
     }
 
-    fn mem_available(&self) -> Result<usize> {
-        super::cpu::host_mem_available()
-    }
-
     fn dtod(&self, dst: DevPtr, src: DevPtr, bytes: usize) -> Result<()> {
         self.check_range(src, bytes, "device copy source")?;
         self.check_range(dst, bytes, "device copy destination")?;

@@ -603,10 +603,6 @@ impl Engine for DeviceModel {
         Ok(out?.0)
     }
 
-    fn mem_available(&self) -> Result<usize> {
-        self.driver.mem_available()
-    }
-
     fn clean_run_bytes(&self, len: usize) -> usize {
         // bf16 keys and values (whole blocks) and f32 resid_pre per layer.
         let n_layers = self.cfg.n_layers;

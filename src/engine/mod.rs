@@ -60,11 +60,6 @@ pub trait Engine {
     fn run_segments(&self, start_layer: usize, segs: &[Segment], req: &RunRequest) -> Result<RunOutput>;
     /// Bytes a kept clean run of `len` positions holds (for memory budgets).
     fn clean_run_bytes(&self, len: usize) -> usize;
-    /// Bytes the engine's memory can still take, for default budgets (host memory unless the
-    /// engine runs on a device).
-    fn mem_available(&self) -> Result<usize> {
-        crate::backend::cpu::host_mem_available()
-    }
 }
 
 /// The resid_pre captures of every layer at every position: what a clean run keeps.
@@ -149,8 +144,5 @@ impl<T: Engine + ?Sized> Engine for &T {
     }
     fn clean_run_bytes(&self, len: usize) -> usize {
         (**self).clean_run_bytes(len)
-    }
-    fn mem_available(&self) -> Result<usize> {
-        (**self).mem_available()
     }
 }
