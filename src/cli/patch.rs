@@ -46,9 +46,9 @@ killed run continues with --resume: finished experiments are kept, the rest are 
 
 --shard i/n runs part i (0-based) of the sweep: whole groups of targets (the resumed method's unit
 of computation, up to 64 targets under --mem-budget; nothing is batched across groups), balanced
-by experiment count. `patchbay merge`
-checks that the shards are all the parts of one sweep and writes the files of the unsharded run,
-byte for byte (with the same --batch-rows and --mem-budget, which are part of the sweep).";
+by experiment count. `patchbay merge` checks that the shards are all the parts of one sweep and
+writes the files of the unsharded run, byte for byte (--batch-rows and --mem-budget are part of
+the sweep: give every shard the same).";
 
 #[derive(Clone, Copy, ValueEnum)]
 enum MethodArg {
@@ -83,7 +83,7 @@ pub struct PatchArgs {
     /// Rows per batched resumed forward.
     #[arg(long, default_value_t = 256)]
     batch_rows: usize,
-    /// Memory for clean KV caches, e.g. 2G.
+    /// Memory for the kept clean runs of one target group (KV caches and residuals), e.g. 2G.
     #[arg(long, default_value = "2G")]
     mem_budget: String,
     /// Run part I of N of the sweep (0 <= I < N), e.g. 0/4; combine the parts with `patchbay merge`.
