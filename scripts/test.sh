@@ -8,3 +8,5 @@ scripts/fetch-cuda.sh
 export PATCHBAY_CUDA_ROOT="$PWD/.cache/cuda"
 export LD_LIBRARY_PATH="$PATCHBAY_CUDA_ROOT/nvidia/cuda_nvrtc/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 cargo test --locked "$@"
+# With no arguments, also the criterion benches, each run once as a test (benches/engine.rs).
+if [ $# -eq 0 ]; then cargo test --locked --bench engine; fi

@@ -2,6 +2,8 @@
 
 pub mod bench;
 pub mod capture;
+pub mod cost;
+pub mod demo;
 pub mod inspect;
 pub mod merge;
 pub mod patch;
@@ -15,6 +17,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 #[derive(Subcommand)]
 pub enum Command {
+    /// The study pipeline end to end on the bundled demo model and corpus: a report with plots (start here).
+    Demo(demo::DemoArgs),
     /// Describe a model directory: family, shapes, dtype, parameter count, rope, sites.
     Inspect(inspect::InspectArgs),
     /// Run prompts and save activations at chosen sites (and logits) to a safetensors file.
@@ -27,6 +31,8 @@ pub enum Command {
     Synth(synth::SynthArgs),
     /// Measure costs side by side (e.g. resumed vs naive patching).
     Bench(bench::BenchArgs),
+    /// Estimate FLOPs, bytes, peak memory and time of a planned experiment before running it.
+    Cost(cost::CostArgs),
     /// Score a dataset with the model's next-token logits over a label set: predictions, accuracy, confusion matrix.
     Score(score::ScoreArgs),
     /// The probing pipeline: dataset -> prompts -> sharded capture -> scores -> linear probes -> results and plots.
@@ -36,12 +42,14 @@ pub enum Command {
 impl Command {
     pub fn run(self) -> patchbay::Result<()> {
         match self {
+            Command::Demo(a) => demo::run(a),
             Command::Inspect(a) => inspect::run(a),
             Command::Capture(a) => capture::run(a),
             Command::Patch(a) => patch::run(a),
             Command::Merge(a) => merge::run(a),
             Command::Synth(a) => synth::run(a),
             Command::Bench(a) => bench::run(a),
+            Command::Cost(a) => cost::run(a),
             Command::Score(a) => score::run(a),
             Command::Probe(a) => probe::run(a),
         }

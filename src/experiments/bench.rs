@@ -1,17 +1,299 @@
-//! Benchmarks measured side by side in one run: every figure is a ratio of two methods on the
-//! same inputs, plus absolute numbers with the device named.
+//! Benchmarks measured side by side in one run: every figure is a ratio of two variants on the
+//! same inputs, plus absolute numbers with the device named. The variants of a bench run
+//! interleaved (one warm-up each, then rounds of one repetition each, the first variant of a
+//! round rotating), and each figure is the median over the rounds, so drift in the machine's
+//! load (other processes, clocks) hits every variant alike.
+//!
+//! The workloads ([`prefill`], [`decode`], [`PatchWorkload`]) are shared with the criterion benches
+//! (benches/engine.rs).
 
 use std::collections::HashSet;
 use std::time::Instant;
 
 use indicatif::ProgressBar;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
-use crate::experiments::patch::{ExperimentResult, Method, Pair, RunSettings, SweepSpec, all_centers, experiments, run_sweep};
-use crate::intervene::splitmix64;
+use crate::backend::ops::sample::SampleParams;
+use crate::engine::forward::{KvCache, RunOutput, SeqInput};
+use crate::engine::{Engine, RunRequest};
+use crate::experiments::generate::{GenerateSpec, StepIntervention, generate};
+use crate::experiments::patch::{ExperimentResult, Experiment, Method, Pair, RunSettings, SweepSpec, all_centers, experiments, run_sweep};
+use crate::intervene::Capture;
+use crate::io::tensorfile::peak_rss_bytes;
 use crate::model::Model;
-use crate::sites::SiteKind;
+use crate::model::config::ModelConfig;
+use crate::sites::{Positions, SiteKind};
 use crate::{Error, Result};
+
+/// Where a bench ran: the engine's device, and for work on the host (the CPU reference, the
+/// emulator) the processor and the number of threads.
+pub fn device_label(engine: &dyn Engine) -> String {
+    let name = engine.device_name();
+    if !(name.starts_with("cpu") || name.starts_with("emu")) {
+        return name;
+    }
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo.lines().find_map(|l| l.strip_prefix("model name")).and_then(|l| l.split_once(':')).map_or("unknown processor", |(_, m)| m.trim());
+    format!("{name} ({model}, {} threads)", rayon::current_num_threads())
+}
+
+/// Runs `variants` side by side: one untimed warm-up each, then `reps` rounds of one run each
+/// (round r starts at variant r mod n). Each variant returns the seconds of the work it times
+/// (set-up such as copying a cache stays outside). Returns each variant's median.
+pub fn side_by_side(reps: usize, variants: &mut [&mut dyn FnMut() -> Result<f64>], progress: &ProgressBar) -> Result<Vec<f64>> {
+    if reps == 0 {
+        return Err(Error::input("bench: --reps must be at least 1"));
+    }
+    let n = variants.len();
+    progress.set_length(((reps + 1) * n) as u64);
+    for v in variants.iter_mut() {
+        v()?;
+        progress.inc(1);
+    }
+    let mut times = vec![Vec::with_capacity(reps); n];
+    for r in 0..reps {
+        for k in 0..n {
+            let i = (r + k) % n;
+            times[i].push(variants[i]()?);
+            progress.inc(1);
+        }
+    }
+    Ok(times.into_iter().map(median).collect())
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let m = v.len() / 2;
+    if v.len() % 2 == 1 { v[m] } else { (v[m - 1] + v[m]) / 2.0 }
+}
+
+/// Seconds taken by `f`.
+fn timed(f: impl FnOnce() -> Result<()>) -> Result<f64> {
+    let t0 = Instant::now();
+    f()?;
+    Ok(t0.elapsed().as_secs_f64())
+}
+
+/// `n` prompts of `len` token ids drawn uniformly below `vocab`.
+pub fn random_prompts(rng: &mut impl Rng, n: usize, len: usize, vocab: usize) -> Vec<Vec<u32>> {
+    (0..n).map(|_| (0..len).map(|_| rng.random_range(0..vocab as u32)).collect()).collect()
+}
+
+/// Prefill: one forward over whole prompts (fresh caches), logits at the last position, with
+/// `captures`.
+pub fn prefill(engine: &dyn Engine, prompts: &[Vec<u32>], captures: &[Capture]) -> Result<RunOutput> {
+    engine.run_prompts(prompts, &RunRequest { captures, logits_at: Some(&Positions::List(vec![-1])), ..Default::default() })
+}
+
+/// Decode: for each step s, one forward feeding token `tokens[b][s]` after each cache `b` (all
+/// sequences batched), logits at the new position. `tokens`: [batch][steps].
+pub fn decode(model: &Model, caches: &mut [KvCache], tokens: &[Vec<u32>]) -> Result<()> {
+    let steps = tokens.first().map_or(0, Vec::len);
+    if tokens.len() != caches.len() || tokens.iter().any(|t| t.len() != steps) {
+        return Err(Error::input("decode: one token list of the same length per cache"));
+    }
+    let last = Positions::List(vec![-1]);
+    for s in 0..steps {
+        let mut seqs: Vec<SeqInput> = caches.iter_mut().zip(tokens).map(|(c, t)| SeqInput::tokens(&t[s..s + 1], c)).collect();
+        model.run(&mut seqs, &[], &[], Some(&last), None)?;
+    }
+    Ok(())
+}
+
+/// Shapes and repetitions shared by the forward, capture and generate benches.
+#[derive(Clone, Debug)]
+pub struct BenchShape {
+    /// Prompts per forward.
+    pub batch: usize,
+    pub prompt_len: usize,
+    /// Timed rounds (the median is reported).
+    pub reps: usize,
+    /// Seed of the random prompts.
+    pub seed: u64,
+}
+
+impl BenchShape {
+    fn prompts(&self, vocab: usize) -> Result<Vec<Vec<u32>>> {
+        if self.batch == 0 || self.prompt_len == 0 {
+            return Err(Error::input("bench: --batch and --prompt-len must be at least 1"));
+        }
+        Ok(random_prompts(&mut ChaCha8Rng::seed_from_u64(self.seed), self.batch, self.prompt_len, vocab))
+    }
+    fn tokens(&self) -> f64 {
+        (self.batch * self.prompt_len) as f64
+    }
+}
+
+/// `bench forward`: prefill (whole prompts) and decode (one token per sequence per step after
+/// the prompts' caches) throughput.
+#[derive(Clone, Debug, Serialize)]
+pub struct ForwardBench {
+    pub device: String,
+    pub batch: usize,
+    pub prompt_len: usize,
+    pub decode_steps: usize,
+    pub reps: usize,
+    /// Median seconds of one prefill of batch x prompt_len tokens.
+    pub prefill_s: f64,
+    pub prefill_tokens_per_s: f64,
+    /// Median seconds of decode_steps steps of batch tokens after the prefilled caches. None on a
+    /// device: decoding needs a KV cache kept across calls, which only the CPU reference has.
+    pub decode_s: Option<f64>,
+    pub decode_tokens_per_s: Option<f64>,
+    /// prefill_tokens_per_s / decode_tokens_per_s
+    pub ratio: Option<f64>,
+    pub peak_rss_bytes: Option<u64>,
+}
+
+/// Prefill on `engine` and, given the CPU reference `cpu`, decode of `decode_steps` random
+/// tokens after the prefilled caches, side by side.
+pub fn bench_forward(engine: &dyn Engine, cpu: Option<&Model>, shape: &BenchShape, decode_steps: usize, progress: &ProgressBar) -> Result<ForwardBench> {
+    let cfg = engine.config();
+    let prompts = shape.prompts(cfg.vocab_size)?;
+    let mut rng = ChaCha8Rng::seed_from_u64(shape.seed ^ 1);
+    let tokens = random_prompts(&mut rng, shape.batch, decode_steps, cfg.vocab_size); // [batch][steps]
+    let mut run_prefill = || timed(|| prefill(engine, &prompts, &[]).map(drop));
+    let times = match cpu.filter(|_| decode_steps > 0) {
+        None => side_by_side(shape.reps, &mut [&mut run_prefill], progress)?,
+        Some(model) => {
+            let mut caches: Vec<KvCache> = prompts.iter().map(|_| KvCache::new(cfg.n_layers)).collect();
+            let mut seqs: Vec<SeqInput> = prompts.iter().zip(caches.iter_mut()).map(|(p, c)| SeqInput::tokens(p, c)).collect();
+            model.run(&mut seqs, &[], &[], None, None)?;
+            let mut run_decode = || {
+                let mut fresh = caches.clone();
+                timed(|| decode(model, &mut fresh, &tokens))
+            };
+            side_by_side(shape.reps, &mut [&mut run_prefill, &mut run_decode], progress)?
+        }
+    };
+    let prefill_tokens_per_s = shape.tokens() / times[0];
+    let decode_s = times.get(1).copied();
+    let decode_tokens_per_s = decode_s.map(|s| (shape.batch * decode_steps) as f64 / s);
+    Ok(ForwardBench {
+        device: device_label(engine),
+        batch: shape.batch,
+        prompt_len: shape.prompt_len,
+        decode_steps,
+        reps: shape.reps,
+        prefill_s: times[0],
+        prefill_tokens_per_s,
+        decode_s,
+        decode_tokens_per_s,
+        ratio: decode_tokens_per_s.map(|d| prefill_tokens_per_s / d),
+        peak_rss_bytes: peak_rss_bytes(),
+    })
+}
+
+/// `bench capture`: the same prefill without and with captures.
+#[derive(Clone, Debug, Serialize)]
+pub struct CaptureBench {
+    pub device: String,
+    pub batch: usize,
+    pub prompt_len: usize,
+    pub reps: usize,
+    /// Sites captured.
+    pub sites: usize,
+    /// Bytes the captures of one forward hold (f32).
+    pub captured_bytes: usize,
+    pub plain_s: f64,
+    pub capture_s: f64,
+    pub plain_tokens_per_s: f64,
+    pub capture_tokens_per_s: f64,
+    /// plain_tokens_per_s / capture_tokens_per_s: the slowdown capturing costs.
+    pub ratio: f64,
+    pub peak_rss_bytes: Option<u64>,
+}
+
+pub fn bench_capture(engine: &dyn Engine, shape: &BenchShape, captures: &[Capture], progress: &ProgressBar) -> Result<CaptureBench> {
+    if captures.is_empty() {
+        return Err(Error::input("bench capture: no sites to capture"));
+    }
+    let prompts = shape.prompts(engine.config().vocab_size)?;
+    let mut captured_bytes = 0;
+    let times = side_by_side(
+        shape.reps,
+        &mut [&mut || timed(|| prefill(engine, &prompts, &[]).map(drop)), &mut || {
+            let t0 = Instant::now();
+            let out = prefill(engine, &prompts, captures)?;
+            let s = t0.elapsed().as_secs_f64();
+            captured_bytes = out.captured.iter().map(|c| c.data.len() * 4).sum();
+            Ok(s)
+        }],
+        progress,
+    )?;
+    Ok(CaptureBench {
+        device: device_label(engine),
+        batch: shape.batch,
+        prompt_len: shape.prompt_len,
+        reps: shape.reps,
+        sites: captures.len(),
+        captured_bytes,
+        plain_s: times[0],
+        capture_s: times[1],
+        plain_tokens_per_s: shape.tokens() / times[0],
+        capture_tokens_per_s: shape.tokens() / times[1],
+        ratio: times[1] / times[0],
+        peak_rss_bytes: peak_rss_bytes(),
+    })
+}
+
+/// `bench generate`: generation without and with a step intervention (steering), on the CPU
+/// reference.
+#[derive(Clone, Debug, Serialize)]
+pub struct GenerateBench {
+    pub device: String,
+    pub batch: usize,
+    pub prompt_len: usize,
+    pub new_tokens: usize,
+    pub reps: usize,
+    /// Median seconds of one generation (prefill included) of batch x new_tokens tokens.
+    pub plain_s: f64,
+    pub steered_s: f64,
+    /// Generated tokens per second of wall time (prefill included).
+    pub plain_tokens_per_s: f64,
+    pub steered_tokens_per_s: f64,
+    /// plain_tokens_per_s / steered_tokens_per_s: the slowdown steering costs.
+    pub ratio: f64,
+    /// Generated tokens that steering changed (0 would mean it had no effect).
+    pub tokens_changed: usize,
+    pub peak_rss_bytes: Option<u64>,
+}
+
+/// Generates `new_tokens` per prompt (eos ignored, so both variants produce the same count)
+/// without and with `steer`.
+pub fn bench_generate(model: &Model, shape: &BenchShape, new_tokens: usize, sample: SampleParams, steer: &StepIntervention, progress: &ProgressBar) -> Result<GenerateBench> {
+    if new_tokens == 0 {
+        return Err(Error::input("bench generate: --new-tokens must be at least 1"));
+    }
+    let prompts = shape.prompts(model.cfg.vocab_size)?;
+    let spec = GenerateSpec { max_new_tokens: new_tokens, sample, eos_ids: Vec::new() };
+    let hidden = ProgressBar::hidden();
+    let run = |steps: &[StepIntervention], out: &mut Vec<Vec<u32>>| -> Result<f64> {
+        let t0 = Instant::now();
+        *out = generate(model, &prompts, &spec, steps, &hidden)?;
+        Ok(t0.elapsed().as_secs_f64())
+    };
+    let (mut plain, mut steered) = (Vec::new(), Vec::new());
+    let times = side_by_side(shape.reps, &mut [&mut || run(&[], &mut plain), &mut || run(std::slice::from_ref(steer), &mut steered)], progress)?;
+    let tokens = (shape.batch * new_tokens) as f64;
+    let tokens_changed = plain.iter().flatten().zip(steered.iter().flatten()).filter(|(a, b)| a != b).count();
+    Ok(GenerateBench {
+        device: device_label(model),
+        batch: shape.batch,
+        prompt_len: shape.prompt_len,
+        new_tokens,
+        reps: shape.reps,
+        plain_s: times[0],
+        steered_s: times[1],
+        plain_tokens_per_s: tokens / times[0],
+        steered_tokens_per_s: tokens / times[1],
+        ratio: times[1] / times[0],
+        tokens_changed,
+        peak_rss_bytes: peak_rss_bytes(),
+    })
+}
 
 /// A random patching sweep: prompts, pairs and labels drawn from a seed.
 #[derive(Clone, Debug)]
@@ -47,65 +329,67 @@ pub struct PatchBench {
     pub peak_rss_bytes: Option<u64>,
 }
 
-/// Peak resident set size of this process (Linux VmHWM).
-pub fn peak_rss_bytes() -> Option<u64> {
-    let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
+/// A random patching sweep's inputs and experiments.
+pub struct PatchWorkload {
+    pub prompts: Vec<Vec<u32>>,
+    pub sweep: SweepSpec,
+    pub exps: Vec<Experiment>,
 }
 
-/// The sweep's inputs: random prompts, random pairs (source != target), random label tokens.
-pub fn random_sweep(spec: &PatchBenchSpec, vocab: usize, n_layers: usize) -> Result<(Vec<Vec<u32>>, Vec<Pair>, SweepSpec)> {
-    if spec.n_prompts < 2 || spec.prompt_len == 0 || spec.n_labels == 0 || spec.n_labels > vocab {
-        return Err(Error::input("bench needs at least 2 prompts, a prompt length >= 1 and 1..=vocab labels"));
-    }
-    let mut state = spec.seed;
-    let mut next = |m: usize| {
-        state = splitmix64(state);
-        (state % m as u64) as usize
-    };
-    let prompts: Vec<Vec<u32>> = (0..spec.n_prompts).map(|_| (0..spec.prompt_len).map(|_| next(vocab) as u32).collect()).collect();
-    let pairs: Vec<Pair> = (0..spec.n_pairs)
-        .map(|_| {
-            let source = next(spec.n_prompts);
-            let target = (source + 1 + next(spec.n_prompts - 1)) % spec.n_prompts;
-            Pair { source, target }
-        })
-        .collect();
-    let mut labels: Vec<u32> = Vec::new();
-    while labels.len() < spec.n_labels {
-        let t = next(vocab) as u32;
-        if !labels.contains(&t) {
-            labels.push(t);
+impl PatchWorkload {
+    /// Random prompts, random pairs (source != target), random label tokens; every window of
+    /// `spec.window` layers, last position.
+    pub fn new(spec: &PatchBenchSpec, cfg: &ModelConfig) -> Result<PatchWorkload> {
+        let vocab = cfg.vocab_size;
+        if spec.n_prompts < 2 || spec.prompt_len == 0 || spec.n_labels == 0 || spec.n_labels > vocab {
+            return Err(Error::input("bench needs at least 2 prompts, a prompt length >= 1 and 1..=vocab labels"));
         }
+        let mut rng = ChaCha8Rng::seed_from_u64(spec.seed);
+        let prompts = random_prompts(&mut rng, spec.n_prompts, spec.prompt_len, vocab);
+        let pairs: Vec<Pair> = (0..spec.n_pairs)
+            .map(|_| {
+                let source = rng.random_range(0..spec.n_prompts);
+                let target = (source + 1 + rng.random_range(0..spec.n_prompts - 1)) % spec.n_prompts;
+                Pair { source, target }
+            })
+            .collect();
+        let mut labels: Vec<u32> = Vec::new();
+        while labels.len() < spec.n_labels {
+            let t = rng.random_range(0..vocab as u32);
+            if !labels.contains(&t) {
+                labels.push(t);
+            }
+        }
+        let sweep = SweepSpec { sites: spec.sites.clone(), units: None, window: spec.window, centers: all_centers(spec.window, cfg.n_layers), positions: vec![-1], label_tokens: labels };
+        let exps = experiments(&pairs, &sweep, cfg.n_layers)?;
+        Ok(PatchWorkload { prompts, sweep, exps })
     }
-    let sweep = SweepSpec { sites: spec.sites.clone(), units: None, window: spec.window, centers: all_centers(spec.window, n_layers), positions: vec![-1], label_tokens: labels };
-    Ok((prompts, pairs, sweep))
-}
 
-/// Runs the same random sweep with the resumed and the naive method and compares.
-pub fn bench_patch(model: &Model, spec: &PatchBenchSpec, progress: &ProgressBar) -> Result<PatchBench> {
-    let (prompts, pairs, sweep) = random_sweep(spec, model.cfg.vocab_size, model.cfg.n_layers)?;
-    let exps = experiments(&pairs, &sweep, model.cfg.n_layers)?;
-    let n_naive = spec.naive_limit.unwrap_or(exps.len()).min(exps.len());
-    progress.set_length((exps.len() + n_naive) as u64);
-    let run = |method: Method, skip: &HashSet<usize>| -> Result<(f64, Vec<ExperimentResult>)> {
+    /// Runs the experiments not in `skip` with `method`; returns the seconds and the results.
+    pub fn run(&self, engine: &dyn Engine, method: Method, skip: &HashSet<usize>, spec: &PatchBenchSpec, progress: &ProgressBar) -> Result<(f64, Vec<ExperimentResult>)> {
         let settings = RunSettings { method, skip, batch_rows: spec.batch_rows, mem_budget: spec.mem_budget, progress };
         let mut out = Vec::new();
         let t0 = Instant::now();
-        run_sweep(model, &prompts, &sweep, &exps, &settings, &mut |r| {
+        run_sweep(engine, &self.prompts, &self.sweep, &self.exps, &settings, &mut |r| {
             out.push(r);
             Ok(())
         })?;
         Ok((t0.elapsed().as_secs_f64(), out))
-    };
+    }
+}
+
+/// Runs the same random sweep with the resumed and the naive method on `engine` and compares.
+pub fn bench_patch(engine: &dyn Engine, spec: &PatchBenchSpec, progress: &ProgressBar) -> Result<PatchBench> {
+    let w = PatchWorkload::new(spec, engine.config())?;
+    let exps = &w.exps;
+    let n_naive = spec.naive_limit.unwrap_or(exps.len()).min(exps.len());
+    progress.set_length((exps.len() + n_naive) as u64);
     progress.set_message("resumed");
-    let (resumed_s, resumed) = run(Method::Resumed, &HashSet::new())?;
+    let (resumed_s, resumed) = w.run(engine, Method::Resumed, &HashSet::new(), spec, progress)?;
     progress.set_message("naive");
     // The naive method runs the first n_naive experiments (by id) of the same sweep.
     let skip: HashSet<usize> = exps.iter().skip(n_naive).map(|e| e.id).collect();
-    let (naive_s, naive) = run(Method::Naive, &skip)?;
+    let (naive_s, naive) = w.run(engine, Method::Naive, &skip, spec, progress)?;
     let mut max_abs_diff = 0.0f32;
     for n in &naive {
         if let Some(r) = resumed.iter().find(|r| r.id == n.id) {
@@ -117,7 +401,7 @@ pub fn bench_patch(model: &Model, spec: &PatchBenchSpec, progress: &ProgressBar)
     let resumed_per_s = resumed.len() as f64 / resumed_s;
     let naive_per_s = naive.len() as f64 / naive_s;
     Ok(PatchBench {
-        device: "cpu".into(),
+        device: device_label(engine),
         experiments: exps.len(),
         resumed_experiments: resumed.len(),
         naive_experiments: naive.len(),

@@ -1,0 +1,483 @@
+//! `patchbay cost`: FLOPs, bytes, peak memory and estimated time of a planned experiment,
+//! before running it (see src/experiments/cost.rs for the model).
+
+use std::path::{Path, PathBuf};
+
+use clap::{Args, Subcommand, ValueEnum};
+use serde::Serialize;
+use serde_json::{Value, json};
+
+use super::{parse_bytes, print_stdout, progress_bar};
+use patchbay::data::prompts::{PromptSource, load_prompts};
+use patchbay::experiments::bench::{PatchBenchSpec, PatchWorkload};
+use patchbay::experiments::cost::{Check, Estimate, ModelInfo, PassSpec, PatchPlan, Workload, bench_plan, devices, duration, estimate, measure_sweep, n_params, ratio, render};
+use patchbay::experiments::patch::{Method, Pair, SweepSpec, all_centers};
+use patchbay::model::Model;
+use patchbay::model::checkpoint::Checkpoint;
+use patchbay::model::config::{DType, ModelConfig};
+use patchbay::model::synth::{PRESETS, preset};
+use patchbay::sites::{Positions, Site, SiteKind};
+use patchbay::{Error, Result};
+
+const COST_HELP: &str = "Examples:
+  patchbay cost patch --like llama-3.2-1b --n-prompts 100 --prompt-len 48 --pairs 200 --sites attn_out,mlp_out,resid_post --window 5
+  patchbay cost patch --model M --token-ids ids.json --random-pairs 200 --window 5 --device h100 --json
+  patchbay cost capture --like llama-3.1-8b --n-prompts 10000 --prompt-len 64 --sites resid_post --positions -1
+  patchbay cost probe --model M --n-prompts 5000 --prompt-len 120 --sites attn_out,mlp_out,resid_post --positions -1..-5
+  patchbay cost forward --like gemma-2-2b --n-prompts 1000 --prompt-len 256 --device a100,h200
+  patchbay cost patch --model /tmp/small --n-prompts 20 --prompt-len 48 --pairs 10 --measure --naive-limit 36
+
+What is counted: the forward calls each workload makes (patch: the calls `patch` itself plans: clean
+runs of the sources and targets, targets grouped under --mem-budget, segments batched up to
+--batch-rows rows; naive: a full forward per experiment), and per call the GEMM FLOPs (2*m*n*k for
+q/k/v/o and gate/up/down, lm_head rows read), attention FLOPs (QK^T and PV over the visible keys,
+sliding windows included), bytes (weights, KV cache, activations, captures) on the CPU path (weights
+in their stored dtype, f32 math and KV) and the GPU path (bf16 weights, operands and KV), and peak
+memory (weights, kept clean runs and KV caches, the call's buffers, captures held).
+
+Time: per op max(FLOPs / throughput, bytes / bandwidth) on GPUs (the roofline), their sum on the CPU
+(its GEMM converts a weight tile, then multiplies it), plus a fixed cost per dispatched op; the
+dominant term is the largest of compute, memory and overhead. Devices: a100 (312 TFLOP/s dense
+bf16, 2.0 TB/s, 80 GB), h100 SXM (989 TFLOP/s, 3.35 TB/s, 80 GB), h200 (989 TFLOP/s, 4.8 TB/s,
+141 GB), from NVIDIA's datasheets, with 4 us per kernel launch assumed; GPU figures are peaks, so
+GPU estimates are lower bounds. cpu: measured on this machine in about half a second with the
+engine's own GEMM (at 1 to 256 rows) and attention at the model's shapes, a copy for bandwidth, and
+the fork-join cost of a parallel op, once per process.
+With --measure (patch, cpu) the planned sweep is run on the model (random prompts, every window, last
+token, as `bench patch`) and each method's measured time is printed beside its estimate, made from
+calibrations taken just before and just after that method runs.
+
+Only config.json is read (--model) or a synth preset used (--like): no weights are loaded, except
+with --measure.
+
+JSON (--json): one object: command, model {name, n_layers, d_model, d_mlp, vocab_size, params,
+weight_dtype}, workload {...}, devices [{name, path (cpu|gpu), gemm_flops, gemm_curve [[rows,
+FLOP/s]] (cpu), overlap (false on the cpu: terms add), attention_flops, weight_bandwidth, bandwidth,
+op_overhead_s, seq_overhead_s, memory_bytes, source}], methods [{method, items (experiments or
+prompts), phases
+[{name, calls, row_layers, flops {gemm, attention, lm_head, total}, bytes {cpu, gpu: {weights, kv,
+activations, captures, total}}, time [{device, seconds, compute_s, memory_s, overhead_s,
+dominant}]}], total {same fields}, peak_memory {cpu, gpu: {weights, kv_caches, activations,
+captures, total}}}], naive_over_resumed {flops, bytes_cpu, bytes_gpu, time [[device, x]]} or null,
+measured [{method, experiments, estimate_before_s, estimate_after_s, estimate_s, measured_s,
+ratio, cpu_wait, calibration_cpu_wait}] (with --measure: estimates from calibrations just before and
+after the run and their mean; ratio = measured / estimate; cpu_wait = share of the threads' runnable
+time spent waiting for a CPU taken by other processes, from Linux schedstat: on a shared machine
+both calibration and run stretch, not always alike). Units: FLOPs, bytes, seconds.";
+
+#[derive(Args)]
+#[command(after_help = COST_HELP)]
+pub struct CostArgs {
+    #[command(subcommand)]
+    what: CostWhat,
+}
+
+#[derive(Subcommand)]
+enum CostWhat {
+    /// A patching sweep (the flags of `patch`): the resumed and the naive method.
+    #[command(after_help = COST_HELP)]
+    Patch(PatchCostArgs),
+    /// The probe pipeline's capture: sites at positions, full-vocabulary logits at the last token.
+    #[command(after_help = COST_HELP)]
+    Probe(ProbeCostArgs),
+    /// `capture`: sites at positions (and logits with --logits).
+    #[command(after_help = COST_HELP)]
+    Capture(CaptureCostArgs),
+    /// A plain forward of every prompt, full-vocabulary logits at the last token.
+    #[command(after_help = COST_HELP)]
+    Forward(ForwardCostArgs),
+}
+
+/// The model and prompts every workload takes.
+#[derive(Args)]
+struct CommonArgs {
+    /// Hugging Face model directory (only config.json is read).
+    #[arg(long, required_unless_present = "like", conflicts_with = "like")]
+    model: Option<PathBuf>,
+    /// A preset instead of a directory (as `synth --like`): llama-3.2-1b, llama-3.1-8b, gemma-2-2b,
+    /// qwen2.5-7b, phi-3.5-mini, olmo-2-7b, mistral-7b-v0.3.
+    #[arg(long)]
+    like: Option<String>,
+    /// Override the number of layers (as `synth --layers`).
+    #[arg(long)]
+    n_layers: Option<usize>,
+    /// Number of prompts (of --prompt-len tokens each).
+    #[arg(long, default_value_t = 100)]
+    n_prompts: usize,
+    /// Tokens per prompt.
+    #[arg(long, default_value_t = 48)]
+    prompt_len: usize,
+    /// JSON file, a list of lists of token ids: the real prompts' lengths (replaces --n-prompts
+    /// and --prompt-len).
+    #[arg(long)]
+    token_ids: Option<PathBuf>,
+    /// Devices: all, or a comma list of cpu, a100, h100, h200.
+    #[arg(long, default_value = "all")]
+    device: String,
+    /// Print one JSON object (fields below).
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, ValueEnum)]
+enum MethodArg {
+    Both,
+    Resumed,
+    Naive,
+}
+
+#[derive(Args)]
+struct PatchCostArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// Site kinds patched (short names: resid_pre, attn_out, mlp_out, resid_post, z, mlp_post, ...).
+    #[arg(long, default_value = "attn_out,mlp_out,resid_post")]
+    sites: String,
+    /// Heads patched at head sites (z, q, ...), comma-separated; default all.
+    #[arg(long, conflicts_with = "neurons")]
+    heads: Option<String>,
+    /// Neurons patched at mlp_post, comma-separated; default all.
+    #[arg(long)]
+    neurons: Option<String>,
+    /// Layers patched at once: a window centred on each centre layer.
+    #[arg(long, default_value_t = 5)]
+    window: usize,
+    /// Centre layers, e.g. 2,3,4; default every centre where the window fits.
+    #[arg(long)]
+    layers: Option<String>,
+    /// Positions patched (relative -1 = last token, or absolute).
+    #[arg(long, default_value = "-1", allow_hyphen_values = true)]
+    positions: String,
+    /// N random pairs, or a JSONL file of {"source": i, "target": j} (as `patch --pairs`).
+    #[arg(long, conflicts_with = "random_pairs")]
+    pairs: Option<String>,
+    /// N random (source, target) pairs with source != target [default: 200].
+    #[arg(long)]
+    random_pairs: Option<usize>,
+    /// Seed of the random pairs (drawn as `bench patch` draws them).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Labels read at the last token: a count (13) or a list (anger,joy,...); only the number matters.
+    #[arg(long, default_value = "13")]
+    labels: String,
+    /// Methods estimated.
+    #[arg(long, value_enum, default_value_t = MethodArg::Both)]
+    method: MethodArg,
+    /// Rows per batched resumed forward.
+    #[arg(long, default_value_t = 256)]
+    batch_rows: usize,
+    /// Memory for clean KV caches, e.g. 2G.
+    #[arg(long, default_value = "2G")]
+    mem_budget: String,
+    /// Run the sweep on the CPU (needs --model with weights) and print measured beside estimated time.
+    #[arg(long)]
+    measure: bool,
+    /// With --measure: time the naive method on only the first K experiments (it is slow).
+    #[arg(long, requires = "measure")]
+    naive_limit: Option<usize>,
+    /// No progress bar (with --measure).
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(Args)]
+struct ProbeCostArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// Sites: short names (all layers), TransformerLens names or globs.
+    #[arg(long, default_value = "resid_post")]
+    sites: String,
+    /// Positions captured, e.g. -1..-5.
+    #[arg(long, default_value = "-1", allow_hyphen_values = true)]
+    positions: String,
+    /// Prompts per forward pass.
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    /// Cap on the size of one capture shard, in MiB.
+    #[arg(long, default_value_t = 256.0)]
+    shard_mb: f64,
+    /// No scoring (no logits).
+    #[arg(long)]
+    no_score: bool,
+}
+
+#[derive(Args)]
+struct CaptureCostArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// Sites (as `capture --sites`).
+    #[arg(long)]
+    sites: String,
+    /// `all`, or positions such as -1,-2.
+    #[arg(long, default_value = "-1", allow_hyphen_values = true)]
+    positions: String,
+    /// Also the full-vocabulary logits at the same positions.
+    #[arg(long)]
+    logits: bool,
+    /// Prompts per forward pass.
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+}
+
+#[derive(Args)]
+struct ForwardCostArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// Prompts per forward pass.
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+}
+
+pub fn run(a: CostArgs) -> Result<()> {
+    match a.what {
+        CostWhat::Patch(a) => patch(a),
+        CostWhat::Probe(a) => {
+            let positions = fixed_positions(&a.positions, "probe")?;
+            let spec = |cfg: &ModelConfig| -> Result<PassSpec> {
+                Ok(PassSpec {
+                    sites: Site::parse_spec(&a.sites, cfg)?,
+                    positions: positions.clone(),
+                    logits: (!a.no_score).then(|| (Positions::List(vec![-1]), cfg.vocab_size)),
+                    batch_size: a.batch_size,
+                    hold_bytes: Some((a.shard_mb * 1048576.0) as usize),
+                })
+            };
+            passes(&a.common, "probe", json!({"sites": a.sites, "positions": a.positions, "batch_size": a.batch_size, "shard_mb": a.shard_mb, "score": !a.no_score}), spec)
+        }
+        CostWhat::Capture(a) => {
+            let positions = Positions::parse(&a.positions)?;
+            let spec = |cfg: &ModelConfig| -> Result<PassSpec> {
+                Ok(PassSpec { sites: Site::parse_spec(&a.sites, cfg)?, positions: positions.clone(), logits: a.logits.then(|| (positions.clone(), cfg.vocab_size)), batch_size: a.batch_size, hold_bytes: None })
+            };
+            passes(&a.common, "capture", json!({"sites": a.sites, "positions": a.positions, "logits": a.logits, "batch_size": a.batch_size}), spec)
+        }
+        CostWhat::Forward(a) => {
+            let spec = |cfg: &ModelConfig| -> Result<PassSpec> {
+                Ok(PassSpec { sites: Vec::new(), positions: Positions::List(Vec::new()), logits: Some((Positions::List(vec![-1]), cfg.vocab_size)), batch_size: a.batch_size, hold_bytes: None })
+            };
+            passes(&a.common, "forward", json!({"batch_size": a.batch_size}), spec)
+        }
+    }
+}
+
+/// A position list (probes and patches need fixed positions).
+fn fixed_positions(spec: &str, what: &str) -> Result<Positions> {
+    match Positions::parse(spec)? {
+        Positions::All => Err(Error::input(format!("--positions all is not supported for {what}: give a list such as -1"))),
+        p => Ok(p),
+    }
+}
+
+/// The model's config (from DIR/config.json or a preset, --n-layers applied), its name, and the
+/// dtype its weights are read in on the CPU path: the checkpoint's own where there is one, else
+/// config.json's, else bf16 (what `synth` writes).
+fn load_config(c: &CommonArgs) -> Result<(ModelConfig, String, DType)> {
+    let (mut value, path, name): (Value, PathBuf, String) = match (&c.model, &c.like) {
+        (Some(dir), _) => {
+            let path = dir.join("config.json");
+            let bytes = patchbay::error::read_file(&path)?;
+            (serde_json::from_slice(&bytes).map_err(|e| Error::file(&path, format!("not valid JSON: {e}")))?, path, dir.display().to_string())
+        }
+        (None, Some(like)) => (preset(like)?, PathBuf::from(format!("preset {like}")), like.clone()),
+        (None, None) => return Err(Error::input(format!("give --model DIR or --like PRESET (one of {})", PRESETS.join(", ")))),
+    };
+    if let Some(n) = c.n_layers {
+        let obj = value.as_object_mut().ok_or_else(|| Error::file(&path, "config must be a JSON object"))?;
+        obj.insert("num_hidden_layers".into(), n.into());
+        obj.remove("layer_types");
+    }
+    let cfg = ModelConfig::from_json(&value, &path)?;
+    let stored = c.model.as_ref().and_then(|dir| Checkpoint::open(dir).ok()).and_then(|ck| ck.get("model.embed_tokens.weight", &[cfg.vocab_size, cfg.d_model]).ok()).map(|w| w.dtype);
+    let dtype = match &c.model {
+        Some(_) => stored.or(cfg.declared_dtype).unwrap_or(DType::BF16),
+        None => DType::BF16,
+    };
+    Ok((cfg, name, dtype))
+}
+
+/// Prompt lengths: from --token-ids, or --n-prompts of --prompt-len.
+fn prompt_lens(c: &CommonArgs) -> Result<Vec<usize>> {
+    match &c.token_ids {
+        Some(path) => Ok(load_prompts(PromptSource::TokenIds(path), Path::new(""), false)?.iter().map(Vec::len).collect()),
+        None if c.n_prompts == 0 || c.prompt_len == 0 => Err(Error::input("--n-prompts and --prompt-len must be at least 1")),
+        None => Ok(vec![c.prompt_len; c.n_prompts]),
+    }
+}
+
+fn model_info(cfg: &ModelConfig, name: String, dtype: DType) -> ModelInfo {
+    let (matrices, vectors) = n_params(cfg);
+    ModelInfo { name, n_layers: cfg.n_layers, d_model: cfg.d_model, d_mlp: cfg.d_mlp, vocab_size: cfg.vocab_size, params: matrices + vectors, weight_dtype: dtype.name().into() }
+}
+
+fn lens_json(lens: &[usize]) -> Value {
+    json!({"n_prompts": lens.len(), "min_len": lens.iter().min(), "max_len": lens.iter().max(), "total_tokens": lens.iter().sum::<usize>()})
+}
+
+/// The whole output: the estimate and, with --measure, the checks.
+#[derive(Serialize)]
+struct Output<'a> {
+    #[serde(flatten)]
+    estimate: &'a Estimate,
+    measured: &'a [Check],
+}
+
+fn print(e: &Estimate, measured: &[Check], as_json: bool) -> Result<()> {
+    if as_json {
+        let text = serde_json::to_string(&Output { estimate: e, measured }).map_err(|err| Error::input(err.to_string()))?;
+        print_stdout(&format!("{text}\n"));
+        return Ok(());
+    }
+    let mut s = render(e);
+    if !measured.is_empty() {
+        s.push_str("\nmeasured on this CPU:\n");
+        for c in measured {
+            s.push_str(&format!(
+                "  {:<8} {:>6} experiments: estimate {:>10} (calibrated before {}, after {}), measured {:>10}, measured/estimate {:.2}{}\n",
+                c.method,
+                c.experiments,
+                duration(c.estimate_s),
+                duration(c.estimate_before_s),
+                duration(c.estimate_after_s),
+                duration(c.measured_s),
+                c.ratio,
+                match (c.cpu_wait, c.calibration_cpu_wait) {
+                    (Some(w), Some(cw)) => format!("; threads waited for a CPU {:.0}% of the run, {:.0}% of the calibrations", w * 100.0, cw * 100.0),
+                    _ => String::new(),
+                }
+            ));
+        }
+    }
+    print_stdout(&s);
+    Ok(())
+}
+
+fn passes(c: &CommonArgs, command: &str, workload: Value, spec: impl Fn(&ModelConfig) -> Result<PassSpec>) -> Result<()> {
+    let (cfg, name, dtype) = load_config(c)?;
+    let lens = prompt_lens(c)?;
+    let spec = spec(&cfg)?;
+    let devs = devices(&c.device, &cfg, dtype)?;
+    let methods = estimate(&cfg, dtype, &lens, &Workload::Passes(spec), &devs)?;
+    let mut workload = workload;
+    workload["prompts"] = lens_json(&lens);
+    let e = Estimate { command: command.into(), model: model_info(&cfg, name, dtype), workload, devices: devs, methods, naive_over_resumed: None };
+    print(&e, &[], c.json)
+}
+
+fn usize_list(spec: &str, what: &str) -> Result<Vec<usize>> {
+    spec.split(',').map(|s| s.trim().parse().map_err(|_| Error::input(format!("{what} `{s}` is not a non-negative integer")))).collect()
+}
+
+/// The number of labels: a count, or the length of a comma list.
+fn n_labels(spec: &str) -> Result<usize> {
+    let n = spec.trim().parse().unwrap_or_else(|_| spec.split(',').filter(|s| !s.trim().is_empty()).count());
+    if n == 0 {
+        return Err(Error::input("--labels: give a count (13) or a list of labels"));
+    }
+    Ok(n)
+}
+
+fn patch(a: PatchCostArgs) -> Result<()> {
+    let (cfg, name, dtype) = load_config(&a.common)?;
+    let lens = prompt_lens(&a.common)?;
+    let sites = a.sites.split(',').map(|s| SiteKind::from_short_name(s.trim()).ok_or_else(|| Error::input(format!("unknown site kind `{s}`")))).collect::<Result<Vec<_>>>()?;
+    let units = match (&a.heads, &a.neurons) {
+        (Some(h), _) => Some(usize_list(h, "head")?),
+        (_, Some(n)) => Some(usize_list(n, "neuron")?),
+        _ => None,
+    };
+    let positions = match fixed_positions(&a.positions, "patching")? {
+        Positions::List(l) => l,
+        Positions::All => Vec::new(),
+    };
+    let centers = match &a.layers {
+        Some(l) => usize_list(l, "layer")?,
+        None => all_centers(a.window, cfg.n_layers),
+    };
+    let n_labels = n_labels(&a.labels)?;
+    // Random pairs and label tokens as `bench patch` draws them (what --measure runs).
+    let (pairs_n, pairs_file) = match (&a.pairs, a.random_pairs) {
+        (Some(p), _) => match p.trim().parse::<usize>() {
+            Ok(n) => (n, None),
+            Err(_) => (0, Some(PathBuf::from(p))),
+        },
+        (None, n) => (n.unwrap_or(200), None),
+    };
+    let bench = PatchBenchSpec {
+        n_prompts: lens.len(),
+        prompt_len: lens[0],
+        n_pairs: pairs_n,
+        sites: sites.clone(),
+        window: a.window,
+        n_labels,
+        seed: a.seed,
+        naive_limit: a.naive_limit,
+        batch_rows: a.batch_rows,
+        mem_budget: parse_bytes(&a.mem_budget)?,
+    };
+    if a.window == 0 || a.window > cfg.n_layers {
+        return Err(Error::input(format!("window {} must be in 1..={}", a.window, cfg.n_layers)));
+    }
+    if lens.len() < 2 {
+        return Err(Error::input("patching needs at least 2 prompts"));
+    }
+    if n_labels > cfg.vocab_size {
+        return Err(Error::input(format!("{n_labels} labels: the vocabulary has {} tokens", cfg.vocab_size)));
+    }
+    let drawn = PatchWorkload::new(&bench, &cfg)?;
+    let pairs: Vec<Pair> = match &pairs_file {
+        Some(path) => read_pairs(path)?,
+        None => bench_plan(&drawn, &bench).pairs,
+    };
+    let sweep = SweepSpec { sites, units, window: a.window, centers, positions, label_tokens: drawn.sweep.label_tokens.clone() };
+    let plan = PatchPlan { pairs, sweep, batch_rows: a.batch_rows, mem_budget: bench.mem_budget };
+    let workload = json!({
+        "prompts": lens_json(&lens), "pairs": plan.pairs.len(), "sites": a.sites, "units": plan.sweep.units, "window": a.window,
+        "centers": plan.sweep.centers, "positions": plan.sweep.positions, "labels": n_labels, "batch_rows": a.batch_rows, "mem_budget_bytes": plan.mem_budget,
+    });
+    let devs = devices(&a.common.device, &cfg, dtype)?;
+    let (resumed, naive) = (a.method != MethodArg::Naive, a.method != MethodArg::Resumed);
+    let methods = estimate(&cfg, dtype, &lens, &Workload::Patch { plan: plan.clone(), resumed, naive }, &devs)?;
+    let naive_over_resumed = match (methods.first(), methods.get(1)) {
+        (Some(r), Some(n)) => Some(ratio(r, n)),
+        _ => None,
+    };
+    let mut workload = workload;
+    workload["experiments"] = json!(methods.first().map_or(0, |m| m.items));
+    let e = Estimate { command: "patch".into(), model: model_info(&cfg, name, dtype), workload, devices: devs, methods, naive_over_resumed };
+    let measured = if a.measure { measure(&a, &cfg, dtype, &bench, &drawn)? } else { Vec::new() };
+    print(&e, &measured, a.common.json)
+}
+
+/// JSONL pairs file (as `patch --pairs`).
+fn read_pairs(path: &Path) -> Result<Vec<Pair>> {
+    let text = String::from_utf8(patchbay::error::read_file(path)?).map_err(|_| Error::file(path, "not UTF-8"))?;
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| serde_json::from_str(l).map_err(|e| Error::file(path, format!("line {}: expected {{\"source\": i, \"target\": j}}: {e}", i + 1))))
+        .collect()
+}
+
+/// Runs the planned sweep on the CPU (the `bench patch` workload: random prompts, every window,
+/// last token) and checks each method's time against its estimate.
+fn measure(a: &PatchCostArgs, cfg: &ModelConfig, dtype: DType, bench: &PatchBenchSpec, drawn: &PatchWorkload) -> Result<Vec<Check>> {
+    let dir = a.common.model.as_ref().ok_or_else(|| Error::input("--measure runs the sweep: give --model DIR with weights (e.g. from `patchbay synth`)"))?;
+    if a.common.token_ids.is_some() || a.layers.is_some() || a.heads.is_some() || a.neurons.is_some() || a.positions.trim() != "-1" || a.pairs.as_deref().is_some_and(|p| p.parse::<usize>().is_err()) {
+        return Err(Error::input("--measure runs the `bench patch` sweep (random prompts of --prompt-len, random pairs, every window, last token): drop --token-ids, a pairs file, --layers, --positions, --heads and --neurons"));
+    }
+    let model = Model::load(dir)?;
+    if model.cfg.n_layers != cfg.n_layers {
+        return Err(Error::input(format!("--measure: --n-layers {} differs from the checkpoint's {} layers", cfg.n_layers, model.cfg.n_layers)));
+    }
+    let n = drawn.exps.len();
+    let n_naive = a.naive_limit.unwrap_or(n).min(n);
+    let bar = progress_bar((n + n_naive) as u64, "measure", "experiments", a.quiet || a.common.json);
+    let mut checks = Vec::new();
+    for (method, limit) in [(Method::Resumed, n), (Method::Naive, n_naive)] {
+        if limit > 0 {
+            checks.push(measure_sweep(&model, dtype, drawn, bench, method, limit, &bar)?);
+        }
+    }
+    bar.finish_and_clear();
+    Ok(checks)
+}

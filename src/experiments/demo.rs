@@ -1,0 +1,181 @@
+//! The parts of `patchbay demo` that are not experiments of their own elsewhere: pairs of prompts
+//! with different gold labels (for patching), class-mean directions, and steering: adding a
+//! direction to the residual stream at every position and reading the label probabilities at
+//! the last token (with a random direction of the same norm as the control).
+
+use std::collections::HashSet;
+
+use indicatif::ProgressBar;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::Serialize;
+
+use crate::engine::{Engine, RunRequest};
+use crate::experiments::patch::Pair;
+use crate::intervene::{Intervention, Op, gaussian, norm};
+use crate::sites::{Positions, Site};
+use crate::{Error, Result};
+
+/// Up to `n` distinct random (source, target) pairs of `eligible` prompts whose gold labels
+/// differ (fewer when there are not that many), seeded.
+pub fn contrast_pairs(gold: &[usize], eligible: &[usize], n: usize, seed: u64) -> Result<Vec<Pair>> {
+    let possible: usize = eligible.iter().map(|&s| eligible.iter().filter(|&&t| gold[t] != gold[s]).count()).sum();
+    if possible == 0 {
+        return Err(Error::input("patching needs prompts of at least two different labels"));
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut seen = HashSet::new();
+    let mut out = Vec::with_capacity(n.min(possible));
+    while out.len() < n.min(possible) {
+        let source = eligible[rng.random_range(0..eligible.len())];
+        let target = eligible[rng.random_range(0..eligible.len())];
+        if gold[source] != gold[target] && seen.insert((source, target)) {
+            out.push(Pair { source, target });
+        }
+    }
+    Ok(out)
+}
+
+/// For each class `c < k`: mean(x | c) - mean(x | not c) over the rows of `x` (`[n, d]`), or
+/// None when class `c` or the other classes have no row.
+pub fn class_mean_directions(x: &[f32], d: usize, classes: &[usize], k: usize) -> Vec<Option<Vec<f32>>> {
+    debug_assert_eq!(x.len(), classes.len() * d);
+    // sums: [k, d] per-class sums, total: [d]
+    let mut sums = vec![vec![0.0f64; d]; k];
+    let mut counts = vec![0usize; k];
+    for (row, &c) in x.chunks(d).zip(classes) {
+        sums[c].iter_mut().zip(row).for_each(|(s, &v)| *s += v as f64);
+        counts[c] += 1;
+    }
+    let total: Vec<f64> = (0..d).map(|j| sums.iter().map(|s| s[j]).sum()).collect();
+    let n = classes.len();
+    (0..k)
+        .map(|c| {
+            let (nc, rest) = (counts[c], n - counts[c]);
+            (nc > 0 && rest > 0).then(|| (0..d).map(|j| (sums[c][j] / nc as f64 - (total[j] - sums[c][j]) / rest as f64) as f32).collect())
+        })
+        .collect()
+}
+
+/// A Gaussian random vector with the norm of `v` (seeded).
+pub fn random_like(v: &[f32], seed: u64) -> Vec<f32> {
+    let r: Vec<f32> = (0..v.len()).map(|i| gaussian(seed, 0, i as u64)).collect();
+    let scale = norm(v) / norm(&r).max(f32::MIN_POSITIVE);
+    r.into_iter().map(|x| x * scale).collect()
+}
+
+/// Which direction a steering condition adds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DirectionKind {
+    /// The label's class-mean direction.
+    ClassMean,
+    /// A random direction of the same norm (the control).
+    Random,
+}
+
+/// A steering direction towards one label and the prompts it is tried on (of other labels).
+pub struct SteerTarget {
+    pub label: usize,
+    /// `[d_model]`
+    pub direction: Vec<f32>,
+    pub prompts: Vec<usize>,
+}
+
+/// The outcome of one (label, direction kind, strength) over its prompts.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct SteerRow {
+    pub label: String,
+    pub direction: DirectionKind,
+    pub strength: f32,
+    pub n: usize,
+    /// Mean probability of the label (softmax over the label set's logits at the last token).
+    pub mean_prob: f64,
+    /// Fraction of the prompts whose prediction becomes the label.
+    pub hit_rate: f64,
+}
+
+/// Probability of entry `i` under a softmax of `logits`.
+fn softmax_at(logits: &[f32], i: usize) -> f64 {
+    let m = logits.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    let z: f64 = logits.iter().map(|&l| ((l - m) as f64).exp()).sum();
+    ((logits[i] - m) as f64).exp() / z
+}
+
+/// Steers every target's prompts with `strength * direction` added at `site` (every position),
+/// for every strength, with the class-mean direction and with a random one of the same norm
+/// (seeded by `seed` and the label); reads the label logits (`label_tokens`) at the last token.
+/// Rows come strength-major, then direction kind, then target. The progress bar counts prompts.
+#[allow(clippy::too_many_arguments)]
+pub fn steer_sweep(
+    engine: &dyn Engine,
+    prompts: &[Vec<u32>],
+    site: Site,
+    targets: &[SteerTarget],
+    strengths: &[f32],
+    label_names: &[String],
+    label_tokens: &[u32],
+    seed: u64,
+    batch_size: usize,
+    progress: &ProgressBar,
+) -> Result<Vec<SteerRow>> {
+    let cfg = engine.config();
+    site.check(cfg)?;
+    let k = label_tokens.len();
+    if label_names.len() != k {
+        return Err(Error::input(format!("{} label names for {k} label tokens", label_names.len())));
+    }
+    for t in targets {
+        if t.label >= k || t.direction.len() != cfg.d_model {
+            return Err(Error::input(format!("steering target {}: label index out of range or direction of width {} (d_model {})", t.label, t.direction.len(), cfg.d_model)));
+        }
+        if let Some(&bad) = t.prompts.iter().find(|&&p| p >= prompts.len()) {
+            return Err(Error::input(format!("steering target {}: prompt {bad} is out of range ({} prompts)", t.label, prompts.len())));
+        }
+    }
+    let randoms: Vec<Vec<f32>> = targets.iter().map(|t| random_like(&t.direction, seed ^ (t.label as u64 + 1))).collect();
+    // Conditions (strength, kind, target) and every (condition, prompt) item, in row order.
+    let kinds = [DirectionKind::ClassMean, DirectionKind::Random];
+    let conditions: Vec<(f32, DirectionKind, usize)> = strengths.iter().flat_map(|&s| kinds.iter().flat_map(move |&kind| (0..targets.len()).map(move |t| (s, kind, t)))).collect();
+    let items: Vec<(usize, usize)> = conditions.iter().enumerate().flat_map(|(c, &(_, _, t))| targets[t].prompts.iter().map(move |&p| (c, p))).collect();
+    // Per condition: sum of probabilities, hits.
+    let mut acc = vec![(0.0f64, 0usize); conditions.len()];
+    let last = Positions::List(vec![-1]);
+    for chunk in items.chunks(batch_size.max(1)) {
+        let batch: Vec<Vec<u32>> = chunk.iter().map(|&(_, p)| prompts[p].clone()).collect();
+        // One intervention per condition present in the chunk, on its batch entries.
+        let mut ivs: Vec<Intervention> = Vec::new();
+        let mut owner: Vec<usize> = Vec::new();
+        for (j, &(c, _)) in chunk.iter().enumerate() {
+            match owner.iter().position(|&o| o == c) {
+                Some(i) => ivs[i].prompts.get_or_insert_with(Vec::new).push(j),
+                None => {
+                    let (strength, kind, t) = conditions[c];
+                    let v = if kind == DirectionKind::ClassMean { &targets[t].direction } else { &randoms[t] };
+                    ivs.push(Intervention { site, prompts: Some(vec![j]), positions: Positions::All, units: None, op: Op::Add { beta: strength, v: v.clone(), normalize: false } });
+                    owner.push(c);
+                }
+            }
+        }
+        let out = engine.run_prompts(&batch, &RunRequest { interventions: &ivs, logits_at: Some(&last), logit_tokens: Some(label_tokens), ..Default::default() })?;
+        if out.logits.len() != chunk.len() * k {
+            return Err(Error::input(format!("engine returned {} label logits for {} prompts", out.logits.len(), chunk.len())));
+        }
+        for (&(c, _), logits) in chunk.iter().zip(out.logits.chunks(k)) {
+            let label = targets[conditions[c].2].label;
+            acc[c].0 += softmax_at(logits, label);
+            acc[c].1 += usize::from(crate::learn::logreg::argmax(logits) == label);
+        }
+        progress.inc(chunk.len() as u64);
+    }
+    Ok(conditions
+        .iter()
+        .zip(acc)
+        .map(|(&(strength, direction, t), (p, hits))| {
+            let n = targets[t].prompts.len();
+            let label = label_names[targets[t].label].clone();
+            let frac = |v: f64| if n == 0 { f64::NAN } else { v / n as f64 };
+            SteerRow { label, direction, strength, n, mean_prob: frac(p), hit_rate: frac(hits as f64) }
+        })
+        .collect())
+}
