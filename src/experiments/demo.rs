@@ -95,13 +95,6 @@ pub struct SteerRow {
     pub hit_rate: f64,
 }
 
-/// Probability of entry `i` under a softmax of `logits`.
-fn softmax_at(logits: &[f32], i: usize) -> f64 {
-    let m = logits.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-    let z: f64 = logits.iter().map(|&l| ((l - m) as f64).exp()).sum();
-    ((logits[i] - m) as f64).exp() / z
-}
-
 /// Steers every target's prompts with `strength * direction` added at `site` (every position),
 /// for every strength, with the class-mean direction and with a random one of the same norm
 /// (seeded by `seed` and the label); reads the label logits (`label_tokens`) at the last token.
@@ -163,8 +156,10 @@ pub fn steer_sweep(
         }
         for (&(c, _), logits) in chunk.iter().zip(out.logits.chunks(k)) {
             let label = targets[conditions[c].2].label;
-            acc[c].0 += softmax_at(logits, label);
-            acc[c].1 += usize::from(crate::learn::logreg::argmax(logits) == label);
+            // softmax over the labels at `label`, and whether `label` is the argmax
+            let m = crate::backend::ops::metrics::label_metrics_row(logits, label as i32, crate::backend::ops::metrics::DIFF_VS_MAX_OTHER, label as i32);
+            acc[c].0 += m.prob as f64;
+            acc[c].1 += usize::from(m.pred as usize == label);
         }
         progress.inc(chunk.len() as u64);
     }
