@@ -77,20 +77,22 @@ pub fn accuracy_by_layer(path: &Path, rows: &[ResultRow], chance: Option<f64>, t
     let grid_rows = positions.len().div_ceil(cols);
     let (pw, ph) = (520u32, 380u32);
     let head = 80u32;
-    let (w, h) = (pw * cols as u32, ph * grid_rows as u32 + head);
+    // Shared legend: one entry per site, then the majority-class line.
+    let mut entries: Vec<(String, RGBColor, bool)> = sites.iter().enumerate().map(|(i, s)| (s.clone(), PALETTE[i % PALETTE.len()], false)).collect();
+    if let Some(c) = chance {
+        entries.push((format!("majority class ({c:.2})"), RGBColor(90, 90, 90), true));
+    }
+    let entry_w = |e: &(String, RGBColor, bool)| 40 + 8 * e.0.chars().count() as i32;
+    let total: i32 = entries.iter().map(entry_w).sum();
+    // Wide enough for the title and the legend.
+    let w = (pw * cols as u32).max(total as u32 + 40).max(12 * title.chars().count() as u32 + 40);
+    let h = ph * grid_rows as u32 + head;
     let mut buf = vec![255u8; (w * h * 3) as usize];
     {
         let root = BitMapBackend::with_buffer(&mut buf, (w, h)).into_drawing_area();
         root.fill(&WHITE).map_err(plot_err(path))?;
         let (top, body) = root.split_vertically(head);
         top.draw(&Text::new(title.to_string(), (w as i32 / 2, 20), ("sans-serif", 22.0).into_font().style(FontStyle::Bold).color(&BLACK).pos(Pos::new(HPos::Center, VPos::Center)))).map_err(plot_err(path))?;
-        // Shared legend: one entry per site, then the majority-class line.
-        let mut entries: Vec<(String, RGBColor, bool)> = sites.iter().enumerate().map(|(i, s)| (s.clone(), PALETTE[i % PALETTE.len()], false)).collect();
-        if let Some(c) = chance {
-            entries.push((format!("majority class ({c:.2})"), RGBColor(90, 90, 90), true));
-        }
-        let entry_w = |e: &(String, RGBColor, bool)| 40 + 8 * e.0.chars().count() as i32;
-        let total: i32 = entries.iter().map(entry_w).sum();
         let mut x = (w as i32 - total) / 2;
         for e in &entries {
             let y = 56;
