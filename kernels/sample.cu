@@ -152,6 +152,13 @@ __device__ __forceinline__ float sample_weight(float v, float m, float inv_t) {
     return fminf(expf((v - m) * inv_t), 1.0f);
 }
 
+// Whether weight w is in the nucleus whose threshold weight is W: every w > W, and the first r
+// of the ids tied at W in id order (`rank` counts the ties seen so far, advanced here).
+__device__ __forceinline__ bool sample_keep(float w, float W, int r, int& rank) {
+    if (w != W) return w > W;
+    return rank++ < r;
+}
+
 extern "C" __global__ void sample_f32(
     const float* logits,  // [n, V]
     int n,
@@ -253,11 +260,7 @@ extern "C" __global__ void sample_f32(
     int rank = tie_rank0;
     for (int i = c0; i < c1; ++i) {
         const float w = sample_weight(x[i], m, inv_t);
-        bool keep = w > W;
-        if (w == W) {
-            keep = rank < r;
-            ++rank;
-        }
+        const bool keep = sample_keep(w, W, r, rank);
         if (keep && w > 0.0f) {
             kept += w;
             last = i;
@@ -276,11 +279,7 @@ extern "C" __global__ void sample_f32(
         rank = tie_rank0;
         for (int i = c0; i < c1; ++i) {
             const float w = sample_weight(x[i], m, inv_t);
-            bool keep = w > W;
-            if (w == W) {
-                keep = rank < r;
-                ++rank;
-            }
+            const bool keep = sample_keep(w, W, r, rank);
             if (keep && w > 0.0f) {
                 run += w;
                 if (before + run > thresh) {
