@@ -30,7 +30,13 @@ use crate::sites::{Positions, Site, SiteKind};
 use crate::{Error, Result};
 
 /// Positions per KV cache block.
-const BLOCK_SIZE: usize = 16;
+pub const BLOCK_SIZE: usize = 16;
+
+/// Bytes a kept device clean run of `len` positions holds: bf16 keys and values in whole
+/// blocks and f32 resid_pre, per layer.
+pub fn clean_run_bytes(cfg: &ModelConfig, len: usize) -> usize {
+    len.div_ceil(BLOCK_SIZE) * BLOCK_SIZE * 2 * cfg.kv_width() * 2 * cfg.n_layers + len * cfg.d_model * 4 * cfg.n_layers
+}
 
 /// A linear layer on the device: w `[out, in]` bf16, b `[out]` f32.
 struct DeviceLinear {
@@ -500,18 +506,12 @@ impl DeviceModel {
     /// Runs `prompts` from layer 0 on fresh pool blocks; returns each prompt's blocks (the
     /// caller keeps or gives them back), the output and, with `keep_resid`, resid_pre.
     fn run_fresh(&self, pool: &mut KvPool, prompts: &[Vec<u32>], req: &RunRequest, keep_resid: bool) -> Result<(Vec<Vec<u32>>, RunOutput, Option<DeviceBuffer<f32>>)> {
-        let mut seqs = Vec::with_capacity(prompts.len());
-        for p in prompts {
-            let blocks = pool.take(&self.driver, p.len().div_ceil(BLOCK_SIZE));
-            let blocks = match blocks {
-                Ok(b) => b,
-                Err(e) => {
-                    seqs.iter().for_each(|s: &CallSeq| pool.give_back(&s.blocks));
-                    return Err(e);
-                }
-            };
-            seqs.push(CallSeq { input: CallInput::Tokens(p), pos0: 0, n_new: p.len(), blocks });
-        }
+        // One take for the whole call (nothing to give back if it fails), split per prompt.
+        let mut free = pool.take(&self.driver, prompts.iter().map(|p| p.len().div_ceil(BLOCK_SIZE)).sum())?.into_iter();
+        let seqs = prompts
+            .iter()
+            .map(|p| CallSeq { input: CallInput::Tokens(p), pos0: 0, n_new: p.len(), blocks: free.by_ref().take(p.len().div_ceil(BLOCK_SIZE)).collect() })
+            .collect();
         let call = Call { start_layer: 0, seqs, copies: Vec::new(), keep_resid };
         let out = self.run_call(&call, pool, req);
         let blocks: Vec<Vec<u32>> = call.seqs.into_iter().map(|s| s.blocks).collect();
@@ -604,8 +604,6 @@ impl Engine for DeviceModel {
     }
 
     fn clean_run_bytes(&self, len: usize) -> usize {
-        // bf16 keys and values (whole blocks) and f32 resid_pre per layer.
-        let n_layers = self.cfg.n_layers;
-        len.div_ceil(BLOCK_SIZE) * BLOCK_SIZE * 2 * self.cfg.kv_width() * 2 * n_layers + len * self.cfg.d_model * 4 * n_layers
+        clean_run_bytes(&self.cfg, len)
     }
 }

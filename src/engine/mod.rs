@@ -67,6 +67,11 @@ fn resid_pre_captures(cfg: &ModelConfig) -> Vec<Capture> {
     (0..cfg.n_layers).map(|l| Capture { site: Site::new(l, SiteKind::ResidPre), positions: Positions::All }).collect()
 }
 
+/// Bytes a kept CPU clean run of `len` positions holds: f32 keys, values and resid_pre per layer.
+pub fn clean_run_bytes(cfg: &ModelConfig, len: usize) -> usize {
+    len * (2 * cfg.kv_width() + cfg.d_model) * 4 * cfg.n_layers
+}
+
 /// The CPU reference's clean run: the cache and resid_pre per layer (`[len, d_model]` each).
 struct CpuClean {
     cache: Arc<KvCache>,
@@ -121,8 +126,7 @@ impl Engine for crate::model::Model {
         self.run_from(start_layer, &mut seqs, req)
     }
     fn clean_run_bytes(&self, len: usize) -> usize {
-        // f32 keys, values and resid_pre per layer.
-        len * (2 * self.cfg.kv_width() + self.cfg.d_model) * 4 * self.cfg.n_layers
+        clean_run_bytes(&self.cfg, len)
     }
 }
 

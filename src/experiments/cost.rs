@@ -526,7 +526,7 @@ fn call_work(cfg: &ModelConfig, call: &Call, path: Path, weight_dtype: DType) ->
                 // segment's rows; on a device the prefix's partial block is copied (copy-on-write).
                 let copied = match path {
                     Path::Cpu => cached + new,
-                    Path::Gpu => cached % DEVICE_KV_BLOCK,
+                    Path::Gpu => cached % crate::engine::device_forward::BLOCK_SIZE,
                 };
                 kv_bytes += 2.0 * 2.0 * kvw * sz.kv * copied as f64;
             }
@@ -709,17 +709,13 @@ fn site_width(cfg: &ModelConfig, site: Site, n_keys: usize) -> usize {
     n * w
 }
 
-/// KV positions per block of the device engine's paged cache (device_forward.rs BLOCK_SIZE).
-const DEVICE_KV_BLOCK: usize = 16;
-
 /// Bytes a kept clean run of `len` positions holds, as each engine's `clean_run_bytes` reports
 /// it: f32 keys, values and resid_pre per layer on the CPU; bf16 keys and values in whole
 /// blocks and f32 resid_pre on a device. `run_sweep` groups targets by it.
 pub fn clean_run_bytes(cfg: &ModelConfig, path: Path, len: usize) -> usize {
-    let (kvw, d, nl) = (cfg.kv_width(), cfg.d_model, cfg.n_layers);
     match path {
-        Path::Cpu => len * (2 * kvw + d) * 4 * nl,
-        Path::Gpu => len.div_ceil(DEVICE_KV_BLOCK) * DEVICE_KV_BLOCK * 2 * kvw * 2 * nl + len * d * 4 * nl,
+        Path::Cpu => crate::engine::clean_run_bytes(cfg, len),
+        Path::Gpu => crate::engine::device_forward::clean_run_bytes(cfg, len),
     }
 }
 
