@@ -7,16 +7,17 @@ use clap::{Args, Subcommand, ValueEnum};
 use serde::Serialize;
 use serde_json::{Value, json};
 
+use super::patch::SweepArgs;
 use super::{parse_bytes, print_stdout, progress_bar};
 use patchbay::data::prompts::{PromptSource, load_prompts};
 use patchbay::experiments::bench::{PatchBenchSpec, PatchWorkload};
 use patchbay::experiments::cost::{Check, Estimate, ModelInfo, PassSpec, PatchPlan, Workload, bench_plan, devices, duration, estimate, measure_sweep, n_params, ratio, render};
-use patchbay::experiments::patch::{Method, Pair, SweepSpec, all_centers};
+use patchbay::experiments::patch::{Method, Pair};
 use patchbay::model::Model;
 use patchbay::model::checkpoint::Checkpoint;
 use patchbay::model::config::{DType, ModelConfig};
 use patchbay::model::synth::{PRESETS, preset};
-use patchbay::sites::{Positions, Site, SiteKind};
+use patchbay::sites::{Positions, Site};
 use patchbay::{Error, Result};
 
 const COST_HELP: &str = "Examples:
@@ -130,24 +131,8 @@ enum MethodArg {
 struct PatchCostArgs {
     #[command(flatten)]
     common: CommonArgs,
-    /// Site kinds patched (short names: resid_pre, attn_out, mlp_out, resid_post, z, mlp_post, ...).
-    #[arg(long, default_value = "attn_out,mlp_out,resid_post")]
-    sites: String,
-    /// Heads patched at head sites (z, q, ...), comma-separated; default all.
-    #[arg(long, conflicts_with = "neurons")]
-    heads: Option<String>,
-    /// Neurons patched at mlp_post, comma-separated; default all.
-    #[arg(long)]
-    neurons: Option<String>,
-    /// Layers patched at once: a window centred on each centre layer.
-    #[arg(long, default_value_t = 5)]
-    window: usize,
-    /// Centre layers, e.g. 2,3,4; default every centre where the window fits.
-    #[arg(long)]
-    layers: Option<String>,
-    /// Positions patched (relative -1 = last token, or absolute).
-    #[arg(long, default_value = "-1", allow_hyphen_values = true)]
-    positions: String,
+    #[command(flatten)]
+    sweep: SweepArgs,
     /// N random pairs, or a JSONL file of {"source": i, "target": j} (as `patch --pairs`).
     #[arg(long, conflicts_with = "random_pairs")]
     pairs: Option<String>,
@@ -363,10 +348,6 @@ fn passes(c: &CommonArgs, command: &str, workload: Value, spec: impl Fn(&ModelCo
     print(&e, &[], c.json)
 }
 
-fn usize_list(spec: &str, what: &str) -> Result<Vec<usize>> {
-    spec.split(',').map(|s| s.trim().parse().map_err(|_| Error::input(format!("{what} `{s}` is not a non-negative integer")))).collect()
-}
-
 /// The number of labels: a count, or the length of a comma list.
 fn n_labels(spec: &str) -> Result<usize> {
     let n = spec.trim().parse().unwrap_or_else(|_| spec.split(',').filter(|s| !s.trim().is_empty()).count());
@@ -379,20 +360,8 @@ fn n_labels(spec: &str) -> Result<usize> {
 fn patch(a: PatchCostArgs) -> Result<()> {
     let (cfg, name, dtype) = load_config(&a.common)?;
     let lens = prompt_lens(&a.common)?;
-    let sites = a.sites.split(',').map(|s| SiteKind::from_short_name(s.trim()).ok_or_else(|| Error::input(format!("unknown site kind `{s}`")))).collect::<Result<Vec<_>>>()?;
-    let units = match (&a.heads, &a.neurons) {
-        (Some(h), _) => Some(usize_list(h, "head")?),
-        (_, Some(n)) => Some(usize_list(n, "neuron")?),
-        _ => None,
-    };
-    let positions = match fixed_positions(&a.positions, "patching")? {
-        Positions::List(l) => l,
-        Positions::All => Vec::new(),
-    };
-    let centers = match &a.layers {
-        Some(l) => usize_list(l, "layer")?,
-        None => all_centers(a.window, cfg.n_layers),
-    };
+    // Label tokens are drawn below (as `bench patch` does); the spec's are replaced then.
+    let mut sweep = a.sweep.spec(cfg.n_layers, Vec::new())?;
     let n_labels = n_labels(&a.labels)?;
     // Random pairs and label tokens as `bench patch` draws them (what --measure runs).
     let (pairs_n, pairs_file) = match (&a.pairs, a.random_pairs) {
@@ -406,16 +375,16 @@ fn patch(a: PatchCostArgs) -> Result<()> {
         n_prompts: lens.len(),
         prompt_len: lens[0],
         n_pairs: pairs_n,
-        sites: sites.clone(),
-        window: a.window,
+        sites: sweep.sites.clone(),
+        window: sweep.window,
         n_labels,
         seed: a.seed,
         naive_limit: a.naive_limit,
         batch_rows: a.batch_rows,
         mem_budget: parse_bytes(&a.mem_budget)?,
     };
-    if a.window == 0 || a.window > cfg.n_layers {
-        return Err(Error::input(format!("window {} must be in 1..={}", a.window, cfg.n_layers)));
+    if sweep.window == 0 || sweep.window > cfg.n_layers {
+        return Err(Error::input(format!("window {} must be in 1..={}", sweep.window, cfg.n_layers)));
     }
     if lens.len() < 2 {
         return Err(Error::input("patching needs at least 2 prompts"));
@@ -428,10 +397,10 @@ fn patch(a: PatchCostArgs) -> Result<()> {
         Some(path) => read_pairs(path)?,
         None => bench_plan(&drawn, &bench).pairs,
     };
-    let sweep = SweepSpec { sites, units, window: a.window, centers, positions, label_tokens: drawn.sweep.label_tokens.clone() };
+    sweep.label_tokens = drawn.sweep.label_tokens.clone();
     let plan = PatchPlan { pairs, sweep, batch_rows: a.batch_rows, mem_budget: bench.mem_budget };
     let workload = json!({
-        "prompts": lens_json(&lens), "pairs": plan.pairs.len(), "sites": a.sites, "units": plan.sweep.units, "window": a.window,
+        "prompts": lens_json(&lens), "pairs": plan.pairs.len(), "sites": a.sweep.sites, "units": plan.sweep.units, "window": plan.sweep.window,
         "centers": plan.sweep.centers, "positions": plan.sweep.positions, "labels": n_labels, "batch_rows": a.batch_rows, "mem_budget_bytes": plan.mem_budget,
     });
     let devs = devices(&a.common.device, &cfg, dtype)?;
@@ -462,7 +431,7 @@ fn read_pairs(path: &Path) -> Result<Vec<Pair>> {
 /// last token) and checks each method's time against its estimate.
 fn measure(a: &PatchCostArgs, cfg: &ModelConfig, dtype: DType, bench: &PatchBenchSpec, drawn: &PatchWorkload) -> Result<Vec<Check>> {
     let dir = a.common.model.as_ref().ok_or_else(|| Error::input("--measure runs the sweep: give --model DIR with weights (e.g. from `patchbay synth`)"))?;
-    if a.common.token_ids.is_some() || a.layers.is_some() || a.heads.is_some() || a.neurons.is_some() || a.positions.trim() != "-1" || a.pairs.as_deref().is_some_and(|p| p.parse::<usize>().is_err()) {
+    if a.common.token_ids.is_some() || a.sweep.layers.is_some() || a.sweep.heads.is_some() || a.sweep.neurons.is_some() || a.sweep.positions.trim() != "-1" || a.pairs.as_deref().is_some_and(|p| p.parse::<usize>().is_err()) {
         return Err(Error::input("--measure runs the `bench patch` sweep (random prompts of --prompt-len, random pairs, every window, last token): drop --token-ids, a pairs file, --layers, --positions, --heads and --neurons"));
     }
     let model = Model::load(dir)?;
