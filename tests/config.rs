@@ -48,3 +48,34 @@ fn classic_and_new_layouts_agree() {
     assert!(matches!(new.rope_scaling, RopeScaling::LongRope { .. }));
     assert_eq!(new.rotary_dim, 12);
 }
+
+#[test]
+fn errors_name_the_field_by_its_path() {
+    let text = std::fs::read_to_string(fixture("llama").join("config.json")).unwrap();
+    let base: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let error = |edit: &dyn Fn(&mut serde_json::Map<String, serde_json::Value>)| {
+        let mut v = base.clone();
+        edit(v.as_object_mut().unwrap());
+        ModelConfig::from_json(&v, std::path::Path::new("config.json")).unwrap_err().to_string()
+    };
+    let e = error(&|c| {
+        c.insert("rope_scaling".into(), serde_json::json!({"rope_type": "linear", "factor": "2"}));
+    });
+    assert!(e.contains("`rope_scaling.factor`") && e.contains("a number") && e.contains("\"2\""), "{e}");
+    let e = error(&|c| {
+        c.insert("rope_scaling".into(), serde_json::json!({"rope_type": "linear"}));
+    });
+    assert!(e.contains("`rope_scaling.factor`") && e.contains("required for linear rope"), "{e}");
+    let e = error(&|c| {
+        c.insert("eos_token_id".into(), serde_json::json!([1, -2]));
+    });
+    assert!(e.contains("`eos_token_id[1]`") && e.contains("token id") && e.contains("-2"), "{e}");
+    let e = error(&|c| {
+        c.remove("vocab_size");
+    });
+    assert!(e.contains("config.json") && e.contains("`vocab_size`: missing"), "{e}");
+    let e = error(&|c| {
+        c.insert("layer_types".into(), serde_json::json!(["full_attention", 3]));
+    });
+    assert!(e.contains("`layer_types[1]`") && e.contains("string"), "{e}");
+}

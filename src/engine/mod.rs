@@ -1,5 +1,37 @@
 //! The engine: the one forward pass on the CPU reference (`forward`) and on a device
-//! (`device_forward`, the CUDA backend's host code), behind one interface.
+//! (`device_forward`, the CUDA backend's host code), behind one interface ([`Engine`]).
+//!
+//! # Why two forwards
+//!
+//! `forward` is the oracle: f32 throughout, weights converted tile by tile inside a plain GEMM,
+//! one host buffer per meaning, every step a few lines that mirror the transformers code
+//! (llm.c keeps its CPU reference beside its kernels the same way). It is checked against
+//! Hugging Face (tests/golden_hf.rs) and every faster path is checked against it.
+//! `device_forward` is the fast path: bf16 weights and KV pages on the device, fused kernels
+//! (norm + residual + site plan, attention with soft-cap and sliding window), cuBLAS GEMMs,
+//! interventions compiled into per-site plans, launches through the `Driver` interface so the
+//! same host code runs on a GPU and on the emulated device (tests/device_forward.rs compares it
+//! with `forward`). One generic forward over both would either give up the fusions (and the
+//! speed) or make the oracle as hard to read as the kernels; the price of two is that they can
+//! drift, which the rule below and tests/forward_parity.rs guard against.
+//!
+//! # What a family quirk touches
+//!
+//! A family difference is a field of `ModelConfig` (src/model/config.rs), never a branch on the
+//! family. Adding or changing one that alters the math means, in this order:
+//! 1. config.rs: parse it (an error naming the field for values patchbay cannot run);
+//! 2. if it is a tensor (a bias, an extra norm), checkpoint.rs loads it as an optional member of
+//!    `LayerWeights`/`ModelWeights`, and both forwards apply it when present;
+//! 3. `forward` (the CPU reference, and `backend::cpu` / the op's `<op>_ref` when the math
+//!    lives there) reads it;
+//! 4. `device_forward` reads it: passes it to the kernel's launcher (`backend/ops/<op>.rs`) and
+//!    the kernel (`kernels/<op>.cu`), whose `<op>_ref` and tests/kernel_<op>.rs cover it;
+//! 5. a fixture family or a synthetic config (model/synth.rs) that sets it, so the HF goldens
+//!    and the device-vs-reference tests exercise it.
+//!
+//! tests/forward_parity.rs fails when a field is read by one forward and not the other; fields
+//! that change no math (reporting, decoding) or reach the forwards only as weights are listed
+//! there with their reason.
 
 pub mod device_forward;
 pub mod forward;

@@ -34,9 +34,9 @@ impl std::ops::Deref for Storage {
 #[derive(Clone)]
 pub struct Weight {
     map: Arc<Storage>,
-    /// Byte range of the data inside the mapped file.
+    /// Byte range of the data inside the mapped file: `start..start + n_bytes`.
     start: usize,
-    len: usize,
+    n_bytes: usize,
     pub dtype: DType,
     pub shape: Vec<usize>,
 }
@@ -49,7 +49,7 @@ impl std::fmt::Debug for Weight {
 
 impl Weight {
     pub fn bytes(&self) -> &[u8] {
-        &self.map[self.start..self.start + self.len]
+        &self.map[self.start..self.start + self.n_bytes]
     }
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
@@ -59,7 +59,7 @@ impl Weight {
     pub fn rows(&self, r0: usize, r1: usize) -> Weight {
         debug_assert!(self.shape.len() == 2 && r0 <= r1 && r1 <= self.shape[0]);
         let row_bytes = self.shape[1] * self.dtype.size();
-        Weight { map: self.map.clone(), start: self.start + r0 * row_bytes, len: (r1 - r0) * row_bytes, dtype: self.dtype, shape: vec![r1 - r0, self.shape[1]] }
+        Weight { map: self.map.clone(), start: self.start + r0 * row_bytes, n_bytes: (r1 - r0) * row_bytes, dtype: self.dtype, shape: vec![r1 - r0, self.shape[1]] }
     }
     /// The rows `ids` of a 2-D weight, copied into a new in-memory tensor `[ids.len(), cols]`
     /// (e.g. the lm_head rows of a label set). Ids must be < rows.
@@ -70,7 +70,7 @@ impl Weight {
             let r = id as usize * row_bytes;
             bytes.extend_from_slice(&self.bytes()[r..r + row_bytes]);
         }
-        Weight { len: bytes.len(), map: Arc::new(Storage::Owned(bytes)), start: 0, dtype: self.dtype, shape: vec![ids.len(), self.shape[1]] }
+        Weight { n_bytes: bytes.len(), map: Arc::new(Storage::Owned(bytes)), start: 0, dtype: self.dtype, shape: vec![ids.len(), self.shape[1]] }
     }
 
     /// Elements `i0..i1` converted to f32.
@@ -151,7 +151,7 @@ impl Checkpoint {
                     other => return Err(Error::file(&path, format!("tensor `{name}` has dtype {other:?}; patchbay reads bf16, f16 and f32"))),
                 };
                 let start = view.data().as_ptr() as usize - map.as_ptr() as usize;
-                let w = Weight { map: map.clone(), start, len: view.data().len(), dtype, shape: view.shape().to_vec() };
+                let w = Weight { map: map.clone(), start, n_bytes: view.data().len(), dtype, shape: view.shape().to_vec() };
                 tensors.insert(name.to_string(), (w, path.clone()));
             }
         }

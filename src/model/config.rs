@@ -5,9 +5,10 @@
 //! A field that would change the math and that patchbay does not implement is an error naming
 //! the field, never silently ignored.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use serde_json::{Map, Value};
+use serde::Deserialize;
+use serde_json::Value;
 
 use crate::{Error, Result};
 
@@ -135,7 +136,8 @@ pub struct ModelConfig {
     pub attn_softcap: Option<f32>,
     /// The same on the final logits (Gemma 2).
     pub final_softcap: Option<f32>,
-    /// Per layer: `Some(w)` = query i sees keys j with i - w < j <= i; `None` = full causal.
+    /// Per layer, the sliding attention window: `Some(w)` = query i sees keys j with
+    /// i - w < j <= i; `None` = full causal.
     pub layer_window: Vec<Option<usize>>,
     pub rope_theta: f32,
     /// Leading dimensions of each head that are rotated (d_head * partial_rotary_factor).
@@ -169,19 +171,21 @@ impl ModelConfig {
         let gen_path = model_dir.join("generation_config.json");
         if gen_path.exists() {
             let value = read_json(&gen_path)?;
-            let obj = value.as_object().ok_or_else(|| Error::file(&gen_path, "must hold a JSON object"))?;
-            let f = Fields { obj, path: gen_path.clone() };
-            if let Some(bos) = f.opt_u32("bos_token_id")? {
+            if !value.is_object() {
+                return Err(Error::file(&gen_path, "must hold a JSON object"));
+            }
+            let raw: RawGeneration = deserialize(&value, &gen_path)?;
+            if let Some(TokenId(bos)) = raw.bos_token_id {
                 cfg.bos_token_id = Some(bos);
             }
-            if f.get("eos_token_id").is_some() {
-                cfg.eos_token_ids = f.token_ids("eos_token_id")?;
+            if let Some(TokenIds(eos)) = raw.eos_token_id {
+                cfg.eos_token_ids = eos;
             }
             cfg.generation = Some(GenerationDefaults {
-                do_sample: f.opt_bool("do_sample")?.unwrap_or(false),
-                temperature: f.opt_f32("temperature")?,
-                top_p: f.opt_f32("top_p")?,
-                max_new_tokens: f.opt_usize("max_new_tokens")?,
+                do_sample: raw.do_sample.unwrap_or(false),
+                temperature: raw.temperature.map(|Number(x)| x),
+                top_p: raw.top_p.map(|Number(x)| x),
+                max_new_tokens: raw.max_new_tokens.map(|Count(n)| n),
             });
         }
         Ok(cfg)
@@ -189,12 +193,14 @@ impl ModelConfig {
 
     /// Parses a config.json value; `path` only names the file in errors.
     pub fn from_json(value: &Value, path: &Path) -> Result<Self> {
-        let obj = value
-            .as_object()
-            .ok_or_else(|| Error::file(path, "config.json must hold a JSON object"))?;
-        let f = Fields { obj, path: path.to_path_buf() };
+        if !value.is_object() {
+            return Err(Error::file(path, "config.json must hold a JSON object"));
+        }
+        let raw: RawConfig = deserialize(value, path)?;
+        let count = |c: Option<Count>| c.map(|Count(n)| n);
+        let number = |x: Option<Number>| x.map(|Number(x)| x);
 
-        let model_type = f.string("model_type")?;
+        let model_type = raw.model_type.clone();
         let family = match model_type.as_str() {
             "llama" => Family::Llama,
             "mistral" | "ministral" => Family::Mistral,
@@ -210,10 +216,10 @@ impl ModelConfig {
             }
         };
 
-        let d_model = f.usize("hidden_size")?;
-        let n_layers = f.usize("num_hidden_layers")?;
-        let n_heads = f.usize("num_attention_heads")?;
-        let n_kv_heads = f.opt_usize("num_key_value_heads")?.unwrap_or(n_heads);
+        let Count(d_model) = raw.hidden_size;
+        let Count(n_layers) = raw.num_hidden_layers;
+        let Count(n_heads) = raw.num_attention_heads;
+        let n_kv_heads = count(raw.num_key_value_heads).unwrap_or(n_heads);
         if n_heads == 0 || n_kv_heads == 0 || n_heads % n_kv_heads != 0 {
             return Err(Error::config(
                 path,
@@ -221,7 +227,7 @@ impl ModelConfig {
                 format!("{n_kv_heads} must be positive and divide num_attention_heads = {n_heads}"),
             ));
         }
-        let d_head = match f.opt_usize("head_dim")? {
+        let d_head = match count(raw.head_dim) {
             Some(d) => d,
             None => {
                 if d_model % n_heads != 0 {
@@ -230,61 +236,61 @@ impl ModelConfig {
                 d_model / n_heads
             }
         };
-        let d_mlp = f.usize("intermediate_size")?;
-        let vocab_size = f.usize("vocab_size")?;
+        let Count(d_mlp) = raw.intermediate_size;
+        let Count(vocab_size) = raw.vocab_size;
         for (name, v) in [("hidden_size", d_model), ("num_hidden_layers", n_layers), ("head_dim", d_head), ("intermediate_size", d_mlp), ("vocab_size", vocab_size)] {
             if v == 0 {
                 return Err(Error::config(path, name, "must be positive"));
             }
         }
-        let norm_eps = f.opt_f32("rms_norm_eps")?.unwrap_or(1e-6);
+        let norm_eps = number(raw.rms_norm_eps).unwrap_or(1e-6);
 
-        let act_name = match f.opt_string("hidden_activation")? {
-            Some(a) => a,
-            None => f.opt_string("hidden_act")?.unwrap_or_else(|| "silu".into()),
+        let (act_field, act_name) = match (raw.hidden_activation.as_deref(), raw.hidden_act.as_deref()) {
+            (Some(a), _) => ("hidden_activation", a),
+            (None, a) => ("hidden_act", a.unwrap_or("silu")),
         };
-        let activation = match act_name.as_str() {
+        let activation = match act_name {
             "silu" | "swish" => Activation::Silu,
             "gelu_pytorch_tanh" | "gelu_tanh" => Activation::GeluTanh,
             other => {
-                let field = if obj.contains_key("hidden_activation") { "hidden_activation" } else { "hidden_act" };
-                return Err(Error::config(path, field, format!("activation `{other}` is not supported (silu, gelu_pytorch_tanh)")));
+                return Err(Error::config(path, act_field, format!("activation `{other}` is not supported (silu, gelu_pytorch_tanh)")));
             }
         };
 
         let is_gemma = family == Family::Gemma2;
         let is_olmo = family == Family::Olmo2;
-        let qkv_bias = family == Family::Qwen2 || f.opt_bool("attention_bias")?.unwrap_or(false);
-        let o_bias = family != Family::Qwen2 && f.opt_bool("attention_bias")?.unwrap_or(false);
-        let mlp_bias = f.opt_bool("mlp_bias")?.unwrap_or(false);
-        if is_olmo && !matches!(obj.get("clip_qkv"), None | Some(Value::Null)) {
+        let attention_bias = raw.attention_bias.unwrap_or(false);
+        let qkv_bias = family == Family::Qwen2 || attention_bias;
+        let o_bias = family != Family::Qwen2 && attention_bias;
+        let mlp_bias = raw.mlp_bias.unwrap_or(false);
+        if is_olmo && raw.clip_qkv.is_some() {
             return Err(Error::config(path, "clip_qkv", "is not supported (must be null)"));
         }
 
-        let query_pre_attn_scalar = if is_gemma { f.opt_f32("query_pre_attn_scalar")? } else { None };
+        let query_pre_attn_scalar = if is_gemma { number(raw.query_pre_attn_scalar) } else { None };
         let attn_scale = 1.0 / query_pre_attn_scalar.unwrap_or(d_head as f32).sqrt();
         let (attn_softcap, final_softcap) = if is_gemma {
-            (f.opt_f32("attn_logit_softcapping")?, f.opt_f32("final_logit_softcapping")?)
+            (number(raw.attn_logit_softcapping), number(raw.final_logit_softcapping))
         } else {
             (None, None)
         };
 
-        let layer_window = layer_windows(&f, family, n_layers)?;
-        let max_position = f.opt_usize("max_position_embeddings")?.unwrap_or(4096);
-        let (rope_theta, rotary_dim, rope_scaling) = rope(&f, d_head, max_position)?;
+        let layer_window = layer_sliding_windows(&raw, path, family, n_layers)?;
+        let max_position = count(raw.max_position_embeddings).unwrap_or(4096);
+        let (rope_theta, rotary_dim, rope_scaling) = rope(&raw, path, d_head, max_position)?;
 
-        let declared_dtype = match f.opt_string("torch_dtype")?.or(f.opt_string("dtype")?) {
+        let declared_dtype = match raw.torch_dtype.as_deref().or(raw.dtype.as_deref()) {
             None => None,
-            Some(s) => Some(match s.as_str() {
+            Some(s) => Some(match s {
                 "float32" => DType::F32,
                 "float16" => DType::F16,
                 "bfloat16" => DType::BF16,
                 other => return Err(Error::config(path, "torch_dtype", format!("`{other}` is not one of float32, float16, bfloat16"))),
             }),
         };
-        let tie_embeddings = f.opt_bool("tie_word_embeddings")?.unwrap_or(is_gemma);
-        let bos_token_id = f.opt_u32("bos_token_id")?;
-        let eos_token_ids = f.token_ids("eos_token_id")?;
+        let tie_embeddings = raw.tie_word_embeddings.unwrap_or(is_gemma);
+        let bos_token_id = raw.bos_token_id.map(|TokenId(id)| id);
+        let eos_token_ids = raw.eos_token_id.map(|TokenIds(ids)| ids).unwrap_or_default();
 
         Ok(ModelConfig {
             family,
@@ -336,8 +342,8 @@ impl ModelConfig {
     /// Inverse frequencies (rotary_dim/2) and cos/sin factor for a sequence of `len` tokens.
     pub fn rope_freqs(&self, len: usize) -> (Vec<f32>, f32) {
         let cfg = self;
-        let dim = cfg.rotary_dim;
-        let base: Vec<f64> = (0..dim / 2).map(|i| 1.0 / (cfg.rope_theta as f64).powf((2 * i) as f64 / dim as f64)).collect();
+        let rotary_dim = cfg.rotary_dim;
+        let base: Vec<f64> = (0..rotary_dim / 2).map(|i| 1.0 / (cfg.rope_theta as f64).powf((2 * i) as f64 / rotary_dim as f64)).collect();
         match &cfg.rope_scaling {
             RopeScaling::Default => (base.iter().map(|&f| f as f32).collect(), 1.0),
             RopeScaling::Linear { factor } => (base.iter().map(|&f| (f / *factor as f64) as f32).collect(), 1.0),
@@ -369,23 +375,19 @@ impl ModelConfig {
     }
 }
 
-/// Per-layer attention window from `layer_types` or the family's convention.
-fn layer_windows(f: &Fields, family: Family, n_layers: usize) -> Result<Vec<Option<usize>>> {
-    let window = f.opt_usize("sliding_window")?;
-    let uses_window = match family {
+/// Per-layer sliding attention window from `layer_types` or the family's convention.
+fn layer_sliding_windows(raw: &RawConfig, path: &Path, family: Family, n_layers: usize) -> Result<Vec<Option<usize>>> {
+    let uses_sliding_window = match family {
         // Qwen2 ignores sliding_window unless use_sliding_window is set.
-        Family::Qwen2 => f.opt_bool("use_sliding_window")?.unwrap_or(false),
+        Family::Qwen2 => raw.use_sliding_window.unwrap_or(false),
         Family::Llama | Family::Olmo2 => false,
         Family::Mistral | Family::Gemma2 | Family::Phi3 => true,
     };
-    let window = if uses_window { window } else { None };
-    let max_window_layers = f.opt_usize("max_window_layers")?.unwrap_or(0);
-    let types: Vec<String> = match f.obj.get("layer_types") {
-        Some(Value::Array(a)) => a
-            .iter()
-            .map(|v| v.as_str().map(str::to_owned).ok_or_else(|| Error::config(&f.path, "layer_types", "must be a list of strings")))
-            .collect::<Result<_>>()?,
-        None | Some(Value::Null) => (0..n_layers)
+    let sliding_window = raw.sliding_window.filter(|_| uses_sliding_window).map(|Count(w)| w);
+    let max_window_layers = raw.max_window_layers.map_or(0, |Count(n)| n);
+    let types: Vec<String> = match &raw.layer_types {
+        Some(types) => types.clone(),
+        None => (0..n_layers)
             .map(|l| {
                 let sliding = match family {
                     // Gemma 2: even layers (0, 2, ...) slide, odd layers see everything.
@@ -396,99 +398,83 @@ fn layer_windows(f: &Fields, family: Family, n_layers: usize) -> Result<Vec<Opti
                 if sliding { "sliding_attention" } else { "full_attention" }.to_string()
             })
             .collect(),
-        Some(_) => return Err(Error::config(&f.path, "layer_types", "must be a list of strings")),
     };
     if types.len() != n_layers {
-        return Err(Error::config(&f.path, "layer_types", format!("has {} entries, num_hidden_layers is {n_layers}", types.len())));
+        return Err(Error::config(path, "layer_types", format!("has {} entries, num_hidden_layers is {n_layers}", types.len())));
     }
     types
         .iter()
         .map(|t| match t.as_str() {
             "full_attention" => Ok(None),
-            "sliding_attention" => Ok(window),
-            other => Err(Error::config(&f.path, "layer_types", format!("`{other}` is not full_attention or sliding_attention"))),
+            "sliding_attention" => Ok(sliding_window),
+            other => Err(Error::config(path, "layer_types", format!("`{other}` is not full_attention or sliding_attention"))),
         })
         .collect()
 }
 
 /// (theta, rotary_dim, scaling) from `rope_parameters` (transformers 5) or `rope_theta` +
 /// `rope_scaling` (classic).
-fn rope(f: &Fields, d_head: usize, max_position: usize) -> Result<(f32, usize, RopeScaling)> {
-    let (params, field): (Option<&Map<String, Value>>, &str) = match f.obj.get("rope_parameters") {
-        Some(Value::Object(m)) => (Some(m), "rope_parameters"),
-        Some(Value::Null) | None => match f.obj.get("rope_scaling") {
-            Some(Value::Object(m)) => (Some(m), "rope_scaling"),
-            Some(Value::Null) | None => (None, "rope_scaling"),
-            Some(_) => return Err(Error::config(&f.path, "rope_scaling", "must be an object or null")),
-        },
-        Some(_) => return Err(Error::config(&f.path, "rope_parameters", "must be an object")),
+fn rope(raw: &RawConfig, path: &Path, d_head: usize, max_position: usize) -> Result<(f32, usize, RopeScaling)> {
+    let (sub, field) = match (&raw.rope_parameters, &raw.rope_scaling) {
+        (Some(p), _) => (Some(p), "rope_parameters"),
+        (None, s) => (s.as_ref(), "rope_scaling"),
     };
-    let sub = params.map(|m| Fields { obj: m, path: f.path.clone() });
     let prefixed = |k: &str| format!("{field}.{k}");
-    let theta = match sub.as_ref().map(|s| s.opt_f32("rope_theta")).transpose()?.flatten() {
-        Some(t) => t,
-        None => f.opt_f32("rope_theta")?.unwrap_or(10000.0),
-    };
-    let partial = match sub.as_ref().map(|s| s.opt_f32("partial_rotary_factor")).transpose()?.flatten() {
-        Some(p) => p,
-        None => f.opt_f32("partial_rotary_factor")?.unwrap_or(1.0),
-    };
+    let number = |x: Option<Number>| x.map(|Number(x)| x);
+    let theta = number(sub.and_then(|s| s.rope_theta)).or(number(raw.rope_theta)).unwrap_or(10000.0);
+    let partial = number(sub.and_then(|s| s.partial_rotary_factor)).or(number(raw.partial_rotary_factor)).unwrap_or(1.0);
     let rotary_dim = (d_head as f32 * partial) as usize;
     if rotary_dim == 0 || rotary_dim % 2 != 0 || rotary_dim > d_head {
-        return Err(Error::config(&f.path, "partial_rotary_factor", format!("gives rotary dim {rotary_dim}; must be even and in 2..={d_head}")));
+        return Err(Error::config(path, "partial_rotary_factor", format!("gives rotary dim {rotary_dim}; must be even and in 2..={d_head}")));
     }
     let Some(sub) = sub else { return Ok((theta, rotary_dim, RopeScaling::Default)) };
-    let rope_type = match sub.opt_string("rope_type")? {
-        Some(t) => t,
-        None => sub.opt_string("type")?.unwrap_or_else(|| "default".into()),
-    };
+    let rope_type = sub.rope_type.clone().or(sub.r#type.clone()).unwrap_or_else(|| "default".into());
     // Phi-3 keeps original_max_position_embeddings at the top level.
-    let original_max = |s: &Fields| -> Result<usize> {
-        match s.opt_usize("original_max_position_embeddings")? {
-            Some(v) => Ok(v),
-            None => f.opt_usize("original_max_position_embeddings")?.ok_or_else(|| {
-                Error::config(&f.path, prefixed("original_max_position_embeddings"), "required by this rope type")
-            }),
-        }
+    let original_max = || -> Result<usize> {
+        sub.original_max_position_embeddings
+            .or(raw.original_max_position_embeddings)
+            .map(|Count(n)| n)
+            .ok_or_else(|| Error::config(path, prefixed("original_max_position_embeddings"), "required by this rope type"))
     };
+    let required = |x: Option<Number>, k: &str| number(x).ok_or_else(|| Error::config(path, prefixed(k), format!("required for {rope_type} rope")));
     let scaling = match rope_type.as_str() {
         "default" => RopeScaling::Default,
-        "linear" => RopeScaling::Linear { factor: sub.f32("factor").map_err(|_| Error::config(&f.path, prefixed("factor"), "required for linear rope"))? },
-        "llama3" => {
-            let get = |k: &str| sub.f32(k).map_err(|_| Error::config(&f.path, prefixed(k), "required for llama3 rope"));
-            RopeScaling::Llama3 {
-                factor: get("factor")?,
-                low_freq_factor: get("low_freq_factor")?,
-                high_freq_factor: get("high_freq_factor")?,
-                original_max_position: original_max(&sub)?,
-            }
-        }
+        "linear" => RopeScaling::Linear { factor: required(sub.factor, "factor")? },
+        "llama3" => RopeScaling::Llama3 {
+            factor: required(sub.factor, "factor")?,
+            low_freq_factor: required(sub.low_freq_factor, "low_freq_factor")?,
+            high_freq_factor: required(sub.high_freq_factor, "high_freq_factor")?,
+            original_max_position: original_max()?,
+        },
         "longrope" | "su" => {
-            let list = |k: &str| -> Result<Vec<f32>> {
-                let v = match sub.obj.get(k) {
-                    Some(Value::Array(a)) => a.iter().map(|x| x.as_f64().map(|x| x as f32)).collect::<Option<Vec<_>>>(),
-                    _ => None,
-                };
-                let v = v.ok_or_else(|| Error::config(&f.path, prefixed(k), "required for longrope: a list of numbers"))?;
+            let list = |v: &Option<Vec<Number>>, k: &str| -> Result<Vec<f32>> {
+                let v: Vec<f32> = v
+                    .as_ref()
+                    .ok_or_else(|| Error::config(path, prefixed(k), "required for longrope: a list of numbers"))?
+                    .iter()
+                    .map(|&Number(x)| x)
+                    .collect();
                 if v.len() != rotary_dim / 2 {
-                    return Err(Error::config(&f.path, prefixed(k), format!("has {} entries, expected rotary_dim/2 = {}", v.len(), rotary_dim / 2)));
+                    return Err(Error::config(path, prefixed(k), format!("has {} entries, expected rotary_dim/2 = {}", v.len(), rotary_dim / 2)));
                 }
                 Ok(v)
             };
-            let original_max_position = original_max(&sub)?;
-            let factor = match sub.opt_f32("factor")? {
-                Some(x) => x,
-                None => max_position as f32 / original_max_position as f32,
-            };
-            let attention_factor = match sub.opt_f32("attention_factor")? {
+            let original_max_position = original_max()?;
+            let factor = number(sub.factor).unwrap_or(max_position as f32 / original_max_position as f32);
+            let attention_factor = match number(sub.attention_factor) {
                 Some(a) => a,
                 None if factor <= 1.0 => 1.0,
                 None => (1.0 + (factor as f64).ln() / (original_max_position as f64).ln()).sqrt() as f32,
             };
-            RopeScaling::LongRope { short_factor: list("short_factor")?, long_factor: list("long_factor")?, original_max_position, attention_factor }
+            RopeScaling::LongRope {
+                short_factor: list(&sub.short_factor, "short_factor")?,
+                long_factor: list(&sub.long_factor, "long_factor")?,
+                original_max_position,
+                attention_factor,
+            }
         }
         other => {
-            return Err(Error::config(&f.path, prefixed("rope_type"), format!("`{other}` is not supported (default, linear, llama3, longrope)")));
+            return Err(Error::config(path, prefixed("rope_type"), format!("`{other}` is not supported (default, linear, llama3, longrope)")));
         }
     };
     Ok((theta, rotary_dim, scaling))
@@ -499,65 +485,185 @@ fn read_json(path: &Path) -> Result<Value> {
     serde_json::from_slice(&bytes).map_err(|e| Error::file(path, format!("not valid JSON: {e}")))
 }
 
-/// Typed access to a JSON object's fields with errors naming the field.
-struct Fields<'a> {
-    obj: &'a Map<String, Value>,
-    path: PathBuf,
+/// Deserializes `value` into `T`; an error names the field by its path (`rope_scaling.factor`,
+/// `eos_token_id[1]`) and says what was expected and found.
+fn deserialize<T: serde::de::DeserializeOwned>(value: &Value, path: &Path) -> Result<T> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let at = e.path().to_string();
+        let msg = e.inner().to_string();
+        // serde reports a missing field at its parent, as "missing field `name`".
+        match msg.strip_prefix("missing field `").and_then(|m| m.strip_suffix('`')) {
+            Some(name) if at == "." => Error::config(path, name, "missing"),
+            Some(name) => Error::config(path, format!("{at}.{name}"), "missing"),
+            None => Error::config(path, at, msg),
+        }
+    })
 }
 
-impl Fields<'_> {
-    fn get(&self, k: &str) -> Option<&Value> {
-        match self.obj.get(k) {
-            None | Some(Value::Null) => None,
-            Some(v) => Some(v),
+/// config.json, the fields patchbay reads (null = absent, as transformers treats it). Other
+/// fields are ignored; checks that need several fields are in [`ModelConfig::from_json`].
+#[derive(Deserialize)]
+struct RawConfig {
+    model_type: String,
+    hidden_size: Count,
+    num_hidden_layers: Count,
+    num_attention_heads: Count,
+    num_key_value_heads: Option<Count>,
+    head_dim: Option<Count>,
+    intermediate_size: Count,
+    vocab_size: Count,
+    rms_norm_eps: Option<Number>,
+    /// Gemma's name; wins over `hidden_act`.
+    hidden_activation: Option<String>,
+    hidden_act: Option<String>,
+    attention_bias: Option<bool>,
+    mlp_bias: Option<bool>,
+    /// OLMo 2: anything but null is unsupported.
+    clip_qkv: Option<Value>,
+    query_pre_attn_scalar: Option<Number>,
+    attn_logit_softcapping: Option<Number>,
+    final_logit_softcapping: Option<Number>,
+    sliding_window: Option<Count>,
+    use_sliding_window: Option<bool>,
+    max_window_layers: Option<Count>,
+    layer_types: Option<Vec<String>>,
+    max_position_embeddings: Option<Count>,
+    rope_parameters: Option<RawRope>,
+    rope_scaling: Option<RawRope>,
+    rope_theta: Option<Number>,
+    partial_rotary_factor: Option<Number>,
+    /// Phi-3 keeps it here rather than in rope_scaling.
+    original_max_position_embeddings: Option<Count>,
+    torch_dtype: Option<String>,
+    /// transformers 5's name for `torch_dtype`.
+    dtype: Option<String>,
+    tie_word_embeddings: Option<bool>,
+    bos_token_id: Option<TokenId>,
+    eos_token_id: Option<TokenIds>,
+}
+
+/// `rope_parameters` (transformers 5) or `rope_scaling` (classic).
+#[derive(Deserialize)]
+struct RawRope {
+    rope_type: Option<String>,
+    /// The classic name of `rope_type`.
+    r#type: Option<String>,
+    rope_theta: Option<Number>,
+    partial_rotary_factor: Option<Number>,
+    factor: Option<Number>,
+    low_freq_factor: Option<Number>,
+    high_freq_factor: Option<Number>,
+    original_max_position_embeddings: Option<Count>,
+    short_factor: Option<Vec<Number>>,
+    long_factor: Option<Vec<Number>>,
+    attention_factor: Option<Number>,
+}
+
+/// generation_config.json, the fields patchbay reads.
+#[derive(Deserialize)]
+struct RawGeneration {
+    bos_token_id: Option<TokenId>,
+    eos_token_id: Option<TokenIds>,
+    do_sample: Option<bool>,
+    temperature: Option<Number>,
+    top_p: Option<Number>,
+    max_new_tokens: Option<Count>,
+}
+
+// Field types whose errors say what config.json must hold ("expected a non-negative integer"
+// rather than serde's "expected usize").
+
+/// A non-negative integer.
+#[derive(Clone, Copy)]
+struct Count(usize);
+
+/// A JSON number, read as f32 (through f64, as Python floats are).
+#[derive(Clone, Copy)]
+struct Number(f32);
+
+/// A token id (fits u32).
+#[derive(Clone, Copy)]
+struct TokenId(u32);
+
+/// A token id or a list of them.
+struct TokenIds(Vec<u32>);
+
+impl<'de> Deserialize<'de> for Count {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Count;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a non-negative integer")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> std::result::Result<Count, E> {
+                usize::try_from(v).map(Count).map_err(|_| E::invalid_value(serde::de::Unexpected::Unsigned(v), &self))
+            }
         }
+        d.deserialize_u64(V)
     }
-    fn missing(&self, k: &str) -> Error {
-        Error::config(&self.path, k, "missing")
-    }
-    fn string(&self, k: &str) -> Result<String> {
-        self.opt_string(k)?.ok_or_else(|| self.missing(k))
-    }
-    fn opt_string(&self, k: &str) -> Result<Option<String>> {
-        self.get(k)
-            .map(|v| v.as_str().map(str::to_owned).ok_or_else(|| Error::config(&self.path, k, format!("expected a string, found {v}"))))
-            .transpose()
-    }
-    fn usize(&self, k: &str) -> Result<usize> {
-        self.opt_usize(k)?.ok_or_else(|| self.missing(k))
-    }
-    fn opt_usize(&self, k: &str) -> Result<Option<usize>> {
-        self.get(k)
-            .map(|v| v.as_u64().map(|x| x as usize).ok_or_else(|| Error::config(&self.path, k, format!("expected a non-negative integer, found {v}"))))
-            .transpose()
-    }
-    fn opt_u32(&self, k: &str) -> Result<Option<u32>> {
-        self.get(k).map(|v| self.as_u32(v, k)).transpose()
-    }
-    /// A token id or a list of them (absent = none).
-    fn token_ids(&self, k: &str) -> Result<Vec<u32>> {
-        match self.get(k) {
-            None => Ok(vec![]),
-            Some(Value::Array(a)) => a.iter().map(|v| self.as_u32(v, k)).collect(),
-            Some(v) => Ok(vec![self.as_u32(v, k)?]),
+}
+
+impl<'de> Deserialize<'de> for Number {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Number;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a number")
+            }
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> std::result::Result<Number, E> {
+                Ok(Number(v as f32))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> std::result::Result<Number, E> {
+                Ok(Number(v as f64 as f32))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> std::result::Result<Number, E> {
+                Ok(Number(v as f64 as f32))
+            }
         }
+        d.deserialize_f64(V)
     }
-    fn as_u32(&self, v: &Value, k: &str) -> Result<u32> {
-        v.as_u64()
-            .and_then(|x| u32::try_from(x).ok())
-            .ok_or_else(|| Error::config(&self.path, k, format!("expected a token id, found {v}")))
+}
+
+/// The visitor of one token id, shared by [`TokenId`] and [`TokenIds`].
+struct TokenIdVisitor;
+
+impl serde::de::Visitor<'_> for TokenIdVisitor {
+    type Value = u32;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a token id")
     }
-    fn f32(&self, k: &str) -> Result<f32> {
-        self.opt_f32(k)?.ok_or_else(|| self.missing(k))
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> std::result::Result<u32, E> {
+        u32::try_from(v).map_err(|_| E::invalid_value(serde::de::Unexpected::Unsigned(v), &self))
     }
-    fn opt_f32(&self, k: &str) -> Result<Option<f32>> {
-        self.get(k)
-            .map(|v| v.as_f64().map(|x| x as f32).ok_or_else(|| Error::config(&self.path, k, format!("expected a number, found {v}"))))
-            .transpose()
+}
+
+impl<'de> Deserialize<'de> for TokenId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        d.deserialize_u64(TokenIdVisitor).map(TokenId)
     }
-    fn opt_bool(&self, k: &str) -> Result<Option<bool>> {
-        self.get(k)
-            .map(|v| v.as_bool().ok_or_else(|| Error::config(&self.path, k, format!("expected true or false, found {v}"))))
-            .transpose()
+}
+
+impl<'de> Deserialize<'de> for TokenIds {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = TokenIds;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a token id or a list of token ids")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> std::result::Result<TokenIds, E> {
+                TokenIdVisitor.visit_u64(v).map(|id| TokenIds(vec![id]))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> std::result::Result<TokenIds, A::Error> {
+                let mut ids = Vec::new();
+                while let Some(TokenId(id)) = seq.next_element()? {
+                    ids.push(id);
+                }
+                Ok(TokenIds(ids))
+            }
+        }
+        d.deserialize_any(V)
     }
 }

@@ -1,6 +1,7 @@
 //! Loading a Hugging Face model directory: config.json -> ModelConfig, safetensors weights
 //! (memory-mapped), tokenizer.json + chat template.
 
+pub mod chat_template;
 pub mod checkpoint;
 pub mod config;
 pub mod synth;
@@ -36,5 +37,23 @@ impl Model {
         let ck = Checkpoint::open(dir)?;
         let weights = ModelWeights::load(&cfg, &ck)?;
         Ok(Model { dir: dir.to_path_buf(), cfg, weights, config_hash })
+    }
+}
+
+/// One line, whatever a library's error message looks like.
+fn one_line(s: impl std::fmt::Display) -> String {
+    s.to_string().split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// What kind of JSON value `v` is, for errors ("expected a string, found an array").
+fn json_kind(v: &serde_json::Value) -> &'static str {
+    use serde_json::Value as Json;
+    match v {
+        Json::Null => "null",
+        Json::Bool(_) => "a boolean",
+        Json::Number(_) => "a number",
+        Json::String(_) => "a string",
+        Json::Array(_) => "an array",
+        Json::Object(_) => "an object",
     }
 }
