@@ -9,7 +9,9 @@ pub mod experiments;
 pub mod intervene;
 pub mod io;
 pub mod learn;
+pub mod logits;
 pub mod model;
+pub mod rng;
 pub mod sites;
 
 pub use error::{Error, Result};
