@@ -15,8 +15,8 @@ use serde_json::json;
 use super::inputs::{InputArgs, LabelArgs, Prompts, dataset_json};
 use super::{load_engine, parse_bytes, progress_bar};
 use patchbay::experiments::patch::{Experiment, ExperimentResult, Method, Pair, RunSettings, SweepSpec, all_centers, experiments, run_sweep, summarize, summary_csv, summary_grid, target_groups, GROUP_TARGETS};
-use patchbay::rng::{self, PairsOf};
 use patchbay::model::Model;
+use patchbay::rng::{self, PairsOf};
 use patchbay::sites::{Positions, SiteKind};
 use patchbay::{Error, Result};
 
@@ -219,7 +219,7 @@ fn read_pairs(path: &Path, n_prompts: usize) -> Result<Vec<Pair>> {
     Ok(out)
 }
 
-/// `n` random (source, target) pairs of distinct prompts ([`random_pairs`], seeded). With
+/// `n` random (source, target) pairs of distinct prompts ([`rng::random_pairs`], seeded). With
 /// `gold` (each prompt's gold label), only labelled prompts take part and the two labels differ.
 fn random_pairs(n_prompts: usize, n: usize, seed: u64, gold: Option<&[Option<String>]>) -> Result<Vec<Pair>> {
     let of = match gold {
