@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 
 use crate::model::config::ModelConfig;
+use crate::rng::gaussian;
 use crate::sites::{Positions, Site, SiteKind};
 use crate::{Error, Result};
 
@@ -396,20 +397,4 @@ pub fn apply_op(op: &Op, x: &mut [f32], k: usize, pos: usize) {
 
 pub fn norm(v: &[f32]) -> f32 {
     v.iter().map(|x| x * x).sum::<f32>().sqrt()
-}
-
-/// splitmix64: a counter-based hash, so every backend draws the same noise.
-pub fn splitmix64(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
-/// A standard normal draw keyed by (seed, position, element) (Box-Muller on two hashed uniforms).
-pub fn gaussian(seed: u64, pos: u64, i: u64) -> f32 {
-    let h = splitmix64(seed ^ splitmix64(pos.wrapping_mul(0x1000_0000_01B3) ^ splitmix64(i)));
-    let u1 = ((h >> 40) as f64 + 0.5) / (1u64 << 24) as f64;
-    let u2 = ((h & 0xFF_FFFF) as f64 + 0.5) / (1u64 << 24) as f64;
-    ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
 }

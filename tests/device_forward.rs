@@ -86,7 +86,7 @@ fn emu_interventions_match_reference() {
         let cfg = &model.cfg;
         let prompts = prompt_ids(family);
         let d = cfg.d_model;
-        let v = |n: usize, seed: u64| -> Vec<f32> { (0..n).map(|i| patchbay::intervene::gaussian(seed, 1, i as u64)).collect() };
+        let v = |n: usize, seed: u64| -> Vec<f32> { (0..n).map(|i| patchbay::rng::gaussian(seed, 1, i as u64)).collect() };
         let last = Positions::List(vec![-1]);
         let ivs = vec![
             Intervention { site: Site::new(0, SiteKind::ResidPre), prompts: None, positions: last.clone(), units: None, op: Op::Add { beta: 2.0, v: v(d, 1), normalize: true } },

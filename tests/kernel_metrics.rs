@@ -10,7 +10,8 @@ mod common;
 use std::sync::Arc;
 
 use patchbay::backend::device::{DeviceBuffer, Driver};
-use patchbay::backend::ops::metrics::{DIFF_VS_MAX_OTHER, LabelMetrics, LabelMetricsRow, label_metrics, label_metrics_ref, label_metrics_row};
+use patchbay::backend::ops::metrics::{LabelMetrics, label_metrics, label_metrics_ref};
+use patchbay::logits::{DIFF_VS_MAX_OTHER, LabelMetricsRow, label_metrics_row};
 
 use common::{KERNEL_F32_ATOL, KERNEL_F32_RTOL, assert_close};
 use common::kernels::*;

@@ -15,7 +15,7 @@ use patchbay::sites::{Positions, Site, SiteKind};
 
 /// A deterministic pseudo-random vector.
 fn vector(n: usize, seed: u64) -> Vec<f32> {
-    (0..n).map(|i| patchbay::intervene::gaussian(seed, 7, i as u64)).collect()
+    (0..n).map(|i| patchbay::rng::gaussian(seed, 7, i as u64)).collect()
 }
 
 #[test]

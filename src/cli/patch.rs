@@ -15,8 +15,8 @@ use serde_json::json;
 use super::inputs::{InputArgs, LabelArgs, Prompts, dataset_json};
 use super::{load_engine, parse_bytes, progress_bar};
 use patchbay::experiments::patch::{Experiment, ExperimentResult, Method, Pair, RunSettings, SweepSpec, all_centers, experiments, run_sweep, summarize, summary_csv, summary_grid, target_groups, GROUP_TARGETS};
-use patchbay::intervene::splitmix64;
 use patchbay::model::Model;
+use patchbay::rng::{self, PairsOf};
 use patchbay::sites::{Positions, SiteKind};
 use patchbay::{Error, Result};
 
@@ -219,42 +219,14 @@ fn read_pairs(path: &Path, n_prompts: usize) -> Result<Vec<Pair>> {
     Ok(out)
 }
 
-/// `n` random (source, target) pairs of distinct prompts drawn with splitmix64 from `seed`.
-/// With `gold` (each prompt's gold label), only labelled prompts take part and the two labels
-/// differ: the source is uniform over them, the target uniform over those of another label.
+/// `n` random (source, target) pairs of distinct prompts ([`rng::random_pairs`], seeded). With
+/// `gold` (each prompt's gold label), only labelled prompts take part and the two labels differ.
 fn random_pairs(n_prompts: usize, n: usize, seed: u64, gold: Option<&[Option<String>]>) -> Result<Vec<Pair>> {
-    let mut state = seed;
-    let mut next = |m: usize| {
-        state = splitmix64(state);
-        (state % m as u64) as usize
+    let of = match gold {
+        None => PairsOf::Items(n_prompts),
+        Some(gold) => PairsOf::Keys(gold),
     };
-    let Some(gold) = gold else {
-        if n_prompts < 2 {
-            return Err(Error::input("--random-pairs needs at least 2 prompts"));
-        }
-        return Ok((0..n)
-            .map(|_| {
-                let source = next(n_prompts);
-                Pair { source, target: (source + 1 + next(n_prompts - 1)) % n_prompts }
-            })
-            .collect());
-    };
-    // Labelled prompts sorted by label: one label's prompts are a contiguous run.
-    let mut by_label: Vec<(&str, usize)> = gold.iter().enumerate().filter_map(|(i, g)| g.as_deref().map(|g| (g, i))).collect();
-    by_label.sort_unstable();
-    let n_labels = by_label.iter().map(|(l, _)| l).collect::<HashSet<_>>().len();
-    if n_labels < 2 {
-        return Err(Error::input(format!("--different-labels needs prompts of at least 2 gold labels; the dataset has {n_labels}")));
-    }
-    Ok((0..n)
-        .map(|_| {
-            let (label, source) = by_label[next(by_label.len())];
-            let lo = by_label.partition_point(|&(l, _)| l < label);
-            let hi = by_label.partition_point(|&(l, _)| l <= label);
-            let k = next(by_label.len() - (hi - lo));
-            Pair { source, target: by_label[if k < lo { k } else { k + hi - lo }].1 }
-        })
-        .collect())
+    Ok(rng::random_pairs(of, seed)?.take(n).map(|(source, target)| Pair { source, target }).collect())
 }
 
 /// One finished experiment: the parsed result and its line as written.

@@ -212,7 +212,7 @@ fn median_time(reps: usize, mut f: impl FnMut()) -> f64 {
 fn calibration_weight(n: usize, k: usize, dtype: DType) -> Result<Weight> {
     let dir = std::env::temp_dir().join(format!("patchbay-cost-{}-{}", std::process::id(), Instant::now().elapsed().as_nanos()));
     std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-    let values = (0..n * k).map(|i| ((crate::intervene::splitmix64(i as u64) >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.1);
+    let values = (0..n * k).map(|i| ((crate::rng::splitmix64(i as u64) >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.1);
     let (st_dtype, bytes): (safetensors::Dtype, Vec<u8>) = match dtype {
         DType::F32 => (safetensors::Dtype::F32, values.flat_map(f32::to_le_bytes).collect()),
         DType::BF16 => (safetensors::Dtype::BF16, values.flat_map(|v| half::bf16::from_f32(v).to_le_bytes()).collect()),

@@ -6,34 +6,26 @@
 use std::collections::HashSet;
 
 use indicatif::ProgressBar;
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
 use crate::engine::{Engine, RunRequest};
 use crate::experiments::patch::Pair;
-use crate::intervene::{Intervention, Op, gaussian, norm};
+use crate::intervene::{Intervention, Op, norm};
+use crate::rng::{PairsOf, gaussian, random_pairs};
 use crate::sites::{Positions, Site};
 use crate::{Error, Result};
 
 /// Up to `n` distinct random (source, target) pairs of `eligible` prompts whose gold labels
-/// differ (fewer when there are not that many), seeded.
+/// differ (fewer when there are not that many), seeded: [`random_pairs`] without repeats.
 pub fn contrast_pairs(gold: &[usize], eligible: &[usize], n: usize, seed: u64) -> Result<Vec<Pair>> {
     let possible: usize = eligible.iter().map(|&s| eligible.iter().filter(|&&t| gold[t] != gold[s]).count()).sum();
     if possible == 0 {
         return Err(Error::input("patching needs prompts of at least two different labels"));
     }
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut keys = vec![None; gold.len()];
+    eligible.iter().for_each(|&i| keys[i] = Some(gold[i]));
     let mut seen = HashSet::new();
-    let mut out = Vec::with_capacity(n.min(possible));
-    while out.len() < n.min(possible) {
-        let source = eligible[rng.random_range(0..eligible.len())];
-        let target = eligible[rng.random_range(0..eligible.len())];
-        if gold[source] != gold[target] && seen.insert((source, target)) {
-            out.push(Pair { source, target });
-        }
-    }
-    Ok(out)
+    Ok(random_pairs(PairsOf::Keys(&keys), seed)?.filter(|&p| seen.insert(p)).take(n.min(possible)).map(|(source, target)| Pair { source, target }).collect())
 }
 
 /// For each class `c < k`: mean(x | c) - mean(x | not c) over the rows of `x` (`[n, d]`), or
@@ -157,7 +149,7 @@ pub fn steer_sweep(
         for (&(c, _), logits) in chunk.iter().zip(out.logits.chunks(k)) {
             let label = targets[conditions[c].2].label;
             // softmax over the labels at `label`, and whether `label` is the argmax
-            let m = crate::backend::ops::metrics::label_metrics_row(logits, label as i32, crate::backend::ops::metrics::DIFF_VS_MAX_OTHER, label as i32);
+            let m = crate::logits::label_metrics_row(logits, label as i32, crate::logits::DIFF_VS_MAX_OTHER, label as i32);
             acc[c].0 += m.prob as f64;
             acc[c].1 += usize::from(m.pred as usize == label);
         }

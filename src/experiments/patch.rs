@@ -13,10 +13,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use indicatif::ProgressBar;
 use serde::{Deserialize, Serialize};
 
-use crate::backend::ops::metrics::label_metrics_row;
 use crate::engine::{CleanRun, Engine, RunRequest, Segment};
-use crate::learn::logreg::argmax;
 use crate::intervene::{Capture, Intervention, Op};
+use crate::logits::{argmax, label_metrics_row};
 use crate::sites::{Positions, Site, SiteKind};
 use crate::{Error, Result};
 

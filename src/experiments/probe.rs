@@ -346,7 +346,7 @@ fn run_ridge(x: &[f32], d: usize, targets: &ProbeTargets, split: &Split, params:
                     Moments::of(&xs, &ys, train.len(), d, r, parallel)
                 }
             };
-            ridge::fit_moments(&m, params.alpha, params.standardize, parallel).map_err(err)
+            ridge::fit_moments(&m, params.alpha, params.standardize).map_err(err)
         } else {
             let (xs, ys) = rows_of(train);
             ridge::fit_dual(&xs, &ys, train.len(), d, r, params.alpha, params.standardize, parallel).map_err(err)

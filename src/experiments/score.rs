@@ -51,7 +51,7 @@ pub struct Scores {
 impl Scores {
     pub fn new(labels: LabelSet, logits: Vec<f32>, gold: Vec<Option<usize>>) -> Scores {
         let k = labels.len();
-        let pred = logits.chunks(k).map(crate::learn::logreg::argmax).collect();
+        let pred = logits.chunks(k).map(crate::logits::argmax).collect();
         Scores { labels, logits, pred, gold }
     }
 

@@ -5,6 +5,13 @@
 //! Format (as safetensors defines it): u64 LE header length, JSON header
 //! `{name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {str: str}}` padded
 //! with spaces to a multiple of 8 bytes, then the data, little-endian, in header offset order.
+//!
+//! Why not the `safetensors` crate's writer (`serialize_to_file`): it takes the metadata as a
+//! `HashMap`, so the header's key order, and with it the file's bytes, change from run to run;
+//! a resumed capture must write shards byte-identical to an uninterrupted one
+//! (tests/probe_pipeline.rs), and this writer's header is sorted (a `serde_json::Map`). The crate
+//! also makes each tensor's bytes in one piece (a bf16 copy of a whole tensor); this writer
+//! converts in chunks of 8192 values. The files are standard safetensors: the crate reads them.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
@@ -201,4 +208,46 @@ pub fn peak_rss_bytes() -> Option<u64> {
     let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use safetensors::Dtype;
+
+    use super::*;
+
+    /// The `safetensors` crate reads what [`write`] writes: the same dtypes, shapes, bytes and
+    /// metadata as its own writer produces for the same tensors, and [`TensorFile`] reads it back.
+    #[test]
+    fn the_safetensors_crate_reads_our_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.safetensors");
+        let (a, b, c) = ((0..12).map(|i| i as f32 * 0.37 - 1.0).collect::<Vec<f32>>(), vec![1.5f32, -2.25, 1e-3], vec![3i64, -7, 1 << 40]);
+        let tensors = [
+            ("a".to_string(), vec![3, 4], TensorData::F32(&a, OutDtype::F32)),
+            ("b".to_string(), vec![3], TensorData::F32(&b, OutDtype::Bf16)),
+            ("c".to_string(), vec![3], TensorData::I64(&c)),
+        ];
+        let md = BTreeMap::from([("k".to_string(), "v".to_string()), ("shard".to_string(), "0/1".to_string())]);
+        write(&path, &tensors, &md).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        let ours = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+        assert_eq!(header.metadata().as_ref().unwrap(), &md.clone().into_iter().collect::<HashMap<_, _>>());
+        let bf16: Vec<u8> = b.iter().flat_map(|&v| half::bf16::from_f32(v).to_le_bytes()).collect();
+        let want = [("a", Dtype::F32, vec![3, 4], bytemuck::cast_slice::<f32, u8>(&a).to_vec()), ("b", Dtype::BF16, vec![3], bf16), ("c", Dtype::I64, vec![3], bytemuck::cast_slice::<i64, u8>(&c).to_vec())];
+        let views: Vec<(&str, safetensors::tensor::TensorView)> =
+            want.iter().map(|(n, dt, shape, data)| (*n, safetensors::tensor::TensorView::new(*dt, shape.clone(), data).unwrap())).collect();
+        let theirs_bytes = safetensors::serialize(views, Some(md.clone().into_iter().collect())).unwrap();
+        let theirs = safetensors::SafeTensors::deserialize(&theirs_bytes).unwrap();
+        for (name, dtype, shape, data) in &want {
+            let (o, t) = (ours.tensor(name).unwrap(), theirs.tensor(name).unwrap());
+            assert_eq!((o.dtype(), o.shape(), o.data()), (*dtype, shape.as_slice(), data.as_slice()), "{name}");
+            assert_eq!((o.dtype(), o.shape(), o.data()), (t.dtype(), t.shape(), t.data()), "{name}");
+        }
+        let mut f = TensorFile::open(&path).unwrap();
+        assert_eq!(f.read_f32("a").unwrap(), (vec![3, 4], a));
+        assert_eq!(f.read_i64("c").unwrap(), (vec![3], c));
+        assert_eq!(f.metadata, md.into_iter().collect::<HashMap<_, _>>());
+    }
 }

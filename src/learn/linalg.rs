@@ -1,5 +1,5 @@
 //! Dense linear algebra for the probes: GEMM through the `gemm` crate (checked views, so no
-//! caller writes `unsafe`), a blocked Cholesky factorisation and triangular solves (f64).
+//! caller writes `unsafe`) and symmetric positive definite solves through faer (f64).
 
 /// A read-only strided matrix view: element (i, j) is `data[i * rs + j * cs]`.
 #[derive(Clone, Copy)]
@@ -87,106 +87,18 @@ pub fn matmul<T: Float>(dst: &mut [T], a: View<T>, b: View<T>, accumulate: bool,
     }
 }
 
-/// Block size of the Cholesky factorisation.
-const NB: usize = 96;
-
-/// In-place Cholesky of a symmetric positive definite `[n, n]` row-major matrix: on return the
-/// lower triangle holds L with A = L L^T (the strict upper triangle is garbage). Err(i) when the
-/// pivot at i is not positive.
-pub fn cholesky(a: &mut [f64], n: usize, parallel: bool) -> Result<(), usize> {
-    assert_eq!(a.len(), n * n);
-    let mut k0 = 0;
-    while k0 < n {
-        let kb = NB.min(n - k0);
-        let k1 = k0 + kb;
-        // Unblocked factorisation of the diagonal block (its trailing updates from earlier
-        // panels were already applied).
-        for j in k0..k1 {
-            let mut d = a[j * n + j];
-            for p in k0..j {
-                d -= a[j * n + p] * a[j * n + p];
-            }
-            if d.is_nan() || d <= 0.0 || !d.is_finite() {
-                return Err(j);
-            }
-            let d = d.sqrt();
-            a[j * n + j] = d;
-            for i in j + 1..k1 {
-                let mut s = a[i * n + j];
-                for p in k0..j {
-                    s -= a[i * n + p] * a[j * n + p];
-                }
-                a[i * n + j] = s / d;
-            }
-        }
-        if k1 < n {
-            // Panel below: L21 = A21 L11^-T, row by row (forward substitution).
-            let (top, bottom) = a.split_at_mut(k1 * n);
-            let l11 = &top[..];
-            use rayon::prelude::*;
-            let solve_row = |row: &mut [f64]| {
-                for j in k0..k1 {
-                    let mut s = row[j];
-                    for p in k0..j {
-                        s -= row[p] * l11[j * n + p];
-                    }
-                    row[j] = s / l11[j * n + j];
-                }
-            };
-            if parallel {
-                bottom.par_chunks_mut(n).for_each(solve_row);
-            } else {
-                bottom.chunks_mut(n).for_each(solve_row);
-            }
-            // Trailing update: A22 -= L21 L21^T.
-            let m = n - k1;
-            let l21: Vec<f64> = bottom.chunks(n).flat_map(|r| r[k0..k1].iter().map(|v| -v)).collect(); // [m, kb], negated
-            let l21_pos: Vec<f64> = bottom.chunks(n).flat_map(|r| r[k0..k1].iter().copied()).collect(); // [m, kb]
-            let mut upd = vec![0.0f64; m * m];
-            matmul(&mut upd, View::rows(&l21, m, kb), View::rows(&l21_pos, m, kb).t(), false, parallel);
-            for (i, row) in bottom.chunks_mut(n).enumerate() {
-                for (x, u) in row[k1..].iter_mut().zip(&upd[i * m..(i + 1) * m]) {
-                    *x += u;
-                }
-            }
-        }
-        k0 = k1;
-    }
+/// Solves A X = B in place for a symmetric positive definite A (`[n, n]` row-major) and B
+/// (`[n, r]` row-major), through faer's Cholesky factorisation A = L L^T. Err(i) when the
+/// pivot at i is not positive (A is not positive definite to working precision).
+pub fn solve_spd(a: &[f64], n: usize, b: &mut [f64], r: usize) -> Result<(), usize> {
+    use faer::linalg::solvers::Solve;
+    assert_eq!(a.len(), n * n, "solve_spd: A has {} elements, expected {n} x {n}", a.len());
+    assert_eq!(b.len(), n * r, "solve_spd: B has {} elements, expected {n} x {r}", b.len());
+    let llt = faer::MatRef::from_row_major_slice(a, n, n).llt(faer::Side::Lower).map_err(|e| match e {
+        faer::linalg::cholesky::llt::factor::LltError::NonPositivePivot { index } => index,
+    })?;
+    llt.solve_in_place(faer::MatMut::from_row_major_slice_mut(b, n, r));
     Ok(())
-}
-
-/// Solves (L L^T) X = B in place for B `[n, r]` row-major, L from [`cholesky`].
-pub fn cholesky_solve(l: &[f64], n: usize, b: &mut [f64], r: usize) {
-    assert_eq!(b.len(), n * r);
-    // L Y = B
-    for i in 0..n {
-        for p in 0..i {
-            let lip = l[i * n + p];
-            if lip != 0.0 {
-                for c in 0..r {
-                    b[i * r + c] -= lip * b[p * r + c];
-                }
-            }
-        }
-        let d = l[i * n + i];
-        for c in 0..r {
-            b[i * r + c] /= d;
-        }
-    }
-    // L^T X = Y
-    for i in (0..n).rev() {
-        for c in 0..r {
-            b[i * r + c] /= l[i * n + i];
-        }
-        for p in 0..i {
-            let lip = l[i * n + p];
-            if lip != 0.0 {
-                for c in 0..r {
-                    b[p * r + c] -= lip * b[i * r + c];
-                }
-            }
-        }
-    }
 }
 
 #[cfg(test)]
@@ -204,13 +116,9 @@ mod tests {
     }
 
     fn rand_vec(n: usize, seed: u64) -> Vec<f64> {
-        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        (0..n)
-            .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                ((s >> 11) as f64 / (1u64 << 53) as f64) - 0.5
-            })
-            .collect()
+        let mut uniform = crate::rng::lcg_uniform(seed);
+        uniform(); // the stream's first value is not used
+        (0..n).map(|_| uniform() - 0.5).collect()
     }
 
     #[test]
@@ -233,7 +141,7 @@ mod tests {
     }
 
     #[test]
-    fn cholesky_solves_spd_systems_of_awkward_sizes() {
+    fn solve_spd_solves_spd_systems_of_awkward_sizes() {
         for &n in &[1usize, 2, 95, 96, 97, 211] {
             let x = rand_vec(n * (n + 3), n as u64);
             // A = X X^T + I (SPD)
@@ -244,14 +152,12 @@ mod tests {
             let a0 = a.clone();
             let b = rand_vec(n * 3, 7);
             let mut sol = b.clone();
-            cholesky(&mut a, n, n > 100).unwrap();
-            cholesky_solve(&a, n, &mut sol, 3);
+            solve_spd(&a, n, &mut sol, 3).unwrap();
             let back = naive(View::rows(&a0, n, n), View::rows(&sol, n, 3));
             for (g, w) in back.iter().zip(&b) {
                 assert!((g - w).abs() < 1e-8, "n {n}: {g} vs {w}");
             }
         }
-        let mut bad = vec![1.0, 2.0, 2.0, 1.0];
-        assert_eq!(cholesky(&mut bad, 2, false), Err(1));
+        assert_eq!(solve_spd(&[1.0, 2.0, 2.0, 1.0], 2, &mut [1.0, 1.0], 1), Err(1));
     }
 }

@@ -8,6 +8,7 @@
 //! per evaluation run in f32; the loss, gradient bookkeeping and L-BFGS state are f64.
 
 use super::linalg::{View, matmul};
+use crate::logits::argmax;
 
 #[derive(Clone, Copy, Debug, serde::Serialize)]
 pub struct LogRegParams {
@@ -52,16 +53,6 @@ impl LogReg {
     pub fn predict(&self, x: &[f32], n: usize, parallel: bool) -> Vec<usize> {
         self.decision(x, n, parallel).chunks(self.k).map(argmax).collect()
     }
-}
-
-pub fn argmax(row: &[f32]) -> usize {
-    let mut best = 0;
-    for (i, &v) in row.iter().enumerate() {
-        if v > row[best] {
-            best = i;
-        }
-    }
-    best
 }
 
 /// The objective and its gradient at `theta` = [W (k*d), b (k)].
@@ -223,11 +214,8 @@ mod tests {
     fn separates_gaussian_blobs_and_reaches_a_stationary_point() {
         // Three classes around distinct centres in 5 dimensions.
         let (n, d, k) = (300, 5, 3);
-        let mut s = 42u64;
-        let mut rnd = || {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((s >> 11) as f64 / (1u64 << 53) as f64) as f32 - 0.5
-        };
+        let mut uniform = crate::rng::lcg_uniform(42);
+        let mut rnd = || uniform() as f32 - 0.5;
         let mut x = Vec::new();
         let mut y = Vec::new();
         for i in 0..n {

@@ -1,7 +1,8 @@
 //! Evaluation metrics with seeded bootstrap confidence intervals.
 
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
+use rand::Rng;
+
+use crate::rng::chacha;
 
 /// Fraction of equal pairs.
 pub fn accuracy(pred: &[usize], gold: &[usize]) -> f64 {
@@ -32,7 +33,7 @@ pub fn bootstrap_ci(n: usize, seed: u64, resamples: usize, metric: impl Fn(&[usi
     if n == 0 || resamples == 0 {
         return (f64::NAN, f64::NAN);
     }
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut rng = chacha(seed);
     let mut idx = vec![0usize; n];
     let mut vals: Vec<f64> = (0..resamples)
         .map(|_| {

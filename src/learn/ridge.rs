@@ -7,7 +7,7 @@
 //! For k-fold evaluation the primal Gram of each training set is the total Gram minus the
 //! held-out fold's, so the cost is one pass over the data plus one factorisation per fold.
 
-use super::linalg::{View, cholesky, cholesky_solve, matmul};
+use super::linalg::{View, matmul, solve_spd};
 
 /// A fitted model: `y = W x + b` for each target.
 #[derive(Clone, Debug)]
@@ -82,7 +82,7 @@ impl Moments {
 /// Fits from moments in the primal: (Xc^T Xc + alpha I) w = Xc^T yc.
 /// With `standardize`, the features are scaled to unit variance (population, as scikit-learn's
 /// StandardScaler) before the penalty applies; the returned weights act on raw features.
-pub fn fit_moments(m: &Moments, alpha: f64, standardize: bool, parallel: bool) -> Result<Ridge, String> {
+pub fn fit_moments(m: &Moments, alpha: f64, standardize: bool) -> Result<Ridge, String> {
     let (n, d, r) = (m.n as f64, m.d, m.r);
     if m.n == 0 {
         return Err("no training rows".into());
@@ -111,8 +111,7 @@ pub fn fit_moments(m: &Moments, alpha: f64, standardize: bool, parallel: bool) -
             rhs[i * r + c] /= scale[i];
         }
     }
-    cholesky(&mut a, d, parallel).map_err(|i| format!("the regularised Gram matrix is not positive definite at row {i} (alpha {alpha} too small?)"))?;
-    cholesky_solve(&a, d, &mut rhs, r);
+    solve_spd(&a, d, &mut rhs, r).map_err(|i| format!("the regularised Gram matrix is not positive definite at row {i} (alpha {alpha} too small?)"))?;
     // rhs is w^T [d, r] for the scaled features.
     let mut w = vec![0.0; r * d];
     for i in 0..d {
@@ -142,8 +141,7 @@ pub fn fit_dual(x: &[f64], y: &[f64], n: usize, d: usize, r: usize, alpha: f64, 
     for i in 0..n {
         k[i * n + i] += alpha;
     }
-    cholesky(&mut k, n, parallel).map_err(|i| format!("the regularised kernel matrix is not positive definite at row {i}"))?;
-    cholesky_solve(&k, n, &mut yc, r); // yc <- dual coefficients [n, r]
+    solve_spd(&k, n, &mut yc, r).map_err(|i| format!("the regularised kernel matrix is not positive definite at row {i}"))?; // yc <- dual coefficients [n, r]
     let mut w = vec![0.0; r * d];
     matmul(&mut w, View::rows(&yc, n, r).t(), View::rows(&xc, n, d), false, parallel);
     for row in w.chunks_mut(d) {
@@ -160,33 +158,30 @@ mod tests {
     #[test]
     fn primal_dual_and_fold_moments_agree() {
         let (n, d, r) = (40, 6, 2);
-        let mut s = 3u64;
-        let mut rnd = || {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((s >> 11) as f64 / (1u64 << 53) as f64) - 0.5
-        };
+        let mut uniform = crate::rng::lcg_uniform(3);
+        let mut rnd = || uniform() - 0.5;
         let x: Vec<f64> = (0..n * d).map(|_| rnd() + 3.0).collect();
         let y: Vec<f64> = x.chunks(d).flat_map(|row| [row[0] * 2.0 - row[3] + 0.1, row[1] + 5.0]).collect();
         let all = Moments::of(&x, &y, n, d, r, false);
-        let primal = fit_moments(&all, 0.5, false, false).unwrap();
+        let primal = fit_moments(&all, 0.5, false).unwrap();
         let dual = fit_dual(&x, &y, n, d, r, 0.5, false, false).unwrap();
         for (a, b) in primal.w.iter().zip(&dual.w).chain(primal.b.iter().zip(&dual.b)) {
             assert!((a - b).abs() < 1e-9, "{a} vs {b}");
         }
         // Standardised, primal = dual.
-        let (ps, ds) = (fit_moments(&all, 0.5, true, false).unwrap(), fit_dual(&x, &y, n, d, r, 0.5, true, false).unwrap());
+        let (ps, ds) = (fit_moments(&all, 0.5, true).unwrap(), fit_dual(&x, &y, n, d, r, 0.5, true, false).unwrap());
         for (a, b) in ps.w.iter().zip(&ds.w).chain(ps.b.iter().zip(&ds.b)) {
             assert!((a - b).abs() < 1e-9, "standardised: {a} vs {b}");
         }
         // Train on rows 10.. via moment subtraction = direct fit.
         let head = Moments::of(&x[..10 * d], &y[..10 * r], 10, d, r, false);
-        let via = fit_moments(&all.minus(&head), 0.5, true, false).unwrap();
-        let direct = fit_moments(&Moments::of(&x[10 * d..], &y[10 * r..], n - 10, d, r, false), 0.5, true, false).unwrap();
+        let via = fit_moments(&all.minus(&head), 0.5, true).unwrap();
+        let direct = fit_moments(&Moments::of(&x[10 * d..], &y[10 * r..], n - 10, d, r, false), 0.5, true).unwrap();
         for (a, b) in via.w.iter().zip(&direct.w).chain(via.b.iter().zip(&direct.b)) {
             assert!((a - b).abs() < 1e-8, "{a} vs {b}");
         }
         // Nearly no penalty: the exact linear relation is recovered.
-        let exact = fit_moments(&all, 1e-9, false, false).unwrap();
+        let exact = fit_moments(&all, 1e-9, false).unwrap();
         assert!((exact.w[0] - 2.0).abs() < 1e-5 && (exact.w[3] + 1.0).abs() < 1e-5 && (exact.b[1] - 5.0).abs() < 1e-4);
     }
 }

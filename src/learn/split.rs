@@ -5,10 +5,9 @@
 //! (one fold). Within each class the examples are shuffled (ChaCha8, seeded) and dealt round
 //! robin over the folds, continuing the deal across classes so folds stay balanced.
 
-use rand::SeedableRng;
 use rand::seq::SliceRandom;
-use rand_chacha::ChaCha8Rng;
 
+use crate::rng::chacha;
 use crate::{Error, Result};
 
 #[derive(Clone, Copy, Debug, PartialEq, serde::Serialize)]
@@ -39,7 +38,7 @@ pub struct Split {
 impl Split {
     /// Splits n examples; `classes` (one per example) stratifies when given.
     pub fn new(n: usize, classes: Option<&[usize]>, eval: Eval, seed: u64) -> Result<Split> {
-        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let mut rng = chacha(seed);
         let groups: Vec<Vec<usize>> = match classes {
             Some(c) => {
                 let k = c.iter().max().map_or(0, |m| m + 1);

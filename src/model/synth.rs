@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 
 use super::checkpoint::norm_names;
 use super::config::{Family, ModelConfig, NormWeight};
-use crate::intervene::gaussian;
+use crate::rng::{gaussian, splitmix64};
 use crate::{Error, Result};
 
 /// Presets: config.json values of public models (from their model cards' config.json).
@@ -136,7 +136,7 @@ pub fn write_checkpoint(config: &Value, dir: &Path, seed: u64) -> Result<usize> 
                 Init::Norm => (if one_plus { 0.0 } else { 1.0 }, 0.1),
                 Init::Bias => (0.0, 0.02),
             };
-            (name.clone(), RandomTensor { shape: shape.clone(), mean, std, seed: seed ^ crate::intervene::splitmix64(ti as u64) })
+            (name.clone(), RandomTensor { shape: shape.clone(), mean, std, seed: seed ^ splitmix64(ti as u64) })
         })
         .collect();
     let path = dir.join("model.safetensors");

@@ -13,7 +13,8 @@ use patchbay::backend::DeviceSpec;
 use patchbay::backend::device::{DeviceBuffer, Driver};
 use patchbay::backend::emu::{EmuDriver, FiberOrder};
 use patchbay::backend::ops::site_ops::SitePlanBuilder;
-use patchbay::intervene::{Op, apply_op, splitmix64};
+use patchbay::intervene::{Op, apply_op};
+use patchbay::rng::splitmix64;
 
 /// The devices the kernel tests run on, each with its name for messages: the emulator in
 /// forward and reverse fiber order (`fwd`, `rev`: a missing barrier shows in one of them), or

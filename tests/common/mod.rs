@@ -153,7 +153,7 @@ pub fn random_prompts(n: usize, lens: &[usize], vocab: usize, seed: u64) -> Vec<
     (0..n)
         .map(|i| {
             let len = lens[i % lens.len()];
-            (0..len).map(|j| (patchbay::intervene::splitmix64(seed ^ ((i as u64) << 32) ^ j as u64) % vocab as u64) as u32).collect()
+            (0..len).map(|j| (patchbay::rng::splitmix64(seed ^ ((i as u64) << 32) ^ j as u64) % vocab as u64) as u32).collect()
         })
         .collect()
 }

@@ -3,17 +3,16 @@
 //! For each of n rows of label logits `[n, L]` (the final rows multiplied by the gathered
 //! lm_head rows of the L label tokens, soft-capping applied): the predicted label (argmax, ties
 //! to the lowest index as numpy), a logit difference, the softmax probability of one label and
-//! the log-sum-exp, all over the L labels. [`label_metrics_row`] is the reference semantics;
-//! the CPU path uses it too.
+//! the log-sum-exp, all over the L labels. [`label_metrics_row`] (in `crate::logits`, where the
+//! experiments read it too) is the reference semantics of one row; [`label_metrics_ref`] applies
+//! it to every row, and the CPU path uses it.
 
 use crate::backend::device::{DeviceBuffer, Driver, KernelArgs, LaunchConfig};
+use crate::logits::{LabelMetricsRow, label_metrics_row};
 use crate::{Error, Result};
 
 /// Rows per block of `label_metrics_f32` (one warp each); `METRICS_WARPS` in the kernel.
 const WARPS_PER_BLOCK: u32 = 4;
-
-/// `b` value meaning "subtract the max over the labels other than `a`".
-pub const DIFF_VS_MAX_OTHER: i32 = -1;
 
 /// The operands of one [`label_metrics`] launch. Buffers may be longer than needed.
 pub struct LabelMetrics<'a> {
@@ -23,7 +22,7 @@ pub struct LabelMetrics<'a> {
     pub l: usize,
     /// `[n]` label index of the first term of the logit difference.
     pub a: &'a DeviceBuffer<i32>,
-    /// `[n]` label index subtracted, or [`DIFF_VS_MAX_OTHER`].
+    /// `[n]` label index subtracted, or [`DIFF_VS_MAX_OTHER`](crate::logits::DIFF_VS_MAX_OTHER).
     pub b: &'a DeviceBuffer<i32>,
     /// `[n]` label whose probability is reported.
     pub c: &'a DeviceBuffer<i32>,
@@ -35,52 +34,6 @@ pub struct LabelMetrics<'a> {
     pub prob: &'a DeviceBuffer<f32>,
     /// `[n]` out.
     pub logsumexp: &'a DeviceBuffer<f32>,
-}
-
-/// The metrics of one row.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct LabelMetricsRow {
-    pub pred: i32,
-    pub logit_diff: f32,
-    pub prob: f32,
-    pub logsumexp: f32,
-}
-
-/// Reference semantics of one row `x` (the L label logits), as `label_metrics_f32` computes them:
-/// - `pred` = argmax_j x[j], the lowest j among equal maxima (numpy.argmax);
-/// - `logit_diff` = x[a] - x[b] for 0 <= b < L; for b = -1 ([`DIFF_VS_MAX_OTHER`]),
-///   x[a] - max_{j != a} x[j] (+inf when L = 1: the max over no label is -inf);
-/// - `prob` = softmax(x)[c] = exp(x[c] - m) / sum_j exp(x[j] - m) with m = max_j x[j];
-/// - `logsumexp` = m + ln(sum_j exp(x[j] - m)).
-///
-/// An index out of range (a or c outside [0, L), b outside [-1, L)) makes the output that uses
-/// it NaN. Logits are finite or -inf (masked labels); when all are -inf, logsumexp is -inf and
-/// prob NaN. f32 math with an f32 sum, in index order (the kernel sums in another order: the
-/// results agree to f32 rounding). `x` must not be empty.
-pub fn label_metrics_row(x: &[f32], a: i32, b: i32, c: i32) -> LabelMetricsRow {
-    let l = x.len();
-    let mut best = 0usize;
-    for (j, &v) in x.iter().enumerate() {
-        if v > x[best] {
-            best = j;
-        }
-    }
-    let in_range = |i: i32| i >= 0 && (i as usize) < l;
-    let logit_diff = if !in_range(a) {
-        f32::NAN
-    } else if b == DIFF_VS_MAX_OTHER {
-        let other = x.iter().enumerate().filter(|&(j, _)| j != a as usize).fold(f32::NEG_INFINITY, |m, (_, &v)| m.max(v));
-        x[a as usize] - other
-    } else if in_range(b) {
-        x[a as usize] - x[b as usize]
-    } else {
-        f32::NAN
-    };
-    let m = x[best];
-    let shift = if m == f32::NEG_INFINITY { 0.0 } else { m };
-    let s: f32 = x.iter().map(|&v| (v - shift).exp()).sum();
-    let prob = if in_range(c) { (x[c as usize] - shift).exp() / s } else { f32::NAN };
-    LabelMetricsRow { pred: best as i32, logit_diff, prob, logsumexp: shift + s.ln() }
 }
 
 /// [`label_metrics_row`] for each row of `logits` (`[n, l]`, n = logits.len() / l), with the

@@ -14,7 +14,7 @@
 //! boundary; [`SampleDraw::margin`] says how far the reference's decisions were from theirs.
 
 use crate::backend::device::{DeviceBuffer, Driver, KernelArgs, LaunchConfig};
-use crate::intervene::splitmix64;
+use crate::rng::splitmix64;
 use crate::{Error, Result};
 
 /// Domain separation of the sampling stream from other users of splitmix64 (`SAMPLE_SALT` in
