@@ -392,7 +392,7 @@ pub fn attention(
             block: ((ATT_WARPS * 32) as u32, 1, 1),
             shared_bytes: attention_shared_bytes(dh) as u32,
         };
-        // SAFETY: AttnArgs mirrors the kernel's struct (size asserted); q and z hold exactly
+        // SAFETY: AttnArgs mirrors the kernel's struct (size and offsets asserted); q and z hold exactly
         // [T, H, dh], the caches at least n_slots * KV * dh; the index arrays come from a
         // validated PagedBatch (every table entry read is a block < n_cache_blocks, rows and
         // positions within the table), heads H % KV == 0, dh <= 256 (the kernel's accumulators).
