@@ -3,7 +3,7 @@
 //   gate[t,i] <- act(g) * u,  act = silu: g / (1 + exp(-g))
 //                             gelu_tanh: 0.5 g (1 + tanh(0.7978846 (g + 0.044715 g^3)))
 //   site ops on the row (MlpPost interventions, captures); out_bf16[t,i] <- bf16(gate[t,i])
-// as src/backend/cpu.rs `act_mul` (bias as `linear` adds it before).
+// as src/backend/ops/act.rs `act_mul_ref` (bias as cpu.rs `linear` adds it before).
 // One block per row, each thread owning elements threadIdx.x + k * blockDim.x (no barrier
 // between element-wise steps); site ops only on rows that have them. f32 in/out, bf16 copy
 // rounded to nearest even.

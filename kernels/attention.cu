@@ -1,12 +1,13 @@
 // Varlen causal attention over a paged bf16 KV cache (flash / online softmax, f32 math).
-// Reference: src/backend/cpu.rs `attention`, applied per sequence by src/engine/forward.rs.
+// Reference: src/backend/ops/attention.rs `attention_ref`, applied per sequence by src/engine/forward.rs.
 //
 // Formula. Sequence s has query rows q_start[s] .. q_start[s+1] at absolute positions
 // p = pos0[s] + (row - q_start[s]); its key/value at position j lives in cache slot
 // block_table[s, j / block_size] * block_size + j % block_size. For row p and query head h
 // (kv head kh = h / (H / KV), grouped-query attention):
 //   s_j = dot(q[row, h], k[j, kh]) * scale;  s_j = softcap * tanh(s_j / softcap) if softcap > 0
-//   visible keys: lo(p) <= j <= p with lo(p) = 0, or max(0, p - window + 1) with a window
+//   visible keys: lo(p) <= j <= p with lo(p) = 0, or max(0, p - sliding_window + 1) with a
+//   sliding window
 //   z[row, h] = sum_j softmax(s)_j v[j, kh]   (softmax over the visible keys only)
 // Masked keys get probability exactly zero, as on the CPU.
 //
@@ -107,8 +108,8 @@ extern "C" __global__ void attention_f32(AttnArgs a) {
     const bool active = warp < rows;
     const size_t row = (size_t)r0 + t0 + warp;
     const int p = p_first + warp;
-    const int lo = a.window > 0 ? max(0, p - a.window + 1) : 0;
-    const int k_begin = a.window > 0 ? max(0, p_first - a.window + 1) : 0;
+    const int lo = a.sliding_window > 0 ? max(0, p - a.sliding_window + 1) : 0;
+    const int k_begin = a.sliding_window > 0 ? max(0, p_first - a.sliding_window + 1) : 0;
 
     for (int i = threadIdx.x; i < rows * dh; i += blockDim.x) {
         const int w = i / dh, d = i % dh;
@@ -221,7 +222,7 @@ extern "C" __global__ void attention_pattern_f32(AttnArgs a) {
         if (a.q_start[mid] <= r) s = mid; else hi = mid;
     }
     const int p = a.pos0[s] + (r - a.q_start[s]);
-    const int lo = a.window > 0 ? max(0, p - a.window + 1) : 0;
+    const int lo = a.sliding_window > 0 ? max(0, p - a.sliding_window + 1) : 0;
     const int dh = a.dh;
     const int kvh = h / (a.H / a.KV);
     for (int d = threadIdx.x; d < dh; d += blockDim.x) q_s[d] = a.q[((size_t)r * a.H + h) * dh + d];

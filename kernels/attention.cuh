@@ -1,6 +1,6 @@
 // Arguments of attention_f32 / attention_pattern_f32 (kernels/attention.cu), passed by value.
 // Mirrored field for field by `AttnArgs` in src/backend/ops/attention.rs (#[repr(C)], 128 bytes,
-// no padding: keep both in step).
+// no padding); build/layout.rs checks both sides' field offsets against this definition.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -22,7 +22,7 @@ struct AttnArgs {
     int n_slots;                     // cache capacity in slots: a table entry outside it reads zeros
     float scale;                     // softmax scale
     float softcap;                   // 0 = none, else s = cap * tanh(s / cap) after scaling
-    int window;                      // 0 = full causal, else keys j with p - window < j <= p
+    int sliding_window;              // 0 = full causal, else keys j with p - sliding_window < j <= p
     const int* pat_row;              // [n_pat] batch row of each captured pattern
     const int* pat_head;             // [n_pat] query head of each captured pattern
     float* pat_out;                  // [n_pat, n_keys] probabilities, zero outside the visible keys

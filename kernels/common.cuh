@@ -1,7 +1,7 @@
 // Small device helpers shared by several kernel files.
 #pragma once
 
-// splitmix64, bit-identical to crate::intervene::splitmix64 (the counter-based hash behind the
+// splitmix64, bit-identical to crate::rng::splitmix64 (the counter-based hash behind the
 // intervention noise and the sampler's uniforms).
 static __device__ __forceinline__ unsigned long long pb_splitmix64(unsigned long long z) {
     z += 0x9E3779B97F4A7C15ull;

@@ -1,11 +1,12 @@
 // Small element-wise helpers of the forward pass. f32 math; bf16 outputs rounded to nearest
 // even (__float2bfloat16). Work split: row kernels take one block per row with the threads
-// striding over the row; flat kernels are grid-stride loops over n elements.
+// striding over the row; flat kernels are grid-stride loops over n elements. References:
+// src/backend/ops/elementwise.rs `<name>_ref` (bias_add_ref, to_bf16_ref, ...).
 //   bias_add_f32          x[t, i] += b[i]
 //   to_bf16_f32           y[i] = bf16(x[i])
 //   head_mask_bf16        out[t, h, :] = h == head ? bf16(z[t, h, :]) : 0
 //   sum_heads_f32         out[t, i] = (sum over h in order of result[t, h, i]) + bias[i]
-//                         (as the reference: per-head sum from 0, then the bias)
+//                         (as sum_heads_ref: per-head sum from 0, then the bias)
 //   softcap_f32           x[i] = tanh(x[i] / cap) * cap
 //   gather_rows_f32_bf16  out[k, :] = bf16(src[rows[k], :])
 //   gather_rows_bf16      out[k, :] = src[rows[k], :]

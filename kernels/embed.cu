@@ -1,5 +1,6 @@
 // Token embedding: out[t, :] = f32(table[ids[t], :]) * scale  (scale = sqrt(d_model) for Gemma,
-// 1 otherwise; as the reference forward: convert to f32, then multiply).
+// 1 otherwise; as src/backend/ops/embed.rs `embed_ref` and the reference forward: convert to
+// f32, then multiply).
 // One block per token row, threads striding over d. An id outside [0, V) gives a NaN row
 // (the Rust wrapper checks host ids; the guard keeps device ids memory-safe).
 // bf16 table, f32 output.

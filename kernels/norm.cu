@@ -6,33 +6,22 @@
 //   o = pre_w ? rmsnorm(resid[t], pre_w) : resid[t]          (next sublayer's pre-norm / final norm)
 //   out_site ops on o; out_f32[t] <- o; out_bf16[t] <- bf16(o) (AttnIn / MlpIn / FinalNorm)
 // rmsnorm(x, w) = w * (x * r) (one_plus: (x * r) * (1 + w)), r = 1 / sqrt(mean(x^2) + eps),
-// the mean of squares summed in f32 — as src/backend/cpu.rs `rmsnorm`.
+// the mean of squares summed in f32 — as ops/norm.rs `rmsnorm_ref`.
 //
 // One block per row. Each thread owns the elements i = threadIdx.x + k * blockDim.x of the
 // row and does every element-wise step on them in global memory, so the steps need no
 // barrier between them; the mean of squares is a block reduction; site ops (all threads of the
 // block, barriers before and after) run only on rows that have them. f32 throughout; bf16
 // output rounded to nearest even (__float2bfloat16).
+//
+// qk_norm_f32:  x[t, :] <- w * (x[t, :] / sqrt(mean(x[t, :]^2) + eps)), in place, over the whole
+//   projection width n (OLMo 2 q_norm / k_norm). One block per row t; each thread sums the
+//   squares of a strided slice, warp shuffles then shared memory reduce to the block total,
+//   then every thread rescales its slice. f32 throughout. Reference: ops/norm.rs `rmsnorm_ref`
+//   (NormWeight::Plain).
 #include <cuda_bf16.h>
+#include "norm.cuh"
 #include "site_ops.cuh"
-
-struct AddNormArgs {
-    float* resid;             // [T, d] residual stream, in/out
-    float* delta;             // [T, d] sublayer output, in/out (post-normed in place), or null (no add)
-    const float* post_w;      // [d] norm of delta before the add, or null
-    const float* pre_w;       // [d] norm of the new residual, or null (= copy)
-    float* out_f32;           // [T, d] normalised output after out_site ops
-    __nv_bfloat16* out_bf16;  // [T, d] the same rounded to bf16, or null
-    int T;
-    int d;
-    float eps;
-    int one_plus;             // 1: x_hat * (1 + w) (Gemma); 0: x_hat * w
-    SitePlan delta_site;
-    SitePlan resid_site0;
-    SitePlan resid_site1;
-    SitePlan out_site;
-};
-static_assert(sizeof(AddNormArgs) == 64 + 4 * sizeof(SitePlan), "AddNormArgs must match its Rust mirror");
 
 // 1 / sqrt(mean(x^2) + eps) of one row (all threads of the block).
 static __device__ __forceinline__ float norm_rinv(const float* x, int d, float eps) {
@@ -78,4 +67,33 @@ extern "C" __global__ void add_norm_f32(
         __nv_bfloat16* ob = a.out_bf16 + (long long)t * d;
         for (int i = threadIdx.x; i < d; i += blockDim.x) ob[i] = __float2bfloat16(out[i]);
     }
+}
+
+#define QK_NORM_WARP 32
+
+// Sum of `v` over the block (blockDim.x a multiple of 32, at most 1024); every thread gets it.
+static __device__ __forceinline__ float qk_norm_block_sum(float v, float* red /* [32] shared */) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    const int warp = threadIdx.x / QK_NORM_WARP, lane = threadIdx.x % QK_NORM_WARP;
+    const int n_warps = blockDim.x / QK_NORM_WARP;
+    if (lane == 0) red[warp] = v;
+    __syncthreads();
+    float t = lane < n_warps ? red[lane] : 0.0f;
+    for (int o = 16; o > 0; o >>= 1) t += __shfl_xor_sync(0xffffffffu, t, o);
+    return t;
+}
+
+extern "C" __global__ void qk_norm_f32(
+    float* x,        // [T, n] normalised in place
+    const float* w,  // [n]
+    int T, int n, float eps) {
+    __shared__ float red[32];
+    const int t = blockIdx.x;
+    if (t >= T) return;
+    float* row = x + (size_t)t * n;
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) ss += row[i] * row[i];
+    ss = qk_norm_block_sum(ss, red);
+    const float r = 1.0f / sqrtf(ss / (float)n + eps);
+    for (int i = threadIdx.x; i < n; i += blockDim.x) row[i] = w[i] * (row[i] * r);
 }

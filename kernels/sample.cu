@@ -83,9 +83,8 @@ __device__ __forceinline__ int sample_block_minmax(int v, bool op_max, int* sh) 
     return t;
 }
 
-// (value, id) argmax over the block, ties -> lowest id; the same result in every thread.
-__device__ __forceinline__ void sample_block_argmax(float& v, int& i, float* shv, int* shi) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+// (value, id) argmax over the warp, ties -> lowest id; the same result in every lane.
+__device__ __forceinline__ void sample_warp_argmax(float& v, int& i) {
     for (int o = 16; o > 0; o >>= 1) {
         const float w = __shfl_xor_sync(SAMPLE_FULL_MASK, v, o);
         const int k = __shfl_xor_sync(SAMPLE_FULL_MASK, i, o);
@@ -94,6 +93,12 @@ __device__ __forceinline__ void sample_block_argmax(float& v, int& i, float* shv
             i = k;
         }
     }
+}
+
+// (value, id) argmax over the block, ties -> lowest id; the same result in every thread.
+__device__ __forceinline__ void sample_block_argmax(float& v, int& i, float* shv, int* shi) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    sample_warp_argmax(v, i);
     __syncthreads();
     if (lane == 0) {
         shv[warp] = v;
@@ -104,14 +109,7 @@ __device__ __forceinline__ void sample_block_argmax(float& v, int& i, float* shv
         v = shv[lane];
         i = shi[lane];
     }
-    for (int o = 16; o > 0; o >>= 1) {
-        const float w = __shfl_xor_sync(SAMPLE_FULL_MASK, v, o);
-        const int k = __shfl_xor_sync(SAMPLE_FULL_MASK, i, o);
-        if (w > v || (w == v && k < i)) {
-            v = w;
-            i = k;
-        }
-    }
+    sample_warp_argmax(v, i);
 }
 
 // Exclusive prefix sum over threads in threadIdx order; `*total` gets the block total. A fixed

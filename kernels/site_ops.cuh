@@ -36,7 +36,8 @@
 #define SITE_SCALE 6
 #define SITE_CAPTURE 7
 
-// One op on one row (48 bytes; mirrored by `SiteOp` in src/backend/ops/site_ops.rs).
+// One op on one row (48 bytes; mirrored by `SiteOp` in src/backend/ops/site_ops.rs, the field
+// offsets of both checked by build/layout.rs; the SITE_* codes above are the Rust consts' source).
 struct SiteOp {
     int row;          // row of the activation [T, row_width]
     int code;         // SITE_*
@@ -51,7 +52,8 @@ struct SiteOp {
 };
 static_assert(sizeof(SiteOp) == 48, "SiteOp must match its Rust mirror");
 
-// All ops of one site for one launch (64 bytes; mirrored by `SitePlan` in site_ops.rs).
+// All ops of one site for one launch (64 bytes; mirrored by `SitePlan` in site_ops.rs, checked
+// likewise).
 // An empty plan has n_active = 0 and null pointers.
 struct SitePlan {
     const SiteOp* ops;        // [n_ops], grouped by row

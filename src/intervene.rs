@@ -347,7 +347,12 @@ impl Hooks {
     }
 }
 
-fn check_operands(op: &Op, width: usize, n_rows: usize) -> std::result::Result<(), String> {
+/// The operand sizes [`apply_op`] relies on, for a selection of `width` values: a Patch holds
+/// one row of `width` values or `n_rows` rows of them (one per resolved row), Add's v and Mean's
+/// mean `width` values, ProjectSet's P `width x width` and v `width`. The error names the
+/// operand; callers add where it was given. Used by [`Hooks::new`] and by the backend's device
+/// site plans.
+pub fn check_operands(op: &Op, width: usize, n_rows: usize) -> std::result::Result<(), String> {
     let want = |name: &str, got: usize, expect: usize| {
         if got == expect { Ok(()) } else { Err(format!("{name} has {got} values, expected {expect}")) }
     };

@@ -1,6 +1,6 @@
 //! The device layer around the kernels: `--device` specs, the missing-GPU error on a machine
 //! without CUDA, the build-time NVRTC resource table (no kernel spills registers unless its
-//! source says why), and the kernel table build.rs generates.
+//! source says why), and the kernel table and typed entry points build/codegen.rs generates.
 
 use std::str::FromStr;
 
@@ -65,6 +65,20 @@ fn kernel_table_lists_every_entry_point() {
             }
         }
     }
+}
+
+/// `kernels::entry` has one constant per entry point of the kernel table, in table order, each
+/// naming its own file; the constants the launchers use are the right kernels.
+#[test]
+fn typed_entry_points_match_the_kernel_table() {
+    use kernels::entry;
+    let table: Vec<(&str, &str)> = kernels::all_modules().flat_map(|m| m.entries.iter().map(move |e| (*e, m.path))).collect();
+    let typed: Vec<(&str, &str)> = entry::ALL.iter().map(|k| (k.name(), k.file())).collect();
+    assert_eq!(typed, table);
+    assert!(entry::ALL.iter().enumerate().all(|(i, k)| k.index() == i));
+    assert_eq!((entry::KV_WRITE_BF16.name(), entry::KV_WRITE_BF16.file()), ("kv_write_bf16", "kernels/kv.cu"));
+    assert_eq!((entry::QK_NORM_F32.name(), entry::QK_NORM_F32.file()), ("qk_norm_f32", "kernels/norm.cu"));
+    assert_eq!(entry::selftest::SELFTEST_WARP_OPS.file(), "kernels/selftest/selftest.cu");
 }
 
 #[test]

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use patchbay::backend::device::{DevPtr, DeviceBuffer, Driver, KernelArgs, LaunchConfig};
 use patchbay::backend::emu::{self, EmuDriver, FiberOrder};
-use patchbay::backend::kernels;
+use patchbay::backend::kernels::{self, Kernel, entry::selftest};
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
@@ -106,14 +106,14 @@ fn error_line(tag: &str) -> String {
 }
 
 /// Launches a kernel that must fail, within a timeout; returns the error message.
-fn launch_error(order: FiberOrder, name: &'static str, c: LaunchConfig, args: impl FnOnce(&Arc<dyn Driver>) -> (KernelArgs, Vec<DeviceBuffer<f32>>) + Send + 'static) -> String {
+fn launch_error(order: FiberOrder, kernel: Kernel, c: LaunchConfig, args: impl FnOnce(&Arc<dyn Driver>) -> (KernelArgs, Vec<DeviceBuffer<f32>>) + Send + 'static) -> String {
     within(60, move || {
         let d = device(order).unwrap();
         let (a, _keep) = args(&d);
         // SAFETY: the arguments match the kernel's parameters and the buffers are large enough.
-        let r = unsafe { a.launch(&*d, name, c) };
+        let r = unsafe { a.launch(&*d, kernel, c) };
         let msg = r.expect_err("the launch must fail").to_string();
-        eprintln!("{name} ({order}): {msg}");
+        eprintln!("{} ({order}): {msg}", kernel.name());
         msg
     })
 }
@@ -134,7 +134,7 @@ fn block_reduce_matches_reference() {
             let out = poisoned::<f32>(&d, rows);
             let args = KernelArgs::new().ptr(xb.ptr()).ptr(out.ptr()).i32(n as i32);
             // SAFETY: x is [rows, n], out is [rows]: the kernel's parameters.
-            unsafe { args.launch(&*d, "selftest_block_reduce", cfg((rows as u32, 1, 1), (threads, 1, 1), 0)) }.unwrap();
+            unsafe { args.launch(&*d, selftest::SELFTEST_BLOCK_REDUCE, cfg((rows as u32, 1, 1), (threads, 1, 1), 0)) }.unwrap();
             assert_close(&format!("block_reduce {rows}x{n} ({order})"), &out.download().unwrap(), &want, 2e-4, 1e-5);
         }
     }
@@ -159,7 +159,7 @@ fn warp_ops_match_reference() {
             (poisoned::<f32>(&d, rows), poisoned::<f32>(&d, rows), poisoned::<u32>(&d, rows), poisoned::<i32>(&d, rows * 2), poisoned::<f32>(&d, rows * 32), poisoned::<f32>(&d, rows));
         let args = KernelArgs::new().ptr(xb.ptr()).ptr(s.ptr()).ptr(m.ptr()).ptr(b.ptr()).ptr(aa.ptr()).ptr(sc.ptr()).ptr(tot.ptr()).i32(rows as i32);
         // SAFETY: buffers sized as the kernel's header says.
-        unsafe { args.launch(&*d, "selftest_warp_ops", cfg((rows.div_ceil(4) as u32, 1, 1), (128, 1, 1), 0)) }.unwrap();
+        unsafe { args.launch(&*d, selftest::SELFTEST_WARP_OPS, cfg((rows.div_ceil(4) as u32, 1, 1), (128, 1, 1), 0)) }.unwrap();
         assert_close(&format!("warp sum ({order})"), &s.download().unwrap(), &sum, 1e-5, 1e-5);
         assert_eq!(m.download().unwrap(), mx, "warp max ({order})");
         assert_eq!(b.download().unwrap(), ballot, "ballot ({order})");
@@ -190,12 +190,12 @@ fn dynamic_shared_memory_aliases_and_is_bounded() {
         let counts = poisoned::<i32>(&d, rows);
         let args = KernelArgs::new().ptr(xb.ptr()).ptr(out.ptr()).ptr(counts.ptr()).i32(n as i32);
         // SAFETY: x, out are [rows, n], counts [rows]; shared = n floats + 1 int.
-        unsafe { args.launch(&*d, "selftest_dynamic_smem", cfg((rows as u32, 1, 1), (threads, 1, 1), (n * 4 + 4) as u32)) }.unwrap();
+        unsafe { args.launch(&*d, selftest::SELFTEST_DYNAMIC_SMEM, cfg((rows as u32, 1, 1), (threads, 1, 1), (n * 4 + 4) as u32)) }.unwrap();
         assert_close(&format!("reversed row ({order})"), &out.download().unwrap(), &want, 0.0, 0.0);
         assert_eq!(counts.download().unwrap(), vec![threads as i32; rows], "shared counter ({order})");
     }
     // One int short: the counter lies past the launch's shared memory, on the guard page.
-    let msg = launch_error(FiberOrder::Forward, "selftest_dynamic_smem", cfg((1, 1, 1), (32, 1, 1), (n * 4) as u32), move |d| {
+    let msg = launch_error(FiberOrder::Forward, selftest::SELFTEST_DYNAMIC_SMEM, cfg((1, 1, 1), (32, 1, 1), (n * 4) as u32), move |d| {
         let xb = upload(d, &vec![0.0f32; n]);
         let out = poisoned::<f32>(d, n);
         let counts = poisoned::<f32>(d, 1);
@@ -230,7 +230,7 @@ fn atomics_across_blocks() {
             .ptr(cas.ptr())
             .ptr(exch.ptr());
         // SAFETY: x, q are [n]; the rest single values.
-        unsafe { args.launch(&*d, "selftest_atomics", cfg((n.div_ceil(256) as u32, 1, 1), (256, 1, 1), 0)) }.unwrap();
+        unsafe { args.launch(&*d, selftest::SELFTEST_ATOMICS, cfg((n.div_ceil(256) as u32, 1, 1), (256, 1, 1), 0)) }.unwrap();
         let sum: f64 = x.iter().map(|&v| v as f64).sum();
         assert_close(&format!("atomicAdd float ({order})"), &acc.download().unwrap(), &[sum], 0.0, 1e-4);
         assert_eq!(count.download().unwrap(), [n as u32], "atomicAdd unsigned ({order})");
@@ -274,7 +274,7 @@ fn bf16_and_fp16_round_like_the_half_crate() {
         let sum2 = poisoned::<u32>(&d, n);
         let args = KernelArgs::new().ptr(xb.ptr()).ptr(yb.ptr()).ptr(b.ptr()).ptr(back.ptr()).ptr(h.ptr()).ptr(sum2.ptr()).i32(n as i32);
         // SAFETY: every buffer has n elements.
-        unsafe { args.launch(&*d, "selftest_bf16", cfg((n.div_ceil(128) as u32, 1, 1), (128, 1, 1), 0)) }.unwrap();
+        unsafe { args.launch(&*d, selftest::SELFTEST_BF16, cfg((n.div_ceil(128) as u32, 1, 1), (128, 1, 1), 0)) }.unwrap();
         let (b, back, h, sum2) = (b.download().unwrap(), back.download().unwrap(), h.download().unwrap(), sum2.download().unwrap());
         for i in 0..n {
             let want = half::bf16::from_f32(x[i]);
@@ -314,7 +314,7 @@ fn struct_argument_and_builtins_of_3d_launches() {
         let p = SelftestParams { scale: 1.5, n: n as i32, x: xb.ptr().0, y: y.ptr().0, flags: 1, _pad: 0, bias: 0.25 };
         let args = KernelArgs::new().value(p).ptr(ids.ptr());
         // SAFETY: SelftestParams mirrors the kernel's struct; x, y, ids have `total` elements.
-        unsafe { args.launch(&*d, "selftest_struct_arg", cfg(grid, block, 0)) }.unwrap();
+        unsafe { args.launch(&*d, selftest::SELFTEST_STRUCT_ARG, cfg(grid, block, 0)) }.unwrap();
         assert_eq!(ids.download().unwrap(), (0..total as u32).collect::<Vec<_>>(), "thread/block indices ({order})");
         let y = y.download().unwrap();
         for g in 0..total {
@@ -340,7 +340,7 @@ fn missing_barrier_is_exposed() {
     for order in orders(&mut rng) {
         let Some(d) = device(order) else { return };
         let xb = upload(&d, &x);
-        for (kernel, correct) in [("selftest_neighbour", true), ("selftest_missing_barrier", false)] {
+        for (kernel, correct) in [(selftest::SELFTEST_NEIGHBOUR, true), (selftest::SELFTEST_MISSING_BARRIER, false)] {
             let out = poisoned::<f32>(&d, blocks * threads);
             let args = KernelArgs::new().ptr(xb.ptr()).ptr(out.ptr());
             // SAFETY: x and out are [blocks, threads].
@@ -348,9 +348,9 @@ fn missing_barrier_is_exposed() {
             let got = out.download().unwrap();
             let wrong = got.iter().zip(&want).filter(|(g, w)| **g as f64 != **w).count();
             if correct {
-                assert_eq!(wrong, 0, "{kernel} ({order}): {wrong} wrong values");
+                assert_eq!(wrong, 0, "{} ({order}): {wrong} wrong values", kernel.name());
             } else {
-                assert!(wrong > 0, "{kernel} ({order}): the missing barrier went unnoticed");
+                assert!(wrong > 0, "{} ({order}): the missing barrier went unnoticed", kernel.name());
             }
         }
     }
@@ -363,12 +363,12 @@ fn divergent_barrier_is_an_error_with_its_line() {
         if device(order).is_none() {
             return;
         }
-        let msg = launch_error(order, "selftest_divergent_barrier", cfg((2, 1, 1), (64, 1, 1), 0), |d| {
+        let msg = launch_error(order, selftest::SELFTEST_DIVERGENT_BARRIER, cfg((2, 1, 1), (64, 1, 1), 0), |d| {
             let out = poisoned::<f32>(d, 64);
             (KernelArgs::new().ptr(out.ptr()), vec![out])
         });
         assert!(msg.contains(&line) && msg.contains("divergent") && msg.contains("exited"), "{order}: {msg}");
-        assert!(msg.contains("selftest_divergent_barrier"), "names the kernel: {msg}");
+        assert!(msg.contains(selftest::SELFTEST_DIVERGENT_BARRIER.name()), "names the kernel: {msg}");
     }
 }
 
@@ -378,7 +378,7 @@ fn two_different_barriers_are_an_error() {
     if device(FiberOrder::Forward).is_none() {
         return;
     }
-    let msg = launch_error(FiberOrder::Forward, "selftest_two_barriers", cfg((1, 1, 1), (64, 1, 1), 0), |d| {
+    let msg = launch_error(FiberOrder::Forward, selftest::SELFTEST_TWO_BARRIERS, cfg((1, 1, 1), (64, 1, 1), 0), |d| {
         let out = poisoned::<f32>(d, 64);
         (KernelArgs::new().ptr(out.ptr()), vec![out])
     });
@@ -392,7 +392,7 @@ fn shuffle_with_an_exited_lane_is_an_error_not_a_hang() {
         if device(order).is_none() {
             return;
         }
-        let msg = launch_error(order, "selftest_shfl_exited", cfg((3, 1, 1), (64, 1, 1), 0), |d| {
+        let msg = launch_error(order, selftest::SELFTEST_SHFL_EXITED, cfg((3, 1, 1), (64, 1, 1), 0), |d| {
             let out = poisoned::<f32>(d, 64);
             (KernelArgs::new().ptr(out.ptr()), vec![out])
         });
@@ -407,7 +407,7 @@ fn shuffle_waiting_on_a_lane_at_a_barrier_is_a_deadlock_error() {
         if device(order).is_none() {
             return;
         }
-        let msg = launch_error(order, "selftest_shfl_vs_barrier", cfg((1, 1, 1), (32, 1, 1), 0), |d| {
+        let msg = launch_error(order, selftest::SELFTEST_SHFL_VS_BARRIER, cfg((1, 1, 1), (32, 1, 1), 0), |d| {
             let out = poisoned::<f32>(d, 32);
             (KernelArgs::new().ptr(out.ptr()), vec![out])
         });
@@ -421,8 +421,8 @@ fn failed_device_assert_is_an_error() {
     let Some(d) = device(FiberOrder::Forward) else { return };
     let zero = upload(&d, &[0i32]);
     // SAFETY: one int.
-    unsafe { KernelArgs::new().ptr(zero.ptr()).launch(&*d, "selftest_assert", cfg((2, 1, 1), (32, 1, 1), 0)) }.unwrap();
-    let msg = launch_error(FiberOrder::Forward, "selftest_assert", cfg((2, 1, 1), (32, 1, 1), 0), |d| {
+    unsafe { KernelArgs::new().ptr(zero.ptr()).launch(&*d, selftest::SELFTEST_ASSERT, cfg((2, 1, 1), (32, 1, 1), 0)) }.unwrap();
+    let msg = launch_error(FiberOrder::Forward, selftest::SELFTEST_ASSERT, cfg((2, 1, 1), (32, 1, 1), 0), |d| {
         let one = upload(d, &[1.0f32]); // the bits of 1.0f are a non-zero int
         (KernelArgs::new().ptr(one.ptr()), vec![one])
     });
@@ -434,13 +434,12 @@ fn launch_mistakes_are_clear_errors() {
     let Some(d) = device(FiberOrder::Forward) else { return };
     let out = poisoned::<f32>(&d, 64);
     // SAFETY (all launches below): they fail before running anything.
-    let e = unsafe { KernelArgs::new().ptr(out.ptr()).launch(&*d, "no_such_kernel", cfg((1, 1, 1), (32, 1, 1), 0)) }.unwrap_err().to_string();
-    assert!(e.contains("`no_such_kernel` is not a compiled kernel entry point") && e.contains("selftest_block_reduce"), "{e}");
-    let e = unsafe { KernelArgs::new().ptr(out.ptr()).launch(&*d, "selftest_block_reduce", cfg((1, 1, 1), (32, 1, 1), 0)) }.unwrap_err().to_string();
+    // (An unknown kernel is a compile error: launches take `kernels::entry` constants.)
+    let e = unsafe { KernelArgs::new().ptr(out.ptr()).launch(&*d, selftest::SELFTEST_BLOCK_REDUCE, cfg((1, 1, 1), (32, 1, 1), 0)) }.unwrap_err().to_string();
     assert!(e.contains("takes 3 parameters, 1 given"), "{e}");
-    let e = unsafe { KernelArgs::new().ptr(out.ptr()).launch(&*d, "selftest_divergent_barrier", cfg((1, 1, 1), (2048, 1, 1), 0)) }.unwrap_err().to_string();
+    let e = unsafe { KernelArgs::new().ptr(out.ptr()).launch(&*d, selftest::SELFTEST_DIVERGENT_BARRIER, cfg((1, 1, 1), (2048, 1, 1), 0)) }.unwrap_err().to_string();
     assert!(e.contains("invalid launch configuration"), "{e}");
-    let e = unsafe { KernelArgs::new().ptr(out.ptr()).launch(&*d, "selftest_divergent_barrier", cfg((0, 1, 1), (32, 1, 1), 0)) }.unwrap_err().to_string();
+    let e = unsafe { KernelArgs::new().ptr(out.ptr()).launch(&*d, selftest::SELFTEST_DIVERGENT_BARRIER, cfg((0, 1, 1), (32, 1, 1), 0)) }.unwrap_err().to_string();
     assert!(e.contains("invalid launch configuration"), "{e}");
     // Copies outside an allocation.
     assert!(d.htod(out.ptr().offset(64 * 4 - 4), &[0u8; 8]).is_err());
@@ -533,7 +532,7 @@ fn emulator_speed() {
     for threads in [256u32, 1024] {
         let run = || {
             // SAFETY: x is [rows, n], out [rows].
-            unsafe { KernelArgs::new().ptr(x.ptr()).ptr(out.ptr()).i32(n as i32).launch(&*d, "selftest_block_reduce", cfg((rows as u32, 1, 1), (threads, 1, 1), 0)) }.unwrap()
+            unsafe { KernelArgs::new().ptr(x.ptr()).ptr(out.ptr()).i32(n as i32).launch(&*d, selftest::SELFTEST_BLOCK_REDUCE, cfg((rows as u32, 1, 1), (threads, 1, 1), 0)) }.unwrap()
         };
         run();
         let (mut wall, mut cpu) = (f64::INFINITY, f64::INFINITY);
@@ -561,7 +560,7 @@ fn emulator_speed() {
             .ptr(bufs[3].ptr())
             .ptr(bufs[4].ptr())
             .i32(wrows as i32)
-            .launch(&*d, "selftest_warp_ops", cfg((wrows as u32 / 4, 1, 1), (128, 1, 1), 0))
+            .launch(&*d, selftest::SELFTEST_WARP_OPS, cfg((wrows as u32 / 4, 1, 1), (128, 1, 1), 0))
     }
     .unwrap();
     eprintln!("emu: warp ops on {wrows} warps (30 collectives each): {:.2} ms wall, {:.2} ms CPU", t.elapsed().as_secs_f64() * 1e3, (cpu_seconds() - c) * 1e3);

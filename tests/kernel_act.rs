@@ -1,14 +1,14 @@
-//! kernels/act.cu (`act_mul_f32`) against `cpu::act_mul` (biases added first, as `cpu::linear`)
-//! followed by the MlpPost site ops (`intervene::apply_op`), odd sizes, both activations.
+//! kernels/act.cu (`act_mul_f32`) against `act_mul_ref` (biases added first, as `bias_add_ref`)
+//! followed by the MlpPost site ops (`site_op_ref`), odd sizes, both activations.
 
 mod common;
 
 use common::{BF16_ATOL, BF16_RTOL, KERNEL_F32_ATOL, KERNEL_F32_RTOL, assert_close};
 use half::bf16;
 use common::kernels::*;
-use patchbay::backend::cpu;
 use patchbay::backend::device::DeviceBuffer;
-use patchbay::backend::ops::act::{ActMul, act_mul};
+use patchbay::backend::ops::act::{ActMul, act_mul, act_mul_ref};
+use patchbay::backend::ops::elementwise::bias_add_ref;
 use patchbay::model::config::Activation;
 
 #[test]
@@ -32,12 +32,12 @@ fn act_mul_matches_reference() {
                     let mut g = gate0.clone();
                     let mut u = up0.clone();
                     if gate_bias {
-                        g.chunks_mut(n).for_each(|r| r.iter_mut().zip(&gb).for_each(|(x, b)| *x += b));
+                        bias_add_ref(&mut g, &gb);
                     }
                     if up_bias {
-                        u.chunks_mut(n).for_each(|r| r.iter_mut().zip(&ub).for_each(|(x, b)| *x += b));
+                        bias_add_ref(&mut u, &ub);
                     }
-                    cpu::act_mul(&mut g, &u, act);
+                    act_mul_ref(&mut g, &u, act);
                     let mut want_cap = vec![f32::NAN; cap_len];
                     plan.apply(&mut g, n, &mut want_cap);
 

@@ -1,5 +1,5 @@
 //! kernels/attention.cu (varlen flash attention over the paged bf16 KV cache) against
-//! `cpu::attention` applied per sequence, on fresh random inputs: odd sizes, GQA 1/3/4,
+//! `attention_ref` applied per sequence, on fresh random inputs: odd sizes, GQA 1/3/4,
 //! d_head 16..256, several sequences per launch, cached prefixes in blocks shared between
 //! sequences, partially filled blocks, sliding windows smaller and larger than the sequences,
 //! soft-capping, pattern capture. Every cache slot no query may see is poisoned with NaN, as
@@ -10,10 +10,10 @@ mod common;
 use std::sync::Arc;
 
 use half::bf16;
-use patchbay::backend::cpu;
 use patchbay::backend::device::{DeviceBuffer, Driver};
-use patchbay::backend::ops::attention::{AttnParams, PagedBatch, PagedSeq, PatternOut, PatternRequest, attention};
-use patchbay::backend::ops::rope::{RopeTables, kv_write, rope};
+use patchbay::backend::ops::attention::{AttnParams, PagedBatch, PagedSeq, PatternOut, PatternRequest, attention, attention_ref};
+use patchbay::backend::ops::kv::kv_write;
+use patchbay::backend::ops::rope::{RopeTables, rope, rope_ref};
 
 use common::{KERNEL_F32_ATOL, KERNEL_F32_RTOL, assert_close};
 use common::kernels::*;
@@ -38,7 +38,7 @@ struct Case {
     n_kv_heads: usize,
     d_head: usize,
     block_size: usize,
-    window: Option<usize>,
+    sliding_window: Option<usize>,
     softcap: Option<f32>,
     /// Amplitude of the random queries (large values make peaky softmaxes / saturate caps).
     q_amp: f32,
@@ -116,7 +116,7 @@ fn build(case: &Case, rng: &mut Rng) -> Built {
     let mut v_cache = vec![nan; n_blocks * bs * kvw];
     for (s, (pos0, n_new, blocks)) in tables.iter().enumerate() {
         for p in *pos0..pos0 + n_new {
-            let lo = case.window.map_or(0, |w| (p + 1).saturating_sub(w));
+            let lo = case.sliding_window.map_or(0, |w| (p + 1).saturating_sub(w));
             for j in lo..=p {
                 let slot = blocks[j / bs] as usize * bs + j % bs;
                 for e in 0..kvw {
@@ -136,11 +136,11 @@ fn params(case: &Case) -> AttnParams {
         d_head: case.d_head,
         scale: 1.0 / (case.d_head as f32).sqrt(),
         softcap: case.softcap,
-        window: case.window,
+        sliding_window: case.sliding_window,
     }
 }
 
-/// Reference z [T, H, dh] and probabilities [T, H, n_keys] from cpu::attention per sequence.
+/// Reference z [T, H, dh] and probabilities [T, H, n_keys] from attention_ref per sequence.
 fn reference(case: &Case, built: &Built, q: &[f32], n_keys: usize) -> (Vec<f32>, Vec<f32>) {
     let p = params(case);
     let qw = case.n_heads * case.d_head;
@@ -150,7 +150,7 @@ fn reference(case: &Case, built: &Built, q: &[f32], n_keys: usize) -> (Vec<f32>,
     let mut r0 = 0;
     for (s, spec) in case.seqs.iter().enumerate() {
         let r1 = r0 + spec.n_new;
-        cpu::attention(
+        attention_ref(
             &q[r0 * qw..r1 * qw],
             &built.k_ref[s],
             &built.v_ref[s],
@@ -163,7 +163,7 @@ fn reference(case: &Case, built: &Built, q: &[f32], n_keys: usize) -> (Vec<f32>,
             case.d_head,
             p.scale,
             p.softcap,
-            p.window,
+            p.sliding_window,
         );
         r0 = r1;
     }
@@ -214,7 +214,7 @@ fn seq(target: Option<usize>, pos0: usize, n_new: usize) -> SeqSpec {
 }
 
 fn base(name: &'static str) -> Case {
-    Case { name, targets: vec![], seqs: vec![], n_heads: 4, n_kv_heads: 4, d_head: 64, block_size: 16, window: None, softcap: None, q_amp: 2.0, n_pat: 4 }
+    Case { name, targets: vec![], seqs: vec![], n_heads: 4, n_kv_heads: 4, d_head: 64, block_size: 16, sliding_window: None, softcap: None, q_amp: 2.0, n_pat: 4 }
 }
 
 #[test]
@@ -283,7 +283,7 @@ fn sliding_window_smaller_than_sequences() {
     c.n_heads = 3;
     c.n_kv_heads = 1;
     c.d_head = 96;
-    c.window = Some(7);
+    c.sliding_window = Some(7);
     c.targets = vec![40];
     c.seqs = vec![seq(None, 0, 19), seq(Some(0), 33, 5), seq(Some(0), 16, 30), seq(None, 70, 3)];
     run_case(&c, test_seed());
@@ -293,7 +293,7 @@ fn sliding_window_smaller_than_sequences() {
 fn sliding_window_larger_than_sequences() {
     let mut c = base("window 4096 > sequences, GQA 1, d_head 32");
     c.d_head = 32;
-    c.window = Some(4096);
+    c.sliding_window = Some(4096);
     c.targets = vec![21];
     c.seqs = vec![seq(Some(0), 21, 19), seq(Some(0), 5, 1)];
     run_case(&c, test_seed());
@@ -305,7 +305,7 @@ fn window_of_one_sees_only_itself() {
     c.n_heads = 2;
     c.n_kv_heads = 1;
     c.d_head = 16;
-    c.window = Some(1);
+    c.sliding_window = Some(1);
     c.seqs = vec![seq(None, 3, 19)];
     run_case(&c, test_seed());
 }
@@ -331,7 +331,7 @@ fn softcap_and_window_gqa2_d256() {
     c.n_kv_heads = 2;
     c.d_head = 256;
     c.softcap = Some(30.0);
-    c.window = Some(13);
+    c.sliding_window = Some(13);
     c.q_amp = 8.0;
     c.targets = vec![50];
     c.seqs = vec![seq(Some(0), 48, 19), seq(Some(0), 3, 7)];
@@ -359,10 +359,10 @@ fn peaky_softmax_far_from_zero() {
     run_case(&c, test_seed());
 }
 
-/// rope -> kv_write -> attention chained on the device, against cpu::rope + cpu::attention.
-/// Each link is checked on its own inputs: the rotated rows against cpu::rope at f32
+/// rope -> kv_write -> attention chained on the device, against rope_ref + attention_ref.
+/// Each link is checked on its own inputs: the rotated rows against rope_ref at f32
 /// tolerance, the cache bit for bit against bf16 of the device's rotated k (and of v), z
-/// against cpu::attention on the cache as written.
+/// against attention_ref on the cache as written.
 #[test]
 fn rope_kv_write_attention_chain() {
     let seed = test_seed();
@@ -387,8 +387,8 @@ fn rope_kv_write_attention_chain() {
     let mut r0 = 0;
     for (s, &len) in lens.iter().enumerate() {
         let pos: Vec<usize> = (0..len).collect();
-        cpu::rope(&mut q_ref[r0 * qw..(r0 + len) * qw], h, dh, &pos, &per_seq[s].0, per_seq[s].1);
-        cpu::rope(&mut k_ref[r0 * kvw..(r0 + len) * kvw], kv, dh, &pos, &per_seq[s].0, per_seq[s].1);
+        rope_ref(&mut q_ref[r0 * qw..(r0 + len) * qw], h, dh, &pos, &per_seq[s].0, per_seq[s].1);
+        rope_ref(&mut k_ref[r0 * kvw..(r0 + len) * kvw], kv, dh, &pos, &per_seq[s].0, per_seq[s].1);
         r0 += len;
     }
     for (order, drv) in test_drivers() {
@@ -427,14 +427,14 @@ fn rope_kv_write_attention_chain() {
         for (s, &len) in lens.iter().enumerate() {
             let (ks, vs) = (gather(&kc, s), gather(&vc, s));
             // The cache holds exactly bf16 of what the device's rope produced (checked against
-            // cpu::rope above): no tolerance on the rounding itself.
+            // rope_ref above): no tolerance on the rounding itself.
             let k_want = bf16_round(&k_dev[r0 * kvw..(r0 + len) * kvw]);
             let v_want = bf16_round(&v[r0 * kvw..(r0 + len) * kvw]);
             assert!(bits_eq(&ks, &k_want), "{name}: k cache of sequence {s} is not bf16(rotated k)");
             assert!(bits_eq(&vs, &v_want), "{name}: v cache of sequence {s} is not bf16(v)");
             // z reference on the cache as written, with the device's rotated q.
             let p = params_of(h, kv, dh);
-            cpu::attention(&q_dev[r0 * qw..(r0 + len) * qw], &ks, &vs, &mut z_ref[r0 * qw..(r0 + len) * qw], None, 0, 0, h, kv, dh, p.scale, None, None);
+            attention_ref(&q_dev[r0 * qw..(r0 + len) * qw], &ks, &vs, &mut z_ref[r0 * qw..(r0 + len) * qw], None, 0, 0, h, kv, dh, p.scale, None, None);
             r0 += len;
         }
         assert_close(&format!("{name}: z"), &z.download().unwrap(), &z_ref, KERNEL_F32_ATOL, KERNEL_F32_RTOL);
@@ -446,7 +446,7 @@ fn bits_eq(a: &[f32], b: &[f32]) -> bool {
 }
 
 fn params_of(h: usize, kv: usize, dh: usize) -> AttnParams {
-    AttnParams { n_heads: h, n_kv_heads: kv, d_head: dh, scale: 1.0 / (dh as f32).sqrt(), softcap: None, window: None }
+    AttnParams { n_heads: h, n_kv_heads: kv, d_head: dh, scale: 1.0 / (dh as f32).sqrt(), softcap: None, sliding_window: None }
 }
 
 /// The checked entry points refuse inconsistent batches and buffers with an error.
@@ -476,7 +476,7 @@ fn bad_batches_and_buffers_are_errors() {
     assert!(msg(attention(drv.as_ref(), &batch, &p, &q, &short, &kc, &mut z, None)).contains("k_cache"));
     assert!(msg(attention(drv.as_ref(), &batch, &params_of(4, 3, 16), &q, &kc, &kc, &mut z, None)).contains("multiple"));
     assert!(msg(attention(drv.as_ref(), &batch, &params_of(1, 1, 257), &q, &kc, &kc, &mut z, None)).contains("d_head"));
-    assert!(msg(attention(drv.as_ref(), &batch, &AttnParams { window: Some(0), ..p }, &q, &kc, &kc, &mut z, None)).contains("window"));
+    assert!(msg(attention(drv.as_ref(), &batch, &AttnParams { sliding_window: Some(0), ..p }, &q, &kc, &kc, &mut z, None)).contains("window"));
     assert!(msg(attention(drv.as_ref(), &batch, &AttnParams { softcap: Some(-1.0), ..p }, &q, &kc, &kc, &mut z, None)).contains("softcap"));
     let req = PatternRequest::new(&drv, &[(2, 3)]).unwrap();
     let mut out = DeviceBuffer::<f32>::filled(&drv, 2, 0).unwrap();

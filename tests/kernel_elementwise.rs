@@ -1,5 +1,6 @@
-//! kernels/elementwise.cu against plain references: bias add, f32 -> bf16, head masking, head sum
-//! (the forward's HeadOut path), soft-capping, row gathers. Odd sizes, poisoned outputs.
+//! kernels/elementwise.cu against its references (`<name>_ref`): bias add, f32 -> bf16, head
+//! masking, head sum (the forward's HeadOut path), soft-capping, row gathers. Odd sizes,
+//! poisoned outputs.
 
 mod common;
 
@@ -25,7 +26,7 @@ fn bias_add_matches() {
             let x = upload(&drv, &x0);
             bias_add(&*drv, &x, &upload(&drv, &b), t, n).unwrap();
             let mut want = x0.clone();
-            want[..t * n].chunks_mut(n).for_each(|r| r.iter_mut().zip(&b).for_each(|(x, b)| *x += b));
+            bias_add_ref(&mut want[..t * n], &b);
             assert_eq!(bits(&x.download().unwrap()), bits(&want), "{order} t {t} n {n}");
         }
     }
@@ -46,7 +47,7 @@ fn to_bf16_rounds_to_nearest_even() {
             let y: DeviceBuffer<bf16> = poisoned(&drv, n);
             to_bf16(&*drv, &upload(&drv, &x), &y, n).unwrap();
             let got: Vec<u16> = y.download().unwrap().iter().map(|v| v.to_bits()).collect();
-            let want: Vec<u16> = x.iter().map(|&v| bf16::from_f32(v).to_bits()).collect();
+            let want: Vec<u16> = to_bf16_ref(&x).iter().map(|v| v.to_bits()).collect();
             assert_eq!(got, want, "{order} n {n}");
         }
     }
@@ -62,7 +63,7 @@ fn head_mask_keeps_one_head() {
             for head in [0, h - 1, h / 2] {
                 let out: DeviceBuffer<bf16> = poisoned(&drv, t * h * dh);
                 head_mask(&*drv, &z_b, &out, t, h, dh, head).unwrap();
-                let want: Vec<u16> = z.iter().enumerate().map(|(i, &v)| if (i / dh) % h == head { bf16::from_f32(v).to_bits() } else { 0 }).collect();
+                let want: Vec<u16> = head_mask_ref(&z, h, dh, head).iter().map(|v| v.to_bits()).collect();
                 let got: Vec<u16> = out.download().unwrap().iter().map(|v| v.to_bits()).collect();
                 assert_eq!(got, want, "{order} t {t} h {h} dh {dh} head {head}");
             }
@@ -84,18 +85,8 @@ fn sum_heads_matches() {
                 let out: DeviceBuffer<f32> = poisoned(&drv, t * d);
                 let bias_b = upload(&drv, &bias);
                 sum_heads(&*drv, &upload(&drv, &res), with_bias.then_some(&bias_b), &out, t, h, d).unwrap();
-                // As the reference forward: per row, zero, add each head in order, then the bias.
                 let mut want = vec![0.0f32; t * d];
-                for r in 0..t {
-                    for hh in 0..h {
-                        for i in 0..d {
-                            want[r * d + i] += res[(r * h + hh) * d + i];
-                        }
-                    }
-                    if with_bias {
-                        (0..d).for_each(|i| want[r * d + i] += bias[i]);
-                    }
-                }
+                sum_heads_ref(&res, with_bias.then_some(&bias[..]), &mut want, h, d);
                 assert_eq!(bits(&out.download().unwrap()), bits(&want), "{order} t {t} h {h} d {d} bias {with_bias}");
             }
         }
@@ -110,7 +101,8 @@ fn softcap_matches() {
             let x0: Vec<f32> = rng.normals(n).iter().map(|v| v * 40.0).collect();
             let x = upload(&drv, &x0);
             softcap(&*drv, &x, n, 30.0).unwrap();
-            let want: Vec<f32> = x0.iter().map(|v| (v / 30.0).tanh() * 30.0).collect();
+            let mut want = x0.clone();
+            softcap_ref(&mut want, 30.0);
             let got = x.download().unwrap();
             assert_close(&format!("softcap {order} n {n}"), &got, &want, KERNEL_F32_ATOL, KERNEL_F32_RTOL);
             assert!(got.iter().all(|v| v.abs() <= 30.0));
@@ -133,14 +125,14 @@ fn gathers_match() {
             let src = rng.normals(r * d);
             let out: DeviceBuffer<bf16> = poisoned(&drv, n * d);
             gather_rows_f32_bf16(&*drv, &upload(&drv, &src), r, &rows_b, &out, n, d).unwrap();
-            let want: Vec<u16> = rows.iter().flat_map(|&k| src[k * d..(k + 1) * d].iter().map(|&v| bf16::from_f32(v).to_bits())).collect();
+            let want: Vec<u16> = to_bf16_ref(&gather_rows_ref(&src, &rows, d)).iter().map(|v| v.to_bits()).collect();
             let got: Vec<u16> = out.download().unwrap().iter().map(|v| v.to_bits()).collect();
             assert_eq!(got, want, "gather_rows_f32_bf16 {order} r {r} d {d} n {n}");
 
             let src_h: Vec<bf16> = rng.normals(r * d).iter().map(|&v| bf16::from_f32(v)).collect();
             let out: DeviceBuffer<bf16> = poisoned(&drv, n * d);
             gather_rows_bf16(&*drv, &upload(&drv, &src_h), r, &rows_b, &out, n, d).unwrap();
-            let want: Vec<u16> = rows.iter().flat_map(|&k| src_h[k * d..(k + 1) * d].iter().map(|v| v.to_bits())).collect();
+            let want: Vec<u16> = gather_rows_ref(&src_h, &rows, d).iter().map(|v| v.to_bits()).collect();
             let got: Vec<u16> = out.download().unwrap().iter().map(|v| v.to_bits()).collect();
             assert_eq!(got, want, "gather_rows_bf16 {order} r {r} d {d} n {n}");
         }

@@ -1,12 +1,12 @@
-//! kernels/embed.cu (`embed_bf16`) against the reference forward's embedding: bf16 row to f32,
-//! times the scale. Exact (a conversion and one multiply).
+//! kernels/embed.cu (`embed_bf16`) against `embed_ref`: bf16 row to f32, times the scale.
+//! Exact (a conversion and one multiply).
 
 mod common;
 
 use half::bf16;
 use common::kernels::*;
 use patchbay::backend::device::DeviceBuffer;
-use patchbay::backend::ops::embed::{embed, embed_tokens};
+use patchbay::backend::ops::embed::{embed, embed_ref, embed_tokens};
 
 #[test]
 fn embed_matches_reference() {
@@ -16,7 +16,7 @@ fn embed_matches_reference() {
             for scale in [1.0f32, (d as f32).sqrt()] {
                 let table: Vec<bf16> = rng.normals(vocab * d).iter().map(|&x| bf16::from_f32(x)).collect();
                 let tokens: Vec<u32> = (0..t).map(|_| rng.below(vocab) as u32).collect();
-                let want: Vec<f32> = tokens.iter().flat_map(|&id| table[id as usize * d..(id as usize + 1) * d].iter().map(|v| v.to_f32() * scale)).collect();
+                let want = embed_ref(&table, d, &tokens, scale);
                 let table_b = upload(&drv, &table);
                 let out: DeviceBuffer<f32> = poisoned(&drv, t * d);
                 let ids: DeviceBuffer<i32> = poisoned(&drv, t + 3);

@@ -1,6 +1,7 @@
-//! kernels/norm.cu (`add_norm_f32`) against `cpu::rmsnorm` + `intervene::apply_op`: every
-//! combination of delta / post_w / pre_w present or not, plain and (1 + w) weights, odd widths,
-//! site plans on some rows of all four sites sharing one capture arena.
+//! kernels/norm.cu against `rmsnorm_ref`: `add_norm_f32` (with `site_op_ref` for the site ops)
+//! in every combination of delta / post_w / pre_w present or not, plain and (1 + w) weights, odd
+//! widths, site plans on some rows of all four sites sharing one capture arena; `qk_norm_f32`
+//! (plain weight) in two fiber orders.
 
 mod common;
 
@@ -9,9 +10,8 @@ use std::sync::Arc;
 use common::{BF16_ATOL, BF16_RTOL, KERNEL_F32_ATOL, KERNEL_F32_RTOL, assert_close};
 use half::bf16;
 use common::kernels::*;
-use patchbay::backend::cpu;
 use patchbay::backend::device::{DeviceBuffer, Driver};
-use patchbay::backend::ops::norm::{AddNorm, add_norm};
+use patchbay::backend::ops::norm::{AddNorm, add_norm, qk_norm, rmsnorm_ref};
 use patchbay::backend::ops::site_ops::DeviceSitePlan;
 use patchbay::intervene::Op;
 use patchbay::model::config::NormWeight;
@@ -29,7 +29,7 @@ struct Case {
 
 fn rmsnorm(x: &[f32], w: &[f32], eps: f32, one_plus: bool) -> Vec<f32> {
     let mut out = vec![0.0; x.len()];
-    cpu::rmsnorm(x, w, eps, if one_plus { NormWeight::OnePlus } else { NormWeight::Plain }, &mut out);
+    rmsnorm_ref(x, w, eps, if one_plus { NormWeight::OnePlus } else { NormWeight::Plain }, &mut out);
     out
 }
 
@@ -206,4 +206,37 @@ fn bad_arguments_are_errors() {
     assert!(e(AddNorm { out_site: Some(&row3), ..base }).contains("row 3"));
     assert!(e(AddNorm { d: 0, ..base }).contains("bad shape"));
     add_norm(&**drv, &AddNorm { delta: Some(&w), t: 1, ..base }).unwrap();
+}
+
+#[test]
+fn qk_norm_matches_rmsnorm_ref() {
+    let seed = test_seed();
+    let mut rng = Rng::new(seed);
+    for &(rows, n) in &[(1usize, 19usize), (19, 2048), (111, 333), (19, 4096 + 7)] {
+        let x: Vec<f32> = (0..rows * n).map(|_| rng.uniform(-3.0, 3.0)).collect();
+        let w: Vec<f32> = (0..n).map(|_| rng.uniform(0.5, 1.5)).collect();
+        let eps = 1e-6;
+        let mut want = vec![0.0f32; rows * n];
+        rmsnorm_ref(&x, &w, eps, NormWeight::Plain, &mut want);
+        for (order, drv) in test_drivers() {
+            let name = format!("qk_norm rows {rows} n {n} [{order}, seed {seed}]");
+            let mut d_x = upload(&drv, &x);
+            let d_w = upload(&drv, &w);
+            qk_norm(drv.as_ref(), &mut d_x, &d_w, rows, eps).unwrap();
+            // In place: a row the kernel skipped would still hold x, far from the reference.
+            let err = assert_close(&name, &d_x.download().unwrap(), &want, KERNEL_F32_ATOL, KERNEL_F32_RTOL);
+            eprintln!("{name}: max abs err {err:.2e}");
+        }
+    }
+}
+
+/// qk_norm refuses inconsistent inputs with an error.
+#[test]
+fn qk_norm_bad_inputs_are_errors() {
+    let (_, drv): (String, Arc<dyn Driver>) = test_drivers().remove(0);
+    let msg = |r: patchbay::Result<()>| r.err().map(|e| e.to_string()).unwrap_or_default();
+    let mut x = DeviceBuffer::<f32>::filled(&drv, 3 * 8, 0).unwrap();
+    let w = DeviceBuffer::<f32>::filled(&drv, 8, 0).unwrap();
+    assert!(msg(qk_norm(drv.as_ref(), &mut x, &w, 4, 1e-6)).contains("expected 4 rows of 8"));
+    assert!(msg(qk_norm(drv.as_ref(), &mut x, &w, 3, f32::NAN)).contains("eps"));
 }

@@ -1,5 +1,5 @@
 // kernels/selftest/selftest.cu — kernels that exercise the CUDA emulator (tests/emulator.rs).
-// Each also compiles with NVRTC (build.rs; ptxas validates them) but is not part of the
+// Each also compiles with NVRTC (build/; ptxas validates them) but is not part of the
 // product's kernel table. Some are WRONG ON PURPOSE (a missing barrier, a divergent barrier, a
 // shuffle waiting on an exited lane): the tests check that the emulator exposes them.
 // Line numbers of the erroneous kernels are checked by the tests: keep the markers

@@ -1,5 +1,5 @@
 //! The real GPU (DESIGN.md section 6): cudarc's driver API for memory, modules and launches,
-//! cuBLAS for GEMMs. Kernels come from build.rs ([`super::kernels`]): the CUBIN for the device's
+//! cuBLAS for GEMMs. Kernels come from build/ ([`super::kernels`]): the CUBIN for the device's
 //! architecture (sm_90a on compute capability 9.0, sm_80 on 8.x), else the compute_80 PTX
 //! (JIT-compiled by the driver), else, in a build without build-time NVRTC, the sources compiled
 //! with NVRTC at run time.
@@ -16,7 +16,7 @@ use cudarc::cublas::{self, CudaBlas};
 use cudarc::driver::{self, CudaContext, CudaFunction, CudaModule, CudaStream};
 
 use super::device::{DevPtr, Driver, LaunchConfig};
-use super::kernels::{self, KernelModule};
+use super::kernels::{self, Kernel, KernelModule};
 use crate::{Error, Result};
 
 /// Dynamic shared memory above this needs the function's opt-in attribute.
@@ -28,11 +28,12 @@ pub struct CudaDriver {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     blas: Mutex<CudaBlas>,
-    functions: HashMap<&'static str, CudaFunction>,
+    /// Every entry point, by [`Kernel::index`].
+    functions: Vec<CudaFunction>,
     /// Keeps the modules loaded as long as the functions are used.
     _modules: Vec<Arc<CudaModule>>,
     /// Dynamic shared memory each function has been opted in to.
-    smem_opt_in: Mutex<HashMap<&'static str, u32>>,
+    smem_opt_in: Mutex<HashMap<Kernel, u32>>,
     name: String,
 }
 
@@ -67,16 +68,18 @@ impl CudaDriver {
         let (major, minor) = ctx.compute_capability().map_err(|e| dev_err("compute capability", e))?;
         let dev_name = ctx.name().unwrap_or_else(|_| "?".into());
 
-        let mut functions = HashMap::new();
-        let mut modules = Vec::new();
+        let mut modules = HashMap::new();
         for m in kernels::all_modules() {
-            let module = load_module(&ctx, m, (major, minor))?;
-            for &e in m.entries {
-                let f = module.load_function(e).map_err(|err| dev_err(&format!("{}: loading `{e}`", m.path), err))?;
-                functions.insert(e, f);
-            }
-            modules.push(module);
+            modules.insert(m.path, load_module(&ctx, m, (major, minor))?);
         }
+        let functions = kernels::entry::ALL
+            .iter()
+            .map(|k| {
+                let module = modules.get(k.file()).ok_or_else(|| Error::device(format!("{}: no such kernel module", k.file())))?;
+                module.load_function(k.name()).map_err(|err| dev_err(&format!("{}: loading `{}`", k.file(), k.name()), err))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let modules = modules.into_values().collect();
         Ok(CudaDriver {
             ordinal,
             ctx,
@@ -239,14 +242,13 @@ impl Driver for CudaDriver {
         unsafe { driver::result::memcpy_dtod_async(dst.0, src.0, bytes, self.stream.cu_stream()) }.map_err(|e| dev_err("device copy", e))
     }
 
-    unsafe fn launch(&self, name: &str, cfg: LaunchConfig, args: &mut [*mut c_void]) -> Result<()> {
-        let Some((&key, f)) = self.functions.get_key_value(name) else {
-            return Err(Error::device(format!("`{name}` is not a compiled kernel entry point (kernels/*.cu)")));
-        };
+    unsafe fn launch(&self, kernel: Kernel, cfg: LaunchConfig, args: &mut [*mut c_void]) -> Result<()> {
+        let f = &self.functions[kernel.index()];
+        let name = kernel.name();
         self.bind()?;
         if cfg.shared_bytes > DEFAULT_MAX_DYNAMIC_SMEM {
             let mut opted = self.smem_opt_in.lock().unwrap();
-            if opted.get(key).copied().unwrap_or(0) < cfg.shared_bytes {
+            if opted.get(&kernel).copied().unwrap_or(0) < cfg.shared_bytes {
                 // SAFETY: sets an attribute of a loaded function.
                 unsafe {
                     driver::result::function::set_function_attribute(
@@ -256,7 +258,7 @@ impl Driver for CudaDriver {
                     )
                 }
                 .map_err(|e| dev_err(&format!("`{name}`: {} bytes of dynamic shared memory", cfg.shared_bytes), e))?;
-                opted.insert(key, cfg.shared_bytes);
+                opted.insert(kernel, cfg.shared_bytes);
             }
         }
         // SAFETY: the caller guarantees the arguments match the kernel's parameters; the driver

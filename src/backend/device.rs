@@ -7,6 +7,7 @@ use std::ffi::c_void;
 use std::sync::Arc;
 
 use crate::Result;
+use crate::backend::kernels::Kernel;
 
 /// A device address: a raw device pointer on a GPU, a host pointer on the emulator.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -48,13 +49,13 @@ pub trait Driver: Send + Sync {
     fn memset(&self, dst: DevPtr, byte: u8, bytes: usize) -> Result<()>;
     /// Copies `bytes` from `src` to `dst` on the device (the ranges must not overlap).
     fn dtod(&self, dst: DevPtr, src: DevPtr, bytes: usize) -> Result<()>;
-    /// Launches the `extern "C"` kernel `name`; `args[i]` points to the value of parameter i
+    /// Launches the `extern "C"` kernel `kernel`; `args[i]` points to the value of parameter i
     /// (as cuLaunchKernel's kernelParams).
     ///
     /// # Safety
     /// `args` must match the kernel's parameter list in count and types, and every pointer
     /// argument must address memory of this device large enough for what the kernel touches.
-    unsafe fn launch(&self, name: &str, cfg: LaunchConfig, args: &mut [*mut c_void]) -> Result<()>;
+    unsafe fn launch(&self, kernel: Kernel, cfg: LaunchConfig, args: &mut [*mut c_void]) -> Result<()>;
     /// C = A B^T (+ beta C): A `[m, k]` bf16 (row stride lda), B `[n, k]` bf16 (row stride ldb),
     /// C `[m, n]` f32 (row stride ldc); f32 accumulation (cuBLAS's contract).
     #[allow(clippy::too_many_arguments)]
@@ -150,13 +151,13 @@ impl KernelArgs {
     pub fn u64(self, v: u64) -> Self {
         self.value(v)
     }
-    /// Launches `name` with these arguments.
+    /// Launches `kernel` with these arguments.
     ///
     /// # Safety
     /// As [`Driver::launch`]: the arguments must match the kernel's parameters.
-    pub unsafe fn launch(mut self, driver: &dyn Driver, name: &str, cfg: LaunchConfig) -> Result<()> {
+    pub unsafe fn launch(mut self, driver: &dyn Driver, kernel: Kernel, cfg: LaunchConfig) -> Result<()> {
         let mut ptrs: Vec<*mut c_void> = self.slots.iter_mut().map(|s| s.as_mut_ptr() as *mut c_void).collect();
         // SAFETY: forwarded to the caller's contract; the slots outlive the call.
-        unsafe { driver.launch(name, cfg, &mut ptrs) }
+        unsafe { driver.launch(kernel, cfg, &mut ptrs) }
     }
 }

@@ -1,5 +1,5 @@
 //! The emulated CUDA device (DESIGN.md section 6): the same kernels/*.cu the GPU runs, compiled
-//! for the host by build.rs (emu/cuda_emu.h, emu/runtime.cpp) and executed on the CPU, each
+//! for the host by build/ (emu/cuda_emu.h, emu/runtime.cpp) and executed on the CPU, each
 //! CUDA thread a fiber. Device memory is host memory (256-byte aligned allocations); GEMMs run a
 //! CPU implementation of cuBLAS's contract (bf16 operands, f32 accumulation).
 //!
@@ -18,6 +18,7 @@ use std::sync::Mutex;
 use rayon::prelude::*;
 
 use super::device::{DevPtr, Driver, LaunchConfig};
+use super::kernels::{Kernel, entry};
 use crate::{Error, Result};
 
 /// The order in which the emulator resumes the fibers (CUDA threads) of a block between two
@@ -125,7 +126,7 @@ pub fn available() -> bool {
 
 /// Every kernel entry point the emulator can run (product and self-test kernels), sorted.
 pub fn entry_points() -> Vec<&'static str> {
-    let mut v: Vec<&'static str> = ffi::registry().keys().copied().collect();
+    let mut v: Vec<&'static str> = entry::ALL.iter().zip(ffi::registry()).filter(|(_, e)| e.is_some()).map(|(k, _)| k.name()).collect();
     v.sort_unstable();
     v
 }
@@ -188,9 +189,9 @@ impl Driver for EmuDriver {
         Ok(())
     }
 
-    unsafe fn launch(&self, name: &str, cfg: LaunchConfig, args: &mut [*mut c_void]) -> Result<()> {
+    unsafe fn launch(&self, kernel: Kernel, cfg: LaunchConfig, args: &mut [*mut c_void]) -> Result<()> {
         // SAFETY: forwarded to the caller's contract (arguments match the kernel's parameters).
-        unsafe { ffi::launch(name, cfg, args, self.order) }
+        unsafe { ffi::launch(kernel, cfg, args, self.order) }
     }
 
     fn gemm_bf16(&self, m: usize, n: usize, k: usize, a: DevPtr, lda: usize, b: DevPtr, ldb: usize, c: DevPtr, ldc: usize, beta: f32) -> Result<()> {
@@ -268,7 +269,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
-/// The C interface of the emulator library (build.rs, emu/runtime.cpp).
+/// The C interface of the emulator library (build/emu.rs, emu/runtime.cpp).
 #[cfg(patchbay_emu)]
 mod ffi {
     use std::collections::HashMap;
@@ -277,6 +278,7 @@ mod ffi {
 
     use super::FiberOrder;
     use crate::backend::device::LaunchConfig;
+    use crate::backend::kernels::{Kernel, entry};
     use crate::{Error, Result};
 
     /// `patchbay_emu_entry` of emu/cuda_emu.h.
@@ -307,11 +309,12 @@ mod ffi {
         ) -> i32;
     }
 
-    /// Entry points by name.
-    pub fn registry() -> &'static HashMap<&'static str, &'static Entry> {
-        static REG: OnceLock<HashMap<&'static str, &'static Entry>> = OnceLock::new();
+    /// The library's entry of every [`Kernel`], by [`Kernel::index`] (None: not in the library),
+    /// resolved once.
+    pub fn registry() -> &'static [Option<&'static Entry>] {
+        static REG: OnceLock<Vec<Option<&'static Entry>>> = OnceLock::new();
         REG.get_or_init(|| {
-            let mut map = HashMap::new();
+            let mut by_name = HashMap::new();
             // SAFETY: the registry functions return static arrays of `n` entries whose names are
             // static NUL-terminated strings.
             unsafe {
@@ -320,21 +323,22 @@ mod ffi {
                     let p = patchbay_emu_module_entries(i, &mut n);
                     for e in std::slice::from_raw_parts(p, n as usize) {
                         let name = CStr::from_ptr(e.name).to_str().expect("ASCII entry point names");
-                        map.insert(name, e);
+                        by_name.insert(name, e);
                     }
                 }
             }
-            map
+            entry::ALL.iter().map(|k| by_name.get(k.name()).copied()).collect()
         })
     }
 
     /// # Safety
     /// As `Driver::launch`.
-    pub unsafe fn launch(name: &str, cfg: LaunchConfig, args: &mut [*mut c_void], order: FiberOrder) -> Result<()> {
-        let Some(&e) = registry().get(name) else {
+    pub unsafe fn launch(kernel: Kernel, cfg: LaunchConfig, args: &mut [*mut c_void], order: FiberOrder) -> Result<()> {
+        let name = kernel.name();
+        let Some(e) = registry()[kernel.index()] else {
             return Err(Error::device(format!(
-                "`{name}` is not a compiled kernel entry point (kernels/*.cu declare them as `extern \"C\" __global__ void NAME(...)`); \
-                 the emulator has: {}",
+                "`{name}` ({}) is not in the emulator library; the emulator has: {}",
+                kernel.file(),
                 super::entry_points().join(", ")
             )));
         };
@@ -367,20 +371,19 @@ mod ffi {
 /// Stand-in for a build without the emulator: no entry points, every launch an error.
 #[cfg(not(patchbay_emu))]
 mod ffi {
-    use std::collections::HashMap;
     use std::ffi::c_void;
-    use std::sync::OnceLock;
 
     use super::{FiberOrder, NO_EMULATOR};
     use crate::backend::device::LaunchConfig;
+    use crate::backend::kernels::Kernel;
     use crate::{Error, Result};
 
-    pub fn registry() -> &'static HashMap<&'static str, ()> {
-        static REG: OnceLock<HashMap<&'static str, ()>> = OnceLock::new();
-        REG.get_or_init(HashMap::new)
+    pub fn registry() -> &'static [Option<()>] {
+        &[]
     }
 
-    pub unsafe fn launch(name: &str, _cfg: LaunchConfig, _args: &mut [*mut c_void], _order: FiberOrder) -> Result<()> {
+    pub unsafe fn launch(kernel: Kernel, _cfg: LaunchConfig, _args: &mut [*mut c_void], _order: FiberOrder) -> Result<()> {
+        let name = kernel.name();
         Err(Error::device(format!("cannot launch `{name}`: {NO_EMULATOR}")))
     }
 }

@@ -18,7 +18,9 @@ use crate::backend::ops::attention::{AttnParams, PagedBatch, PagedSeq, PatternOu
 use crate::backend::ops::elementwise::{bias_add, gather_rows_bf16, gather_rows_f32_bf16, head_mask, softcap, sum_heads, to_bf16};
 use crate::backend::ops::embed::embed_tokens;
 use crate::backend::ops::norm::{AddNorm, add_norm};
-use crate::backend::ops::rope::{RopeTables, SlotCopies, kv_copy_slots, kv_write, qk_norm, rope};
+use crate::backend::ops::kv::{SlotCopies, kv_copy_slots, kv_write};
+use crate::backend::ops::norm::qk_norm;
+use crate::backend::ops::rope::{RopeTables, rope};
 use crate::backend::ops::site_ops::{DeviceSitePlan, SitePlanBuilder, site_ops};
 use crate::engine::{CleanRun, Engine, Segment};
 use crate::engine::forward::{RunOutput, RunRequest};
@@ -397,7 +399,7 @@ impl DeviceModel {
                 .into_iter()
                 .flat_map(|rc| (0..cfg.n_heads).map(move |h| (rc.row, rc.capture, rc.out_row * cfg.n_heads + h)))
                 .collect();
-            let params = AttnParams { n_heads: cfg.n_heads, n_kv_heads: cfg.n_kv_heads, d_head: cfg.d_head, scale: cfg.attn_scale, softcap: cfg.attn_softcap, window: cfg.layer_window[l] };
+            let params = AttnParams { n_heads: cfg.n_heads, n_kv_heads: cfg.n_kv_heads, d_head: cfg.d_head, scale: cfg.attn_scale, softcap: cfg.attn_softcap, sliding_window: cfg.layer_window[l] };
             if pat_rows.is_empty() {
                 attention(&**drv, &batch, &params, &q, k_cache, v_cache, &mut z, None)?;
             } else {

@@ -9,6 +9,11 @@ use std::sync::Arc;
 use rayon::prelude::*;
 
 use crate::backend::cpu;
+use crate::backend::ops::act::act_mul_ref;
+use crate::backend::ops::attention::attention_ref;
+use crate::backend::ops::elementwise::{softcap_ref, sum_heads_ref};
+use crate::backend::ops::norm::rmsnorm_ref;
+use crate::backend::ops::rope::rope_ref;
 use crate::intervene::{Capture, Captured, Hooks, Intervention, RowMap};
 use crate::model::Model;
 use crate::sites::{Positions, Site, SiteKind};
@@ -239,7 +244,7 @@ impl Model {
             // ---- attention ----
             // a = input_layernorm(x)  (OLMo 2: x itself)
             match &lw.attn_norm {
-                Some(w) => cpu::rmsnorm(&x, w, cfg.norm_eps, cfg.norm_weight, &mut a),
+                Some(w) => rmsnorm_ref(&x, w, cfg.norm_eps, cfg.norm_weight, &mut a),
                 None => a.copy_from_slice(&x),
             }
             hooks.apply(site(SiteKind::AttnIn), &rows, &mut a, d);
@@ -248,9 +253,9 @@ impl Model {
             cpu::linear(&a, t, &lw.v, &mut v);
             // OLMo 2: q = q_norm(q_proj(x)), k = k_norm(k_proj(x)) over the whole projection.
             if let (Some(qn), Some(kn)) = (&lw.q_norm, &lw.k_norm) {
-                cpu::rmsnorm(&q, qn, cfg.norm_eps, cfg.norm_weight, &mut tmp[..t * qw]);
+                rmsnorm_ref(&q, qn, cfg.norm_eps, cfg.norm_weight, &mut tmp[..t * qw]);
                 q.copy_from_slice(&tmp[..t * qw]);
-                cpu::rmsnorm(&k, kn, cfg.norm_eps, cfg.norm_weight, &mut tmp[..t * kvw]);
+                rmsnorm_ref(&k, kn, cfg.norm_eps, cfg.norm_weight, &mut tmp[..t * kvw]);
                 k.copy_from_slice(&tmp[..t * kvw]);
             }
             hooks.apply(site(SiteKind::Q), &rows, &mut q, qw);
@@ -260,13 +265,13 @@ impl Model {
             split_rows(&mut q, &rows.new_len, qw).into_par_iter().zip(split_rows(&mut k, &rows.new_len, kvw)).enumerate().for_each(|(s, (qs, ks))| {
                 let pos = &positions[rows.row_start[s]..rows.row_start[s] + rows.new_len[s]];
                 let (inv_freq, factor) = &rope_tables[s];
-                cpu::rope(qs, cfg.n_heads, cfg.d_head, pos, inv_freq, *factor);
-                cpu::rope(ks, cfg.n_kv_heads, cfg.d_head, pos, inv_freq, *factor);
+                rope_ref(qs, cfg.n_heads, cfg.d_head, pos, inv_freq, *factor);
+                rope_ref(ks, cfg.n_kv_heads, cfg.d_head, pos, inv_freq, *factor);
             });
             hooks.apply(site(SiteKind::RotQ), &rows, &mut q, qw);
             hooks.apply(site(SiteKind::RotK), &rows, &mut k, kvw);
 
-            // softmax(q k^T * scale (soft-capped), causal (+ window)) v, per sequence
+            // softmax(q k^T * scale (soft-capped), causal (+ sliding window)) v, per sequence
             let want_pattern = hooks.touches(site(SiteKind::Pattern));
             let mut pattern = if want_pattern { vec![0.0f32; t * cfg.n_heads * n_keys] } else { Vec::new() }; // [T, n_heads, n_keys]
             // Sequences in parallel; each appends its new K/V and attends over its cache.
@@ -279,7 +284,7 @@ impl Model {
                 cache.k[l].extend_from_slice(&k[r0 * kvw..r1 * kvw]);
                 cache.v[l].extend_from_slice(&v[r0 * kvw..r1 * kvw]);
                 let (kc, vc) = cache.layer(l);
-                cpu::attention(
+                attention_ref(
                     &q[r0 * qw..r1 * qw],
                     &kc,
                     &vc,
@@ -318,18 +323,12 @@ impl Model {
                     }
                 }
                 hooks.apply(site(SiteKind::HeadOut), &rows, &mut result, cfg.n_heads * d);
-                o.par_chunks_mut(d).zip(result.par_chunks(cfg.n_heads * d)).for_each(|(o, res)| {
-                    o.fill(0.0);
-                    res.chunks(d).for_each(|r| o.iter_mut().zip(r).for_each(|(o, r)| *o += r));
-                });
-                if let Some(b) = &lw.o.b {
-                    o.par_chunks_mut(d).for_each(|o| o.iter_mut().zip(b).for_each(|(o, b)| *o += b));
-                }
+                sum_heads_ref(&result, lw.o.b.as_deref(), &mut o, cfg.n_heads, d);
             } else {
                 cpu::linear(&z, t, &lw.o, &mut o);
             }
             if let Some(w) = &lw.attn_post_norm {
-                cpu::rmsnorm(&o, w, cfg.norm_eps, cfg.norm_weight, &mut tmp[..t * d]);
+                rmsnorm_ref(&o, w, cfg.norm_eps, cfg.norm_weight, &mut tmp[..t * d]);
                 o.copy_from_slice(&tmp[..t * d]);
             }
             hooks.apply(site(SiteKind::AttnOut), &rows, &mut o, d);
@@ -338,17 +337,17 @@ impl Model {
 
             // ---- MLP ----
             match &lw.mlp_norm {
-                Some(w) => cpu::rmsnorm(&x, w, cfg.norm_eps, cfg.norm_weight, &mut a),
+                Some(w) => rmsnorm_ref(&x, w, cfg.norm_eps, cfg.norm_weight, &mut a),
                 None => a.copy_from_slice(&x),
             }
             hooks.apply(site(SiteKind::MlpIn), &rows, &mut a, d);
             cpu::linear(&a, t, &lw.gate, &mut gate);
             cpu::linear(&a, t, &lw.up, &mut up);
-            cpu::act_mul(&mut gate, &up, cfg.activation);
+            act_mul_ref(&mut gate, &up, cfg.activation);
             hooks.apply(site(SiteKind::MlpPost), &rows, &mut gate, cfg.d_mlp);
             cpu::linear(&gate, t, &lw.down, &mut o);
             if let Some(w) = &lw.mlp_post_norm {
-                cpu::rmsnorm(&o, w, cfg.norm_eps, cfg.norm_weight, &mut tmp[..t * d]);
+                rmsnorm_ref(&o, w, cfg.norm_eps, cfg.norm_weight, &mut tmp[..t * d]);
                 o.copy_from_slice(&tmp[..t * d]);
             }
             hooks.apply(site(SiteKind::MlpOut), &rows, &mut o, d);
@@ -360,7 +359,7 @@ impl Model {
         }
 
         // ---- final norm and logits ----
-        cpu::rmsnorm(&x, &self.weights.final_norm, cfg.norm_eps, cfg.norm_weight, &mut a);
+        rmsnorm_ref(&x, &self.weights.final_norm, cfg.norm_eps, cfg.norm_weight, &mut a);
         hooks.apply(Site::final_norm(cfg), &rows, &mut a, d);
         let logit_rows = rows.select(logits_at, "logits")?;
         let n = logit_rows.len();
@@ -384,7 +383,7 @@ impl Model {
                 .collect(); // [n, d_model]
             cpu::matmul_t(&sel, n, &head, &mut logits);
             if let Some(c) = cfg.final_softcap {
-                logits.par_iter_mut().for_each(|v| *v = (*v / c).tanh() * c);
+                softcap_ref(&mut logits, c);
             }
         }
         Ok(ForwardOutput { logits, logit_rows })

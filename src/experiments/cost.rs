@@ -249,7 +249,7 @@ pub fn calibrate_cpu(cfg: &ModelConfig, weight_dtype: DType) -> Result<Hardware>
     let (new, ctx) = (32, 64);
     let q = vec![0.1f32; new * qw]; // [new, n_heads, d_head]
     let kv = vec![0.1f32; ctx * kvw]; // [ctx, n_kv_heads, d_head]
-    let attn = |q: &[f32], kv: &[f32], z: &mut [f32], start: usize| cpu::attention(q, kv, kv, z, None, ctx, start, s.n_heads, s.n_kv_heads, s.d_head, 0.1, None, None);
+    let attn = |q: &[f32], kv: &[f32], z: &mut [f32], start: usize| crate::backend::ops::attention::attention_ref(q, kv, kv, z, None, ctx, start, s.n_heads, s.n_kv_heads, s.d_head, 0.1, None, None);
 
     // Fork-join: attention of one row over one key (work negligible), top-level and nested.
     let mut z1 = vec![0.0f32; qw]; // [1, n_heads, d_head]

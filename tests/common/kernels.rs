@@ -1,6 +1,6 @@
 //! Helpers of the kernel tests (tests/kernel_*.rs, tests/device_forward.rs; `common::kernels`):
 //! the devices under test, buffers, bf16 rounding, a seeded RNG for fresh random inputs, and a
-//! host mirror of a site plan that applies `intervene::apply_op` as the reference.
+//! host mirror of a site plan that applies `site_op_ref` (`intervene::apply_op`) as the reference.
 //!
 //! The device: by default the emulator in forward and reverse fiber order; with
 //! `PATCHBAY_TEST_DEVICE=cuda` (or `cuda:N`) that GPU instead. The inputs: fresh from the clock
@@ -12,8 +12,8 @@ use std::sync::Arc;
 use patchbay::backend::DeviceSpec;
 use patchbay::backend::device::{DeviceBuffer, Driver};
 use patchbay::backend::emu::{EmuDriver, FiberOrder};
-use patchbay::backend::ops::site_ops::SitePlanBuilder;
-use patchbay::intervene::{Op, apply_op};
+use patchbay::backend::ops::site_ops::{SitePlanBuilder, site_op_ref};
+use patchbay::intervene::Op;
 use patchbay::rng::splitmix64;
 
 /// The devices the kernel tests run on, each with its name for messages: the emulator in
@@ -132,7 +132,7 @@ impl Rng {
     }
 }
 
-/// One call on a site plan builder, kept on the host to replay with `apply_op`.
+/// One call on a site plan builder, kept on the host to replay with `site_op_ref`.
 pub enum RefEntry {
     Op { row: usize, pos: usize, op: Arc<Op>, operand_row: usize, slices: Vec<(usize, usize)> },
     Capture { row: usize, offset: usize },
@@ -163,7 +163,7 @@ impl RefPlan {
             if let RefEntry::Op { row, pos, op, operand_row, slices } = e {
                 let r = &mut x[row * width..(row + 1) * width];
                 let mut sel: Vec<f32> = slices.iter().flat_map(|&(a, n)| r[a..a + n].to_vec()).collect();
-                apply_op(op, &mut sel, *operand_row, *pos);
+                site_op_ref(op, &mut sel, *operand_row, *pos);
                 let mut o = 0;
                 for &(a, n) in slices {
                     r[a..a + n].copy_from_slice(&sel[o..o + n]);

@@ -1,10 +1,14 @@
 //! Gated MLP activation with the MlpPost site ops (kernels/act.cu, `act_mul_f32`):
 //! gate <- act(gate + gate_b) * (up + up_b), then site ops, then a bf16 copy for the down GEMM.
+//! CPU reference: [`act_mul_ref`].
 
 use half::bf16;
+use rayon::prelude::*;
 
+use super::common::at_least;
 use super::site_ops::{DeviceSitePlan, SitePlan, opt_ptr, row_block};
 use crate::backend::device::{DeviceBuffer, Driver, KernelArgs, LaunchConfig};
+use crate::backend::kernels::entry;
 use crate::model::config::Activation;
 use crate::{Error, Result};
 
@@ -34,19 +38,16 @@ pub fn act_mul(driver: &dyn Driver, a: &ActMul) -> Result<()> {
         return Err(Error::input(format!("act_mul: bad shape [{t}, {n}]")));
     }
     let tn = t * n;
-    let short = |name: &str, got: usize, want: usize| Error::input(format!("act_mul: {name} has {got} elements, expected at least {want}"));
-    for (name, len, want) in [
-        ("gate", Some(a.gate.len()), tn),
-        ("up", Some(a.up.len()), tn),
-        ("gate_b", a.gate_b.map(|b| b.len()), n),
-        ("up_b", a.up_b.map(|b| b.len()), n),
-        ("out_bf16", a.out_bf16.map(|b| b.len()), tn),
-    ] {
-        if let Some(len) = len
-            && len < want
-        {
-            return Err(short(name, len, want));
-        }
+    at_least("act_mul", "gate", a.gate, tn)?;
+    at_least("act_mul", "up", a.up, tn)?;
+    if let Some(b) = a.gate_b {
+        at_least("act_mul", "gate_b", b, n)?;
+    }
+    if let Some(b) = a.up_b {
+        at_least("act_mul", "up_b", b, n)?;
+    }
+    if let Some(b) = a.out_bf16 {
+        at_least("act_mul", "out_bf16", b, tn)?;
     }
     let site = a.site.map_or(Ok(SitePlan::EMPTY), |p| p.bind(t, n, a.capture))?;
     if t == 0 {
@@ -70,6 +71,22 @@ pub fn act_mul(driver: &dyn Driver, a: &ActMul) -> Result<()> {
             .i32(n as i32)
             .i32(act)
             .value(site)
-            .launch(driver, "act_mul_f32", cfg)
+            .launch(driver, entry::ACT_MUL_F32, cfg)
     }
+}
+
+/// In place: x <- act(x) * up.  x (gate), up: [rows, d_mlp].
+pub fn act_mul_ref(gate: &mut [f32], up: &[f32], act: Activation) {
+    gate.par_chunks_mut(4096).zip(up.par_chunks(4096)).for_each(|(g, u)| {
+        for (g, u) in g.iter_mut().zip(u) {
+            let a = match act {
+                Activation::Silu => *g / (1.0 + (-*g).exp()),
+                Activation::GeluTanh => {
+                    let x = *g;
+                    0.5 * x * (1.0 + (0.797_884_6 * (x + 0.044715 * x * x * x)).tanh())
+                }
+            };
+            *g = a * u;
+        }
+    });
 }

@@ -1,9 +1,11 @@
 //! Token embedding (kernels/embed.cu, `embed_bf16`): out[t] = f32(table[ids[t]]) * scale.
+//! CPU reference: [`embed_ref`].
 
 use half::bf16;
 
 use super::site_ops::row_block;
 use crate::backend::device::{DeviceBuffer, Driver, KernelArgs, LaunchConfig};
+use crate::backend::kernels::entry;
 use crate::{Error, Result};
 
 /// Embeds the `ids` already on the device (`ids[..t]`) into `out` (`[t, d]`) from `table`
@@ -36,7 +38,7 @@ pub fn embed(driver: &dyn Driver, out: &DeviceBuffer<f32>, table: &DeviceBuffer<
             .i32(d as i32)
             .i32(vocab as i32)
             .f32(scale)
-            .launch(driver, "embed_bf16", cfg)
+            .launch(driver, entry::EMBED_BF16, cfg)
     }
 }
 
@@ -53,4 +55,10 @@ pub fn embed_tokens(driver: &dyn Driver, out: &DeviceBuffer<f32>, table: &Device
     let ids: Vec<i32> = tokens.iter().map(|&id| id as i32).collect();
     ids_dev.upload(&ids)?;
     embed(driver, out, table, vocab, d, ids_dev, tokens.len(), scale)
+}
+
+/// The reference of [`embed_tokens`]: row `id` of table (`[vocab, d]`) in f32, times `scale`,
+/// for every token (`[tokens.len(), d]`).
+pub fn embed_ref(table: &[bf16], d: usize, tokens: &[u32], scale: f32) -> Vec<f32> {
+    tokens.iter().flat_map(|&id| table[id as usize * d..(id as usize + 1) * d].iter().map(move |v| v.to_f32() * scale)).collect()
 }

@@ -8,6 +8,8 @@
 //! it to every row, and the CPU path uses it.
 
 use crate::backend::device::{DeviceBuffer, Driver, KernelArgs, LaunchConfig};
+use crate::backend::kernels::entry;
+use crate::backend::ops::common::at_least;
 use crate::logits::{LabelMetricsRow, label_metrics_row};
 use crate::{Error, Result};
 
@@ -58,20 +60,14 @@ pub fn label_metrics(driver: &dyn Driver, op: &LabelMetrics) -> Result<()> {
         return Err(Error::input(format!("label_metrics: bad shape [{n}, {l}] (need 1 <= L, both < 2^31)")));
     }
     let nl = n.checked_mul(l).ok_or_else(|| Error::input(format!("label_metrics: [{n}, {l}] overflows")))?;
-    fn check<T: bytemuck::Pod>(name: &str, b: &DeviceBuffer<T>, want: usize) -> Result<()> {
-        if b.len() < want || b.ptr().is_null() {
-            return Err(Error::input(format!("label_metrics: {name} has {} elements, expected at least {want}", b.len())));
-        }
-        Ok(())
-    }
-    check("logits", op.logits, nl)?;
-    check("a", op.a, n)?;
-    check("b", op.b, n)?;
-    check("c", op.c, n)?;
-    check("pred", op.pred, n)?;
-    check("logit_diff", op.logit_diff, n)?;
-    check("prob", op.prob, n)?;
-    check("logsumexp", op.logsumexp, n)?;
+    at_least("label_metrics", "logits", op.logits, nl)?;
+    at_least("label_metrics", "a", op.a, n)?;
+    at_least("label_metrics", "b", op.b, n)?;
+    at_least("label_metrics", "c", op.c, n)?;
+    at_least("label_metrics", "pred", op.pred, n)?;
+    at_least("label_metrics", "logit_diff", op.logit_diff, n)?;
+    at_least("label_metrics", "prob", op.prob, n)?;
+    at_least("label_metrics", "logsumexp", op.logsumexp, n)?;
     if n == 0 {
         return Ok(());
     }
@@ -90,6 +86,6 @@ pub fn label_metrics(driver: &dyn Driver, op: &LabelMetrics) -> Result<()> {
             .ptr(op.logit_diff.ptr())
             .ptr(op.prob.ptr())
             .ptr(op.logsumexp.ptr())
-            .launch(driver, "label_metrics_f32", cfg)
+            .launch(driver, entry::LABEL_METRICS_F32, cfg)
     }
 }

@@ -14,6 +14,8 @@
 //! boundary; [`SampleDraw::margin`] says how far the reference's decisions were from theirs.
 
 use crate::backend::device::{DeviceBuffer, Driver, KernelArgs, LaunchConfig};
+use crate::backend::kernels::entry;
+use crate::backend::ops::common::at_least;
 use crate::rng::splitmix64;
 use crate::{Error, Result};
 
@@ -178,15 +180,9 @@ pub fn sample(driver: &dyn Driver, op: &Sample) -> Result<()> {
         return Err(Error::input(format!("sample: bad shape [{n}, {v}] (need 1 <= V, both < 2^31)")));
     }
     let nv = n.checked_mul(v).ok_or_else(|| Error::input(format!("sample: [{n}, {v}] overflows")))?;
-    fn check<T: bytemuck::Pod>(name: &str, b: &DeviceBuffer<T>, want: usize) -> Result<()> {
-        if b.len() < want || b.ptr().is_null() {
-            return Err(Error::input(format!("sample: {name} has {} elements, expected at least {want}", b.len())));
-        }
-        Ok(())
-    }
-    check("logits", op.logits, nv)?;
-    check("step", op.step, n)?;
-    check("out", op.out, n)?;
+    at_least("sample", "logits", op.logits, nv)?;
+    at_least("sample", "step", op.step, n)?;
+    at_least("sample", "out", op.out, n)?;
     if n == 0 {
         return Ok(());
     }
@@ -203,6 +199,6 @@ pub fn sample(driver: &dyn Driver, op: &Sample) -> Result<()> {
             .u64(op.params.seed)
             .ptr(op.step.ptr())
             .ptr(op.out.ptr())
-            .launch(driver, "sample_f32", cfg)
+            .launch(driver, entry::SAMPLE_F32, cfg)
     }
 }

@@ -1,0 +1,128 @@
+//! The C/Rust shared structs: the kernels' by-value argument structs have `#[repr(C)]` Rust
+//! mirrors. This module reads the C definitions, computes every field's offset by the C layout
+//! rules (x86-64 and CUDA agree for these types), and generates both checks from that one layout:
+//!
+//! - `OUT_DIR/layout/<Struct>.rs`: const asserts of `size_of` and of every field's `offset_of!`,
+//!   included by the module that holds the Rust mirror (a missing field is a compile error);
+//! - `OUT_DIR/layout/layout_check.cpp`: `static_assert(offsetof(...))` of the same numbers,
+//!   compiled by the host C++ compiler with the emulator library (NVRTC has no `offsetof`; the
+//!   host and CUDA lay these structs out alike, which the ABI guarantees for by-value kernel
+//!   arguments), so the C compiler agrees too.
+//!
+//! The `SITE_*` op codes of site_ops.cuh become `OUT_DIR/layout/site_codes.rs`, the Rust consts.
+//! build/codegen.rs writes the files; this module only reads and formats (tests/build_scan.rs
+//! includes it).
+
+use std::fmt::Write as _;
+
+use crate::scan::{Tok, strip_comments, tokenize};
+
+/// The shared structs: (header under kernels/, struct name). Nested struct fields must name a
+/// struct listed before.
+pub const SHARED_STRUCTS: [(&str, &str); 4] =
+    [("site_ops.cuh", "SiteOp"), ("site_ops.cuh", "SitePlan"), ("norm.cuh", "AddNormArgs"), ("attention.cuh", "AttnArgs")];
+
+/// Header of the `SITE_*` op codes.
+pub const SITE_CODES_HEADER: &str = "site_ops.cuh";
+
+/// A C struct as the layout rules place it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Layout {
+    pub name: String,
+    /// (field, offset in bytes)
+    pub fields: Vec<(String, usize)>,
+    pub size: usize,
+    pub align: usize,
+}
+
+/// Size and alignment of a field type (tokens of the declaration before the name).
+fn type_layout(ty: &[&str], known: &[Layout]) -> Result<(usize, usize), String> {
+    if ty.contains(&"*") {
+        return Ok((8, 8));
+    }
+    let words: Vec<&str> = ty.iter().copied().filter(|w| *w != "const" && *w != "volatile").collect();
+    match words.as_slice() {
+        ["int"] | ["unsigned"] | ["unsigned", "int"] | ["float"] => Ok((4, 4)),
+        ["long", "long"] | ["unsigned", "long", "long"] | ["double"] => Ok((8, 8)),
+        [name] => known.iter().find(|l| l.name == *name).map(|l| (l.size, l.align)).ok_or_else(|| format!("unknown field type `{name}`")),
+        _ => Err(format!("unsupported field type `{}`", ty.join(" "))),
+    }
+}
+
+/// The layout of `struct <name> { ... };` in `src` (comments allowed). One field per
+/// declaration, no arrays or bit-fields.
+pub fn struct_layout(src: &str, name: &str, known: &[Layout]) -> Result<Layout, String> {
+    let code = strip_comments(src);
+    let t = tokenize(&code);
+    let start = (0..t.len().saturating_sub(2))
+        .find(|&i| t[i].0 == Tok::Ident("struct") && t[i + 1].0 == Tok::Ident(name) && t[i + 2].0 == Tok::Punct('{'))
+        .ok_or_else(|| format!("no `struct {name} {{`"))?;
+    let (mut fields, mut offset, mut align) = (Vec::new(), 0usize, 1usize);
+    let mut decl: Vec<&str> = Vec::new();
+    for (tok, line) in &t[start + 3..] {
+        match tok {
+            Tok::Punct('}') if decl.is_empty() => {
+                let size = offset.div_ceil(align) * align;
+                return Ok(Layout { name: name.to_string(), fields, size, align });
+            }
+            Tok::Punct(';') => {
+                let Some((field, ty)) = decl.split_last() else { return Err(format!("line {line}: empty declaration")) };
+                let (s, a) = type_layout(ty, known).map_err(|e| format!("line {line}: {name}::{field}: {e}"))?;
+                offset = offset.div_ceil(a) * a;
+                fields.push((field.to_string(), offset));
+                offset += s;
+                align = align.max(a);
+                decl.clear();
+            }
+            Tok::Ident(w) => decl.push(*w),
+            Tok::Punct('*') => decl.push("*"),
+            Tok::Punct(c) => return Err(format!("line {line}: {name}: `{c}` in a field declaration: one plain field per declaration")),
+            Tok::Str(_) => return Err(format!("line {line}: {name}: a string in a field declaration")),
+        }
+    }
+    Err(format!("`struct {name}` is not closed"))
+}
+
+/// The `#define SITE_<NAME> <n>` codes of `src`, in order.
+pub fn site_codes(src: &str) -> Vec<(String, i32)> {
+    strip_comments(src)
+        .lines()
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            match (w.next(), w.next(), w.next(), w.next()) {
+                (Some("#define"), Some(name), Some(v), None) if name.starts_with("SITE_") => v.parse().ok().map(|v| (name.to_string(), v)),
+                _ => None,
+            }
+        })
+        .collect()
+}
+
+/// The Rust const asserts of one layout (included where the mirror is defined). A Rust field is
+/// its C field in lower case (`T` -> `t`).
+pub fn rust_asserts(l: &Layout, header: &str) -> String {
+    let mut s = format!("// Generated by build/layout.rs from `struct {}` of kernels/{header}.\nconst _: () = {{\n", l.name);
+    writeln!(s, "    assert!(::core::mem::size_of::<{}>() == {}, \"size of {0} differs from kernels/{header}\");", l.name, l.size).unwrap();
+    for (f, off) in &l.fields {
+        let rust = f.to_ascii_lowercase();
+        writeln!(s, "    assert!(::core::mem::offset_of!({}, {rust}) == {off}, \"{0}::{rust} is not at offset {off} as {f} in kernels/{header}\");", l.name).unwrap();
+    }
+    s.push_str("};\n");
+    s
+}
+
+/// The C static asserts of all layouts.
+pub fn c_asserts(layouts: &[(&str, Layout)]) -> String {
+    let mut s = String::from("// Generated by build/layout.rs: the shared structs' layout as the Rust mirrors assert it.\n#include <cstddef>\n");
+    let mut headers: Vec<&str> = layouts.iter().map(|(h, _)| *h).collect();
+    headers.dedup();
+    for h in headers {
+        writeln!(s, "#include \"{h}\"").unwrap();
+    }
+    for (h, l) in layouts {
+        writeln!(s, "\nstatic_assert(sizeof({}) == {}, \"kernels/{h}: size of {0}\");", l.name, l.size).unwrap();
+        for (f, off) in &l.fields {
+            writeln!(s, "static_assert(offsetof({}, {f}) == {off}, \"kernels/{h}: {0}::{f}\");", l.name).unwrap();
+        }
+    }
+    s
+}
