@@ -1,12 +1,12 @@
 // emu/cuda_emu.h — the CUDA device environment for kernels compiled as host C++.
 //
-// build.rs force-includes this header (g++ -include) into every kernels/*.cu compiled for the
+// build/emu.rs force-includes this header (g++ -include) into every kernels/*.cu compiled for the
 // emulated device (DESIGN.md section 6; the runtime and its design are in emu/runtime.cpp).
 // It provides what a kernel sees on a GPU:
 //   - the built-in variables threadIdx, blockIdx, blockDim, gridDim, warpSize: they read the
 //     CURRENT fiber's values (every CUDA thread of a block is a fiber on one OS thread);
 //   - __shared__ = static thread_local: one copy per OS thread, shared by the fibers of the block
-//     that runs there; build.rs rewrites each `extern __shared__ T name[];` into
+//     that runs there; build/scan.rs rewrites each `extern __shared__ T name[];` into
 //     `T* name = ::emu::dynamic_shared<T>(__func__);` (the block's dynamic shared memory);
 //   - barriers, warp shuffles/votes/reductions (they are where fibers switch), atomics, fences;
 //   - math intrinsics and the real cuda_fp16.h / cuda_bf16.h in host mode (stub headers in
@@ -42,7 +42,7 @@
 // A function-local thread_local is implicitly static: the fibers of a block (one OS thread)
 // share it, blocks running on other OS threads have their own. `static` gives namespace-scope
 // shared variables internal linkage. `extern __shared__` declarations never reach the compiler:
-// build.rs rewrites them (see emu::dynamic_shared).
+// build/scan.rs rewrites them (see emu::dynamic_shared).
 #define __shared__ static thread_local
 #define __constant__
 #define __managed__
@@ -129,7 +129,7 @@ inline int reduce_min(const char* f, int l, unsigned m, int v) { return (int)war
 inline unsigned reduce_max(const char* f, int l, unsigned m, unsigned v) { return (unsigned)warp_op(f, l, OP_REDUCE_MAX_U, m, v, 0, 32); }
 inline int reduce_max(const char* f, int l, unsigned m, int v) { return (int)warp_op(f, l, OP_REDUCE_MAX_I, m, (unsigned)v, 0, 32); }
 
-// --- Kernel entry thunks: build.rs generates `{"name", &emu::thunk<&name>, emu::arity(&name)}`
+// --- Kernel entry thunks: build/emu.rs generates `{"name", &emu::thunk<&name>, emu::arity(&name)}`
 // for every `extern "C" __global__` entry point; the parameter types come from the function type,
 // so nothing has to parse them. Each CUDA thread calls the thunk, i.e. gets its own copy of the
 // arguments (as on a GPU).
@@ -153,7 +153,7 @@ void thunk(void** args) {
 
 }  // namespace emu
 
-/// A kernel entry point as build.rs registers it (same layout in src/backend/emu.rs).
+/// A kernel entry point as build/emu.rs registers it (same layout in src/backend/emu.rs).
 struct patchbay_emu_entry {
     const char* name;
     void (*thunk)(void**);

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Fetches the pinned NVRTC (libnvrtc.so.12) and the CUDA headers (cuda_bf16.h, cuda_fp16.h...)
-# from their PyPI wheels into .cache/cuda/, for build.rs (DESIGN.md section 6).
+# from their PyPI wheels into .cache/cuda/, for the build script in build/ (DESIGN.md section 6).
 # Idempotent: prints nothing when everything is already there.
 #
 # Pinned on purpose: an NVRTC newer than the GPU machine's driver emits PTX the driver

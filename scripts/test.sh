@@ -2,7 +2,7 @@
 # The test command of README.md: does its own set-up, then runs the whole suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# NVRTC and the CUDA headers (pinned PyPI wheels): build.rs compiles every kernel with them
+# NVRTC and the CUDA headers (pinned PyPI wheels): the build script (build/) compiles every kernel with them
 # and builds the CPU emulator that runs the kernels in the tests.
 scripts/fetch-cuda.sh
 export PATCHBAY_CUDA_ROOT="$PWD/.cache/cuda"
