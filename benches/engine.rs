@@ -16,9 +16,10 @@ use rand_chacha::ChaCha8Rng;
 
 use patchbay::backend::ops::sample::SampleParams;
 use patchbay::engine::forward::{KvCache, SeqInput};
-use patchbay::experiments::bench::{PatchBenchSpec, PatchWorkload, decode, prefill, random_prompts};
+use patchbay::experiments::bench::{decode, prefill};
 use patchbay::experiments::generate::{GenerateSpec, StepIntervention, StepScope, generate};
-use patchbay::experiments::patch::Method;
+use patchbay::experiments::patch::{Method, SweepSpec, all_centers};
+use patchbay::experiments::workload::{PatchWorkload, PatchWorkloadSpec, random_prompts};
 use patchbay::intervene::Capture;
 use patchbay::model::Model;
 use patchbay::model::synth::{preset, write_checkpoint};
@@ -70,12 +71,11 @@ fn benches(c: &mut Criterion) {
     }
     g.finish();
 
-    let spec = PatchBenchSpec {
+    let spec = PatchWorkloadSpec {
         n_prompts: 8,
         prompt_len: 16,
         n_pairs: 8,
-        sites: vec![SiteKind::AttnOut, SiteKind::MlpOut, SiteKind::ResidPost],
-        window: 3,
+        sweep: SweepSpec { sites: vec![SiteKind::AttnOut, SiteKind::MlpOut, SiteKind::ResidPost], units: None, window: 3, centers: all_centers(3, cfg.n_layers), positions: vec![-1], label_tokens: Vec::new() },
         n_labels: 8,
         seed: 0,
         naive_limit: None,

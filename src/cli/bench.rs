@@ -5,11 +5,13 @@ use std::path::{Path, PathBuf};
 use clap::{Args, Subcommand, ValueEnum};
 use serde::Serialize;
 
+use super::patch::SweepArgs;
 use super::{load_engine, parse_bytes, print_stdout, progress_bar};
 use patchbay::backend::DeviceSpec;
 use patchbay::backend::ops::sample::SampleParams;
-use patchbay::experiments::bench::{BenchShape, PatchBenchSpec, bench_capture, bench_forward, bench_generate, bench_patch};
+use patchbay::experiments::bench::{BenchShape, bench_capture, bench_forward, bench_generate, bench_patch};
 use patchbay::experiments::generate::{StepIntervention, StepScope};
+use patchbay::experiments::workload::PatchWorkloadSpec;
 use patchbay::intervene::{Capture, Op};
 use patchbay::rng::gaussian;
 use patchbay::model::Model;
@@ -164,11 +166,8 @@ struct PatchBenchArgs {
     prompt_len: usize,
     #[arg(long, default_value_t = 200)]
     pairs: usize,
-    /// Site kinds patched (short names).
-    #[arg(long, default_value = "attn_out,mlp_out,resid_post")]
-    sites: String,
-    #[arg(long, default_value_t = 5)]
-    window: usize,
+    #[command(flatten)]
+    sweep: SweepArgs,
     #[arg(long, default_value_t = 13)]
     labels: usize,
     #[arg(long, default_value_t = 0)]
@@ -294,17 +293,11 @@ fn generate(a: GenerateBenchArgs) -> Result<()> {
 
 fn patch(a: PatchBenchArgs) -> Result<()> {
     let model = Model::load(&a.model)?;
-    let sites = a
-        .sites
-        .split(',')
-        .map(|s| SiteKind::from_short_name(s.trim()).ok_or_else(|| Error::input(format!("unknown site kind `{s}`"))))
-        .collect::<Result<Vec<_>>>()?;
-    let spec = PatchBenchSpec {
+    let spec = PatchWorkloadSpec {
         n_prompts: a.n_prompts,
         prompt_len: a.prompt_len,
         n_pairs: a.pairs,
-        sites,
-        window: a.window,
+        sweep: a.sweep.spec(model.cfg.n_layers, Vec::new())?,
         n_labels: a.labels,
         seed: a.seed,
         naive_limit: a.naive_limit,

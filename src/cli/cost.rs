@@ -10,9 +10,10 @@ use serde_json::{Value, json};
 use super::patch::SweepArgs;
 use super::{parse_bytes, print_stdout, progress_bar};
 use patchbay::data::prompts::{PromptSource, load_prompts};
-use patchbay::experiments::bench::{PatchBenchSpec, PatchWorkload};
-use patchbay::experiments::cost::{Check, Estimate, ModelInfo, PassSpec, PatchPlan, Workload, bench_plan, devices, duration, estimate, measure_sweep, n_params, ratio, render};
+use patchbay::experiments::cost::{Check, Estimate, ModelInfo, PassSpec, PatchPlan, Workload, workload_plan, devices, duration, estimate, measure_sweep, n_params, ratio, render};
 use patchbay::experiments::patch::{Method, Pair};
+use patchbay::experiments::patch_files::read_pairs;
+use patchbay::experiments::workload::{PatchWorkload, PatchWorkloadSpec};
 use patchbay::model::Model;
 use patchbay::model::checkpoint::Checkpoint;
 use patchbay::model::config::{DType, ModelConfig};
@@ -143,8 +144,8 @@ struct PatchCostArgs {
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Labels read at the last token: a count (13) or a list (anger,joy,...); only the number matters.
-    #[arg(long, default_value = "13")]
-    labels: String,
+    #[arg(long, value_delimiter = ',', default_value = "13")]
+    labels: Vec<String>,
     /// Methods estimated.
     #[arg(long, value_enum, default_value_t = MethodArg::Both)]
     method: MethodArg,
@@ -348,9 +349,13 @@ fn passes(c: &CommonArgs, command: &str, workload: Value, spec: impl Fn(&ModelCo
     print(&e, &[], c.json)
 }
 
-/// The number of labels: a count, or the length of a comma list.
-fn n_labels(spec: &str) -> Result<usize> {
-    let n = spec.trim().parse().unwrap_or_else(|_| spec.split(',').filter(|s| !s.trim().is_empty()).count());
+/// The number of labels: a count, or the length of a list.
+fn n_labels(list: &[String]) -> Result<usize> {
+    let count = match list {
+        [one] => one.trim().parse().ok(),
+        _ => None,
+    };
+    let n = count.unwrap_or_else(|| list.iter().filter(|s| !s.trim().is_empty()).count());
     if n == 0 {
         return Err(Error::input("--labels: give a count (13) or a list of labels"));
     }
@@ -360,8 +365,8 @@ fn n_labels(spec: &str) -> Result<usize> {
 fn patch(a: PatchCostArgs) -> Result<()> {
     let (cfg, name, dtype) = load_config(&a.common)?;
     let lens = prompt_lens(&a.common)?;
-    // Label tokens are drawn below (as `bench patch` does); the spec's are replaced then.
-    let mut sweep = a.sweep.spec(cfg.n_layers, Vec::new())?;
+    // Label tokens are drawn with the workload below (as `bench patch` draws them).
+    let sweep = a.sweep.spec(cfg.n_layers, Vec::new())?;
     let n_labels = n_labels(&a.labels)?;
     // Random pairs and label tokens as `bench patch` draws them (what --measure runs).
     let (pairs_n, pairs_file) = match (&a.pairs, a.random_pairs) {
@@ -371,20 +376,19 @@ fn patch(a: PatchCostArgs) -> Result<()> {
         },
         (None, n) => (n.unwrap_or(200), None),
     };
-    let bench = PatchBenchSpec {
+    let work = PatchWorkloadSpec {
         n_prompts: lens.len(),
         prompt_len: lens[0],
         n_pairs: pairs_n,
-        sites: sweep.sites.clone(),
-        window: sweep.window,
+        sweep,
         n_labels,
         seed: a.seed,
         naive_limit: a.naive_limit,
         batch_rows: a.batch_rows,
         mem_budget: parse_bytes(&a.mem_budget)?,
     };
-    if sweep.window == 0 || sweep.window > cfg.n_layers {
-        return Err(Error::input(format!("window {} must be in 1..={}", sweep.window, cfg.n_layers)));
+    if work.sweep.window == 0 || work.sweep.window > cfg.n_layers {
+        return Err(Error::input(format!("window {} must be in 1..={}", work.sweep.window, cfg.n_layers)));
     }
     if lens.len() < 2 {
         return Err(Error::input("patching needs at least 2 prompts"));
@@ -392,15 +396,14 @@ fn patch(a: PatchCostArgs) -> Result<()> {
     if n_labels > cfg.vocab_size {
         return Err(Error::input(format!("{n_labels} labels: the vocabulary has {} tokens", cfg.vocab_size)));
     }
-    let drawn = PatchWorkload::new(&bench, &cfg)?;
+    let drawn = PatchWorkload::new(&work, &cfg)?;
     let pairs: Vec<Pair> = match &pairs_file {
-        Some(path) => read_pairs(path)?,
-        None => bench_plan(&drawn, &bench).pairs,
+        Some(path) => read_pairs(path, lens.len())?,
+        None => workload_plan(&drawn, &work).pairs,
     };
-    sweep.label_tokens = drawn.sweep.label_tokens.clone();
-    let plan = PatchPlan { pairs, sweep, batch_rows: a.batch_rows, mem_budget: bench.mem_budget };
+    let plan = PatchPlan { pairs, sweep: drawn.sweep.clone(), batch_rows: a.batch_rows, mem_budget: work.mem_budget };
     let workload = json!({
-        "prompts": lens_json(&lens), "pairs": plan.pairs.len(), "sites": a.sweep.sites, "units": plan.sweep.units, "window": plan.sweep.window,
+        "prompts": lens_json(&lens), "pairs": plan.pairs.len(), "sites": a.sweep.sites_text(), "units": plan.sweep.units, "window": plan.sweep.window,
         "centers": plan.sweep.centers, "positions": plan.sweep.positions, "labels": n_labels, "batch_rows": a.batch_rows, "mem_budget_bytes": plan.mem_budget,
     });
     let devs = devices(&a.common.device, &cfg, dtype)?;
@@ -413,23 +416,13 @@ fn patch(a: PatchCostArgs) -> Result<()> {
     let mut workload = workload;
     workload["experiments"] = json!(methods.first().map_or(0, |m| m.items));
     let e = Estimate { command: "patch".into(), model: model_info(&cfg, name, dtype), workload, devices: devs, methods, naive_over_resumed };
-    let measured = if a.measure { measure(&a, &cfg, dtype, &bench, &drawn)? } else { Vec::new() };
+    let measured = if a.measure { measure(&a, &cfg, dtype, &work, &drawn)? } else { Vec::new() };
     print(&e, &measured, a.common.json)
-}
-
-/// JSONL pairs file (as `patch --pairs`).
-fn read_pairs(path: &Path) -> Result<Vec<Pair>> {
-    let text = String::from_utf8(patchbay::error::read_file(path)?).map_err(|_| Error::file(path, "not UTF-8"))?;
-    text.lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| serde_json::from_str(l).map_err(|e| Error::file(path, format!("line {}: expected {{\"source\": i, \"target\": j}}: {e}", i + 1))))
-        .collect()
 }
 
 /// Runs the planned sweep on the CPU (the `bench patch` workload: random prompts, every window,
 /// last token) and checks each method's time against its estimate.
-fn measure(a: &PatchCostArgs, cfg: &ModelConfig, dtype: DType, bench: &PatchBenchSpec, drawn: &PatchWorkload) -> Result<Vec<Check>> {
+fn measure(a: &PatchCostArgs, cfg: &ModelConfig, dtype: DType, work: &PatchWorkloadSpec, drawn: &PatchWorkload) -> Result<Vec<Check>> {
     let dir = a.common.model.as_ref().ok_or_else(|| Error::input("--measure runs the sweep: give --model DIR with weights (e.g. from `patchbay synth`)"))?;
     if a.common.token_ids.is_some() || a.sweep.layers.is_some() || a.sweep.heads.is_some() || a.sweep.neurons.is_some() || a.sweep.positions.trim() != "-1" || a.pairs.as_deref().is_some_and(|p| p.parse::<usize>().is_err()) {
         return Err(Error::input("--measure runs the `bench patch` sweep (random prompts of --prompt-len, random pairs, every window, last token): drop --token-ids, a pairs file, --layers, --positions, --heads and --neurons"));
@@ -444,7 +437,7 @@ fn measure(a: &PatchCostArgs, cfg: &ModelConfig, dtype: DType, bench: &PatchBenc
     let mut checks = Vec::new();
     for (method, limit) in [(Method::Resumed, n), (Method::Naive, n_naive)] {
         if limit > 0 {
-            checks.push(measure_sweep(&model, dtype, drawn, bench, method, limit, &bar)?);
+            checks.push(measure_sweep(&model, dtype, drawn, work, method, limit, &bar)?);
         }
     }
     bar.finish_and_clear();

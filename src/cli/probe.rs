@@ -1,13 +1,9 @@
 //! `patchbay probe`: the whole probing pipeline, from a dataset to the plots.
 //!
 //! Stages (each with its progress bar; the run is resumable: re-running the same command
-//! continues where a killed run stopped):
-//! 1. dataset: load and check the file; 2. tokenize: render the template, encode;
-//! 3. capture: sites x layers x positions (and the label logits) to sharded safetensors in
-//!    OUT/acts; 4. score: the model's own predictions (OUT/scores.jsonl, score.json,
-//!    confusion.csv); 5. probe: logistic/ridge probes per (site, layer, position) (OUT/probes/);
-//! 6. outputs: OUT/probe_results.csv, OUT/accuracy_by_layer.png, OUT/appraisal_r2.png,
-//!    OUT/manifest.json.
+//! continues where a killed run stopped): 1. dataset: load and check the file; 2. tokenize:
+//! render the template, encode (here); then capture, score, probe and outputs
+//! (`experiments::probe::pipeline`).
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -15,16 +11,18 @@ use std::time::Instant;
 use clap::Args;
 use serde_json::json;
 
-use super::inputs::{InputArgs, dataset_json, encode_dataset, write_examples};
+use super::inputs::{InputArgs, encode_dataset};
 use super::{load_engine, progress_bar};
 use patchbay::data::labels::{LabelSet, parse_list};
 use patchbay::data::template::TokenStats;
-use patchbay::experiments::probe::{ProbeParams, ProbeTargets, probes_dir, run_probes, write_results_csv};
-use patchbay::experiments::score::Scores;
-use patchbay::experiments::shards::{RunOptions, ShardSpec, capture_shards, read_label_logits};
+use patchbay::experiments::dataset_files::dataset_json;
+use patchbay::experiments::Reporter;
+use patchbay::experiments::probe::ProbeParams;
+use patchbay::experiments::probe::pipeline::{self, ProbeInputs, ProbeSettings};
+use patchbay::experiments::shards::ShardSpec;
 use patchbay::io::OutDtype;
 use patchbay::learn::logreg::LogRegParams;
-use patchbay::learn::split::{Eval, Split};
+use patchbay::learn::split::Eval;
 use patchbay::model::Model;
 use patchbay::model::tokenizer::PromptTokenizer;
 use patchbay::sites::{Positions, Site};
@@ -131,7 +129,7 @@ pub struct ProbeArgs {
 }
 
 pub fn run(a: ProbeArgs) -> Result<()> {
-    let t0 = Instant::now();
+    let started = Instant::now();
     let mut timings = serde_json::Map::new();
     let mut lap = {
         let mut t = Instant::now();
@@ -191,167 +189,46 @@ pub fn run(a: ProbeArgs) -> Result<()> {
     if (a.only_correct || a.keep_correct.is_some()) && label_set.is_none() {
         return Err(Error::input("--only-correct / --keep-correct need gold labels (a label column) and scoring"));
     }
-    let classes: Option<Vec<usize>> = has_labels.then(|| ds.examples.iter().map(|e| e.label.as_ref().and_then(|l| class_names.iter().position(|c| c == l)).unwrap_or(0)).collect());
-
-    // ---- capture ----
-    let acts = a.out.join("acts");
-    let spec = ShardSpec {
-        sites: sites.clone(),
-        positions: positions.clone(),
-        label_token_ids: label_set.as_ref().map_or(Vec::new(), |l| l.token_ids.clone()),
-        dtype: a.dtype,
-        batch_size: a.batch_size,
-        shard_bytes: (a.shard_mb * 1024.0 * 1024.0) as usize,
+    let settings = ProbeSettings {
+        sites_text: a.sites.clone(),
+        capture: ShardSpec {
+            sites,
+            positions: positions.clone(),
+            label_token_ids: label_set.as_ref().map_or(Vec::new(), |l| l.token_ids.clone()),
+            dtype: a.dtype,
+            batch_size: a.batch_size,
+            shard_bytes: (a.shard_mb * 1024.0 * 1024.0) as usize,
+        },
+        positions,
+        only_correct: a.only_correct,
+        keep_correct: a.keep_correct.clone(),
+        params: ProbeParams {
+            eval: match a.folds {
+                Some(k) => Eval::KFold(k),
+                None => Eval::Holdout(a.test_fraction),
+            },
+            seed: a.seed,
+            logreg: LogRegParams { c: a.c, max_iter: a.max_iter, tol: a.tol },
+            alpha: a.alpha,
+            standardize: !a.no_standardize,
+            bootstrap: a.bootstrap,
+        },
+        heatmap_position: a.heatmap_position,
+        out: a.out.clone(),
+        overwrite: a.overwrite,
+        capture_only: a.capture_only,
+        stop_after_shards: a.stop_after_shards,
     };
-    let bar = progress_bar(prompts.len() as u64, "capture", "prompts", a.quiet);
-    let run = capture_shards(engine.as_ref(), &model.dir.display().to_string(), &model.config_hash, &prompts, &spec, &acts, &RunOptions { overwrite: a.overwrite, stop_after: a.stop_after_shards }, &bar)?;
-    bar.finish_and_clear();
-    lap("capture", &mut timings);
-    let capture_json = json!({
-        "dir": acts.display().to_string(), "shards": run.meta.n_shards, "shard_rows": run.meta.shard_rows,
-        "resumed_shards": run.resumed, "written_shards": run.written, "dtype": run.meta.dtype,
-        "sites": run.meta.sites.len(), "positions": positions,
-    });
-    let mut manifest = json!({
-        "command": "probe",
-        "patchbay_version": env!("CARGO_PKG_VERSION"),
-        "command_line": std::env::args().collect::<Vec<_>>(),
-        "seed": a.seed,
-        "model": {"path": model.dir.display().to_string(), "config_sha256": model.config_hash, "family": cfg.family.name(), "layers": cfg.n_layers, "d_model": cfg.d_model},
-        "device": engine.device_name(),
-        "dataset": dataset_json(&ds),
-        "template": template,
-        "token_stats": stats,
-        "labels": label_set,
-        "sites": a.sites,
-        "positions": positions,
-        "capture": capture_json,
-    });
-    let write_manifest = |m: &mut serde_json::Value, timings: &serde_json::Map<String, serde_json::Value>, status: &str| -> Result<()> {
-        m["status"] = json!(status);
-        m["timings_s"] = json!(timings);
-        m["total_s"] = json!(t0.elapsed().as_secs_f64());
-        m["peak_rss_bytes"] = json!(patchbay::io::tensorfile::peak_rss_bytes());
-        patchbay::io::write_atomic(&a.out.join("manifest.json"), serde_json::to_string_pretty(m).map_err(|e| Error::input(e.to_string()))?.as_bytes())
+    let inputs = ProbeInputs {
+        model: &model,
+        engine: engine.as_ref(),
+        ds: &ds,
+        prompts: &prompts,
+        label_set,
+        class_names,
+        provenance: json!({"dataset": dataset_json(&ds), "template": template, "token_stats": stats}),
     };
-    if !run.complete {
-        write_manifest(&mut manifest, &timings, "capture incomplete")?;
-        say(format!("capture stopped after {} of {} shards; run the same command again to continue", run.resumed + run.written, run.meta.n_shards));
-        return Ok(());
-    }
-    say(format!("capture: {} shards of up to {} prompts in {} ({} resumed)", run.meta.n_shards, run.meta.shard_rows, acts.display(), run.resumed));
-
-    // ---- score ----
-    let mut selected: Vec<usize> = (0..ds.examples.len()).collect();
-    if let Some(labels) = &label_set {
-        let logits = read_label_logits(&acts, &run.meta)?;
-        let gold: Vec<Option<usize>> = classes.as_ref().map_or(vec![None; prompts.len()], |c| c.iter().map(|&c| Some(c)).collect());
-        let scores = Scores::new(labels.clone(), logits, gold);
-        let rows: Vec<usize> = ds.examples.iter().map(|e| e.row).collect();
-        scores.write(&a.out, Some(&rows))?;
-        let correct: Vec<bool> = scores.correct().into_iter().map(|c| c == Some(true)).collect();
-        if let Some(path) = &a.keep_correct {
-            write_examples(path, &ds, &correct)?;
-        }
-        if a.only_correct {
-            selected.retain(|&i| correct[i]);
-        }
-        manifest["score"] = json!({"accuracy": scores.accuracy(), "correct": correct.iter().filter(|&&c| c).count(), "n": scores.n()});
-        say(format!("score: {}", scores.describe().lines().next().unwrap_or("")));
-    }
-    lap("score", &mut timings);
-    if a.capture_only {
-        write_manifest(&mut manifest, &timings, "captured")?;
-        say(format!("captured {} prompts in {} ({:.1} s)", prompts.len(), acts.display(), t0.elapsed().as_secs_f64()));
-        return Ok(());
-    }
-    write_manifest(&mut manifest, &timings, "probing")?;
-
-    // ---- probe ----
-    if selected.is_empty() {
-        return Err(Error::input("no example to probe (--only-correct: the model gets none right)"));
-    }
-    let r = ds.spec.numeric_columns.len();
-    let targets = ProbeTargets {
-        examples: selected.clone(),
-        class_names: class_names.clone(),
-        classes: classes.as_ref().map(|c| selected.iter().map(|&i| c[i]).collect()),
-        numeric_names: ds.spec.numeric_columns.clone(),
-        numeric: selected.iter().flat_map(|&i| ds.examples[i].numeric.iter().copied()).collect(),
-    };
-    debug_assert_eq!(targets.numeric.len(), selected.len() * r);
-    let eval = match a.folds {
-        Some(k) => Eval::KFold(k),
-        None => Eval::Holdout(a.test_fraction),
-    };
-    let split = Split::new(selected.len(), targets.classes.as_deref(), eval, a.seed)?;
-    let params = ProbeParams {
-        eval,
-        seed: a.seed,
-        logreg: LogRegParams { c: a.c, max_iter: a.max_iter, tol: a.tol },
-        alpha: a.alpha,
-        standardize: !a.no_standardize,
-        bootstrap: a.bootstrap,
-    };
-    // Everything an outside check needs to redo the probes on the same features and splits.
-    let splits_json = json!({"targets": targets, "split": split, "params": params, "acts": "acts", "positions": positions, "sites": run.meta.sites});
-    patchbay::io::write_atomic(&a.out.join("splits.json"), serde_json::to_string(&splits_json).map_err(|e| Error::input(e.to_string()))?.as_bytes())?;
-    let chance = targets.classes.as_ref().map(|c| {
-        let eval_idx: Vec<usize> = (0..c.len()).filter(|&i| matches!(eval, Eval::KFold(_)) || split.test_fold[i] == 0).collect();
-        let mut counts = vec![0usize; class_names.len().max(1)];
-        eval_idx.iter().for_each(|&i| counts[c[i]] += 1);
-        counts.iter().copied().max().unwrap_or(0) as f64 / eval_idx.len().max(1) as f64
-    });
-    let n_probes = run.meta.sites.len() * positions.len();
-    let bar = progress_bar(n_probes as u64, "probe", "probes", a.quiet);
-    let pr = run_probes(&acts, &targets, &split, &params, &probes_dir(&a.out), &bar)?;
-    bar.finish_and_clear();
-    lap("probe", &mut timings);
-    if pr.unconverged > 0 {
-        say(format!("note: {} of {} logistic regression fits stopped at --max-iter {} before the gradient tolerance", pr.unconverged, pr.fits, a.max_iter));
-    }
-
-    // ---- outputs ----
-    let csv_path = a.out.join("probe_results.csv");
-    write_results_csv(&csv_path, &pr.rows)?;
-    let mut plots = Vec::new();
-    if pr.rows.iter().any(|r| r.metric == "accuracy") {
-        let p = a.out.join("accuracy_by_layer.png");
-        let title = format!("Emotion probe accuracy by layer ({}, {})", cfg.family.name(), split.eval.describe());
-        patchbay::io::plot::accuracy_by_layer(&p, &pr.rows, chance, &title)?;
-        plots.push(p);
-    }
-    if r > 0 {
-        let p = a.out.join("appraisal_r2.png");
-        let pos = a.heatmap_position.unwrap_or(positions[0]);
-        if !positions.contains(&pos) {
-            return Err(Error::input(format!("--heatmap-position {pos} is not among the captured positions")));
-        }
-        patchbay::io::plot::r2_heatmap(&p, &pr.rows, pos, "Ridge probe R² by layer")?;
-        plots.push(p);
-    }
-    lap("outputs", &mut timings);
-    manifest["probe"] = json!({
-        "eval": split.eval.describe(), "folds": split.n_folds, "seed": a.seed, "C": a.c, "alpha": a.alpha,
-        "standardize": !a.no_standardize, "max_iter": a.max_iter, "tol": a.tol, "bootstrap": a.bootstrap,
-        "examples": selected.len(), "only_correct": a.only_correct, "fits": pr.fits, "unconverged": pr.unconverged,
-        "resumed_sites": pr.resumed, "chance_accuracy": chance, "classes": class_names, "numeric": ds.spec.numeric_columns,
-    });
-    manifest["outputs"] = json!({"results": csv_path.display().to_string(), "plots": plots.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(), "weights": probes_dir(&a.out).display().to_string()});
-    write_manifest(&mut manifest, &timings, "complete")?;
-    if !a.quiet {
-        // The best layer per site at the first position, as a quick read-out.
-        for site in run.meta.site_kinds.iter().fold(Vec::<String>::new(), |mut v, s| {
-            if !v.contains(s) {
-                v.push(s.clone());
-            }
-            v
-        }) {
-            if let Some(best) = pr.rows.iter().filter(|r| r.metric == "accuracy" && r.site == site && r.position == positions[0]).max_by(|x, y| x.value.total_cmp(&y.value)) {
-                eprintln!("best {site} probe at position {}: layer {} accuracy {:.3} [{:.3}, {:.3}]", best.position, best.layer, best.value, best.ci_low, best.ci_high);
-            }
-        }
-        eprintln!("wrote {} and {} plot(s) in {} ({:.1} s)", csv_path.display(), plots.len(), a.out.display(), t0.elapsed().as_secs_f64());
-    }
+    let bar = |len: u64, what: &str, unit: &str| progress_bar(len, what, unit, a.quiet);
+    pipeline::run(&inputs, &settings, started, timings, &Reporter { bar: &bar, say: &say })?;
     Ok(())
 }

@@ -6,9 +6,10 @@ use std::time::Instant;
 use clap::Args;
 use serde_json::json;
 
-use super::inputs::{InputArgs, LabelArgs, Prompts, dataset_json, write_examples};
+use super::inputs::{InputArgs, LabelArgs, Prompts};
 use super::{load_engine, progress_bar};
 use patchbay::data::template::TokenStats;
+use patchbay::experiments::dataset_files::{dataset_json, write_examples};
 use patchbay::experiments::score::{Scores, label_logits};
 use patchbay::model::Model;
 use patchbay::{Error, Result};

@@ -4,14 +4,14 @@
 //! round rotating), and each figure is the median over the rounds, so drift in the machine's
 //! load (other processes, clocks) hits every variant alike.
 //!
-//! The workloads ([`prefill`], [`decode`], [`PatchWorkload`]) are shared with the criterion benches
-//! (benches/engine.rs).
+//! The workloads ([`prefill`], [`decode`], and from `experiments::workload` the random prompts
+//! and [`PatchWorkload`]) are shared with the criterion benches (benches/engine.rs).
 
 use std::collections::HashSet;
 use std::time::Instant;
 
 use indicatif::ProgressBar;
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
@@ -19,12 +19,12 @@ use crate::backend::ops::sample::SampleParams;
 use crate::engine::forward::{KvCache, RunOutput, SeqInput};
 use crate::engine::{Engine, RunRequest};
 use crate::experiments::generate::{GenerateSpec, StepIntervention, generate};
-use crate::experiments::patch::{ExperimentResult, Experiment, Method, Pair, RunSettings, SweepSpec, all_centers, experiments, run_sweep};
+use crate::experiments::patch::Method;
+use crate::experiments::workload::{PatchWorkload, PatchWorkloadSpec, random_prompts};
 use crate::intervene::Capture;
 use crate::io::tensorfile::peak_rss_bytes;
 use crate::model::Model;
-use crate::model::config::ModelConfig;
-use crate::sites::{Positions, SiteKind};
+use crate::sites::Positions;
 use crate::{Error, Result};
 
 /// Where a bench ran: the engine's device, and for work on the host (the CPU reference, the
@@ -74,11 +74,6 @@ fn timed(f: impl FnOnce() -> Result<()>) -> Result<f64> {
     let t0 = Instant::now();
     f()?;
     Ok(t0.elapsed().as_secs_f64())
-}
-
-/// `n` prompts of `len` token ids drawn uniformly below `vocab`.
-pub fn random_prompts(rng: &mut impl Rng, n: usize, len: usize, vocab: usize) -> Vec<Vec<u32>> {
-    (0..n).map(|_| (0..len).map(|_| rng.random_range(0..vocab as u32)).collect()).collect()
 }
 
 /// Prefill: one forward over whole prompts (fresh caches), logits at the last position, with
@@ -295,22 +290,6 @@ pub fn bench_generate(model: &Model, shape: &BenchShape, new_tokens: usize, samp
     })
 }
 
-/// A random patching sweep: prompts, pairs and labels drawn from a seed.
-#[derive(Clone, Debug)]
-pub struct PatchBenchSpec {
-    pub n_prompts: usize,
-    pub prompt_len: usize,
-    pub n_pairs: usize,
-    pub sites: Vec<SiteKind>,
-    pub window: usize,
-    pub n_labels: usize,
-    pub seed: u64,
-    /// Experiments timed with the naive method (it is slow); None = all.
-    pub naive_limit: Option<usize>,
-    pub batch_rows: usize,
-    pub mem_budget: usize,
-}
-
 #[derive(Clone, Debug, Serialize)]
 pub struct PatchBench {
     pub device: String,
@@ -329,57 +308,8 @@ pub struct PatchBench {
     pub peak_rss_bytes: Option<u64>,
 }
 
-/// A random patching sweep's inputs and experiments.
-pub struct PatchWorkload {
-    pub prompts: Vec<Vec<u32>>,
-    pub sweep: SweepSpec,
-    pub exps: Vec<Experiment>,
-}
-
-impl PatchWorkload {
-    /// Random prompts, random pairs (source != target), random label tokens; every window of
-    /// `spec.window` layers, last position.
-    pub fn new(spec: &PatchBenchSpec, cfg: &ModelConfig) -> Result<PatchWorkload> {
-        let vocab = cfg.vocab_size;
-        if spec.n_prompts < 2 || spec.prompt_len == 0 || spec.n_labels == 0 || spec.n_labels > vocab {
-            return Err(Error::input("bench needs at least 2 prompts, a prompt length >= 1 and 1..=vocab labels"));
-        }
-        let mut rng = ChaCha8Rng::seed_from_u64(spec.seed);
-        let prompts = random_prompts(&mut rng, spec.n_prompts, spec.prompt_len, vocab);
-        let pairs: Vec<Pair> = (0..spec.n_pairs)
-            .map(|_| {
-                let source = rng.random_range(0..spec.n_prompts);
-                let target = (source + 1 + rng.random_range(0..spec.n_prompts - 1)) % spec.n_prompts;
-                Pair { source, target }
-            })
-            .collect();
-        let mut labels: Vec<u32> = Vec::new();
-        while labels.len() < spec.n_labels {
-            let t = rng.random_range(0..vocab as u32);
-            if !labels.contains(&t) {
-                labels.push(t);
-            }
-        }
-        let sweep = SweepSpec { sites: spec.sites.clone(), units: None, window: spec.window, centers: all_centers(spec.window, cfg.n_layers), positions: vec![-1], label_tokens: labels };
-        let exps = experiments(&pairs, &sweep, cfg.n_layers)?;
-        Ok(PatchWorkload { prompts, sweep, exps })
-    }
-
-    /// Runs the experiments not in `skip` with `method`; returns the seconds and the results.
-    pub fn run(&self, engine: &dyn Engine, method: Method, skip: &HashSet<usize>, spec: &PatchBenchSpec, progress: &ProgressBar) -> Result<(f64, Vec<ExperimentResult>)> {
-        let settings = RunSettings { method, skip, batch_rows: spec.batch_rows, mem_budget: spec.mem_budget, progress };
-        let mut out = Vec::new();
-        let t0 = Instant::now();
-        run_sweep(engine, &self.prompts, &self.sweep, &self.exps, &settings, &mut |r| {
-            out.push(r);
-            Ok(())
-        })?;
-        Ok((t0.elapsed().as_secs_f64(), out))
-    }
-}
-
 /// Runs the same random sweep with the resumed and the naive method on `engine` and compares.
-pub fn bench_patch(engine: &dyn Engine, spec: &PatchBenchSpec, progress: &ProgressBar) -> Result<PatchBench> {
+pub fn bench_patch(engine: &dyn Engine, spec: &PatchWorkloadSpec, progress: &ProgressBar) -> Result<PatchBench> {
     let w = PatchWorkload::new(spec, engine.config())?;
     let exps = &w.exps;
     let n_naive = spec.naive_limit.unwrap_or(exps.len()).min(exps.len());

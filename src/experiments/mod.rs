@@ -3,9 +3,21 @@
 pub mod bench;
 pub mod capture;
 pub mod cost;
+pub mod dataset_files;
 pub mod demo;
 pub mod generate;
 pub mod patch;
+pub mod patch_files;
 pub mod probe;
 pub mod score;
 pub mod shards;
+pub mod workload;
+
+use indicatif::ProgressBar;
+
+/// Progress and messages of a pipeline run: a bar of `len` items (`what`, `unit`), and a line
+/// for the user.
+pub struct Reporter<'a> {
+    pub bar: &'a dyn Fn(u64, &str, &str) -> ProgressBar,
+    pub say: &'a dyn Fn(String),
+}

@@ -1,10 +1,14 @@
-//! PNG plots of probe and patching results, drawn with plotters into an RGB buffer and encoded with `png`.
+//! PNG plots, drawn with plotters into an RGB buffer and encoded with `png`.
 //! Text uses DejaVu Sans compiled into the binary (no system fonts needed).
 //!
-//! - accuracy by layer, one line per site, one panel per position (the study's Figure 2),
-//!   with the 95% interval as a band and the majority-class rate as a dashed line;
-//! - R^2 of each numeric column by layer, one heatmap panel per site (at one position);
-//! - any labelled grid of values as a heatmap (`heatmap`, e.g. patching flip rates).
+//! - line charts in panels (`line_panels`: e.g. probe accuracy by layer, one line per site, one
+//!   panel per position, the study's Figure 2), each line with its interval as a band, and a
+//!   dashed reference line;
+//! - any labelled grid of values as a heatmap (`heatmap`, e.g. patching flip rates), or several
+//!   side by side on one colour scale (`heatmaps`).
+//!
+//! Plots of a given kind of result (probe results: `experiments::probe::plots`) turn their
+//! rows into these.
 
 use std::path::Path;
 use std::sync::Once;
@@ -12,7 +16,6 @@ use std::sync::Once;
 use plotters::prelude::*;
 use plotters::style::FontStyle;
 
-use crate::experiments::probe::ResultRow;
 use crate::{Error, Result};
 
 static FONT: Once = Once::new();
@@ -51,7 +54,8 @@ fn plot_err<E: std::fmt::Debug>(path: &Path) -> impl Fn(E) -> Error + '_ {
     move |e| Error::file(path, format!("cannot draw the plot: {e:?}"))
 }
 
-fn distinct<T: PartialEq + Clone>(it: impl Iterator<Item = T>) -> Vec<T> {
+/// The distinct items of `it`, in order of first appearance.
+pub fn distinct<T: PartialEq + Clone>(it: impl Iterator<Item = T>) -> Vec<T> {
     let mut v: Vec<T> = Vec::new();
     for x in it {
         if !v.contains(&x) {
@@ -61,26 +65,45 @@ fn distinct<T: PartialEq + Clone>(it: impl Iterator<Item = T>) -> Vec<T> {
     v
 }
 
-/// Accuracy by layer: one panel per position, one line per site, with a shared legend.
-/// `chance` draws a dashed line.
-pub fn accuracy_by_layer(path: &Path, rows: &[ResultRow], chance: Option<f64>, title: &str) -> Result<()> {
+/// One point of a line: x (a whole step, e.g. a layer), y, and its interval (lo, hi; a band is
+/// drawn through the finite bounds).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Point {
+    pub x: usize,
+    pub y: f64,
+    pub lo: f64,
+    pub hi: f64,
+}
+
+/// Line charts side by side: one panel per entry of `panels` (its caption and, per line, its
+/// points sorted by x; a line with no points is not drawn), y from 0 to 1, x from 0 to `max_x`,
+/// one shared legend of the lines (a colour each, in order) and of the dashed `reference` line.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LinePanels {
+    pub title: String,
+    pub lines: Vec<String>,
+    pub panels: Vec<(String, Vec<Vec<Point>>)>,
+    pub max_x: usize,
+    pub x_desc: String,
+    pub y_desc: String,
+    /// A horizontal dashed line: its legend entry and its y.
+    pub reference: Option<(String, f64)>,
+}
+
+/// Draws `chart`: up to three panels a row, under the title and the legend.
+pub fn line_panels(path: &Path, chart: &LinePanels) -> Result<()> {
     use plotters::style::text_anchor::{HPos, Pos, VPos};
     register_font();
-    let acc: Vec<&ResultRow> = rows.iter().filter(|r| r.metric == "accuracy").collect();
-    if acc.is_empty() {
-        return Err(Error::input("no accuracy results to plot"));
-    }
-    let positions = distinct(acc.iter().map(|r| r.position));
-    let sites = distinct(acc.iter().map(|r| r.site.clone()));
-    let max_layer = acc.iter().map(|r| r.layer).max().unwrap_or(0);
-    let cols = positions.len().min(3);
-    let grid_rows = positions.len().div_ceil(cols);
+    let title = &chart.title;
+    let max_layer = chart.max_x;
+    let cols = chart.panels.len().min(3);
+    let grid_rows = chart.panels.len().div_ceil(cols);
     let (pw, ph) = (520u32, 380u32);
     let head = 80u32;
-    // Shared legend: one entry per site, then the majority-class line.
-    let mut entries: Vec<(String, RGBColor, bool)> = sites.iter().enumerate().map(|(i, s)| (s.clone(), PALETTE[i % PALETTE.len()], false)).collect();
-    if let Some(c) = chance {
-        entries.push((format!("majority class ({c:.2})"), RGBColor(90, 90, 90), true));
+    // Shared legend: one entry per line, then the reference line.
+    let mut entries: Vec<(String, RGBColor, bool)> = chart.lines.iter().enumerate().map(|(i, s)| (s.clone(), PALETTE[i % PALETTE.len()], false)).collect();
+    if let Some((name, _)) = &chart.reference {
+        entries.push((name.clone(), RGBColor(90, 90, 90), true));
     }
     let entry_w = |e: &(String, RGBColor, bool)| 40 + 8 * e.0.chars().count() as i32;
     let total: i32 = entries.iter().map(entry_w).sum();
@@ -108,19 +131,18 @@ pub fn accuracy_by_layer(path: &Path, rows: &[ResultRow], chance: Option<f64>, t
         }
         let panels = body.split_evenly((grid_rows, cols));
         let xr = -0.3f64..(max_layer as f64 + 0.3);
-        for (pi, &pos) in positions.iter().enumerate() {
+        for (pi, (caption, lines)) in chart.panels.iter().enumerate() {
             let panel = &panels[pi];
-            let mut chart = ChartBuilder::on(panel)
-                .caption(format!("position {pos}"), ("sans-serif", 18))
+            let mut plot = ChartBuilder::on(panel)
+                .caption(caption, ("sans-serif", 18))
                 .margin(12)
                 .x_label_area_size(42)
                 .y_label_area_size(56)
                 .build_cartesian_2d(xr.clone(), 0f64..1.0f64)
                 .map_err(plot_err(path))?;
-            chart
-                .configure_mesh()
-                .x_desc("layer")
-                .y_desc("probe accuracy")
+            plot.configure_mesh()
+                .x_desc(&chart.x_desc)
+                .y_desc(&chart.y_desc)
                 .x_labels((max_layer + 1).min(17))
                 .x_label_formatter(&|v| if (v - v.round()).abs() < 1e-6 { format!("{}", v.round() as i64) } else { String::new() })
                 .y_labels(6)
@@ -130,28 +152,26 @@ pub fn accuracy_by_layer(path: &Path, rows: &[ResultRow], chance: Option<f64>, t
                 .bold_line_style(RGBColor(230, 230, 230))
                 .draw()
                 .map_err(plot_err(path))?;
-            if let Some(c) = chance {
-                chart.draw_series(DashedLineSeries::new(vec![(xr.start, c), (xr.end, c)], 6, 4, RGBColor(90, 90, 90).stroke_width(2))).map_err(plot_err(path))?;
+            if let Some((_, c)) = chart.reference {
+                plot.draw_series(DashedLineSeries::new(vec![(xr.start, c), (xr.end, c)], 6, 4, RGBColor(90, 90, 90).stroke_width(2))).map_err(plot_err(path))?;
             }
-            for (si, site) in sites.iter().enumerate() {
+            for (si, pts) in lines.iter().enumerate() {
                 let color = PALETTE[si % PALETTE.len()];
-                let mut pts: Vec<&&ResultRow> = acc.iter().filter(|r| r.position == pos && &r.site == site).collect();
-                pts.sort_by_key(|r| r.layer);
                 if pts.is_empty() {
                     continue;
                 }
                 let band: Vec<(f64, f64)> = pts
                     .iter()
-                    .filter(|r| r.ci_high.is_finite())
-                    .map(|r| (r.layer as f64, r.ci_high))
-                    .chain(pts.iter().rev().filter(|r| r.ci_low.is_finite()).map(|r| (r.layer as f64, r.ci_low)))
+                    .filter(|r| r.hi.is_finite())
+                    .map(|r| (r.x as f64, r.hi))
+                    .chain(pts.iter().rev().filter(|r| r.lo.is_finite()).map(|r| (r.x as f64, r.lo)))
                     .collect();
                 if band.len() >= 3 {
-                    chart.draw_series(std::iter::once(Polygon::new(band, color.mix(0.12)))).map_err(plot_err(path))?;
+                    plot.draw_series(std::iter::once(Polygon::new(band, color.mix(0.12)))).map_err(plot_err(path))?;
                 }
-                let line: Vec<(f64, f64)> = pts.iter().map(|r| (r.layer as f64, r.value)).collect();
-                chart.draw_series(LineSeries::new(line.clone(), color.stroke_width(2))).map_err(plot_err(path))?;
-                chart.draw_series(line.iter().map(|&p| Circle::new(p, 3, color.filled()))).map_err(plot_err(path))?;
+                let line: Vec<(f64, f64)> = pts.iter().map(|r| (r.x as f64, r.y)).collect();
+                plot.draw_series(LineSeries::new(line.clone(), color.stroke_width(2))).map_err(plot_err(path))?;
+                plot.draw_series(line.iter().map(|&p| Circle::new(p, 3, color.filled()))).map_err(plot_err(path))?;
             }
         }
         root.present().map_err(plot_err(path))?;
@@ -211,8 +231,12 @@ pub fn heatmap(path: &Path, grid: &Grid) -> Result<()> {
     draw_heatmaps(path, &grid.title, std::slice::from_ref(grid), false)
 }
 
-/// Draws `panels` side by side under one `title` (each panel's title above it) with one colour
+/// Draws `panels` side by side under one `title`, each panel's title above it, with one colour
 /// scale: the first panel's range, or the span of all their values.
+pub fn heatmaps(path: &Path, title: &str, panels: &[Grid]) -> Result<()> {
+    draw_heatmaps(path, title, panels, true)
+}
+
 fn draw_heatmaps(path: &Path, title: &str, panels: &[Grid], panel_titles: bool) -> Result<()> {
     use plotters::style::text_anchor::{HPos, Pos, VPos};
     register_font();
@@ -291,36 +315,4 @@ fn draw_heatmaps(path: &Path, title: &str, panels: &[Grid], panel_titles: bool) 
         root.present().map_err(&err)?;
     }
     encode_png(path, &buf, w, h)
-}
-
-/// Heatmaps of R^2 (numeric column x layer), one panel per site, at `position`.
-pub fn r2_heatmap(path: &Path, rows: &[ResultRow], position: i64, title: &str) -> Result<()> {
-    let r2: Vec<&ResultRow> = rows.iter().filter(|r| r.metric.starts_with("r2:") && r.position == position).collect();
-    if r2.is_empty() {
-        return Err(Error::input("no R^2 results to plot"));
-    }
-    let sites = distinct(r2.iter().map(|r| r.site.clone()));
-    let cols = distinct(r2.iter().map(|r| r.metric.trim_start_matches("r2:").to_string()));
-    let layers = {
-        let mut l = distinct(r2.iter().map(|r| r.layer));
-        l.sort_unstable();
-        l
-    };
-    let hi = r2.iter().map(|r| r.value).filter(|v| v.is_finite()).fold(0.05f64, f64::max);
-    let lo = r2.iter().map(|r| r.value).filter(|v| v.is_finite()).fold(0.0f64, f64::min).max(-1.0);
-    let panels: Vec<Grid> = sites
-        .iter()
-        .map(|site| Grid {
-            title: format!("{site} (position {position})"),
-            row_labels: cols.clone(),
-            col_labels: layers.iter().map(|l| l.to_string()).collect(),
-            values: cols
-                .iter()
-                .map(|c| layers.iter().map(|&l| r2.iter().find(|r| &r.site == site && r.layer == l && r.metric.trim_start_matches("r2:") == c).map(|r| r.value)).collect())
-                .collect(),
-            value_label: "R²".into(),
-            range: Some((lo, hi)),
-        })
-        .collect();
-    draw_heatmaps(path, title, &panels, true)
 }

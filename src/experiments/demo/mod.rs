@@ -3,6 +3,9 @@
 //! direction to the residual stream at every position and reading the label probabilities at
 //! the last token (with a random direction of the same norm as the control).
 
+pub mod pipeline;
+mod report;
+
 use std::collections::HashSet;
 
 use indicatif::ProgressBar;

@@ -12,6 +12,12 @@
 //! `= W x + b` over the classes, numeric predictions `= W x + b` per column. With held-out
 //! evaluation they are the evaluated model (fitted on the training part); with k-fold they are
 //! refitted on all selected examples.
+//!
+//! `pipeline`: the stages of `patchbay probe` (and of the demo's probing); `plots`: plots of
+//! the results.
+
+pub mod pipeline;
+pub mod plots;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

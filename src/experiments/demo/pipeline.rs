@@ -1,0 +1,256 @@
+//! The demo pipeline (`patchbay demo`) on loaded inputs: capture and scores, probes, a
+//! patching sweep and steering, through the stages `probe` and `patch` run
+//! (`experiments::probe::pipeline`, `experiments::patch_files`), with a Markdown report and its
+//! numbers (report.md, summary.json) rewritten after every stage.
+
+use std::collections::HashSet;
+use std::fmt::Write as _;
+use std::path::Path;
+use std::time::Instant;
+
+use serde_json::json;
+
+use super::report::{Report, data_context, model_context, patch_context, probe_context, resid_accuracy, score_context, steer_context, timings_context, training_context};
+use super::{DirectionKind, SteerRow, SteerTarget, class_mean_directions, contrast_pairs, steer_sweep};
+use crate::data::dataset::Dataset;
+use crate::data::labels::LabelSet;
+use crate::data::template::TokenStats;
+use crate::experiments::Reporter;
+use crate::experiments::dataset_files::dataset_json;
+use crate::experiments::patch::{Method, RunSettings, SweepSpec, all_centers, experiments};
+use crate::experiments::patch_files::{append_results, read_done, write_outputs};
+use crate::experiments::probe::pipeline::{ProbePlots, majority_rate, probe_stage, score_captured};
+use crate::experiments::probe::{ProbeParams, ProbeTargets};
+use crate::experiments::shards::{RunOptions, ShardSpec, capture_shards, read_site};
+use crate::io::OutDtype;
+use crate::io::plot::{Grid, heatmap};
+use crate::learn::logreg::LogRegParams;
+use crate::learn::split::{Eval, Split};
+use crate::model::Model;
+use crate::sites::{Site, SiteKind};
+use crate::{Error, Result};
+
+/// Columns of the demo corpus (scripts/demo/make_corpus.py).
+pub const LABEL_COL: &str = "emotion";
+pub const SPLIT_FILTER: &str = "split=test";
+pub const APPRAISALS: [&str; 9] = ["suddenness", "pleasantness", "goal_relevance", "self_responsblt", "other_responsblt", "chance_responsblt", "self_control", "attention", "effort"];
+pub const TEMPLATE: &str = "tak";
+pub(super) const SITES: &str = "attn_out,mlp_out,resid_post";
+const SEED: u64 = 0;
+
+/// Sizes of a run.
+pub struct Plan {
+    pub limit: Option<usize>,
+    pub pairs: usize,
+    pub steer_prompts: usize,
+    pub strengths: Vec<f32>,
+}
+
+impl Plan {
+    pub fn new(quick: bool) -> Plan {
+        if quick {
+            Plan { limit: Some(390), pairs: 30, steer_prompts: 8, strengths: vec![0.0, 2.0, 8.0] }
+        } else {
+            Plan { limit: None, pairs: 200, steer_prompts: 40, strengths: vec![0.0, 1.0, 2.0, 4.0, 8.0] }
+        }
+    }
+}
+
+/// What the demo runs on: the model, its prompts (the dataset's rows through the template),
+/// the label set and each prompt's gold label (an index into it).
+pub struct DemoInputs<'a> {
+    pub model: &'a Model,
+    pub model_dir: &'a Path,
+    pub data_path: &'a Path,
+    /// The dataset is the bundled corpus (the report describes it).
+    pub bundled_data: bool,
+    pub prompts: &'a [Vec<u32>],
+    pub dataset: &'a Dataset,
+    pub labels: &'a LabelSet,
+    pub gold: &'a [usize],
+    pub plan: &'a Plan,
+    pub out: &'a Path,
+    /// When the command started (the first stage's time counts from it).
+    pub started: Instant,
+}
+
+/// A path as a shell word.
+fn sh(p: &Path) -> String {
+    let s = p.display().to_string();
+    if s.chars().all(|c| c.is_ascii_alphanumeric() || "/._-+=:,".contains(c)) { s } else { format!("'{}'", s.replace('\'', "'\\''")) }
+}
+
+/// Runs the demo on loaded inputs into `inp.out`: report.md and summary.json are rewritten
+/// after every stage.
+pub fn run(inp: &DemoInputs, rep: &Reporter) -> Result<()> {
+    let (model, prompts, ds, labels, gold, plan, out) = (inp.model, inp.prompts, inp.dataset, inp.labels, inp.gold, inp.plan, inp.out);
+    let (model_dir, data_path) = (inp.model_dir, inp.data_path);
+    let started = inp.started;
+    let cfg = &model.cfg;
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    let mut report = Report::new(out, started);
+    labels.check_vocab(cfg.vocab_size)?;
+    let n = prompts.len();
+    let k = labels.len();
+    let stats = TokenStats::of(prompts);
+    (rep.say)(format!("demo: {} on {n} held-out rows of {} ({k} labels); output in {}", model_dir.display(), data_path.display(), out.display()));
+    // The flags every reproduction command shares.
+    let limit = plan.limit.map_or(String::new(), |l| format!(" --limit {l}"));
+    let data_flags = format!("--model {} --dataset {} --filter {SPLIT_FILTER}{limit} --label-col {LABEL_COL} --template {TEMPLATE}", sh(model_dir), sh(data_path));
+    let context = json!({"model": model_context(model, model_dir), "training": training_context(model_dir), "data": data_context(data_path, inp.bundled_data, ds.rows_read, n, &stats, labels)});
+    report.add(context, "inputs", json!({"model": model_dir.display().to_string(), "dataset": dataset_json(ds), "labels": labels, "token_stats": stats}))?;
+    report.lap("load");
+
+    // ---- capture (activations and label logits) and scores ----
+    let probe_out = out.join("probe");
+    let acts = probe_out.join("acts");
+    let sites = Site::parse_spec(SITES, cfg)?;
+    let spec = ShardSpec { sites, positions: vec![-1], label_token_ids: labels.token_ids.clone(), dtype: OutDtype::F32, batch_size: 8, shard_bytes: 256 << 20 };
+    let bar = (rep.bar)(n as u64, "capture", "prompts");
+    let run = capture_shards(model, &model_dir.display().to_string(), &model.config_hash, prompts, &spec, &acts, &RunOptions { overwrite: true, stop_after: None }, &bar)?;
+    bar.finish_and_clear();
+    report.lap("capture");
+    let score_out = out.join("score");
+    let scores = score_captured(&acts, &run.meta, labels, gold.iter().map(|&g| Some(g)).collect(), &score_out, &ds.examples.iter().map(|e| e.row).collect::<Vec<_>>())?;
+    let confusion = scores.confusion();
+    // Column labels: the first three letters when they tell the labels apart (narrow columns).
+    let short: Vec<String> = labels.names.iter().map(|l| l.chars().take(3).collect()).collect();
+    let short_unique = short.iter().collect::<HashSet<_>>().len() == short.len();
+    heatmap(
+        &score_out.join("confusion.png"),
+        &Grid {
+            title: "Label scoring: gold (rows) x predicted (columns), fraction of the row".into(),
+            row_labels: labels.names.clone(),
+            col_labels: if short_unique { short } else { labels.names.clone() },
+            values: confusion.iter().map(|row| row.iter().map(|&c| Some(c as f64 / row.iter().sum::<usize>().max(1) as f64)).collect()).collect(),
+            value_label: "fraction".into(),
+            range: Some((0.0, 1.0)),
+        },
+    )?;
+    let accuracy = scores.accuracy().unwrap_or(f64::NAN);
+    let majority = majority_rate(&gold, &(0..n).collect::<Vec<_>>(), k);
+    (rep.say)(format!("score: accuracy {accuracy:.3} (majority class {majority:.3})"));
+    let cmd = format!("patchbay score {data_flags} --out runs/score");
+    report.add(json!({"score": score_context(&scores, accuracy, majority, &cmd)}), "score", json!({"accuracy": accuracy, "majority": majority, "n": n, "command": cmd}))?;
+    report.lap("score");
+
+    // ---- probes ----
+    let targets = ProbeTargets {
+        examples: (0..n).collect(),
+        class_names: labels.names.clone(),
+        classes: Some(gold.to_vec()),
+        numeric_names: ds.spec.numeric_columns.clone(),
+        numeric: ds.examples.iter().flat_map(|e| e.numeric.iter().copied()).collect(),
+    };
+    // The defaults of `patchbay probe`.
+    let eval = Eval::Holdout(0.2);
+    let split = Split::new(n, Some(&gold), eval, SEED)?;
+    let params = ProbeParams { eval, seed: SEED, logreg: LogRegParams { c: 1.0, max_iter: 500, tol: 1e-5 }, alpha: 1.0, standardize: true, bootstrap: 1000 };
+    let test_rows: Vec<usize> = (0..n).filter(|&i| split.test_fold[i] == 0).collect();
+    let chance = majority_rate(&gold, &test_rows, k);
+    let bar = (rep.bar)(run.meta.sites.len() as u64, "probe", "probes");
+    let plots = ProbePlots { accuracy_title: "Emotion probe accuracy by layer", r2: Some((-1, "Appraisal ridge probe R² by layer")) };
+    let (pr, _) = probe_stage(&acts, &targets, &split, &params, &probe_out, Some(chance), &plots, &bar)?;
+    let cmd = format!("patchbay probe {data_flags} --numeric-cols {} --sites {SITES} --positions -1 --out runs/probe", APPRAISALS.join(","));
+    let (section, numbers) = probe_context(&pr.rows, chance, test_rows.len(), cfg.n_layers, &cmd);
+    (rep.say)(format!("probe: resid_post accuracy by layer {} (chance {chance:.3})", resid_accuracy(&numbers)));
+    report.add(json!({"probe": section}), "probe", numbers)?;
+    report.lap("probe");
+
+    // ---- patching ----
+    let patch_out = out.join("patch");
+    std::fs::create_dir_all(&patch_out).map_err(|e| Error::io(&patch_out, e))?;
+    let correct: Vec<usize> = (0..n).filter(|&i| scores.pred[i] == gold[i]).collect();
+    let pairs = contrast_pairs(&gold, &correct, plan.pairs, SEED)?;
+    let pairs_path = patch_out.join("pairs.jsonl");
+    let pairs_text: String = pairs.iter().map(|q| format!("{}\n", json!(q))).collect();
+    crate::io::write_atomic(&pairs_path, pairs_text.as_bytes())?;
+    // The study's window of 5 of 16 layers, scaled to the model (odd, at least 1).
+    let window = ((cfg.n_layers * 5 + 8) / 16).max(1) | 1;
+    let window = window.min(cfg.n_layers);
+    let sweep = SweepSpec {
+        sites: SITES.split(',').filter_map(SiteKind::from_short_name).collect(),
+        units: None,
+        window,
+        centers: all_centers(window, cfg.n_layers),
+        positions: vec![-1],
+        label_tokens: labels.token_ids.clone(),
+    };
+    let exps = experiments(&pairs, &sweep, cfg.n_layers)?;
+    // A fresh run: the results are appended as they complete, as `patchbay patch` does.
+    let jsonl = patch_out.join("experiments.jsonl");
+    if jsonl.exists() {
+        std::fs::remove_file(&jsonl).map_err(|e| Error::io(&jsonl, e))?;
+    }
+    let bar = (rep.bar)(exps.len() as u64, "patch", "experiments");
+    let skip = HashSet::new();
+    let settings = RunSettings { method: Method::Resumed, skip: &skip, batch_rows: 256, mem_budget: 2 << 30, progress: &bar };
+    let (_, outcome) = append_results(model, prompts, &sweep, &exps, &settings, &jsonl, None)?;
+    bar.finish_and_clear();
+    outcome?;
+    let summary = write_outputs(&patch_out, read_done(&jsonl, false)?)?;
+    let cmd = format!("patchbay patch {data_flags} --pairs {} --sites {SITES} --window {window} --positions -1 --out runs/patch", sh(&pairs_path));
+    let (section, numbers) = patch_context(&summary, pairs.len(), correct.len(), window, &cmd);
+    (rep.say)(format!("patch: {} experiments, highest flip rate {}", exps.len(), numbers["best"]));
+    report.add(json!({"patch": section}), "patch", numbers)?;
+    report.lap("patch");
+
+    // ---- steering ----
+    let steer_out = out.join("steer");
+    std::fs::create_dir_all(&steer_out).map_err(|e| Error::io(&steer_out, e))?;
+    let layer = cfg.n_layers / 2;
+    let site = Site::new(layer, SiteKind::ResidPost);
+    let d = cfg.d_model;
+    // x: [n, d], the site at the last token of every prompt.
+    let mut x = Vec::with_capacity(n * d);
+    for s in 0..run.meta.n_shards {
+        x.extend(read_site(&acts, s, &site.to_string())?.1);
+    }
+    let train: Vec<usize> = (0..n).filter(|&i| split.test_fold[i] != 0).collect();
+    let x_train: Vec<f32> = train.iter().flat_map(|&i| x[i * d..(i + 1) * d].iter().copied()).collect();
+    let train_gold: Vec<usize> = train.iter().map(|&i| gold[i]).collect();
+    let directions = class_mean_directions(&x_train, d, &train_gold, k);
+    let steer_targets: Vec<SteerTarget> = directions
+        .iter()
+        .enumerate()
+        .filter_map(|(c, dir)| {
+            let prompts: Vec<usize> = test_rows.iter().copied().filter(|&i| gold[i] != c).take(plan.steer_prompts).collect();
+            dir.clone().map(|direction| SteerTarget { label: c, direction, prompts })
+        })
+        .collect();
+    let mean_norm = x.chunks(d).map(crate::intervene::norm).sum::<f32>() / n.max(1) as f32;
+    let dir_norm = steer_targets.iter().map(|t| crate::intervene::norm(&t.direction)).sum::<f32>() / steer_targets.len().max(1) as f32;
+    let total: usize = steer_targets.iter().map(|t| t.prompts.len()).sum::<usize>() * plan.strengths.len() * 2;
+    let bar = (rep.bar)(total as u64, "steer", "prompts");
+    let rows = steer_sweep(model, prompts, site, &steer_targets, &plan.strengths, &labels.names, &labels.token_ids, SEED, 32, &bar)?;
+    bar.finish_and_clear();
+    write_steering(&steer_out, &rows, &steer_targets, &labels.names, site)?;
+    let (section, numbers) = steer_context(&rows, &plan.strengths, site, mean_norm, dir_norm, steer_targets.first().map_or(0, |t| t.prompts.len()));
+    (rep.say)(format!("steer: {}", numbers["headline"].as_str().unwrap_or("")));
+    report.add(json!({"steer": section}), "steer", numbers)?;
+    report.lap("steer");
+
+    // ---- timings and how to rebuild the model ----
+    let total_s = started.elapsed().as_secs_f64();
+    report.timings.push(("total".into(), total_s));
+    let context = json!({"timings": timings_context(&report.timings)});
+    report.add(context, "total_s", json!(total_s))?;
+    (rep.say)(format!("wrote {} ({total_s:.1} s)", out.join("report.md").display()));
+    Ok(())
+}
+
+/// steering.csv and the directions.
+fn write_steering(dir: &Path, rows: &[SteerRow], targets: &[SteerTarget], names: &[String], site: Site) -> Result<()> {
+    let mut csv = String::from("emotion,direction,strength,n,mean_prob,hit_rate\n");
+    for r in rows {
+        let kind = if r.direction == DirectionKind::ClassMean { "class-mean" } else { "random" };
+        let _ = writeln!(csv, "{},{kind},{},{},{:.6},{:.6}", r.label, r.strength, r.n, r.mean_prob, r.hit_rate);
+    }
+    crate::io::write_atomic(&dir.join("steering.csv"), csv.as_bytes())?;
+    let tensors: Vec<(String, crate::io::OutTensor)> = targets
+        .iter()
+        .map(|t| (names[t.label].clone(), crate::io::OutTensor::Float { shape: vec![t.direction.len()], data: t.direction.clone(), dtype: OutDtype::F32 }))
+        .collect();
+    let md = std::collections::HashMap::from([("site".to_string(), site.to_string()), ("what".to_string(), "mean(x | emotion) - mean(x | other emotions) at the last token".to_string())]);
+    crate::io::write_safetensors(&dir.join("directions.safetensors"), &tensors, md)
+}
