@@ -39,7 +39,7 @@ fn brute_flops(cfg: &ModelConfig, start: usize, cached: usize, new: usize, head_
             let o_times = if head_out.contains(&l) { cfg.n_heads } else { 1 };
             f += 2 * (d * qw + d * kvw + d * kvw + o_times * qw * d + d * dm + d * dm + dm * d);
             for j in 0..=pos {
-                let visible = cfg.layer_window[l].is_none_or(|w| pos - j < w);
+                let visible = cfg.sliding_window[l].is_none_or(|w| pos - j < w);
                 if visible {
                     f += 4 * cfg.d_head * cfg.n_heads;
                 }

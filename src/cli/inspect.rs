@@ -40,7 +40,7 @@ fn inspect(dir: &Path, as_json: bool) -> Result<()> {
         .iter()
         .map(|k| json!({"kind": k.short_name(), "name": Site::new(if *k == SiteKind::FinalNorm { c.n_layers } else { 0 }, *k).to_string(), "shape": k.token_shape(c, 0).iter().map(|&d| if *k == SiteKind::Pattern && d == 0 { json!("n_keys") } else { json!(d) }).collect::<Vec<_>>()}))
         .collect();
-    let windows: Vec<Option<usize>> = c.layer_window.clone();
+    let windows: Vec<Option<usize>> = c.sliding_window.clone();
     let info = json!({
         "family": c.family.name(),
         "model_type": c.model_type,

@@ -399,7 +399,7 @@ impl DeviceModel {
                 .into_iter()
                 .flat_map(|rc| (0..cfg.n_heads).map(move |h| (rc.row, rc.capture, rc.out_row * cfg.n_heads + h)))
                 .collect();
-            let params = AttnParams { n_heads: cfg.n_heads, n_kv_heads: cfg.n_kv_heads, d_head: cfg.d_head, scale: cfg.attn_scale, softcap: cfg.attn_softcap, sliding_window: cfg.layer_window[l] };
+            let params = AttnParams { n_heads: cfg.n_heads, n_kv_heads: cfg.n_kv_heads, d_head: cfg.d_head, scale: cfg.attn_scale, softcap: cfg.attn_softcap, sliding_window: cfg.sliding_window[l] };
             if pat_rows.is_empty() {
                 attention(&**drv, &batch, &params, &q, k_cache, v_cache, &mut z, None)?;
             } else {

@@ -297,7 +297,7 @@ impl Model {
                     cfg.d_head,
                     cfg.attn_scale,
                     cfg.attn_softcap,
-                    cfg.layer_window[l],
+                    cfg.sliding_window[l],
                 );
             });
             if want_pattern {

@@ -138,7 +138,7 @@ pub struct ModelConfig {
     pub final_softcap: Option<f32>,
     /// Per layer, the sliding attention window: `Some(w)` = query i sees keys j with
     /// i - w < j <= i; `None` = full causal.
-    pub layer_window: Vec<Option<usize>>,
+    pub sliding_window: Vec<Option<usize>>,
     pub rope_theta: f32,
     /// Leading dimensions of each head that are rotated (d_head * partial_rotary_factor).
     pub rotary_dim: usize,
@@ -275,7 +275,7 @@ impl ModelConfig {
             (None, None)
         };
 
-        let layer_window = layer_sliding_windows(&raw, path, family, n_layers)?;
+        let sliding_window = layer_sliding_windows(&raw, path, family, n_layers)?;
         let max_position = count(raw.max_position_embeddings).unwrap_or(4096);
         let (rope_theta, rotary_dim, rope_scaling) = rope(&raw, path, d_head, max_position)?;
 
@@ -315,7 +315,7 @@ impl ModelConfig {
             attn_scale,
             attn_softcap,
             final_softcap,
-            layer_window,
+            sliding_window,
             rope_theta,
             rotary_dim,
             rope_scaling,

@@ -132,12 +132,12 @@ fn sizes(path: Path, weight_dtype: DType) -> Sizes {
 }
 
 /// Sum over rows at positions `cached..cached+new` of the keys each row attends to:
-/// min(pos + 1, window).
-pub fn keys_sum(cached: usize, new: usize, window: Option<usize>) -> f64 {
+/// min(pos + 1, sliding_window).
+pub fn keys_sum(cached: usize, new: usize, sliding_window: Option<usize>) -> f64 {
     let end = cached + new;
     // sum over p in a..b of (p + 1)
     let tri = |a: usize, b: usize| (b * (b + 1) - a * (a + 1)) as f64 / 2.0;
-    match window {
+    match sliding_window {
         None => tri(cached, end),
         Some(w) => {
             let split = w.clamp(cached, end);
@@ -147,8 +147,8 @@ pub fn keys_sum(cached: usize, new: usize, window: Option<usize>) -> f64 {
 }
 
 /// Keys a sequence's rows read together at one layer (from the first row's window start).
-fn keys_read(cached: usize, new: usize, window: Option<usize>) -> usize {
-    let lo = window.map_or(0, |w| (cached + 1).saturating_sub(w));
+fn keys_read(cached: usize, new: usize, sliding_window: Option<usize>) -> usize {
+    let lo = sliding_window.map_or(0, |w| (cached + 1).saturating_sub(w));
     cached + new - lo
 }
 
@@ -174,10 +174,10 @@ pub(super) fn call_work(cfg: &ModelConfig, call: &Call, path: Path, weight_dtype
     let mut attn_flops = 0.0;
     let mut kv_bytes = 0.0;
     for l in call.start_layer..cfg.n_layers {
-        let window = cfg.layer_window[l];
+        let sliding_window = cfg.sliding_window[l];
         for &(cached, new) in &call.seqs {
-            attn_flops += 4.0 * (cfg.d_head * cfg.n_heads) as f64 * keys_sum(cached, new, window);
-            kv_bytes += 2.0 * kvw * sz.kv * (new + keys_read(cached, new, window)) as f64;
+            attn_flops += 4.0 * (cfg.d_head * cfg.n_heads) as f64 * keys_sum(cached, new, sliding_window);
+            kv_bytes += 2.0 * kvw * sz.kv * (new + keys_read(cached, new, sliding_window)) as f64;
             if call.resumed {
                 // Read + write, K and V: on the CPU KvCache::layer joins the clean prefix and the
                 // segment's rows; on a device the prefix's partial block is copied (copy-on-write).
