@@ -98,6 +98,9 @@ static __device__ __forceinline__ void gather_rows(const T* src, const int* rows
     for (int i = threadIdx.x; i < d; i += blockDim.x) o[i] = gather_to_bf16(s[i]);
 }
 
+// Intended twin: the two entry points differ only in the source type. They stay written out
+// because build/scan.rs finds entry points by their `extern "C" __global__` text (a macro would
+// hide them from the scanner and from the generated typed handles).
 extern "C" __global__ void gather_rows_f32_bf16(
     const float* src,      // [R, d]
     const int* rows,       // [n]

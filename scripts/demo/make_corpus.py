@@ -39,7 +39,8 @@ TEST_PER_EMOTION = 100
 DIMS = ["suddenness", "pleasantness", "goal_relevance", "self_responsblt", "other_responsblt",
         "chance_responsblt", "self_control", "attention", "effort"]
 
-# Prototype ratings per emotion, in DIMS order (appraisal-theory profiles, 1-5).
+# Prototype ratings per emotion, in DIMS order (appraisal-theory profiles, 1-5). A data table:
+# its rows look alike to a duplicate scan by shape only (intended).
 PROTO = {
     "anger":    (4, 1, 4, 1, 5, 1, 2, 4, 3),
     "boredom":  (1, 2, 1, 2, 2, 3, 3, 1, 2),
