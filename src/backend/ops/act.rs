@@ -5,7 +5,7 @@
 use half::bf16;
 use rayon::prelude::*;
 
-use super::common::at_least;
+use super::common::{at_least, at_least_opt};
 use super::site_ops::{DeviceSitePlan, SitePlan, opt_ptr, row_block};
 use crate::backend::device::{DeviceBuffer, Driver, KernelArgs, LaunchConfig};
 use crate::backend::kernels::entry;
@@ -40,15 +40,9 @@ pub fn act_mul(driver: &dyn Driver, a: &ActMul) -> Result<()> {
     let tn = t * n;
     at_least("act_mul", "gate", a.gate, tn)?;
     at_least("act_mul", "up", a.up, tn)?;
-    if let Some(b) = a.gate_b {
-        at_least("act_mul", "gate_b", b, n)?;
-    }
-    if let Some(b) = a.up_b {
-        at_least("act_mul", "up_b", b, n)?;
-    }
-    if let Some(b) = a.out_bf16 {
-        at_least("act_mul", "out_bf16", b, tn)?;
-    }
+    at_least_opt("act_mul", "gate_b", a.gate_b, n)?;
+    at_least_opt("act_mul", "up_b", a.up_b, n)?;
+    at_least_opt("act_mul", "out_bf16", a.out_bf16, tn)?;
     let site = a.site.map_or(Ok(SitePlan::EMPTY), |p| p.bind(t, n, a.capture))?;
     if t == 0 {
         return Ok(());

@@ -14,6 +14,11 @@ pub(crate) fn at_least<T: Pod>(op: &str, name: &str, b: &DeviceBuffer<T>, want: 
     Ok(())
 }
 
+/// `b`, where given, holds at least `want` elements.
+pub(crate) fn at_least_opt<T: Pod>(op: &str, name: &str, b: Option<&DeviceBuffer<T>>, want: usize) -> Result<()> {
+    b.map_or(Ok(()), |b| at_least(op, name, b, want))
+}
+
 /// `b` holds exactly `want` elements, the `shape` the message names.
 pub(crate) fn exactly<T: Pod>(op: &str, name: &str, b: &DeviceBuffer<T>, want: usize, shape: &str) -> Result<()> {
     if b.len() != want {

@@ -5,7 +5,7 @@
 use half::bf16;
 use rayon::prelude::*;
 
-use super::common::{at_least, fit_i32};
+use super::common::{at_least, at_least_opt, fit_i32};
 use super::site_ops::{opt_ptr, row_block};
 use crate::backend::device::{DeviceBuffer, Driver, KernelArgs, LaunchConfig};
 use crate::backend::kernels::{Kernel, entry};
@@ -74,9 +74,7 @@ pub fn sum_heads(driver: &dyn Driver, result: &DeviceBuffer<f32>, bias: Option<&
     fit_i32("sum_heads", &[t, h, d])?;
     at_least("sum_heads", "result", result, t * h * d)?;
     at_least("sum_heads", "out", out, t * d)?;
-    if let Some(b) = bias {
-        at_least("sum_heads", "bias", b, d)?;
-    }
+    at_least_opt("sum_heads", "bias", bias, d)?;
     if t == 0 || d == 0 {
         return Ok(());
     }

@@ -13,7 +13,7 @@ use bytemuck::{Pod, Zeroable};
 use half::bf16;
 use rayon::prelude::*;
 
-use super::common::{at_least, to_i32};
+use super::common::{at_least, at_least_opt, to_i32};
 use super::site_ops::{DeviceSitePlan, SitePlan, opt_ptr, row_block};
 use crate::backend::device::{DeviceBuffer, Driver, KernelArgs, LaunchConfig};
 use crate::backend::kernels::entry;
@@ -85,18 +85,10 @@ pub fn add_norm(driver: &dyn Driver, a: &AddNorm) -> Result<()> {
     let td = t * d;
     at_least("add_norm", "resid", a.resid, td)?;
     at_least("add_norm", "out_f32", a.out_f32, td)?;
-    if let Some(b) = a.delta {
-        at_least("add_norm", "delta", b, td)?;
-    }
-    if let Some(b) = a.out_bf16 {
-        at_least("add_norm", "out_bf16", b, td)?;
-    }
-    if let Some(w) = a.post_w {
-        at_least("add_norm", "post_w", w, d)?;
-    }
-    if let Some(w) = a.pre_w {
-        at_least("add_norm", "pre_w", w, d)?;
-    }
+    at_least_opt("add_norm", "delta", a.delta, td)?;
+    at_least_opt("add_norm", "out_bf16", a.out_bf16, td)?;
+    at_least_opt("add_norm", "post_w", a.post_w, d)?;
+    at_least_opt("add_norm", "pre_w", a.pre_w, d)?;
     if a.delta.is_none() && (a.post_w.is_some() || a.delta_site.is_some_and(|p| !p.is_empty())) {
         return Err(Error::input("add_norm: post_w and delta_site act on delta, which is not given"));
     }
