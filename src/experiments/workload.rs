@@ -12,6 +12,7 @@ use rand_chacha::ChaCha8Rng;
 use crate::engine::Engine;
 use crate::experiments::patch::{Experiment, ExperimentResult, Method, Pair, RunSettings, SweepSpec, experiments, run_sweep};
 use crate::model::config::ModelConfig;
+use crate::rng::{PairsOf, random_pairs};
 use crate::{Error, Result};
 
 /// `n` prompts of `len` token ids drawn uniformly below `vocab`.
@@ -19,7 +20,8 @@ pub fn random_prompts(rng: &mut impl Rng, n: usize, len: usize, vocab: usize) ->
     (0..n).map(|_| (0..len).map(|_| rng.random_range(0..vocab as u32)).collect()).collect()
 }
 
-/// A random patching sweep: prompts, pairs and labels drawn from a seed.
+/// A random patching sweep: prompts, pairs and labels drawn from a seed (prompts and labels
+/// from one ChaCha8 stream, pairs from `rng::random_pairs`).
 #[derive(Clone, Debug)]
 pub struct PatchWorkloadSpec {
     pub n_prompts: usize,
@@ -53,13 +55,8 @@ impl PatchWorkload {
         }
         let mut rng = ChaCha8Rng::seed_from_u64(spec.seed);
         let prompts = random_prompts(&mut rng, spec.n_prompts, spec.prompt_len, vocab);
-        let pairs: Vec<Pair> = (0..spec.n_pairs)
-            .map(|_| {
-                let source = rng.random_range(0..spec.n_prompts);
-                let target = (source + 1 + rng.random_range(0..spec.n_prompts - 1)) % spec.n_prompts;
-                Pair { source, target }
-            })
-            .collect();
+        // The pair sampler of `patch --random-pairs` (pairs may repeat, as there).
+        let pairs: Vec<Pair> = random_pairs(PairsOf::<()>::Items(spec.n_prompts), spec.seed)?.take(spec.n_pairs).map(|(source, target)| Pair { source, target }).collect();
         let mut labels: Vec<u32> = Vec::new();
         while labels.len() < spec.n_labels {
             let t = rng.random_range(0..vocab as u32);
