@@ -273,6 +273,23 @@ fn batch_size_does_not_change_the_output() {
     }
 }
 
+#[test]
+fn the_same_capture_writes_the_same_bytes() {
+    // Two processes (each with its own hash seed) write byte-identical files: the header's key
+    // order comes from the inputs, not from a HashMap (the crate's writer gave a different
+    // metadata order from run to run).
+    let w = Work::new();
+    let ids = w.ids_file("llama");
+    for dtype in ["f32", "bf16"] {
+        let args = ["--token-ids", &ids, "--sites", "resid_post,pattern", "--positions", "all", "--logits", "--dtype", dtype];
+        let (a, b) = (format!("a_{dtype}.safetensors"), format!("b_{dtype}.safetensors"));
+        w.capture(&fixture("llama"), &a, &args);
+        w.capture(&fixture("llama"), &b, &args);
+        let (a, b) = (std::fs::read(w.path(&a)).unwrap(), std::fs::read(w.path(&b)).unwrap());
+        assert!(a == b, "--dtype {dtype}: two runs of the same capture wrote different bytes ({} vs {} bytes)", a.len(), b.len());
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Position lists
 // ---------------------------------------------------------------------------------------------

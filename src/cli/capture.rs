@@ -87,7 +87,7 @@ pub fn run(a: CaptureArgs) -> Result<()> {
     let bar = progress_bar(prompts.len() as u64, "capture", "prompts", a.quiet);
     let tensors = capture(engine.as_ref(), &prompts, &spec, &bar)?;
     bar.finish_and_clear();
-    write_safetensors(&a.out, &tensors, metadata(&model, &engine.device_name(), &spec))?;
+    write_safetensors(&a.out, &tensors, &metadata(&model, &engine.device_name(), &spec))?;
     if !a.quiet {
         eprintln!("wrote {} tensors for {} prompts to {}", tensors.len(), prompts.len(), a.out.display());
     }

@@ -8,7 +8,7 @@
 //! - a position list: the first two axes are `[n_prompts, n_positions]`;
 //! - metadata: model path, config hash, patchbay version, positions, dtype.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 
 use indicatif::ProgressBar;
 
@@ -73,8 +73,8 @@ pub fn capture(engine: &dyn Engine, prompts: &[Vec<u32>], spec: &CaptureSpec, pr
 }
 
 /// Provenance recorded in every capture file.
-pub fn metadata(model: &Model, device: &str, spec: &CaptureSpec) -> HashMap<String, String> {
-    HashMap::from([
+pub fn metadata(model: &Model, device: &str, spec: &CaptureSpec) -> BTreeMap<String, String> {
+    BTreeMap::from([
         ("device".to_string(), device.to_string()),
         ("model".to_string(), model.dir.display().to_string()),
         ("config_sha256".to_string(), model.config_hash.clone()),

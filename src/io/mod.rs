@@ -4,13 +4,11 @@
 pub mod plot;
 pub mod tensorfile;
 
-use std::borrow::Cow;
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use safetensors::{Dtype, View};
-
+use self::tensorfile::TensorData;
 use crate::{Error, Result};
 
 /// Element type of an output tensor.
@@ -26,43 +24,17 @@ pub enum OutTensor {
     I64 { shape: Vec<usize>, data: Vec<i64> },
 }
 
-impl View for &OutTensor {
-    fn dtype(&self) -> Dtype {
-        match self {
-            OutTensor::Float { dtype: OutDtype::F32, .. } => Dtype::F32,
-            OutTensor::Float { dtype: OutDtype::Bf16, .. } => Dtype::BF16,
-            OutTensor::I64 { .. } => Dtype::I64,
-        }
-    }
-    fn shape(&self) -> &[usize] {
-        match self {
-            OutTensor::Float { shape, .. } | OutTensor::I64 { shape, .. } => shape,
-        }
-    }
-    fn data(&self) -> Cow<'_, [u8]> {
-        match self {
-            OutTensor::Float { data, dtype: OutDtype::F32, .. } => Cow::Owned(data.iter().flat_map(|v| v.to_le_bytes()).collect()),
-            OutTensor::Float { data, dtype: OutDtype::Bf16, .. } => {
-                Cow::Owned(data.iter().flat_map(|&v| half::bf16::from_f32(v).to_bits().to_le_bytes()).collect())
-            }
-            OutTensor::I64 { data, .. } => Cow::Owned(data.iter().flat_map(|v| v.to_le_bytes()).collect()),
-        }
-    }
-    fn data_len(&self) -> usize {
-        let n: usize = self.shape().iter().product();
-        n * match self {
-            OutTensor::Float { dtype: OutDtype::F32, .. } => 4,
-            OutTensor::Float { dtype: OutDtype::Bf16, .. } => 2,
-            OutTensor::I64 { .. } => 8,
-        }
-    }
-}
-
-/// Writes `tensors` (name, tensor) with string `metadata` to `path` atomically.
-pub fn write_safetensors(path: &Path, tensors: &[(String, OutTensor)], metadata: HashMap<String, String>) -> Result<()> {
-    let bytes = safetensors::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), Some(metadata))
-        .map_err(|e| Error::file(path, format!("cannot serialise: {e}")))?;
-    write_atomic(path, &bytes)
+/// Writes `tensors` (name, tensor) with string `metadata` to `path` atomically, through the one
+/// safetensors writer (`tensorfile::write`: sorted header, so the same inputs give the same bytes).
+pub fn write_safetensors(path: &Path, tensors: &[(String, OutTensor)], metadata: &BTreeMap<String, String>) -> Result<()> {
+    let data: Vec<(String, Vec<usize>, TensorData)> = tensors
+        .iter()
+        .map(|(name, t)| match t {
+            OutTensor::Float { shape, data, dtype } => (name.clone(), shape.clone(), TensorData::F32(data, *dtype)),
+            OutTensor::I64 { shape, data } => (name.clone(), shape.clone(), TensorData::I64(data)),
+        })
+        .collect();
+    tensorfile::write(path, &data, metadata)
 }
 
 /// Writes `bytes` to `path` through `path.partial` and a rename.

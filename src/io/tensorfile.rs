@@ -1,6 +1,7 @@
 //! Safetensors written tensor by tensor (no second copy of the data in memory) and read tensor
 //! by tensor (the header, then only the bytes of the tensors asked for). Used for capture
-//! shards and probe weights, whose total size may exceed memory.
+//! shards and probe weights, whose total size may exceed memory, and (through
+//! `io::write_safetensors`) every other safetensors file patchbay writes.
 //!
 //! Format (as safetensors defines it): u64 LE header length, JSON header
 //! `{name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {str: str}}` padded

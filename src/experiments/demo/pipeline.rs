@@ -251,6 +251,6 @@ fn write_steering(dir: &Path, rows: &[SteerRow], targets: &[SteerTarget], names:
         .iter()
         .map(|t| (names[t.label].clone(), crate::io::OutTensor::Float { shape: vec![t.direction.len()], data: t.direction.clone(), dtype: OutDtype::F32 }))
         .collect();
-    let md = std::collections::HashMap::from([("site".to_string(), site.to_string()), ("what".to_string(), "mean(x | emotion) - mean(x | other emotions) at the last token".to_string())]);
-    crate::io::write_safetensors(&dir.join("directions.safetensors"), &tensors, md)
+    let md = std::collections::BTreeMap::from([("site".to_string(), site.to_string()), ("what".to_string(), "mean(x | emotion) - mean(x | other emotions) at the last token".to_string())]);
+    crate::io::write_safetensors(&dir.join("directions.safetensors"), &tensors, &md)
 }
