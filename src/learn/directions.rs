@@ -1,7 +1,10 @@
-//! Steering directions from activations: class-mean differences (one-vs-rest or one-vs-a-class).
+//! Steering directions from activations: class-mean differences (one-vs-rest or one-vs-a-class)
+//! and Wang et al.'s context-averaged differences.
 //!
 //! Rows are row-major f32 (`[n, d]` activations, `[k, d]` directions); sums and means are
 //! computed in f64.
+
+use std::collections::BTreeMap;
 
 use crate::{Error, Result};
 
@@ -64,6 +67,47 @@ pub fn class_mean_directions(x: &[f32], d: usize, classes: &[usize], k: usize, v
         .collect())
 }
 
+/// Wang et al.'s context-averaged directions: rows of `x` (`[n, d]`) are grouped by scenario
+/// (`scenarios[i]`, any ids) and class (`classes[i] < k`); x(s, c) is the mean of the rows of
+/// scenario s and class c (usually one). For each class c != `neutral`: x(s, c) - x(s, neutral)
+/// averaged over the scenarios s that have both (in scenario id order). None for `neutral` and
+/// for classes with no row. Err when a class has rows but no scenario with a neutral row, or
+/// when the shapes disagree.
+pub fn context_averaged_directions(x: &[f32], d: usize, scenarios: &[usize], classes: &[usize], k: usize, neutral: usize) -> Result<Vec<Option<Vec<f32>>>> {
+    check_rows(x, d, classes, k)?;
+    if scenarios.len() != classes.len() {
+        return Err(Error::input(format!("{} scenario ids for {} rows", scenarios.len(), classes.len())));
+    }
+    if neutral >= k {
+        return Err(Error::input(format!("neutral class {neutral} is out of range ({k} classes)")));
+    }
+    let mut by_scenario: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+    scenarios.iter().enumerate().for_each(|(i, &s)| by_scenario.entry(s).or_default().push(i));
+    // acc: [k][d] sums of per-scenario differences; pairs: [k] scenarios summed; seen: [k] rows.
+    let mut acc = vec![vec![0.0f64; d]; k];
+    let mut pairs = vec![0usize; k];
+    let mut seen = vec![false; k];
+    for rows in by_scenario.values() {
+        let (sums, counts) = class_sums(rows.iter().map(|&i| (&x[i * d..(i + 1) * d], classes[i])), d, k);
+        rows.iter().for_each(|&i| seen[classes[i]] = true);
+        if counts[neutral] == 0 {
+            continue;
+        }
+        let base: Vec<f64> = sums[neutral].iter().map(|s| s / counts[neutral] as f64).collect();
+        for c in (0..k).filter(|&c| c != neutral && counts[c] > 0) {
+            acc[c].iter_mut().zip(&sums[c]).zip(&base).for_each(|((a, s), b)| *a += s / counts[c] as f64 - b);
+            pairs[c] += 1;
+        }
+    }
+    (0..k)
+        .map(|c| match (c == neutral || !seen[c], pairs[c]) {
+            (true, _) => Ok(None),
+            (false, 0) => Err(Error::input(format!("class {c} has no scenario with a neutral (class {neutral}) row, so it has no context-averaged direction"))),
+            (false, m) => Ok(Some(acc[c].iter().map(|a| (a / m as f64) as f32).collect())),
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -97,5 +141,36 @@ mod tests {
         assert_eq!(msg(class_mean_directions(&x, d, &classes, k, Versus::Class(4))), "reference class 4 is out of range (4 classes)");
         assert_eq!(msg(class_mean_directions(&x, d, &classes, 2, Versus::Rest)), "row 2 has class 2, but there are 2 classes");
         assert_eq!(msg(class_mean_directions(&x[1..], d, &classes, k, Versus::Rest)), "239 activation values for 40 rows of width 6");
+    }
+
+    #[test]
+    fn context_averaged_directions_by_hand() {
+        // (scenario, class, row): neutral is class 0; class 3 has no row.
+        let rows: [(usize, usize, [f32; 2]); 8] = [
+            (7, 0, [1.0, 1.0]),
+            (7, 1, [3.0, 0.0]),
+            (7, 2, [0.0, 5.0]),
+            (2, 1, [1.0, 2.0]),
+            (2, 0, [0.0, 0.0]),
+            (2, 1, [3.0, 2.0]), // scenario 2's class 1 is the mean (2, 2)
+            (9, 2, [100.0, 100.0]), // no neutral in scenario 9: not used
+            (4, 2, [2.0, 3.0]),
+        ];
+        let mut rows = rows.to_vec();
+        rows.push((4, 0, [2.0, 2.0]));
+        let x: Vec<f32> = rows.iter().flat_map(|r| r.2).collect();
+        let scenarios: Vec<usize> = rows.iter().map(|r| r.0).collect();
+        let classes: Vec<usize> = rows.iter().map(|r| r.1).collect();
+        let dirs = context_averaged_directions(&x, 2, &scenarios, &classes, 4, 0).unwrap();
+        // class 1: scenario 2 (2, 2) - (0, 0), scenario 7 (3, 0) - (1, 1): mean (2, 0.5)
+        // class 2: scenario 4 (2, 3) - (2, 2), scenario 7 (0, 5) - (1, 1): mean (-0.5, 2.5)
+        assert_eq!(dirs, vec![None, Some(vec![2.0, 0.5]), Some(vec![-0.5, 2.5]), None]);
+        // A class whose only rows are in a scenario without a neutral row.
+        let mut lone = classes.clone();
+        lone[6] = 3;
+        let msg = context_averaged_directions(&x, 2, &scenarios, &lone, 4, 0).unwrap_err().to_string();
+        assert_eq!(msg, "class 3 has no scenario with a neutral (class 0) row, so it has no context-averaged direction");
+        assert!(context_averaged_directions(&x, 2, &scenarios[1..], &classes, 4, 0).unwrap_err().to_string().contains("8 scenario ids for 9 rows"));
+        assert!(context_averaged_directions(&x, 2, &scenarios, &classes, 4, 4).unwrap_err().to_string().contains("neutral class 4 is out of range"));
     }
 }
