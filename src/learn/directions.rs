@@ -1,10 +1,13 @@
-//! Steering directions from activations: class-mean differences (one-vs-rest or one-vs-a-class)
-//! and Wang et al.'s context-averaged differences.
+//! Steering directions from activations: class-mean differences (one-vs-rest or one-vs-a-class),
+//! Wang et al.'s context-averaged differences, Tak et al.'s unique-effect vectors, and the
+//! orthogonal projector onto a subspace with the update x <- x - beta P x + v that uses it.
 //!
-//! Rows are row-major f32 (`[n, d]` activations, `[k, d]` directions); sums and means are
-//! computed in f64.
+//! Rows are row-major f32 (`[n, d]` activations, `[k, d]` directions); sums, means and the QR
+//! factorisations are computed in f64.
 
 use std::collections::BTreeMap;
+
+use faer::{Mat, MatRef};
 
 use crate::{Error, Result};
 
@@ -108,6 +111,96 @@ pub fn context_averaged_directions(x: &[f32], d: usize, scenarios: &[usize], cla
         .collect()
 }
 
+/// A direction whose component orthogonal to the directions before it is at most this fraction
+/// of its norm counts as linearly dependent on them (f32 inputs: well above their rounding).
+pub const RANK_TOL: f64 = 1e-5;
+
+/// The directions (`[k, d]` row-major f32) as the columns of a `[d, k]` f64 matrix, after
+/// checking the shape, 1 <= k <= d, and that every value is finite and no direction is zero.
+fn columns(directions: &[f32], d: usize) -> Result<Mat<f64>> {
+    if d == 0 || directions.len() % d != 0 {
+        return Err(Error::input(format!("{} direction values are not whole rows of width {d}", directions.len())));
+    }
+    let k = directions.len() / d;
+    if k == 0 || k > d {
+        return Err(Error::input(format!("{k} directions of width {d}: need between 1 and {d} (more than {d} are linearly dependent)")));
+    }
+    for (i, v) in directions.chunks(d).enumerate() {
+        if let Some(j) = v.iter().position(|x| !x.is_finite()) {
+            return Err(Error::input(format!("direction {i} holds a non-finite value ({}) at element {j}", v[j])));
+        }
+        if v.iter().all(|&x| x == 0.0) {
+            return Err(Error::input(format!("direction {i} is zero")));
+        }
+    }
+    Ok(Mat::from_fn(d, k, |r, c| directions[c * d + r] as f64))
+}
+
+/// The thin Q (`[d, k]`, orthonormal columns spanning the columns of `a` `[d, k]`) of the QR
+/// factorisation a = Q R. Err(j) for the first column whose component orthogonal to the columns
+/// before it (|R_jj|) is within [`RANK_TOL`] of its norm: the columns are linearly dependent.
+fn orthonormal_basis(a: MatRef<f64>) -> std::result::Result<Mat<f64>, usize> {
+    let qr = a.qr();
+    let r = qr.thin_R();
+    match (0..a.ncols()).find(|&j| r[(j, j)].abs() <= RANK_TOL * a.col(j).norm_l2()) {
+        Some(j) => Err(j),
+        None => Ok(qr.compute_thin_Q()),
+    }
+}
+
+/// The error for direction `i` lying (within [`RANK_TOL`]) in the span of the others.
+fn dependent(i: usize) -> Error {
+    Error::input(format!("directions are linearly dependent: direction {i} lies in the span of the directions before it"))
+}
+
+/// Tak et al.'s unique-effect vectors: each of the `k` directions (`[k, d]` row-major, k <= d)
+/// projected onto the orthogonal complement of the span of the other k - 1, u_i = v_i - Q Q^T v_i
+/// with Q the thin Q of the others' QR factorisation. Returns `[k, d]`. Err naming a direction
+/// when they are linearly dependent (rank < k), on a zero or non-finite direction, k > d, or a
+/// length that is not whole rows.
+pub fn unique_effect(directions: &[f32], d: usize) -> Result<Vec<f32>> {
+    let a = columns(directions, d)?;
+    let k = a.ncols();
+    orthonormal_basis(a.as_ref()).map_err(dependent)?;
+    let mut out = Vec::with_capacity(k * d);
+    for i in 0..k {
+        // others: [d, k - 1], the columns of a but column i
+        let others = Mat::from_fn(d, k - 1, |r, c| a[(r, if c < i { c } else { c + 1 })]);
+        // Independent, as all k are: a subset's residuals are no smaller than the whole set's.
+        let q = orthonormal_basis(others.as_ref()).map_err(|j| dependent(if j < i { j } else { j + 1 }))?;
+        let v = a.col(i);
+        let u = v - &q * (q.transpose() * v);
+        out.extend(u.iter().map(|&x| x as f32));
+    }
+    Ok(out)
+}
+
+/// The orthogonal projection P (`[d, d]` row-major) onto the span of the `k` directions
+/// (`[k, d]` row-major, k <= d): P = Q Q^T with Q the thin Q of their QR factorisation. This is
+/// the `p` of [`crate::intervene::Op::ProjectSet`]. Err as [`unique_effect`] on dependent, zero
+/// or non-finite directions.
+pub fn projector(directions: &[f32], d: usize) -> Result<Vec<f32>> {
+    let a = columns(directions, d)?;
+    let q = orthonormal_basis(a.as_ref()).map_err(dependent)?;
+    let p = &q * q.transpose();
+    Ok((0..d * d).map(|e| p[(e / d, e % d)] as f32).collect())
+}
+
+/// Tak et al.'s update on every row of `x` (`[n, d]`): x <- x - beta P x + v, with P `[d, d]`
+/// row-major (a projector, see [`projector`]) and v `[d]`. The reference semantics of
+/// [`crate::intervene::Op::ProjectSet`] (its `apply_op` calls this with one row). Panics when
+/// the shapes disagree (a programming error: callers check operands first).
+pub fn project_set(x: &mut [f32], d: usize, beta: f32, p: &[f32], v: &[f32]) {
+    assert!(d > 0 && x.len() % d == 0 && p.len() == d * d && v.len() == d, "project_set: x has {} values, P {}, v {}, width {d}", x.len(), p.len(), v.len());
+    for x in x.chunks_mut(d) {
+        // px: [d]
+        let px: Vec<f32> = (0..d).map(|i| p[i * d..(i + 1) * d].iter().zip(x.iter()).map(|(a, b)| a * b).sum()).collect();
+        for i in 0..d {
+            x[i] = x[i] - beta * px[i] + v[i];
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -116,6 +209,167 @@ mod tests {
     /// `[rows, d]` standard normal draws of stream `seed`.
     fn normals(seed: u64, rows: usize, d: usize) -> Vec<f32> {
         (0..rows * d).map(|e| gaussian(seed, (e / d) as u64, (e % d) as u64)).collect()
+    }
+
+    fn dot(a: &[f32], b: &[f32]) -> f64 {
+        a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum()
+    }
+
+    fn norm(a: &[f32]) -> f64 {
+        dot(a, a).sqrt()
+    }
+
+    /// P (`[d, d]`) times x (`[d]`), in f64.
+    fn apply(p: &[f32], x: &[f32]) -> Vec<f32> {
+        p.chunks(x.len()).map(|row| dot(row, x) as f32).collect()
+    }
+
+    /// The component of `w` orthogonal to the rows of `v` (`[k, d]`), by modified Gram-Schmidt in
+    /// f64: an independent construction of vectors P must send to zero.
+    fn orthogonal_part(v: &[f32], d: usize, w: &[f32]) -> Vec<f32> {
+        let mut basis: Vec<Vec<f64>> = Vec::new();
+        for row in v.chunks(d) {
+            let mut e: Vec<f64> = row.iter().map(|&x| x as f64).collect();
+            for b in &basis {
+                let c: f64 = e.iter().zip(b).map(|(x, y)| x * y).sum();
+                e.iter_mut().zip(b).for_each(|(x, y)| *x -= c * y);
+            }
+            let n = e.iter().map(|x| x * x).sum::<f64>().sqrt();
+            basis.push(e.into_iter().map(|x| x / n).collect());
+        }
+        let mut r: Vec<f64> = w.iter().map(|&x| x as f64).collect();
+        for b in &basis {
+            let c: f64 = r.iter().zip(b).map(|(x, y)| x * y).sum();
+            r.iter_mut().zip(b).for_each(|(x, y)| *x -= c * y);
+        }
+        r.into_iter().map(|x| x as f32).collect()
+    }
+
+    /// (k, d, seed) of the random direction sets, k = 1 and k = d included.
+    const SHAPES: [(usize, usize, u64); 6] = [(1, 3, 11), (2, 2, 12), (3, 8, 13), (6, 64, 14), (17, 40, 15), (24, 24, 16)];
+
+    #[test]
+    fn unique_effect_vectors_are_orthogonal_to_the_other_directions() {
+        for (k, d, seed) in SHAPES {
+            let v = normals(seed, k, d);
+            let u = unique_effect(&v, d).unwrap();
+            assert_eq!(u.len(), k * d);
+            for i in 0..k {
+                let ui = &u[i * d..(i + 1) * d];
+                for j in (0..k).filter(|&j| j != i) {
+                    let vj = &v[j * d..(j + 1) * d];
+                    let cos = dot(ui, vj) / (norm(ui) * norm(vj));
+                    assert!(cos.abs() < 1e-5, "k {k} d {d}: unique effect {i} . direction {j} has cosine {cos}");
+                }
+                assert!(dot(ui, &v[i * d..(i + 1) * d]) > 0.0, "k {k} d {d}: unique effect {i} points away from its direction");
+                // v_i - u_i lies in the span of the others: the projector onto them keeps it.
+                let others: Vec<f32> = (0..k).filter(|&j| j != i).flat_map(|j| v[j * d..(j + 1) * d].iter().copied()).collect();
+                let removed: Vec<f32> = v[i * d..(i + 1) * d].iter().zip(ui).map(|(a, b)| a - b).collect();
+                if k > 1 {
+                    let back = apply(&projector(&others, d).unwrap(), &removed);
+                    let err = back.iter().zip(&removed).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+                    assert!(err < 1e-5 * norm(&v[i * d..(i + 1) * d]) as f32, "k {k} d {d}: v_{i} - u_{i} leaves the span of the others by {err}");
+                } else {
+                    assert!(removed.iter().all(|&x| x == 0.0), "one direction is its own unique effect");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn unique_effect_of_two_directions_in_the_plane() {
+        // v0 = e0, v1 = e0 + e1: u0 = e0 - (e0 + e1) / 2, u1 = e1.
+        let u = unique_effect(&[1.0, 0.0, 0.0, 1.0, 1.0, 0.0], 3).unwrap();
+        let want = [0.5, -0.5, 0.0, 0.0, 1.0, 0.0];
+        assert!(u.iter().zip(&want).all(|(a, b)| (a - b).abs() < 1e-6), "{u:?}");
+    }
+
+    #[test]
+    fn projector_is_symmetric_idempotent_and_projects_onto_the_span() {
+        for (k, d, seed) in SHAPES {
+            let v = normals(seed, k, d);
+            let p = projector(&v, d).unwrap();
+            assert_eq!(p.len(), d * d);
+            let mut trace = 0.0f64;
+            for i in 0..d {
+                trace += p[i * d + i] as f64;
+                for j in 0..d {
+                    assert!((p[i * d + j] - p[j * d + i]).abs() < 1e-5, "k {k} d {d}: P[{i},{j}] != P[{j},{i}]");
+                    let pp = dot(&p[i * d..(i + 1) * d], &(0..d).map(|r| p[r * d + j]).collect::<Vec<_>>());
+                    assert!((pp - p[i * d + j] as f64).abs() < 1e-5, "k {k} d {d}: (PP)[{i},{j}] = {pp}, P = {}", p[i * d + j]);
+                }
+            }
+            assert!((trace - k as f64).abs() < 1e-4, "k {k} d {d}: trace {trace} is not the rank");
+            // In the span: a random combination of the directions.
+            let c = normals(seed + 100, 1, k);
+            let inside: Vec<f32> = (0..d).map(|j| (0..k).map(|i| c[i] * v[i * d + j]).sum()).collect();
+            let got = apply(&p, &inside);
+            let err = got.iter().zip(&inside).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+            assert!(err < 1e-5 * norm(&inside) as f32, "k {k} d {d}: |Pv - v| = {err}");
+            // Orthogonal to the span (Gram-Schmidt, not P); none when k = d.
+            let w = orthogonal_part(&v, d, &normals(seed + 200, 1, d));
+            let pw = apply(&p, &w);
+            assert!(pw.iter().all(|x| x.abs() < 1e-5), "k {k} d {d}: Pw = {pw:?}");
+        }
+    }
+
+    #[test]
+    fn project_set_projects_out_and_adds() {
+        let (k, d, n) = (3, 16, 5);
+        let v = normals(21, k, d);
+        let p = projector(&v, d).unwrap();
+        let x0 = normals(22, n, d);
+        let add = normals(23, 1, d);
+        // beta = 1, v = 0: the rows lose their component in the span.
+        let mut x = x0.clone();
+        project_set(&mut x, d, 1.0, &p, &vec![0.0; d]);
+        for (row, row0) in x.chunks(d).zip(x0.chunks(d)) {
+            let want = orthogonal_part(&v, d, row0);
+            assert!(row.iter().zip(&want).all(|(a, b)| (a - b).abs() < 1e-5), "{row:?} vs {want:?}");
+        }
+        // x + v - beta P x, row by row.
+        let mut x = x0.clone();
+        project_set(&mut x, d, 0.5, &p, &add);
+        for (row, row0) in x.chunks(d).zip(x0.chunks(d)) {
+            let px = apply(&p, row0);
+            for j in 0..d {
+                assert!((row[j] - (row0[j] + add[j] - 0.5 * px[j])).abs() < 1e-5);
+            }
+        }
+    }
+
+    #[test]
+    fn dependent_zero_and_non_finite_directions_are_errors() {
+        let d = 10;
+        let v = normals(31, 3, d);
+        let err = |dirs: &[f32]| {
+            let a = unique_effect(dirs, d).unwrap_err().to_string();
+            assert_eq!(a, projector(dirs, d).unwrap_err().to_string());
+            assert!(!a.contains('\n'));
+            a
+        };
+        // v2 = v0 + v1 (rounded to f32), and v1 = v0.
+        let mut sum = v.clone();
+        (0..d).for_each(|j| sum[2 * d + j] = v[j] + v[d + j]);
+        assert!(err(&sum).contains("direction 2 lies in the span"), "{}", err(&sum));
+        let mut twice = v.clone();
+        twice.copy_within(0..d, d);
+        assert!(err(&twice).contains("direction 1 lies in the span"));
+        // Nearly dependent but not within the tolerance: accepted.
+        let mut near = sum.clone();
+        normals(32, 1, d).iter().enumerate().for_each(|(j, e)| near[2 * d + j] += 1e-3 * e);
+        assert!(unique_effect(&near, d).is_ok() && projector(&near, d).is_ok());
+        let mut zero = v.clone();
+        zero[d..2 * d].fill(0.0);
+        assert_eq!(err(&zero), "direction 1 is zero");
+        let mut nan = v.clone();
+        nan[2 * d + 4] = f32::NAN;
+        assert!(err(&nan).contains("direction 2 holds a non-finite value (NaN) at element 4"));
+        let wide = normals(33, 4, 3);
+        assert_eq!(unique_effect(&wide, 3).unwrap_err().to_string(), "4 directions of width 3: need between 1 and 3 (more than 3 are linearly dependent)");
+        assert_eq!(projector(&wide, 3).unwrap_err().to_string(), unique_effect(&wide, 3).unwrap_err().to_string());
+        assert!(err(&v[..d + 1]).contains("11 direction values are not whole rows of width 10"));
+        assert!(err(&[]).contains("0 directions"));
     }
 
     #[test]
