@@ -118,7 +118,7 @@ pub const RANK_TOL: f64 = 1e-5;
 /// The directions (`[k, d]` row-major f32) as the columns of a `[d, k]` f64 matrix, after
 /// checking the shape, 1 <= k <= d, and that every value is finite and no direction is zero.
 fn columns(directions: &[f32], d: usize) -> Result<Mat<f64>> {
-    if d == 0 || directions.len() % d != 0 {
+    if d == 0 || !directions.len().is_multiple_of(d) {
         return Err(Error::input(format!("{} direction values are not whole rows of width {d}", directions.len())));
     }
     let k = directions.len() / d;
@@ -189,10 +189,11 @@ pub fn projector(directions: &[f32], d: usize) -> Result<Vec<f32>> {
 /// Tak et al.'s update on every row of `x` (`[n, d]`): x <- x - beta P x + v, with P `[d, d]`
 /// row-major (a projector, see [`projector`]) and v `[d]`. The reference semantics of
 /// [`crate::intervene::Op::ProjectSet`] (its `apply_op` calls this with one row). Panics when
-/// the shapes disagree (a programming error: callers check operands first).
+/// the shapes disagree (a programming error: callers check operands first); width 0 (an empty
+/// selection, x empty) is a no-op.
 pub fn project_set(x: &mut [f32], d: usize, beta: f32, p: &[f32], v: &[f32]) {
-    assert!(d > 0 && x.len() % d == 0 && p.len() == d * d && v.len() == d, "project_set: x has {} values, P {}, v {}, width {d}", x.len(), p.len(), v.len());
-    for x in x.chunks_mut(d) {
+    assert!(x.len().is_multiple_of(d) && p.len() == d * d && v.len() == d, "project_set: x has {} values, P {}, v {}, width {d}", x.len(), p.len(), v.len());
+    for x in x.chunks_mut(d.max(1)) {
         // px: [d]
         let px: Vec<f32> = (0..d).map(|i| p[i * d..(i + 1) * d].iter().zip(x.iter()).map(|(a, b)| a * b).sum()).collect();
         for i in 0..d {
@@ -320,6 +321,7 @@ mod tests {
         let p = projector(&v, d).unwrap();
         let x0 = normals(22, n, d);
         let add = normals(23, 1, d);
+        project_set(&mut [], 0, 1.0, &[], &[]); // an empty selection, as apply_op may pass
         // beta = 1, v = 0: the rows lose their component in the span.
         let mut x = x0.clone();
         project_set(&mut x, d, 1.0, &p, &vec![0.0; d]);
