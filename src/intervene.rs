@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 
+use crate::learn::directions::project_set;
 use crate::model::config::ModelConfig;
 use crate::rng::gaussian;
 use crate::sites::{Positions, Site, SiteKind};
@@ -381,12 +382,7 @@ pub fn apply_op(op: &Op, x: &mut [f32], k: usize, pos: usize) {
             x.copy_from_slice(src);
         }
         Op::Add { beta, v, .. } => x.iter_mut().zip(v).for_each(|(x, v)| *x += beta * v),
-        Op::ProjectSet { beta, p, v } => {
-            let px: Vec<f32> = (0..w).map(|i| p[i * w..(i + 1) * w].iter().zip(x.iter()).map(|(a, b)| a * b).sum()).collect();
-            for i in 0..w {
-                x[i] = x[i] - beta * px[i] + v[i];
-            }
-        }
+        Op::ProjectSet { beta, p, v } => project_set(x, w, *beta, p, v),
         Op::Zero => x.fill(0.0),
         Op::Mean { mean } => x.copy_from_slice(mean),
         Op::RandomEqualNorm { seed } => {

@@ -17,7 +17,7 @@
 //! sites        Site, SiteKind, positions; TransformerLens names
 //! model        config.json -> ModelConfig, checkpoints, tokenizer, synthetic checkpoints
 //! io           result files (atomic writes, safetensors), plots
-//! learn        linear probes: logistic and ridge regression, splits, metrics
+//! learn        linear probes: logistic and ridge regression, splits, metrics; steering directions
 //! logits       argmax and label metrics of a logits row (host helpers and the kernel's semantics)
 //! rng          seeded streams: splitmix64, gaussian, pair sampling, ChaCha8
 //! error        crate::Error and crate::Result (re-exported at the root)

@@ -9,8 +9,9 @@ use std::process::Command;
 use patchbay::data::labels::LabelSet;
 use patchbay::data::template::Template;
 use patchbay::engine::{Engine, RunRequest};
-use patchbay::experiments::demo::{DirectionKind, SteerTarget, class_mean_directions, contrast_pairs, random_like, steer_sweep};
+use patchbay::experiments::demo::{DirectionKind, SteerTarget, contrast_pairs, random_like, steer_sweep};
 use patchbay::intervene::{Intervention, Op, norm};
+use patchbay::learn::directions::{Versus, class_mean_directions};
 use patchbay::model::Model;
 use patchbay::model::tokenizer::PromptTokenizer;
 use patchbay::sites::{Positions, Site, SiteKind};
@@ -174,7 +175,7 @@ fn class_mean_directions_match_a_direct_computation() {
     let (n, d, k) = (37, 5, 4);
     let x: Vec<f32> = lcg(3, n * d).iter().map(|&v| (v % 1000) as f32 / 100.0 - 5.0).collect();
     let classes: Vec<usize> = (0..n).map(|i| if i < 30 { i % 3 } else { 0 }).collect(); // class 3 is empty
-    let dirs = class_mean_directions(&x, d, &classes, k);
+    let dirs = class_mean_directions(&x, d, &classes, k, Versus::Rest).unwrap();
     assert!(dirs[3].is_none());
     for (c, dir) in dirs.iter().enumerate().take(3) {
         let mean = |keep: &dyn Fn(usize) -> bool| -> Vec<f64> {

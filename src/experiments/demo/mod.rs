@@ -1,7 +1,8 @@
 //! The parts of `patchbay demo` that are not experiments of their own elsewhere: pairs of prompts
-//! with different gold labels (for patching), class-mean directions, and steering: adding a
-//! direction to the residual stream at every position and reading the label probabilities at
-//! the last token (with a random direction of the same norm as the control).
+//! with different gold labels (for patching), and steering: adding a direction (a class-mean
+//! direction of `learn::directions`) to the residual stream at every position and reading the
+//! label probabilities at the last token (with a random direction of the same norm as the
+//! control).
 
 pub mod pipeline;
 mod report;
@@ -29,27 +30,6 @@ pub fn contrast_pairs(gold: &[usize], eligible: &[usize], n: usize, seed: u64) -
     eligible.iter().for_each(|&i| keys[i] = Some(gold[i]));
     let mut seen = HashSet::new();
     Ok(random_pairs(PairsOf::Keys(&keys), seed)?.filter(|&p| seen.insert(p)).take(n.min(possible)).map(|(source, target)| Pair { source, target }).collect())
-}
-
-/// For each class `c < k`: mean(x | c) - mean(x | not c) over the rows of `x` (`[n, d]`), or
-/// None when class `c` or the other classes have no row.
-pub fn class_mean_directions(x: &[f32], d: usize, classes: &[usize], k: usize) -> Vec<Option<Vec<f32>>> {
-    debug_assert_eq!(x.len(), classes.len() * d);
-    // sums: [k, d] per-class sums, total: [d]
-    let mut sums = vec![vec![0.0f64; d]; k];
-    let mut counts = vec![0usize; k];
-    for (row, &c) in x.chunks(d).zip(classes) {
-        sums[c].iter_mut().zip(row).for_each(|(s, &v)| *s += v as f64);
-        counts[c] += 1;
-    }
-    let total: Vec<f64> = (0..d).map(|j| sums.iter().map(|s| s[j]).sum()).collect();
-    let n = classes.len();
-    (0..k)
-        .map(|c| {
-            let (nc, rest) = (counts[c], n - counts[c]);
-            (nc > 0 && rest > 0).then(|| (0..d).map(|j| (sums[c][j] / nc as f64 - (total[j] - sums[c][j]) / rest as f64) as f32).collect())
-        })
-        .collect()
 }
 
 /// A Gaussian random vector with the norm of `v` (seeded).

@@ -11,7 +11,7 @@ use std::time::Instant;
 use serde_json::json;
 
 use super::report::{Report, data_context, model_context, patch_context, probe_context, resid_accuracy, score_context, steer_context, timings_context, training_context};
-use super::{DirectionKind, SteerRow, SteerTarget, class_mean_directions, contrast_pairs, steer_sweep};
+use super::{DirectionKind, SteerRow, SteerTarget, contrast_pairs, steer_sweep};
 use crate::data::dataset::Dataset;
 use crate::data::labels::LabelSet;
 use crate::data::template::TokenStats;
@@ -24,6 +24,7 @@ use crate::experiments::probe::{ProbeParams, ProbeTargets};
 use crate::experiments::shards::{RunOptions, ShardSpec, capture_shards, read_site};
 use crate::io::OutDtype;
 use crate::io::plot::{Grid, heatmap};
+use crate::learn::directions::{Versus, class_mean_directions};
 use crate::learn::logreg::LogRegParams;
 use crate::learn::split::{Eval, Split};
 use crate::model::Model;
@@ -209,7 +210,7 @@ pub fn run(inp: &DemoInputs, rep: &Reporter) -> Result<()> {
     let train: Vec<usize> = (0..n).filter(|&i| split.test_fold[i] != 0).collect();
     let x_train: Vec<f32> = train.iter().flat_map(|&i| x[i * d..(i + 1) * d].iter().copied()).collect();
     let train_gold: Vec<usize> = train.iter().map(|&i| gold[i]).collect();
-    let directions = class_mean_directions(&x_train, d, &train_gold, k);
+    let directions = class_mean_directions(&x_train, d, &train_gold, k, Versus::Rest)?;
     let steer_targets: Vec<SteerTarget> = directions
         .iter()
         .enumerate()
