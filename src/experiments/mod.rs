@@ -5,6 +5,7 @@ pub mod capture;
 pub mod cost;
 pub mod dataset_files;
 pub mod demo;
+pub mod directions;
 pub mod generate;
 pub mod patch;
 pub mod patch_files;
