@@ -4,6 +4,7 @@ pub mod bench;
 pub mod capture;
 pub mod cost;
 pub mod demo;
+pub mod directions;
 pub mod inspect;
 pub mod merge;
 pub mod patch;
@@ -23,6 +24,8 @@ pub enum Command {
     Inspect(inspect::InspectArgs),
     /// Run prompts and save activations at chosen sites (and logits) to a safetensors file.
     Capture(capture::CaptureArgs),
+    /// Class-mean steering directions per site and layer from a labelled dataset (a safetensors file).
+    Directions(directions::DirectionsArgs),
     /// Activation-patching sweeps resumed from clean runs (the Tak et al. protocol and general sweeps).
     Patch(patch::PatchArgs),
     /// Combine the shards of a patching sweep (patch --shard i/n) into the whole run's outputs.
@@ -45,6 +48,7 @@ impl Command {
             Command::Demo(a) => demo::run(a),
             Command::Inspect(a) => inspect::run(a),
             Command::Capture(a) => capture::run(a),
+            Command::Directions(a) => directions::run(a),
             Command::Patch(a) => patch::run(a),
             Command::Merge(a) => merge::run(a),
             Command::Synth(a) => synth::run(a),
