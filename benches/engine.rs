@@ -17,7 +17,7 @@ use rand_chacha::ChaCha8Rng;
 use patchbay::backend::ops::sample::SampleParams;
 use patchbay::engine::forward::{KvCache, SeqInput};
 use patchbay::experiments::bench::{decode, prefill};
-use patchbay::experiments::generate::{GenerateSpec, StepIntervention, StepScope, generate};
+use patchbay::experiments::generate::{GenerateSpec, StepIntervention, TokenScope, generate};
 use patchbay::experiments::patch::{Method, SweepSpec, all_centers};
 use patchbay::experiments::workload::{PatchWorkload, PatchWorkloadSpec, random_prompts};
 use patchbay::intervene::Capture;
@@ -96,7 +96,7 @@ fn benches(c: &mut Criterion) {
     g.sample_size(10);
     g.throughput(Throughput::Elements((BATCH * STEPS) as u64));
     let gen_spec = GenerateSpec { max_new_tokens: STEPS, sample: SampleParams::GREEDY, eos_ids: Vec::new() };
-    let steer = [StepIntervention::steer(Site::new(cfg.n_layers / 2, SiteKind::ResidPost), vec![0.5; cfg.d_model], 1.0, StepScope::All)];
+    let steer = [StepIntervention::steer(Site::new(cfg.n_layers / 2, SiteKind::ResidPost), vec![0.5; cfg.d_model], 1.0, TokenScope::all())];
     for (name, steps) in [("plain", &[][..]), ("steered", &steer[..])] {
         g.bench_function(name, |b| b.iter(|| black_box(generate(&model, &prompts, &gen_spec, steps, &hidden).expect("generate"))));
     }

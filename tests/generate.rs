@@ -9,7 +9,7 @@ use common::*;
 use indicatif::ProgressBar;
 use patchbay::backend::ops::sample::{SampleParams, sample_row, sample_uniform};
 use patchbay::engine::{Engine, RunRequest};
-use patchbay::experiments::generate::{GenerateSpec, StepIntervention, StepScope, generate, prompt_seed};
+use patchbay::experiments::generate::{GenerateSpec, StepIntervention, TokenScope, generate, prompt_seed};
 use patchbay::intervene::{Capture, Intervention, Op};
 use patchbay::rng::gaussian;
 use patchbay::model::Model;
@@ -26,14 +26,21 @@ fn generate_by_recompute(model: &Model, prompts: &[Vec<u32>], spec: &GenerateSpe
             let mut seq = prompt.clone();
             let mut new: Vec<u32> = Vec::new();
             while new.len() < spec.max_new_tokens {
-                let generated = Positions::List((prompt.len()..seq.len()).map(|p| p as i64).collect());
                 let ivs: Vec<Intervention> = steer
                     .iter()
-                    .filter(|s| s.scope == StepScope::All || seq.len() > prompt.len())
-                    .map(|s| Intervention {
+                    .filter_map(|s| {
+                        let generated: Vec<i64> = if s.scope.generated { (prompt.len()..seq.len()).map(|p| p as i64).collect() } else { Vec::new() };
+                        let prompt_pos: Vec<i64> = match &s.scope.prompt {
+                            Some(p) => p.resolve(prompt.len()).unwrap().into_iter().map(|p| p as i64).collect(),
+                            None => Vec::new(),
+                        };
+                        let all: Vec<i64> = prompt_pos.into_iter().chain(generated).collect();
+                        (!all.is_empty()).then_some((s, Positions::List(all)))
+                    })
+                    .map(|(s, positions)| Intervention {
                         site: s.site,
                         prompts: None,
-                        positions: if s.scope == StepScope::All { Positions::All } else { generated.clone() },
+                        positions,
                         units: s.units.clone(),
                         op: s.op.clone(),
                     })
@@ -97,7 +104,7 @@ fn cached_generation_equals_recompute() {
         // that the comparisons below check something).
         let plain = run(&model, &prompts, &greedy, &[]);
         let mut beta = mean_norm(&model, resid, &prompts);
-        while run(&model, &prompts, &greedy, &[StepIntervention::steer(resid, direction(cfg.d_model, 1), beta, StepScope::All)]) == plain {
+        while run(&model, &prompts, &greedy, &[StepIntervention::steer(resid, direction(cfg.d_model, 1), beta, TokenScope::all())]) == plain {
             beta *= 4.0;
             assert!(beta < 1e6, "{family}: no steering changes the greedy tokens");
         }
@@ -105,16 +112,21 @@ fn cached_generation_equals_recompute() {
         let sampled = GenerateSpec { sample: SampleParams { temperature: 0.8, top_p: 0.9, seed: 7 }, ..greedy.clone() };
         let cases: Vec<(&str, &GenerateSpec, Vec<StepIntervention>)> = vec![
             ("greedy", &greedy, vec![]),
-            ("greedy, steered everywhere", &greedy, vec![StepIntervention::steer(resid, direction(cfg.d_model, 1), beta, StepScope::All)]),
+            ("greedy, steered everywhere", &greedy, vec![StepIntervention::steer(resid, direction(cfg.d_model, 1), beta, TokenScope::all())]),
             (
                 "sampled, steered on generated tokens, head 1 ablated",
                 &sampled,
                 vec![
-                    StepIntervention::steer(resid, direction(cfg.d_model, 2), beta, StepScope::Generated),
-                    StepIntervention { site: heads, units: Some(vec![1]), op: Op::Zero, scope: StepScope::All },
+                    StepIntervention::steer(resid, direction(cfg.d_model, 2), beta, TokenScope::generated()),
+                    StepIntervention { site: heads, units: Some(vec![1]), op: Op::Zero, scope: TokenScope::all() },
                 ],
             ),
             ("sampled", &sampled, vec![]),
+            (
+                "greedy, steered on the last 2 prompt tokens only",
+                &greedy,
+                vec![StepIntervention::steer(resid, direction(cfg.d_model, 1), beta, TokenScope { prompt: Some(Positions::List(vec![-1, -2])), generated: false })],
+            ),
         ];
         let mut outs = Vec::new();
         for (name, spec, steer) in cases {
@@ -135,10 +147,10 @@ fn zero_steering_changes_nothing_and_strong_steering_changes_the_tokens() {
     let spec = GenerateSpec { max_new_tokens: 10, sample: SampleParams::GREEDY, eos_ids: Vec::new() };
     let site = Site::new(0, SiteKind::ResidPost);
     let plain = run(&model, &prompts, &spec, &[]);
-    for scope in [StepScope::All, StepScope::Generated] {
-        let zero = run(&model, &prompts, &spec, &[StepIntervention::steer(site, vec![0.0; model.cfg.d_model], 1.0, scope)]);
+    for scope in [TokenScope::all(), TokenScope::generated()] {
+        let zero = run(&model, &prompts, &spec, &[StepIntervention::steer(site, vec![0.0; model.cfg.d_model], 1.0, scope.clone())]);
         assert_eq!(zero, plain, "{scope:?}: a zero steering vector changed the tokens");
-        let strong = run(&model, &prompts, &spec, &[StepIntervention::steer(site, direction(model.cfg.d_model, 3), 1000.0, scope)]);
+        let strong = run(&model, &prompts, &spec, &[StepIntervention::steer(site, direction(model.cfg.d_model, 3), 1000.0, scope.clone())]);
         for (p, (s, c)) in strong.iter().zip(&plain).enumerate() {
             assert_ne!(s, c, "{scope:?}, prompt {p}: steering with norm 1000 left the tokens unchanged");
         }
@@ -177,8 +189,12 @@ fn bad_input_is_refused_with_a_clear_error() {
     assert!(err(&[vec![1, 100_000]], &spec, &[]).contains("out of range"));
     let hot = GenerateSpec { sample: SampleParams { temperature: -1.0, top_p: 1.0, seed: 0 }, ..spec.clone() };
     assert!(err(&ok, &hot, &[]).contains("temperature"));
-    let short = StepIntervention::steer(Site::new(0, SiteKind::ResidPost), vec![1.0; 3], 1.0, StepScope::Generated);
+    let short = StepIntervention::steer(Site::new(0, SiteKind::ResidPost), vec![1.0; 3], 1.0, TokenScope::generated());
     assert!(err(&ok, &spec, &[short]).contains("expected 64"), "the operand is checked before the prompt runs clean");
-    let deep = StepIntervention::steer(Site::new(9, SiteKind::ResidPost), vec![1.0; 64], 1.0, StepScope::All);
+    let deep = StepIntervention::steer(Site::new(9, SiteKind::ResidPost), vec![1.0; 64], 1.0, TokenScope::all());
     assert!(err(&ok, &spec, &[deep]).contains("out of range"));
+    let nowhere = StepIntervention::steer(Site::new(0, SiteKind::ResidPost), vec![1.0; 64], 1.0, TokenScope { prompt: None, generated: false });
+    assert!(err(&ok, &spec, &[nowhere]).contains("acts on no token"));
+    let far = StepIntervention::steer(Site::new(0, SiteKind::ResidPost), vec![1.0; 64], 1.0, TokenScope { prompt: Some(Positions::List(vec![-5])), generated: true });
+    assert!(err(&[vec![1, 2, 3, 4, 5, 6], vec![1, 2]], &spec, &[far]).contains("prompt 1: position -5 is out of range"));
 }

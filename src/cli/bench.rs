@@ -10,7 +10,7 @@ use super::{load_engine, parse_bytes, print_stdout, progress_bar};
 use patchbay::backend::DeviceSpec;
 use patchbay::backend::ops::sample::SampleParams;
 use patchbay::experiments::bench::{BenchShape, bench_capture, bench_forward, bench_generate, bench_patch};
-use patchbay::experiments::generate::{StepIntervention, StepScope};
+use patchbay::experiments::generate::{StepIntervention, TokenScope};
 use patchbay::experiments::workload::PatchWorkloadSpec;
 use patchbay::intervene::{Capture, Op};
 use patchbay::rng::gaussian;
@@ -276,8 +276,8 @@ fn generate(a: GenerateBenchArgs) -> Result<()> {
     let (n, w) = site.kind.units(cfg, 0);
     let direction: Vec<f32> = (0..n * w).map(|i| gaussian(c.seed, 0, i as u64)).collect();
     let (scope, scope_name) = match a.scope {
-        ScopeArg::All => (StepScope::All, "all"),
-        ScopeArg::Generated => (StepScope::Generated, "generated"),
+        ScopeArg::All => (TokenScope::all(), "all"),
+        ScopeArg::Generated => (TokenScope::generated(), "generated"),
     };
     let steer = StepIntervention { site, units: None, op: Op::Add { beta: a.beta, v: direction, normalize: true }, scope };
     let sample = SampleParams { temperature: a.temperature, top_p: a.top_p, seed: c.seed };

@@ -39,13 +39,25 @@ impl GenerateSpec {
     }
 }
 
-/// Which tokens a step intervention acts on.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum StepScope {
-    /// Every token: the prompt's (at prefill) and each generated one (when it is fed back).
-    All,
+/// Which tokens a step intervention acts on: prompt positions (at prefill) and/or every
+/// generated token (when it is fed back).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TokenScope {
+    /// Positions of the prompt (None: the prompt runs clean).
+    pub prompt: Option<Positions>,
+    /// Every generated token.
+    pub generated: bool,
+}
+
+impl TokenScope {
+    /// Every token: the whole prompt and each generated one.
+    pub const fn all() -> TokenScope {
+        TokenScope { prompt: Some(Positions::All), generated: true }
+    }
     /// Generated tokens only (the prompt runs clean).
-    Generated,
+    pub const fn generated() -> TokenScope {
+        TokenScope { prompt: None, generated: true }
+    }
 }
 
 /// An intervention applied by every forward of a generation to the rows that forward computes
@@ -57,12 +69,12 @@ pub struct StepIntervention {
     pub units: Option<Vec<usize>>,
     /// Ops with per-row operands (multi-row patches) are refused: there is one row per step.
     pub op: Op,
-    pub scope: StepScope,
+    pub scope: TokenScope,
 }
 
 impl StepIntervention {
     /// Steering: x <- x + beta * v at `site` (whole rows).
-    pub fn steer(site: Site, v: Vec<f32>, beta: f32, scope: StepScope) -> StepIntervention {
+    pub fn steer(site: Site, v: Vec<f32>, beta: f32, scope: TokenScope) -> StepIntervention {
         StepIntervention { site, units: None, op: Op::Add { beta, v, normalize: false }, scope }
     }
 
@@ -85,12 +97,22 @@ pub fn generate(model: &Model, prompts: &[Vec<u32>], spec: &GenerateSpec, steps:
     if let Some(i) = prompts.iter().position(Vec::is_empty) {
         return Err(Error::input(format!("generate: prompt {i} is empty")));
     }
-    // Prefill: the interventions of scope All over every prompt token. Decode: every
-    // intervention on the one new row (position -1).
-    let prefill_ivs: Vec<Intervention> = steps.iter().filter(|s| s.scope == StepScope::All).map(|s| s.at(Positions::All)).collect();
-    let decode_ivs: Vec<Intervention> = steps.iter().map(|s| s.at(Positions::List(vec![-1]))).collect();
+    // Prefill: each intervention at its prompt positions. Decode: those acting on generated
+    // tokens, on the one new row (position -1).
+    if let Some(i) = steps.iter().position(|s| s.scope.prompt.is_none() && !s.scope.generated) {
+        return Err(Error::input(format!("generate: intervention {i} acts on no token (neither prompt positions nor generated tokens)")));
+    }
+    let prefill_ivs: Vec<Intervention> = steps.iter().filter_map(|s| s.scope.prompt.clone().map(|p| s.at(p))).collect();
+    let decode_ivs: Vec<Intervention> = steps.iter().filter(|s| s.scope.generated).map(|s| s.at(Positions::List(vec![-1]))).collect();
     // Check sites, units and operands once against a one-row call, before any work.
-    Hooks::new(cfg, &RowMap::new(vec![0], vec![1]), &decode_ivs, &[], None)?;
+    let every_step: Vec<Intervention> = steps.iter().map(|s| s.at(Positions::List(vec![-1]))).collect();
+    Hooks::new(cfg, &RowMap::new(vec![0], vec![1]), &every_step, &[], None)?;
+    // Prompt positions must exist in every prompt.
+    for (i, p) in prompts.iter().enumerate() {
+        for pos in steps.iter().filter_map(|s| s.scope.prompt.as_ref()) {
+            pos.resolve(p.len()).map_err(|e| Error::input(format!("generate: prompt {i}: {e}")))?;
+        }
+    }
 
     let vocab = cfg.vocab_size;
     let mut caches: Vec<KvCache> = prompts.iter().map(|_| KvCache::new(cfg.n_layers)).collect();
