@@ -227,8 +227,10 @@ def build_family(name: str, fixtures: str) -> None:
           f"{os.path.getsize(path)} bytes")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def run_cli(doc: str, build) -> None:
+    """The command line of the fixture-reading generators: parses --fixtures and --families, then
+    calls build(family, fixtures) for each family with torch deterministic on one thread."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     repo_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     parser.add_argument("--fixtures", default=os.path.join(repo_root, "tests", "fixtures"),
                         help="fixture directory made by make_goldens.py (default: <repo root>/tests/fixtures)")
@@ -238,8 +240,8 @@ def main() -> None:
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
     for name in args.families:
-        build_family(name, args.fixtures)
+        build(name, args.fixtures)
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(__doc__, build_family)

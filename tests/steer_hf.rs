@@ -1,0 +1,290 @@
+//! Steering against an independent Hugging Face implementation (forward hooks on the HF modules):
+//! every family's fixture model, the residual site kinds (resid_pre, resid_post, attn_out,
+//! mlp_out) at every layer, positions `all` and the last token, four betas (0 and a negative one
+//! among them) with a vector raw and normalised, the sum of two vectors, and x <- x + v - beta P x
+//! onto a 2-dim subspace. The CPU reference matches at f32 tolerances (and beta = 0 is its clean
+//! run bit for bit); the device forward (the emulator or PATCHBAY_TEST_DEVICE's GPU) at the bf16
+//! forward tolerances for llama and gemma2 (post-norm attn_out/mlp_out, soft-capped logits), on
+//! a third of the cases (every site, layer, positions and normalisation).
+//! Goldens: tests/fixtures/<family>/steer_golden.json and steer_vectors.safetensors (patchbay's
+//! directions naming), made by scripts/golden/make_steer_goldens.py.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use common::kernels::test_driver;
+use common::*;
+use patchbay::backend::emu::FiberOrder;
+use patchbay::engine::device_forward::DeviceModel;
+use patchbay::engine::{Engine, RunRequest};
+use patchbay::intervene::{Intervention, Op};
+use patchbay::model::Model;
+use patchbay::sites::{Positions, Site, SiteKind};
+use serde::Deserialize;
+
+#[derive(Deserialize)]
+struct Golden {
+    /// Token ids: prompts.json `ids`, then `chat_ids`.
+    prompts: Vec<Vec<u32>>,
+    labels: Vec<u32>,
+    /// Clean label logits at each prompt's last position: [prompt][label].
+    clean: Vec<Vec<f32>>,
+    cases: Vec<Case>,
+}
+
+#[derive(Deserialize)]
+struct Case {
+    /// `add`: x <- x + beta * v, v the sum of `vectors` (unit norm first when `normalise`);
+    /// `project_set`: x <- x + v - beta * P x, `vectors` = [v, subspace], P = U^T U.
+    op: String,
+    /// Short site kind (`resid_post`, ...).
+    site: String,
+    layer: usize,
+    /// `"all"` or a list of positions (-1 = last token).
+    positions: serde_json::Value,
+    beta: f32,
+    normalise: bool,
+    /// Names in steer_vectors.safetensors, under `blocks.<layer>.hook_<site>/`.
+    vectors: Vec<String>,
+    /// Label logits: [prompt][label].
+    steered: Vec<Vec<f32>>,
+}
+
+/// steer_vectors.safetensors: name -> (shape, values).
+type Vectors = HashMap<String, (Vec<usize>, Vec<f32>)>;
+
+impl Case {
+    fn site(&self) -> Site {
+        Site::new(self.layer, SiteKind::from_short_name(&self.site).unwrap_or_else(|| panic!("unknown site {}", self.site)))
+    }
+
+    fn positions(&self) -> Positions {
+        match &self.positions {
+            serde_json::Value::String(s) if s == "all" => Positions::All,
+            p => Positions::List(serde_json::from_value(p.clone()).unwrap_or_else(|e| panic!("positions {p}: {e}"))),
+        }
+    }
+
+    /// The command-line form of the positions (`all`, `-1`).
+    fn positions_arg(&self) -> String {
+        match self.positions() {
+            Positions::All => "all".into(),
+            Positions::List(p) => p.iter().map(i64::to_string).collect::<Vec<_>>().join(","),
+        }
+    }
+
+    fn vector(&self, vectors: &Vectors, name: &str) -> (Vec<usize>, Vec<f32>) {
+        let key = format!("{}/{name}", self.site());
+        vectors.get(&key).unwrap_or_else(|| panic!("steer_vectors.safetensors has no {key}")).clone()
+    }
+
+    fn intervention(&self, vectors: &Vectors) -> Intervention {
+        let op = match self.op.as_str() {
+            "add" => {
+                // [d_model]: the sum of the named vectors, in order (as the generator sums them).
+                let mut v = self.vector(vectors, &self.vectors[0]).1;
+                for name in &self.vectors[1..] {
+                    v.iter_mut().zip(self.vector(vectors, name).1).for_each(|(a, b)| *a += b);
+                }
+                Op::Add { beta: self.beta, v, normalize: self.normalise }
+            }
+            "project_set" => {
+                let v = self.vector(vectors, &self.vectors[0]).1;
+                let (shape, u) = self.vector(vectors, &self.vectors[1]); // [k, d_model], orthonormal rows
+                let d = shape[1];
+                // [d_model, d_model]: P = U^T U
+                let p = (0..d * d).map(|ij| (0..shape[0]).map(|k| u[k * d + ij / d] * u[k * d + ij % d]).sum()).collect();
+                Op::ProjectSet { beta: self.beta, p, v }
+            }
+            other => panic!("unknown op {other}"),
+        };
+        Intervention { site: self.site(), prompts: None, positions: self.positions(), units: None, op }
+    }
+
+    fn name(&self) -> String {
+        format!("{} {:?} at {} positions {} beta {} normalise {}", self.op, self.vectors, self.site(), self.positions, self.beta, self.normalise)
+    }
+}
+
+fn load(family: &str) -> (Model, Golden, Vectors) {
+    let dir = fixture(family);
+    let path = dir.join("steer_golden.json");
+    let text = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e} (run scripts/golden/make_steer_goldens.py)", path.display()));
+    let golden: Golden = serde_json::from_slice(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let recorded = prompt_ids(family);
+    assert_eq!(golden.prompts[..recorded.len()], recorded[..], "{family}: golden prompts are not the fixture's");
+    (Model::load(&dir).unwrap(), golden, read_tensors(&dir.join("steer_vectors.safetensors")))
+}
+
+/// [n_prompts * n_labels]: the label logits at the last position of each of `prompts` under `ivs`.
+fn label_logits(engine: &dyn Engine, prompts: &[Vec<u32>], labels: &[u32], ivs: &[Intervention]) -> Vec<f32> {
+    let last = Positions::List(vec![-1]);
+    let req = RunRequest { interventions: ivs, logits_at: Some(&last), logit_tokens: Some(labels), ..Default::default() };
+    engine.run_prompts(prompts, &req).unwrap().logits
+}
+
+fn check_cpu(family: &str) {
+    let (model, golden, vectors) = load(family);
+    let clean = label_logits(&model, &golden.prompts, &golden.labels, &[]);
+    let mut worst = assert_close(&format!("{family} clean"), &clean, &golden.clean.concat(), F32_ATOL, F32_RTOL);
+    for case in &golden.cases {
+        let name = format!("{family} {}", case.name());
+        let got = label_logits(&model, &golden.prompts, &golden.labels, &[case.intervention(&vectors)]);
+        worst = worst.max(assert_close(&name, &got, &case.steered.concat(), F32_ATOL, F32_RTOL));
+        if case.beta == 0.0 && case.op == "add" {
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got), bits(&clean), "{name}: beta 0 is not the clean run bit for bit");
+        }
+    }
+    println!("{family}: {} steering cases on cpu: max abs error {worst:.3e} vs HF hooks", golden.cases.len());
+}
+
+/// The clean run, every site, layer, positions and normalisation at the negative beta, the
+/// combined vectors and the project-set cases (the others differ only in beta's value; the
+/// emulator takes ~0.1 s a forward), one forward each.
+fn check_device(family: &str, order: FiberOrder) {
+    let (model, golden, vectors) = load(family);
+    let (dev_name, driver) = test_driver(order);
+    let dev = DeviceModel::upload(&model, driver).unwrap();
+    let run = |ivs: &[Intervention]| label_logits(&dev, &golden.prompts, &golden.labels, ivs);
+    let mut worst = assert_forward_close(&format!("{family} clean on {dev_name}"), &run(&[]), &golden.clean.concat()).0;
+    let cases: Vec<&Case> = golden.cases.iter().filter(|c| c.beta < 0.0 || c.vectors.len() > 1).collect();
+    for case in &cases {
+        let got = run(&[case.intervention(&vectors)]);
+        worst = worst.max(assert_forward_close(&format!("{family} {} on {dev_name}", case.name()), &got, &case.steered.concat()).0);
+    }
+    println!("{family}: {} steering cases on {dev_name}: worst max abs error {:.2}% of the case's largest |logit|", cases.len(), worst * 100.0);
+}
+
+#[test]
+fn llama_steering_matches_hf() {
+    check_cpu("llama");
+}
+#[test]
+fn mistral_steering_matches_hf() {
+    check_cpu("mistral");
+}
+#[test]
+fn qwen2_steering_matches_hf() {
+    check_cpu("qwen2");
+}
+#[test]
+fn gemma2_steering_matches_hf() {
+    check_cpu("gemma2");
+}
+#[test]
+fn phi3_steering_matches_hf() {
+    check_cpu("phi3");
+}
+#[test]
+fn olmo2_steering_matches_hf() {
+    check_cpu("olmo2");
+}
+#[test]
+fn llama_device_steering_matches_hf() {
+    check_device("llama", FiberOrder::Forward);
+}
+#[test]
+fn gemma2_device_steering_matches_hf() {
+    check_device("gemma2", FiberOrder::Reverse);
+}
+
+/// One `patchbay steer --mode labels` run and the rows its scores.jsonl should hold.
+struct SteerRun {
+    args: Vec<String>,
+    rows: Vec<ScoreRow>,
+}
+
+/// One expected scores.jsonl object.
+#[derive(Debug, PartialEq)]
+struct ScoreRow {
+    index: usize,
+    layer: usize,
+    beta: f32,
+    /// In label order.
+    label_logits: Vec<f32>,
+    /// The top label's name: labels are passed as `ID=ID`, so it is its token id.
+    pred: String,
+}
+
+/// The `patchbay steer --mode labels` runs that reproduce the golden's single-vector `add` cases:
+/// one per (site, positions, normalise, vector), over that group's layers and betas (every
+/// (layer, beta) pair of a group is a case). `token_ids` must hold `golden.prompts` as JSON;
+/// run i writes to `out/<i>`. Rows are in (prompt, layer, beta) order; the caller compares
+/// label_logits within the CPU (f32) or bf16 tolerances and pred exactly where the top two labels
+/// are apart by more than the tolerance.
+fn steer_label_runs(golden: &Golden, model: &Path, token_ids: &Path, vectors: &Path, out: &Path) -> Vec<SteerRun> {
+    let mut groups: Vec<(String, Vec<&Case>)> = Vec::new();
+    for case in golden.cases.iter().filter(|c| c.op == "add" && c.vectors.len() == 1) {
+        let key = format!("{} {} {} {}", case.site, case.positions_arg(), case.normalise, case.vectors[0]);
+        match groups.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, cases)) => cases.push(case),
+            None => groups.push((key, vec![case])),
+        }
+    }
+    let labels = golden.labels.iter().map(|t| format!("{t}={t}")).collect::<Vec<_>>().join(",");
+    let join = |v: Vec<String>| v.join(",");
+    groups
+        .iter()
+        .enumerate()
+        .map(|(i, (_, cases))| {
+            // Layer-major: the first layer's cases give the betas.
+            let nb = cases.iter().take_while(|c| c.layer == cases[0].layer).count();
+            let betas: Vec<f32> = cases[..nb].iter().map(|c| c.beta).collect();
+            let layers: Vec<usize> = cases.iter().step_by(nb).map(|c| c.layer).collect();
+            for (k, c) in cases.iter().enumerate() {
+                assert_eq!((c.layer, c.beta), (layers[k / nb], betas[k % nb]), "{}: not a (layer, beta) grid", c.name());
+            }
+            let c = cases[0];
+            let mut args: Vec<String> = ["steer", "--mode", "labels", "--quiet", "--model"].map(String::from).into();
+            args.extend([model.display().to_string(), "--token-ids".into(), token_ids.display().to_string()]);
+            args.extend(["--label-token-ids".into(), labels.clone(), "--vector".into(), format!("{}:{}", vectors.display(), c.vectors[0])]);
+            args.extend(["--site".into(), c.site.clone(), "--layers".into(), join(layers.iter().map(usize::to_string).collect())]);
+            args.extend([format!("--betas={}", join(betas.iter().map(f32::to_string).collect())), format!("--positions={}", c.positions_arg())]);
+            if c.normalise {
+                args.push("--normalise".into());
+            }
+            args.extend(["--out".into(), out.join(i.to_string()).display().to_string()]);
+            let rows = (0..golden.prompts.len())
+                .flat_map(|p| cases.iter().map(move |c| (p, c)))
+                .map(|(p, c)| {
+                    let top = (0..golden.labels.len()).max_by(|&a, &b| c.steered[p][a].total_cmp(&c.steered[p][b])).unwrap();
+                    ScoreRow { index: p, layer: c.layer, beta: c.beta, label_logits: c.steered[p].clone(), pred: golden.labels[top].to_string() }
+                })
+                .collect();
+            SteerRun { args, rows }
+        })
+        .collect()
+}
+
+/// The steer commands cover every single-vector add case once per prompt, each (site,
+/// positions, normalise) group with all its layers and betas; the rows are the golden's values.
+#[test]
+fn steer_label_runs_cover_the_add_cases() {
+    let (model, golden, _) = load("llama");
+    let dir = fixture("llama");
+    let runs = steer_label_runs(&golden, &dir, Path::new("ids.json"), &dir.join("steer_vectors.safetensors"), Path::new("out"));
+    let n_prompts = golden.prompts.len();
+    let single: Vec<&Case> = golden.cases.iter().filter(|c| c.op == "add" && c.vectors.len() == 1).collect();
+    // 4 site kinds x 2 positions x raw/normalised, each over every layer and 4 betas.
+    assert_eq!(runs.len(), 16);
+    assert_eq!(runs.iter().map(|r| r.rows.len()).sum::<usize>(), single.len() * n_prompts);
+    let n_layers = model.cfg.n_layers.to_string();
+    for run in &runs {
+        let arg = |flag: &str| run.args.iter().position(|a| a == flag).map(|i| run.args[i + 1].as_str());
+        assert_eq!(arg("--layers").map(|l| l.split(',').count().to_string()), Some(n_layers.clone()), "{:?}", run.args);
+        let site = arg("--site").unwrap();
+        let normalise = run.args.iter().any(|a| a == "--normalise");
+        for row in &run.rows {
+            let case = single
+                .iter()
+                .find(|c| c.site == site && c.layer == row.layer && c.beta == row.beta && c.normalise == normalise && run.args.contains(&format!("--positions={}", c.positions_arg())))
+                .unwrap_or_else(|| panic!("{row:?}: no such case"));
+            assert_eq!(row.label_logits, case.steered[row.index]);
+            let top = golden.labels.iter().position(|t| t.to_string() == row.pred).unwrap();
+            assert!(row.label_logits.iter().all(|&v| v <= row.label_logits[top]), "{row:?}: pred is not the top label");
+        }
+    }
+}
