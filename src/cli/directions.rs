@@ -287,7 +287,9 @@ fn context_averaged(a: &DirectionsArgs) -> Result<(Vec<SiteDirections>, BTreeMap
     let versus = a.versus.as_deref().unwrap_or("neutral");
     let neutral = picked.iter().position(|v| v == versus).ok_or_else(|| Error::input(format!("--versus {versus}: not one of the variants [{}]", picked.join(", "))))?;
     let classes: Vec<usize> = s.dataset.examples.iter().map(|e| e.label.as_ref().and_then(|l| picked.iter().position(|v| v == l)).unwrap_or(neutral)).collect();
-    let rows = rows_per_class(&classes.iter().map(|&c| Some(c)).collect::<Vec<_>>(), &picked);
+    let counted: Vec<Option<usize>> = classes.iter().map(|&c| Some(c)).collect();
+    check_classes(&counted, &picked, Versus::Class(neutral))?;
+    let rows = rows_per_class(&counted, &picked);
     let (meta, mut metadata) = inputs.capture(a, &s.dataset)?;
     let bar = progress_bar(meta.sites.len() as u64, "directions", "sites", a.quiet);
     let out = dirs::context_averaged_from_capture(&a.out.join("acts"), &meta, &s.scenario, &classes, &picked, neutral, &bar)?;
