@@ -43,6 +43,13 @@ fn directions(out: &Path, extra: &[&str]) -> (i32, String) {
     patchbay(&a)
 }
 
+/// The run `what` failed with a one-line error holding `want`.
+fn assert_fails(what: &str, (code, err): (i32, String), want: &str) {
+    assert_ne!(code, 0, "{what} succeeded");
+    assert!(err.contains(want), "{what}: expected `{want}` in: {err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{what}: not one line: {err}");
+}
+
 fn run_ok(out: &Path, extra: &[&str]) {
     let (code, err) = directions(out, extra);
     assert_eq!(code, 0, "directions {extra:?}: {err}");
@@ -117,6 +124,18 @@ fn check_values(out: &Path, reference: Option<&str>) {
     }
 }
 
+/// The directions in `emu` (made on the emulated device) are those in `cpu`, to within a small
+/// angle (bf16 weights on the device).
+fn assert_same_directions(cpu: &Path, emu: &Path) {
+    let ((a, _), (b, meta)) = (read(&cpu.join("directions.safetensors")), read(&emu.join("directions.safetensors")));
+    assert!(meta["device"].starts_with("emu"), "device {}", meta["device"]);
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    for (name, x) in &a {
+        let cos = cosine(x, &b[name]);
+        assert!(cos > 0.99, "{name}: cosine {cos} between the cpu and emu directions");
+    }
+}
+
 #[test]
 fn one_vs_rest_file_contract_and_values() {
     let dir = tempfile::tempdir().unwrap();
@@ -151,17 +170,7 @@ fn the_emulated_device_gives_the_cpu_directions() {
     let (cpu, emu) = (dir.path().join("cpu"), dir.path().join("emu"));
     run_ok(&cpu, &[]);
     run_ok(&emu, &["--device", "emu"]);
-    let ((a, _), (b, meta)) = (read(&cpu.join("directions.safetensors")), read(&emu.join("directions.safetensors")));
-    assert!(meta["device"].starts_with("emu"), "device {}", meta["device"]);
-    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
-    for (name, x) in &a {
-        // bf16 weights on the device: the same direction to within a small angle.
-        let y = &b[name];
-        let dot: f64 = x.iter().zip(y).map(|(p, q)| *p as f64 * *q as f64).sum();
-        let norm = |v: &[f32]| v.iter().map(|p| (*p as f64).powi(2)).sum::<f64>().sqrt();
-        let cos = dot / (norm(x) * norm(y));
-        assert!(cos > 0.99, "{name}: cosine {cos} between the cpu and emu directions");
-    }
+    assert_same_directions(&cpu, &emu);
 }
 
 #[test]
@@ -177,10 +186,7 @@ fn bad_input_is_a_one_line_error() {
         (&["--labels", "anger", "--filter", "emotion=anger"], "need at least 2 classes"),
     ];
     for (extra, want) in cases {
-        let (code, err) = directions(&out, extra);
-        assert_ne!(code, 0, "{extra:?} succeeded");
-        assert!(err.contains(want), "{extra:?}: expected `{want}` in: {err}");
-        assert_eq!(err.trim_end().lines().count(), 1, "{extra:?}: not one line: {err}");
+        assert_fails(&format!("{extra:?}"), directions(&out, extra), want);
     }
     assert!(!out.join("directions.safetensors").exists());
     assert!(!out.join("acts").exists(), "a bad input was found only after a capture");
@@ -259,14 +265,7 @@ fn context_averaged_on_the_emulated_device_gives_the_cpu_directions() {
         let (code, err) = context_averaged(out, &[&flags[..], &["--device", device]].concat());
         assert_eq!(code, 0, "{device}: {err}");
     }
-    let ((a, _), (b, meta)) = (read(&cpu.join("directions.safetensors")), read(&emu.join("directions.safetensors")));
-    assert!(meta["device"].starts_with("emu"), "device {}", meta["device"]);
-    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
-    for (name, x) in &a {
-        // bf16 weights on the device: the same direction to within a small angle.
-        let cos = cosine(x, &b[name]);
-        assert!(cos > 0.99, "{name}: cosine {cos} between the cpu and emu directions");
-    }
+    assert_same_directions(&cpu, &emu);
 }
 
 #[test]
@@ -316,10 +315,7 @@ fn probe_directions_are_the_saved_probe_weights() {
         (&["--sites", "attn_out"], "--sites attn_out: no such site in the probe weights"),
     ];
     for (extra, want) in cases {
-        let (code, err) = directions_with(&[&base[..], &strings(extra)].concat());
-        assert_ne!(code, 0, "{extra:?} succeeded");
-        assert!(err.contains(want), "{extra:?}: expected `{want}` in: {err}");
-        assert_eq!(err.trim_end().lines().count(), 1, "{extra:?}: not one line: {err}");
+        assert_fails(&format!("{extra:?}"), directions_with(&[&base[..], &strings(extra)].concat()), want);
     }
 }
 
@@ -393,10 +389,7 @@ fn unique_effect_vectors_are_orthogonal_to_the_others_and_the_subspace_projects(
             true => [&strings(&["--method", "unique-effect", "--out", &out.display().to_string()])[..], &extra[..]].concat(),
             false => [&base[..], &extra[..]].concat(),
         };
-        let (code, err) = directions_with(&args);
-        assert_ne!(code, 0, "{extra:?} succeeded");
-        assert!(err.contains(want), "{extra:?}: expected `{want}` in: {err}");
-        assert_eq!(err.trim_end().lines().count(), 1, "{extra:?}: not one line: {err}");
+        assert_fails(&format!("{extra:?}"), directions_with(&args), want);
     }
 }
 
@@ -413,14 +406,9 @@ fn bad_method_input_is_a_one_line_error_before_any_capture() {
         (&["--labels", "positive", "--versus", "positive"], "directions against a class need at least 2 classes"),
     ];
     for (extra, want) in cases {
-        let (code, err) = context_averaged(&out, extra);
-        assert_ne!(code, 0, "{extra:?} succeeded");
-        assert!(err.contains(want), "{extra:?}: expected `{want}` in: {err}");
-        assert_eq!(err.trim_end().lines().count(), 1, "{extra:?}: not one line: {err}");
+        assert_fails(&format!("{extra:?}"), context_averaged(&out, extra), want);
     }
-    let (code, err) = directions_with(&strings(&["--method", "probe", "--out", &out.display().to_string()]));
-    assert!(code != 0 && err.contains("--method probe needs --probe-weights FILE|DIR"), "{err}");
-    let (code, err) = directions_with(&strings(&["--dataset", &data(), "--out", &out.display().to_string()]));
-    assert!(code != 0 && err.contains("--method class-mean needs --model"), "{err}");
+    assert_fails("no probe weights", directions_with(&strings(&["--method", "probe", "--out", &out.display().to_string()])), "--method probe needs --probe-weights FILE|DIR");
+    assert_fails("no model", directions_with(&strings(&["--dataset", &data(), "--out", &out.display().to_string()])), "--method class-mean needs --model");
     assert!(!out.join("acts").exists(), "a bad input was found only after a capture");
 }
