@@ -46,13 +46,14 @@ Methods (x: a prompt's activation at the site averaged over --positions, default
     row per numeric column (appraisal), at one position (--positions, default -1). The weights
     are in activation space (the fit's standardisation is folded in: w_std / scale), so each
     direction is the gradient of its logit or rating with respect to the raw activation, what
-    x <- x + beta v steers along. The multinomial rows sum to zero (L2 fit), so a set of all
-    the classes is linearly dependent. --labels keeps some names.
+    x <- x + beta v steers along. The multinomial rows sum to zero at the optimum (L2 fit), so
+    a set of all the classes is (nearly) linearly dependent. --labels keeps some names.
   unique-effect (Tak et al.): from a directions file (--from) and a set of its names (--labels,
     at least one), per site (--sites, default all of the file's): each direction projected onto
     the orthogonal complement of the span of the others (QR), named <name>.unique, and the set's
     subspace <site>/subspace [k, width] (orthonormal rows; P = learn::directions::projector of
-    it, for x <- x + v - beta P x). A linearly dependent set is an error naming the direction.
+    it, for x <- x + v - beta P x). A linearly dependent set is an error naming the direction;
+    the command says which unique effect keeps the smallest share of its direction's norm.
   probe and unique-effect read files only (no --model, no device).
 
 Writes OUT/directions.safetensors (format patchbay-directions-1): one f32 tensor [width] per
@@ -324,7 +325,12 @@ fn unique_effect(a: &DirectionsArgs) -> Result<(Vec<SiteDirections>, BTreeMap<St
     let (src, source) = dirs::read_directions(from)?;
     let available: Vec<String> = src.iter().map(|s| s.site.clone()).collect();
     let sites = dirs::select_sites(&available, a.sites.as_deref(), &from.display().to_string())?;
-    let out = dirs::unique_effect_sets(&src, &sites, &set)?;
+    let (out, (weakest, share)) = dirs::unique_effect_sets(&src, &sites, &set)?;
+    if !a.quiet {
+        let nearly = if share < 0.05 { " (the set is nearly linearly dependent)" } else { "" };
+        let share = if share < 1e-3 { format!("{share:.1e}") } else { format!("{share:.3}") };
+        eprintln!("the smallest unique effect is {weakest}.unique: {share} of the direction's norm{nearly}");
+    }
     // The source's provenance, then what this step adds.
     let mut metadata: BTreeMap<String, String> = source.iter().filter(|(k, _)| !matches!(k.as_str(), "format" | "sites" | "classes" | "method")).map(|(k, v)| (k.clone(), v.clone())).collect();
     metadata.insert("method".into(), "unique-effect".into());

@@ -218,9 +218,13 @@ pub fn select_sites(available: &[String], spec: Option<&str>, source: &str) -> R
 
 /// Tak et al.'s unique-effect vectors of the set `names` at each site of `sites`: every
 /// direction projected onto the orthogonal complement of the span of the others, named
-/// `<name>.unique`, and the set's subspace (orthonormal rows). Err naming the site and the
-/// direction when one is missing, zero or not finite, or the set is linearly dependent.
-pub fn unique_effect_sets(src: &[SiteDirections], sites: &[String], names: &[String]) -> Result<Vec<SiteDirections>> {
+/// `<name>.unique`, and the set's subspace (orthonormal rows). Also returns the unique effect
+/// that keeps the smallest share of its direction's norm (`<site>/<name>`, |u| / |v|): near 0,
+/// the set is nearly dependent. Err naming the site and the direction when one is missing, zero
+/// or not finite, or the set is linearly dependent.
+pub fn unique_effect_sets(src: &[SiteDirections], sites: &[String], names: &[String]) -> Result<(Vec<SiteDirections>, (String, f64))> {
+    let norm = |v: &[f32]| v.iter().map(|&x| x as f64 * x as f64).sum::<f64>().sqrt();
+    let mut weakest = (String::new(), f64::INFINITY);
     let mut out = Vec::with_capacity(sites.len());
     for site in sites {
         let s = src.iter().find(|s| &s.site == site).ok_or_else(|| Error::input(format!("no site {site}")))?;
@@ -231,6 +235,12 @@ pub fn unique_effect_sets(src: &[SiteDirections], sites: &[String], names: &[Str
             set.extend_from_slice(&s.directions[i]);
         }
         let ue = unique_effect_named(&set, s.width, names).map_err(|e| Error::input(format!("{site}, set [{}]: {e}", names.join(", "))))?;
+        for ((u, v), n) in ue.vectors.chunks(s.width).zip(set.chunks(s.width)).zip(names) {
+            let share = norm(u) / norm(v);
+            if share < weakest.1 {
+                weakest = (format!("{site}/{n}"), share);
+            }
+        }
         out.push(SiteDirections {
             site: site.clone(),
             width: s.width,
@@ -239,7 +249,7 @@ pub fn unique_effect_sets(src: &[SiteDirections], sites: &[String], names: &[Str
             subspace: Some(ue.basis),
         });
     }
-    Ok(out)
+    Ok((out, weakest))
 }
 
 /// The probe weight files named by `paths`: each a file, or a directory whose `*.safetensors`
