@@ -24,7 +24,7 @@ pub enum Command {
     Inspect(inspect::InspectArgs),
     /// Run prompts and save activations at chosen sites (and logits) to a safetensors file.
     Capture(capture::CaptureArgs),
-    /// Class-mean steering directions per site and layer from a labelled dataset (a safetensors file).
+    /// Steering directions per site: class-mean or context-averaged from a dataset, from probe weights, unique-effect vectors (a safetensors file).
     Directions(directions::DirectionsArgs),
     /// Activation-patching sweeps resumed from clean runs (the Tak et al. protocol and general sweeps).
     Patch(patch::PatchArgs),

@@ -115,9 +115,17 @@ pub fn context_averaged_directions(x: &[f32], d: usize, scenarios: &[usize], cla
 /// of its norm counts as linearly dependent on them (f32 inputs: well above their rounding).
 pub const RANK_TOL: f64 = 1e-5;
 
+/// How errors name direction `i` of a set (`direction 3`, or a caller's name such as `` `joy` ``).
+type Label<'a> = &'a dyn Fn(usize) -> String;
+
+/// Directions named by their index.
+fn by_index(i: usize) -> String {
+    format!("direction {i}")
+}
+
 /// The directions (`[k, d]` row-major f32) as the columns of a `[d, k]` f64 matrix, after
 /// checking the shape, 1 <= k <= d, and that every value is finite and no direction is zero.
-fn columns(directions: &[f32], d: usize) -> Result<Mat<f64>> {
+fn columns(directions: &[f32], d: usize, label: Label) -> Result<Mat<f64>> {
     if d == 0 || !directions.len().is_multiple_of(d) {
         return Err(Error::input(format!("{} direction values are not whole rows of width {d}", directions.len())));
     }
@@ -127,10 +135,10 @@ fn columns(directions: &[f32], d: usize) -> Result<Mat<f64>> {
     }
     for (i, v) in directions.chunks(d).enumerate() {
         if let Some(j) = v.iter().position(|x| !x.is_finite()) {
-            return Err(Error::input(format!("direction {i} holds a non-finite value ({}) at element {j}", v[j])));
+            return Err(Error::input(format!("{} holds a non-finite value ({}) at element {j}", label(i), v[j])));
         }
         if v.iter().all(|&x| x == 0.0) {
-            return Err(Error::input(format!("direction {i} is zero")));
+            return Err(Error::input(format!("{} is zero", label(i))));
         }
     }
     Ok(Mat::from_fn(d, k, |r, c| directions[c * d + r] as f64))
@@ -149,8 +157,8 @@ fn orthonormal_basis(a: MatRef<f64>) -> std::result::Result<Mat<f64>, usize> {
 }
 
 /// The error for direction `i` lying (within [`RANK_TOL`]) in the span of the others.
-fn dependent(i: usize) -> Error {
-    Error::input(format!("directions are linearly dependent: direction {i} lies in the span of the directions before it"))
+fn dependent(i: usize, label: Label) -> Error {
+    Error::input(format!("directions are linearly dependent: {} lies in the span of the directions before it", label(i)))
 }
 
 /// Tak et al.'s unique-effect vectors: each of the `k` directions (`[k, d]` row-major, k <= d)
@@ -159,20 +167,45 @@ fn dependent(i: usize) -> Error {
 /// when they are linearly dependent (rank < k), on a zero or non-finite direction, k > d, or a
 /// length that is not whole rows.
 pub fn unique_effect(directions: &[f32], d: usize) -> Result<Vec<f32>> {
-    let a = columns(directions, d)?;
+    unique_effect_labelled(directions, d, &by_index).map(|u| u.vectors)
+}
+
+/// A set's unique-effect vectors and the subspace it spans.
+#[derive(Clone, Debug, PartialEq)]
+pub struct UniqueEffect {
+    /// `[k, d]`: row i is direction i's unique effect (see [`unique_effect`]).
+    pub vectors: Vec<f32>,
+    /// `[k, d]`: orthonormal rows spanning the directions (the thin Q of their QR factorisation,
+    /// transposed); [`projector`] of it is the projector onto the set's span.
+    pub basis: Vec<f32>,
+}
+
+/// [`unique_effect`] and an orthonormal basis of the set's span, with errors naming the
+/// directions by `names` (one per direction: `` `joy` is zero ``, `` `joy` lies in the span of
+/// the directions before it ``).
+pub fn unique_effect_named(directions: &[f32], d: usize, names: &[String]) -> Result<UniqueEffect> {
+    if directions.len() != names.len() * d {
+        return Err(Error::input(format!("{} direction values for {} names of width {d}", directions.len(), names.len())));
+    }
+    unique_effect_labelled(directions, d, &|i| format!("`{}`", names[i]))
+}
+
+fn unique_effect_labelled(directions: &[f32], d: usize, label: Label) -> Result<UniqueEffect> {
+    let a = columns(directions, d, label)?;
     let k = a.ncols();
-    orthonormal_basis(a.as_ref()).map_err(dependent)?;
-    let mut out = Vec::with_capacity(k * d);
+    let q_all = orthonormal_basis(a.as_ref()).map_err(|j| dependent(j, label))?;
+    let mut vectors = Vec::with_capacity(k * d);
     for i in 0..k {
         // others: [d, k - 1], the columns of a but column i
         let others = Mat::from_fn(d, k - 1, |r, c| a[(r, if c < i { c } else { c + 1 })]);
         // Independent, as all k are: a subset's residuals are no smaller than the whole set's.
-        let q = orthonormal_basis(others.as_ref()).map_err(|j| dependent(if j < i { j } else { j + 1 }))?;
+        let q = orthonormal_basis(others.as_ref()).map_err(|j| dependent(if j < i { j } else { j + 1 }, label))?;
         let v = a.col(i);
         let u = v - &q * (q.transpose() * v);
-        out.extend(u.iter().map(|&x| x as f32));
+        vectors.extend(u.iter().map(|&x| x as f32));
     }
-    Ok(out)
+    let basis = (0..k * d).map(|e| q_all[(e % d, e / d)] as f32).collect();
+    Ok(UniqueEffect { vectors, basis })
 }
 
 /// The orthogonal projection P (`[d, d]` row-major) onto the span of the `k` directions
@@ -180,8 +213,8 @@ pub fn unique_effect(directions: &[f32], d: usize) -> Result<Vec<f32>> {
 /// the `p` of [`crate::intervene::Op::ProjectSet`]. Err as [`unique_effect`] on dependent, zero
 /// or non-finite directions.
 pub fn projector(directions: &[f32], d: usize) -> Result<Vec<f32>> {
-    let a = columns(directions, d)?;
-    let q = orthonormal_basis(a.as_ref()).map_err(dependent)?;
+    let a = columns(directions, d, &by_index)?;
+    let q = orthonormal_basis(a.as_ref()).map_err(|j| dependent(j, &by_index))?;
     let p = &q * q.transpose();
     Ok((0..d * d).map(|e| p[(e / d, e % d)] as f32).collect())
 }
@@ -283,6 +316,31 @@ mod tests {
         let u = unique_effect(&[1.0, 0.0, 0.0, 1.0, 1.0, 0.0], 3).unwrap();
         let want = [0.5, -0.5, 0.0, 0.0, 1.0, 0.0];
         assert!(u.iter().zip(&want).all(|(a, b)| (a - b).abs() < 1e-6), "{u:?}");
+    }
+
+    #[test]
+    fn named_unique_effect_gives_an_orthonormal_basis_of_the_span_and_named_errors() {
+        for (k, d, seed) in SHAPES {
+            let v = normals(seed, k, d);
+            let names: Vec<String> = (0..k).map(|i| format!("n{i}")).collect();
+            let ue = unique_effect_named(&v, d, &names).unwrap();
+            assert_eq!(ue.vectors, unique_effect(&v, d).unwrap());
+            for i in 0..k {
+                for j in 0..k {
+                    let g = dot(&ue.basis[i * d..(i + 1) * d], &ue.basis[j * d..(j + 1) * d]);
+                    assert!((g - f64::from(u8::from(i == j))).abs() < 1e-5, "k {k} d {d}: basis gram [{i},{j}] = {g}");
+                }
+            }
+            let (a, b) = (projector(&ue.basis, d).unwrap(), projector(&v, d).unwrap());
+            assert!(a.iter().zip(&b).all(|(x, y)| (x - y).abs() < 1e-5), "k {k} d {d}: the basis spans another subspace");
+        }
+        let names = ["joy".to_string(), "anger".to_string(), "fear".to_string()];
+        let mut v = normals(34, 3, 5);
+        v.copy_within(0..5, 10);
+        assert_eq!(unique_effect_named(&v, 5, &names).unwrap_err().to_string(), "directions are linearly dependent: `fear` lies in the span of the directions before it");
+        v[5..10].fill(0.0);
+        assert_eq!(unique_effect_named(&v, 5, &names).unwrap_err().to_string(), "`anger` is zero");
+        assert_eq!(unique_effect_named(&v[..10], 5, &names).unwrap_err().to_string(), "10 direction values for 3 names of width 5");
     }
 
     #[test]

@@ -11,7 +11,12 @@
 //! Saved weights act on raw activations (any standardisation is folded in): logits
 //! `= W x + b` over the classes, numeric predictions `= W x + b` per column. With held-out
 //! evaluation they are the evaluated model (fitted on the training part); with k-fold they are
-//! refitted on all selected examples.
+//! refitted on all selected examples. A site's weight file holds, per captured position P,
+//! `posP.logreg.weight` `[classes, width]` and `.bias`, `posP.ridge.weight` `[numeric, width]`
+//! and `.bias`, `posP.mean` and `posP.scale` (the fit's standardisation), with its provenance in
+//! the metadata: site, model, config_sha256, prompts_sha256, positions, classes and numeric
+//! (JSON lists, the weights' row order), C, alpha, standardize, eval. `patchbay directions
+//! --method probe` turns the rows into steering directions.
 //!
 //! `pipeline`: the stages of `patchbay probe` (and of the demo's probing); `plots`: plots of
 //! the results.
@@ -193,6 +198,9 @@ pub fn run_probes(shard_dir: &Path, targets: &ProbeTargets, split: &Split, param
         let class_names: Vec<&String> = out.first().map(|o| o.classes.iter().map(|&c| &targets.class_names[c]).collect()).unwrap_or_default();
         let md = BTreeMap::from([
             ("site".to_string(), site_name.clone()),
+            ("model".to_string(), meta.model.clone()),
+            ("config_sha256".to_string(), meta.config_sha256.clone()),
+            ("prompts_sha256".to_string(), meta.prompts_sha256.clone()),
             ("positions".to_string(), serde_json::to_string(&meta.positions).unwrap_or_default()),
             ("classes".to_string(), serde_json::to_string(&class_names).unwrap_or_default()),
             ("numeric".to_string(), serde_json::to_string(&targets.numeric_names).unwrap_or_default()),
