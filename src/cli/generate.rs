@@ -14,6 +14,7 @@ use patchbay::backend::ops::sample::SampleParams;
 use patchbay::data::prompts::{PromptEntry, PromptSource, load_prompts, read_prompts_file};
 use patchbay::data::template::TokenStats;
 use patchbay::experiments::dataset_files::dataset_json;
+use patchbay::experiments::patch_files::write_manifest;
 use patchbay::experiments::generate::{GenerateSpec, Generation, StepIntervention, StopReason, generate};
 use patchbay::model::Model;
 use patchbay::model::tokenizer::PromptTokenizer;
@@ -170,7 +171,7 @@ pub fn run_with(a: GenerateArgs, ivs: Interventions) -> Result<()> {
         eprintln!("{}", stats.describe());
     }
 
-    std::fs::create_dir_all(&a.out).map_err(|e| Error::file(&a.out, format!("cannot create the output directory: {e}")))?;
+    std::fs::create_dir_all(&a.out).map_err(|e| Error::io(&a.out, e))?;
     let manifest = |timings: Value| -> Result<()> {
         let m = json!({
             "command": "generate",
@@ -188,13 +189,13 @@ pub fn run_with(a: GenerateArgs, ivs: Interventions) -> Result<()> {
             "timings_s": timings,
             "peak_rss_bytes": patchbay::io::tensorfile::peak_rss_bytes(),
         });
-        patchbay::io::write_atomic(&a.out.join("manifest.json"), serde_json::to_string_pretty(&m).map_err(|e| Error::input(e.to_string()))?.as_bytes())
+        write_manifest(&a.out.join("manifest.json"), &m)
     };
     // Written first (a killed run still says what it was), rewritten with the timings at the end.
     manifest(Value::Null)?;
     let path = a.out.join("generations.jsonl");
-    let mut file = std::io::BufWriter::new(std::fs::File::create(&path).map_err(|e| Error::file(&path, e.to_string()))?);
-    let write_err = |e: std::io::Error| Error::file(&path, e.to_string());
+    let mut file = std::io::BufWriter::new(std::fs::File::create(&path).map_err(|e| Error::io(&path, e))?);
+    let write_err = |e: std::io::Error| Error::io(&path, e);
     let bar = progress_bar(0, "generate", "tokens", a.quiet);
     let t_gen = Instant::now();
     let gens = generate(engine.as_ref(), &inputs.ids, &spec, &ivs.steps, tok.as_ref(), &bar, &mut |first, batch| {
