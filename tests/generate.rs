@@ -379,6 +379,8 @@ fn greedy_agree(what: &str, model: &Model, prompts: &[Vec<u32>], steer: &[StepIn
         assert!(margin <= FORWARD_BF16_REL * max, "{what}, prompt {p}, token {k}: the device chose {} over the CPU's {} by a margin of {margin} (logits up to {max})", d[k], c[k]);
     }
     let total: usize = cpu.iter().map(Vec::len).sum();
+    let same = cpu.iter().flatten().zip(dev.iter().flatten()).filter(|(a, b)| a == b).count();
+    println!("{what}: {same} of {total} greedy tokens equal, {compared} compared");
     assert!(4 * compared >= 3 * total, "{what}: only {compared} of {total} greedy tokens compared");
 }
 
