@@ -273,6 +273,9 @@ fn stop_strings_cut_the_text_and_the_context_ends_generation() {
     let long = vec![vec![5u32; max - 3]];
     let g = run_tok(&spec, &long);
     assert_eq!((g[0].tokens.len(), g[0].stop), (3, StopReason::Length));
+    // No new tokens: an empty text.
+    let none = run_tok(&GenerateSpec { max_new_tokens: 0, ..spec.clone() }, &prompts[..1]);
+    assert_eq!((none[0].tokens.len(), none[0].text.as_deref(), none[0].stop), (0, Some(""), StopReason::Length));
     let err = generate(&model, &[vec![5u32; max]], &spec, &[], None, &bar, &mut |_, _| Ok(())).unwrap_err().to_string();
     assert!(err.contains("prompt 0 has 256 tokens") && err.contains("context"), "{err}");
     let err = generate(&model, &prompts, &GenerateSpec { stop: vec!["x".into()], ..spec.clone() }, &[], None, &bar, &mut |_, _| Ok(())).unwrap_err().to_string();

@@ -195,7 +195,7 @@ fn generate_batch(engine: &dyn Engine, prompts: &[Vec<u32>], first: usize, spec:
     let cfg = engine.config();
     let vocab = cfg.vocab_size;
     let mut seqs: Vec<DecodeSeq> = prompts.iter().map(|_| engine.start_decode()).collect::<Result<_>>()?;
-    let mut gens: Vec<Generation> = (0..prompts.len()).map(|i| Generation { tokens: Vec::new(), text: None, stop: StopReason::Length, seed: prompt_seed(spec.sample.seed, first + i) }).collect();
+    let mut gens: Vec<Generation> = (0..prompts.len()).map(|i| Generation { tokens: Vec::new(), text: tok.map(|_| String::new()), stop: StopReason::Length, seed: prompt_seed(spec.sample.seed, first + i) }).collect();
     let mut running: Vec<bool> = vec![spec.max_new_tokens > 0; prompts.len()];
     let last = Positions::List(vec![-1]);
     for step in 0..spec.max_new_tokens {
@@ -231,7 +231,9 @@ fn generate_batch(engine: &dyn Engine, prompts: &[Vec<u32>], first: usize, spec:
             if stop.is_some() && text.is_none() {
                 text = tok.map(|t| t.decode(kept)).transpose()?;
             }
-            g.text = text.map(|t| t[..cut.unwrap_or(t.len())].to_string());
+            if let Some(t) = text {
+                g.text = Some(t[..cut.unwrap_or(t.len())].to_string());
+            }
             progress.inc(1);
             if let Some(stop) = stop {
                 g.stop = stop;
