@@ -22,7 +22,7 @@ use patchbay::{Error, Result};
 
 const GENERATE_HELP: &str = "Examples:
   patchbay generate --model M --prompts prompts.txt --max-new-tokens 64 --out runs/gen
-  patchbay generate --model M --prompts chat.jsonl --chat --temperature 0.7 --top-p 0.9 --seed 1 --stop '\\n\\n' --out runs/chat
+  patchbay generate --model M --prompts chat.jsonl --chat --temperature 0.7 --top-p 0.9 --seed 1 --stop $'\\n\\n' --out runs/chat
   patchbay generate --model M --dataset envent_gen.csv --preset envent --template tak --limit 100 --max-new-tokens 8 --device cuda --out runs/tak
   patchbay generate --model M --token-ids ids.json --max-new-tokens 16 --device emu --out runs/ids
 
@@ -35,15 +35,15 @@ use it).
 Decoding: greedy at --temperature 0 (the default), else temperature and nucleus (--top-p) sampling.
 A prompt's draws depend only on --seed and its index in the input (its `seed`), never on the batch
 it runs in. A prompt stops at an eos id of the checkpoint (config.json / generation_config.json),
-when its text contains a --stop string, after --max-new-tokens, or when the model's context
-(max_position_embeddings) is full.
+when its text contains a --stop string (in bash, $'\\n' is a line break), after --max-new-tokens,
+or when the model's context (max_position_embeddings) is full.
 
 Outputs in --out: generations.jsonl, one object per prompt in input order, appended and flushed
-after each batch: index, prompt (the text before any chat template; null with --token-ids), text
-(the generated text, without a final eos, cut before a stop string), tokens (every generated id,
-the eos or the token completing a stop string included), stop (eos | stop_string | length),
-interventions (their description; [] without), seed. manifest.json: the command line, model,
-device, inputs, sampling, timings.";
+after each batch: index, prompt (the text before --chat's template, a messages line as rendered;
+null with --token-ids), text (the generated text, without a final eos, cut before a stop string),
+tokens (every generated id, the eos or the token completing a stop string included), stop (eos |
+stop_string | length), interventions (their description; [] without), seed. manifest.json: the
+command line, model, device, inputs, sampling, timings.";
 
 #[derive(Args)]
 #[command(after_help = GENERATE_HELP)]
