@@ -15,8 +15,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use patchbay::backend::ops::sample::SampleParams;
-use patchbay::engine::forward::{KvCache, SeqInput};
-use patchbay::experiments::bench::{decode, prefill};
+use patchbay::experiments::bench::{decode, prefill, prefilled};
 use patchbay::experiments::generate::{GenerateSpec, StepIntervention, TokenScope, generate};
 use patchbay::experiments::patch::{Method, SweepSpec, all_centers};
 use patchbay::experiments::workload::{PatchWorkload, PatchWorkloadSpec, random_prompts};
@@ -55,11 +54,8 @@ fn benches(c: &mut Criterion) {
     g.sample_size(20);
     g.throughput(Throughput::Elements((BATCH * PROMPT_LEN) as u64));
     g.bench_function("prefill", |b| b.iter(|| black_box(prefill(&model, &prompts, &[]).expect("prefill"))));
-    let mut caches: Vec<KvCache> = prompts.iter().map(|_| KvCache::new(cfg.n_layers)).collect();
-    let mut seqs: Vec<SeqInput> = prompts.iter().zip(caches.iter_mut()).map(|(p, c)| SeqInput::tokens(p, c)).collect();
-    model.run(&mut seqs, &[], &[], None, None).expect("prefill");
     g.throughput(Throughput::Elements((BATCH * STEPS) as u64));
-    g.bench_function("decode", |b| b.iter_batched(|| caches.clone(), |mut c| decode(&model, &mut c, &tokens).expect("decode"), BatchSize::LargeInput));
+    g.bench_function("decode", |b| b.iter_batched(|| prefilled(&model, &prompts).expect("prefill"), |mut s| decode(&model, &mut s, &tokens).expect("decode"), BatchSize::LargeInput));
     g.finish();
 
     let mut g = c.benchmark_group("capture");
@@ -95,10 +91,10 @@ fn benches(c: &mut Criterion) {
     let mut g = c.benchmark_group("generate");
     g.sample_size(10);
     g.throughput(Throughput::Elements((BATCH * STEPS) as u64));
-    let gen_spec = GenerateSpec { max_new_tokens: STEPS, sample: SampleParams::GREEDY, eos_ids: Vec::new() };
+    let gen_spec = GenerateSpec { max_new_tokens: STEPS, sample: SampleParams::GREEDY, eos_ids: Vec::new(), stop: Vec::new(), batch_size: BATCH };
     let steer = [StepIntervention::steer(Site::new(cfg.n_layers / 2, SiteKind::ResidPost), vec![0.5; cfg.d_model], 1.0, TokenScope::all())];
     for (name, steps) in [("plain", &[][..]), ("steered", &steer[..])] {
-        g.bench_function(name, |b| b.iter(|| black_box(generate(&model, &prompts, &gen_spec, steps, &hidden).expect("generate"))));
+        g.bench_function(name, |b| b.iter(|| black_box(generate(&model, &prompts, &gen_spec, steps, None, &hidden, &mut |_, _| Ok(())).expect("generate"))));
     }
     g.finish();
 }

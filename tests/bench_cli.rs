@@ -51,13 +51,14 @@ fn forward_reports_prefill_and_decode() {
     assert!((v["ratio"].as_f64().unwrap() - p / d).abs() <= 1e-9 * p / d, "ratio = prefill / decode tokens/s");
     assert!((p * v["prefill_s"].as_f64().unwrap() - 10.0).abs() < 1e-6, "prefill tokens/s x s = batch x prompt_len");
     assert!(v["peak_rss_bytes"].as_u64().unwrap() > 0);
-    // On the emulated device: prefill only, decode null.
+    // On the emulated device (decoding in its paged KV pool); with no steps, decode is null.
     let model = fixture("llama");
-    let (code, out, err) = patchbay(&["bench", "forward", "--model", model.to_str().unwrap(), "--device", "emu", "--batch", "1", "--prompt-len", "3", "--reps", "1", "--json"]);
+    let (code, out, err) = patchbay(&["bench", "forward", "--model", model.to_str().unwrap(), "--device", "emu", "--batch", "2", "--prompt-len", "3", "--decode-steps", "2", "--reps", "1", "--json"]);
     assert_eq!(code, 0, "{err}");
     let v: Value = serde_json::from_str(&out).unwrap();
     assert!(v["device"].as_str().unwrap().starts_with("emu"), "{v}");
-    positive(&v, &["prefill_tokens_per_s"]);
+    positive(&v, &["prefill_tokens_per_s", "decode_tokens_per_s", "ratio"]);
+    let v = bench_json("forward", &["--batch", "1", "--prompt-len", "3", "--decode-steps", "0", "--reps", "1"]);
     assert!(v["decode_tokens_per_s"].is_null() && v["ratio"].is_null(), "{v}");
 }
 
@@ -84,6 +85,14 @@ fn generate_reports_plain_and_steered() {
     assert!(v["tokens_changed"].as_u64().unwrap() > 0, "steering with norm 1000 changed no token: {v}");
     let v = bench_json("generate", &["--batch", "2", "--prompt-len", "4", "--new-tokens", "3", "--reps", "1", "--beta", "0", "--scope", "generated", "--temperature", "0.7", "--top-p", "0.9", "--site", "blocks.0.hook_attn_out"]);
     assert_eq!(v["tokens_changed"], 0, "steering with norm 0 changed tokens: {v}");
+    // On the emulated device.
+    let model = fixture("llama");
+    let (code, out, err) = patchbay(&["bench", "generate", "--model", model.to_str().unwrap(), "--device", "emu", "--batch", "2", "--prompt-len", "3", "--new-tokens", "2", "--reps", "1", "--beta", "1000", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert!(v["device"].as_str().unwrap().starts_with("emu"), "{v}");
+    positive(&v, &["plain_tokens_per_s", "steered_tokens_per_s", "ratio"]);
+    assert!(v["tokens_changed"].as_u64().unwrap() > 0, "steering with norm 1000 changed no token on emu: {v}");
 }
 
 #[test]
@@ -112,10 +121,10 @@ fn tables_and_errors() {
         assert!(out.contains(want), "no `{want}` in\n{out}");
     }
     let bad: [(&[&str], &str); 5] = [
+        (&["bench", "generate", "--model", m, "--new-tokens", "0"], "--new-tokens"),
         (&["bench", "forward", "--model", m, "--reps", "0"], "--reps"),
         (&["bench", "forward", "--model", m, "--batch", "0"], "--batch"),
         (&["bench", "capture", "--model", m, "--sites", "blocks.7.hook_resid_post"], "out of range"),
-        (&["bench", "generate", "--model", m, "--device", "emu"], "CPU reference only"),
         (&["bench", "generate", "--model", m, "--temperature=-1"], "temperature"),
     ];
     for (args, want) in bad {

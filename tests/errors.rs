@@ -465,9 +465,9 @@ fn prompts_jsonl_with_a_bad_line() {
     let f = s.write("bad_type.jsonl", "{\"text\": \"I got the job\"}\n{\"text\": 3}\n");
     expect_error(&strs(&run(&f)), &["bad_type.jsonl", "line 2", "string"]);
     let f = s.write("both.jsonl", "{\"text\": \"a\", \"messages\": [{\"role\": \"user\", \"content\": \"b\"}]}\n");
-    expect_error(&strs(&run(&f)), &["both.jsonl", "line 1", "exactly one of `text` or `messages`"]);
-    let f = s.write("unknown_field.jsonl", "{\"text\": \"a\"}\n{\"prompt\": \"b\"}\n");
-    expect_error(&strs(&run(&f)), &["unknown_field.jsonl", "line 2", "prompt"]);
+    expect_error(&strs(&run(&f)), &["both.jsonl", "line 1", "exactly one of `text` (or `prompt`) or `messages`"]);
+    let f = s.write("unknown_field.jsonl", "{\"text\": \"a\"}\n{\"input\": \"b\"}\n");
+    expect_error(&strs(&run(&f)), &["unknown_field.jsonl", "line 2", "input"]);
     let f = s.write("empty.jsonl", "\n\n");
     expect_error(&strs(&run(&f)), &["no prompts"]);
 }

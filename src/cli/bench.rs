@@ -36,8 +36,8 @@ enum BenchWhat {
   patchbay bench forward --model /tmp/l1b --device cuda --batch 32 --prompt-len 512 --json
 
 JSON fields: device, batch, prompt_len, decode_steps, reps, prefill_s, prefill_tokens_per_s, decode_s,
-decode_tokens_per_s, ratio (prefill/decode tokens/s), peak_rss_bytes; decode fields are null on a
-device (decoding runs on the CPU reference only so far).")]
+decode_tokens_per_s, ratio (prefill/decode tokens/s), peak_rss_bytes; decode fields are null with
+--decode-steps 0.")]
     Forward(ForwardArgs),
     /// Capture overhead: the same prefill without and with captures.
     #[command(after_help = "Examples:
@@ -47,10 +47,11 @@ device (decoding runs on the CPU reference only so far).")]
 JSON fields: device, batch, prompt_len, reps, sites, captured_bytes, plain_s, capture_s,
 plain_tokens_per_s, capture_tokens_per_s, ratio (capture_s / plain_s), peak_rss_bytes.")]
     Capture(CaptureBenchArgs),
-    /// Generation without and with steering (CPU reference, KV cache).
+    /// Generation without and with steering (KV cache, one batch).
     #[command(after_help = "Examples:
   patchbay bench generate --model /tmp/l1b --batch 4 --prompt-len 32 --new-tokens 16
   patchbay bench generate --model /tmp/l1b --site blocks.3.hook_resid_post --beta 16 --scope generated --json
+  patchbay bench generate --model /tmp/l1b --device cuda --batch 32 --prompt-len 128 --new-tokens 64
 
 The steering vector is a seeded random direction of norm --beta. JSON fields: device, batch, prompt_len,
 new_tokens, reps, plain_s, steered_s, plain_tokens_per_s, steered_tokens_per_s, ratio (steered_s / plain_s),
@@ -231,9 +232,8 @@ fn forward(a: ForwardArgs) -> Result<()> {
     let c = &a.common;
     let model = Model::load(&c.model)?;
     let engine = load_engine(&model, c.device)?;
-    let cpu = (c.device == DeviceSpec::Cpu).then_some(&model);
     let bar = progress_bar(0, "bench forward", "runs", c.quiet || c.json);
-    let r = bench_forward(&*engine, cpu, &c.shape(), a.decode_steps, &bar)?;
+    let r = bench_forward(&*engine, &c.shape(), a.decode_steps, &bar)?;
     bar.finish_and_clear();
     let (prefill, decode) = (format!("{} x {} tokens", r.batch, r.prompt_len), format!("{} x {} steps", r.batch, r.decode_steps));
     let mut rows = vec![("prefill", prefill.as_str(), r.prefill_s, r.prefill_tokens_per_s)];
@@ -242,7 +242,7 @@ fn forward(a: ForwardArgs) -> Result<()> {
             rows.push(("decode", &decode, s, per_s));
             format!("  ratio prefill/decode tokens/s: {ratio:.2}x\n")
         }
-        _ => "  decode: not measured (0 steps, or a device: decoding runs on the CPU reference only so far)\n".into(),
+        _ => "  decode: not measured (--decode-steps 0)\n".into(),
     };
     report("forward", &c.model, &model, c.json, &r, &table(&r.device, r.reps, &rows, &tail))
 }
@@ -264,9 +264,6 @@ fn capture(a: CaptureBenchArgs) -> Result<()> {
 
 fn generate(a: GenerateBenchArgs) -> Result<()> {
     let c = &a.common;
-    if c.device != DeviceSpec::Cpu {
-        return Err(Error::input(format!("bench generate: generation runs on the CPU reference only so far (got --device {})", c.device)));
-    }
     let model = Model::load(&c.model)?;
     let cfg = &model.cfg;
     let site = match &a.site {
@@ -281,8 +278,9 @@ fn generate(a: GenerateBenchArgs) -> Result<()> {
     };
     let steer = StepIntervention { site, units: None, op: Op::Add { beta: a.beta, v: direction, normalize: true }, scope };
     let sample = SampleParams { temperature: a.temperature, top_p: a.top_p, seed: c.seed };
+    let engine = load_engine(&model, c.device)?;
     let bar = progress_bar(0, "bench generate", "runs", c.quiet || c.json);
-    let r = bench_generate(&model, &c.shape(), a.new_tokens, sample, &steer, &bar)?;
+    let r = bench_generate(&*engine, &c.shape(), a.new_tokens, sample, &steer, &bar)?;
     bar.finish_and_clear();
     let what = format!("{} x {} after {} tokens", r.batch, r.new_tokens, r.prompt_len);
     let (changed, total) = (r.tokens_changed, r.batch * r.new_tokens);

@@ -42,7 +42,7 @@ pub struct CaptureArgs {
     /// A prompt text (repeatable).
     #[arg(long, num_args = 1.., required_unless_present_any = ["prompts", "token_ids"], conflicts_with_all = ["prompts", "token_ids"])]
     text: Vec<String>,
-    /// JSONL file: one {"text": ...} or {"messages": [...]} per line.
+    /// Prompts file: JSONL (.jsonl: one {"text": ...} or {"messages": [...]} per line), else one prompt per line.
     #[arg(long, conflicts_with = "token_ids")]
     prompts: Option<PathBuf>,
     /// JSON file: a list of lists of token ids, used verbatim (no BOS added).
@@ -78,7 +78,7 @@ pub fn run(a: CaptureArgs) -> Result<()> {
     let model = Model::load(&a.model)?;
     let engine = load_engine(&model, a.device)?;
     let source = match (&a.prompts, &a.token_ids) {
-        (Some(p), _) => PromptSource::Jsonl(p),
+        (Some(p), _) => PromptSource::File(p),
         (_, Some(t)) => PromptSource::TokenIds(t),
         _ => PromptSource::Texts(&a.text),
     };

@@ -5,6 +5,7 @@ pub mod capture;
 pub mod cost;
 pub mod demo;
 pub mod directions;
+pub mod generate;
 pub mod inspect;
 pub mod merge;
 pub mod patch;
@@ -26,6 +27,8 @@ pub enum Command {
     Capture(capture::CaptureArgs),
     /// Steering directions per site: class-mean or context-averaged from a dataset, from probe weights, unique-effect vectors (a safetensors file).
     Directions(directions::DirectionsArgs),
+    /// Generate text from prompts (KV-cache decoding, greedy or sampled) on any device: generations.jsonl.
+    Generate(generate::GenerateArgs),
     /// Activation-patching sweeps resumed from clean runs (the Tak et al. protocol and general sweeps).
     Patch(patch::PatchArgs),
     /// Combine the shards of a patching sweep (patch --shard i/n) into the whole run's outputs.
@@ -49,6 +52,7 @@ impl Command {
             Command::Inspect(a) => inspect::run(a),
             Command::Capture(a) => capture::run(a),
             Command::Directions(a) => directions::run(a),
+            Command::Generate(a) => generate::run(a),
             Command::Patch(a) => patch::run(a),
             Command::Merge(a) => merge::run(a),
             Command::Synth(a) => synth::run(a),

@@ -2,8 +2,9 @@
 //!
 //! - `--text T`: encoded as Hugging Face `tokenizer(T)` does (BOS as the tokenizer adds it);
 //!   with `--chat`, wrapped as one user message and rendered with the model's chat template.
-//! - `--prompts FILE.jsonl`: one JSON object per line, `{"text": ...}` or
-//!   `{"messages": [{"role": ..., "content": ...}, ...]}` (messages always use the template).
+//! - `--prompts FILE`: with the extension `.jsonl`, one JSON object per line, `{"text": ...}`
+//!   (or `{"prompt": ...}`) or `{"messages": [{"role": ..., "content": ...}, ...]}` (messages
+//!   always use the template); any other file holds one prompt per line.
 //! - `--token-ids FILE.json`: a JSON list of lists of token ids, used verbatim.
 
 use std::path::Path;
@@ -16,15 +17,55 @@ use crate::{Error, Result};
 /// Where the prompts come from.
 pub enum PromptSource<'a> {
     Texts(&'a [String]),
-    Jsonl(&'a Path),
+    File(&'a Path),
     TokenIds(&'a Path),
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PromptLine {
+    #[serde(alias = "prompt")]
     text: Option<String>,
     messages: Option<Vec<ChatMessage>>,
+}
+
+/// One prompt of a prompts file.
+#[derive(Clone, Debug)]
+pub enum PromptEntry {
+    Text(String),
+    Messages(Vec<ChatMessage>),
+}
+
+/// The prompts of a file, in order: JSONL when the name ends in `.jsonl` (blank lines skipped),
+/// else one prompt per line. An empty prompt is an error naming its line.
+pub fn read_prompts_file(path: &Path) -> Result<Vec<PromptEntry>> {
+    let text = String::from_utf8(crate::error::read_file(path)?).map_err(|_| Error::file(path, "not UTF-8"))?;
+    let jsonl = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("jsonl"));
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let at = |msg: &str| Error::file(path, format!("line {}: {msg}", i + 1));
+        if !jsonl {
+            if line.trim().is_empty() {
+                return Err(at("empty prompt (one prompt per line; use a .jsonl file for prompts with line breaks)"));
+            }
+            out.push(PromptEntry::Text(line.to_string()));
+            continue;
+        }
+        if line.trim().is_empty() {
+            continue;
+        }
+        let p: PromptLine = serde_json::from_str(line).map_err(|e| at(&e.to_string()))?;
+        out.push(match (p.text, p.messages) {
+            (Some(t), None) if t.is_empty() => return Err(at("empty prompt")),
+            (Some(t), None) => PromptEntry::Text(t),
+            (None, Some(m)) => PromptEntry::Messages(m),
+            _ => return Err(at("expected exactly one of `text` (or `prompt`) or `messages`")),
+        });
+    }
+    if out.is_empty() {
+        return Err(Error::file(path, "no prompts"));
+    }
+    Ok(out)
 }
 
 /// Token ids of every prompt, in input order. The tokenizer is loaded only when needed.
@@ -42,20 +83,15 @@ pub fn load_prompts(source: PromptSource, model_dir: &Path, chat: bool) -> Resul
             let tok = PromptTokenizer::load(model_dir)?;
             texts.iter().map(|t| encode_text(&tok, t, chat)).collect::<Result<_>>()?
         }
-        PromptSource::Jsonl(path) => {
+        PromptSource::File(path) => {
             let tok = PromptTokenizer::load(model_dir)?;
-            let text = String::from_utf8(crate::error::read_file(path)?).map_err(|_| Error::file(path, "not UTF-8"))?;
-            let mut out = Vec::new();
-            for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-                let at = |msg: String| Error::file(path, format!("line {}: {msg}", i + 1));
-                let p: PromptLine = serde_json::from_str(line).map_err(|e| at(format!("{e}")))?;
-                out.push(match (p.text, p.messages) {
-                    (Some(t), None) => encode_text(&tok, &t, chat)?,
-                    (None, Some(m)) => tok.encode_chat(&m, true)?,
-                    _ => return Err(at("expected exactly one of `text` or `messages`".into())),
-                });
-            }
-            out
+            read_prompts_file(path)?
+                .iter()
+                .map(|p| match p {
+                    PromptEntry::Text(t) => encode_text(&tok, t, chat),
+                    PromptEntry::Messages(m) => tok.encode_chat(m, true),
+                })
+                .collect::<Result<_>>()?
         }
     };
     if prompts.is_empty() {

@@ -22,7 +22,7 @@ use crate::backend::ops::kv::{SlotCopies, kv_copy_slots, kv_write};
 use crate::backend::ops::norm::qk_norm;
 use crate::backend::ops::rope::{RopeTables, rope};
 use crate::backend::ops::site_ops::{DeviceSitePlan, SitePlanBuilder, site_ops};
-use crate::engine::{CleanRun, Engine, Segment};
+use crate::engine::{CleanRun, DecodeSeq, Engine, Segment};
 use crate::engine::forward::{RunOutput, RunRequest};
 use crate::intervene::{Hooks, RowMap};
 use crate::model::Model;
@@ -122,6 +122,19 @@ struct DeviceClean {
 }
 
 impl Drop for DeviceClean {
+    fn drop(&mut self) {
+        lock(&self.pool).give_back(&self.blocks);
+    }
+}
+
+/// A device sequence being decoded: the pool blocks of its positions, given back on drop.
+struct DeviceDecode {
+    pool: Arc<Mutex<KvPool>>,
+    /// Blocks of positions 0..len (the last one partly filled).
+    blocks: Vec<u32>,
+}
+
+impl Drop for DeviceDecode {
     fn drop(&mut self) {
         lock(&self.pool).give_back(&self.blocks);
     }
@@ -237,6 +250,12 @@ impl DeviceModel {
             cfg: model.cfg.clone(),
             driver,
         })
+    }
+
+    /// KV pool blocks (in use, allocated): what kept clean runs and decoded sequences hold.
+    pub fn kv_blocks(&self) -> (usize, usize) {
+        let pool = lock(&self.pool);
+        (pool.n_blocks - pool.free.len(), pool.n_blocks)
     }
 
     fn lm_head(&self) -> &DeviceBuffer<bf16> {
@@ -607,5 +626,42 @@ impl Engine for DeviceModel {
 
     fn clean_run_bytes(&self, len: usize) -> usize {
         clean_run_bytes(&self.cfg, len)
+    }
+
+    fn start_decode(&self) -> Result<DecodeSeq> {
+        Ok(DecodeSeq::new(DeviceDecode { pool: self.pool.clone(), blocks: Vec::new() }))
+    }
+
+    fn decode(&self, seqs: &mut [&mut DecodeSeq], tokens: &[&[u32]], req: &RunRequest) -> Result<RunOutput> {
+        let lens: Vec<usize> = seqs.iter().map(|s| s.len()).collect();
+        let states = DecodeSeq::begin::<DeviceDecode>(seqs, tokens)?;
+        if states.iter().any(|s| !Arc::ptr_eq(&s.pool, &self.pool)) {
+            return Err(Error::input("a decoded sequence can only be extended by the engine (device) that made it"));
+        }
+        let mut pool = lock(&self.pool);
+        // Blocks each sequence lacks for its new rows, in one take (nothing to give back if it
+        // fails), split per sequence.
+        let need: Vec<usize> = states.iter().zip(&lens).zip(tokens).map(|((s, len), t)| (len + t.len()).div_ceil(BLOCK_SIZE) - s.blocks.len()).collect();
+        let mut free = pool.take(&self.driver, need.iter().sum())?.into_iter();
+        let new: Vec<Vec<u32>> = need.iter().map(|&n| free.by_ref().take(n).collect()).collect();
+        let seqs_in = states
+            .iter()
+            .zip(&new)
+            .zip(lens.iter().zip(tokens))
+            .map(|((s, new), (&pos0, t))| CallSeq { input: CallInput::Tokens(t), pos0, n_new: t.len(), blocks: [&s.blocks[..], new].concat() })
+            .collect();
+        let call = Call { start_layer: 0, seqs: seqs_in, copies: Vec::new(), keep_resid: false };
+        match self.run_call(&call, &mut pool, req) {
+            Ok((out, _)) => {
+                drop(pool);
+                states.into_iter().zip(new).for_each(|(s, new)| s.blocks.extend(new));
+                DecodeSeq::grown(seqs, tokens);
+                Ok(out)
+            }
+            Err(e) => {
+                new.iter().for_each(|b| pool.give_back(b));
+                Err(e)
+            }
+        }
     }
 }

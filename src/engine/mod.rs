@@ -73,8 +73,68 @@ pub struct Segment<'a> {
     pub p0: usize,
 }
 
-/// Runs prompts with interventions and captures, and resumes segments from kept clean runs:
-/// what capture, scoring and both patching methods need from any backend.
+/// A sequence being decoded: its KV cache, grown by each [`Engine::decode`] call. Opaque: only
+/// the engine that made it can extend it (a `KvCache` on the CPU; pool blocks on a device,
+/// released on drop).
+pub struct DecodeSeq {
+    /// Positions in the cache.
+    len: usize,
+    /// Set while a call extends the sequence, cleared when it succeeds: a failed call may have
+    /// written part of its rows, so the sequence is refused afterwards.
+    broken: bool,
+    state: Box<dyn Any + Send + Sync>,
+}
+
+impl DecodeSeq {
+    pub fn new<S: Any + Send + Sync>(state: S) -> DecodeSeq {
+        DecodeSeq { len: 0, broken: false, state: Box::new(state) }
+    }
+    /// Positions in the cache (prompt and fed tokens).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// The engine-specific states of a call that appends `tokens[i]` to `seqs[i]`: an error
+    /// (nothing changed) when the shapes differ, a token list is empty, another kind of engine
+    /// made a sequence or an earlier call on one failed. Call [`DecodeSeq::grown`] when the
+    /// call succeeds; until then the sequences count as broken.
+    pub fn begin<'a, S: Any>(seqs: &'a mut [&mut DecodeSeq], tokens: &[&[u32]]) -> Result<Vec<&'a mut S>> {
+        if seqs.len() != tokens.len() {
+            return Err(Error::input(format!("decode: {} sequences but {} token lists", seqs.len(), tokens.len())));
+        }
+        if let Some(i) = tokens.iter().position(|t| t.is_empty()) {
+            return Err(Error::input(format!("decode: sequence {i} has no new tokens")));
+        }
+        for (i, s) in seqs.iter().enumerate() {
+            if s.broken {
+                return Err(Error::input(format!("decode: sequence {i}: an earlier decode call on it failed; start it again")));
+            }
+            if !s.state.is::<S>() {
+                return Err(Error::input("a decoded sequence can only be extended by the engine (device) that made it"));
+            }
+        }
+        Ok(seqs
+            .iter_mut()
+            .filter_map(|s| {
+                s.broken = true;
+                s.state.downcast_mut()
+            })
+            .collect())
+    }
+    /// Records the rows a successful call appended.
+    pub fn grown(seqs: &mut [&mut DecodeSeq], tokens: &[&[u32]]) {
+        for (s, t) in seqs.iter_mut().zip(tokens) {
+            s.len += t.len();
+            s.broken = false;
+        }
+    }
+}
+
+/// Runs prompts with interventions and captures, resumes segments from kept clean runs, and
+/// decodes (sequences whose KV cache grows call by call): what capture, scoring, both patching
+/// methods and generation need from any backend.
 pub trait Engine {
     fn config(&self) -> &ModelConfig;
     /// Where it runs ("cpu", "emu", "cuda:0 ...").
@@ -92,6 +152,13 @@ pub trait Engine {
     fn run_segments(&self, start_layer: usize, segs: &[Segment], req: &RunRequest) -> Result<RunOutput>;
     /// Bytes a kept clean run of `len` positions holds (for memory budgets).
     fn clean_run_bytes(&self, len: usize) -> usize;
+    /// A new, empty sequence for [`Engine::decode`].
+    fn start_decode(&self) -> Result<DecodeSeq>;
+    /// Appends `tokens[i]` to `seqs[i]` in one forward over every sequence's new tokens after
+    /// its cache, with the request's interventions and captures (positions absolute, or relative
+    /// to each sequence's length after the call; positions already in the cache are skipped)
+    /// and logits (relative to that length: `-1` is the last new token).
+    fn decode(&self, seqs: &mut [&mut DecodeSeq], tokens: &[&[u32]], req: &RunRequest) -> Result<RunOutput>;
 }
 
 /// The resid_pre captures of every layer at every position: what a clean run keeps.
@@ -160,6 +227,15 @@ impl Engine for crate::model::Model {
     fn clean_run_bytes(&self, len: usize) -> usize {
         clean_run_bytes(&self.cfg, len)
     }
+    fn start_decode(&self) -> Result<DecodeSeq> {
+        Ok(DecodeSeq::new(KvCache::new(self.cfg.n_layers)))
+    }
+    fn decode(&self, seqs: &mut [&mut DecodeSeq], tokens: &[&[u32]], req: &RunRequest) -> Result<RunOutput> {
+        let mut inputs: Vec<SeqInput> = DecodeSeq::begin::<KvCache>(seqs, tokens)?.into_iter().zip(tokens).map(|(c, t)| SeqInput::tokens(t, c)).collect();
+        let out = self.run_from(0, &mut inputs, req)?;
+        DecodeSeq::grown(seqs, tokens);
+        Ok(out)
+    }
 }
 
 impl<T: Engine + ?Sized> Engine for &T {
@@ -180,5 +256,11 @@ impl<T: Engine + ?Sized> Engine for &T {
     }
     fn clean_run_bytes(&self, len: usize) -> usize {
         (**self).clean_run_bytes(len)
+    }
+    fn start_decode(&self) -> Result<DecodeSeq> {
+        (**self).start_decode()
+    }
+    fn decode(&self, seqs: &mut [&mut DecodeSeq], tokens: &[&[u32]], req: &RunRequest) -> Result<RunOutput> {
+        (**self).decode(seqs, tokens, req)
     }
 }

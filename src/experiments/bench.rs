@@ -16,14 +16,13 @@ use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
 use crate::backend::ops::sample::SampleParams;
-use crate::engine::forward::{KvCache, RunOutput, SeqInput};
-use crate::engine::{Engine, RunRequest};
-use crate::experiments::generate::{GenerateSpec, StepIntervention, generate};
+use crate::engine::forward::RunOutput;
+use crate::engine::{DecodeSeq, Engine, RunRequest};
+use crate::experiments::generate::{GenerateSpec, Generation, StepIntervention, generate};
 use crate::experiments::patch::Method;
 use crate::experiments::workload::{PatchWorkload, PatchWorkloadSpec, random_prompts};
 use crate::intervene::Capture;
 use crate::io::tensorfile::peak_rss_bytes;
-use crate::model::Model;
 use crate::sites::Positions;
 use crate::{Error, Result};
 
@@ -82,17 +81,26 @@ pub fn prefill(engine: &dyn Engine, prompts: &[Vec<u32>], captures: &[Capture]) 
     engine.run_prompts(prompts, &RunRequest { captures, logits_at: Some(&Positions::List(vec![-1])), ..Default::default() })
 }
 
-/// Decode: for each step s, one forward feeding token `tokens[b][s]` after each cache `b` (all
+/// Fresh decoded sequences holding `prompts` (one prefill call, no logits).
+pub fn prefilled(engine: &dyn Engine, prompts: &[Vec<u32>]) -> Result<Vec<DecodeSeq>> {
+    let mut seqs: Vec<DecodeSeq> = prompts.iter().map(|_| engine.start_decode()).collect::<Result<_>>()?;
+    let tokens: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
+    engine.decode(&mut seqs.iter_mut().collect::<Vec<_>>(), &tokens, &RunRequest::default())?;
+    Ok(seqs)
+}
+
+/// Decode: for each step s, one call feeding token `tokens[b][s]` after each sequence `b` (all
 /// sequences batched), logits at the new position. `tokens`: [batch][steps].
-pub fn decode(model: &Model, caches: &mut [KvCache], tokens: &[Vec<u32>]) -> Result<()> {
+pub fn decode(engine: &dyn Engine, seqs: &mut [DecodeSeq], tokens: &[Vec<u32>]) -> Result<()> {
     let steps = tokens.first().map_or(0, Vec::len);
-    if tokens.len() != caches.len() || tokens.iter().any(|t| t.len() != steps) {
-        return Err(Error::input("decode: one token list of the same length per cache"));
+    if tokens.len() != seqs.len() || tokens.iter().any(|t| t.len() != steps) {
+        return Err(Error::input("decode: one token list of the same length per sequence"));
     }
     let last = Positions::List(vec![-1]);
+    let mut seqs: Vec<&mut DecodeSeq> = seqs.iter_mut().collect();
     for s in 0..steps {
-        let mut seqs: Vec<SeqInput> = caches.iter_mut().zip(tokens).map(|(c, t)| SeqInput::tokens(&t[s..s + 1], c)).collect();
-        model.run(&mut seqs, &[], &[], Some(&last), None)?;
+        let step: Vec<&[u32]> = tokens.iter().map(|t| &t[s..s + 1]).collect();
+        engine.decode(&mut seqs, &step, &RunRequest { logits_at: Some(&last), ..Default::default() })?;
     }
     Ok(())
 }
@@ -133,8 +141,8 @@ pub struct ForwardBench {
     /// Median seconds of one prefill of batch x prompt_len tokens.
     pub prefill_s: f64,
     pub prefill_tokens_per_s: f64,
-    /// Median seconds of decode_steps steps of batch tokens after the prefilled caches. None on a
-    /// device: decoding needs a KV cache kept across calls, which only the CPU reference has.
+    /// Median seconds of decode_steps steps of batch tokens after the prefilled caches (None
+    /// with 0 steps).
     pub decode_s: Option<f64>,
     pub decode_tokens_per_s: Option<f64>,
     /// prefill_tokens_per_s / decode_tokens_per_s
@@ -142,27 +150,19 @@ pub struct ForwardBench {
     pub peak_rss_bytes: Option<u64>,
 }
 
-/// Prefill on `engine` and, given the CPU reference `cpu`, decode of `decode_steps` random
-/// tokens after the prefilled caches, side by side.
-pub fn bench_forward(engine: &dyn Engine, cpu: Option<&Model>, shape: &BenchShape, decode_steps: usize, progress: &ProgressBar) -> Result<ForwardBench> {
+/// Prefill and decode of `decode_steps` random tokens after the prefilled caches (prefilled
+/// again, untimed, before each timed decode) on `engine`, side by side.
+pub fn bench_forward(engine: &dyn Engine, shape: &BenchShape, decode_steps: usize, progress: &ProgressBar) -> Result<ForwardBench> {
     let cfg = engine.config();
     let prompts = shape.prompts(cfg.vocab_size)?;
     let mut rng = ChaCha8Rng::seed_from_u64(shape.seed ^ 1);
     let tokens = random_prompts(&mut rng, shape.batch, decode_steps, cfg.vocab_size); // [batch][steps]
     let mut run_prefill = || timed(|| prefill(engine, &prompts, &[]).map(drop));
-    let times = match cpu.filter(|_| decode_steps > 0) {
-        None => side_by_side(shape.reps, &mut [&mut run_prefill], progress)?,
-        Some(model) => {
-            let mut caches: Vec<KvCache> = prompts.iter().map(|_| KvCache::new(cfg.n_layers)).collect();
-            let mut seqs: Vec<SeqInput> = prompts.iter().zip(caches.iter_mut()).map(|(p, c)| SeqInput::tokens(p, c)).collect();
-            model.run(&mut seqs, &[], &[], None, None)?;
-            let mut run_decode = || {
-                let mut fresh = caches.clone();
-                timed(|| decode(model, &mut fresh, &tokens))
-            };
-            side_by_side(shape.reps, &mut [&mut run_prefill, &mut run_decode], progress)?
-        }
+    let mut run_decode = || {
+        let mut seqs = prefilled(engine, &prompts)?;
+        timed(|| decode(engine, &mut seqs, &tokens))
     };
+    let times = if decode_steps == 0 { side_by_side(shape.reps, &mut [&mut run_prefill], progress)? } else { side_by_side(shape.reps, &mut [&mut run_prefill, &mut run_decode], progress)? };
     let prefill_tokens_per_s = shape.tokens() / times[0];
     let decode_s = times.get(1).copied();
     let decode_tokens_per_s = decode_s.map(|s| (shape.batch * decode_steps) as f64 / s);
@@ -234,8 +234,7 @@ pub fn bench_capture(engine: &dyn Engine, shape: &BenchShape, captures: &[Captur
     })
 }
 
-/// `bench generate`: generation without and with a step intervention (steering), on the CPU
-/// reference.
+/// `bench generate`: generation without and with a step intervention (steering).
 #[derive(Clone, Debug, Serialize)]
 pub struct GenerateBench {
     pub device: String,
@@ -256,26 +255,26 @@ pub struct GenerateBench {
     pub peak_rss_bytes: Option<u64>,
 }
 
-/// Generates `new_tokens` per prompt (eos ignored, so both variants produce the same count)
-/// without and with `steer`.
-pub fn bench_generate(model: &Model, shape: &BenchShape, new_tokens: usize, sample: SampleParams, steer: &StepIntervention, progress: &ProgressBar) -> Result<GenerateBench> {
+/// Generates `new_tokens` per prompt on `engine` (eos ignored, so both variants produce the
+/// same count; all prompts in one batch) without and with `steer`.
+pub fn bench_generate(engine: &dyn Engine, shape: &BenchShape, new_tokens: usize, sample: SampleParams, steer: &StepIntervention, progress: &ProgressBar) -> Result<GenerateBench> {
     if new_tokens == 0 {
         return Err(Error::input("bench generate: --new-tokens must be at least 1"));
     }
-    let prompts = shape.prompts(model.cfg.vocab_size)?;
-    let spec = GenerateSpec { max_new_tokens: new_tokens, sample, eos_ids: Vec::new() };
+    let prompts = shape.prompts(engine.config().vocab_size)?;
+    let spec = GenerateSpec { max_new_tokens: new_tokens, sample, eos_ids: Vec::new(), stop: Vec::new(), batch_size: shape.batch };
     let hidden = ProgressBar::hidden();
-    let run = |steps: &[StepIntervention], out: &mut Vec<Vec<u32>>| -> Result<f64> {
+    let run = |steps: &[StepIntervention], out: &mut Vec<Generation>| -> Result<f64> {
         let t0 = Instant::now();
-        *out = generate(model, &prompts, &spec, steps, &hidden)?;
+        *out = generate(engine, &prompts, &spec, steps, None, &hidden, &mut |_, _| Ok(()))?;
         Ok(t0.elapsed().as_secs_f64())
     };
     let (mut plain, mut steered) = (Vec::new(), Vec::new());
     let times = side_by_side(shape.reps, &mut [&mut || run(&[], &mut plain), &mut || run(std::slice::from_ref(steer), &mut steered)], progress)?;
     let tokens = (shape.batch * new_tokens) as f64;
-    let tokens_changed = plain.iter().flatten().zip(steered.iter().flatten()).filter(|(a, b)| a != b).count();
+    let tokens_changed = plain.iter().zip(&steered).map(|(a, b)| a.tokens.iter().zip(&b.tokens).filter(|(a, b)| a != b).count()).sum();
     Ok(GenerateBench {
-        device: device_label(model),
+        device: device_label(engine),
         batch: shape.batch,
         prompt_len: shape.prompt_len,
         new_tokens,

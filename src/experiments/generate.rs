@@ -1,23 +1,22 @@
 //! Generation with interventions applied at every step (steering, ablation during decoding) on
-//! the CPU reference: one prefill forward over the prompts, then one token per step for every
-//! prompt still running, each step a forward of the new tokens after the KV caches.
-//!
-//! CPU only: the `Engine` trait runs whole prompts with fresh caches, and generation needs a
-//! cache that persists across calls (decode), which only the CPU reference exposes so far.
+//! any engine: per batch of prompts, one prefill call (the prompts, fresh decoded sequences),
+//! then one call per step feeding each running prompt's last token after its KV cache
+//! ([`Engine::decode`]).
 //!
 //! Sampling follows the rule of `backend::ops::sample` ([`sample_row`]): greedy at temperature
-//! 0, else temperature + top-p with the uniform draw of (the prompt's seed, its step), so a
-//! prompt's tokens do not depend on the batch it runs in.
+//! 0, else temperature + top-p with the uniform draw of (the prompt's seed, its step); the seed
+//! of a prompt is that of its index in the whole input ([`prompt_seed`]), so a prompt's tokens
+//! do not depend on the batch it runs in.
 
 use indicatif::ProgressBar;
+use serde::Serialize;
 
 use crate::backend::ops::sample::{SampleParams, sample_row, sample_uniform};
-use crate::engine::RunRequest;
-use crate::engine::forward::{KvCache, SeqInput};
+use crate::engine::{DecodeSeq, Engine, RunRequest};
 use crate::intervene::{Hooks, Intervention, Op, RowMap};
 use crate::rng::splitmix64;
-use crate::model::Model;
 use crate::model::config::ModelConfig;
+use crate::model::tokenizer::PromptTokenizer;
 use crate::sites::{Positions, Site};
 use crate::{Error, Result};
 
@@ -29,13 +28,17 @@ pub struct GenerateSpec {
     pub sample: SampleParams,
     /// A prompt stops at the first of these it generates (kept as its last token).
     pub eos_ids: Vec<u32>,
+    /// A prompt stops when its decoded text contains one of these (needs the tokenizer).
+    pub stop: Vec<String>,
+    /// Prompts per batch.
+    pub batch_size: usize,
 }
 
 impl GenerateSpec {
     /// Greedy decoding stopping at the checkpoint's eos ids (config.json, replaced by
     /// generation_config.json's when it has them).
     pub fn greedy(cfg: &ModelConfig, max_new_tokens: usize) -> GenerateSpec {
-        GenerateSpec { max_new_tokens, sample: SampleParams::GREEDY, eos_ids: cfg.eos_token_ids.clone() }
+        GenerateSpec { max_new_tokens, sample: SampleParams::GREEDY, eos_ids: cfg.eos_token_ids.clone(), stop: Vec::new(), batch_size: 8 }
     }
 }
 
@@ -83,68 +86,161 @@ impl StepIntervention {
     }
 }
 
-/// The sampling seed of prompt `prompt` (index in the batch) under `seed`: prompts draw
+/// Why a prompt stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopReason {
+    /// It generated an eos id.
+    Eos,
+    /// Its text contains a stop string.
+    StopString,
+    /// `max_new_tokens`, or the model's context (max_position_embeddings) is full.
+    Length,
+}
+
+/// What one prompt generated.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Generation {
+    /// Every generated token (an eos, or the token that completed a stop string, included).
+    pub tokens: Vec<u32>,
+    /// The decoded tokens (without a final eos, cut before a stop string), when the tokenizer
+    /// was given.
+    pub text: Option<String>,
+    pub stop: StopReason,
+    /// The prompt's sampling seed ([`prompt_seed`] of its index).
+    pub seed: u64,
+}
+
+/// The sampling seed of prompt `prompt` (index in the whole input) under `seed`: prompts draw
 /// independently, and a prompt's draws do not depend on the others.
 pub fn prompt_seed(seed: u64, prompt: usize) -> u64 {
     splitmix64(seed ^ splitmix64(prompt as u64))
 }
 
-/// Generates from every prompt (batched): returns each prompt's new tokens, ending at its eos
-/// id or after `max_new_tokens`. `progress` counts steps.
-pub fn generate(model: &Model, prompts: &[Vec<u32>], spec: &GenerateSpec, steps: &[StepIntervention], progress: &ProgressBar) -> Result<Vec<Vec<u32>>> {
-    let cfg = &model.cfg;
+/// Generates from every prompt on `engine`, `spec.batch_size` prompts at a time (of any
+/// lengths). `steps` act at every forward on the rows it computes. With `tok`, texts are
+/// decoded (needed for stop strings). `on_batch(first, gens)` receives each batch's
+/// generations as soon as it ends (`first`: the index of its first prompt), in input order.
+/// `progress` counts tokens (a prompt that stops early counts its unused budget).
+pub fn generate(
+    engine: &dyn Engine,
+    prompts: &[Vec<u32>],
+    spec: &GenerateSpec,
+    steps: &[StepIntervention],
+    tok: Option<&PromptTokenizer>,
+    progress: &ProgressBar,
+    on_batch: &mut dyn FnMut(usize, &[Generation]) -> Result<()>,
+) -> Result<Vec<Generation>> {
+    let cfg = engine.config();
     spec.sample.check()?;
-    if let Some(i) = prompts.iter().position(Vec::is_empty) {
-        return Err(Error::input(format!("generate: prompt {i} is empty")));
+    if spec.batch_size == 0 {
+        return Err(Error::input("generate: the batch size must be at least 1"));
     }
-    // Prefill: each intervention at its prompt positions. Decode: those acting on generated
-    // tokens, on the one new row (position -1).
-    if let Some(i) = steps.iter().position(|s| s.scope.prompt.is_none() && !s.scope.generated) {
-        return Err(Error::input(format!("generate: intervention {i} acts on no token (neither prompt positions nor generated tokens)")));
+    if spec.stop.iter().any(String::is_empty) {
+        return Err(Error::input("generate: a stop string is empty"));
     }
-    let prefill_ivs: Vec<Intervention> = steps.iter().filter_map(|s| s.scope.prompt.clone().map(|p| s.at(p))).collect();
-    let decode_ivs: Vec<Intervention> = steps.iter().filter(|s| s.scope.generated).map(|s| s.at(Positions::List(vec![-1]))).collect();
-    // Check sites, units and operands once against a one-row call, before any work.
-    let every_step: Vec<Intervention> = steps.iter().map(|s| s.at(Positions::List(vec![-1]))).collect();
-    Hooks::new(cfg, &RowMap::new(vec![0], vec![1]), &every_step, &[], None)?;
-    // Prompt positions must exist in every prompt.
+    if !spec.stop.is_empty() && tok.is_none() {
+        return Err(Error::input("generate: stop strings need the tokenizer"));
+    }
     for (i, p) in prompts.iter().enumerate() {
-        for pos in steps.iter().filter_map(|s| s.scope.prompt.as_ref()) {
-            pos.resolve(p.len()).map_err(|e| Error::input(format!("generate: prompt {i}: {e}")))?;
+        if p.is_empty() {
+            return Err(Error::input(format!("generate: prompt {i} is empty")));
+        }
+        if p.len() >= cfg.max_position {
+            return Err(Error::input(format!("generate: prompt {i} has {} tokens, which leaves no room in the model's context of {} (max_position_embeddings)", p.len(), cfg.max_position)));
         }
     }
+    let ivs = StepInterventions::new(cfg, prompts, steps)?;
+    progress.set_length((prompts.len() * spec.max_new_tokens) as u64);
+    let mut out = Vec::with_capacity(prompts.len());
+    for (b, batch) in prompts.chunks(spec.batch_size).enumerate() {
+        let first = b * spec.batch_size;
+        let gens = generate_batch(engine, batch, first, spec, &ivs, tok, progress)?;
+        on_batch(first, &gens)?;
+        out.extend(gens);
+    }
+    Ok(out)
+}
 
+/// The interventions of the prefill call (each at its prompt positions) and of the decode calls
+/// (those acting on generated tokens, at the one new row: position -1), checked once.
+struct StepInterventions {
+    prefill: Vec<Intervention>,
+    decode: Vec<Intervention>,
+}
+
+impl StepInterventions {
+    fn new(cfg: &ModelConfig, prompts: &[Vec<u32>], steps: &[StepIntervention]) -> Result<StepInterventions> {
+        if let Some(i) = steps.iter().position(|s| s.scope.prompt.is_none() && !s.scope.generated) {
+            return Err(Error::input(format!("generate: intervention {i} acts on no token (neither prompt positions nor generated tokens)")));
+        }
+        // Sites, units and operands against a one-row call, before any work.
+        let every_step: Vec<Intervention> = steps.iter().map(|s| s.at(Positions::List(vec![-1]))).collect();
+        Hooks::new(cfg, &RowMap::new(vec![0], vec![1]), &every_step, &[], None)?;
+        // Prompt positions must exist in every prompt.
+        for (i, p) in prompts.iter().enumerate() {
+            for pos in steps.iter().filter_map(|s| s.scope.prompt.as_ref()) {
+                pos.resolve(p.len()).map_err(|e| Error::input(format!("generate: prompt {i}: {e}")))?;
+            }
+        }
+        Ok(StepInterventions {
+            prefill: steps.iter().filter_map(|s| s.scope.prompt.clone().map(|p| s.at(p))).collect(),
+            decode: steps.iter().filter(|s| s.scope.generated).map(|s| s.at(Positions::List(vec![-1]))).collect(),
+        })
+    }
+}
+
+/// One batch: prompt `i` of `prompts` is prompt `first + i` of the input.
+fn generate_batch(engine: &dyn Engine, prompts: &[Vec<u32>], first: usize, spec: &GenerateSpec, ivs: &StepInterventions, tok: Option<&PromptTokenizer>, progress: &ProgressBar) -> Result<Vec<Generation>> {
+    let cfg = engine.config();
     let vocab = cfg.vocab_size;
-    let mut caches: Vec<KvCache> = prompts.iter().map(|_| KvCache::new(cfg.n_layers)).collect();
-    let mut out: Vec<Vec<u32>> = vec![Vec::new(); prompts.len()];
+    let mut seqs: Vec<DecodeSeq> = prompts.iter().map(|_| engine.start_decode()).collect::<Result<_>>()?;
+    let mut gens: Vec<Generation> = (0..prompts.len()).map(|i| Generation { tokens: Vec::new(), text: tok.map(|_| String::new()), stop: StopReason::Length, seed: prompt_seed(spec.sample.seed, first + i) }).collect();
     let mut running: Vec<bool> = vec![spec.max_new_tokens > 0; prompts.len()];
     let last = Positions::List(vec![-1]);
-    progress.set_length(spec.max_new_tokens as u64);
     for step in 0..spec.max_new_tokens {
         let active: Vec<usize> = (0..prompts.len()).filter(|&i| running[i]).collect();
         if active.is_empty() {
             break;
         }
-        let interventions = if step == 0 { &prefill_ivs } else { &decode_ivs };
-        let mut seqs: Vec<SeqInput> = caches
-            .iter_mut()
-            .zip(prompts.iter().zip(&out))
-            .zip(&running)
-            .filter(|(_, run)| **run)
-            .map(|((cache, (prompt, new)), _)| {
-                // Step 0 feeds the prompt, later steps the token the previous step generated.
-                let rows = if step == 0 { prompt.as_slice() } else { &new[new.len() - 1..] };
-                SeqInput::tokens(rows, cache)
-            })
-            .collect();
-        let logits = model.run_from(0, &mut seqs, &RunRequest { interventions, logits_at: Some(&last), ..Default::default() })?.logits; // [n_active, vocab]
-        for (&i, row) in active.iter().zip(logits.chunks_exact(vocab)) {
-            let u = sample_uniform(prompt_seed(spec.sample.seed, i), out[i].len() as i32);
+        // Step 0 feeds the prompts, later steps the token each prompt generated last.
+        let tokens: Vec<&[u32]> = active.iter().map(|&i| if step == 0 { &prompts[i][..] } else { &gens[i].tokens[gens[i].tokens.len() - 1..] }).collect();
+        let interventions = if step == 0 { &ivs.prefill } else { &ivs.decode };
+        let mut live: Vec<&mut DecodeSeq> = seqs.iter_mut().zip(&running).filter(|(_, r)| **r).map(|(s, _)| s).collect();
+        let logits = engine.decode(&mut live, &tokens, &RunRequest { interventions, logits_at: Some(&last), ..Default::default() })?.logits; // [n_active, vocab]
+        let lens: Vec<usize> = live.iter().map(|s| s.len()).collect();
+        for ((&i, row), len) in active.iter().zip(logits.chunks_exact(vocab)).zip(lens) {
+            let g = &mut gens[i];
+            let u = sample_uniform(g.seed, g.tokens.len() as i32);
             let id = sample_row(row, spec.sample.temperature, spec.sample.top_p, u).id as u32;
-            out[i].push(id);
-            running[i] = !spec.eos_ids.contains(&id) && out[i].len() < spec.max_new_tokens;
+            g.tokens.push(id);
+            let eos = spec.eos_ids.contains(&id);
+            let kept = &g.tokens[..g.tokens.len() - usize::from(eos)];
+            // The text is decoded at every step only to look for stop strings.
+            let mut text = tok.filter(|_| !spec.stop.is_empty()).map(|t| t.decode(kept)).transpose()?;
+            let cut = text.as_deref().and_then(|t| spec.stop.iter().filter_map(|s| t.find(s.as_str())).min());
+            let stop = if eos {
+                Some(StopReason::Eos)
+            } else if cut.is_some() {
+                Some(StopReason::StopString)
+            } else if g.tokens.len() == spec.max_new_tokens || len + 1 >= cfg.max_position {
+                Some(StopReason::Length)
+            } else {
+                None
+            };
+            if stop.is_some() && text.is_none() {
+                text = tok.map(|t| t.decode(kept)).transpose()?;
+            }
+            if let Some(t) = text {
+                g.text = Some(t[..cut.unwrap_or(t.len())].to_string());
+            }
+            progress.inc(1);
+            if let Some(stop) = stop {
+                g.stop = stop;
+                running[i] = false;
+                progress.inc((spec.max_new_tokens - g.tokens.len()) as u64);
+            }
         }
-        progress.inc(1);
     }
-    Ok(out)
+    Ok(gens)
 }

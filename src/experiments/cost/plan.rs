@@ -9,7 +9,7 @@ use indicatif::ProgressBar;
 
 use super::{Call, Path};
 use crate::engine::forward::RunOutput;
-use crate::engine::{CleanRun, Engine, RunRequest, Segment};
+use crate::engine::{CleanRun, DecodeSeq, Engine, RunRequest, Segment};
 use crate::experiments::patch::{Experiment, Method, Pair, RunSettings, SweepSpec, run_sweep};
 use crate::intervene::{Hooks, RowMap};
 use crate::model::config::ModelConfig;
@@ -203,7 +203,20 @@ impl Engine for Planner<'_> {
     fn clean_run_bytes(&self, len: usize) -> usize {
         clean_run_bytes(self.cfg, self.path, len)
     }
+    fn start_decode(&self) -> Result<DecodeSeq> {
+        Ok(DecodeSeq::new(PlannedDecode))
+    }
+    fn decode(&self, seqs: &mut [&mut DecodeSeq], tokens: &[&[u32]], req: &RunRequest) -> Result<RunOutput> {
+        let rows: Vec<(usize, usize)> = seqs.iter().zip(tokens).map(|(s, t)| (s.len(), t.len())).collect();
+        DecodeSeq::begin::<PlannedDecode>(seqs, tokens)?;
+        let out = self.record("decode", 0, rows, req, 0)?;
+        DecodeSeq::grown(seqs, tokens);
+        Ok(out)
+    }
 }
+
+/// A planned decoded sequence (its length is all a plan needs).
+struct PlannedDecode;
 
 /// The calls `run_sweep` makes for `method` on `path`, over prompts of lengths `lens`, running
 /// the first `limit` experiments (by id) as `bench patch --naive-limit` does.

@@ -1,0 +1,224 @@
+//! `patchbay generate`: text generation (KV-cache decoding) on any device, with interventions
+//! at every step plugged in through [`Interventions`].
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use clap::Args;
+use serde_json::{Value, json};
+
+use super::inputs::{InputArgs, encode_dataset};
+use super::{load_engine, progress_bar};
+use patchbay::backend::ops::sample::SampleParams;
+use patchbay::data::prompts::{PromptEntry, PromptSource, load_prompts, read_prompts_file};
+use patchbay::data::template::TokenStats;
+use patchbay::experiments::dataset_files::dataset_json;
+use patchbay::experiments::patch_files::write_manifest;
+use patchbay::experiments::generate::{GenerateSpec, Generation, StepIntervention, StopReason, generate};
+use patchbay::model::Model;
+use patchbay::model::tokenizer::PromptTokenizer;
+use patchbay::{Error, Result};
+
+const GENERATE_HELP: &str = "Examples:
+  patchbay generate --model M --prompts prompts.txt --max-new-tokens 64 --out runs/gen
+  patchbay generate --model M --prompts chat.jsonl --chat --temperature 0.7 --top-p 0.9 --seed 1 --stop $'\\n\\n' --out runs/chat
+  patchbay generate --model M --dataset envent_gen.csv --preset envent --template tak --limit 100 --max-new-tokens 8 --device cuda --out runs/tak
+  patchbay generate --model M --token-ids ids.json --max-new-tokens 16 --device emu --out runs/ids
+
+Prompts: --prompts FILE (one prompt per line, or a .jsonl file of {\"prompt\"} / {\"text\"} /
+{\"messages\": [...]} objects), --dataset through --template, or --token-ids (a JSON list of lists
+of ids, used verbatim). Texts go through --template (default plain: the text itself); --chat wraps
+each as one user message in the model's chat template with the generation prompt (messages always
+use it).
+
+Decoding: greedy at --temperature 0 (the default), else temperature and nucleus (--top-p) sampling.
+A prompt's draws depend only on --seed and its index in the input (its `seed`), never on the batch
+it runs in. A prompt stops at an eos id of the checkpoint (config.json / generation_config.json),
+when its text contains a --stop string (in bash, $'\\n' is a line break), after --max-new-tokens,
+or when the model's context (max_position_embeddings) is full.
+
+Outputs in --out: generations.jsonl, one object per prompt in input order, appended and flushed
+after each batch: index, prompt (the text before --chat's template, a messages line as rendered;
+null with --token-ids), text (the generated text, without a final eos, cut before a stop string),
+tokens (every generated id, the eos or the token completing a stop string included), stop (eos |
+stop_string | length), interventions (their description; [] without), seed. manifest.json: the
+command line, model, device, inputs, sampling, timings.";
+
+#[derive(Args)]
+#[command(after_help = GENERATE_HELP)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    inputs: InputArgs,
+    /// Prompts file: one prompt per line, or JSONL (.jsonl) with a `prompt` or `text` (or `messages`) field per line.
+    #[arg(long, conflicts_with_all = ["dataset", "token_ids"])]
+    prompts: Option<PathBuf>,
+    /// JSON file: a list of lists of token ids, used verbatim (no BOS added).
+    #[arg(long, conflicts_with = "dataset")]
+    token_ids: Option<PathBuf>,
+    /// New tokens per prompt at most.
+    #[arg(long, default_value_t = 64)]
+    max_new_tokens: usize,
+    /// Sampling temperature; 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Nucleus sampling: keep the most likely tokens up to this probability mass, in (0, 1].
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// Seed of the sampling draws.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Stop a prompt when its generated text contains this string (repeatable); the text is cut before it.
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Prompts generated together (one batched forward per step).
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    /// Output directory.
+    #[arg(long)]
+    out: PathBuf,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+}
+
+/// Interventions a generation applies at every step, and their JSON description (written with
+/// every generation and in the manifest).
+pub struct Interventions {
+    pub steps: Vec<StepIntervention>,
+    pub description: Value,
+}
+
+impl Interventions {
+    pub fn none() -> Interventions {
+        Interventions { steps: Vec::new(), description: json!([]) }
+    }
+}
+
+pub fn run(a: GenerateArgs) -> Result<()> {
+    run_with(a, Interventions::none())
+}
+
+/// The prompts: token ids and, where known, the text.
+struct Inputs {
+    ids: Vec<Vec<u32>>,
+    texts: Vec<Option<String>>,
+    /// What the manifest says about where they came from.
+    source: Value,
+}
+
+fn load_inputs(a: &GenerateArgs, tok: Option<&PromptTokenizer>) -> Result<Inputs> {
+    let inputs = &a.inputs;
+    let no_tok = || Error::input(format!("{}: no tokenizer (needed to encode texts)", inputs.model.display()));
+    if let Some(path) = &a.token_ids {
+        let ids = load_prompts(PromptSource::TokenIds(path), &inputs.model, inputs.template.chat)?;
+        let texts = vec![None; ids.len()];
+        return Ok(Inputs { ids, texts, source: json!({"token_ids": path.display().to_string()}) });
+    }
+    let template = inputs.template.template()?;
+    let tok = tok.ok_or_else(no_tok)?;
+    if let Some(path) = &a.prompts {
+        let (mut ids, mut texts) = (Vec::new(), Vec::new());
+        for (i, p) in read_prompts_file(path)?.into_iter().enumerate() {
+            let (text, prompt_ids) = match p {
+                PromptEntry::Text(t) => (template.render(&t), template.encode(tok, &t)?),
+                PromptEntry::Messages(m) => (tok.render_chat(&m, true)?, tok.encode_chat(&m, true)?),
+            };
+            if prompt_ids.is_empty() {
+                return Err(Error::file(path, format!("prompt {i} encodes to no tokens")));
+            }
+            ids.push(prompt_ids);
+            texts.push(Some(text));
+        }
+        return Ok(Inputs { ids, texts, source: json!({"prompts": path.display().to_string(), "template": template}) });
+    }
+    let ds = inputs.data.load(None)?.ok_or_else(|| Error::input("give the prompts: --prompts FILE, --dataset FILE or --token-ids FILE"))?;
+    let ids = encode_dataset(&ds, &template, tok, a.quiet)?;
+    let texts = ds.examples.iter().map(|e| Some(template.render(&e.text))).collect();
+    Ok(Inputs { ids, texts, source: json!({"dataset": dataset_json(&ds), "template": template}) })
+}
+
+/// One line of generations.jsonl.
+fn generation_json(index: usize, prompt: Option<&str>, g: &Generation, interventions: &Value) -> Value {
+    json!({
+        "index": index,
+        "prompt": prompt,
+        "text": g.text,
+        "tokens": g.tokens,
+        "stop": g.stop,
+        "interventions": interventions,
+        "seed": g.seed,
+    })
+}
+
+/// Runs `patchbay generate` with `ivs` applied at every step.
+pub fn run_with(a: GenerateArgs, ivs: Interventions) -> Result<()> {
+    let t0 = Instant::now();
+    let model_dir = &a.inputs.model;
+    // With --token-ids the tokenizer is optional (texts are then not decoded).
+    let tok = match PromptTokenizer::load(model_dir) {
+        Ok(t) => Some(t),
+        Err(_) if a.token_ids.is_some() && a.stop.is_empty() => None,
+        Err(e) => return Err(e),
+    };
+    let inputs = load_inputs(&a, tok.as_ref())?;
+    let model = Model::load(model_dir)?;
+    let sample = SampleParams { temperature: a.temperature, top_p: a.top_p, seed: a.seed };
+    let spec = GenerateSpec { max_new_tokens: a.max_new_tokens, sample, eos_ids: model.cfg.eos_token_ids.clone(), stop: a.stop.clone(), batch_size: a.batch_size };
+    let engine = load_engine(&model, a.inputs.device)?;
+    let stats = TokenStats::of(&inputs.ids);
+    if !a.quiet {
+        eprintln!("{}", stats.describe());
+    }
+
+    std::fs::create_dir_all(&a.out).map_err(|e| Error::io(&a.out, e))?;
+    let manifest = |timings: Value| -> Result<()> {
+        let m = json!({
+            "command": "generate",
+            "patchbay_version": env!("CARGO_PKG_VERSION"),
+            "command_line": std::env::args().collect::<Vec<_>>(),
+            "model": {"path": model.dir.display().to_string(), "config_sha256": model.config_hash, "family": model.cfg.family.name()},
+            "device": engine.device_name(),
+            "inputs": inputs.source,
+            "chat": a.inputs.template.chat,
+            "token_stats": stats,
+            "sampling": {"max_new_tokens": spec.max_new_tokens, "temperature": sample.temperature, "top_p": sample.top_p, "seed": sample.seed, "stop": spec.stop, "eos_ids": spec.eos_ids},
+            "batch_size": spec.batch_size,
+            "interventions": ivs.description,
+            "n_prompts": inputs.ids.len(),
+            "timings_s": timings,
+            "peak_rss_bytes": patchbay::io::tensorfile::peak_rss_bytes(),
+        });
+        write_manifest(&a.out.join("manifest.json"), &m)
+    };
+    // Written first (a killed run still says what it was), rewritten with the timings at the end.
+    manifest(Value::Null)?;
+    let path = a.out.join("generations.jsonl");
+    let mut file = std::io::BufWriter::new(std::fs::File::create(&path).map_err(|e| Error::io(&path, e))?);
+    let write_err = |e: std::io::Error| Error::io(&path, e);
+    let bar = progress_bar(0, "generate", "tokens", a.quiet);
+    let t_gen = Instant::now();
+    let gens = generate(engine.as_ref(), &inputs.ids, &spec, &ivs.steps, tok.as_ref(), &bar, &mut |first, batch| {
+        for (i, g) in batch.iter().enumerate() {
+            writeln!(file, "{}", generation_json(first + i, inputs.texts[first + i].as_deref(), g, &ivs.description)).map_err(write_err)?;
+        }
+        file.flush().map_err(write_err)
+    })?;
+    bar.finish_and_clear();
+    let gen_s = t_gen.elapsed().as_secs_f64();
+    let n_tokens: usize = gens.iter().map(|g| g.tokens.len()).sum();
+    manifest(json!({"generate": gen_s, "total": t0.elapsed().as_secs_f64(), "generated_tokens": n_tokens}))?;
+    if !a.quiet {
+        let count = |r: StopReason| gens.iter().filter(|g| g.stop == r).count();
+        eprintln!(
+            "{} prompts, {n_tokens} tokens in {gen_s:.2} s ({:.1} tokens/s); stopped by eos {}, stop string {}, length {}",
+            gens.len(),
+            n_tokens as f64 / gen_s,
+            count(StopReason::Eos),
+            count(StopReason::StopString),
+            count(StopReason::Length)
+        );
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(())
+}
