@@ -2,7 +2,10 @@
 //! rows (prompt, position) and selected units (heads, neurons, dimensions), an intervention maps
 //! the activation to a new value. Captures copy the (possibly modified) value out.
 //!
-//! The functions here are the reference semantics every fast path reproduces.
+//! The functions here are the reference semantics every fast path reproduces. [`spec`] is the
+//! grammar the command line and JSON spec files use to name interventions.
+
+pub mod spec;
 
 use std::collections::HashMap;
 
