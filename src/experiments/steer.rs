@@ -69,7 +69,8 @@ pub struct SteerRow {
 
 /// Label logits of every prompt clean (`on_clean(prompt, logits)`, in prompt order) and under
 /// every condition (`on_rows`, one call per batched forward; prompt chunk, then layer, then
-/// condition, then prompt). Prompts are taken in chunks of at most `batch_rows` tokens (their
+/// condition, then prompt; conditions whose op is the identity, beta 0, first: their rows are
+/// the clean logits). Prompts are taken in chunks of at most `batch_rows` tokens (their
 /// clean runs are kept while the chunk's conditions run), segments in calls of at most
 /// `batch_rows` rows. `progress` counts prompt-conditions.
 #[allow(clippy::too_many_arguments)]
@@ -124,8 +125,20 @@ pub fn steer_labels(
         for (&layer, conds) in &layers {
             // The call starts at the steered layer (a final-norm site: the last block's output).
             let start = layer.min(cfg.n_layers - 1);
+            // Conditions that change nothing (beta 0) are the clean run: their rows are the
+            // clean logits, bit for bit on every engine, not a recomputation.
+            let (identity, steered): (Vec<usize>, Vec<usize>) = conds.iter().partition(|&&c| conditions[c].op.is_identity());
+            if !identity.is_empty() {
+                let rows: Vec<SteerRow> = identity
+                    .iter()
+                    .flat_map(|&c| (0..chunk.len()).map(move |j| (c, j)))
+                    .map(|(c, j)| SteerRow { index: chunk[j], condition: c, label_logits: out.logits[j * k..(j + 1) * k].to_vec(), pred: clean_pred[j], clean_pred: clean_pred[j] })
+                    .collect();
+                on_rows(&rows)?;
+                progress.inc(rows.len() as u64);
+            }
             // (condition, position in chunk), condition-major.
-            let items: Vec<(usize, usize)> = conds.iter().flat_map(|&c| (0..chunk.len()).map(move |j| (c, j))).collect();
+            let items: Vec<(usize, usize)> = steered.iter().flat_map(|&c| (0..chunk.len()).map(move |j| (c, j))).collect();
             let rows_of = |&(c, j): &(usize, usize)| prompts[chunk[j]].len() - p0[c][chunk[j]];
             for batch in chunk_by_rows(&items, rows_of, batch_rows) {
                 let segs: Vec<Segment> = batch.iter().map(|&(c, j)| Segment { clean: &runs[j], p0: p0[c][chunk[j]] }).collect();
