@@ -2,16 +2,15 @@
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use clap::{Args, ValueEnum};
 use serde_json::json;
 
-use super::inputs::{InputArgs, LabelArgs, Prompts};
+use super::inputs::{InputArgs, LabelArgs, Prompts, manifest};
 use super::interventions::InterventionArgs;
 use super::{load_engine, progress_bar};
-use patchbay::experiments::dataset_files::dataset_json;
 use patchbay::experiments::steer::{SteerRow, random_controls, shares_chart, steer_labels, summarize, summary_csv};
 use patchbay::intervene::spec::resolve_all;
 use patchbay::model::Model;
@@ -35,7 +34,8 @@ takes one object or a list with the fields vector, project, site, layers, positi
 normalise (unknown fields are an error). A same-norm random direction (seeded by --seed, one
 per direction and layer) is steered too unless --no-random-control (not for --project).
 Steered runs resume from each prompt's clean run at the steered layer (all conditions of a
-layer are segments of one batched forward).
+layer are segments of one batched forward); a condition that changes nothing (beta 0) is the
+clean run itself, its label logits those of clean.jsonl bit for bit.
 
 Outputs in --out:
   scores.jsonl  one object per (prompt, layer, direction, beta), appended as batches finish:
@@ -172,17 +172,8 @@ pub fn run(a: SteerArgs) -> Result<()> {
     if !summary.is_empty() {
         patchbay::io::plot::line_panels(&a.out.join("shares.png"), &shares_chart(&summary, names))?;
     }
-    let manifest = json!({
-        "command": "steer",
+    let extra = json!({
         "mode": "labels",
-        "patchbay_version": env!("CARGO_PKG_VERSION"),
-        "command_line": std::env::args().collect::<Vec<_>>(),
-        "model": {"path": model.dir.display().to_string(), "config_sha256": model.config_hash, "family": model.cfg.family.name()},
-        "device": engine.device_name(),
-        "dataset": ds.as_ref().map(dataset_json),
-        "token_ids": a.labels.token_ids.as_ref().map(|p| p.display().to_string()),
-        "template": template,
-        "labels": labels,
         "interventions": specs,
         "random_control": (!a.no_random_control).then_some(json!({"seed": a.seed})),
         "n_prompts": prompts.len(),
@@ -193,13 +184,10 @@ pub fn run(a: SteerArgs) -> Result<()> {
         "peak_rss_bytes": patchbay::io::tensorfile::peak_rss_bytes(),
         "status": "complete",
     });
-    write_json(&a.out.join("manifest.json"), &manifest)?;
+    let manifest = manifest("steer", &model, &engine.device_name(), (ds.as_ref(), template.as_ref(), &labels), &a.labels, extra);
+    patchbay::io::write_atomic(&a.out.join("manifest.json"), serde_json::to_string_pretty(&manifest).map_err(|e| Error::input(e.to_string()))?.as_bytes())?;
     if !a.quiet {
         eprintln!("{} prompts x {} conditions; wrote {}", prompts.len(), conditions.len(), a.out.join("scores.jsonl").display());
     }
     Ok(())
-}
-
-fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
-    patchbay::io::write_atomic(path, serde_json::to_string_pretty(v).map_err(|e| Error::input(e.to_string()))?.as_bytes())
 }

@@ -253,8 +253,8 @@ impl InterventionSpec {
             return Err(Error::input("give a vector (--vector FILE.safetensors[:NAME]) or a subspace (--project FILE.safetensors[:NAME])"));
         }
         let layers = self.layers.clone().unwrap_or(Layers::Text("all".into())).resolve(cfg.n_layers)?;
-        let mut vector = self.vector.as_deref().map(|s| parse_source(s)).map(|(p, n)| VectorFile::open(&p).map(|f| (f, n))).transpose()?;
-        let mut project = self.project.as_deref().map(|s| parse_source(s)).map(|(p, n)| VectorFile::open(&p).map(|f| (f, n))).transpose()?;
+        let mut vector = self.vector.as_deref().map(parse_source).map(|(p, n)| VectorFile::open(&p).map(|f| (f, n))).transpose()?;
+        let mut project = self.project.as_deref().map(parse_source).map(|(p, n)| VectorFile::open(&p).map(|f| (f, n))).transpose()?;
         let name = |names: &[String], keys: &[String]| if names.is_empty() { keys.join("+") } else { names.join("+") };
         let mut out = Vec::new();
         for layer in layers {
