@@ -215,6 +215,11 @@ fn project_set_matches_the_update_applied_by_hand() {
         };
         let rows = jsonl(&out.join("scores.jsonl"));
         assert_eq!(rows.len(), 2 * prompts.len(), "project-set has no random control");
+        let direction = match vector {
+            None => format!("project-out:{project}"),
+            Some(v) => format!("project-set:{v}:{project}"),
+        };
+        assert!(rows.iter().all(|r| r["direction"] == direction.as_str()), "{direction}: {}", rows[0]);
         let site = Site::new(0, SiteKind::ResidPost);
         let pos = Positions::List(vec![-1, -2]);
         for r in &rows {

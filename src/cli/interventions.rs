@@ -33,7 +33,7 @@ pub struct InterventionArgs {
     #[arg(long)]
     pub normalise: bool,
     /// A JSON spec file (one object or a list, fields: vector, project, site, layers, positions, betas, normalise) instead of the flags above.
-    #[arg(long, conflicts_with_all = ["vector", "project", "layers", "betas", "normalise"])]
+    #[arg(long, conflicts_with_all = ["vector", "project", "site", "layers", "positions", "betas", "normalise"])]
     pub spec: Option<PathBuf>,
 }
 

@@ -39,7 +39,8 @@ clean run itself, its label logits those of clean.jsonl bit for bit.
 
 Outputs in --out:
   scores.jsonl  one object per (prompt, layer, direction, beta), appended as batches finish:
-                index, layer, site, direction (the vector's name, `random` for the control),
+                index, layer, site, direction (the vector's name; `random` for the control;
+                project-out:<subspace>, project-set:<vector>:<subspace> with --project),
                 beta, label_logits (label order), pred, clean_pred, and gold when known
   clean.jsonl   the clean run: index, label_logits, pred (and gold)
   summary.csv   layer, site, direction, beta, n, share:<label> (share of prompts predicted as

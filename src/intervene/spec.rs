@@ -213,7 +213,8 @@ fn abbreviate(names: &[String]) -> String {
 /// One condition of a sweep: one op at one site.
 #[derive(Clone, Debug)]
 pub struct Condition {
-    /// The vector's name (`joy`, `a+b`, the tensor name; `project-out` without a vector).
+    /// The vector's name (`joy`, `a+b`, the tensor name); `project-out:<subspace>` for a
+    /// projection without vector, `project-set:<vector>:<subspace>` with one.
     pub direction: String,
     pub site: Site,
     pub beta: f32,
@@ -262,7 +263,7 @@ impl InterventionSpec {
             let (n, uw) = kind.units(cfg, 0);
             let w = n * uw;
             // v: [w]
-            let (direction, v) = match &mut vector {
+            let (vector_name, v) = match &mut vector {
                 Some((f, names)) => {
                     let (keys, rows) = f.rows(names, site, w)?;
                     if rows.len() != keys.len() * w {
@@ -277,18 +278,24 @@ impl InterventionSpec {
                         }
                         v.iter_mut().for_each(|x| *x /= nv);
                     }
-                    (name(names, &keys), v)
+                    (Some(name(names, &keys)), v)
                 }
-                None => ("project-out".to_string(), vec![0.0; w]),
+                None => (None, vec![0.0; w]),
             };
             // P: [w, w]
-            let p = match &mut project {
+            let (subspace_name, p) = match &mut project {
                 Some((f, names)) => {
                     let (keys, rows) = f.rows(names, site, w)?;
                     let p = projector(&rows, w).map_err(|e| Error::input(format!("{}: subspace `{}` at {site}: {e}", f.file.path.display(), name(names, &keys))))?;
-                    Some(p)
+                    (Some(name(names, &keys)), Some(p))
                 }
-                None => None,
+                None => (None, None),
+            };
+            let direction = match (vector_name, subspace_name) {
+                (Some(v), None) => v,
+                (None, Some(s)) => format!("project-out:{s}"),
+                (Some(v), Some(s)) => format!("project-set:{v}:{s}"),
+                (None, None) => unreachable!("checked above: a vector or a subspace"),
             };
             for &beta in &self.betas {
                 let op = match &p {
