@@ -142,7 +142,14 @@ pub fn steer_labels(
             let rows_of = |&(c, j): &(usize, usize)| prompts[chunk[j]].len() - p0[c][chunk[j]];
             for batch in chunk_by_rows(&items, rows_of, batch_rows) {
                 let segs: Vec<Segment> = batch.iter().map(|&(c, j)| Segment { clean: &runs[j], p0: p0[c][chunk[j]] }).collect();
-                let ivs = batch.iter().enumerate().map(|(s, &(c, _))| conditions[c].intervention(Some(vec![s]))).collect::<Result<Vec<_>>>()?;
+                // One intervention per condition on its segments (items are condition-major), so
+                // operands (a [w, w] projector) are copied once per call, not per segment.
+                let mut ivs = Vec::new();
+                let mut s = 0;
+                for run in batch.chunk_by(|a, b| a.0 == b.0) {
+                    ivs.push(conditions[run[0].0].intervention(Some((s..s + run.len()).collect()))?);
+                    s += run.len();
+                }
                 let out = engine.run_segments(start, &segs, &RunRequest { interventions: &ivs, ..req })?;
                 if out.logits.len() != batch.len() * k {
                     return Err(Error::input(format!("engine returned {} label logits for {} segments", out.logits.len(), batch.len())));
