@@ -9,10 +9,10 @@
 //!
 //! ```text
 //! cli          the binary (src/main.rs, src/cli/): parses flags, calls an experiment, prints
-//! experiments  pipelines: capture, score, probe, patch, demo, generate, cost, bench
+//! experiments  pipelines: capture, score, probe, patch, steer, demo, generate, cost, bench
 //! engine       the two forwards (f32 reference, device host code), KV store, clean runs, segments
 //! backend      drivers (cuda, emu) and ops/<op>.rs: one launcher and CPU reference per kernel
-//! intervene    the intervention contract (ops, hooks) and the CPU reference of site ops
+//! intervene    the intervention contract (ops, hooks), the CPU reference of site ops, the grammar (spec)
 //! data         datasets, prompt templates, label sets
 //! sites        Site, SiteKind, positions; TransformerLens names
 //! model        config.json -> ModelConfig, checkpoints, tokenizer, synthetic checkpoints

@@ -12,6 +12,8 @@ use patchbay::data::dataset::{self, Dataset, DatasetSpec, Encoding, Filter, Form
 use patchbay::data::labels::{LabelSet, parse_list};
 use patchbay::data::prompts::{PromptSource, load_prompts};
 use patchbay::data::template::Template;
+use patchbay::experiments::dataset_files::dataset_json;
+use patchbay::model::Model;
 use patchbay::model::tokenizer::PromptTokenizer;
 use patchbay::{Error, Result};
 
@@ -100,6 +102,27 @@ impl Prompts {
             })
             .collect()
     }
+}
+
+/// The manifest of a command run on prompts (the parts of [`Prompts`]): the command, patchbay's
+/// version, the command line, the model, the device, the inputs and the labels; `extra` adds
+/// the command's own fields.
+pub fn manifest(command: &str, model: &Model, device: &str, (dataset, template, labels): (Option<&Dataset>, Option<&Template>, &LabelSet), l: &LabelArgs, extra: serde_json::Value) -> serde_json::Value {
+    let mut m = serde_json::json!({
+        "command": command,
+        "patchbay_version": env!("CARGO_PKG_VERSION"),
+        "command_line": std::env::args().collect::<Vec<_>>(),
+        "model": {"path": model.dir.display().to_string(), "config_sha256": model.config_hash, "family": model.cfg.family.name()},
+        "device": device,
+        "dataset": dataset.map(dataset_json),
+        "token_ids": l.token_ids.as_ref().map(|p| p.display().to_string()),
+        "template": template,
+        "labels": labels,
+    });
+    if let (Some(m), serde_json::Value::Object(extra)) = (m.as_object_mut(), extra) {
+        m.extend(extra);
+    }
+    m
 }
 
 #[derive(Args, Clone)]

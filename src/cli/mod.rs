@@ -7,11 +7,13 @@ pub mod demo;
 pub mod directions;
 pub mod generate;
 pub mod inspect;
+pub mod interventions;
 pub mod merge;
 pub mod patch;
 pub mod inputs;
 pub mod probe;
 pub mod score;
+pub mod steer;
 pub mod synth;
 
 use clap::Subcommand;
@@ -41,6 +43,8 @@ pub enum Command {
     Cost(cost::CostArgs),
     /// Score a dataset with the model's next-token logits over a label set: predictions, accuracy, confusion matrix.
     Score(score::ScoreArgs),
+    /// Steering sweeps: add a direction (or project out a subspace) at a site, layer by layer and strength by strength, and read a label set.
+    Steer(steer::SteerArgs),
     /// The probing pipeline: dataset -> prompts -> sharded capture -> scores -> linear probes -> results and plots.
     Probe(probe::ProbeArgs),
 }
@@ -60,6 +64,7 @@ impl Command {
             Command::Cost(a) => cost::run(a),
             Command::Score(a) => score::run(a),
             Command::Probe(a) => probe::run(a),
+            Command::Steer(a) => steer::run(a),
         }
     }
 }

@@ -6,10 +6,10 @@ use std::time::Instant;
 use clap::Args;
 use serde_json::json;
 
-use super::inputs::{InputArgs, LabelArgs, Prompts};
+use super::inputs::{InputArgs, LabelArgs, Prompts, manifest};
 use super::{load_engine, progress_bar};
 use patchbay::data::template::TokenStats;
-use patchbay::experiments::dataset_files::{dataset_json, write_examples};
+use patchbay::experiments::dataset_files::write_examples;
 use patchbay::experiments::score::{Scores, label_logits};
 use patchbay::model::Model;
 use patchbay::{Error, Result};
@@ -77,23 +77,15 @@ pub fn run(a: ScoreArgs) -> Result<()> {
         let keep: Vec<bool> = scores.correct().into_iter().map(|c| c == Some(true)).collect();
         kept = Some(write_examples(path, ds, &keep)?);
     }
-    let manifest = json!({
-        "command": "score",
-        "patchbay_version": env!("CARGO_PKG_VERSION"),
-        "command_line": std::env::args().collect::<Vec<_>>(),
-        "model": {"path": model.dir.display().to_string(), "config_sha256": model.config_hash, "family": model.cfg.family.name()},
-        "device": engine.device_name(),
-        "dataset": ds.as_ref().map(dataset_json),
-        "token_ids": a.labels.token_ids.as_ref().map(|p| p.display().to_string()),
-        "template": template,
+    let extra = json!({
         "token_stats": stats,
-        "labels": labels,
         "n": scores.n(),
         "accuracy": scores.accuracy(),
         "kept_correct": kept,
         "timings_s": {"score": score_s, "total": t0.elapsed().as_secs_f64()},
         "peak_rss_bytes": patchbay::io::tensorfile::peak_rss_bytes(),
     });
+    let manifest = manifest("score", &model, &engine.device_name(), (ds.as_ref(), template.as_ref(), &labels), &a.labels, extra);
     patchbay::io::write_atomic(&a.out.join("manifest.json"), serde_json::to_string_pretty(&manifest).map_err(|e| Error::input(e.to_string()))?.as_bytes())?;
     if !a.quiet {
         eprint!("{}", scores.describe());

@@ -12,6 +12,7 @@ pub mod patch_files;
 pub mod probe;
 pub mod score;
 pub mod shards;
+pub mod steer;
 pub mod workload;
 
 use indicatif::ProgressBar;

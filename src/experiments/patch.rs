@@ -384,7 +384,7 @@ pub fn target_groups(engine: &dyn Engine, prompts: &[Vec<u32>], exps: &[Experime
 
 /// Consecutive chunks of `items` of at most `max_rows` rows each (`rows` of an item), at least
 /// one item per chunk.
-fn chunk_by_rows<T>(items: &[T], rows: impl Fn(&T) -> usize, max_rows: usize) -> Vec<&[T]> {
+pub(crate) fn chunk_by_rows<T>(items: &[T], rows: impl Fn(&T) -> usize, max_rows: usize) -> Vec<&[T]> {
     let mut chunks = Vec::new();
     let mut rest = items;
     while !rest.is_empty() {

@@ -65,25 +65,26 @@ pub fn distinct<T: PartialEq + Clone>(it: impl Iterator<Item = T>) -> Vec<T> {
     v
 }
 
-/// One point of a line: x (a whole step, e.g. a layer), y, and its interval (lo, hi; a band is
+/// One point of a line: x (e.g. a layer, a strength), y, and its interval (lo, hi; a band is
 /// drawn through the finite bounds).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Point {
-    pub x: usize,
+    pub x: f64,
     pub y: f64,
     pub lo: f64,
     pub hi: f64,
 }
 
 /// Line charts side by side: one panel per entry of `panels` (its caption and, per line, its
-/// points sorted by x; a line with no points is not drawn), y from 0 to 1, x from 0 to `max_x`,
+/// points sorted by x; a line with no points is not drawn), y from 0 to 1, x over `x_range`
+/// (ticks at whole numbers),
 /// one shared legend of the lines (a colour each, in order) and of the dashed `reference` line.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LinePanels {
     pub title: String,
     pub lines: Vec<String>,
     pub panels: Vec<(String, Vec<Vec<Point>>)>,
-    pub max_x: usize,
+    pub x_range: (f64, f64),
     pub x_desc: String,
     pub y_desc: String,
     /// A horizontal dashed line: its legend entry and its y.
@@ -95,7 +96,7 @@ pub fn line_panels(path: &Path, chart: &LinePanels) -> Result<()> {
     use plotters::style::text_anchor::{HPos, Pos, VPos};
     register_font();
     let title = &chart.title;
-    let max_layer = chart.max_x;
+    let (x_lo, x_hi) = chart.x_range;
     let cols = chart.panels.len().min(3);
     let grid_rows = chart.panels.len().div_ceil(cols);
     let (pw, ph) = (520u32, 380u32);
@@ -130,7 +131,8 @@ pub fn line_panels(path: &Path, chart: &LinePanels) -> Result<()> {
             x += entry_w(e);
         }
         let panels = body.split_evenly((grid_rows, cols));
-        let xr = -0.3f64..(max_layer as f64 + 0.3);
+        let pad = 0.3f64.max(0.02 * (x_hi - x_lo));
+        let xr = (x_lo - pad)..(x_hi + pad);
         for (pi, (caption, lines)) in chart.panels.iter().enumerate() {
             let panel = &panels[pi];
             let mut plot = ChartBuilder::on(panel)
@@ -143,7 +145,7 @@ pub fn line_panels(path: &Path, chart: &LinePanels) -> Result<()> {
             plot.configure_mesh()
                 .x_desc(&chart.x_desc)
                 .y_desc(&chart.y_desc)
-                .x_labels((max_layer + 1).min(17))
+                .x_labels(((x_hi - x_lo).round() as usize + 1).clamp(2, 17))
                 .x_label_formatter(&|v| if (v - v.round()).abs() < 1e-6 { format!("{}", v.round() as i64) } else { String::new() })
                 .y_labels(6)
                 .max_light_lines(0)
@@ -163,13 +165,13 @@ pub fn line_panels(path: &Path, chart: &LinePanels) -> Result<()> {
                 let band: Vec<(f64, f64)> = pts
                     .iter()
                     .filter(|r| r.hi.is_finite())
-                    .map(|r| (r.x as f64, r.hi))
-                    .chain(pts.iter().rev().filter(|r| r.lo.is_finite()).map(|r| (r.x as f64, r.lo)))
+                    .map(|r| (r.x, r.hi))
+                    .chain(pts.iter().rev().filter(|r| r.lo.is_finite()).map(|r| (r.x, r.lo)))
                     .collect();
                 if band.len() >= 3 {
                     plot.draw_series(std::iter::once(Polygon::new(band, color.mix(0.12)))).map_err(plot_err(path))?;
                 }
-                let line: Vec<(f64, f64)> = pts.iter().map(|r| (r.x as f64, r.y)).collect();
+                let line: Vec<(f64, f64)> = pts.iter().map(|r| (r.x, r.y)).collect();
                 plot.draw_series(LineSeries::new(line.clone(), color.stroke_width(2))).map_err(plot_err(path))?;
                 plot.draw_series(line.iter().map(|&p| Circle::new(p, 3, color.filled()))).map_err(plot_err(path))?;
             }

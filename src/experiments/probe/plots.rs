@@ -24,7 +24,7 @@ pub fn accuracy_by_layer(path: &Path, rows: &[ResultRow], chance: Option<f64>, t
                 .map(|site| {
                     let mut pts: Vec<&&ResultRow> = acc.iter().filter(|r| r.position == pos && &r.site == site).collect();
                     pts.sort_by_key(|r| r.layer);
-                    pts.iter().map(|r| Point { x: r.layer, y: r.value, lo: r.ci_low, hi: r.ci_high }).collect()
+                    pts.iter().map(|r| Point { x: r.layer as f64, y: r.value, lo: r.ci_low, hi: r.ci_high }).collect()
                 })
                 .collect();
             (format!("position {pos}"), lines)
@@ -34,7 +34,7 @@ pub fn accuracy_by_layer(path: &Path, rows: &[ResultRow], chance: Option<f64>, t
         title: title.to_string(),
         lines: sites,
         panels,
-        max_x: acc.iter().map(|r| r.layer).max().unwrap_or(0),
+        x_range: (0.0, acc.iter().map(|r| r.layer).max().unwrap_or(0) as f64),
         x_desc: "layer".into(),
         y_desc: "probe accuracy".into(),
         reference: chance.map(|c| (format!("majority class ({c:.2})"), c)),

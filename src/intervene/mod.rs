@@ -2,7 +2,10 @@
 //! rows (prompt, position) and selected units (heads, neurons, dimensions), an intervention maps
 //! the activation to a new value. Captures copy the (possibly modified) value out.
 //!
-//! The functions here are the reference semantics every fast path reproduces.
+//! The functions here are the reference semantics every fast path reproduces. [`spec`] is the
+//! grammar the command line and JSON spec files use to name interventions.
+
+pub mod spec;
 
 use std::collections::HashMap;
 
@@ -34,6 +37,17 @@ pub enum Op {
 }
 
 impl Op {
+    /// True when the op leaves every x unchanged (Add with beta 0, project-out with beta 0,
+    /// Scale by 1): such a run is the clean run.
+    pub fn is_identity(&self) -> bool {
+        match self {
+            Op::Add { beta, .. } => *beta == 0.0,
+            Op::ProjectSet { beta, v, .. } => *beta == 0.0 && v.iter().all(|&x| x == 0.0),
+            Op::Scale { alpha } => *alpha == 1.0,
+            Op::Patch { .. } | Op::Zero | Op::Mean { .. } | Op::RandomEqualNorm { .. } => false,
+        }
+    }
+
     pub fn name(&self) -> &'static str {
         match self {
             Op::Patch { .. } => "patch",

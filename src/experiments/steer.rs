@@ -1,0 +1,298 @@
+//! Steering sweeps read through a label set (`patchbay steer --mode labels`): every prompt under
+//! every condition (layer, direction, beta) of `intervene::spec`, scored by its label logits at
+//! the last token, resumed from the prompt's clean run (DESIGN.md section 1): a condition at
+//! layer L recomputes layers L.. from the first steered position, and all the conditions of a
+//! layer are segments of one batched call.
+//!
+//! Also the bridge from the grammar to generation ([`step_intervention`]) and the same-norm
+//! random control ([`random_controls`]).
+
+use indicatif::ProgressBar;
+
+use crate::engine::{Engine, RunRequest, Segment};
+use crate::experiments::demo::random_like;
+use crate::experiments::generate::{StepIntervention, TokenScope};
+use crate::experiments::patch::chunk_by_rows;
+use crate::intervene::Op;
+use crate::intervene::spec::{Condition, by_layer};
+use crate::io::plot::{LinePanels, Point, distinct};
+use crate::logits::argmax;
+use crate::rng::splitmix64;
+use crate::sites::Positions;
+use crate::{Error, Result};
+
+/// The step intervention of a condition for `experiments::generate`: its site and op on its
+/// prompt positions and/or the generated tokens.
+pub fn step_intervention(c: &Condition) -> StepIntervention {
+    StepIntervention { site: c.site, units: None, op: c.op.clone(), scope: TokenScope { prompt: c.positions.prompt.clone(), generated: c.positions.generated } }
+}
+
+/// The direction name of the random control of `direction`: `random`, or `random:<direction>`
+/// when the sweep steers along several directions.
+fn control_name(direction: &str, several: bool) -> String {
+    if several { format!("random:{direction}") } else { "random".into() }
+}
+
+/// The same-norm random control of every steering (`Op::Add`) condition: the same site, beta
+/// and positions with v replaced by a Gaussian vector of v's norm, one per (direction, layer)
+/// seeded by `seed` and its index among them (so all betas of a layer share it). Conditions of
+/// other ops have no control.
+pub fn random_controls(conditions: &[Condition], seed: u64) -> Vec<Condition> {
+    let add = |c: &&Condition| matches!(c.op, Op::Add { .. });
+    let directions = distinct(conditions.iter().filter(add).map(|c| c.direction.clone()));
+    let keys = distinct(conditions.iter().filter(add).map(|c| (c.direction.clone(), c.site)));
+    conditions
+        .iter()
+        .filter(add)
+        .map(|c| {
+            let Op::Add { beta, v, normalize } = &c.op else { unreachable!("filtered on Add") };
+            let k = keys.iter().position(|key| key.0 == c.direction && key.1 == c.site).unwrap_or(0);
+            let r = random_like(v, splitmix64(seed ^ splitmix64(k as u64)));
+            Condition { direction: control_name(&c.direction, directions.len() > 1), op: Op::Add { beta: *beta, v: r, normalize: *normalize }, ..c.clone() }
+        })
+        .collect()
+}
+
+/// One prompt under one condition.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SteerRow {
+    /// Prompt index.
+    pub index: usize,
+    /// Index into the conditions.
+    pub condition: usize,
+    /// Label logits at the last token, in label order.
+    pub label_logits: Vec<f32>,
+    /// Predicted label (index), and the clean run's.
+    pub pred: usize,
+    pub clean_pred: usize,
+}
+
+/// Label logits of every prompt clean (`on_clean(prompt, logits)`, in prompt order) and under
+/// every condition (`on_rows`, one call per batched forward; prompt chunk, then layer, then
+/// condition, then prompt; conditions whose op is the identity, beta 0, first: their rows are
+/// the clean logits). Prompts are taken in chunks of at most `batch_rows` tokens (their
+/// clean runs are kept while the chunk's conditions run), segments in calls of at most
+/// `batch_rows` rows. `progress` counts prompt-conditions.
+#[allow(clippy::too_many_arguments)]
+pub fn steer_labels(
+    engine: &dyn Engine,
+    prompts: &[Vec<u32>],
+    label_tokens: &[u32],
+    conditions: &[Condition],
+    batch_rows: usize,
+    progress: &ProgressBar,
+    on_clean: &mut dyn FnMut(usize, &[f32]) -> Result<()>,
+    on_rows: &mut dyn FnMut(&[SteerRow]) -> Result<()>,
+) -> Result<()> {
+    let cfg = engine.config();
+    let k = label_tokens.len();
+    if k == 0 {
+        return Err(Error::input("no label tokens"));
+    }
+    if let Some(&t) = label_tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
+        return Err(Error::input(format!("label token {t} is out of range (vocabulary of {})", cfg.vocab_size)));
+    }
+    // Each condition's intervention (checks positions name no generated tokens) and, per
+    // prompt, the first steered position.
+    let mut p0: Vec<Vec<usize>> = Vec::with_capacity(conditions.len());
+    for c in conditions {
+        let iv = c.intervention(None)?;
+        c.site.check(cfg)?;
+        let firsts = prompts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let pos = iv.positions.resolve(p.len()).map_err(|e| Error::input(format!("{} at {}: prompt {i}: {e}", c.direction, c.site)))?;
+                Ok(pos.into_iter().min().unwrap_or(0))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        p0.push(firsts);
+    }
+    let layers = by_layer(conditions);
+    let last = Positions::List(vec![-1]);
+    let req = RunRequest { logits_at: Some(&last), logit_tokens: Some(label_tokens), ..Default::default() };
+    let all: Vec<usize> = (0..prompts.len()).collect();
+    for chunk in chunk_by_rows(&all, |&i| prompts[i].len(), batch_rows) {
+        let chunk_prompts: Vec<Vec<u32>> = chunk.iter().map(|&i| prompts[i].clone()).collect();
+        let (runs, out) = engine.run_clean(&chunk_prompts, &req)?;
+        if out.logits.len() != chunk.len() * k {
+            return Err(Error::input(format!("engine returned {} label logits for {} prompts", out.logits.len(), chunk.len())));
+        }
+        for (&i, logits) in chunk.iter().zip(out.logits.chunks(k)) {
+            on_clean(i, logits)?;
+        }
+        let clean_pred: Vec<usize> = out.logits.chunks(k).map(argmax).collect();
+        for (&layer, conds) in &layers {
+            // The call starts at the steered layer (a final-norm site: the last block's output).
+            let start = layer.min(cfg.n_layers - 1);
+            // Conditions that change nothing (beta 0) are the clean run: their rows are the
+            // clean logits, bit for bit on every engine, not a recomputation.
+            let (identity, steered): (Vec<usize>, Vec<usize>) = conds.iter().partition(|&&c| conditions[c].op.is_identity());
+            if !identity.is_empty() {
+                let rows: Vec<SteerRow> = identity
+                    .iter()
+                    .flat_map(|&c| (0..chunk.len()).map(move |j| (c, j)))
+                    .map(|(c, j)| SteerRow { index: chunk[j], condition: c, label_logits: out.logits[j * k..(j + 1) * k].to_vec(), pred: clean_pred[j], clean_pred: clean_pred[j] })
+                    .collect();
+                on_rows(&rows)?;
+                progress.inc(rows.len() as u64);
+            }
+            // (condition, position in chunk), condition-major.
+            let items: Vec<(usize, usize)> = steered.iter().flat_map(|&c| (0..chunk.len()).map(move |j| (c, j))).collect();
+            let rows_of = |&(c, j): &(usize, usize)| prompts[chunk[j]].len() - p0[c][chunk[j]];
+            for batch in chunk_by_rows(&items, rows_of, batch_rows) {
+                let segs: Vec<Segment> = batch.iter().map(|&(c, j)| Segment { clean: &runs[j], p0: p0[c][chunk[j]] }).collect();
+                // One intervention per condition on its segments (items are condition-major), so
+                // operands (a [w, w] projector) are copied once per call, not per segment.
+                let mut ivs = Vec::new();
+                let mut s = 0;
+                for run in batch.chunk_by(|a, b| a.0 == b.0) {
+                    ivs.push(conditions[run[0].0].intervention(Some((s..s + run.len()).collect()))?);
+                    s += run.len();
+                }
+                let out = engine.run_segments(start, &segs, &RunRequest { interventions: &ivs, ..req })?;
+                if out.logits.len() != batch.len() * k {
+                    return Err(Error::input(format!("engine returned {} label logits for {} segments", out.logits.len(), batch.len())));
+                }
+                let rows: Vec<SteerRow> = batch
+                    .iter()
+                    .zip(out.logits.chunks(k))
+                    .map(|(&(c, j), logits)| SteerRow { index: chunk[j], condition: c, label_logits: logits.to_vec(), pred: argmax(logits), clean_pred: clean_pred[j] })
+                    .collect();
+                on_rows(&rows)?;
+                progress.inc(batch.len() as u64);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One line of the summary: a condition over all prompts.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SummaryRow {
+    pub layer: usize,
+    pub site: String,
+    pub direction: String,
+    pub beta: f32,
+    pub n: usize,
+    /// Share of the prompts predicted as each label, in label order.
+    pub shares: Vec<f64>,
+    /// Mean over prompts of (steered - clean) label logit, per label.
+    pub mean_logit_change: Vec<f64>,
+}
+
+/// Aggregates rows per condition (condition order); `clean` is `[n_prompts, n_labels]`.
+pub fn summarize(conditions: &[Condition], rows: &[SteerRow], clean: &[f32], n_labels: usize) -> Vec<SummaryRow> {
+    let mut acc: Vec<(usize, Vec<f64>, Vec<f64>)> = vec![(0, vec![0.0; n_labels], vec![0.0; n_labels]); conditions.len()];
+    for r in rows {
+        let a = &mut acc[r.condition];
+        a.0 += 1;
+        a.1[r.pred] += 1.0;
+        let c = &clean[r.index * n_labels..(r.index + 1) * n_labels];
+        a.2.iter_mut().zip(r.label_logits.iter().zip(c)).for_each(|(m, (s, c))| *m += (s - c) as f64);
+    }
+    conditions
+        .iter()
+        .zip(acc)
+        .map(|(c, (n, shares, change))| {
+            let per = |v: Vec<f64>| v.into_iter().map(|x| if n == 0 { f64::NAN } else { x / n as f64 }).collect();
+            SummaryRow { layer: c.site.layer, site: c.site.kind.short_name().into(), direction: c.direction.clone(), beta: c.beta, n, shares: per(shares), mean_logit_change: per(change) }
+        })
+        .collect()
+}
+
+/// summary.csv text: `layer,site,direction,beta,n,share:<label>...,mean_logit_change:<label>...`.
+pub fn summary_csv(rows: &[SummaryRow], labels: &[String]) -> String {
+    let mut s = String::from("layer,site,direction,beta,n");
+    for prefix in ["share", "mean_logit_change"] {
+        labels.iter().for_each(|l| s.push_str(&format!(",{prefix}:{l}")));
+    }
+    s.push('\n');
+    for r in rows {
+        s.push_str(&format!("{},{},{},{},{}", r.layer, r.site, r.direction, r.beta, r.n));
+        r.shares.iter().chain(&r.mean_logit_change).for_each(|v| s.push_str(&format!(",{v:.6}")));
+        s.push('\n');
+    }
+    s
+}
+
+/// The study's figure: the share of prompts predicted as each label (one line per label)
+/// against beta, one panel per (layer, site, direction), by layer.
+pub fn shares_chart(rows: &[SummaryRow], labels: &[String]) -> LinePanels {
+    let mut panels_keys = distinct(rows.iter().map(|r| (r.layer, r.site.clone(), r.direction.clone())));
+    // Each layer's directions side by side (a stable sort keeps their order).
+    panels_keys.sort_by_key(|k| k.0);
+    let betas: Vec<f64> = rows.iter().map(|r| r.beta as f64).collect();
+    let lo = betas.iter().copied().fold(f64::INFINITY, f64::min).min(0.0);
+    let hi = betas.iter().copied().fold(f64::NEG_INFINITY, f64::max).max(0.0);
+    let panels = panels_keys
+        .iter()
+        .map(|(layer, site, direction)| {
+            let mut mine: Vec<&SummaryRow> = rows.iter().filter(|r| r.layer == *layer && &r.site == site && &r.direction == direction).collect();
+            mine.sort_by(|a, b| a.beta.total_cmp(&b.beta));
+            let lines = (0..labels.len()).map(|l| mine.iter().map(|r| Point { x: r.beta as f64, y: r.shares[l], lo: f64::NAN, hi: f64::NAN }).collect()).collect();
+            (format!("{site} layer {layer}: {direction}"), lines)
+        })
+        .collect();
+    LinePanels {
+        title: "Predicted label by steering strength".into(),
+        lines: labels.to_vec(),
+        panels,
+        x_range: (lo, hi),
+        x_desc: "beta".into(),
+        y_desc: "share of prompts predicted".into(),
+        reference: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::intervene::spec::TokenPositions;
+    use crate::sites::{Site, SiteKind};
+
+    fn cond(direction: &str, layer: usize, beta: f32, positions: &str) -> Condition {
+        Condition {
+            direction: direction.into(),
+            site: Site::new(layer, SiteKind::ResidPost),
+            beta,
+            op: Op::Add { beta, v: vec![3.0, 4.0], normalize: false },
+            positions: TokenPositions::parse(positions).unwrap(),
+        }
+    }
+
+    #[test]
+    fn step_interventions_carry_the_scope() {
+        let s = step_intervention(&cond("joy", 1, 2.0, "last:2+generated"));
+        assert_eq!(s.site, Site::new(1, SiteKind::ResidPost));
+        assert_eq!(s.scope, TokenScope { prompt: Some(Positions::List(vec![-1, -2])), generated: true });
+        assert_eq!(s.op, Op::Add { beta: 2.0, v: vec![3.0, 4.0], normalize: false });
+        assert_eq!(step_intervention(&cond("joy", 0, 1.0, "generated")).scope, TokenScope::generated());
+        assert_eq!(step_intervention(&cond("joy", 0, 1.0, "all+generated")).scope, TokenScope::all());
+        assert_eq!(step_intervention(&cond("joy", 0, 1.0, "all")).scope, TokenScope { prompt: Some(Positions::All), generated: false });
+        // Without generation, `generated` is an error naming the condition.
+        let e = cond("joy", 0, 1.0, "last+generated").intervention(None).unwrap_err().to_string();
+        assert!(e.contains("joy") && e.contains("generated"), "{e}");
+    }
+
+    #[test]
+    fn random_controls_keep_norm_and_share_a_layer() {
+        let cs = vec![cond("joy", 0, 1.0, "all"), cond("joy", 0, 2.0, "all"), cond("joy", 1, 1.0, "all")];
+        let r = random_controls(&cs, 7);
+        assert_eq!(r.len(), 3);
+        let v = |c: &Condition| match &c.op {
+            Op::Add { v, .. } => v.clone(),
+            _ => panic!(),
+        };
+        for c in &r {
+            assert_eq!(c.direction, "random");
+            assert!((crate::intervene::norm(&v(c)) - 5.0).abs() < 1e-5);
+        }
+        assert_eq!(v(&r[0]), v(&r[1]), "the betas of a layer share one random vector");
+        assert_ne!(v(&r[0]), v(&r[2]), "layers get their own");
+        assert_ne!(v(&r[0]), vec![3.0, 4.0]);
+        assert_eq!(random_controls(&cs, 7)[0].op, r[0].op, "seeded");
+        let two = random_controls(&[cond("joy", 0, 1.0, "all"), cond("fear", 0, 1.0, "all")], 7);
+        assert_eq!(two[1].direction, "random:fear");
+    }
+}
