@@ -16,13 +16,13 @@ use rand_chacha::ChaCha8Rng;
 
 use patchbay::backend::ops::sample::SampleParams;
 use patchbay::experiments::bench::{decode, prefill, prefilled};
-use patchbay::experiments::generate::{GenerateSpec, StepIntervention, TokenScope, generate};
+use patchbay::experiments::generate::{GenerateSpec, StepIntervention, generate};
 use patchbay::experiments::patch::{Method, SweepSpec, all_centers};
 use patchbay::experiments::workload::{PatchWorkload, PatchWorkloadSpec, random_prompts};
 use patchbay::intervene::Capture;
 use patchbay::model::Model;
 use patchbay::model::synth::{preset, write_checkpoint};
-use patchbay::sites::{Positions, Site, SiteKind};
+use patchbay::sites::{Positions, Site, SiteKind, TokenScope};
 
 const BATCH: usize = 4;
 const PROMPT_LEN: usize = 32;

@@ -314,3 +314,68 @@ impl Positions {
         }
     }
 }
+
+/// Which tokens an intervention acts on in a generation: prompt positions (at prefill) and/or
+/// every generated token (when it is fed back). Commands without generation take prompt
+/// positions only.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TokenScope {
+    /// Positions of the prompt (None: the prompt runs clean).
+    pub prompt: Option<Positions>,
+    /// Every generated token.
+    pub generated: bool,
+}
+
+impl TokenScope {
+    /// Every token: the whole prompt and each generated one.
+    pub const fn all() -> TokenScope {
+        TokenScope { prompt: Some(Positions::All), generated: true }
+    }
+    /// Generated tokens only (the prompt runs clean).
+    pub const fn generated() -> TokenScope {
+        TokenScope { prompt: None, generated: true }
+    }
+    /// Parses `all`, `last`, `last:K`, `generated`, `X+generated` or a `Positions::parse` list.
+    pub fn parse(spec: &str) -> Result<TokenScope> {
+        let spec = spec.trim();
+        let (prompt, generated) = match spec.strip_suffix("+generated") {
+            Some(p) => (Some(p), true),
+            None if spec == "generated" => (None, true),
+            None => (Some(spec), false),
+        };
+        let prompt = prompt
+            .map(|p| match p.trim() {
+                "last" => Ok(Positions::List(vec![-1])),
+                p => match p.strip_prefix("last:") {
+                    Some(k) => match k.trim().parse::<i64>() {
+                        Ok(k) if (1..=1 << 16).contains(&k) => Ok(Positions::List((1..=k).map(|i| -i).collect())),
+                        _ => Err(Error::input(format!("positions `{spec}`: last:K needs a whole number K >= 1"))),
+                    },
+                    None => Positions::parse(p).map_err(|e| Error::input(format!("positions `{spec}`: {e} (or last, last:K, generated)"))),
+                },
+            })
+            .transpose()?;
+        Ok(TokenScope { prompt, generated })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn positions_grammar() {
+        let p = |s: &str| TokenScope::parse(s).unwrap();
+        assert_eq!(p("all"), TokenScope { prompt: Some(Positions::All), generated: false });
+        assert_eq!(p("last"), TokenScope { prompt: Some(Positions::List(vec![-1])), generated: false });
+        assert_eq!(p("last:3"), TokenScope { prompt: Some(Positions::List(vec![-1, -2, -3])), generated: false });
+        assert_eq!(p("generated"), TokenScope { prompt: None, generated: true });
+        assert_eq!(p("last:2+generated"), TokenScope { prompt: Some(Positions::List(vec![-1, -2])), generated: true });
+        assert_eq!(p("0,3"), TokenScope { prompt: Some(Positions::List(vec![0, 3])), generated: false });
+        assert_eq!(p("-1..-3"), TokenScope { prompt: Some(Positions::List(vec![-1, -2, -3])), generated: false });
+        for bad in ["last:0", "last:x", "first", ""] {
+            let e = TokenScope::parse(bad).unwrap_err().to_string();
+            assert!(!e.contains('\n'), "{bad}: {e}");
+        }
+    }
+}

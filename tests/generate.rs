@@ -15,12 +15,12 @@ use patchbay::backend::emu::FiberOrder;
 use patchbay::backend::ops::sample::{SampleParams, sample_row, sample_uniform};
 use patchbay::engine::device_forward::DeviceModel;
 use patchbay::engine::{DecodeSeq, Engine, RunRequest};
-use patchbay::experiments::generate::{GenerateSpec, StepIntervention, StopReason, TokenScope, generate, prompt_seed};
+use patchbay::experiments::generate::{GenerateSpec, StepIntervention, StopReason, generate, prompt_seed};
 use patchbay::intervene::{Capture, Intervention, Op};
 use patchbay::rng::gaussian;
 use patchbay::model::Model;
 use patchbay::model::config::RopeScaling;
-use patchbay::sites::{Positions, Site, SiteKind};
+use patchbay::sites::{Positions, Site, SiteKind, TokenScope};
 
 /// The simple path: per prompt, each new token from a fresh forward over the whole sequence,
 /// the steering added at every position it covers (all, or the generated tokens fed so far).

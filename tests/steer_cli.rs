@@ -18,7 +18,7 @@ use patchbay::io::OutDtype;
 use patchbay::io::tensorfile::{TensorData, write};
 use patchbay::learn::directions::{project_set, projector};
 use patchbay::model::Model;
-use patchbay::sites::{Positions, Site, SiteKind};
+use patchbay::sites::{Positions, Site, SiteKind, TokenScope};
 use serde_json::Value;
 
 /// Label tokens of the fixtures' 384-token vocabulary.
@@ -94,7 +94,7 @@ fn reference(model: &Model, prompt: &[u32], ivs: &[Intervention]) -> Vec<f32> {
 }
 
 fn positions_of(spec: &str) -> Positions {
-    patchbay::intervene::spec::TokenPositions::parse(spec).unwrap().prompt.unwrap()
+    TokenScope::parse(spec).unwrap().prompt.unwrap()
 }
 
 /// Every row of `rows` against the reference with `op(row)`; beta-0 rows of Add equal the clean

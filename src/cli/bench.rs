@@ -10,12 +10,12 @@ use super::{load_engine, parse_bytes, print_stdout, progress_bar};
 use patchbay::backend::DeviceSpec;
 use patchbay::backend::ops::sample::SampleParams;
 use patchbay::experiments::bench::{BenchShape, bench_capture, bench_forward, bench_generate, bench_patch};
-use patchbay::experiments::generate::{StepIntervention, TokenScope};
+use patchbay::experiments::generate::StepIntervention;
 use patchbay::experiments::workload::PatchWorkloadSpec;
 use patchbay::intervene::{Capture, Op};
 use patchbay::rng::gaussian;
 use patchbay::model::Model;
-use patchbay::sites::{Positions, Site, SiteKind};
+use patchbay::sites::{Positions, Site, SiteKind, TokenScope};
 use patchbay::{Error, Result};
 
 #[derive(Args)]

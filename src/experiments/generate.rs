@@ -17,7 +17,7 @@ use crate::intervene::{Hooks, Intervention, Op, RowMap};
 use crate::rng::splitmix64;
 use crate::model::config::ModelConfig;
 use crate::model::tokenizer::PromptTokenizer;
-use crate::sites::{Positions, Site};
+use crate::sites::{Positions, Site, TokenScope};
 use crate::{Error, Result};
 
 /// How many tokens to generate, how to pick them, when to stop.
@@ -39,27 +39,6 @@ impl GenerateSpec {
     /// generation_config.json's when it has them).
     pub fn greedy(cfg: &ModelConfig, max_new_tokens: usize) -> GenerateSpec {
         GenerateSpec { max_new_tokens, sample: SampleParams::GREEDY, eos_ids: cfg.eos_token_ids.clone(), stop: Vec::new(), batch_size: 8 }
-    }
-}
-
-/// Which tokens a step intervention acts on: prompt positions (at prefill) and/or every
-/// generated token (when it is fed back).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct TokenScope {
-    /// Positions of the prompt (None: the prompt runs clean).
-    pub prompt: Option<Positions>,
-    /// Every generated token.
-    pub generated: bool,
-}
-
-impl TokenScope {
-    /// Every token: the whole prompt and each generated one.
-    pub const fn all() -> TokenScope {
-        TokenScope { prompt: Some(Positions::All), generated: true }
-    }
-    /// Generated tokens only (the prompt runs clean).
-    pub const fn generated() -> TokenScope {
-        TokenScope { prompt: None, generated: true }
     }
 }
 

@@ -11,20 +11,20 @@ use indicatif::ProgressBar;
 
 use crate::engine::{Engine, RunRequest, Segment};
 use crate::experiments::demo::random_like;
-use crate::experiments::generate::{StepIntervention, TokenScope};
+use crate::experiments::generate::StepIntervention;
 use crate::experiments::patch::chunk_by_rows;
 use crate::intervene::Op;
 use crate::intervene::spec::{Condition, by_layer};
 use crate::io::plot::{LinePanels, Point, distinct};
 use crate::logits::argmax;
 use crate::rng::splitmix64;
-use crate::sites::Positions;
+use crate::sites::{Positions, TokenScope};
 use crate::{Error, Result};
 
 /// The step intervention of a condition for `experiments::generate`: its site and op on its
 /// prompt positions and/or the generated tokens.
 pub fn step_intervention(c: &Condition) -> StepIntervention {
-    StepIntervention { site: c.site, units: None, op: c.op.clone(), scope: TokenScope { prompt: c.positions.prompt.clone(), generated: c.positions.generated } }
+    StepIntervention { site: c.site, units: None, op: c.op.clone(), scope: c.positions.clone() }
 }
 
 /// The direction name of the random control of `direction`: `random`, or `random:<direction>`
@@ -248,7 +248,7 @@ pub fn shares_chart(rows: &[SummaryRow], labels: &[String]) -> LinePanels {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::intervene::spec::TokenPositions;
+    use crate::sites::TokenScope;
     use crate::sites::{Site, SiteKind};
 
     fn cond(direction: &str, layer: usize, beta: f32, positions: &str) -> Condition {
@@ -257,7 +257,7 @@ mod tests {
             site: Site::new(layer, SiteKind::ResidPost),
             beta,
             op: Op::Add { beta, v: vec![3.0, 4.0], normalize: false },
-            positions: TokenPositions::parse(positions).unwrap(),
+            positions: TokenScope::parse(positions).unwrap(),
         }
     }
 

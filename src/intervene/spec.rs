@@ -26,7 +26,7 @@ use super::{Intervention, Op, norm};
 use crate::io::tensorfile::TensorFile;
 use crate::learn::directions::projector;
 use crate::model::config::ModelConfig;
-use crate::sites::{Positions, Site, SiteKind};
+use crate::sites::{Site, SiteKind, TokenScope};
 use crate::{Error, Result};
 
 /// One sweep, as a JSON spec file entry (a file holds one object or a list); the command
@@ -99,40 +99,6 @@ impl Layers {
             return Err(Error::input(format!("layer {l} is listed twice")));
         }
         Ok(list)
-    }
-}
-
-/// Which tokens an intervention acts on: prompt positions and/or generated tokens.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct TokenPositions {
-    /// Prompt positions (None: none of the prompt).
-    pub prompt: Option<Positions>,
-    /// Every generated token.
-    pub generated: bool,
-}
-
-impl TokenPositions {
-    /// Parses `all`, `last`, `last:K`, `generated`, `X+generated` or a `Positions::parse` list.
-    pub fn parse(spec: &str) -> Result<TokenPositions> {
-        let spec = spec.trim();
-        let (prompt, generated) = match spec.strip_suffix("+generated") {
-            Some(p) => (Some(p), true),
-            None if spec == "generated" => (None, true),
-            None => (Some(spec), false),
-        };
-        let prompt = prompt
-            .map(|p| match p.trim() {
-                "last" => Ok(Positions::List(vec![-1])),
-                p => match p.strip_prefix("last:") {
-                    Some(k) => match k.trim().parse::<i64>() {
-                        Ok(k) if (1..=1 << 16).contains(&k) => Ok(Positions::List((1..=k).map(|i| -i).collect())),
-                        _ => Err(Error::input(format!("positions `{spec}`: last:K needs a whole number K >= 1"))),
-                    },
-                    None => Positions::parse(p).map_err(|e| Error::input(format!("positions `{spec}`: {e} (or last, last:K, generated)"))),
-                },
-            })
-            .transpose()?;
-        Ok(TokenPositions { prompt, generated })
     }
 }
 
@@ -219,7 +185,7 @@ pub struct Condition {
     pub site: Site,
     pub beta: f32,
     pub op: Op,
-    pub positions: TokenPositions,
+    pub positions: TokenScope,
 }
 
 impl Condition {
@@ -246,7 +212,7 @@ impl InterventionSpec {
         if let Some(b) = self.betas.iter().find(|b| !b.is_finite()) {
             return Err(Error::input(format!("betas: {b} is not a finite number")));
         }
-        let positions = TokenPositions::parse(&self.positions)?;
+        let positions = TokenScope::parse(&self.positions)?;
         if positions.generated && !generation {
             return Err(Error::input(format!("positions `{}`: `generated` needs a command that generates (this one reads the prompt only)", self.positions)));
         }
@@ -354,22 +320,6 @@ pub fn by_layer(conditions: &[Condition]) -> BTreeMap<usize, Vec<usize>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn positions_grammar() {
-        let p = |s: &str| TokenPositions::parse(s).unwrap();
-        assert_eq!(p("all"), TokenPositions { prompt: Some(Positions::All), generated: false });
-        assert_eq!(p("last"), TokenPositions { prompt: Some(Positions::List(vec![-1])), generated: false });
-        assert_eq!(p("last:3"), TokenPositions { prompt: Some(Positions::List(vec![-1, -2, -3])), generated: false });
-        assert_eq!(p("generated"), TokenPositions { prompt: None, generated: true });
-        assert_eq!(p("last:2+generated"), TokenPositions { prompt: Some(Positions::List(vec![-1, -2])), generated: true });
-        assert_eq!(p("0,3"), TokenPositions { prompt: Some(Positions::List(vec![0, 3])), generated: false });
-        assert_eq!(p("-1..-3"), TokenPositions { prompt: Some(Positions::List(vec![-1, -2, -3])), generated: false });
-        for bad in ["last:0", "last:x", "first", ""] {
-            let e = TokenPositions::parse(bad).unwrap_err().to_string();
-            assert!(!e.contains('\n'), "{bad}: {e}");
-        }
-    }
 
     #[test]
     fn layers_grammar() {
