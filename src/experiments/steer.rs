@@ -18,7 +18,7 @@ use crate::intervene::spec::{Condition, by_layer};
 use crate::io::plot::{LinePanels, Point, distinct};
 use crate::logits::argmax;
 use crate::rng::splitmix64;
-use crate::sites::{Positions, TokenScope};
+use crate::sites::Positions;
 use crate::{Error, Result};
 
 /// The step intervention of a condition for `experiments::generate`: its site and op on its
