@@ -335,6 +335,16 @@ impl TokenScope {
     pub const fn generated() -> TokenScope {
         TokenScope { prompt: None, generated: true }
     }
+    /// How output files record it: the prompt positions as [`Positions::describe`] writes them,
+    /// `generated`, or `X+generated` (the syntax [`TokenScope::parse`] reads).
+    pub fn describe(&self) -> String {
+        match (&self.prompt, self.generated) {
+            (Some(p), true) => format!("{}+generated", p.describe()),
+            (Some(p), false) => p.describe(),
+            (None, true) => "generated".into(),
+            (None, false) => "none".into(),
+        }
+    }
     /// Parses `all`, `last`, `last:K`, `generated`, `X+generated` or a `Positions::parse` list.
     pub fn parse(spec: &str) -> Result<TokenScope> {
         let spec = spec.trim();
@@ -373,6 +383,9 @@ mod tests {
         assert_eq!(p("last:2+generated"), TokenScope { prompt: Some(Positions::List(vec![-1, -2])), generated: true });
         assert_eq!(p("0,3"), TokenScope { prompt: Some(Positions::List(vec![0, 3])), generated: false });
         assert_eq!(p("-1..-3"), TokenScope { prompt: Some(Positions::List(vec![-1, -2, -3])), generated: false });
+        for spec in ["all", "-1", "-1,-2,-3", "generated", "-1,-2+generated", "0,3"] {
+            assert_eq!(p(&p(spec).describe()), p(spec), "{spec} reads back");
+        }
         for bad in ["last:0", "last:x", "first", ""] {
             let e = TokenScope::parse(bad).unwrap_err().to_string();
             assert!(!e.contains('\n'), "{bad}: {e}");

@@ -2,7 +2,8 @@
 //! manifest contract, tokens equal to the library's generation of the same prompts, every
 //! prompt source (a text file, JSONL with `prompt`/`text`/`messages`, a dataset through a
 //! template, token ids), --chat, stop strings, the batch size changing nothing, the emulated
-//! device, and one-line errors for bad input.
+//! device, steering through the intervention flags (== the library's steered generation; beta 0
+//! and a zero vector == the clean run), and one-line errors for bad input.
 
 mod common;
 
@@ -12,9 +13,12 @@ use std::process::Command;
 use common::*;
 use indicatif::ProgressBar;
 use patchbay::backend::ops::sample::SampleParams;
-use patchbay::experiments::generate::{GenerateSpec, generate};
+use patchbay::experiments::generate::{GenerateSpec, StepIntervention, generate};
+use patchbay::io::OutDtype;
+use patchbay::io::tensorfile::{TensorData, write};
 use patchbay::model::Model;
 use patchbay::model::tokenizer::{ChatMessage, PromptTokenizer};
+use patchbay::sites::{Site, SiteKind, TokenScope};
 use serde_json::Value;
 
 /// Runs the patchbay binary; returns (exit code, stdout, stderr).
@@ -78,7 +82,8 @@ fn contract_and_tokens_equal_the_library() {
     let want = generate(&model, &ids, &spec, &[], Some(&tok), &ProgressBar::hidden(), &mut |_, _| Ok(())).unwrap();
     for (i, (g, w)) in gens.iter().zip(&want).enumerate() {
         let keys: Vec<&str> = g.as_object().unwrap().keys().map(String::as_str).collect();
-        assert_eq!(keys, ["index", "interventions", "prompt", "seed", "stop", "text", "tokens"]);
+        assert_eq!(keys, ["beta", "index", "interventions", "prompt", "seed", "stop", "text", "tokens"]);
+        assert!(g["beta"].is_null(), "a clean run has no beta");
         assert_eq!(g["index"], i);
         assert_eq!(g["prompt"], TEXTS[i]);
         assert_eq!(g["interventions"], serde_json::json!([]));
@@ -145,6 +150,71 @@ fn every_prompt_source_chat_and_stop_strings() {
     }
 }
 
+/// Writes `[width]` vectors `blocks.<L>.hook_resid_post/<name>` for every layer: `dir` a fresh
+/// random one (returned per layer), `zero` zeros, and `nan` with a NaN.
+fn directions_file(path: &Path, model: &Model, seed: u64) -> Vec<Vec<f32>> {
+    let d = model.cfg.d_model;
+    let mut list = Vec::new();
+    let mut dirs = Vec::new();
+    for l in 0..model.cfg.n_layers {
+        let site = Site::new(l, SiteKind::ResidPost);
+        let v: Vec<f32> = (0..d).map(|i| patchbay::rng::gaussian(seed, l as u64, i as u64)).collect();
+        let mut nan = v.clone();
+        nan[3] = f32::NAN;
+        list.push((format!("{site}/dir"), v.clone()));
+        list.push((format!("{site}/zero"), vec![0.0; d]));
+        list.push((format!("{site}/nan"), nan));
+        dirs.push(v);
+    }
+    let tensors: Vec<(String, Vec<usize>, TensorData)> = list.iter().map(|(n, v)| (n.clone(), vec![d], TensorData::F32(v, OutDtype::F32))).collect();
+    write(path, &tensors, &std::collections::BTreeMap::from([("format".to_string(), "patchbay-directions-1".to_string())])).unwrap();
+    dirs
+}
+
+#[test]
+fn steering_flags_match_the_library_and_beta_zero_is_clean() {
+    let w = Work::new();
+    let family = "llama";
+    let dir = fixture(family);
+    let model = Model::load(&dir).unwrap();
+    let tok = PromptTokenizer::load(&dir).unwrap();
+    let path = w.out("dirs.safetensors");
+    let dirs = directions_file(&path, &model, 0x5eed ^ std::env::var("PATCHBAY_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0));
+    let vector = |name: &str| format!("{}:{name}", path.display());
+    let lines = w.write("p.txt", &TEXTS.join("\n"));
+    let common = ["--prompts", lines.as_str(), "--max-new-tokens", "6", "--layers", "0,1", "--positions", "last:2+generated"];
+    let (clean, _) = w.generate(family, "clean", &["--prompts", lines.as_str(), "--max-new-tokens", "6"]);
+    let (gens, manifest) = w.generate(family, "steered", &[&common[..], &["--vector", &vector("dir"), "--betas=0,40"]].concat());
+    // One pass per beta, in the order listed, each over every prompt.
+    assert_eq!(gens.len(), 2 * TEXTS.len());
+    assert_eq!(gens.iter().map(|g| g["beta"].as_f64().unwrap()).collect::<Vec<_>>(), [0.0, 0.0, 0.0, 40.0, 40.0, 40.0]);
+    assert_eq!(gens.iter().map(|g| g["index"].as_u64().unwrap()).collect::<Vec<_>>(), [0, 1, 2, 0, 1, 2]);
+    assert_eq!(tokens(&gens[..3]), tokens(&clean), "beta 0 changed the tokens");
+    let described = &gens[3]["interventions"];
+    assert_eq!(described.as_array().unwrap().len(), 2, "one intervention per layer: {described}");
+    assert_eq!(described[1]["site"], "blocks.1.hook_resid_post");
+    assert_eq!(described[1]["positions"], "-1,-2+generated");
+    assert_eq!(manifest["interventions"].as_array().unwrap().len(), 2, "the manifest lists both passes");
+    // The library with the same step interventions.
+    let ids: Vec<Vec<u32>> = TEXTS.iter().map(|t| tok.encode(t).unwrap()).collect();
+    let spec = GenerateSpec { max_new_tokens: 6, sample: SampleParams::GREEDY, eos_ids: model.cfg.eos_token_ids.clone(), stop: Vec::new(), batch_size: 8 };
+    let scope = TokenScope { prompt: Some(patchbay::sites::Positions::List(vec![-1, -2])), generated: true };
+    let steps: Vec<StepIntervention> = dirs.iter().enumerate().map(|(l, v)| StepIntervention::steer(Site::new(l, SiteKind::ResidPost), v.clone(), 40.0, scope.clone())).collect();
+    let want = generate(&model, &ids, &spec, &steps, Some(&tok), &ProgressBar::hidden(), &mut |_, _| Ok(())).unwrap();
+    assert_eq!(tokens(&gens[3..]), want.iter().map(|g| g.tokens.clone()).collect::<Vec<_>>(), "the command's steered tokens differ from the library's");
+    assert_ne!(tokens(&gens[3..]), tokens(&clean), "steering with beta 40 changed no token (the test would not see a dropped intervention)");
+    // A zero vector at any strength, and --normalise, on the emulated device too.
+    let (zero, _) = w.generate(family, "zero", &[&common[..], &["--vector", &vector("zero"), "--betas=5"]].concat());
+    assert_eq!(tokens(&zero), tokens(&clean), "a zero vector changed the tokens");
+    let (emu_clean, _) = w.generate(family, "emu_clean", &["--prompts", lines.as_str(), "--max-new-tokens", "6", "--device", "emu"]);
+    let (emu_zero, _) = w.generate(family, "emu_zero", &[&common[..], &["--vector", &vector("zero"), "--betas=5", "--device", "emu"]].concat());
+    assert_eq!(tokens(&emu_zero), tokens(&emu_clean), "emu: a zero vector changed the tokens");
+    let (unit, _) = w.generate(family, "unit", &[&common[..], &["--vector", &vector("dir"), "--betas=40", "--normalise"]].concat());
+    let unit_steps: Vec<StepIntervention> = steps.iter().map(|s| StepIntervention { op: patchbay::intervene::Op::Add { beta: 40.0, v: match &s.op { patchbay::intervene::Op::Add { v, .. } => v.clone(), _ => unreachable!() }, normalize: true }, ..s.clone() }).collect();
+    let want_unit = generate(&model, &ids, &spec, &unit_steps, Some(&tok), &ProgressBar::hidden(), &mut |_, _| Ok(())).unwrap();
+    assert_eq!(tokens(&unit), want_unit.iter().map(|g| g.tokens.clone()).collect::<Vec<_>>(), "--normalise: tokens differ from the library's");
+}
+
 #[test]
 fn bad_input_is_one_line_error() {
     let w = Work::new();
@@ -156,6 +226,10 @@ fn bad_input_is_one_line_error() {
     let blank = w.write("blank.txt", "hello\n\nworld\n");
     let empty = w.write("empty.jsonl", "{\"prompt\": \"\"}\n");
     let long = w.write("long.json", &serde_json::to_string(&[vec![5u32; 300]]).unwrap());
+    let dirs = w.out("dirs.safetensors");
+    directions_file(&dirs, &Model::load(&model).unwrap(), 1);
+    let v = |name: &str| format!("{}:{name}", dirs.display());
+    let (dir_v, nan_v, missing_v) = (v("dir"), v("nan"), v("fear"));
     let cases: Vec<(Vec<&str>, &[&str])> = vec![
         (vec!["--prompts", &blank], &["blank.txt", "line 2", "empty prompt"]),
         (vec!["--prompts", &empty], &["empty.jsonl", "line 1", "empty prompt"]),
@@ -167,6 +241,14 @@ fn bad_input_is_one_line_error() {
         (vec!["--prompts", &ok, "--stop", ""], &["stop string is empty"]),
         (vec!["--token-ids", &long, "--chat"], &["--chat", "--token-ids"]),
         (vec![], &["give the prompts"]),
+        (vec!["--prompts", &ok, "--betas=1"], &["--betas", "need --vector"]),
+        (vec!["--prompts", &ok, "--vector", &dir_v], &["--betas"]),
+        (vec!["--prompts", &ok, "--vector", &dir_v, "--betas="], &["empty"]),
+        (vec!["--prompts", &ok, "--vector", &missing_v, "--betas=1"], &["fear"]),
+        (vec!["--prompts", &ok, "--vector", &nan_v, "--betas=1"], &["nan", "finite"]),
+        (vec!["--prompts", &ok, "--vector", &dir_v, "--betas=1", "--layers", "7"], &["layer 7"]),
+        (vec!["--prompts", &ok, "--vector", &dir_v, "--betas=1", "--site", "mlp_out", "--layers", "0"], &["mlp_out"]),
+        (vec!["--prompts", &ok, "--vector", &dir_v, "--betas=1", "--positions", "-9"], &["position -9"]),
     ];
     for (args, want) in cases {
         let all: Vec<&str> = [&["generate", "--model", m, "--out", o, "--quiet"][..], &args].concat();

@@ -9,6 +9,7 @@ use clap::Args;
 use serde_json::{Value, json};
 
 use super::inputs::{InputArgs, encode_dataset};
+use super::interventions::InterventionArgs;
 use super::{load_engine, progress_bar};
 use patchbay::backend::ops::sample::SampleParams;
 use patchbay::data::prompts::{PromptEntry, PromptSource, load_prompts, read_prompts_file};
@@ -16,6 +17,8 @@ use patchbay::data::template::TokenStats;
 use patchbay::experiments::dataset_files::dataset_json;
 use patchbay::experiments::patch_files::write_manifest;
 use patchbay::experiments::generate::{GenerateSpec, Generation, StepIntervention, StopReason, generate};
+use patchbay::experiments::steer::step_intervention;
+use patchbay::intervene::spec::{Condition, resolve_all};
 use patchbay::model::Model;
 use patchbay::model::tokenizer::PromptTokenizer;
 use patchbay::{Error, Result};
@@ -25,6 +28,7 @@ const GENERATE_HELP: &str = "Examples:
   patchbay generate --model M --prompts chat.jsonl --chat --temperature 0.7 --top-p 0.9 --seed 1 --stop $'\\n\\n' --out runs/chat
   patchbay generate --model M --dataset envent_gen.csv --preset envent --template tak --limit 100 --max-new-tokens 8 --device cuda --out runs/tak
   patchbay generate --model M --token-ids ids.json --max-new-tokens 16 --device emu --out runs/ids
+  patchbay generate --model M --prompts scenarios.txt --vector runs/dirs/directions.safetensors:anger --site resid_post --layers 3,4 --positions last:4+generated --betas=0,4,8 --normalise --out runs/angry
 
 Prompts: --prompts FILE (one prompt per line, or a .jsonl file of {\"prompt\"} / {\"text\"} /
 {\"messages\": [...]} objects), --dataset through --template, or --token-ids (a JSON list of lists
@@ -38,11 +42,20 @@ it runs in. A prompt stops at an eos id of the checkpoint (config.json / generat
 when its text contains a --stop string (in bash, $'\\n' is a line break), after --max-new-tokens,
 or when the model's context (max_position_embeddings) is full.
 
-Outputs in --out: generations.jsonl, one object per prompt in input order, appended and flushed
-after each batch: index, prompt (the text before --chat's template, a messages line as rendered;
+Interventions (the grammar of `steer`: --vector, --project, --site, --layers, --positions,
+--betas, --normalise, or --spec FILE.json): one generation pass per beta, in the order listed,
+applying that beta's interventions at every listed layer (and every spec of a --spec file that
+lists it) together. --positions here also takes `generated` (each generated token as it is fed
+back) and `X+generated` (prompt positions X and the generated tokens); `last:K` alone steers
+only the last K prompt tokens, whose keys and values then steer every later token through the
+cache. A prompt's seed is the same in every pass, so passes differ only by the intervention.
+
+Outputs in --out: generations.jsonl, one object per (pass, prompt), passes in beta order and
+prompts in input order, appended and flushed after each batch: index, prompt (the text before --chat's template, a messages line as rendered;
 null with --token-ids), text (the generated text, without a final eos, cut before a stop string),
 tokens (every generated id, the eos or the token completing a stop string included), stop (eos |
-stop_string | length), interventions (their description; [] without), seed. manifest.json: the
+stop_string | length), beta (null without interventions), interventions (what the pass applied:
+direction, site, layer, op, beta, positions; [] without), seed. manifest.json: the
 command line, model, device, inputs, sampling, timings.";
 
 #[derive(Args)]
@@ -80,23 +93,50 @@ pub struct GenerateArgs {
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
+    #[command(flatten)]
+    interventions: InterventionArgs,
 }
 
-/// Interventions a generation applies at every step, and their JSON description (written with
-/// every generation and in the manifest).
+/// Interventions a generation pass applies at every step, and their JSON description (written
+/// with every generation and in the manifest).
 pub struct Interventions {
+    /// The strength of the pass (None: a clean pass).
+    pub beta: Option<f32>,
     pub steps: Vec<StepIntervention>,
     pub description: Value,
 }
 
 impl Interventions {
     pub fn none() -> Interventions {
-        Interventions { steps: Vec::new(), description: json!([]) }
+        Interventions { beta: None, steps: Vec::new(), description: json!([]) }
     }
 }
 
-pub fn run(a: GenerateArgs) -> Result<()> {
-    run_with(a, Interventions::none())
+/// The generation passes of the intervention flags: none given, one clean pass; else one pass
+/// per beta (in the order listed), applying every condition of that beta (all its layers, and
+/// every spec of a --spec file that lists it) together.
+fn passes(a: &InterventionArgs, model: &Model) -> Result<Vec<Interventions>> {
+    if a.vector.is_none() && a.project.is_none() && a.spec.is_none() {
+        if a.betas.is_some() || a.layers.is_some() || a.normalise {
+            return Err(Error::input("--betas, --layers and --normalise need --vector, --project or --spec"));
+        }
+        return Ok(vec![Interventions::none()]);
+    }
+    let conditions = resolve_all(&a.specs()?, &model.cfg, true)?;
+    let mut betas: Vec<f32> = Vec::new();
+    for c in &conditions {
+        if !betas.iter().any(|b| b.to_bits() == c.beta.to_bits()) {
+            betas.push(c.beta);
+        }
+    }
+    let describe = |c: &Condition| json!({"direction": c.direction, "site": c.site.to_string(), "layer": c.site.layer, "op": c.op.name(), "beta": c.beta, "positions": c.positions.describe()});
+    Ok(betas
+        .into_iter()
+        .map(|beta| {
+            let of_beta: Vec<&Condition> = conditions.iter().filter(|c| c.beta.to_bits() == beta.to_bits()).collect();
+            Interventions { beta: Some(beta), steps: of_beta.iter().map(|c| step_intervention(c)).collect(), description: Value::Array(of_beta.iter().map(|c| describe(c)).collect()) }
+        })
+        .collect())
 }
 
 /// The prompts: token ids and, where known, the text.
@@ -139,20 +179,20 @@ fn load_inputs(a: &GenerateArgs, tok: Option<&PromptTokenizer>) -> Result<Inputs
 }
 
 /// One line of generations.jsonl.
-fn generation_json(index: usize, prompt: Option<&str>, g: &Generation, interventions: &Value) -> Value {
+fn generation_json(index: usize, prompt: Option<&str>, g: &Generation, pass: &Interventions) -> Value {
     json!({
         "index": index,
         "prompt": prompt,
         "text": g.text,
         "tokens": g.tokens,
         "stop": g.stop,
-        "interventions": interventions,
+        "beta": pass.beta,
+        "interventions": pass.description,
         "seed": g.seed,
     })
 }
 
-/// Runs `patchbay generate` with `ivs` applied at every step.
-pub fn run_with(a: GenerateArgs, ivs: Interventions) -> Result<()> {
+pub fn run(a: GenerateArgs) -> Result<()> {
     let t0 = Instant::now();
     let model_dir = &a.inputs.model;
     // With --token-ids the tokenizer is optional (texts are then not decoded).
@@ -163,6 +203,7 @@ pub fn run_with(a: GenerateArgs, ivs: Interventions) -> Result<()> {
     };
     let inputs = load_inputs(&a, tok.as_ref())?;
     let model = Model::load(model_dir)?;
+    let passes = passes(&a.interventions, &model)?;
     let sample = SampleParams { temperature: a.temperature, top_p: a.top_p, seed: a.seed };
     let spec = GenerateSpec { max_new_tokens: a.max_new_tokens, sample, eos_ids: model.cfg.eos_token_ids.clone(), stop: a.stop.clone(), batch_size: a.batch_size };
     let engine = load_engine(&model, a.inputs.device)?;
@@ -184,7 +225,7 @@ pub fn run_with(a: GenerateArgs, ivs: Interventions) -> Result<()> {
             "token_stats": stats,
             "sampling": {"max_new_tokens": spec.max_new_tokens, "temperature": sample.temperature, "top_p": sample.top_p, "seed": sample.seed, "stop": spec.stop, "eos_ids": spec.eos_ids},
             "batch_size": spec.batch_size,
-            "interventions": ivs.description,
+            "interventions": passes.iter().map(|p| &p.description).collect::<Vec<_>>(),
             "n_prompts": inputs.ids.len(),
             "timings_s": timings,
             "peak_rss_bytes": patchbay::io::tensorfile::peak_rss_bytes(),
@@ -198,12 +239,18 @@ pub fn run_with(a: GenerateArgs, ivs: Interventions) -> Result<()> {
     let write_err = |e: std::io::Error| Error::io(&path, e);
     let bar = progress_bar(0, "generate", "tokens", a.quiet);
     let t_gen = Instant::now();
-    let gens = generate(engine.as_ref(), &inputs.ids, &spec, &ivs.steps, tok.as_ref(), &bar, &mut |first, batch| {
-        for (i, g) in batch.iter().enumerate() {
-            writeln!(file, "{}", generation_json(first + i, inputs.texts[first + i].as_deref(), g, &ivs.description)).map_err(write_err)?;
+    let mut gens: Vec<Generation> = Vec::new();
+    for pass in &passes {
+        if let Some(beta) = pass.beta {
+            bar.set_message(format!("generate, beta {beta}"));
         }
-        file.flush().map_err(write_err)
-    })?;
+        gens.extend(generate(engine.as_ref(), &inputs.ids, &spec, &pass.steps, tok.as_ref(), &bar, &mut |first, batch| {
+            for (i, g) in batch.iter().enumerate() {
+                writeln!(file, "{}", generation_json(first + i, inputs.texts[first + i].as_deref(), g, pass)).map_err(write_err)?;
+            }
+            file.flush().map_err(write_err)
+        })?);
+    }
     bar.finish_and_clear();
     let gen_s = t_gen.elapsed().as_secs_f64();
     let n_tokens: usize = gens.iter().map(|g| g.tokens.len()).sum();

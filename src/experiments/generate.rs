@@ -100,7 +100,8 @@ pub fn prompt_seed(seed: u64, prompt: usize) -> u64 {
 /// lengths). `steps` act at every forward on the rows it computes. With `tok`, texts are
 /// decoded (needed for stop strings). `on_batch(first, gens)` receives each batch's
 /// generations as soon as it ends (`first`: the index of its first prompt), in input order.
-/// `progress` counts tokens (a prompt that stops early counts its unused budget).
+/// `progress` counts tokens: each call adds its budget (prompts x max_new_tokens) to the bar's length, and a
+/// prompt that stops early counts its unused budget.
 pub fn generate(
     engine: &dyn Engine,
     prompts: &[Vec<u32>],
@@ -130,7 +131,7 @@ pub fn generate(
         }
     }
     let ivs = StepInterventions::new(cfg, prompts, steps)?;
-    progress.set_length((prompts.len() * spec.max_new_tokens) as u64);
+    progress.inc_length((prompts.len() * spec.max_new_tokens) as u64);
     let mut out = Vec::with_capacity(prompts.len());
     for (b, batch) in prompts.chunks(spec.batch_size).enumerate() {
         let first = b * spec.batch_size;
