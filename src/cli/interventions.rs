@@ -1,4 +1,4 @@
-//! The intervention flags commands share (`steer`; later `generate`, `ablate`, `circuit`): the
+//! The intervention flags commands share (`steer`, `generate`; later `ablate`, `circuit`): the
 //! command-line form of `patchbay::intervene::spec`, or a JSON spec file with the same fields.
 
 use std::path::PathBuf;
