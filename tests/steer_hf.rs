@@ -5,7 +5,8 @@
 //! onto a 2-dim subspace. The CPU reference matches at f32 tolerances (and beta = 0 is its clean
 //! run bit for bit); the device forward (the emulator or PATCHBAY_TEST_DEVICE's GPU) at the bf16
 //! forward tolerances for llama and gemma2 (post-norm attn_out/mlp_out, soft-capped logits), on
-//! a third of the cases (every site, layer, positions and normalisation).
+//! a third of the cases (every site, layer, positions and normalisation). The `patchbay steer
+//! --mode labels` command reproduces every single-vector add case on every family.
 //! Goldens: tests/fixtures/<family>/steer_golden.json and steer_vectors.safetensors (patchbay's
 //! directions naming), made by scripts/golden/make_steer_goldens.py.
 
@@ -259,32 +260,48 @@ fn steer_label_runs(golden: &Golden, model: &Path, token_ids: &Path, vectors: &P
         .collect()
 }
 
-/// The steer commands cover every single-vector add case once per prompt, each (site,
-/// positions, normalise) group with all its layers and betas; the rows are the golden's values.
-#[test]
-fn steer_label_runs_cover_the_add_cases() {
-    let (model, golden, _) = load("llama");
-    let dir = fixture("llama");
-    let runs = steer_label_runs(&golden, &dir, Path::new("ids.json"), &dir.join("steer_vectors.safetensors"), Path::new("out"));
-    let n_prompts = golden.prompts.len();
-    let single: Vec<&Case> = golden.cases.iter().filter(|c| c.op == "add" && c.vectors.len() == 1).collect();
-    // 4 site kinds x 2 positions x raw/normalised, each over every layer and 4 betas.
-    assert_eq!(runs.len(), 16);
-    assert_eq!(runs.iter().map(|r| r.rows.len()).sum::<usize>(), single.len() * n_prompts);
-    let n_layers = model.cfg.n_layers.to_string();
+/// Runs the `steer --mode labels` commands of every single-vector add case (no random control)
+/// and compares each scores.jsonl row with the golden: label logits at the f32 tolerances, the
+/// pred where the top two labels are apart by more than the tolerance, every case once per prompt.
+fn check_steer_command(family: &str) {
+    let (_, golden, _) = load(family);
+    let dir = fixture(family);
+    let work = tempfile::tempdir().unwrap();
+    let ids = work.path().join("ids.json");
+    std::fs::write(&ids, serde_json::to_string(&golden.prompts).unwrap()).unwrap();
+    let runs = steer_label_runs(&golden, &dir, &ids, &dir.join("steer_vectors.safetensors"), work.path());
+    let n_single = golden.cases.iter().filter(|c| c.op == "add" && c.vectors.len() == 1).count();
+    assert_eq!(runs.iter().map(|r| r.rows.len()).sum::<usize>(), n_single * golden.prompts.len(), "{family}: a case is missing from the runs");
+    let mut worst = 0.0f32;
     for run in &runs {
-        let arg = |flag: &str| run.args.iter().position(|a| a == flag).map(|i| run.args[i + 1].as_str());
-        assert_eq!(arg("--layers").map(|l| l.split(',').count().to_string()), Some(n_layers.clone()), "{:?}", run.args);
-        let site = arg("--site").unwrap();
-        let normalise = run.args.iter().any(|a| a == "--normalise");
-        for row in &run.rows {
-            let case = single
+        let mut args = run.args.clone();
+        args.push("--no-random-control".into());
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_patchbay")).args(&args).output().unwrap();
+        assert!(out.status.success(), "{family}: steer {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        let dir = Path::new(&args[args.iter().position(|a| a == "--out").unwrap() + 1]).to_path_buf();
+        let got: Vec<serde_json::Value> = std::fs::read_to_string(dir.join("scores.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert_eq!(got.len(), run.rows.len(), "{family}: {args:?}: rows");
+        for want in &run.rows {
+            let row = got
                 .iter()
-                .find(|c| c.site == site && c.layer == row.layer && c.beta == row.beta && c.normalise == normalise && run.args.contains(&format!("--positions={}", c.positions_arg())))
-                .unwrap_or_else(|| panic!("{row:?}: no such case"));
-            assert_eq!(row.label_logits, case.steered[row.index]);
-            let top = golden.labels.iter().position(|t| t.to_string() == row.pred).unwrap();
-            assert!(row.label_logits.iter().all(|&v| v <= row.label_logits[top]), "{row:?}: pred is not the top label");
+                .find(|r| r["index"] == want.index && r["layer"] == want.layer && r["beta"].as_f64() == Some(want.beta as f64))
+                .unwrap_or_else(|| panic!("{family}: {args:?}: no row for {want:?}"));
+            let logits: Vec<f32> = serde_json::from_value(row["label_logits"].clone()).unwrap();
+            let name = format!("{family} steer command {want:?}");
+            worst = worst.max(assert_close(&name, &logits, &want.label_logits, F32_ATOL, F32_RTOL));
+            let mut sorted = want.label_logits.clone();
+            sorted.sort_by(|a, b| b.total_cmp(a));
+            if sorted[0] - sorted[1] > F32_ATOL + F32_RTOL * sorted[0].abs() {
+                assert_eq!(row["pred"], want.pred.as_str(), "{name}: pred");
+            }
         }
+    }
+    println!("{family}: {} steer --mode labels runs, {} rows: max abs error {worst:.3e} vs HF hooks", runs.len(), n_single * golden.prompts.len());
+}
+
+#[test]
+fn steer_command_matches_hf_on_every_family() {
+    for family in FAMILIES {
+        check_steer_command(family);
     }
 }
