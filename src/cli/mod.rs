@@ -7,6 +7,7 @@ pub mod demo;
 pub mod directions;
 pub mod generate;
 pub mod inspect;
+pub mod judge;
 pub mod interventions;
 pub mod merge;
 pub mod patch;
@@ -31,6 +32,8 @@ pub enum Command {
     Directions(directions::DirectionsArgs),
     /// Generate text from prompts (KV-cache decoding, greedy or sampled) on any device: generations.jsonl.
     Generate(generate::GenerateArgs),
+    /// Which emotion generated texts express, judged locally by label scoring (per condition and beta, accuracy against the steering target).
+    Judge(judge::JudgeArgs),
     /// Activation-patching sweeps resumed from clean runs (the Tak et al. protocol and general sweeps).
     Patch(patch::PatchArgs),
     /// Combine the shards of a patching sweep (patch --shard i/n) into the whole run's outputs.
@@ -57,6 +60,7 @@ impl Command {
             Command::Capture(a) => capture::run(a),
             Command::Directions(a) => directions::run(a),
             Command::Generate(a) => generate::run(a),
+            Command::Judge(a) => judge::run(a),
             Command::Patch(a) => patch::run(a),
             Command::Merge(a) => merge::run(a),
             Command::Synth(a) => synth::run(a),

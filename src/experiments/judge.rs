@@ -1,0 +1,154 @@
+//! Judging generated emotion locally (no external service): the label set scored at the end of
+//! a judging prompt that embeds each generated text (`score`'s label scoring, on the same or
+//! another local model), and the summary a steering study reports: per condition (a generations
+//! file) and beta, the share of each judged label and, where each row names the emotion it was
+//! steered toward (`target`), the expression accuracy.
+
+use std::path::Path;
+
+use serde_json::Value;
+
+use crate::{Error, Result};
+
+/// One row of a `patchbay generate` / `steer` generations.jsonl file, as the judge reads it.
+#[derive(Clone, Debug)]
+pub struct GenerationRow {
+    pub index: usize,
+    /// The generated text.
+    pub text: String,
+    /// The pass's strength (None: a clean run).
+    pub beta: Option<f64>,
+    /// The label the generation was steered toward, when the row names it.
+    pub target: Option<String>,
+}
+
+/// Reads a generations.jsonl file. Errors name the file and line: not JSON, no `index`, no
+/// `text` string.
+pub fn read_generations(path: &Path) -> Result<Vec<GenerationRow>> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let mut rows = Vec::new();
+    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let bad = |what: &str| Error::file(path, format!("line {}: {what} (expected generate's rows: index, text, ...)", i + 1));
+        let v: Value = serde_json::from_str(line).map_err(|e| bad(&format!("not JSON ({e})")))?;
+        let index = v.get("index").and_then(Value::as_u64).ok_or_else(|| bad("no `index`"))? as usize;
+        let text = v.get("text").and_then(Value::as_str).ok_or_else(|| bad("no `text` string"))?.to_string();
+        let beta = v.get("beta").and_then(Value::as_f64);
+        let target = v.get("target").and_then(Value::as_str).map(str::to_string);
+        rows.push(GenerationRow { index, text, beta, target });
+    }
+    if rows.is_empty() {
+        return Err(Error::file(path, "no generations"));
+    }
+    Ok(rows)
+}
+
+/// A judged generation: its condition (index into the conditions), its row, the target's label
+/// index when known, and the judged label.
+#[derive(Clone, Debug)]
+pub struct Judged {
+    pub condition: usize,
+    pub row: GenerationRow,
+    pub target: Option<usize>,
+    pub pred: usize,
+}
+
+/// One line of the summary: a condition at one beta.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct SummaryRow {
+    pub condition: String,
+    pub beta: Option<f64>,
+    pub n: usize,
+    /// Rows whose generated text is empty (judged all the same: the judging prompt without text).
+    pub n_empty: usize,
+    /// Share of each judged label, in label order.
+    pub shares: Vec<f64>,
+    /// Rows with a target, and the share judged as their target.
+    pub n_target: usize,
+    pub accuracy: Option<f64>,
+}
+
+/// The summary per (condition, beta), in the order they first appear.
+pub fn summarize(conditions: &[String], judged: &[Judged], n_labels: usize) -> Vec<SummaryRow> {
+    let mut keys: Vec<(usize, Option<u64>)> = Vec::new();
+    for j in judged {
+        let k = (j.condition, j.row.beta.map(f64::to_bits));
+        if !keys.contains(&k) {
+            keys.push(k);
+        }
+    }
+    keys.into_iter()
+        .map(|(c, beta)| {
+            let rows: Vec<&Judged> = judged.iter().filter(|j| j.condition == c && j.row.beta.map(f64::to_bits) == beta).collect();
+            let n = rows.len();
+            let shares = (0..n_labels).map(|l| rows.iter().filter(|j| j.pred == l).count() as f64 / n as f64).collect();
+            let with_target: Vec<&&Judged> = rows.iter().filter(|j| j.target.is_some()).collect();
+            let hits = with_target.iter().filter(|j| j.target == Some(j.pred)).count();
+            SummaryRow {
+                condition: conditions[c].clone(),
+                beta: beta.map(f64::from_bits),
+                n,
+                n_empty: rows.iter().filter(|j| j.row.text.trim().is_empty()).count(),
+                shares,
+                n_target: with_target.len(),
+                accuracy: (!with_target.is_empty()).then(|| hits as f64 / with_target.len() as f64),
+            }
+        })
+        .collect()
+}
+
+/// summary.csv: condition, beta, n, n_empty, n_target, accuracy, then one share column per label.
+pub fn summary_csv(rows: &[SummaryRow], labels: &[String]) -> String {
+    let mut s = format!("condition,beta,n,n_empty,n_target,accuracy,{}\n", labels.iter().map(|l| format!("share:{l}")).collect::<Vec<_>>().join(","));
+    let opt = |v: Option<f64>| v.map_or(String::new(), |v| v.to_string());
+    for r in rows {
+        let shares: Vec<String> = r.shares.iter().map(|s| format!("{s:.4}")).collect();
+        s += &format!("{},{},{},{},{},{},{}\n", r.condition, opt(r.beta), r.n, r.n_empty, r.n_target, r.accuracy.map_or(String::new(), |a| format!("{a:.4}")), shares.join(","));
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(beta: Option<f64>, target: Option<&str>, text: &str) -> GenerationRow {
+        GenerationRow { index: 0, text: text.into(), beta, target: target.map(str::to_string) }
+    }
+
+    #[test]
+    fn shares_and_accuracy_per_condition_and_beta() {
+        let j = |condition, beta, target, pred, text| Judged { condition, row: row(beta, None, text), target, pred };
+        let judged = vec![
+            j(0, None, None, 0, "a"),
+            j(0, None, None, 1, ""),
+            j(1, Some(4.0), Some(1), 1, "b"),
+            j(1, Some(4.0), Some(1), 0, "c"),
+            j(1, Some(4.0), Some(0), 0, "d"),
+            j(1, Some(8.0), Some(1), 1, "e"),
+        ];
+        let s = summarize(&["clean".into(), "steered".into()], &judged, 2);
+        assert_eq!(s.len(), 3);
+        assert_eq!((s[0].n, s[0].n_empty, s[0].n_target, s[0].accuracy), (2, 1, 0, None));
+        assert_eq!(s[0].shares, [0.5, 0.5]);
+        assert_eq!((s[1].beta, s[1].n, s[1].n_target), (Some(4.0), 3, 3));
+        assert!((s[1].accuracy.unwrap() - 2.0 / 3.0).abs() < 1e-12);
+        assert_eq!(s[2].accuracy, Some(1.0));
+        let csv = summary_csv(&s, &["joy".into(), "anger".into()]);
+        assert_eq!(csv.lines().next().unwrap(), "condition,beta,n,n_empty,n_target,accuracy,share:joy,share:anger");
+        assert_eq!(csv.lines().nth(2).unwrap(), "steered,4,3,0,3,0.6667,0.6667,0.3333");
+    }
+
+    #[test]
+    fn bad_generation_files_name_the_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("g.jsonl");
+        for (text, want) in [("{\"index\": 0, \"text\": \"hi\"}\nnot json\n", "line 2: not JSON"), ("{\"text\": \"hi\"}\n", "line 1: no `index`"), ("{\"index\": 3}\n", "line 1: no `text`"), ("\n", "no generations")] {
+            std::fs::write(&p, text).unwrap();
+            let e = read_generations(&p).unwrap_err().to_string();
+            assert!(e.contains(want) && !e.contains('\n'), "{text:?}: {e}");
+        }
+        std::fs::write(&p, "{\"index\": 3, \"text\": \"hi\", \"beta\": 2.5, \"target\": \"joy\"}\n").unwrap();
+        let r = &read_generations(&p).unwrap()[0];
+        assert_eq!((r.index, r.text.as_str(), r.beta, r.target.as_deref()), (3, "hi", Some(2.5), Some("joy")));
+    }
+}

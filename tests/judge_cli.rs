@@ -1,0 +1,138 @@
+//! `patchbay judge` on the fixture models: texts from `patchbay generate` (clean and steered)
+//! judged with label logits equal to `score`'s label scoring of the rendered judging prompts;
+//! summary arithmetic against hand-made generations with targets; the emulated device; one-line
+//! errors for bad input.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::*;
+use indicatif::ProgressBar;
+use patchbay::data::labels::LabelSet;
+use patchbay::data::template::Template;
+use patchbay::experiments::score::label_logits;
+use patchbay::model::Model;
+use patchbay::model::tokenizer::PromptTokenizer;
+use serde_json::Value;
+
+const LABELS: &str = "a=40,b=65,c=262,d=300,e=13";
+
+fn patchbay(args: &[&str]) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_patchbay")).args(args).output().expect("cannot run the patchbay binary");
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+fn ok(args: &[&str]) {
+    let (code, err) = patchbay(args);
+    assert_eq!(code, 0, "{args:?}: {err}");
+}
+
+fn jsonl(p: &Path) -> Vec<Value> {
+    std::fs::read_to_string(p).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+fn logits(v: &Value) -> Vec<f32> {
+    serde_json::from_value(v["label_logits"].clone()).unwrap()
+}
+
+#[test]
+fn judged_logits_are_score_label_logits_of_the_judging_prompts() {
+    let family = "llama";
+    let dir = fixture(family);
+    let m = dir.to_str().unwrap();
+    let w = tempfile::tempdir().unwrap();
+    let p = |n: &str| w.path().join(n).display().to_string();
+    std::fs::write(p("prompts.txt"), "I got the job\nMy dog ran away\nIt rained all day\n").unwrap();
+    // A clean run and a steered one (a random direction file written by `directions`' contract).
+    let model = Model::load(&dir).unwrap();
+    let d = model.cfg.d_model;
+    let v: Vec<f32> = (0..d).map(|i| patchbay::rng::gaussian(7, 0, i as u64)).collect();
+    let tensors = vec![("blocks.0.hook_resid_post/x".to_string(), vec![d], patchbay::io::tensorfile::TensorData::F32(&v, patchbay::io::OutDtype::F32))];
+    patchbay::io::tensorfile::write(Path::new(&p("dirs.safetensors")), &tensors, &Default::default()).unwrap();
+    ok(&["generate", "--model", m, "--prompts", &p("prompts.txt"), "--max-new-tokens", "5", "--quiet", "--out", &p("clean")]);
+    let vector = format!("{}:x", p("dirs.safetensors"));
+    ok(&["generate", "--model", m, "--prompts", &p("prompts.txt"), "--max-new-tokens", "5", "--quiet", "--vector", &vector, "--layers", "0", "--positions", "all+generated", "--betas=2,30", "--out", &p("steered")]);
+    let clean_gens = p("clean/generations.jsonl");
+    let steered_gens = p("steered/generations.jsonl");
+    ok(&["judge", "--model", m, "--generations", &clean_gens, "--generations", &steered_gens, "--label-token-ids", LABELS, "--target", "b", "--quiet", "--out", &p("judged")]);
+    let judged = jsonl(&w.path().join("judged/judged.jsonl"));
+    assert_eq!(judged.len(), 3 + 6);
+    assert_eq!(judged.iter().map(|j| j["condition"].as_str().unwrap()).collect::<Vec<_>>(), [["clean"; 3], ["steered"; 3], ["steered"; 3]].concat());
+    // The same texts through the tak template, scored by the library.
+    let tok = PromptTokenizer::load(&dir).unwrap();
+    let labels = LabelSet::parse_ids(LABELS, Some(&tok)).unwrap();
+    let template = Template::parse("tak").unwrap();
+    let texts: Vec<String> = [jsonl(Path::new(&clean_gens)), jsonl(Path::new(&steered_gens))].concat().iter().map(|g| g["text"].as_str().unwrap().to_string()).collect();
+    let ids: Vec<Vec<u32>> = texts.iter().map(|t| template.encode(&tok, t).unwrap()).collect();
+    let want = label_logits(&model, &ids, &labels, 4, &ProgressBar::hidden()).unwrap();
+    for (j, (row, w)) in judged.iter().zip(want.chunks(labels.len())).enumerate() {
+        assert_eq!(logits(row), w, "row {j}: judged label logits differ from score's");
+        assert_eq!(row["text"].as_str().unwrap(), texts[j]);
+        assert_eq!(row["target"], "b");
+        let top = patchbay::logits::argmax(w);
+        assert_eq!(row["pred"], labels.names[top]);
+    }
+    // Summary: one line per (condition, beta), accuracy = share judged as the target.
+    let csv = std::fs::read_to_string(w.path().join("judged/summary.csv")).unwrap();
+    let lines: Vec<&str> = csv.lines().collect();
+    assert_eq!(lines[0], "condition,beta,n,n_empty,n_target,accuracy,share:a,share:b,share:c,share:d,share:e");
+    assert_eq!(lines.len(), 4, "{csv}");
+    assert!(lines[1].starts_with("clean,,3,") && lines[2].starts_with("steered,2,3,") && lines[3].starts_with("steered,30,3,"), "{csv}");
+    let report: Value = serde_json::from_slice(&std::fs::read(w.path().join("judged/judge.json")).unwrap()).unwrap();
+    assert_eq!(report["judge"]["template"]["name"], "tak");
+    assert_eq!(report["judge"]["labels"]["token_ids"], serde_json::json!([40, 65, 262, 300, 13]));
+    for s in report["summary"].as_array().unwrap() {
+        let rows: Vec<&Value> = judged.iter().filter(|j| j["condition"] == s["condition"] && j["beta"] == s["beta"]).collect();
+        let hits = rows.iter().filter(|j| j["pred"] == "b").count();
+        assert_eq!(s["accuracy"].as_f64().unwrap(), hits as f64 / rows.len() as f64);
+    }
+    // The emulated device judges the same labels (logits at bf16 tolerance).
+    ok(&["judge", "--model", m, "--device", "emu", "--generations", &clean_gens, "--label-token-ids", LABELS, "--quiet", "--out", &p("judged_emu")]);
+    for (e, c) in jsonl(&w.path().join("judged_emu/judged.jsonl")).iter().zip(&judged[..3]) {
+        assert_forward_close("judge on emu", &logits(e), &logits(c));
+    }
+}
+
+#[test]
+fn targets_from_rows_and_bad_input() {
+    let dir = fixture("llama");
+    let m = dir.to_str().unwrap();
+    let w = tempfile::tempdir().unwrap();
+    let p = |n: &str| w.path().join(n).display().to_string();
+    let rows = [("hello there", "a"), ("", "b"), ("a rainy day", "c"), ("good news", "a")];
+    let text: String = rows.iter().enumerate().map(|(i, (t, target))| serde_json::json!({"index": i, "text": t, "target": target, "beta": 4.0}).to_string() + "\n").collect();
+    std::fs::create_dir_all(w.path().join("run")).unwrap();
+    std::fs::write(p("run/generations.jsonl"), text).unwrap();
+    let (code, err) = patchbay(&["judge", "--model", m, "--generations", &p("run/generations.jsonl"), "--label-token-ids", LABELS, "--out", &p("j")]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("1 of 4 generated texts are empty"), "{err}");
+    let judged = jsonl(&w.path().join("j/judged.jsonl"));
+    let hits = judged.iter().zip(&rows).filter(|(j, (_, t))| j["pred"] == *t).count();
+    let summary: Value = serde_json::from_slice(&std::fs::read(w.path().join("j/judge.json")).unwrap()).unwrap();
+    let s = &summary["summary"][0];
+    assert_eq!((s["condition"].as_str(), s["n"].as_u64(), s["n_empty"].as_u64(), s["n_target"].as_u64()), (Some("run"), Some(4), Some(1), Some(4)));
+    assert_eq!(s["accuracy"].as_f64().unwrap(), hits as f64 / 4.0);
+    // Bad input: each a one-line error, exit code 1.
+    std::fs::write(p("bad.jsonl"), "{\"index\": 0, \"text\": \"x\"}\n{oops\n").unwrap();
+    std::fs::write(p("unknown.jsonl"), "{\"index\": 0, \"text\": \"x\", \"target\": \"zzz\"}\n").unwrap();
+    let g = p("run/generations.jsonl");
+    let (bad, unknown, missing, e) = (p("bad.jsonl"), p("unknown.jsonl"), p("missing.jsonl"), p("e"));
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["--generations", &bad, "--label-token-ids", LABELS], "line 2: not JSON"),
+        (vec!["--generations", &unknown, "--label-token-ids", LABELS], "target `zzz` is not one of the labels"),
+        (vec!["--generations", &missing, "--label-token-ids", LABELS], "missing.jsonl"),
+        (vec!["--generations", &g, "--generations", &g, "--label-token-ids", LABELS], "both named `run`"),
+        (vec!["--generations", &g, "--names", "a,b", "--label-token-ids", LABELS], "2 names for 1"),
+        (vec!["--generations", &g, "--label-token-ids", "a=99999"], "99999"),
+        (vec!["--generations", &g, "--label-token-ids", LABELS, "--template", "no placeholder"], "{text}"),
+        (vec!["--generations", &g, "--label-token-ids", LABELS, "--batch-size", "0"], "batch-size"),
+    ];
+    for (args, want) in cases {
+        let all: Vec<&str> = [&["judge", "--model", m, "--quiet", "--out", &e][..], &args].concat();
+        let (code, err) = patchbay(&all);
+        assert_eq!(code, 1, "{args:?}: {err}");
+        assert!(err.starts_with("error: ") && err.lines().count() == 1 && err.contains(want), "{args:?}: {err}");
+    }
+}
