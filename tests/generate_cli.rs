@@ -82,8 +82,8 @@ fn contract_and_tokens_equal_the_library() {
     let want = generate(&model, &ids, &spec, &[], Some(&tok), &ProgressBar::hidden(), &mut |_, _| Ok(())).unwrap();
     for (i, (g, w)) in gens.iter().zip(&want).enumerate() {
         let keys: Vec<&str> = g.as_object().unwrap().keys().map(String::as_str).collect();
-        assert_eq!(keys, ["beta", "index", "interventions", "prompt", "seed", "stop", "text", "tokens"]);
-        assert!(g["beta"].is_null(), "a clean run has no beta");
+        assert_eq!(keys, ["beta", "direction", "index", "interventions", "prompt", "seed", "stop", "text", "tokens"]);
+        assert!(g["beta"].is_null() && g["direction"].is_null(), "a clean run has no beta or direction");
         assert_eq!(g["index"], i);
         assert_eq!(g["prompt"], TEXTS[i]);
         assert_eq!(g["interventions"], serde_json::json!([]));
@@ -197,7 +197,7 @@ fn steering_flags_match_the_library_and_beta_zero_is_clean() {
     assert_eq!(manifest["interventions"].as_array().unwrap().len(), 2, "the manifest lists both passes");
     // The library with the same step interventions.
     let ids: Vec<Vec<u32>> = TEXTS.iter().map(|t| tok.encode(t).unwrap()).collect();
-    let spec = GenerateSpec { max_new_tokens: 6, sample: SampleParams::GREEDY, eos_ids: model.cfg.eos_token_ids.clone(), stop: Vec::new(), batch_size: 8 };
+    let spec = spec_greedy(&model);
     let scope = TokenScope { prompt: Some(patchbay::sites::Positions::List(vec![-1, -2])), generated: true };
     let steps: Vec<StepIntervention> = dirs.iter().enumerate().map(|(l, v)| StepIntervention::steer(Site::new(l, SiteKind::ResidPost), v.clone(), 40.0, scope.clone())).collect();
     let want = generate(&model, &ids, &spec, &steps, Some(&tok), &ProgressBar::hidden(), &mut |_, _| Ok(())).unwrap();
@@ -213,6 +213,32 @@ fn steering_flags_match_the_library_and_beta_zero_is_clean() {
     let unit_steps: Vec<StepIntervention> = steps.iter().map(|s| StepIntervention { op: patchbay::intervene::Op::Add { beta: 40.0, v: match &s.op { patchbay::intervene::Op::Add { v, .. } => v.clone(), _ => unreachable!() }, normalize: true }, ..s.clone() }).collect();
     let want_unit = generate(&model, &ids, &spec, &unit_steps, Some(&tok), &ProgressBar::hidden(), &mut |_, _| Ok(())).unwrap();
     assert_eq!(tokens(&unit), want_unit.iter().map(|g| g.tokens.clone()).collect::<Vec<_>>(), "--normalise: tokens differ from the library's");
+    // --random-control: after the steered pass, the same pass along experiments::steer's
+    // same-norm random directions (seeded by --seed).
+    let (ctl, _) = w.generate(family, "control", &[&common[..], &["--vector", &vector("dir"), "--betas=40", "--random-control", "--seed", "9"]].concat());
+    assert_eq!(ctl.iter().map(|g| g["direction"].as_str().unwrap()).collect::<Vec<_>>(), ["dir", "dir", "dir", "random", "random", "random"]);
+    assert_eq!(tokens(&ctl[..3]), tokens(&gens[3..]), "the steered pass changed with a control after it");
+    let spec = patchbay::intervene::spec::InterventionSpec {
+        vector: Some(vector("dir")),
+        project: None,
+        site: "resid_post".into(),
+        layers: Some(patchbay::intervene::spec::Layers::Text("0,1".into())),
+        positions: "last:2+generated".into(),
+        betas: vec![40.0],
+        normalise: false,
+    };
+    let controls = patchbay::experiments::steer::random_controls(&spec.resolve(&model.cfg, true).unwrap(), 9);
+    for (c, s) in controls.iter().zip(&steps) {
+        let (patchbay::intervene::Op::Add { v: r, .. }, patchbay::intervene::Op::Add { v, .. }) = (&c.op, &s.op) else { panic!("add ops") };
+        assert!((patchbay::intervene::norm(r) - patchbay::intervene::norm(v)).abs() < 1e-3 * patchbay::intervene::norm(v), "the control's norm differs");
+    }
+    let control_steps: Vec<StepIntervention> = controls.iter().map(patchbay::experiments::steer::step_intervention).collect();
+    let want_ctl = generate(&model, &ids, &spec_greedy(&model), &control_steps, Some(&tok), &ProgressBar::hidden(), &mut |_, _| Ok(())).unwrap();
+    assert_eq!(tokens(&ctl[3..]), want_ctl.iter().map(|g| g.tokens.clone()).collect::<Vec<_>>(), "the control pass differs from the library's random controls");
+}
+
+fn spec_greedy(model: &Model) -> GenerateSpec {
+    GenerateSpec { max_new_tokens: 6, sample: SampleParams::GREEDY, eos_ids: model.cfg.eos_token_ids.clone(), stop: Vec::new(), batch_size: 8 }
 }
 
 #[test]
@@ -242,6 +268,8 @@ fn bad_input_is_one_line_error() {
         (vec!["--token-ids", &long, "--chat"], &["--chat", "--token-ids"]),
         (vec![], &["give the prompts"]),
         (vec!["--prompts", &ok, "--betas=1"], &["--betas", "need --vector"]),
+        (vec!["--prompts", &ok, "--random-control"], &["--random-control", "need --vector"]),
+        (vec!["--prompts", &ok, "--project", &dir_v, "--betas=1", "--random-control"], &["--random-control", "no `add`"]),
         (vec!["--prompts", &ok, "--vector", &dir_v], &["--betas"]),
         (vec!["--prompts", &ok, "--vector", &dir_v, "--betas="], &["empty"]),
         (vec!["--prompts", &ok, "--vector", &missing_v, "--betas=1"], &["fear"]),

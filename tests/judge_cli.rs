@@ -53,13 +53,16 @@ fn judged_logits_are_score_label_logits_of_the_judging_prompts() {
     patchbay::io::tensorfile::write(Path::new(&p("dirs.safetensors")), &tensors, &Default::default()).unwrap();
     ok(&["generate", "--model", m, "--prompts", &p("prompts.txt"), "--max-new-tokens", "5", "--quiet", "--out", &p("clean")]);
     let vector = format!("{}:x", p("dirs.safetensors"));
-    ok(&["generate", "--model", m, "--prompts", &p("prompts.txt"), "--max-new-tokens", "5", "--quiet", "--vector", &vector, "--layers", "0", "--positions", "all+generated", "--betas=2,30", "--out", &p("steered")]);
+    ok(&["generate", "--model", m, "--prompts", &p("prompts.txt"), "--max-new-tokens", "5", "--quiet", "--vector", &vector, "--layers", "0", "--positions", "all+generated", "--betas=2,30", "--random-control", "--out", &p("steered")]);
     let clean_gens = p("clean/generations.jsonl");
     let steered_gens = p("steered/generations.jsonl");
     ok(&["judge", "--model", m, "--generations", &clean_gens, "--generations", &steered_gens, "--label-token-ids", LABELS, "--target", "b", "--quiet", "--out", &p("judged")]);
     let judged = jsonl(&w.path().join("judged/judged.jsonl"));
-    assert_eq!(judged.len(), 3 + 6);
-    assert_eq!(judged.iter().map(|j| j["condition"].as_str().unwrap()).collect::<Vec<_>>(), [["clean"; 3], ["steered"; 3], ["steered"; 3]].concat());
+    // clean; then beta 2 steered and its random control, beta 30 the same.
+    assert_eq!(judged.len(), 3 + 12);
+    assert_eq!(judged.iter().map(|j| j["condition"].as_str().unwrap()).collect::<Vec<_>>(), [vec!["clean"; 3], vec!["steered"; 12]].concat());
+    let directions: Vec<&str> = judged[3..].iter().step_by(3).map(|j| j["direction"].as_str().unwrap()).collect();
+    assert_eq!(directions, ["x", "random", "x", "random"]);
     // The same texts through the tak template, scored by the library.
     let tok = PromptTokenizer::load(&dir).unwrap();
     let labels = LabelSet::parse_ids(LABELS, Some(&tok)).unwrap();
@@ -77,14 +80,16 @@ fn judged_logits_are_score_label_logits_of_the_judging_prompts() {
     // Summary: one line per (condition, beta), accuracy = share judged as the target.
     let csv = std::fs::read_to_string(w.path().join("judged/summary.csv")).unwrap();
     let lines: Vec<&str> = csv.lines().collect();
-    assert_eq!(lines[0], "condition,beta,n,n_empty,n_target,accuracy,share:a,share:b,share:c,share:d,share:e");
-    assert_eq!(lines.len(), 4, "{csv}");
-    assert!(lines[1].starts_with("clean,,3,") && lines[2].starts_with("steered,2,3,") && lines[3].starts_with("steered,30,3,"), "{csv}");
+    assert_eq!(lines[0], "condition,direction,beta,n,n_empty,n_target,accuracy,share:a,share:b,share:c,share:d,share:e");
+    assert_eq!(lines.len(), 6, "{csv}");
+    for (line, start) in lines[1..].iter().zip(["clean,,,3,", "steered,x,2,3,", "steered,random,2,3,", "steered,x,30,3,", "steered,random,30,3,"]) {
+        assert!(line.starts_with(start), "{csv}");
+    }
     let report: Value = serde_json::from_slice(&std::fs::read(w.path().join("judged/judge.json")).unwrap()).unwrap();
     assert_eq!(report["judge"]["template"]["name"], "tak");
     assert_eq!(report["judge"]["labels"]["token_ids"], serde_json::json!([40, 65, 262, 300, 13]));
     for s in report["summary"].as_array().unwrap() {
-        let rows: Vec<&Value> = judged.iter().filter(|j| j["condition"] == s["condition"] && j["beta"] == s["beta"]).collect();
+        let rows: Vec<&Value> = judged.iter().filter(|j| j["condition"] == s["condition"] && j["direction"] == s["direction"] && j["beta"] == s["beta"]).collect();
         let hits = rows.iter().filter(|j| j["pred"] == "b").count();
         assert_eq!(s["accuracy"].as_f64().unwrap(), hits as f64 / rows.len() as f64);
     }

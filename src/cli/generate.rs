@@ -17,7 +17,7 @@ use patchbay::data::template::TokenStats;
 use patchbay::experiments::dataset_files::dataset_json;
 use patchbay::experiments::patch_files::write_manifest;
 use patchbay::experiments::generate::{GenerateSpec, Generation, StepIntervention, StopReason, generate};
-use patchbay::experiments::steer::step_intervention;
+use patchbay::experiments::steer::{random_controls, step_intervention};
 use patchbay::intervene::spec::{Condition, resolve_all};
 use patchbay::model::Model;
 use patchbay::model::tokenizer::PromptTokenizer;
@@ -49,12 +49,16 @@ lists it) together. --positions here also takes `generated` (each generated toke
 back) and `X+generated` (prompt positions X and the generated tokens); `last:K` alone steers
 only the last K prompt tokens, whose keys and values then steer every later token through the
 cache. A prompt's seed is the same in every pass, so passes differ only by the intervention.
+--random-control follows each steered pass with one where every vector is replaced by a random
+Gaussian direction of the same norm (seeded by --seed; one per direction and layer, shared by
+the betas): the control steering studies compare against.
 
 Outputs in --out: generations.jsonl, one object per (pass, prompt), passes in beta order and
 prompts in input order, appended and flushed after each batch: index, prompt (the text before --chat's template, a messages line as rendered;
 null with --token-ids), text (the generated text, without a final eos, cut before a stop string),
 tokens (every generated id, the eos or the token completing a stop string included), stop (eos |
-stop_string | length), beta (null without interventions), interventions (what the pass applied:
+stop_string | length), beta and direction (the pass's direction names, `random` for a control;
+null without interventions), interventions (what the pass applied:
 direction, site, layer, op, beta, positions; [] without), seed. manifest.json: the
 command line, model, device, inputs, sampling, timings.";
 
@@ -95,6 +99,9 @@ pub struct GenerateArgs {
     quiet: bool,
     #[command(flatten)]
     interventions: InterventionArgs,
+    /// After each steered pass, a pass with a same-norm random direction in place of each vector (seeded by --seed; `add` interventions only).
+    #[arg(long)]
+    random_control: bool,
 }
 
 /// Interventions a generation pass applies at every step, and their JSON description (written
@@ -102,27 +109,40 @@ pub struct GenerateArgs {
 pub struct Interventions {
     /// The strength of the pass (None: a clean pass).
     pub beta: Option<f32>,
+    /// The pass's direction names, `+`-joined (None: a clean pass); `random...` for a control.
+    pub direction: Option<String>,
     pub steps: Vec<StepIntervention>,
     pub description: Value,
 }
 
 impl Interventions {
     pub fn none() -> Interventions {
-        Interventions { beta: None, steps: Vec::new(), description: json!([]) }
+        Interventions { beta: None, direction: None, steps: Vec::new(), description: json!([]) }
     }
 }
 
 /// The generation passes of the intervention flags: none given, one clean pass; else one pass
 /// per beta (in the order listed), applying every condition of that beta (all its layers, and
-/// every spec of a --spec file that lists it) together.
-fn passes(a: &InterventionArgs, model: &Model) -> Result<Vec<Interventions>> {
+/// every spec of a --spec file that lists it) together; with `random_control`, each followed by
+/// the same pass with the same-norm random directions of `experiments::steer::random_controls`.
+fn passes(a: &InterventionArgs, random_control: Option<u64>, model: &Model) -> Result<Vec<Interventions>> {
     if a.vector.is_none() && a.project.is_none() && a.spec.is_none() {
-        if a.betas.is_some() || a.layers.is_some() || a.normalise {
-            return Err(Error::input("--betas, --layers and --normalise need --vector, --project or --spec"));
+        if a.betas.is_some() || a.layers.is_some() || a.normalise || random_control.is_some() {
+            return Err(Error::input("--betas, --layers, --normalise and --random-control need --vector, --project or --spec"));
         }
         return Ok(vec![Interventions::none()]);
     }
     let conditions = resolve_all(&a.specs()?, &model.cfg, true)?;
+    let controls = match random_control {
+        Some(seed) => {
+            let controls = random_controls(&conditions, seed);
+            if controls.is_empty() {
+                return Err(Error::input("--random-control: no `add` intervention to control (a --project pass has no random control)"));
+            }
+            controls
+        }
+        None => Vec::new(),
+    };
     let mut betas: Vec<f32> = Vec::new();
     for c in &conditions {
         if !betas.iter().any(|b| b.to_bits() == c.beta.to_bits()) {
@@ -130,13 +150,22 @@ fn passes(a: &InterventionArgs, model: &Model) -> Result<Vec<Interventions>> {
         }
     }
     let describe = |c: &Condition| json!({"direction": c.direction, "site": c.site.to_string(), "layer": c.site.layer, "op": c.op.name(), "beta": c.beta, "positions": c.positions.describe()});
-    Ok(betas
-        .into_iter()
-        .map(|beta| {
-            let of_beta: Vec<&Condition> = conditions.iter().filter(|c| c.beta.to_bits() == beta.to_bits()).collect();
-            Interventions { beta: Some(beta), steps: of_beta.iter().map(|c| step_intervention(c)).collect(), description: Value::Array(of_beta.iter().map(|c| describe(c)).collect()) }
-        })
-        .collect())
+    let pass = |set: &[Condition], beta: f32| {
+        let of_beta: Vec<&Condition> = set.iter().filter(|c| c.beta.to_bits() == beta.to_bits()).collect();
+        let mut names: Vec<&str> = Vec::new();
+        for c in &of_beta {
+            if !names.contains(&c.direction.as_str()) {
+                names.push(&c.direction);
+            }
+        }
+        Interventions {
+            beta: Some(beta),
+            direction: Some(names.join("+")),
+            steps: of_beta.iter().map(|c| step_intervention(c)).collect(),
+            description: Value::Array(of_beta.iter().map(|c| describe(c)).collect()),
+        }
+    };
+    Ok(betas.into_iter().flat_map(|beta| std::iter::once(pass(&conditions, beta)).chain((!controls.is_empty()).then(|| pass(&controls, beta)))).collect())
 }
 
 /// The prompts: token ids and, where known, the text.
@@ -187,6 +216,7 @@ fn generation_json(index: usize, prompt: Option<&str>, g: &Generation, pass: &In
         "tokens": g.tokens,
         "stop": g.stop,
         "beta": pass.beta,
+        "direction": pass.direction,
         "interventions": pass.description,
         "seed": g.seed,
     })
@@ -203,7 +233,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     };
     let inputs = load_inputs(&a, tok.as_ref())?;
     let model = Model::load(model_dir)?;
-    let passes = passes(&a.interventions, &model)?;
+    let passes = passes(&a.interventions, a.random_control.then_some(a.seed), &model)?;
     let sample = SampleParams { temperature: a.temperature, top_p: a.top_p, seed: a.seed };
     let spec = GenerateSpec { max_new_tokens: a.max_new_tokens, sample, eos_ids: model.cfg.eos_token_ids.clone(), stop: a.stop.clone(), batch_size: a.batch_size };
     let engine = load_engine(&model, a.inputs.device)?;

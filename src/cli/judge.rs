@@ -37,8 +37,8 @@ every row; a target outside the labels is an error. Empty texts are judged (the 
 text) and counted as n_empty.
 
 Outputs in --out: judged.jsonl (one object per generation, in input order, flushed as batches
-complete: condition, index, beta, target, label_logits in label order, pred, text), summary.csv
-(per condition and beta: n, n_empty, n_target, accuracy against the target, the share of each
+complete: condition, index, direction, beta, target, label_logits in label order, pred, text),
+summary.csv (per condition, direction and beta: n, n_empty, n_target, accuracy against the target, the share of each
 judged label), judge.json (the judge and the summary), manifest.json.";
 
 #[derive(Args)]
@@ -168,7 +168,7 @@ pub fn run(a: JudgeArgs) -> Result<()> {
                 return Err(Error::input(format!("{}: generation {}: the judge's label logit is {bad}", conditions[*condition], row.index)));
             }
             let pred = argmax(l);
-            let line = json!({"condition": conditions[*condition], "index": row.index, "beta": row.beta, "target": target.map(|t| &labels.names[t]), "label_logits": l, "pred": labels.names[pred], "text": row.text});
+            let line = json!({"condition": conditions[*condition], "index": row.index, "direction": row.direction, "beta": row.beta, "target": target.map(|t| &labels.names[t]), "label_logits": l, "pred": labels.names[pred], "text": row.text});
             writeln!(file, "{line}").map_err(|e| Error::io(&path, e))?;
             judged.push(Judged { condition: *condition, row: row.clone(), target, pred });
         }
@@ -183,7 +183,7 @@ pub fn run(a: JudgeArgs) -> Result<()> {
     if !a.quiet {
         for r in &summary {
             let top = argmax(&r.shares.iter().map(|&s| s as f32).collect::<Vec<_>>());
-            let beta = r.beta.map_or(String::new(), |b| format!(" beta {b}"));
+            let beta = r.beta.map_or(String::new(), |b| format!(" {} beta {b}", r.direction.as_deref().unwrap_or("")));
             let acc = r.accuracy.map_or(String::new(), |acc| format!(", accuracy vs target {acc:.3} ({} rows)", r.n_target));
             eprintln!("{}{beta}: {} texts, most judged {} ({:.0}%){acc}", r.condition, r.n, labels.names[top], 100.0 * r.shares[top]);
         }

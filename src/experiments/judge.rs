@@ -18,6 +18,8 @@ pub struct GenerationRow {
     pub text: String,
     /// The pass's strength (None: a clean run).
     pub beta: Option<f64>,
+    /// The pass's direction (`random...` for a control; None: a clean run).
+    pub direction: Option<String>,
     /// The label the generation was steered toward, when the row names it.
     pub target: Option<String>,
 }
@@ -33,8 +35,9 @@ pub fn read_generations(path: &Path) -> Result<Vec<GenerationRow>> {
         let index = v.get("index").and_then(Value::as_u64).ok_or_else(|| bad("no `index`"))? as usize;
         let text = v.get("text").and_then(Value::as_str).ok_or_else(|| bad("no `text` string"))?.to_string();
         let beta = v.get("beta").and_then(Value::as_f64);
+        let direction = v.get("direction").and_then(Value::as_str).map(str::to_string);
         let target = v.get("target").and_then(Value::as_str).map(str::to_string);
-        rows.push(GenerationRow { index, text, beta, target });
+        rows.push(GenerationRow { index, text, beta, direction, target });
     }
     if rows.is_empty() {
         return Err(Error::file(path, "no generations"));
@@ -52,10 +55,11 @@ pub struct Judged {
     pub pred: usize,
 }
 
-/// One line of the summary: a condition at one beta.
+/// One line of the summary: a condition's direction at one beta.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct SummaryRow {
     pub condition: String,
+    pub direction: Option<String>,
     pub beta: Option<f64>,
     pub n: usize,
     /// Rows whose generated text is empty (judged all the same: the judging prompt without text).
@@ -67,24 +71,26 @@ pub struct SummaryRow {
     pub accuracy: Option<f64>,
 }
 
-/// The summary per (condition, beta), in the order they first appear.
+/// The summary per (condition, direction, beta), in the order they first appear.
 pub fn summarize(conditions: &[String], judged: &[Judged], n_labels: usize) -> Vec<SummaryRow> {
-    let mut keys: Vec<(usize, Option<u64>)> = Vec::new();
+    let key = |j: &Judged| (j.condition, j.row.direction.clone(), j.row.beta.map(f64::to_bits));
+    let mut keys: Vec<(usize, Option<String>, Option<u64>)> = Vec::new();
     for j in judged {
-        let k = (j.condition, j.row.beta.map(f64::to_bits));
-        if !keys.contains(&k) {
-            keys.push(k);
+        if !keys.contains(&key(j)) {
+            keys.push(key(j));
         }
     }
     keys.into_iter()
-        .map(|(c, beta)| {
-            let rows: Vec<&Judged> = judged.iter().filter(|j| j.condition == c && j.row.beta.map(f64::to_bits) == beta).collect();
+        .map(|k| {
+            let rows: Vec<&Judged> = judged.iter().filter(|j| key(j) == k).collect();
+            let (c, direction, beta) = k;
             let n = rows.len();
             let shares = (0..n_labels).map(|l| rows.iter().filter(|j| j.pred == l).count() as f64 / n as f64).collect();
             let with_target: Vec<&&Judged> = rows.iter().filter(|j| j.target.is_some()).collect();
             let hits = with_target.iter().filter(|j| j.target == Some(j.pred)).count();
             SummaryRow {
                 condition: conditions[c].clone(),
+                direction,
                 beta: beta.map(f64::from_bits),
                 n,
                 n_empty: rows.iter().filter(|j| j.row.text.trim().is_empty()).count(),
@@ -96,13 +102,14 @@ pub fn summarize(conditions: &[String], judged: &[Judged], n_labels: usize) -> V
         .collect()
 }
 
-/// summary.csv: condition, beta, n, n_empty, n_target, accuracy, then one share column per label.
+/// summary.csv: condition, direction, beta, n, n_empty, n_target, accuracy, then one share
+/// column per label.
 pub fn summary_csv(rows: &[SummaryRow], labels: &[String]) -> String {
-    let mut s = format!("condition,beta,n,n_empty,n_target,accuracy,{}\n", labels.iter().map(|l| format!("share:{l}")).collect::<Vec<_>>().join(","));
+    let mut s = format!("condition,direction,beta,n,n_empty,n_target,accuracy,{}\n", labels.iter().map(|l| format!("share:{l}")).collect::<Vec<_>>().join(","));
     let opt = |v: Option<f64>| v.map_or(String::new(), |v| v.to_string());
     for r in rows {
         let shares: Vec<String> = r.shares.iter().map(|s| format!("{s:.4}")).collect();
-        s += &format!("{},{},{},{},{},{},{}\n", r.condition, opt(r.beta), r.n, r.n_empty, r.n_target, r.accuracy.map_or(String::new(), |a| format!("{a:.4}")), shares.join(","));
+        s += &format!("{},{},{},{},{},{},{},{}\n", r.condition, r.direction.as_deref().unwrap_or(""), opt(r.beta), r.n, r.n_empty, r.n_target, r.accuracy.map_or(String::new(), |a| format!("{a:.4}")), shares.join(","));
     }
     s
 }
@@ -111,31 +118,33 @@ pub fn summary_csv(rows: &[SummaryRow], labels: &[String]) -> String {
 mod tests {
     use super::*;
 
-    fn row(beta: Option<f64>, target: Option<&str>, text: &str) -> GenerationRow {
-        GenerationRow { index: 0, text: text.into(), beta, target: target.map(str::to_string) }
+    fn row(beta: Option<f64>, direction: Option<&str>, text: &str) -> GenerationRow {
+        GenerationRow { index: 0, text: text.into(), beta, direction: direction.map(str::to_string), target: None }
     }
 
     #[test]
     fn shares_and_accuracy_per_condition_and_beta() {
-        let j = |condition, beta, target, pred, text| Judged { condition, row: row(beta, None, text), target, pred };
+        let j = |condition, beta, direction, target, pred, text| Judged { condition, row: row(beta, direction, text), target, pred };
         let judged = vec![
-            j(0, None, None, 0, "a"),
-            j(0, None, None, 1, ""),
-            j(1, Some(4.0), Some(1), 1, "b"),
-            j(1, Some(4.0), Some(1), 0, "c"),
-            j(1, Some(4.0), Some(0), 0, "d"),
-            j(1, Some(8.0), Some(1), 1, "e"),
+            j(0, None, None, None, 0, "a"),
+            j(0, None, None, None, 1, ""),
+            j(1, Some(4.0), Some("x"), Some(1), 1, "b"),
+            j(1, Some(4.0), Some("random"), Some(1), 0, "r"),
+            j(1, Some(4.0), Some("x"), Some(1), 0, "c"),
+            j(1, Some(4.0), Some("x"), Some(0), 0, "d"),
+            j(1, Some(8.0), Some("x"), Some(1), 1, "e"),
         ];
         let s = summarize(&["clean".into(), "steered".into()], &judged, 2);
-        assert_eq!(s.len(), 3);
+        assert_eq!(s.len(), 4);
+        assert_eq!((s[2].direction.as_deref(), s[2].n, s[2].accuracy), (Some("random"), 1, Some(0.0)), "the control is its own line");
         assert_eq!((s[0].n, s[0].n_empty, s[0].n_target, s[0].accuracy), (2, 1, 0, None));
         assert_eq!(s[0].shares, [0.5, 0.5]);
         assert_eq!((s[1].beta, s[1].n, s[1].n_target), (Some(4.0), 3, 3));
         assert!((s[1].accuracy.unwrap() - 2.0 / 3.0).abs() < 1e-12);
-        assert_eq!(s[2].accuracy, Some(1.0));
+        assert_eq!(s[3].accuracy, Some(1.0));
         let csv = summary_csv(&s, &["joy".into(), "anger".into()]);
-        assert_eq!(csv.lines().next().unwrap(), "condition,beta,n,n_empty,n_target,accuracy,share:joy,share:anger");
-        assert_eq!(csv.lines().nth(2).unwrap(), "steered,4,3,0,3,0.6667,0.6667,0.3333");
+        assert_eq!(csv.lines().next().unwrap(), "condition,direction,beta,n,n_empty,n_target,accuracy,share:joy,share:anger");
+        assert_eq!(csv.lines().nth(2).unwrap(), "steered,x,4,3,0,3,0.6667,0.6667,0.3333");
     }
 
     #[test]
@@ -147,8 +156,8 @@ mod tests {
             let e = read_generations(&p).unwrap_err().to_string();
             assert!(e.contains(want) && !e.contains('\n'), "{text:?}: {e}");
         }
-        std::fs::write(&p, "{\"index\": 3, \"text\": \"hi\", \"beta\": 2.5, \"target\": \"joy\"}\n").unwrap();
+        std::fs::write(&p, "{\"index\": 3, \"text\": \"hi\", \"beta\": 2.5, \"direction\": \"joy\", \"target\": \"joy\"}\n").unwrap();
         let r = &read_generations(&p).unwrap()[0];
-        assert_eq!((r.index, r.text.as_str(), r.beta, r.target.as_deref()), (3, "hi", Some(2.5), Some("joy")));
+        assert_eq!((r.index, r.text.as_str(), r.beta, r.direction.as_deref(), r.target.as_deref()), (3, "hi", Some(2.5), Some("joy"), Some("joy")));
     }
 }
