@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 
 use super::inputs::{InputArgs, encode_dataset};
 use super::interventions::InterventionArgs;
-use super::{load_engine, progress_bar};
+use super::{command_manifest, load_engine, model_json, progress_bar};
 use patchbay::backend::ops::sample::SampleParams;
 use patchbay::data::prompts::{PromptEntry, PromptSource, load_prompts, read_prompts_file};
 use patchbay::data::template::TokenStats;
@@ -244,11 +244,8 @@ pub fn run(a: GenerateArgs) -> Result<()> {
 
     std::fs::create_dir_all(&a.out).map_err(|e| Error::io(&a.out, e))?;
     let manifest = |timings: Value| -> Result<()> {
-        let m = json!({
-            "command": "generate",
-            "patchbay_version": env!("CARGO_PKG_VERSION"),
-            "command_line": std::env::args().collect::<Vec<_>>(),
-            "model": {"path": model.dir.display().to_string(), "config_sha256": model.config_hash, "family": model.cfg.family.name()},
+        let fields = json!({
+            "model": model_json(&model),
             "device": engine.device_name(),
             "inputs": inputs.source,
             "chat": a.inputs.template.chat,
@@ -260,7 +257,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
             "timings_s": timings,
             "peak_rss_bytes": patchbay::io::tensorfile::peak_rss_bytes(),
         });
-        write_manifest(&a.out.join("manifest.json"), &m)
+        write_manifest(&a.out.join("manifest.json"), &command_manifest("generate", fields))
     };
     // Written first (a killed run still says what it was), rewritten with the timings at the end.
     manifest(Value::Null)?;

@@ -108,21 +108,16 @@ impl Prompts {
 /// version, the command line, the model, the device, the inputs and the labels; `extra` adds
 /// the command's own fields.
 pub fn manifest(command: &str, model: &Model, device: &str, (dataset, template, labels): (Option<&Dataset>, Option<&Template>, &LabelSet), l: &LabelArgs, extra: serde_json::Value) -> serde_json::Value {
-    let mut m = serde_json::json!({
-        "command": command,
-        "patchbay_version": env!("CARGO_PKG_VERSION"),
-        "command_line": std::env::args().collect::<Vec<_>>(),
-        "model": {"path": model.dir.display().to_string(), "config_sha256": model.config_hash, "family": model.cfg.family.name()},
+    let mut fields = serde_json::json!({
+        "model": super::model_json(model),
         "device": device,
         "dataset": dataset.map(dataset_json),
         "token_ids": l.token_ids.as_ref().map(|p| p.display().to_string()),
         "template": template,
         "labels": labels,
     });
-    if let (Some(m), serde_json::Value::Object(extra)) = (m.as_object_mut(), extra) {
-        m.extend(extra);
-    }
-    m
+    super::merge(&mut fields, extra);
+    super::command_manifest(command, fields)
 }
 
 #[derive(Args, Clone)]

@@ -7,7 +7,7 @@ use std::time::Instant;
 use clap::Args;
 use serde_json::json;
 
-use super::{load_engine, progress_bar};
+use super::{command_manifest, load_engine, model_json, progress_bar};
 use patchbay::backend::DeviceSpec;
 use patchbay::data::labels::{LabelSet, parse_list};
 use patchbay::data::template::Template;
@@ -132,23 +132,20 @@ pub fn run(a: JudgeArgs) -> Result<()> {
     let engine = load_engine(&model, a.device)?;
     let judge = json!({
         "method": "label scoring of a judging prompt",
-        "model": {"path": model.dir.display().to_string(), "config_sha256": model.config_hash, "family": model.cfg.family.name()},
+        "model": model_json(&model),
         "device": engine.device_name(),
         "template": template,
-        "labels": {"names": labels.names, "token_ids": labels.token_ids, "tokens": labels.tokens},
+        "labels": labels,
     });
     std::fs::create_dir_all(&a.out).map_err(|e| Error::io(&a.out, e))?;
     let manifest = |extra: serde_json::Value| {
-        let m = json!({
-            "command": "judge",
-            "patchbay_version": env!("CARGO_PKG_VERSION"),
-            "command_line": std::env::args().collect::<Vec<_>>(),
+        let fields = json!({
             "judge": judge,
             "generations": a.generations.iter().zip(&conditions).map(|(p, c)| json!({"condition": c, "path": p.display().to_string()})).collect::<Vec<_>>(),
             "n": rows.len(),
             "timings_s": extra,
         });
-        write_manifest(&a.out.join("manifest.json"), &m)
+        write_manifest(&a.out.join("manifest.json"), &command_manifest("judge", fields))
     };
     manifest(serde_json::Value::Null)?;
 

@@ -82,6 +82,30 @@ pub fn load_engine<'a>(model: &'a patchbay::model::Model, device: patchbay::back
     })
 }
 
+/// The model as manifests record it: its directory, config hash and family.
+pub fn model_json(model: &patchbay::model::Model) -> serde_json::Value {
+    serde_json::json!({"path": model.dir.display().to_string(), "config_sha256": model.config_hash, "family": model.cfg.family.name()})
+}
+
+/// A command's manifest: the command, patchbay's version and the command line, then the
+/// command's own `fields` (an object).
+pub fn command_manifest(command: &str, fields: serde_json::Value) -> serde_json::Value {
+    let mut m = serde_json::json!({
+        "command": command,
+        "patchbay_version": env!("CARGO_PKG_VERSION"),
+        "command_line": std::env::args().collect::<Vec<_>>(),
+    });
+    merge(&mut m, fields);
+    m
+}
+
+/// Adds the fields of the object `from` to the object `into` (replacing those of the same name).
+pub fn merge(into: &mut serde_json::Value, from: serde_json::Value) {
+    if let (Some(into), serde_json::Value::Object(from)) = (into.as_object_mut(), from) {
+        into.extend(from);
+    }
+}
+
 /// A progress bar counting `len` items of `unit`, hidden when `quiet`.
 pub fn progress_bar(len: u64, what: &str, unit: &str, quiet: bool) -> ProgressBar {
     let bar = if quiet { ProgressBar::hidden() } else { ProgressBar::new(len) };
