@@ -6,7 +6,6 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 
 use common::*;
 use indicatif::ProgressBar;
@@ -19,19 +18,6 @@ use serde_json::Value;
 
 const LABELS: &str = "a=40,b=65,c=262,d=300,e=13";
 
-fn patchbay(args: &[&str]) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_patchbay")).args(args).output().expect("cannot run the patchbay binary");
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
-}
-
-fn ok(args: &[&str]) {
-    let (code, err) = patchbay(args);
-    assert_eq!(code, 0, "{args:?}: {err}");
-}
-
-fn jsonl(p: &Path) -> Vec<Value> {
-    std::fs::read_to_string(p).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
-}
 
 fn logits(v: &Value) -> Vec<f32> {
     serde_json::from_value(v["label_logits"].clone()).unwrap()
@@ -51,13 +37,13 @@ fn judged_logits_are_score_label_logits_of_the_judging_prompts() {
     let v: Vec<f32> = (0..d).map(|i| patchbay::rng::gaussian(7, 0, i as u64)).collect();
     let tensors = vec![("blocks.0.hook_resid_post/x".to_string(), vec![d], patchbay::io::tensorfile::TensorData::F32(&v, patchbay::io::OutDtype::F32))];
     patchbay::io::tensorfile::write(Path::new(&p("dirs.safetensors")), &tensors, &Default::default()).unwrap();
-    ok(&["generate", "--model", m, "--prompts", &p("prompts.txt"), "--max-new-tokens", "5", "--quiet", "--out", &p("clean")]);
+    patchbay_ok(&["generate", "--model", m, "--prompts", &p("prompts.txt"), "--max-new-tokens", "5", "--quiet", "--out", &p("clean")]);
     let vector = format!("{}:x", p("dirs.safetensors"));
-    ok(&["generate", "--model", m, "--prompts", &p("prompts.txt"), "--max-new-tokens", "5", "--quiet", "--vector", &vector, "--layers", "0", "--positions", "all+generated", "--betas=2,30", "--random-control", "--out", &p("steered")]);
+    patchbay_ok(&["generate", "--model", m, "--prompts", &p("prompts.txt"), "--max-new-tokens", "5", "--quiet", "--vector", &vector, "--layers", "0", "--positions", "all+generated", "--betas=2,30", "--random-control", "--out", &p("steered")]);
     let clean_gens = p("clean/generations.jsonl");
     let steered_gens = p("steered/generations.jsonl");
-    ok(&["judge", "--model", m, "--generations", &clean_gens, "--generations", &steered_gens, "--label-token-ids", LABELS, "--target", "b", "--quiet", "--out", &p("judged")]);
-    let judged = jsonl(&w.path().join("judged/judged.jsonl"));
+    patchbay_ok(&["judge", "--model", m, "--generations", &clean_gens, "--generations", &steered_gens, "--label-token-ids", LABELS, "--target", "b", "--quiet", "--out", &p("judged")]);
+    let judged = read_jsonl(&w.path().join("judged/judged.jsonl"));
     // clean; then beta 2 steered and its random control, beta 30 the same.
     assert_eq!(judged.len(), 3 + 12);
     assert_eq!(judged.iter().map(|j| j["condition"].as_str().unwrap()).collect::<Vec<_>>(), [vec!["clean"; 3], vec!["steered"; 12]].concat());
@@ -67,7 +53,7 @@ fn judged_logits_are_score_label_logits_of_the_judging_prompts() {
     let tok = PromptTokenizer::load(&dir).unwrap();
     let labels = LabelSet::parse_ids(LABELS, Some(&tok)).unwrap();
     let template = Template::parse("tak").unwrap();
-    let texts: Vec<String> = [jsonl(Path::new(&clean_gens)), jsonl(Path::new(&steered_gens))].concat().iter().map(|g| g["text"].as_str().unwrap().to_string()).collect();
+    let texts: Vec<String> = [read_jsonl(Path::new(&clean_gens)), read_jsonl(Path::new(&steered_gens))].concat().iter().map(|g| g["text"].as_str().unwrap().to_string()).collect();
     let ids: Vec<Vec<u32>> = texts.iter().map(|t| template.encode(&tok, t).unwrap()).collect();
     let want = label_logits(&model, &ids, &labels, 4, &ProgressBar::hidden()).unwrap();
     for (j, (row, w)) in judged.iter().zip(want.chunks(labels.len())).enumerate() {
@@ -94,8 +80,8 @@ fn judged_logits_are_score_label_logits_of_the_judging_prompts() {
         assert_eq!(s["accuracy"].as_f64().unwrap(), hits as f64 / rows.len() as f64);
     }
     // The emulated device judges the same labels (logits at bf16 tolerance).
-    ok(&["judge", "--model", m, "--device", "emu", "--generations", &clean_gens, "--label-token-ids", LABELS, "--quiet", "--out", &p("judged_emu")]);
-    for (e, c) in jsonl(&w.path().join("judged_emu/judged.jsonl")).iter().zip(&judged[..3]) {
+    patchbay_ok(&["judge", "--model", m, "--device", "emu", "--generations", &clean_gens, "--label-token-ids", LABELS, "--quiet", "--out", &p("judged_emu")]);
+    for (e, c) in read_jsonl(&w.path().join("judged_emu/judged.jsonl")).iter().zip(&judged[..3]) {
         assert_forward_close("judge on emu", &logits(e), &logits(c));
     }
 }
@@ -110,10 +96,10 @@ fn targets_from_rows_and_bad_input() {
     let text: String = rows.iter().enumerate().map(|(i, (t, target))| serde_json::json!({"index": i, "text": t, "target": target, "beta": 4.0}).to_string() + "\n").collect();
     std::fs::create_dir_all(w.path().join("run")).unwrap();
     std::fs::write(p("run/generations.jsonl"), text).unwrap();
-    let (code, err) = patchbay(&["judge", "--model", m, "--generations", &p("run/generations.jsonl"), "--label-token-ids", LABELS, "--out", &p("j")]);
+    let (code, err) = patchbay_cli(&["judge", "--model", m, "--generations", &p("run/generations.jsonl"), "--label-token-ids", LABELS, "--out", &p("j")]);
     assert_eq!(code, 0, "{err}");
     assert!(err.contains("1 of 4 generated texts are empty"), "{err}");
-    let judged = jsonl(&w.path().join("j/judged.jsonl"));
+    let judged = read_jsonl(&w.path().join("j/judged.jsonl"));
     let hits = judged.iter().zip(&rows).filter(|(j, (_, t))| j["pred"] == *t).count();
     let summary: Value = serde_json::from_slice(&std::fs::read(w.path().join("j/judge.json")).unwrap()).unwrap();
     let s = &summary["summary"][0];
@@ -136,7 +122,7 @@ fn targets_from_rows_and_bad_input() {
     ];
     for (args, want) in cases {
         let all: Vec<&str> = [&["judge", "--model", m, "--quiet", "--out", &e][..], &args].concat();
-        let (code, err) = patchbay(&all);
+        let (code, err) = patchbay_cli(&all);
         assert_eq!(code, 1, "{args:?}: {err}");
         assert!(err.starts_with("error: ") && err.lines().count() == 1 && err.contains(want), "{args:?}: {err}");
     }

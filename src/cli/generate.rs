@@ -2,21 +2,26 @@
 //! at every step plugged in through [`Interventions`].
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use clap::Args;
+use indicatif::ProgressBar;
 use serde_json::{Value, json};
 
 use super::inputs::{InputArgs, encode_dataset};
 use super::interventions::InterventionArgs;
-use super::{command_manifest, load_engine, model_json, progress_bar};
+use super::{command_manifest, load_engine, merge, model_json, progress_bar};
 use patchbay::backend::ops::sample::SampleParams;
 use patchbay::data::prompts::{PromptEntry, PromptSource, load_prompts, read_prompts_file};
-use patchbay::data::template::TokenStats;
+use patchbay::data::dataset::Dataset;
+use patchbay::data::template::{Template, TokenStats};
 use patchbay::experiments::dataset_files::dataset_json;
 use patchbay::experiments::patch_files::write_manifest;
+use patchbay::engine::Engine;
 use patchbay::experiments::generate::{GenerateSpec, Generation, StepIntervention, StopReason, generate};
+use patchbay::intervene::Op;
+use patchbay::io::plot::distinct;
 use patchbay::experiments::steer::{random_controls, step_intervention};
 use patchbay::intervene::spec::{Condition, resolve_all};
 use patchbay::model::Model;
@@ -43,9 +48,10 @@ when its text contains a --stop string (in bash, $'\\n' is a line break), after 
 or when the model's context (max_position_embeddings) is full.
 
 Interventions (the grammar of `steer`: --vector, --project, --site, --layers, --positions,
---betas, --normalise, or --spec FILE.json): one generation pass per beta, in the order listed,
-applying that beta's interventions at every listed layer (and every spec of a --spec file that
-lists it) together. --positions here also takes `generated` (each generated token as it is fed
+--betas, --normalise, or --spec FILE.json): one generation pass per (direction, beta), in the
+order listed, applying that direction at that beta at every listed layer (and every spec of a
+--spec file that names the same vector) together; `--vector FILE:A,B` lists two directions (A+B
+steers along their sum). --positions here also takes `generated` (each generated token as it is fed
 back) and `X+generated` (prompt positions X and the generated tokens); `last:K` alone steers
 only the last K prompt tokens, whose keys and values then steer every later token through the
 cache. A prompt's seed is the same in every pass, so passes differ only by the intervention.
@@ -73,24 +79,11 @@ pub struct GenerateArgs {
     /// JSON file: a list of lists of token ids, used verbatim (no BOS added).
     #[arg(long, conflicts_with = "dataset")]
     token_ids: Option<PathBuf>,
-    /// New tokens per prompt at most.
-    #[arg(long, default_value_t = 64)]
-    max_new_tokens: usize,
-    /// Sampling temperature; 0 = greedy.
-    #[arg(long, default_value_t = 0.0)]
-    temperature: f32,
-    /// Nucleus sampling: keep the most likely tokens up to this probability mass, in (0, 1].
-    #[arg(long, default_value_t = 1.0)]
-    top_p: f32,
-    /// Seed of the sampling draws.
+    #[command(flatten)]
+    sampling: SamplingArgs,
+    /// Seed of the sampling draws (and of --random-control's directions).
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Stop a prompt when its generated text contains this string (repeatable); the text is cut before it.
-    #[arg(long)]
-    stop: Vec<String>,
-    /// Prompts generated together (one batched forward per step).
-    #[arg(long, default_value_t = 8)]
-    batch_size: usize,
     /// Output directory.
     #[arg(long)]
     out: PathBuf,
@@ -104,27 +97,75 @@ pub struct GenerateArgs {
     random_control: bool,
 }
 
+/// How generation decodes: the flags `generate` and `steer --mode generate` share.
+#[derive(Args, Clone, Debug)]
+pub struct SamplingArgs {
+    /// New tokens per prompt at most.
+    #[arg(long, default_value_t = 64)]
+    pub max_new_tokens: usize,
+    /// Sampling temperature; 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    /// Nucleus sampling: keep the most likely tokens up to this probability mass, in (0, 1].
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    /// Stop a prompt when its generated text contains this string (repeatable); the text is cut before it.
+    #[arg(long)]
+    pub stop: Vec<String>,
+    /// Prompts generated together (one batched forward per step).
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+}
+
+impl SamplingArgs {
+    /// The generation spec, stopping at the model's eos ids; draws seeded by `seed`.
+    pub fn spec(&self, model: &Model, seed: u64) -> GenerateSpec {
+        let sample = SampleParams { temperature: self.temperature, top_p: self.top_p, seed };
+        GenerateSpec { max_new_tokens: self.max_new_tokens, sample, eos_ids: model.cfg.eos_token_ids.clone(), stop: self.stop.clone(), batch_size: self.batch_size }
+    }
+}
+
+/// The manifest fields of a generation run: model, device, inputs, chat, token statistics,
+/// sampling, prompt count, peak memory.
+pub fn generation_fields(model: &Model, device: &str, inputs: &Inputs, chat: bool, stats: &TokenStats, spec: &GenerateSpec) -> Value {
+    json!({
+        "model": model_json(model),
+        "device": device,
+        "inputs": inputs.source,
+        "chat": chat,
+        "token_stats": stats,
+        "sampling": sampling_json(spec),
+        "n_prompts": inputs.ids.len(),
+        "peak_rss_bytes": patchbay::io::tensorfile::peak_rss_bytes(),
+    })
+}
+
+/// What a manifest says about decoding.
+pub fn sampling_json(spec: &GenerateSpec) -> Value {
+    json!({"max_new_tokens": spec.max_new_tokens, "temperature": spec.sample.temperature, "top_p": spec.sample.top_p, "seed": spec.sample.seed, "stop": spec.stop, "eos_ids": spec.eos_ids, "batch_size": spec.batch_size})
+}
+
 /// Interventions a generation pass applies at every step, and their JSON description (written
 /// with every generation and in the manifest).
 pub struct Interventions {
     /// The strength of the pass (None: a clean pass).
     pub beta: Option<f32>,
-    /// The pass's direction names, `+`-joined (None: a clean pass); `random...` for a control.
+    /// The pass's direction name (None: a clean pass); `random...` for a control.
     pub direction: Option<String>,
+    /// The direction the pass steers along, or whose control it is (None: a clean pass).
+    pub steered: Option<String>,
     pub steps: Vec<StepIntervention>,
     pub description: Value,
 }
 
 impl Interventions {
     pub fn none() -> Interventions {
-        Interventions { beta: None, direction: None, steps: Vec::new(), description: json!([]) }
+        Interventions { beta: None, direction: None, steered: None, steps: Vec::new(), description: json!([]) }
     }
 }
 
-/// The generation passes of the intervention flags: none given, one clean pass; else one pass
-/// per beta (in the order listed), applying every condition of that beta (all its layers, and
-/// every spec of a --spec file that lists it) together; with `random_control`, each followed by
-/// the same pass with the same-norm random directions of `experiments::steer::random_controls`.
+/// The generation passes of the intervention flags: none given, one clean pass; else
+/// [`passes_of`] their conditions.
 fn passes(a: &InterventionArgs, random_control: Option<u64>, model: &Model) -> Result<Vec<Interventions>> {
     if a.vector.is_none() && a.project.is_none() && a.spec.is_none() {
         if a.betas.is_some() || a.layers.is_some() || a.normalise || random_control.is_some() {
@@ -132,57 +173,64 @@ fn passes(a: &InterventionArgs, random_control: Option<u64>, model: &Model) -> R
         }
         return Ok(vec![Interventions::none()]);
     }
-    let conditions = resolve_all(&a.specs()?, &model.cfg, true)?;
-    let controls = match random_control {
-        Some(seed) => {
-            let controls = random_controls(&conditions, seed);
-            if controls.is_empty() {
-                return Err(Error::input("--random-control: no `add` intervention to control (a --project pass has no random control)"));
-            }
-            controls
+    passes_of(&resolve_all(&a.specs()?, &model.cfg, true)?, random_control)
+}
+
+/// One generation pass per (direction, beta), directions in the order listed and each
+/// direction's betas in order, applying every condition of that direction and beta (all its
+/// layers, and every spec that names the same direction) together; with `random_control`
+/// (a seed), each pass followed by the same pass along the same-norm random directions of
+/// `experiments::steer::random_controls`.
+pub fn passes_of(conditions: &[Condition], random_control: Option<u64>) -> Result<Vec<Interventions>> {
+    // controls[i]: the control of condition i (None: not an `add`, no control).
+    let mut controls: Vec<Option<Condition>> = vec![None; conditions.len()];
+    if let Some(seed) = random_control {
+        let adds = conditions.iter().enumerate().filter(|(_, c)| matches!(c.op, Op::Add { .. })).map(|(i, _)| i);
+        for (i, c) in adds.zip(random_controls(conditions, seed)) {
+            controls[i] = Some(c);
         }
-        None => Vec::new(),
-    };
-    let mut betas: Vec<f32> = Vec::new();
-    for c in &conditions {
-        if !betas.iter().any(|b| b.to_bits() == c.beta.to_bits()) {
-            betas.push(c.beta);
+        if controls.iter().all(Option::is_none) {
+            return Err(Error::input("--random-control: no `add` intervention to control (a --project pass has no random control)"));
         }
     }
     let describe = |c: &Condition| json!({"direction": c.direction, "site": c.site.to_string(), "layer": c.site.layer, "op": c.op.name(), "beta": c.beta, "positions": c.positions.describe()});
-    let pass = |set: &[Condition], beta: f32| {
-        let of_beta: Vec<&Condition> = set.iter().filter(|c| c.beta.to_bits() == beta.to_bits()).collect();
-        let mut names: Vec<&str> = Vec::new();
-        for c in &of_beta {
-            if !names.contains(&c.direction.as_str()) {
-                names.push(&c.direction);
+    let pass = |set: &[&Condition], steered: &str, beta: f32| Interventions {
+        beta: Some(beta),
+        direction: Some(set[0].direction.clone()),
+        steered: Some(steered.to_string()),
+        steps: set.iter().map(|c| step_intervention(c)).collect(),
+        description: Value::Array(set.iter().map(|c| describe(c)).collect()),
+    };
+    let keys = distinct(conditions.iter().map(|c| (c.direction.clone(), c.beta.to_bits())));
+    let mut directions = distinct(keys.iter().map(|k| k.0.clone()));
+    let mut out = Vec::new();
+    for direction in directions.drain(..) {
+        for (_, beta) in keys.iter().filter(|k| k.0 == direction) {
+            let members: Vec<usize> = (0..conditions.len()).filter(|&i| conditions[i].direction == direction && conditions[i].beta.to_bits() == *beta).collect();
+            let beta = f32::from_bits(*beta);
+            out.push(pass(&members.iter().map(|&i| &conditions[i]).collect::<Vec<_>>(), &direction, beta));
+            let control: Vec<&Condition> = members.iter().filter_map(|&i| controls[i].as_ref()).collect();
+            if !control.is_empty() {
+                out.push(pass(&control, &direction, beta));
             }
         }
-        Interventions {
-            beta: Some(beta),
-            direction: Some(names.join("+")),
-            steps: of_beta.iter().map(|c| step_intervention(c)).collect(),
-            description: Value::Array(of_beta.iter().map(|c| describe(c)).collect()),
-        }
-    };
-    Ok(betas.into_iter().flat_map(|beta| std::iter::once(pass(&conditions, beta)).chain((!controls.is_empty()).then(|| pass(&controls, beta)))).collect())
+    }
+    Ok(out)
 }
 
 /// The prompts: token ids and, where known, the text.
-struct Inputs {
-    ids: Vec<Vec<u32>>,
-    texts: Vec<Option<String>>,
+pub struct Inputs {
+    pub ids: Vec<Vec<u32>>,
+    pub texts: Vec<Option<String>>,
     /// What the manifest says about where they came from.
-    source: Value,
+    pub source: Value,
 }
 
 fn load_inputs(a: &GenerateArgs, tok: Option<&PromptTokenizer>) -> Result<Inputs> {
     let inputs = &a.inputs;
     let no_tok = || Error::input(format!("{}: no tokenizer (needed to encode texts)", inputs.model.display()));
     if let Some(path) = &a.token_ids {
-        let ids = load_prompts(PromptSource::TokenIds(path), &inputs.model, inputs.template.chat)?;
-        let texts = vec![None; ids.len()];
-        return Ok(Inputs { ids, texts, source: json!({"token_ids": path.display().to_string()}) });
+        return Inputs::token_ids(path, &inputs.model, inputs.template.chat);
     }
     let template = inputs.template.template()?;
     let tok = tok.ok_or_else(no_tok)?;
@@ -202,14 +250,30 @@ fn load_inputs(a: &GenerateArgs, tok: Option<&PromptTokenizer>) -> Result<Inputs
         return Ok(Inputs { ids, texts, source: json!({"prompts": path.display().to_string(), "template": template}) });
     }
     let ds = inputs.data.load(None)?.ok_or_else(|| Error::input("give the prompts: --prompts FILE, --dataset FILE or --token-ids FILE"))?;
-    let ids = encode_dataset(&ds, &template, tok, a.quiet)?;
-    let texts = ds.examples.iter().map(|e| Some(template.render(&e.text))).collect();
-    Ok(Inputs { ids, texts, source: json!({"dataset": dataset_json(&ds), "template": template}) })
+    Inputs::dataset(&ds, &template, tok, a.quiet, json!({"dataset": dataset_json(&ds)}))
 }
 
-/// One line of generations.jsonl.
-fn generation_json(index: usize, prompt: Option<&str>, g: &Generation, pass: &Interventions) -> Value {
-    json!({
+impl Inputs {
+    /// Prompts given as token ids (a JSON list of lists), used verbatim: no texts.
+    pub fn token_ids(path: &Path, model_dir: &Path, chat: bool) -> Result<Inputs> {
+        let ids = load_prompts(PromptSource::TokenIds(path), model_dir, chat)?;
+        let texts = vec![None; ids.len()];
+        Ok(Inputs { ids, texts, source: json!({"token_ids": path.display().to_string()}) })
+    }
+
+    /// A dataset's texts through `template`; `source` (an object) says where they came from.
+    pub fn dataset(ds: &Dataset, template: &Template, tok: &PromptTokenizer, quiet: bool, mut source: Value) -> Result<Inputs> {
+        let ids = encode_dataset(ds, template, tok, quiet)?;
+        let texts = ds.examples.iter().map(|e| Some(template.render(&e.text))).collect();
+        source["template"] = json!(template);
+        Ok(Inputs { ids, texts, source })
+    }
+}
+
+/// One line of generations.jsonl; with `target`, the pass's steered direction as `target`
+/// (the label `judge` measures it against).
+fn generation_json(index: usize, prompt: Option<&str>, g: &Generation, pass: &Interventions, target: bool) -> Value {
+    let mut line = json!({
         "index": index,
         "prompt": prompt,
         "text": g.text,
@@ -219,7 +283,47 @@ fn generation_json(index: usize, prompt: Option<&str>, g: &Generation, pass: &In
         "direction": pass.direction,
         "interventions": pass.description,
         "seed": g.seed,
-    })
+    });
+    if target {
+        line["target"] = json!(pass.steered);
+    }
+    line
+}
+
+/// Generates every prompt under every pass (in order) and writes generations.jsonl at `path`,
+/// one line per (pass, prompt) ([`generation_json`]), appended and flushed after each batch.
+/// Returns the generations, pass-major.
+#[allow(clippy::too_many_arguments)]
+pub fn generate_passes(engine: &dyn Engine, inputs: &Inputs, spec: &GenerateSpec, passes: &[Interventions], tok: Option<&PromptTokenizer>, target: bool, bar: &ProgressBar, path: &Path) -> Result<Vec<Generation>> {
+    let mut file = std::io::BufWriter::new(std::fs::File::create(path).map_err(|e| Error::io(path, e))?);
+    let write_err = |e: std::io::Error| Error::io(path, e);
+    let mut gens: Vec<Generation> = Vec::new();
+    for pass in passes {
+        if let Some(beta) = pass.beta {
+            bar.set_message(format!("generate, {} beta {beta}", pass.direction.as_deref().unwrap_or("")));
+        }
+        gens.extend(generate(engine, &inputs.ids, spec, &pass.steps, tok, bar, &mut |first, batch| {
+            for (i, g) in batch.iter().enumerate() {
+                writeln!(file, "{}", generation_json(first + i, inputs.texts[first + i].as_deref(), g, pass, target)).map_err(write_err)?;
+            }
+            file.flush().map_err(write_err)
+        })?);
+    }
+    Ok(gens)
+}
+
+/// The one-line account of a generation run.
+pub fn describe_run(gens: &[Generation], seconds: f64) -> String {
+    let n_tokens: usize = gens.iter().map(|g| g.tokens.len()).sum();
+    let count = |r: StopReason| gens.iter().filter(|g| g.stop == r).count();
+    format!(
+        "{} generations, {n_tokens} tokens in {seconds:.2} s ({:.1} tokens/s); stopped by eos {}, stop string {}, length {}",
+        gens.len(),
+        n_tokens as f64 / seconds,
+        count(StopReason::Eos),
+        count(StopReason::StopString),
+        count(StopReason::Length)
+    )
 }
 
 pub fn run(a: GenerateArgs) -> Result<()> {
@@ -228,14 +332,13 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     // With --token-ids the tokenizer is optional (texts are then not decoded).
     let tok = match PromptTokenizer::load(model_dir) {
         Ok(t) => Some(t),
-        Err(_) if a.token_ids.is_some() && a.stop.is_empty() => None,
+        Err(_) if a.token_ids.is_some() && a.sampling.stop.is_empty() => None,
         Err(e) => return Err(e),
     };
     let inputs = load_inputs(&a, tok.as_ref())?;
     let model = Model::load(model_dir)?;
     let passes = passes(&a.interventions, a.random_control.then_some(a.seed), &model)?;
-    let sample = SampleParams { temperature: a.temperature, top_p: a.top_p, seed: a.seed };
-    let spec = GenerateSpec { max_new_tokens: a.max_new_tokens, sample, eos_ids: model.cfg.eos_token_ids.clone(), stop: a.stop.clone(), batch_size: a.batch_size };
+    let spec = a.sampling.spec(&model, a.seed);
     let engine = load_engine(&model, a.inputs.device)?;
     let stats = TokenStats::of(&inputs.ids);
     if !a.quiet {
@@ -244,54 +347,22 @@ pub fn run(a: GenerateArgs) -> Result<()> {
 
     std::fs::create_dir_all(&a.out).map_err(|e| Error::io(&a.out, e))?;
     let manifest = |timings: Value| -> Result<()> {
-        let fields = json!({
-            "model": model_json(&model),
-            "device": engine.device_name(),
-            "inputs": inputs.source,
-            "chat": a.inputs.template.chat,
-            "token_stats": stats,
-            "sampling": {"max_new_tokens": spec.max_new_tokens, "temperature": sample.temperature, "top_p": sample.top_p, "seed": sample.seed, "stop": spec.stop, "eos_ids": spec.eos_ids},
-            "batch_size": spec.batch_size,
-            "interventions": passes.iter().map(|p| &p.description).collect::<Vec<_>>(),
-            "n_prompts": inputs.ids.len(),
-            "timings_s": timings,
-            "peak_rss_bytes": patchbay::io::tensorfile::peak_rss_bytes(),
-        });
+        let mut fields = generation_fields(&model, &engine.device_name(), &inputs, a.inputs.template.chat, &stats, &spec);
+        merge(&mut fields, json!({"interventions": passes.iter().map(|p| &p.description).collect::<Vec<_>>(), "timings_s": timings}));
         write_manifest(&a.out.join("manifest.json"), &command_manifest("generate", fields))
     };
     // Written first (a killed run still says what it was), rewritten with the timings at the end.
     manifest(Value::Null)?;
     let path = a.out.join("generations.jsonl");
-    let mut file = std::io::BufWriter::new(std::fs::File::create(&path).map_err(|e| Error::io(&path, e))?);
-    let write_err = |e: std::io::Error| Error::io(&path, e);
     let bar = progress_bar(0, "generate", "tokens", a.quiet);
     let t_gen = Instant::now();
-    let mut gens: Vec<Generation> = Vec::new();
-    for pass in &passes {
-        if let Some(beta) = pass.beta {
-            bar.set_message(format!("generate, beta {beta}"));
-        }
-        gens.extend(generate(engine.as_ref(), &inputs.ids, &spec, &pass.steps, tok.as_ref(), &bar, &mut |first, batch| {
-            for (i, g) in batch.iter().enumerate() {
-                writeln!(file, "{}", generation_json(first + i, inputs.texts[first + i].as_deref(), g, pass)).map_err(write_err)?;
-            }
-            file.flush().map_err(write_err)
-        })?);
-    }
+    let gens = generate_passes(engine.as_ref(), &inputs, &spec, &passes, tok.as_ref(), false, &bar, &path)?;
     bar.finish_and_clear();
     let gen_s = t_gen.elapsed().as_secs_f64();
     let n_tokens: usize = gens.iter().map(|g| g.tokens.len()).sum();
     manifest(json!({"generate": gen_s, "total": t0.elapsed().as_secs_f64(), "generated_tokens": n_tokens}))?;
     if !a.quiet {
-        let count = |r: StopReason| gens.iter().filter(|g| g.stop == r).count();
-        eprintln!(
-            "{} prompts, {n_tokens} tokens in {gen_s:.2} s ({:.1} tokens/s); stopped by eos {}, stop string {}, length {}",
-            gens.len(),
-            n_tokens as f64 / gen_s,
-            count(StopReason::Eos),
-            count(StopReason::StopString),
-            count(StopReason::Length)
-        );
+        eprintln!("{}", describe_run(&gens, gen_s));
         eprintln!("wrote {}", path.display());
     }
     Ok(())

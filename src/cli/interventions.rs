@@ -11,7 +11,7 @@ use patchbay::{Error, Result};
 /// What to add (or project out), where, and how strongly.
 #[derive(Args, Clone, Debug)]
 pub struct InterventionArgs {
-    /// The vector: FILE.safetensors[:NAME]; NAME is a tensor name or, per layer, <site>/<NAME> (a `patchbay directions` class); A+B sums vectors.
+    /// The vector: FILE.safetensors[:NAME]; NAME is a tensor name or, per layer, <site>/<NAME> (a `patchbay directions` class); A+B sums vectors; A,B lists directions steered one at a time.
     #[arg(long)]
     pub vector: Option<String>,
     /// Project out a subspace, x <- x + v - beta P x (P onto the span; v = --vector or 0): FILE.safetensors[:NAME], a [k, width] tensor or A+B vectors.

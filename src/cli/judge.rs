@@ -1,17 +1,19 @@
 //! `patchbay judge`: which emotion generated texts express, judged locally by label scoring.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use clap::Args;
+use indicatif::ProgressBar;
 use serde_json::json;
 
 use super::{command_manifest, load_engine, model_json, progress_bar};
 use patchbay::backend::DeviceSpec;
 use patchbay::data::labels::{LabelSet, parse_list};
 use patchbay::data::template::Template;
-use patchbay::experiments::judge::{GenerationRow, Judged, read_generations, summarize, summary_csv};
+use patchbay::engine::Engine;
+use patchbay::experiments::judge::{GenerationRow, Judged, SummaryRow, read_generations, summarize, summary_csv};
 use patchbay::experiments::patch_files::write_manifest;
 use patchbay::experiments::score::label_logits;
 use patchbay::logits::argmax;
@@ -99,9 +101,6 @@ fn condition_names(a: &JudgeArgs) -> Result<Vec<String>> {
 
 pub fn run(a: JudgeArgs) -> Result<()> {
     let t0 = Instant::now();
-    if a.batch_size == 0 {
-        return Err(Error::input("--batch-size must be at least 1"));
-    }
     let conditions = condition_names(&a)?;
     let mut rows: Vec<(usize, GenerationRow)> = Vec::new();
     for (c, path) in a.generations.iter().enumerate() {
@@ -124,23 +123,12 @@ pub fn run(a: JudgeArgs) -> Result<()> {
     let targets: Vec<Option<usize>> = rows.iter().map(|(_, r)| target_of(r)).collect::<Result<_>>()?;
     let mut template = Template::parse(&a.template)?;
     template.chat = a.chat;
-    let prompts: Vec<Vec<u32>> = rows.iter().map(|(_, r)| template.encode(&tok, &r.text)).collect::<Result<_>>()?;
-    let n_empty = rows.iter().filter(|(_, r)| r.text.trim().is_empty()).count();
-    if n_empty > 0 && !a.quiet {
-        eprintln!("warning: {n_empty} of {} generated texts are empty (judged as the prompt without a text; counted as n_empty)", rows.len());
-    }
     let engine = load_engine(&model, a.device)?;
-    let judge = json!({
-        "method": "label scoring of a judging prompt",
-        "model": model_json(&model),
-        "device": engine.device_name(),
-        "template": template,
-        "labels": labels,
-    });
+    let judge = Judge { engine: engine.as_ref(), model: &model, tok: &tok, template, labels };
     std::fs::create_dir_all(&a.out).map_err(|e| Error::io(&a.out, e))?;
     let manifest = |extra: serde_json::Value| {
         let fields = json!({
-            "judge": judge,
+            "judge": judge.describe(),
             "generations": a.generations.iter().zip(&conditions).map(|(p, c)| json!({"condition": c, "path": p.display().to_string()})).collect::<Vec<_>>(),
             "n": rows.len(),
             "timings_s": extra,
@@ -148,43 +136,89 @@ pub fn run(a: JudgeArgs) -> Result<()> {
         write_manifest(&a.out.join("manifest.json"), &command_manifest("judge", fields))
     };
     manifest(serde_json::Value::Null)?;
-
-    let path = a.out.join("judged.jsonl");
-    let mut file = std::io::BufWriter::new(std::fs::File::create(&path).map_err(|e| Error::io(&path, e))?);
     let bar = progress_bar(rows.len() as u64, "judge", "texts", a.quiet);
-    let n_labels = labels.len();
-    let mut judged = Vec::with_capacity(rows.len());
-    // A few forward batches at a time, each chunk's rows flushed when it completes.
-    let chunk = a.batch_size * 4;
-    for (start, batch) in prompts.chunks(chunk).enumerate().map(|(i, b)| (i * chunk, b)) {
-        let logits = label_logits(engine.as_ref(), batch, &labels, a.batch_size, &bar)?; // [batch, n_labels]
-        for (k, l) in logits.chunks_exact(n_labels).enumerate() {
-            let (condition, row) = &rows[start + k];
-            let target = targets[start + k];
-            if let Some(bad) = l.iter().find(|v| !v.is_finite()) {
-                return Err(Error::input(format!("{}: generation {}: the judge's label logit is {bad}", conditions[*condition], row.index)));
-            }
-            let pred = argmax(l);
-            let line = json!({"condition": conditions[*condition], "index": row.index, "direction": row.direction, "beta": row.beta, "target": target.map(|t| &labels.names[t]), "label_logits": l, "pred": labels.names[pred], "text": row.text});
-            writeln!(file, "{line}").map_err(|e| Error::io(&path, e))?;
-            judged.push(Judged { condition: *condition, row: row.clone(), target, pred });
-        }
-        file.flush().map_err(|e| Error::io(&path, e))?;
-    }
+    let judged = judge.judge(&conditions, &rows, &targets, a.batch_size, a.quiet, &bar, &a.out.join("judged.jsonl"))?;
     bar.finish_and_clear();
-    let summary = summarize(&conditions, &judged, n_labels);
+    let labels = &judge.labels;
+    let summary = summarize(&conditions, &judged, labels.len());
     patchbay::io::write_atomic(&a.out.join("summary.csv"), summary_csv(&summary, &labels.names).as_bytes())?;
-    let report = json!({"judge": judge, "summary": summary});
+    let report = json!({"judge": judge.describe(), "summary": summary});
     write_manifest(&a.out.join("judge.json"), &report)?;
     manifest(json!({"total": t0.elapsed().as_secs_f64()}))?;
     if !a.quiet {
-        for r in &summary {
-            let top = argmax(&r.shares.iter().map(|&s| s as f32).collect::<Vec<_>>());
-            let beta = r.beta.map_or(String::new(), |b| format!(" {} beta {b}", r.direction.as_deref().unwrap_or("")));
-            let acc = r.accuracy.map_or(String::new(), |acc| format!(", accuracy vs target {acc:.3} ({} rows)", r.n_target));
-            eprintln!("{}{beta}: {} texts, most judged {} ({:.0}%){acc}", r.condition, r.n, labels.names[top], 100.0 * r.shares[top]);
-        }
+        print_summary(&summary, &labels.names);
         eprintln!("wrote {}", a.out.display());
     }
     Ok(())
+}
+
+/// One line per summary row on stderr: the most judged label and the accuracy.
+pub fn print_summary(summary: &[SummaryRow], labels: &[String]) {
+    for r in summary {
+        let top = argmax(&r.shares.iter().map(|&s| s as f32).collect::<Vec<_>>());
+        let beta = r.beta.map_or(String::new(), |b| format!(" beta {b}"));
+        let direction = r.direction.as_deref().map_or(String::new(), |d| format!(" {d}"));
+        let acc = r.accuracy.map_or(String::new(), |acc| format!(", accuracy vs target {acc:.3} ({} rows)", r.n_target));
+        eprintln!("{}{direction}{beta}: {} texts, most judged {} ({:.0}%){acc}", r.condition, r.n, labels[top], 100.0 * r.shares[top]);
+    }
+}
+
+/// A judge: a model scoring the labels at the end of a judging prompt that embeds each text.
+pub struct Judge<'a> {
+    pub engine: &'a dyn Engine,
+    pub model: &'a Model,
+    pub tok: &'a PromptTokenizer,
+    pub template: Template,
+    pub labels: LabelSet,
+}
+
+impl Judge<'_> {
+    /// What judge.json and the manifests say about the judge.
+    pub fn describe(&self) -> serde_json::Value {
+        json!({
+            "method": "label scoring of a judging prompt",
+            "model": model_json(self.model),
+            "device": self.engine.device_name(),
+            "template": self.template,
+            "labels": self.labels,
+        })
+    }
+
+    /// Judges `rows` (each with its condition index into `conditions`, and its target label
+    /// index in `targets`), `batch_size` judging prompts per forward, writing judged.jsonl at
+    /// `path` (flushed every few batches). Empty texts are judged as the prompt without a text
+    /// (a warning says how many unless `quiet`); a non-finite label logit is an error.
+    #[allow(clippy::too_many_arguments)]
+    pub fn judge(&self, conditions: &[String], rows: &[(usize, GenerationRow)], targets: &[Option<usize>], batch_size: usize, quiet: bool, bar: &ProgressBar, path: &Path) -> Result<Vec<Judged>> {
+        if batch_size == 0 {
+            return Err(Error::input("--batch-size must be at least 1"));
+        }
+        let labels = &self.labels;
+        let prompts: Vec<Vec<u32>> = rows.iter().map(|(_, r)| self.template.encode(self.tok, &r.text)).collect::<Result<_>>()?;
+        let n_empty = rows.iter().filter(|(_, r)| r.text.trim().is_empty()).count();
+        if n_empty > 0 && !quiet {
+            eprintln!("warning: {n_empty} of {} generated texts are empty (judged as the prompt without a text; counted as n_empty)", rows.len());
+        }
+        let mut file = std::io::BufWriter::new(std::fs::File::create(path).map_err(|e| Error::io(path, e))?);
+        let n_labels = labels.len();
+        let mut judged = Vec::with_capacity(rows.len());
+        // A few forward batches at a time, each chunk's rows flushed when it completes.
+        let chunk = batch_size * 4;
+        for (start, batch) in prompts.chunks(chunk).enumerate().map(|(i, b)| (i * chunk, b)) {
+            let logits = label_logits(self.engine, batch, labels, batch_size, bar)?; // [batch, n_labels]
+            for (k, l) in logits.chunks_exact(n_labels).enumerate() {
+                let (condition, row) = &rows[start + k];
+                let target = targets[start + k];
+                if let Some(bad) = l.iter().find(|v| !v.is_finite()) {
+                    return Err(Error::input(format!("{}: generation {}: the judge's label logit is {bad}", conditions[*condition], row.index)));
+                }
+                let pred = argmax(l);
+                let line = json!({"condition": conditions[*condition], "index": row.index, "direction": row.direction, "beta": row.beta, "target": target.map(|t| &labels.names[t]), "label_logits": l, "pred": labels.names[pred], "text": row.text});
+                writeln!(file, "{line}").map_err(|e| Error::io(path, e))?;
+                judged.push(Judged { condition: *condition, row: row.clone(), target, pred });
+            }
+            file.flush().map_err(|e| Error::io(path, e))?;
+        }
+        Ok(judged)
+    }
 }

@@ -8,12 +8,22 @@ use std::time::Instant;
 use clap::{Args, ValueEnum};
 use serde_json::json;
 
+use super::generate::{Inputs, Interventions, SamplingArgs, describe_run, generate_passes, generation_fields, passes_of};
 use super::inputs::{InputArgs, LabelArgs, Prompts, manifest};
 use super::interventions::InterventionArgs;
-use super::{load_engine, progress_bar};
-use patchbay::experiments::steer::{SteerRow, random_controls, shares_chart, steer_labels, summarize, summary_csv};
+use super::judge::{Judge, print_summary};
+use super::{command_manifest, load_engine, merge, progress_bar};
+use patchbay::data::labels::{LabelSet, parse_list};
+use patchbay::data::sev::{self, DEFAULT_CONTEXT};
+use patchbay::data::template::{Template, TokenStats};
+use patchbay::experiments::dataset_files::dataset_json;
+use patchbay::experiments::judge::{GenerationRow, VALENCES, by_valence, default_valence, summarize as judge_summarize, summary_csv as judge_summary_csv};
+use patchbay::experiments::patch_files::write_manifest;
+use patchbay::experiments::steer::{GENERATION_CONDITIONS, SteerRow, expression_chart, expression_rows, random_controls, shares_chart, steer_labels, summarize, summary_csv};
 use patchbay::intervene::spec::resolve_all;
+use patchbay::io::plot::distinct;
 use patchbay::model::Model;
+use patchbay::model::tokenizer::PromptTokenizer;
 use patchbay::{Error, Result};
 
 const STEER_HELP: &str = "Examples:
@@ -24,6 +34,10 @@ const STEER_HELP: &str = "Examples:
       --vector v.safetensors --betas=1,2 --normalise --positions last:3 --out runs/ids
   patchbay steer --mode labels --model M --dataset D --template tak --project dirs.safetensors:joy+anger --betas 1 --out runs/po
   patchbay steer --mode labels --model M --dataset D --template tak --spec sweeps.json --out runs/spec
+  patchbay directions --method context-averaged --model M --dataset sev.jsonl --sites resid_post --out runs/sev_dirs
+  patchbay steer --mode generate --model M --sev sev.jsonl --limit 40 --template 'Context: {text} I feel' \
+      --vector runs/dirs/directions.safetensors:anger,joy,sadness,fear --layers 3,4 --positions last:4+generated \
+      --betas=4,8 --normalise --max-new-tokens 24 --labels anger,joy,sadness,fear,surprise,neutral --out runs/wang
 
 Every prompt is scored clean and under every condition (layer x beta, per direction): at the
 site of that layer, at --positions, x <- x + beta v (v / ||v|| with --normalise), or with
@@ -37,7 +51,21 @@ Steered runs resume from each prompt's clean run at the steered layer (all condi
 layer are segments of one batched forward); a condition that changes nothing (beta 0) is the
 clean run itself, its label logits those of clean.jsonl bit for bit.
 
-Outputs in --out:
+--mode generate (Wang et al.'s steered generation): each prompt generates clean once, then
+along each listed direction (`FILE:A,B,C`: one direction each) at each beta, each steered pass
+followed by its same-norm random control (unless --no-random-control), with the decoding flags of
+`patchbay generate` (--max-new-tokens, --temperature, --top-p, --stop, --batch-size; a prompt's
+draws depend only on --seed and its index). Prompts: --sev FILE (each scenario's --sev-variant,
+default neutral, as `{scenario}. {event}` through --template; --limit N scenarios), --dataset or
+--token-ids. Every text is then judged as `patchbay judge` does (--judge-template, default tak,
+on --judge-model or the steered model) over --labels (default: the directions' names; every
+direction must be a label: it is the target its passes are measured against). Expression
+accuracy = the share of texts judged as the target; the clean texts are every direction's
+baseline. Valences (for valence.csv) come from a built-in map of the studies' emotions
+(positive: joy, pride, relief, trust, ...; negative: anger, sadness, fear, disgust, guilt, shame,
+boredom, ...; neutral; surprise and unknown labels: other), overridden by --valence joy=positive,...
+
+Outputs in --out (labels mode):
   scores.jsonl  one object per (prompt, layer, direction, beta), appended as batches finish:
                 index, layer, site, direction (the vector's name; `random` for the control;
                 project-out:<subspace>, project-set:<vector>:<subspace> with --project),
@@ -46,12 +74,28 @@ Outputs in --out:
   summary.csv   layer, site, direction, beta, n, share:<label> (share of prompts predicted as
                 each label), mean_logit_change:<label> (mean steered - clean label logit)
   shares.png    predicted-label shares against beta, one panel per layer and direction
-  manifest.json model, device, command line, inputs, labels, specs, counts, timings, status";
+  manifest.json model, device, command line, inputs, labels, specs, counts, timings, status
 
-#[derive(Clone, Copy, Debug, ValueEnum)]
+Outputs in --out (generate mode):
+  generations.jsonl  `patchbay generate`'s rows, the clean pass first, then per direction and beta
+                     the steered pass and its control; `target` names the direction a row is
+                     steered along (or controls); null for clean rows
+  judged.jsonl       `patchbay judge`'s rows: condition (clean | steered | random), index,
+                     direction, beta, target, label_logits, pred, text
+  summary.csv        per condition, target (the `direction` column) and beta: n, n_empty,
+                     n_target, accuracy (share judged as the target), share:<label>; clean rows
+                     once per target
+  valence.csv        the same by the target's valence: accuracy = share judged with the target's
+                     valence, share:<valence>
+  accuracy.png       expression accuracy against beta per target: steered, random, clean
+  judge.json, manifest.json  the judge, the summaries; the command, model, passes, sampling";
+
+#[derive(Clone, Copy, Debug, PartialEq, ValueEnum)]
 pub enum Mode {
     /// Score a label set at the last token of each steered prompt.
     Labels,
+    /// Generate from each prompt clean, steered along each direction and along its random control; judge the emotion the texts express.
+    Generate,
 }
 
 #[derive(Args)]
@@ -72,9 +116,29 @@ pub struct SteerArgs {
     /// Skip the same-norm random-direction control.
     #[arg(long)]
     no_random_control: bool,
-    /// Token rows per forward pass (clean passes and steered segments).
+    /// Token rows per forward pass (clean passes and steered segments; labels mode).
     #[arg(long, default_value_t = 2048)]
     batch_rows: usize,
+    /// Generate mode: the prompts are the scenarios of this scenario/event JSONL file (SEV), each in --sev-variant, as `{scenario}. {event}` through --template.
+    #[arg(long, conflicts_with_all = ["dataset", "token_ids"])]
+    sev: Option<PathBuf>,
+    /// Generate mode: the variant of each --sev scenario prompted.
+    #[arg(long, default_value = "neutral", requires = "sev")]
+    sev_variant: String,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+    /// Generate mode: the judge model [default: the steered model, on the same engine].
+    #[arg(long)]
+    judge_model: Option<PathBuf>,
+    /// Generate mode: the judging prompt, a preset (tak, tak-list, tak-guess, plain) or a string with {text}.
+    #[arg(long, default_value = "tak")]
+    judge_template: String,
+    /// Generate mode: wrap each judging prompt in the judge's chat template.
+    #[arg(long)]
+    judge_chat: bool,
+    /// Generate mode: valences of labels, LABEL=positive|negative|neutral|other (comma-separated), over the built-in map.
+    #[arg(long)]
+    valence: Option<String>,
     /// Output directory.
     #[arg(long)]
     out: PathBuf,
@@ -110,7 +174,17 @@ impl Jsonl {
 }
 
 pub fn run(a: SteerArgs) -> Result<()> {
-    let Mode::Labels = a.mode;
+    match a.mode {
+        Mode::Labels => run_labels(a),
+        Mode::Generate => run_generate(a),
+    }
+}
+
+fn run_labels(a: SteerArgs) -> Result<()> {
+    let generation_only = [("--sev", a.sev.is_some()), ("--judge-model", a.judge_model.is_some()), ("--valence", a.valence.is_some()), ("--stop", !a.sampling.stop.is_empty()), ("--judge-chat", a.judge_chat)];
+    if let Some((flag, _)) = generation_only.iter().find(|f| f.1) {
+        return Err(Error::input(format!("{flag} is for --mode generate")));
+    }
     let t0 = Instant::now();
     let specs = a.interventions.specs()?;
     let p = Prompts::load(&a.inputs, &a.labels, a.quiet)?;
@@ -189,6 +263,149 @@ pub fn run(a: SteerArgs) -> Result<()> {
     patchbay::io::write_atomic(&a.out.join("manifest.json"), serde_json::to_string_pretty(&manifest).map_err(|e| Error::input(e.to_string()))?.as_bytes())?;
     if !a.quiet {
         eprintln!("{} prompts x {} conditions; wrote {}", prompts.len(), conditions.len(), a.out.join("scores.jsonl").display());
+    }
+    Ok(())
+}
+
+/// The prompts of generate mode: --token-ids verbatim, else the --sev scenarios or the --dataset
+/// texts through --template.
+fn generation_inputs(a: &SteerArgs, tok: &PromptTokenizer) -> Result<Inputs> {
+    if let Some(path) = &a.labels.token_ids {
+        return Inputs::token_ids(path, &a.inputs.model, a.inputs.template.chat);
+    }
+    let template = a.inputs.template.template()?;
+    match &a.sev {
+        Some(path) => {
+            let s = sev::load(path, DEFAULT_CONTEXT, Some(std::slice::from_ref(&a.sev_variant)), a.inputs.data.limit)?;
+            let source = json!({"sev": path.display().to_string(), "variant": a.sev_variant, "context": DEFAULT_CONTEXT, "scenarios": s.dataset.examples.len()});
+            Inputs::dataset(&s.dataset, &template, tok, a.quiet, source)
+        }
+        None => {
+            let ds = a.inputs.data.load(None)?.ok_or_else(|| Error::input("give the prompts: --sev FILE, --dataset FILE or --token-ids FILE"))?;
+            Inputs::dataset(&ds, &template, tok, a.quiet, json!({"dataset": dataset_json(&ds)}))
+        }
+    }
+}
+
+/// Each label's valence (an index into `VALENCES`): the built-in map, overridden by --valence.
+fn valences(labels: &LabelSet, overrides: Option<&str>) -> Result<Vec<usize>> {
+    let mut v: Vec<usize> = labels.names.iter().map(|n| default_valence(n)).collect();
+    for item in overrides.map(|o| parse_list(o, "valence")).transpose()?.unwrap_or_default() {
+        let bad = || Error::input(format!("--valence: `{item}`: expected LABEL=VALENCE with VALENCE one of {}", VALENCES.join(", ")));
+        let (label, valence) = item.split_once('=').ok_or_else(bad)?;
+        let g = VALENCES.iter().position(|x| *x == valence.trim()).ok_or_else(bad)?;
+        let l = labels.index_of(label.trim()).ok_or_else(|| Error::input(format!("--valence: `{label}` is not one of the labels ({})", labels.names.join(", "))))?;
+        v[l] = g;
+    }
+    Ok(v)
+}
+
+fn run_generate(a: SteerArgs) -> Result<()> {
+    let t0 = Instant::now();
+    let specs = a.interventions.specs()?;
+    let model = Model::load(&a.inputs.model)?;
+    let conditions = resolve_all(&specs, &model.cfg, true)?;
+    // The clean pass first: every direction's baseline.
+    let mut passes = vec![Interventions::none()];
+    passes.extend(passes_of(&conditions, (!a.no_random_control).then_some(a.seed))?);
+    // The texts are judged: the tokenizer is needed to decode them.
+    let tok = PromptTokenizer::load(&a.inputs.model)?;
+    let inputs = generation_inputs(&a, &tok)?;
+    let n = inputs.ids.len();
+
+    // The judge: another model, or the steered one on its engine.
+    let judge_model = a.judge_model.as_deref().map(Model::load).transpose()?;
+    let judge_tok = a.judge_model.as_deref().map(PromptTokenizer::load).transpose()?;
+    let judge_tok = judge_tok.as_ref().unwrap_or(&tok);
+    let directions = distinct(conditions.iter().map(|c| c.direction.clone()));
+    let labels = match (&a.labels.label_token_ids, &a.labels.labels) {
+        (Some(spec), _) => LabelSet::parse_ids(spec, Some(judge_tok))?,
+        (None, Some(names)) => LabelSet::resolve(&parse_list(names, "label")?, judge_tok)?,
+        (None, None) => LabelSet::resolve(&directions, judge_tok)?,
+    };
+    let judge_of = judge_model.as_ref().unwrap_or(&model);
+    labels.check_vocab(judge_of.cfg.vocab_size)?;
+    let targets: Vec<usize> = directions
+        .iter()
+        .map(|d| labels.index_of(d).ok_or_else(|| Error::input(format!("direction `{d}` is not one of the judge's labels ({}): steer along label-named directions (--vector FILE:anger,joy) and give --labels with them", labels.names.join(", ")))))
+        .collect::<Result<_>>()?;
+    let valence = valences(&labels, a.valence.as_deref())?;
+    let mut judge_template = Template::parse(&a.judge_template)?;
+    judge_template.chat = a.judge_chat;
+    let spec = a.sampling.spec(&model, a.seed);
+    let engine = load_engine(&model, a.inputs.device)?;
+    let judge_engine = judge_model.as_ref().map(|m| load_engine(m, a.inputs.device)).transpose()?;
+    let judge = Judge { engine: judge_engine.as_deref().unwrap_or(engine.as_ref()), model: judge_of, tok: judge_tok, template: judge_template, labels };
+    let stats = TokenStats::of(&inputs.ids);
+    if !a.quiet {
+        eprintln!("{}; {} passes (clean, {} directions x betas{})", stats.describe(), passes.len(), directions.len(), if a.no_random_control { "" } else { ", each with its random control" });
+    }
+
+    std::fs::create_dir_all(&a.out).map_err(|e| Error::io(&a.out, e))?;
+    let manifest = |timings: serde_json::Value| -> Result<()> {
+        let mut fields = generation_fields(&model, &engine.device_name(), &inputs, a.inputs.template.chat, &stats, &spec);
+        merge(
+            &mut fields,
+            json!({
+                "mode": "generate",
+                "interventions": specs,
+                "passes": passes.iter().map(|p| json!({"direction": p.direction, "beta": p.beta, "interventions": p.description})).collect::<Vec<_>>(),
+                "random_control": (!a.no_random_control).then_some(json!({"seed": a.seed})),
+                "judge": judge.describe(),
+                "valence": judge.labels.names.iter().zip(&valence).map(|(l, &v)| (l.clone(), VALENCES[v])).collect::<std::collections::BTreeMap<_, _>>(),
+                "timings_s": timings,
+            }),
+        );
+        write_manifest(&a.out.join("manifest.json"), &command_manifest("steer", fields))
+    };
+    manifest(serde_json::Value::Null)?;
+
+    let bar = progress_bar(0, "generate", "tokens", a.quiet);
+    let t_gen = Instant::now();
+    let gens = generate_passes(engine.as_ref(), &inputs, &spec, &passes, Some(&tok), true, &bar, &a.out.join("generations.jsonl"))?;
+    bar.finish_and_clear();
+    let gen_s = t_gen.elapsed().as_secs_f64();
+    if !a.quiet {
+        eprintln!("{}", describe_run(&gens, gen_s));
+    }
+
+    // Judged rows: (condition, row) with the target of steered and control rows.
+    let conditions_names: Vec<String> = GENERATION_CONDITIONS.iter().map(|c| c.to_string()).collect();
+    let mut rows: Vec<(usize, GenerationRow)> = Vec::with_capacity(gens.len());
+    let mut row_targets: Vec<Option<usize>> = Vec::with_capacity(gens.len());
+    for (p, pass) in passes.iter().enumerate() {
+        let condition = match (&pass.steered, &pass.direction) {
+            (None, _) => 0,
+            (Some(s), Some(d)) if s == d => 1,
+            _ => 2,
+        };
+        let target = pass.steered.as_ref().map(|s| targets[directions.iter().position(|d| d == s).expect("a pass steers one of the directions")]);
+        for (i, g) in gens[p * n..(p + 1) * n].iter().enumerate() {
+            // The beta as generations.jsonl writes it (shortest f32 text), so both files agree.
+            let beta = pass.beta.map(|b| b.to_string().parse::<f64>().expect("an f32 prints as a number"));
+            rows.push((condition, GenerationRow { index: i, text: g.text.clone().unwrap_or_default(), beta, direction: pass.direction.clone(), target: pass.steered.clone() }));
+            row_targets.push(target);
+        }
+    }
+    let bar = progress_bar(rows.len() as u64, "judge", "texts", a.quiet);
+    let t_judge = Instant::now();
+    let judged = judge.judge(&conditions_names, &rows, &row_targets, a.sampling.batch_size, a.quiet, &bar, &a.out.join("judged.jsonl"))?;
+    bar.finish_and_clear();
+    let judge_s = t_judge.elapsed().as_secs_f64();
+
+    let names = &judge.labels.names;
+    let expression = expression_rows(&judged, &targets, names);
+    let summary = judge_summarize(&conditions_names, &expression, names.len());
+    patchbay::io::write_atomic(&a.out.join("summary.csv"), judge_summary_csv(&summary, names).as_bytes())?;
+    let by_valence = by_valence(&conditions_names, &expression, &valence);
+    let valence_names: Vec<String> = VALENCES.iter().map(|v| v.to_string()).collect();
+    patchbay::io::write_atomic(&a.out.join("valence.csv"), judge_summary_csv(&by_valence, &valence_names).as_bytes())?;
+    patchbay::io::plot::line_panels(&a.out.join("accuracy.png"), &expression_chart(&summary))?;
+    write_manifest(&a.out.join("judge.json"), &json!({"judge": judge.describe(), "summary": summary, "valence": by_valence}))?;
+    manifest(json!({"generate": gen_s, "judge": judge_s, "total": t0.elapsed().as_secs_f64()}))?;
+    if !a.quiet {
+        print_summary(&summary, names);
+        eprintln!("wrote {}", a.out.display());
     }
     Ok(())
 }

@@ -114,6 +114,36 @@ pub fn summary_csv(rows: &[SummaryRow], labels: &[String]) -> String {
     s
 }
 
+/// The valence groups of [`by_valence`], in its column order.
+pub const VALENCES: [&str; 4] = ["positive", "negative", "neutral", "other"];
+
+/// The valence of an emotion label of the studies' sets (Tak et al.'s crowd-enVENT emotions,
+/// Wang et al.'s six, a few common synonyms): an index into [`VALENCES`]. Surprise, whose
+/// valence depends on the event, and any unknown label are `other`.
+pub fn default_valence(label: &str) -> usize {
+    const POSITIVE: &[&str] = &["joy", "happiness", "happy", "pride", "relief", "trust", "love", "gratitude", "contentment", "amusement", "excitement", "hope"];
+    const NEGATIVE: &[&str] = &["anger", "angry", "sadness", "sad", "fear", "disgust", "guilt", "shame", "boredom", "anxiety", "frustration", "grief"];
+    const NEUTRAL: &[&str] = &["neutral", "no-emotion", "none", "calm"];
+    let l = label.trim().to_lowercase();
+    [POSITIVE, NEGATIVE, NEUTRAL].iter().position(|set| set.contains(&l.as_str())).unwrap_or(3)
+}
+
+/// The summary by valence: each row's target and judged label mapped to their valences
+/// (`valence[label]`, an index into [`VALENCES`]); per (condition, target valence, beta), in
+/// the `direction` column, the share of each judged valence and, as accuracy, the share judged
+/// with the target's valence. Rows without a target are left out.
+pub fn by_valence(conditions: &[String], judged: &[Judged], valence: &[usize]) -> Vec<SummaryRow> {
+    let mapped: Vec<Judged> = judged
+        .iter()
+        .filter_map(|j| {
+            let t = valence[j.target?];
+            let row = GenerationRow { direction: Some(VALENCES[t].to_string()), ..j.row.clone() };
+            Some(Judged { condition: j.condition, row, target: Some(t), pred: valence[j.pred] })
+        })
+        .collect();
+    summarize(conditions, &mapped, VALENCES.len())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -145,6 +175,20 @@ mod tests {
         let csv = summary_csv(&s, &["joy".into(), "anger".into()]);
         assert_eq!(csv.lines().next().unwrap(), "condition,direction,beta,n,n_empty,n_target,accuracy,share:joy,share:anger");
         assert_eq!(csv.lines().nth(2).unwrap(), "steered,x,4,3,0,3,0.6667,0.6667,0.3333");
+    }
+
+    #[test]
+    fn valence_groups_targets_and_judged_labels() {
+        assert_eq!(["Joy", "anger", "neutral", "surprise", "x"].map(default_valence), [0, 1, 2, 3, 3]);
+        // labels: joy (positive), pride (positive), anger (negative), neutral.
+        let valence = [0, 0, 1, 2];
+        let j = |condition, target, pred| Judged { condition, row: row(Some(1.0), Some("d"), "t"), target, pred };
+        let judged = vec![j(0, Some(0), 1), j(0, Some(0), 2), j(0, Some(1), 3), j(0, Some(2), 2), j(0, None, 0)];
+        let s = by_valence(&["steered".into()], &judged, &valence);
+        assert_eq!(s.len(), 2, "positive and negative targets; the row without one is left out");
+        assert_eq!((s[0].direction.as_deref(), s[0].n, s[0].accuracy), (Some("positive"), 3, Some(1.0 / 3.0)), "joy judged pride counts as positive");
+        assert_eq!(s[0].shares, [1.0 / 3.0, 1.0 / 3.0, 1.0 / 3.0, 0.0]);
+        assert_eq!((s[1].direction.as_deref(), s[1].n, s[1].accuracy), (Some("negative"), 1, Some(1.0)));
     }
 
     #[test]

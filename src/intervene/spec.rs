@@ -7,7 +7,8 @@
 //! - `vector`: `FILE.safetensors[:NAME]`; NAME may be `A+B` (the sum of the named vectors). A
 //!   name is an exact tensor name, else, at each layer, `<site at that layer>/<NAME>` (the
 //!   `patchbay directions` contract), so one name takes each layer's own direction. Without
-//!   NAME the file must hold one tensor.
+//!   NAME the file must hold one tensor. `FILE:A,B` lists several directions, each steered on
+//!   its own (the same as one spec per name; see [`InterventionSpec::directions`]).
 //! - `project`: the subspace, the same syntax (a `[k, width]` tensor, or `A+B` stacks vectors);
 //!   the op is then x <- x + v - beta P x (`Op::ProjectSet`, P the projector onto the span, v the
 //!   vector or 0): project-out without a vector, project-set with one.
@@ -200,6 +201,17 @@ impl Condition {
 }
 
 impl InterventionSpec {
+    /// The spec once per direction its vector lists (`FILE:A,B+C` gives `FILE:A` and
+    /// `FILE:B+C`, in order); a spec without a list is itself.
+    pub fn directions(&self) -> Vec<InterventionSpec> {
+        let Some((file, names)) = self.vector.as_deref().and_then(|v| v.rsplit_once(".safetensors:")) else { return vec![self.clone()] };
+        let list: Vec<&str> = names.split(',').map(str::trim).filter(|n| !n.is_empty()).collect();
+        if list.len() < 2 {
+            return vec![self.clone()];
+        }
+        list.into_iter().map(|n| InterventionSpec { vector: Some(format!("{file}.safetensors:{n}")), ..self.clone() }).collect()
+    }
+
     /// The conditions, layer-major then beta in the order given. `generation`: whether the
     /// command generates (else `generated` positions are an error).
     pub fn resolve(&self, cfg: &ModelConfig, generation: bool) -> Result<Vec<Condition>> {
@@ -299,10 +311,11 @@ pub fn read_specs(path: &Path) -> Result<Vec<InterventionSpec>> {
         .collect()
 }
 
-/// The conditions of several specs, in spec order (see [`InterventionSpec::resolve`]).
+/// The conditions of several specs, in spec order, each spec's directions in the order listed
+/// (see [`InterventionSpec::directions`] and [`InterventionSpec::resolve`]).
 pub fn resolve_all(specs: &[InterventionSpec], cfg: &ModelConfig, generation: bool) -> Result<Vec<Condition>> {
     let mut out = Vec::new();
-    for s in specs {
+    for s in specs.iter().flat_map(InterventionSpec::directions) {
         out.extend(s.resolve(cfg, generation)?);
     }
     Ok(out)
@@ -338,6 +351,17 @@ mod tests {
         assert_eq!(parse_source("d/dirs.safetensors:joy+anger"), (PathBuf::from("d/dirs.safetensors"), vec!["joy".to_string(), "anger".to_string()]));
         assert_eq!(parse_source("dirs.safetensors:blocks.1.hook_resid_post/joy"), (PathBuf::from("dirs.safetensors"), vec!["blocks.1.hook_resid_post/joy".to_string()]));
         assert_eq!(parse_source("dirs.safetensors"), (PathBuf::from("dirs.safetensors"), vec![]));
+    }
+
+    #[test]
+    fn direction_lists() {
+        let spec = |v: &str| InterventionSpec { vector: Some(v.into()), project: None, site: default_site(), layers: None, positions: default_positions(), betas: vec![1.0], normalise: false };
+        let vectors = |v: &str| spec(v).directions().into_iter().map(|s| s.vector.unwrap()).collect::<Vec<_>>();
+        assert_eq!(vectors("d/x.safetensors:anger, joy+fear,"), ["d/x.safetensors:anger", "d/x.safetensors:joy+fear"]);
+        assert_eq!(vectors("d/x.safetensors:anger"), ["d/x.safetensors:anger"]);
+        assert_eq!(vectors("d/x.safetensors"), ["d/x.safetensors"]);
+        let two = spec("x.safetensors:a,b").directions();
+        assert_eq!((two[1].betas.clone(), two[1].site.clone()), (vec![1.0], default_site()), "the other fields are kept");
     }
 
     #[test]

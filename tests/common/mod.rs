@@ -218,3 +218,20 @@ pub fn run_patch_sweep(
     assert_eq!(out.len(), exps.len());
     out
 }
+
+/// Runs the patchbay binary: (exit code, stderr).
+pub fn patchbay_cli(args: &[&str]) -> (i32, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_patchbay")).args(args).output().expect("cannot run the patchbay binary");
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// Runs the patchbay binary and asserts it succeeds.
+pub fn patchbay_ok(args: &[&str]) {
+    let (code, err) = patchbay_cli(args);
+    assert_eq!(code, 0, "{args:?}: {err}");
+}
+
+/// The objects of a JSONL file.
+pub fn read_jsonl(p: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(p).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
