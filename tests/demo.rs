@@ -8,13 +8,12 @@ use std::process::Command;
 
 use patchbay::data::labels::LabelSet;
 use patchbay::data::template::Template;
-use patchbay::engine::{Engine, RunRequest};
-use patchbay::experiments::demo::{DirectionKind, SteerTarget, contrast_pairs, random_like, steer_sweep};
-use patchbay::intervene::{Intervention, Op, norm};
+use patchbay::experiments::demo::contrast_pairs;
+use patchbay::experiments::steer::random_like;
+use patchbay::intervene::norm;
 use patchbay::learn::directions::{Versus, class_mean_directions};
 use patchbay::model::Model;
 use patchbay::model::tokenizer::PromptTokenizer;
-use patchbay::sites::{Positions, Site, SiteKind};
 use serde_json::Value;
 
 fn demo_dir(name: &str) -> PathBuf {
@@ -112,6 +111,28 @@ fn quick_demo_writes_a_sane_report_and_its_commands_reproduce_it() {
     }
     reproduce(s["patch"]["command"].as_str().unwrap(), &again.join("patch"));
     assert_eq!(std::fs::read(again.join("patch/summary.csv")).unwrap(), std::fs::read(out.join("patch/summary.csv")).unwrap());
+
+    // Steering: `patchbay steer` with the report's command reads the demo's directions file and
+    // gives its rows; steering.csv is those rows read toward each direction's emotion.
+    assert!(is_png(&out.join("steer/shares.png")));
+    reproduce(s["steer"]["command"].as_str().unwrap(), &again.join("steer"));
+    let (ours, theirs) = (jsonl(&out.join("steer/scores.jsonl")), jsonl(&again.join("steer/scores.jsonl")));
+    assert_eq!(ours.len(), 60 * 13 * 3 * 2);
+    assert_eq!(ours.len(), theirs.len());
+    for (a, b) in ours.iter().zip(&theirs) {
+        for field in ["index", "layer", "direction", "beta", "pred", "clean_pred", "gold"] {
+            assert_eq!(a[field], b[field], "{field}: {a} vs {b}");
+        }
+    }
+    assert_eq!(std::fs::read(again.join("steer/summary.csv")).unwrap(), std::fs::read(out.join("steer/summary.csv")).unwrap());
+    for row in csv_rows(&out.join("steer/steering.csv")) {
+        let (emotion, kind, strength) = (&row[0], &row[1], row[2].parse::<f64>().unwrap());
+        let direction = if kind == "random" { format!("random:{emotion}") } else { emotion.clone() };
+        let rows: Vec<&Value> = ours.iter().filter(|r| r["direction"] == direction.as_str() && r["beta"].as_f64() == Some(strength) && r["gold"] != emotion.as_str()).collect();
+        assert_eq!(row[3], rows.len().to_string(), "{row:?}");
+        let hits = rows.iter().filter(|r| r["pred"] == emotion.as_str()).count();
+        assert!((row[5].parse::<f64>().unwrap() - hits as f64 / rows.len() as f64).abs() < 1e-6, "{row:?}");
+    }
 }
 
 #[test]
@@ -190,57 +211,4 @@ fn class_mean_directions_match_a_direct_computation() {
     }
     let r = random_like(dirs[0].as_ref().unwrap(), 9);
     assert!((norm(&r) - norm(dirs[0].as_ref().unwrap())).abs() < 1e-4);
-}
-
-#[test]
-fn steering_sweep_matches_one_prompt_at_a_time() {
-    let model = Model::load(&demo_dir("model")).unwrap();
-    let tok = PromptTokenizer::load(&demo_dir("model")).unwrap();
-    let tak = Template::parse("tak").unwrap();
-    let texts = ["I lost my wallet and never found it again.", "My brother broke my camera on purpose.", "I cleaned the kitchen.", "I let my aunt drive my car."];
-    let prompts: Vec<Vec<u32>> = texts.iter().map(|t| tak.encode(&tok, t).unwrap()).collect();
-    let names: Vec<String> = ["anger", "joy", "neutral"].iter().map(|s| s.to_string()).collect();
-    let labels = LabelSet::resolve(&names, &tok).unwrap();
-    let d = model.cfg.d_model;
-    let site = Site::new(3, SiteKind::ResidPost);
-    let targets: Vec<SteerTarget> = (0..3)
-        .map(|c| SteerTarget { label: c, direction: lcg(10 + c as u64, d).iter().map(|&v| (v % 200) as f32 / 100.0 - 1.0).collect(), prompts: (0..4).filter(|&p| p != c).collect() })
-        .collect();
-    let strengths = [0.0, 1.5, 6.0];
-    let bar = indicatif::ProgressBar::hidden();
-    let rows = steer_sweep(&model, &prompts, site, &targets, &strengths, &names, &labels.token_ids, 5, 5, &bar).unwrap();
-    assert_eq!(rows.len(), strengths.len() * 2 * targets.len());
-    // Batching does not change anything.
-    assert_eq!(rows, steer_sweep(&model, &prompts, site, &targets, &strengths, &names, &labels.token_ids, 5, 1, &bar).unwrap());
-    // Each row against one forward per prompt with one Add intervention.
-    let last = Positions::List(vec![-1]);
-    for r in &rows {
-        let t = &targets[names.iter().position(|n| *n == r.label).unwrap()];
-        let v = match r.direction {
-            DirectionKind::ClassMean => t.direction.clone(),
-            DirectionKind::Random => random_like(&t.direction, 5 ^ (t.label as u64 + 1)),
-        };
-        let (mut prob, mut hits) = (0.0f64, 0usize);
-        for &p in &t.prompts {
-            let iv = [Intervention { site, prompts: None, positions: Positions::All, units: None, op: Op::Add { beta: r.strength, v: v.clone(), normalize: false } }];
-            let out = model.run_prompts(&prompts[p..p + 1], &RunRequest { interventions: &iv, logits_at: Some(&last), logit_tokens: Some(&labels.token_ids), ..Default::default() }).unwrap();
-            let m = out.logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-            let z: f64 = out.logits.iter().map(|&l| ((l - m) as f64).exp()).sum();
-            prob += ((out.logits[t.label] - m) as f64).exp() / z;
-            hits += usize::from(out.logits.iter().all(|&l| l <= out.logits[t.label]));
-        }
-        let n = t.prompts.len() as f64;
-        assert!((r.mean_prob - prob / n).abs() < 1e-5, "{r:?}: {}", prob / n);
-        assert_eq!(r.hit_rate, hits as f64 / n, "{r:?}");
-    }
-    // Strength 0 is the clean model.
-    let clean = model.run_prompts(&prompts, &RunRequest { logits_at: Some(&last), logit_tokens: Some(&labels.token_ids), ..Default::default() }).unwrap();
-    let r0 = &rows[0];
-    assert_eq!((r0.strength, r0.direction), (0.0, DirectionKind::ClassMean));
-    let p0: f64 = targets[0].prompts.iter().map(|&p| {
-        let l = &clean.logits[p * 3..p * 3 + 3];
-        let m = l.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-        ((l[0] - m) as f64).exp() / l.iter().map(|&x| ((x - m) as f64).exp()).sum::<f64>()
-    }).sum::<f64>() / 3.0;
-    assert!((r0.mean_prob - p0).abs() < 1e-5);
 }

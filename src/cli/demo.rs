@@ -35,11 +35,14 @@ each rendered with the `tak` template of Tak et al. 2025:
   3. patch: activation patching between correctly predicted prompts of different emotions,
      attn_out / mlp_out / resid_post over windows of layers at the last token (OUT/patch/:
      pairs.jsonl, experiments.jsonl, summary.csv, heatmap.png);
-  4. steer: each emotion's class-mean direction in the middle layer's residual stream, added at
-     every position of held-out prompts of other emotions, at several strengths, against a random
-     direction of the same norm (OUT/steer/: steering.csv, directions.safetensors).
+  4. steer: each emotion's class-mean direction in the middle layer's residual stream (on the
+     probes' training rows, in the file format of `patchbay directions`), added at every position
+     of the first prompts at several strengths, against a random direction of the same norm, by
+     the sweep of `patchbay steer --mode labels` (OUT/steer/: directions.safetensors,
+     scores.jsonl, clean.jsonl, summary.csv, shares.png, steering.csv).
 OUT/report.md describes the model and every result with its plot, the timings, and the commands
-(`patchbay score`, `probe`, `patch`) that reproduce each part; OUT/summary.json has the numbers.
+(`patchbay score`, `probe`, `patch`, `steer`) that reproduce each part; OUT/summary.json has the
+numbers.
 
 The bundled files (demo/ in the source tree): demo/model, a small Llama trained from scratch by
 scripts/demo/train.py on demo/corpus.csv, a synthetic emotion corpus written by

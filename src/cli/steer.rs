@@ -1,7 +1,5 @@
 //! `patchbay steer --mode labels`: steering sweeps read through a label set.
 
-use std::fs::File;
-use std::io::{BufWriter, Write};
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -19,7 +17,7 @@ use patchbay::data::template::{Template, TokenStats};
 use patchbay::experiments::dataset_files::dataset_json;
 use patchbay::experiments::judge::{GenerationRow, VALENCES, by_valence, default_valence, summarize as judge_summarize, summary_csv as judge_summary_csv};
 use patchbay::experiments::patch_files::write_manifest;
-use patchbay::experiments::steer::{GENERATION_CONDITIONS, SteerRow, expression_chart, expression_rows, random_controls, shares_chart, steer_labels, summarize, summary_csv};
+use patchbay::experiments::steer::{GENERATION_CONDITIONS, expression_chart, expression_rows, label_sweep, random_controls};
 use patchbay::intervene::spec::resolve_all;
 use patchbay::io::plot::distinct;
 use patchbay::model::Model;
@@ -147,32 +145,6 @@ pub struct SteerArgs {
     quiet: bool,
 }
 
-/// A JSONL file created on its first line (so a run that fails before any result writes
-/// nothing), flushed after every batch.
-struct Jsonl {
-    path: PathBuf,
-    w: Option<BufWriter<File>>,
-}
-
-impl Jsonl {
-    fn new(path: PathBuf) -> Jsonl {
-        Jsonl { path, w: None }
-    }
-    fn write(&mut self, lines: &[serde_json::Value]) -> Result<()> {
-        if self.w.is_none() {
-            if let Some(dir) = self.path.parent() {
-                std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-            }
-            self.w = Some(BufWriter::new(File::create(&self.path).map_err(|e| Error::io(&self.path, e))?));
-        }
-        let w = self.w.as_mut().expect("opened above");
-        for l in lines {
-            writeln!(w, "{l}").map_err(|e| Error::io(&self.path, e))?;
-        }
-        w.flush().map_err(|e| Error::io(&self.path, e))
-    }
-}
-
 pub fn run(a: SteerArgs) -> Result<()> {
     match a.mode {
         Mode::Labels => run_labels(a),
@@ -197,63 +169,18 @@ fn run_labels(a: SteerArgs) -> Result<()> {
     }
     let engine = load_engine(&model, a.inputs.device)?;
     let Prompts { ids: prompts, dataset: ds, template, labels } = p;
-    let k = labels.len();
-    let names = &labels.names;
-    let with_gold = |mut o: serde_json::Value, i: usize| {
-        if let Some(g) = gold[i] {
-            o["gold"] = json!(names[g]);
-        }
-        o
-    };
-
-    let mut scores = Jsonl::new(a.out.join("scores.jsonl"));
-    let mut clean_file = Jsonl::new(a.out.join("clean.jsonl"));
-    let mut clean = vec![0.0f32; prompts.len() * k]; // [n_prompts, n_labels]
-    let mut rows: Vec<SteerRow> = Vec::new();
     let bar = progress_bar((prompts.len() * conditions.len()) as u64, "steer", "runs", a.quiet);
     let t_run = Instant::now();
-    steer_labels(
-        engine.as_ref(),
-        &prompts,
-        &labels.token_ids,
-        &conditions,
-        a.batch_rows,
-        &bar,
-        &mut |i, logits| {
-            clean[i * k..(i + 1) * k].copy_from_slice(logits);
-            clean_file.write(&[with_gold(json!({"index": i, "label_logits": logits, "pred": names[patchbay::logits::argmax(logits)]}), i)])
-        },
-        &mut |batch| {
-            let lines: Vec<serde_json::Value> = batch
-                .iter()
-                .map(|r| {
-                    let c = &conditions[r.condition];
-                    with_gold(
-                        json!({"index": r.index, "layer": c.site.layer, "site": c.site.kind.short_name(), "direction": c.direction, "beta": c.beta,
-                               "label_logits": r.label_logits, "pred": names[r.pred], "clean_pred": names[r.clean_pred]}),
-                        r.index,
-                    )
-                })
-                .collect();
-            rows.extend_from_slice(batch);
-            scores.write(&lines)
-        },
-    )?;
+    let sweep = label_sweep(engine.as_ref(), &prompts, &labels, &gold, &conditions, a.batch_rows, &bar, &a.out)?;
     bar.finish_and_clear();
     let run_s = t_run.elapsed().as_secs_f64();
-
-    let summary = summarize(&conditions, &rows, &clean, k);
-    patchbay::io::write_atomic(&a.out.join("summary.csv"), summary_csv(&summary, names).as_bytes())?;
-    if !summary.is_empty() {
-        patchbay::io::plot::line_panels(&a.out.join("shares.png"), &shares_chart(&summary, names))?;
-    }
     let extra = json!({
         "mode": "labels",
         "interventions": specs,
         "random_control": (!a.no_random_control).then_some(json!({"seed": a.seed})),
         "n_prompts": prompts.len(),
         "n_conditions": conditions.len(),
-        "n_rows": rows.len(),
+        "n_rows": sweep.rows.len(),
         "batch_rows": a.batch_rows,
         "timings_s": {"steer": run_s, "total": t0.elapsed().as_secs_f64()},
         "peak_rss_bytes": patchbay::io::tensorfile::peak_rss_bytes(),

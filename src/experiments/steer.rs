@@ -7,18 +7,22 @@
 //! Also the bridge from the grammar to generation ([`step_intervention`]) and the same-norm
 //! random control ([`random_controls`]).
 
+use std::path::Path;
+
 use indicatif::ProgressBar;
+use serde_json::json;
 
 use crate::engine::{Engine, RunRequest, Segment};
-use crate::experiments::demo::random_like;
 use crate::experiments::generate::StepIntervention;
 use crate::experiments::judge::{GenerationRow, Judged, SummaryRow as JudgeSummary};
 use crate::experiments::patch::chunk_by_rows;
-use crate::intervene::Op;
+use crate::data::labels::LabelSet;
+use crate::intervene::{Op, norm};
 use crate::intervene::spec::{Condition, by_layer};
 use crate::io::plot::{LinePanels, Point, distinct};
 use crate::logits::argmax;
-use crate::rng::splitmix64;
+use crate::io::JsonlFile;
+use crate::rng::{gaussian, splitmix64};
 use crate::sites::Positions;
 use crate::{Error, Result};
 
@@ -26,6 +30,13 @@ use crate::{Error, Result};
 /// prompt positions and/or the generated tokens.
 pub fn step_intervention(c: &Condition) -> StepIntervention {
     StepIntervention { site: c.site, units: None, op: c.op.clone(), scope: c.positions.clone() }
+}
+
+/// A Gaussian random vector with the norm of `v` (seeded).
+pub fn random_like(v: &[f32], seed: u64) -> Vec<f32> {
+    let r: Vec<f32> = (0..v.len()).map(|i| gaussian(seed, 0, i as u64)).collect();
+    let scale = norm(v) / norm(&r).max(f32::MIN_POSITIVE);
+    r.into_iter().map(|x| x * scale).collect()
 }
 
 /// The direction name of the random control of `direction`: `random`, or `random:<direction>`
@@ -166,6 +177,67 @@ pub fn steer_labels(
         }
     }
     Ok(())
+}
+
+/// A label sweep's results: the clean label logits `[n_prompts, n_labels]`, every steered row,
+/// the summary per condition.
+pub struct LabelSweep {
+    pub clean: Vec<f32>,
+    pub rows: Vec<SteerRow>,
+    pub summary: Vec<SummaryRow>,
+}
+
+/// [`steer_labels`] with its files written in `out` (the contract of `patchbay steer --mode
+/// labels`): scores.jsonl (a line per prompt and condition) and clean.jsonl, appended as
+/// batches finish; then summary.csv and shares.png. `gold`: each prompt's gold label, written
+/// when known.
+#[allow(clippy::too_many_arguments)]
+pub fn label_sweep(engine: &dyn Engine, prompts: &[Vec<u32>], labels: &LabelSet, gold: &[Option<usize>], conditions: &[Condition], batch_rows: usize, progress: &ProgressBar, out: &Path) -> Result<LabelSweep> {
+    let k = labels.len();
+    let names = &labels.names;
+    let with_gold = |mut o: serde_json::Value, i: usize| {
+        if let Some(g) = gold[i] {
+            o["gold"] = json!(names[g]);
+        }
+        o
+    };
+    let mut scores = JsonlFile::new(out.join("scores.jsonl"));
+    let mut clean_file = JsonlFile::new(out.join("clean.jsonl"));
+    let mut clean = vec![0.0f32; prompts.len() * k]; // [n_prompts, n_labels]
+    let mut rows: Vec<SteerRow> = Vec::new();
+    steer_labels(
+        engine,
+        prompts,
+        &labels.token_ids,
+        conditions,
+        batch_rows,
+        progress,
+        &mut |i, logits| {
+            clean[i * k..(i + 1) * k].copy_from_slice(logits);
+            clean_file.write(&[with_gold(json!({"index": i, "label_logits": logits, "pred": names[argmax(logits)]}), i)])
+        },
+        &mut |batch| {
+            let lines: Vec<serde_json::Value> = batch
+                .iter()
+                .map(|r| {
+                    let c = &conditions[r.condition];
+                    with_gold(
+                        json!({"index": r.index, "layer": c.site.layer, "site": c.site.kind.short_name(), "direction": c.direction, "beta": c.beta,
+                               "label_logits": r.label_logits, "pred": names[r.pred], "clean_pred": names[r.clean_pred]}),
+                        r.index,
+                    )
+                })
+                .collect();
+            rows.extend_from_slice(batch);
+            scores.write(&lines)
+        },
+    )?;
+    let summary = summarize(conditions, &rows, &clean, k);
+    crate::io::write_atomic(&out.join("summary.csv"), summary_csv(&summary, names).as_bytes())?;
+    if !summary.is_empty() {
+        crate::io::plot::line_panels(&out.join("shares.png"), &shares_chart(&summary, names))?;
+    }
+    Ok(LabelSweep { clean, rows, summary })
 }
 
 /// One line of the summary: a condition over all prompts.

@@ -11,6 +11,34 @@ use std::path::{Path, PathBuf};
 use self::tensorfile::TensorData;
 use crate::{Error, Result};
 
+/// A JSONL results file appended as work completes: created on its first line (so a run that
+/// fails before any result writes nothing), flushed after every write.
+pub struct JsonlFile {
+    path: PathBuf,
+    w: Option<std::io::BufWriter<std::fs::File>>,
+}
+
+impl JsonlFile {
+    pub fn new(path: PathBuf) -> JsonlFile {
+        JsonlFile { path, w: None }
+    }
+
+    /// Appends `lines`, one JSON object per line, and flushes.
+    pub fn write(&mut self, lines: &[serde_json::Value]) -> Result<()> {
+        if self.w.is_none() {
+            if let Some(dir) = self.path.parent() {
+                std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+            }
+            self.w = Some(std::io::BufWriter::new(std::fs::File::create(&self.path).map_err(|e| Error::io(&self.path, e))?));
+        }
+        let w = self.w.as_mut().expect("opened above");
+        for l in lines {
+            writeln!(w, "{l}").map_err(|e| Error::io(&self.path, e))?;
+        }
+        w.flush().map_err(|e| Error::io(&self.path, e))
+    }
+}
+
 /// Element type of an output tensor.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum OutDtype {

@@ -3,7 +3,7 @@
 //! (`experiments::probe::pipeline`, `experiments::patch_files`), with a Markdown report and its
 //! numbers (report.md, summary.json) rewritten after every stage.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::fmt::Write as _;
 use std::path::Path;
 use std::time::Instant;
@@ -11,17 +11,20 @@ use std::time::Instant;
 use serde_json::json;
 
 use super::report::{Report, data_context, model_context, patch_context, probe_context, resid_accuracy, score_context, steer_context, timings_context, training_context};
-use super::{DirectionKind, SteerRow, SteerTarget, contrast_pairs, steer_sweep};
+use super::{DirectionKind, TowardLabel, contrast_pairs, toward_labels};
 use crate::data::dataset::Dataset;
 use crate::data::labels::LabelSet;
 use crate::data::template::TokenStats;
 use crate::experiments::Reporter;
 use crate::experiments::dataset_files::dataset_json;
+use crate::experiments::directions::{SiteDirections, write_directions};
 use crate::experiments::patch::{Method, RunSettings, SweepSpec, all_centers, experiments};
 use crate::experiments::patch_files::{append_results, read_done, write_outputs};
 use crate::experiments::probe::pipeline::{ProbePlots, majority_rate, probe_stage, score_captured};
 use crate::experiments::probe::{ProbeParams, ProbeTargets};
 use crate::experiments::shards::{RunOptions, ShardSpec, capture_shards, read_site};
+use crate::experiments::steer::{label_sweep, random_controls};
+use crate::intervene::spec::{InterventionSpec, Layers, resolve_all};
 use crate::io::OutDtype;
 use crate::io::plot::{Grid, heatmap};
 use crate::learn::directions::{Versus, class_mean_directions};
@@ -43,6 +46,7 @@ const SEED: u64 = 0;
 pub struct Plan {
     pub limit: Option<usize>,
     pub pairs: usize,
+    /// Steering runs on the first this many prompts.
     pub steer_prompts: usize,
     pub strengths: Vec<f32>,
 }
@@ -50,9 +54,9 @@ pub struct Plan {
 impl Plan {
     pub fn new(quick: bool) -> Plan {
         if quick {
-            Plan { limit: Some(390), pairs: 30, steer_prompts: 8, strengths: vec![0.0, 2.0, 8.0] }
+            Plan { limit: Some(390), pairs: 30, steer_prompts: 60, strengths: vec![0.0, 2.0, 8.0] }
         } else {
-            Plan { limit: None, pairs: 200, steer_prompts: 40, strengths: vec![0.0, 1.0, 2.0, 4.0, 8.0] }
+            Plan { limit: None, pairs: 200, steer_prompts: 100, strengths: vec![0.0, 1.0, 2.0, 4.0, 8.0] }
         }
     }
 }
@@ -96,8 +100,8 @@ pub fn run(inp: &DemoInputs, rep: &Reporter) -> Result<()> {
     let stats = TokenStats::of(prompts);
     (rep.say)(format!("demo: {} on {n} held-out rows of {} ({k} labels); output in {}", model_dir.display(), data_path.display(), out.display()));
     // The flags every reproduction command shares.
-    let limit = plan.limit.map_or(String::new(), |l| format!(" --limit {l}"));
-    let data_flags = format!("--model {} --dataset {} --filter {SPLIT_FILTER}{limit} --label-col {LABEL_COL} --template {TEMPLATE}", sh(model_dir), sh(data_path));
+    let flags = |limit: Option<usize>| format!("--model {} --dataset {} --filter {SPLIT_FILTER}{} --label-col {LABEL_COL} --template {TEMPLATE}", sh(model_dir), sh(data_path), limit.map_or(String::new(), |l| format!(" --limit {l}")));
+    let data_flags = flags(plan.limit);
     let context = json!({"model": model_context(model, model_dir), "training": training_context(model_dir), "data": data_context(data_path, inp.bundled_data, ds.rows_read, n, &stats, labels)});
     report.add(context, "inputs", json!({"model": model_dir.display().to_string(), "dataset": dataset_json(ds), "labels": labels, "token_stats": stats}))?;
     report.lap("load");
@@ -197,6 +201,9 @@ pub fn run(inp: &DemoInputs, rep: &Reporter) -> Result<()> {
     report.lap("patch");
 
     // ---- steering ----
+    // Each emotion's class-mean direction on the probes' training rows, written as `patchbay
+    // directions` writes it; then the sweep of `patchbay steer --mode labels` (the same library
+    // function) on the first prompts, each direction and a same-norm random control.
     let steer_out = out.join("steer");
     std::fs::create_dir_all(&steer_out).map_err(|e| Error::io(&steer_out, e))?;
     let layer = cfg.n_layers / 2;
@@ -210,23 +217,45 @@ pub fn run(inp: &DemoInputs, rep: &Reporter) -> Result<()> {
     let train: Vec<usize> = (0..n).filter(|&i| split.test_fold[i] != 0).collect();
     let x_train: Vec<f32> = train.iter().flat_map(|&i| x[i * d..(i + 1) * d].iter().copied()).collect();
     let train_gold: Vec<usize> = train.iter().map(|&i| gold[i]).collect();
-    let directions = class_mean_directions(&x_train, d, &train_gold, k, Versus::Rest)?;
-    let steer_targets: Vec<SteerTarget> = directions
-        .iter()
-        .enumerate()
-        .filter_map(|(c, dir)| {
-            let prompts: Vec<usize> = test_rows.iter().copied().filter(|&i| gold[i] != c).take(plan.steer_prompts).collect();
-            dir.clone().map(|direction| SteerTarget { label: c, direction, prompts })
-        })
-        .collect();
-    let mean_norm = x.chunks(d).map(crate::intervene::norm).sum::<f32>() / n.max(1) as f32;
-    let dir_norm = steer_targets.iter().map(|t| crate::intervene::norm(&t.direction)).sum::<f32>() / steer_targets.len().max(1) as f32;
-    let total: usize = steer_targets.iter().map(|t| t.prompts.len()).sum::<usize>() * plan.strengths.len() * 2;
-    let bar = (rep.bar)(total as u64, "steer", "prompts");
-    let rows = steer_sweep(model, prompts, site, &steer_targets, &plan.strengths, &labels.names, &labels.token_ids, SEED, 32, &bar)?;
+    let (names, directions): (Vec<String>, Vec<Vec<f32>>) =
+        class_mean_directions(&x_train, d, &train_gold, k, Versus::Rest)?.into_iter().zip(&labels.names).filter_map(|(dir, name)| dir.map(|v| (name.clone(), v))).unzip();
+    let dirs_path = steer_out.join("directions.safetensors");
+    let metadata = BTreeMap::from([
+        ("method".to_string(), "class-mean".to_string()),
+        ("versus".to_string(), "rest".to_string()),
+        ("model".to_string(), model_dir.display().to_string()),
+        ("config_sha256".to_string(), model.config_hash.clone()),
+        ("positions".to_string(), "-1".to_string()),
+        ("dataset".to_string(), data_path.display().to_string()),
+        ("rows".to_string(), format!("the probes' training rows ({} prompts)", train.len())),
+    ]);
+    let dir_norm = directions.iter().map(|v| crate::intervene::norm(v)).sum::<f32>() / directions.len().max(1) as f32;
+    write_directions(&dirs_path, &[SiteDirections { site: site.to_string(), width: d, names: names.clone(), directions, subspace: None }], &metadata)?;
+    let spec = InterventionSpec {
+        vector: Some(format!("{}:{}", dirs_path.display(), names.join(","))),
+        project: None,
+        site: SiteKind::ResidPost.short_name().into(),
+        layers: Some(Layers::List(vec![layer])),
+        positions: "all".into(),
+        betas: plan.strengths.clone(),
+        normalise: false,
+    };
+    let mut conditions = resolve_all(std::slice::from_ref(&spec), cfg, false)?;
+    let n_steered = conditions.len();
+    conditions.extend(random_controls(&conditions, SEED));
+    let n_steer = plan.steer_prompts.min(n);
+    let steer_gold: Vec<Option<usize>> = gold[..n_steer].iter().map(|&g| Some(g)).collect();
+    let bar = (rep.bar)((n_steer * conditions.len()) as u64, "steer", "runs");
+    let sweep = label_sweep(model, &prompts[..n_steer], labels, &steer_gold, &conditions, 2048, &bar, &steer_out)?;
     bar.finish_and_clear();
-    write_steering(&steer_out, &rows, &steer_targets, &labels.names, site)?;
-    let (section, numbers) = steer_context(&rows, &plan.strengths, site, mean_norm, dir_norm, steer_targets.first().map_or(0, |t| t.prompts.len()));
+    let rows = toward_labels(&conditions, n_steered, &sweep.rows, labels, gold)?;
+    write_steering(&steer_out, &rows)?;
+    let mean_norm = x.chunks(d).map(crate::intervene::norm).sum::<f32>() / n.max(1) as f32;
+    let steer_flags = flags(Some(n_steer));
+    let betas: Vec<String> = plan.strengths.iter().map(|b| b.to_string()).collect();
+    let cmd = format!("patchbay steer --mode labels {steer_flags} --vector {}:{} --site resid_post --layers {layer} --positions all --betas={} --seed {SEED} --out runs/steer", sh(&dirs_path), names.join(","), betas.join(","));
+    let (section, mut numbers) = steer_context(&rows, &plan.strengths, site, mean_norm, dir_norm, n_steer, &cmd);
+    numbers["command"] = json!(cmd);
     (rep.say)(format!("steer: {}", numbers["headline"].as_str().unwrap_or("")));
     report.add(json!({"steer": section}), "steer", numbers)?;
     report.lap("steer");
@@ -240,18 +269,12 @@ pub fn run(inp: &DemoInputs, rep: &Reporter) -> Result<()> {
     Ok(())
 }
 
-/// steering.csv and the directions.
-fn write_steering(dir: &Path, rows: &[SteerRow], targets: &[SteerTarget], names: &[String], site: Site) -> Result<()> {
+/// steering.csv: each emotion's pull toward it (`toward_labels`), per direction kind and strength.
+fn write_steering(dir: &Path, rows: &[TowardLabel]) -> Result<()> {
     let mut csv = String::from("emotion,direction,strength,n,mean_prob,hit_rate\n");
     for r in rows {
         let kind = if r.direction == DirectionKind::ClassMean { "class-mean" } else { "random" };
         let _ = writeln!(csv, "{},{kind},{},{},{:.6},{:.6}", r.label, r.strength, r.n, r.mean_prob, r.hit_rate);
     }
-    crate::io::write_atomic(&dir.join("steering.csv"), csv.as_bytes())?;
-    let tensors: Vec<(String, crate::io::OutTensor)> = targets
-        .iter()
-        .map(|t| (names[t.label].clone(), crate::io::OutTensor::Float { shape: vec![t.direction.len()], data: t.direction.clone(), dtype: OutDtype::F32 }))
-        .collect();
-    let md = std::collections::BTreeMap::from([("site".to_string(), site.to_string()), ("what".to_string(), "mean(x | emotion) - mean(x | other emotions) at the last token".to_string())]);
-    crate::io::write_safetensors(&dir.join("directions.safetensors"), &tensors, &md)
+    crate::io::write_atomic(&dir.join("steering.csv"), csv.as_bytes())
 }

@@ -10,7 +10,7 @@ use minijinja::value::Serde;
 use serde_json::{Map, Value, json};
 
 use super::pipeline::{APPRAISALS, SITES, SPLIT_FILTER, TEMPLATE};
-use super::{DirectionKind, SteerRow};
+use super::{DirectionKind, TowardLabel};
 use crate::data::labels::LabelSet;
 use crate::data::template::TokenStats;
 use crate::experiments::patch::SummaryRow;
@@ -233,16 +233,16 @@ pub(super) fn resid_accuracy(numbers: &Value) -> String {
 }
 
 /// Mean of a field of the steering rows of one direction kind and strength (over labels).
-fn mean_over_labels(rows: &[SteerRow], kind: DirectionKind, strength: f32, field: fn(&SteerRow) -> f64) -> f64 {
+fn mean_over_labels(rows: &[TowardLabel], kind: DirectionKind, strength: f32, field: fn(&TowardLabel) -> f64) -> f64 {
     let sel: Vec<f64> = rows.iter().filter(|r| r.direction == kind && r.strength == strength && r.n > 0).map(field).collect();
     sel.iter().sum::<f64>() / sel.len().max(1) as f64
 }
 
 /// The steering section's context and its numbers: each direction's effect by strength.
-pub(super) fn steer_context(rows: &[SteerRow], strengths: &[f32], site: Site, mean_norm: f32, dir_norm: f32, per_label: usize) -> (Value, Value) {
+pub(super) fn steer_context(rows: &[TowardLabel], strengths: &[f32], site: Site, mean_norm: f32, dir_norm: f32, n_prompts: usize, command: &str) -> (Value, Value) {
     let (cm, rnd) = (DirectionKind::ClassMean, DirectionKind::Random);
-    let prob = |r: &SteerRow| r.mean_prob;
-    let hit = |r: &SteerRow| r.hit_rate;
+    let prob = |r: &TowardLabel| r.mean_prob;
+    let hit = |r: &TowardLabel| r.hit_rate;
     let by_strength: Vec<Vec<String>> = strengths
         .iter()
         .map(|&s| {
@@ -286,7 +286,8 @@ pub(super) fn steer_context(rows: &[SteerRow], strengths: &[f32], site: Site, me
     let section = json!({
         "layer": site.layer,
         "site": site.to_string(),
-        "per_label": per_label,
+        "n_prompts": n_prompts,
+        "command": command,
         "direction_norm": format!("{dir_norm:.2}"),
         "residual_norm": format!("{mean_norm:.2}"),
         "by_strength": by_strength,
