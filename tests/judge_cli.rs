@@ -127,3 +127,68 @@ fn targets_from_rows_and_bad_input() {
         assert!(err.starts_with("error: ") && err.lines().count() == 1 && err.contains(want), "{args:?}: {err}");
     }
 }
+
+#[test]
+fn a_saved_probe_judges_by_its_class_logits() {
+    let dir = fixture("llama");
+    let m = dir.to_str().unwrap();
+    let w = tempfile::tempdir().unwrap();
+    let p = |n: &str| w.path().join(n).display().to_string();
+    // A probe of two classes on resid_post, fitted by `patchbay probe` (the tak template).
+    let words = ["sun", "rain", "good", "bad", "up", "down", "hot", "cold", "win", "lose", "day", "night"];
+    let csv: String = std::iter::once("text,label\n".to_string()).chain(words.iter().enumerate().map(|(i, t)| format!("a {t} story,{}\n", if i % 2 == 0 { "x" } else { "y" }))).collect();
+    std::fs::write(p("d.csv"), csv).unwrap();
+    patchbay_ok(&["probe", "--model", m, "--dataset", &p("d.csv"), "--template", "tak", "--sites", "resid_post", "--positions", "-1", "--quiet", "--out", &p("probe")]);
+    let probe = p("probe/probes/blocks.1.hook_resid_post.safetensors");
+    let rows = [("hello there", "x"), ("a rainy day", "y"), ("good news", "x")];
+    let text: String = rows.iter().enumerate().map(|(i, (t, target))| serde_json::json!({"index": i, "text": t, "target": target}).to_string() + "\n").collect();
+    std::fs::create_dir_all(w.path().join("run")).unwrap();
+    std::fs::write(p("run/generations.jsonl"), text).unwrap();
+    patchbay_ok(&["judge", "--model", m, "--generations", &p("run/generations.jsonl"), "--probe", &probe, "--quiet", "--out", &p("j")]);
+    let judged = read_jsonl(&w.path().join("j/judged.jsonl"));
+    // W x + b of the tak judging prompts' resid_post at the last token, by the library.
+    let model = Model::load(&dir).unwrap();
+    let tok = PromptTokenizer::load(&dir).unwrap();
+    let tak = Template::parse("tak").unwrap();
+    let ids: Vec<Vec<u32>> = rows.iter().map(|(t, _)| tak.encode(&tok, t).unwrap()).collect();
+    let site = patchbay::sites::Site::new(1, patchbay::sites::SiteKind::ResidPost);
+    let captures = [patchbay::intervene::Capture { site, positions: patchbay::sites::Positions::List(vec![-1]) }];
+    use patchbay::engine::Engine;
+    let x = model.run_prompts(&ids, &patchbay::engine::RunRequest { captures: &captures, ..Default::default() }).unwrap().captured.remove(0).data;
+    let t = read_tensors(Path::new(&probe));
+    let (wt, b) = (&t["pos-1.logreg.weight"].1, &t["pos-1.logreg.bias"].1);
+    let d = model.cfg.d_model;
+    for (j, row) in judged.iter().enumerate() {
+        let want: Vec<f32> = (0..2).map(|c| wt[c * d..(c + 1) * d].iter().zip(&x[j * d..(j + 1) * d]).map(|(a, b)| a * b).sum::<f32>() + b[c]).collect();
+        assert_close("probe logits", &logits(row), &want, 1e-4, 1e-4);
+        assert_eq!(row["pred"], if want[0] >= want[1] { "x" } else { "y" });
+        assert_eq!(row["target"], rows[j].1);
+    }
+    let report: Value = serde_json::from_slice(&std::fs::read(w.path().join("j/judge.json")).unwrap()).unwrap();
+    assert_eq!(report["judge"]["classes"], serde_json::json!(["x", "y"]));
+    assert_eq!(report["judge"]["site"], "blocks.1.hook_resid_post");
+    // The emulated device: W x + b of the activations `capture --device emu` gives (a probe
+    // fitted on 12 prompts has large weights: bf16 activation rounding moves its logits by
+    // several percent, so the device's activations are the reference here).
+    patchbay_ok(&["judge", "--model", m, "--device", "emu", "--generations", &p("run/generations.jsonl"), "--probe", &probe, "--quiet", "--out", &p("je")]);
+    std::fs::write(p("ids.json"), serde_json::to_string(&ids).unwrap()).unwrap();
+    patchbay_ok(&["capture", "--model", m, "--device", "emu", "--token-ids", &p("ids.json"), "--sites", "blocks.1.hook_resid_post", "--positions", "-1", "--quiet", "--out", &p("x_emu.safetensors")]);
+    let x_emu = &read_tensors(Path::new(&p("x_emu.safetensors")))["blocks.1.hook_resid_post"].1;
+    for (j, e) in read_jsonl(&w.path().join("je/judged.jsonl")).iter().enumerate() {
+        let want: Vec<f32> = (0..2).map(|c| wt[c * d..(c + 1) * d].iter().zip(&x_emu[j * d..(j + 1) * d]).map(|(a, b)| a * b).sum::<f32>() + b[c]).collect();
+        assert_close("probe judge on emu", &logits(e), &want, 1e-4, 1e-4);
+    }
+    // Another model's probe, a position it was not fitted at, a file that is not a probe.
+    let other = fixture("qwen2");
+    let (g, e) = (p("run/generations.jsonl"), p("e"));
+    for (args, want) in [
+        (vec!["--model", other.to_str().unwrap(), "--probe", &probe], "a probe of another model"),
+        (vec!["--model", m, "--probe", &probe, "--probe-position", "-2"], "no classifier at position -2"),
+        (vec!["--model", m, "--probe", &p("d.csv")], "d.csv"),
+    ] {
+        let all: Vec<&str> = [&["judge", "--generations", &g, "--quiet", "--out", &e][..], &args].concat();
+        let (code, err) = patchbay_cli(&all);
+        assert_eq!(code, 1, "{args:?}: {err}");
+        assert!(err.starts_with("error: ") && err.lines().count() == 1 && err.contains(want), "{args:?}: {err}");
+    }
+}

@@ -8,12 +8,12 @@ use clap::Args;
 use indicatif::ProgressBar;
 use serde_json::json;
 
-use super::{command_manifest, load_engine, model_json, progress_bar};
+use super::{command_manifest, load_engine, merge, model_json, progress_bar};
 use patchbay::backend::DeviceSpec;
 use patchbay::data::labels::{LabelSet, parse_list};
 use patchbay::data::template::Template;
 use patchbay::engine::Engine;
-use patchbay::experiments::judge::{GenerationRow, Judged, SummaryRow, read_generations, summarize, summary_csv};
+use patchbay::experiments::judge::{GenerationRow, Judged, ProbeJudge, SummaryRow, read_generations, summarize, summary_csv};
 use patchbay::experiments::patch_files::write_manifest;
 use patchbay::experiments::score::label_logits;
 use patchbay::logits::argmax;
@@ -24,6 +24,8 @@ use patchbay::{Error, Result};
 const JUDGE_HELP: &str = "Examples:
   patchbay judge --model M --generations runs/clean/generations.jsonl --generations runs/angry/generations.jsonl --target anger --labels anger,joy,sadness,fear,neutral --out runs/judged
   patchbay judge --model JUDGE --device cuda --generations runs/steer/generations.jsonl --labels anger,joy --template 'Text: {text} The emotion expressed is' --out runs/judged
+  patchbay probe --model M --dataset envent_gen.csv --preset envent --template tak --sites resid_post --positions -1 --out runs/probe
+  patchbay judge --model M --generations runs/angry/generations.jsonl --probe runs/probe/probes/blocks.12.hook_resid_post.safetensors --template tak --out runs/judged_probe
 
 The judge: each generated text is put into a judging prompt (--template: a preset, default `tak`,
 the study's \"What are the inferred emotions in the following contexts? Context: {text} Answer:\",
@@ -31,6 +33,12 @@ or a string with {text}; --chat wraps it in the judge's chat template) and the j
 the generator or any other local model) scores the labels by their next-token logits at its end,
 as `patchbay score` does. The judged label is the highest. judge.json names the judge: method,
 model, config hash, template, labels and their tokens.
+
+Or a saved probe judges (--probe FILE, a weight file of `patchbay probe --out P`:
+P/probes/<site>.safetensors, fitted on --model's activations; its classes are the labels): the
+judging prompt's activation at the probe's site and --probe-position (default -1) through the
+probe's logistic regression, W x + b; `label_logits` are then those class logits. Use the
+template the probe was fitted with (the probe's prompts were rendered through it).
 
 Inputs: --generations FILE (repeatable; each file is a condition, named by its directory unless
 --names gives the names), rows of `patchbay generate` (index, text, and beta when it steered).
@@ -59,11 +67,17 @@ pub struct JudgeArgs {
     #[arg(long)]
     names: Option<String>,
     /// Label names, comma-separated (each scored by the first token of \" name\").
-    #[arg(long, conflicts_with = "label_token_ids", required_unless_present = "label_token_ids")]
+    #[arg(long, conflicts_with = "label_token_ids")]
     labels: Option<String>,
     /// Label tokens given directly: NAME=ID,... or ID,...
     #[arg(long)]
     label_token_ids: Option<String>,
+    /// Judge by a saved probe instead of label scoring: a `patchbay probe` weight file (OUT/probes/<site>.safetensors) of --model; its classes are the labels.
+    #[arg(long, conflicts_with_all = ["labels", "label_token_ids"])]
+    probe: Option<PathBuf>,
+    /// The probe's position (one it was fitted at).
+    #[arg(long, default_value_t = -1, allow_hyphen_values = true)]
+    probe_position: i64,
     /// The judging prompt: a preset (tak, tak-list, tak-guess, plain) or a string with {text}.
     #[arg(long, default_value = "tak")]
     template: String,
@@ -107,24 +121,20 @@ pub fn run(a: JudgeArgs) -> Result<()> {
         rows.extend(read_generations(path)?.into_iter().map(|r| (c, r)));
     }
     let tok = PromptTokenizer::load(&a.model)?;
-    let labels = match (&a.label_token_ids, &a.labels) {
-        (Some(spec), _) => LabelSet::parse_ids(spec, Some(&tok))?,
-        (None, Some(names)) => LabelSet::resolve(&parse_list(names, "label")?, &tok)?,
-        (None, None) => return Err(Error::input("give the labels: --labels a,b,c or --label-token-ids")),
-    };
     let model = Model::load(&a.model)?;
-    labels.check_vocab(model.cfg.vocab_size)?;
+    let scorer = scorer(a.probe.as_deref(), a.probe_position, a.labels.as_deref(), a.label_token_ids.as_deref(), None, &model, &tok)?;
+    let names = scorer.names().to_vec();
     let target_of = |r: &GenerationRow| -> Result<Option<usize>> {
         match r.target.as_deref().or(a.target.as_deref()) {
             None => Ok(None),
-            Some(t) => labels.index_of(t).map(Some).ok_or_else(|| Error::input(format!("target `{t}` is not one of the labels ({})", labels.names.join(", ")))),
+            Some(t) => names.iter().position(|n| n == t).map(Some).ok_or_else(|| Error::input(format!("target `{t}` is not one of the labels ({})", names.join(", ")))),
         }
     };
     let targets: Vec<Option<usize>> = rows.iter().map(|(_, r)| target_of(r)).collect::<Result<_>>()?;
     let mut template = Template::parse(&a.template)?;
     template.chat = a.chat;
     let engine = load_engine(&model, a.device)?;
-    let judge = Judge { engine: engine.as_ref(), model: &model, tok: &tok, template, labels };
+    let judge = Judge { engine: engine.as_ref(), model: &model, tok: &tok, template, scorer };
     std::fs::create_dir_all(&a.out).map_err(|e| Error::io(&a.out, e))?;
     let manifest = |extra: serde_json::Value| {
         let fields = json!({
@@ -139,17 +149,35 @@ pub fn run(a: JudgeArgs) -> Result<()> {
     let bar = progress_bar(rows.len() as u64, "judge", "texts", a.quiet);
     let judged = judge.judge(&conditions, &rows, &targets, a.batch_size, a.quiet, &bar, &a.out.join("judged.jsonl"))?;
     bar.finish_and_clear();
-    let labels = &judge.labels;
-    let summary = summarize(&conditions, &judged, labels.len());
-    patchbay::io::write_atomic(&a.out.join("summary.csv"), summary_csv(&summary, &labels.names).as_bytes())?;
+    let summary = summarize(&conditions, &judged, names.len());
+    patchbay::io::write_atomic(&a.out.join("summary.csv"), summary_csv(&summary, &names).as_bytes())?;
     let report = json!({"judge": judge.describe(), "summary": summary});
     write_manifest(&a.out.join("judge.json"), &report)?;
     manifest(json!({"total": t0.elapsed().as_secs_f64()}))?;
     if !a.quiet {
-        print_summary(&summary, &labels.names);
+        print_summary(&summary, &names);
         eprintln!("wrote {}", a.out.display());
     }
     Ok(())
+}
+
+/// The scorer of the judge flags: a saved probe (`probe`, at `position`; its classes are the
+/// labels), else the label set of `label_token_ids` or `labels`, else of `default_labels`.
+pub fn scorer(probe: Option<&Path>, position: i64, labels: Option<&str>, label_token_ids: Option<&str>, default_labels: Option<&[String]>, model: &Model, tok: &PromptTokenizer) -> Result<Scorer> {
+    if let Some(path) = probe {
+        if labels.is_some() || label_token_ids.is_some() {
+            return Err(Error::input("a probe judge's labels are its classes: give --labels / --label-token-ids or a probe, not both"));
+        }
+        return Ok(Scorer::Probe(ProbeJudge::load(path, position, model)?));
+    }
+    let set = match (label_token_ids, labels, default_labels) {
+        (Some(spec), _, _) => LabelSet::parse_ids(spec, Some(tok))?,
+        (None, Some(names), _) => LabelSet::resolve(&parse_list(names, "label")?, tok)?,
+        (None, None, Some(names)) => LabelSet::resolve(names, tok)?,
+        (None, None, None) => return Err(Error::input("give the labels: --labels a,b,c or --label-token-ids (or a saved probe: --probe FILE)")),
+    };
+    set.check_vocab(model.cfg.vocab_size)?;
+    Ok(Scorer::Labels(set))
 }
 
 /// One line per summary row on stderr: the most judged label and the accuracy.
@@ -163,25 +191,54 @@ pub fn print_summary(summary: &[SummaryRow], labels: &[String]) {
     }
 }
 
-/// A judge: a model scoring the labels at the end of a judging prompt that embeds each text.
+/// How a judge scores a judging prompt: the label tokens' next-token logits, or a saved probe's
+/// class logits on the prompt's activations.
+pub enum Scorer {
+    Labels(LabelSet),
+    Probe(ProbeJudge),
+}
+
+impl Scorer {
+    /// The judged labels (the label set, or the probe's classes), in logit order.
+    pub fn names(&self) -> &[String] {
+        match self {
+            Scorer::Labels(l) => &l.names,
+            Scorer::Probe(p) => &p.classes,
+        }
+    }
+}
+
+/// A judge: a model scoring each judging prompt (a text embedded in the template).
 pub struct Judge<'a> {
     pub engine: &'a dyn Engine,
     pub model: &'a Model,
     pub tok: &'a PromptTokenizer,
     pub template: Template,
-    pub labels: LabelSet,
+    pub scorer: Scorer,
 }
 
 impl Judge<'_> {
+    pub fn names(&self) -> &[String] {
+        self.scorer.names()
+    }
+
     /// What judge.json and the manifests say about the judge.
     pub fn describe(&self) -> serde_json::Value {
-        json!({
-            "method": "label scoring of a judging prompt",
-            "model": model_json(self.model),
-            "device": self.engine.device_name(),
-            "template": self.template,
-            "labels": self.labels,
-        })
+        let scorer = match &self.scorer {
+            Scorer::Labels(l) => json!({"method": "label scoring of a judging prompt", "labels": l}),
+            Scorer::Probe(p) => json!({"method": "a saved probe on the judging prompt's activations", "probe": p.path.display().to_string(), "site": p.site.to_string(), "position": p.position, "classes": p.classes}),
+        };
+        let mut d = json!({"model": model_json(self.model), "device": self.engine.device_name(), "template": self.template});
+        merge(&mut d, scorer);
+        d
+    }
+
+    /// Logits `[n, n_labels]` of judging prompts.
+    fn logits(&self, prompts: &[Vec<u32>], batch_size: usize, bar: &ProgressBar) -> Result<Vec<f32>> {
+        match &self.scorer {
+            Scorer::Labels(l) => label_logits(self.engine, prompts, l, batch_size, bar),
+            Scorer::Probe(p) => p.class_logits(self.engine, prompts, batch_size, bar),
+        }
     }
 
     /// Judges `rows` (each with its condition index into `conditions`, and its target label
@@ -193,27 +250,27 @@ impl Judge<'_> {
         if batch_size == 0 {
             return Err(Error::input("--batch-size must be at least 1"));
         }
-        let labels = &self.labels;
+        let names = self.names();
         let prompts: Vec<Vec<u32>> = rows.iter().map(|(_, r)| self.template.encode(self.tok, &r.text)).collect::<Result<_>>()?;
         let n_empty = rows.iter().filter(|(_, r)| r.text.trim().is_empty()).count();
         if n_empty > 0 && !quiet {
             eprintln!("warning: {n_empty} of {} generated texts are empty (judged as the prompt without a text; counted as n_empty)", rows.len());
         }
         let mut file = std::io::BufWriter::new(std::fs::File::create(path).map_err(|e| Error::io(path, e))?);
-        let n_labels = labels.len();
+        let n_labels = names.len();
         let mut judged = Vec::with_capacity(rows.len());
         // A few forward batches at a time, each chunk's rows flushed when it completes.
         let chunk = batch_size * 4;
         for (start, batch) in prompts.chunks(chunk).enumerate().map(|(i, b)| (i * chunk, b)) {
-            let logits = label_logits(self.engine, batch, labels, batch_size, bar)?; // [batch, n_labels]
+            let logits = self.logits(batch, batch_size, bar)?; // [batch, n_labels]
             for (k, l) in logits.chunks_exact(n_labels).enumerate() {
                 let (condition, row) = &rows[start + k];
                 let target = targets[start + k];
                 if let Some(bad) = l.iter().find(|v| !v.is_finite()) {
-                    return Err(Error::input(format!("{}: generation {}: the judge's label logit is {bad}", conditions[*condition], row.index)));
+                    return Err(Error::input(format!("{}: generation {}: the judge's logit is {bad}", conditions[*condition], row.index)));
                 }
                 let pred = argmax(l);
-                let line = json!({"condition": conditions[*condition], "index": row.index, "direction": row.direction, "beta": row.beta, "target": target.map(|t| &labels.names[t]), "label_logits": l, "pred": labels.names[pred], "text": row.text});
+                let line = json!({"condition": conditions[*condition], "index": row.index, "direction": row.direction, "beta": row.beta, "target": target.map(|t| &names[t]), "label_logits": l, "pred": names[pred], "text": row.text});
                 writeln!(file, "{line}").map_err(|e| Error::io(path, e))?;
                 judged.push(Judged { condition: *condition, row: row.clone(), target, pred });
             }

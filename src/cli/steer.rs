@@ -9,9 +9,9 @@ use serde_json::json;
 use super::generate::{Inputs, Interventions, SamplingArgs, describe_run, generate_passes, generation_fields, passes_of};
 use super::inputs::{InputArgs, LabelArgs, Prompts, manifest};
 use super::interventions::InterventionArgs;
-use super::judge::{Judge, print_summary};
+use super::judge::{Judge, print_summary, scorer};
 use super::{command_manifest, load_engine, merge, progress_bar};
-use patchbay::data::labels::{LabelSet, parse_list};
+use patchbay::data::labels::parse_list;
 use patchbay::data::sev::{self, DEFAULT_CONTEXT};
 use patchbay::data::template::{Template, TokenStats};
 use patchbay::experiments::dataset_files::dataset_json;
@@ -131,6 +131,12 @@ pub struct SteerArgs {
     /// Generate mode: the judging prompt, a preset (tak, tak-list, tak-guess, plain) or a string with {text}.
     #[arg(long, default_value = "tak")]
     judge_template: String,
+    /// Generate mode: judge by a saved probe of the judge model (a `patchbay probe` weight file; its classes are the labels) instead of label scoring.
+    #[arg(long)]
+    judge_probe: Option<PathBuf>,
+    /// Generate mode: the position of --judge-probe.
+    #[arg(long, default_value_t = -1, allow_hyphen_values = true)]
+    judge_probe_position: i64,
     /// Generate mode: wrap each judging prompt in the judge's chat template.
     #[arg(long)]
     judge_chat: bool,
@@ -153,7 +159,7 @@ pub fn run(a: SteerArgs) -> Result<()> {
 }
 
 fn run_labels(a: SteerArgs) -> Result<()> {
-    let generation_only = [("--sev", a.sev.is_some()), ("--judge-model", a.judge_model.is_some()), ("--valence", a.valence.is_some()), ("--stop", !a.sampling.stop.is_empty()), ("--judge-chat", a.judge_chat)];
+    let generation_only = [("--sev", a.sev.is_some()), ("--judge-model", a.judge_model.is_some()), ("--judge-probe", a.judge_probe.is_some()), ("--valence", a.valence.is_some()), ("--stop", !a.sampling.stop.is_empty()), ("--judge-chat", a.judge_chat)];
     if let Some((flag, _)) = generation_only.iter().find(|f| f.1) {
         return Err(Error::input(format!("{flag} is for --mode generate")));
     }
@@ -215,13 +221,13 @@ fn generation_inputs(a: &SteerArgs, tok: &PromptTokenizer) -> Result<Inputs> {
 }
 
 /// Each label's valence (an index into `VALENCES`): the built-in map, overridden by --valence.
-fn valences(labels: &LabelSet, overrides: Option<&str>) -> Result<Vec<usize>> {
-    let mut v: Vec<usize> = labels.names.iter().map(|n| default_valence(n)).collect();
+fn valences(labels: &[String], overrides: Option<&str>) -> Result<Vec<usize>> {
+    let mut v: Vec<usize> = labels.iter().map(|n| default_valence(n)).collect();
     for item in overrides.map(|o| parse_list(o, "valence")).transpose()?.unwrap_or_default() {
         let bad = || Error::input(format!("--valence: `{item}`: expected LABEL=VALENCE with VALENCE one of {}", VALENCES.join(", ")));
         let (label, valence) = item.split_once('=').ok_or_else(bad)?;
         let g = VALENCES.iter().position(|x| *x == valence.trim()).ok_or_else(bad)?;
-        let l = labels.index_of(label.trim()).ok_or_else(|| Error::input(format!("--valence: `{label}` is not one of the labels ({})", labels.names.join(", "))))?;
+        let l = labels.iter().position(|n| n == label.trim()).ok_or_else(|| Error::input(format!("--valence: `{label}` is not one of the labels ({})", labels.join(", "))))?;
         v[l] = g;
     }
     Ok(v)
@@ -245,24 +251,20 @@ fn run_generate(a: SteerArgs) -> Result<()> {
     let judge_tok = a.judge_model.as_deref().map(PromptTokenizer::load).transpose()?;
     let judge_tok = judge_tok.as_ref().unwrap_or(&tok);
     let directions = distinct(conditions.iter().map(|c| c.direction.clone()));
-    let labels = match (&a.labels.label_token_ids, &a.labels.labels) {
-        (Some(spec), _) => LabelSet::parse_ids(spec, Some(judge_tok))?,
-        (None, Some(names)) => LabelSet::resolve(&parse_list(names, "label")?, judge_tok)?,
-        (None, None) => LabelSet::resolve(&directions, judge_tok)?,
-    };
     let judge_of = judge_model.as_ref().unwrap_or(&model);
-    labels.check_vocab(judge_of.cfg.vocab_size)?;
+    let scorer = scorer(a.judge_probe.as_deref(), a.judge_probe_position, a.labels.labels.as_deref(), a.labels.label_token_ids.as_deref(), Some(&directions), judge_of, judge_tok)?;
+    let names = scorer.names().to_vec();
     let targets: Vec<usize> = directions
         .iter()
-        .map(|d| labels.index_of(d).ok_or_else(|| Error::input(format!("direction `{d}` is not one of the judge's labels ({}): steer along label-named directions (--vector FILE:anger,joy) and give --labels with them", labels.names.join(", ")))))
+        .map(|d| names.iter().position(|n| n == d).ok_or_else(|| Error::input(format!("direction `{d}` is not one of the judge's labels ({}): steer along label-named directions (--vector FILE:anger,joy) and give --labels with them", names.join(", ")))))
         .collect::<Result<_>>()?;
-    let valence = valences(&labels, a.valence.as_deref())?;
+    let valence = valences(&names, a.valence.as_deref())?;
     let mut judge_template = Template::parse(&a.judge_template)?;
     judge_template.chat = a.judge_chat;
     let spec = a.sampling.spec(&model, a.seed);
     let engine = load_engine(&model, a.inputs.device)?;
     let judge_engine = judge_model.as_ref().map(|m| load_engine(m, a.inputs.device)).transpose()?;
-    let judge = Judge { engine: judge_engine.as_deref().unwrap_or(engine.as_ref()), model: judge_of, tok: judge_tok, template: judge_template, labels };
+    let judge = Judge { engine: judge_engine.as_deref().unwrap_or(engine.as_ref()), model: judge_of, tok: judge_tok, template: judge_template, scorer };
     let stats = TokenStats::of(&inputs.ids);
     if !a.quiet {
         eprintln!("{}; {} passes (clean, {} directions x betas{})", stats.describe(), passes.len(), directions.len(), if a.no_random_control { "" } else { ", each with its random control" });
@@ -279,7 +281,7 @@ fn run_generate(a: SteerArgs) -> Result<()> {
                 "passes": passes.iter().map(|p| json!({"direction": p.direction, "beta": p.beta, "interventions": p.description})).collect::<Vec<_>>(),
                 "random_control": (!a.no_random_control).then_some(json!({"seed": a.seed})),
                 "judge": judge.describe(),
-                "valence": judge.labels.names.iter().zip(&valence).map(|(l, &v)| (l.clone(), VALENCES[v])).collect::<std::collections::BTreeMap<_, _>>(),
+                "valence": names.iter().zip(&valence).map(|(l, &v)| (l.clone(), VALENCES[v])).collect::<std::collections::BTreeMap<_, _>>(),
                 "timings_s": timings,
             }),
         );
@@ -320,7 +322,7 @@ fn run_generate(a: SteerArgs) -> Result<()> {
     bar.finish_and_clear();
     let judge_s = t_judge.elapsed().as_secs_f64();
 
-    let names = &judge.labels.names;
+    let names = &names;
     let expression = expression_rows(&judged, &targets, names);
     let summary = judge_summarize(&conditions_names, &expression, names.len());
     patchbay::io::write_atomic(&a.out.join("summary.csv"), judge_summary_csv(&summary, names).as_bytes())?;

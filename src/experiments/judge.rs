@@ -1,13 +1,20 @@
 //! Judging generated emotion locally (no external service): the label set scored at the end of
 //! a judging prompt that embeds each generated text (`score`'s label scoring, on the same or
-//! another local model), and the summary a steering study reports: per condition (a generations
+//! another local model) or a saved probe applied to the judging prompt's activations
+//! ([`ProbeJudge`]), and the summary a steering study reports: per condition (a generations
 //! file) and beta, the share of each judged label and, where each row names the emotion it was
 //! steered toward (`target`), the expression accuracy.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
+use indicatif::ProgressBar;
 use serde_json::Value;
 
+use crate::engine::{Engine, RunRequest};
+use crate::intervene::Capture;
+use crate::io::tensorfile::TensorFile;
+use crate::model::Model;
+use crate::sites::{Positions, Site};
 use crate::{Error, Result};
 
 /// One row of a `patchbay generate` / `steer` generations.jsonl file, as the judge reads it.
@@ -112,6 +119,73 @@ pub fn summary_csv(rows: &[SummaryRow], labels: &[String]) -> String {
         s += &format!("{},{},{},{},{},{},{},{}\n", r.condition, r.direction.as_deref().unwrap_or(""), opt(r.beta), r.n, r.n_empty, r.n_target, r.accuracy.map_or(String::new(), |a| format!("{a:.4}")), shares.join(","));
     }
     s
+}
+
+/// A saved probe as a judge: the logistic regression of a `patchbay probe` weight file
+/// (`OUT/probes/<site>.safetensors`) at one of its positions, applied to the judge model's
+/// activations at the probe's site: class logits `W x + b` over the probe's classes.
+#[derive(Clone, Debug)]
+pub struct ProbeJudge {
+    pub path: PathBuf,
+    pub site: Site,
+    pub position: i64,
+    pub classes: Vec<String>,
+    pub width: usize,
+    /// `[n_classes, width]`
+    pub weight: Vec<f32>,
+    /// `[n_classes]`
+    pub bias: Vec<f32>,
+}
+
+impl ProbeJudge {
+    /// Loads the probe at `position` of a weight file for `model` (the model the probe was
+    /// fitted on: the config hashes must agree). Errors name the file: not a probe file, no
+    /// classifier at that position, another model's probe, a site or width the model lacks.
+    pub fn load(path: &Path, position: i64, model: &Model) -> Result<ProbeJudge> {
+        let mut f = TensorFile::open(path)?;
+        let meta = |key: &str| f.metadata.get(key).cloned().ok_or_else(|| Error::file(path, format!("not a probe weight file (no `{key}` in its metadata)")));
+        let classes: Vec<String> = serde_json::from_str(&meta("classes")?).map_err(|e| Error::file(path, format!("metadata `classes`: {e}")))?;
+        let site = Site::parse(&meta("site")?, &model.cfg).map_err(|e| Error::file(path, format!("its site: {e}")))?;
+        let hash = meta("config_sha256")?;
+        if hash != model.config_hash {
+            return Err(Error::file(path, format!("a probe of another model ({}, config {}); the judge model {} has config {}", meta("model")?, &hash[..hash.len().min(12)], model.dir.display(), &model.config_hash[..model.config_hash.len().min(12)])));
+        }
+        let tensor = format!("pos{position}.logreg.weight");
+        if !f.entries.contains_key(&tensor) {
+            return Err(Error::file(path, format!("no classifier at position {position} (`{tensor}`; the probes are at {})", meta("positions")?)));
+        }
+        let (shape, weight) = f.read_f32(&tensor)?;
+        let (_, bias) = f.read_f32(&format!("pos{position}.logreg.bias"))?;
+        let (n_units, unit_width) = site.kind.units(&model.cfg, 0);
+        let width = n_units * unit_width;
+        if shape != [classes.len(), width] || bias.len() != classes.len() {
+            return Err(Error::file(path, format!("`{tensor}` has shape {shape:?} (bias {}), expected [{}, {width}] for {} classes at {site}", bias.len(), classes.len(), classes.len())));
+        }
+        if classes.len() < 2 {
+            return Err(Error::file(path, format!("the probe has {} class(es): judging needs at least two", classes.len())));
+        }
+        Ok(ProbeJudge { path: path.to_path_buf(), site, position, classes, width, weight, bias })
+    }
+
+    /// Class logits `[n_prompts, n_classes]`: each prompt's activation at the probe's site and
+    /// position through `W x + b`, `batch_size` prompts per forward. `progress` counts prompts.
+    pub fn class_logits(&self, engine: &dyn Engine, prompts: &[Vec<u32>], batch_size: usize, progress: &ProgressBar) -> Result<Vec<f32>> {
+        let (k, w) = (self.classes.len(), self.width);
+        let captures = [Capture { site: self.site, positions: Positions::List(vec![self.position]) }];
+        let mut out = Vec::with_capacity(prompts.len() * k);
+        for batch in prompts.chunks(batch_size.max(1)) {
+            let r = engine.run_prompts(batch, &RunRequest { captures: &captures, ..Default::default() })?;
+            let x = &r.captured[0].data; // [batch, width]
+            if x.len() != batch.len() * w {
+                return Err(Error::input(format!("{}: captured {} values at {} for {} prompts of width {w}", self.path.display(), x.len(), self.site, batch.len())));
+            }
+            for row in x.chunks(w) {
+                out.extend(self.weight.chunks(w).zip(&self.bias).map(|(wc, b)| wc.iter().zip(row).map(|(a, x)| a * x).sum::<f32>() + b));
+            }
+            progress.inc(batch.len() as u64);
+        }
+        Ok(out)
+    }
 }
 
 /// The valence groups of [`by_valence`], in its column order.
