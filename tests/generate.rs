@@ -19,7 +19,6 @@ use patchbay::experiments::generate::{GenerateSpec, StepIntervention, StopReason
 use patchbay::intervene::{Capture, Intervention, Op};
 use patchbay::rng::gaussian;
 use patchbay::model::Model;
-use patchbay::model::config::RopeScaling;
 use patchbay::sites::{Positions, Site, SiteKind, TokenScope};
 
 /// The simple path: per prompt, each new token from a fresh forward over the whole sequence,
@@ -85,24 +84,13 @@ fn mean_norm(model: &Model, site: Site, prompts: &[Vec<u32>]) -> f32 {
     rows.iter().sum::<f32>() / rows.len() as f32
 }
 
-/// The fixture's prompts, without those whose generation would cross longrope's switch from
-/// short to long factors: there a cache holds keys rotated with the short factors (as in Hugging
-/// Face) and a recompute does not.
-fn prompts_for(model: &Model, family: &str, max_new: usize) -> Vec<Vec<u32>> {
-    let mut prompts = prompt_ids(family);
-    if let RopeScaling::LongRope { original_max_position: m, .. } = model.cfg.rope_scaling {
-        prompts.retain(|p| p.len() > m || p.len() + max_new - 1 <= m);
-    }
-    prompts
-}
-
 #[test]
 fn cached_generation_equals_recompute() {
     let max_new = 8;
     for family in FAMILIES {
         let model = Model::load(&fixture(family)).unwrap();
         let cfg = &model.cfg;
-        let prompts = prompts_for(&model, family, max_new);
+        let prompts = prompt_ids(family);
         assert!(prompts.len() >= 2, "{family}: too few prompts left");
         let resid = Site::new(0, SiteKind::ResidPost);
         let greedy = GenerateSpec { max_new_tokens: max_new, sample: SampleParams::GREEDY, eos_ids: Vec::new(), stop: Vec::new(), batch_size: 8 };
@@ -393,7 +381,7 @@ fn device_generation_matches_cpu_and_gives_its_blocks_back() {
         let model = Model::load(&fixture(family)).unwrap();
         let dev = device(&model);
         let max_new = 6;
-        let prompts = prompts_for(&model, family, max_new);
+        let prompts = prompt_ids(family);
         let site = Site::new(0, SiteKind::ResidPost);
         let spec = GenerateSpec { max_new_tokens: max_new, sample: SampleParams::GREEDY, eos_ids: Vec::new(), stop: Vec::new(), batch_size: 2 };
         let steer = |v: Vec<f32>, beta: f32| [StepIntervention::steer(site, v, beta, TokenScope::all())];

@@ -147,6 +147,7 @@ pub fn generate(
 struct StepInterventions {
     prefill: Vec<Intervention>,
     decode: Vec<Intervention>,
+    steps: Vec<StepIntervention>,
 }
 
 impl StepInterventions {
@@ -166,7 +167,28 @@ impl StepInterventions {
         Ok(StepInterventions {
             prefill: steps.iter().filter_map(|s| s.scope.prompt.clone().map(|p| s.at(p))).collect(),
             decode: steps.iter().filter(|s| s.scope.generated).map(|s| s.at(Positions::List(vec![-1]))).collect(),
+            steps: steps.to_vec(),
         })
+    }
+
+    /// The interventions of a call that feeds sequences again from the start (sequence j of the
+    /// call: a prompt of `prompt_len` tokens, then `generated` tokens): each step intervention
+    /// at its prompt positions and at the generated positions of its scope, per sequence, as
+    /// the calls that first computed those rows applied them.
+    fn refeed(&self, seqs: impl Iterator<Item = (usize, usize)>) -> Vec<Intervention> {
+        let mut out = Vec::new();
+        for (j, (prompt_len, generated)) in seqs.enumerate() {
+            for s in &self.steps {
+                let mut rows: Vec<i64> = s.scope.prompt.as_ref().map_or(Ok(Vec::new()), |p| p.resolve(prompt_len)).unwrap_or_default().into_iter().map(|p| p as i64).collect();
+                if s.scope.generated {
+                    rows.extend((prompt_len..prompt_len + generated).map(|p| p as i64));
+                }
+                if !rows.is_empty() {
+                    out.push(Intervention { prompts: Some(vec![j]), ..s.at(Positions::List(rows)) });
+                }
+            }
+        }
+        out
     }
 }
 
@@ -183,13 +205,40 @@ fn generate_batch(engine: &dyn Engine, prompts: &[Vec<u32>], first: usize, spec:
         if active.is_empty() {
             break;
         }
-        // Step 0 feeds the prompts, later steps the token each prompt generated last.
-        let tokens: Vec<&[u32]> = active.iter().map(|&i| if step == 0 { &prompts[i][..] } else { &gens[i].tokens[gens[i].tokens.len() - 1..] }).collect();
-        let interventions = if step == 0 { &ivs.prefill } else { &ivs.decode };
-        let mut live: Vec<&mut DecodeSeq> = seqs.iter_mut().zip(&running).filter(|(_, r)| **r).map(|(s, _)| s).collect();
-        let logits = engine.decode(&mut live, &tokens, &RunRequest { interventions, logits_at: Some(&last), ..Default::default() })?.logits; // [n_active, vocab]
-        let lens: Vec<usize> = live.iter().map(|s| s.len()).collect();
-        for ((&i, row), len) in active.iter().zip(logits.chunks_exact(vocab)).zip(lens) {
+        // Sequences whose cache the model's generation recomputes now (`recompute_cache_at`)
+        // start afresh and feed their prompt and every generated token.
+        let recompute: Vec<usize> = active.iter().copied().filter(|&i| step > 0 && cfg.recompute_cache_at == Some(seqs[i].len())).collect();
+        for &i in &recompute {
+            seqs[i] = engine.start_decode()?;
+        }
+        let extend: Vec<usize> = active.iter().copied().filter(|i| !recompute.contains(i)).collect();
+        // logits[i]: [vocab] of active sequence i, from the call that fed it.
+        let mut logits: Vec<Vec<f32>> = vec![Vec::new(); prompts.len()];
+        for (group, fresh) in [(&extend, step == 0), (&recompute, true)] {
+            if group.is_empty() {
+                continue;
+            }
+            // A fresh sequence feeds its prompt (and its generated tokens, when recomputed);
+            // otherwise the token it generated last.
+            let owned: Vec<Vec<u32>> = group.iter().map(|&i| if fresh { [&prompts[i][..], &gens[i].tokens[..]].concat() } else { gens[i].tokens[gens[i].tokens.len() - 1..].to_vec() }).collect();
+            let tokens: Vec<&[u32]> = owned.iter().map(Vec::as_slice).collect();
+            let recomputed: Vec<Intervention>;
+            let interventions = match (fresh, step) {
+                (_, 0) => &ivs.prefill,
+                (false, _) => &ivs.decode,
+                (true, _) => {
+                    recomputed = ivs.refeed(group.iter().map(|&i| (prompts[i].len(), gens[i].tokens.len())));
+                    &recomputed
+                }
+            };
+            let mut live: Vec<&mut DecodeSeq> = seqs.iter_mut().enumerate().filter(|(i, _)| group.contains(i)).map(|(_, s)| s).collect();
+            let out = engine.decode(&mut live, &tokens, &RunRequest { interventions, logits_at: Some(&last), ..Default::default() })?.logits; // [group, vocab]
+            for (&i, row) in group.iter().zip(out.chunks_exact(vocab)) {
+                logits[i] = row.to_vec();
+            }
+        }
+        for &i in &active {
+            let (row, len) = (&logits[i], seqs[i].len());
             let g = &mut gens[i];
             let u = sample_uniform(g.seed, g.tokens.len() as i32);
             let id = sample_row(row, spec.sample.temperature, spec.sample.top_p, u).id as u32;

@@ -143,6 +143,11 @@ pub struct ModelConfig {
     /// Leading dimensions of each head that are rotated (d_head * partial_rotary_factor).
     pub rotary_dim: usize,
     pub rope_scaling: RopeScaling,
+    /// Generation recomputes a sequence whose cache holds exactly this many tokens instead of
+    /// extending its cache: Hugging Face's Phi-3 generation drops the cache once, when the
+    /// sequence passes `original_max_position_embeddings` (where longrope switches from the
+    /// short to the long factors; the cached keys were rotated with the short ones).
+    pub recompute_cache_at: Option<usize>,
     pub tie_embeddings: bool,
     pub max_position: usize,
     /// dtype declared in config.json (`torch_dtype` / `dtype`); the tensors' own dtypes rule.
@@ -319,6 +324,7 @@ impl ModelConfig {
             rope_theta,
             rotary_dim,
             rope_scaling,
+            recompute_cache_at: if family == Family::Phi3 { raw.original_max_position_embeddings.map(|Count(n)| n) } else { None },
             tie_embeddings,
             max_position,
             declared_dtype,
