@@ -79,3 +79,56 @@ fn errors_name_the_field_by_its_path() {
     });
     assert!(e.contains("`layer_types[1]`") && e.contains("string"), "{e}");
 }
+
+#[test]
+fn values_the_math_cannot_use_are_refused_naming_the_field() {
+    let base = |family: &str| -> serde_json::Value { serde_json::from_str(&std::fs::read_to_string(fixture(family).join("config.json")).unwrap()).unwrap() };
+    let error = |family: &str, edit: &dyn Fn(&mut serde_json::Map<String, serde_json::Value>)| {
+        let mut v = base(family);
+        edit(v.as_object_mut().unwrap());
+        ModelConfig::from_json(&v, std::path::Path::new("config.json")).err().map(|e| e.to_string())
+    };
+    let set = |k: &'static str, v: serde_json::Value| move |c: &mut serde_json::Map<String, serde_json::Value>| {
+        c.insert(k.into(), v.clone());
+    };
+    let cases: Vec<(&str, Box<dyn Fn(&mut serde_json::Map<String, serde_json::Value>)>, &str)> = vec![
+        ("llama", Box::new(set("rms_norm_eps", serde_json::json!(-1e-6))), "`rms_norm_eps`"),
+        ("llama", Box::new(set("rms_norm_eps", serde_json::json!(0))), "`rms_norm_eps`"),
+        ("llama", Box::new(set("rms_norm_eps", serde_json::json!(1e300))), "`rms_norm_eps`: is inf"),
+        ("llama", Box::new(set("rope_theta", serde_json::json!(0))), "`rope_theta`"),
+        ("llama", Box::new(set("rope_theta", serde_json::json!(-10000.0))), "`rope_theta`"),
+        ("llama", Box::new(set("rope_scaling", serde_json::json!({"rope_type": "linear", "factor": 0}))), "rope factor"),
+        ("llama", Box::new(set("rope_scaling", serde_json::json!({"rope_type": "llama3", "factor": 8, "low_freq_factor": 4, "high_freq_factor": 1, "original_max_position_embeddings": 16}))), "high_freq_factor"),
+        ("gemma2", Box::new(set("final_logit_softcapping", serde_json::json!(-30))), "`final_logit_softcapping`"),
+        ("gemma2", Box::new(set("attn_logit_softcapping", serde_json::json!(0))), "`attn_logit_softcapping`"),
+        ("gemma2", Box::new(set("query_pre_attn_scalar", serde_json::json!(0))), "query_pre_attn_scalar"),
+        ("mistral", Box::new(set("sliding_window", serde_json::json!(0))), "`sliding_window`"),
+        ("llama", Box::new(set("num_hidden_layers", serde_json::json!(1_000_000_000u64))), "`num_hidden_layers`: is 1000000000; patchbay takes at most 1024"),
+        ("llama", Box::new(set("vocab_size", serde_json::json!(u64::MAX))), "`vocab_size`"),
+        ("llama", Box::new(set("max_position_embeddings", serde_json::json!(1u64 << 40))), "`max_position_embeddings`"),
+        ("llama", Box::new(set("max_position_embeddings", serde_json::json!(0))), "`max_position_embeddings`"),
+        ("llama", Box::new(|c: &mut serde_json::Map<String, serde_json::Value>| {
+            c.insert("num_hidden_layers".into(), serde_json::json!(1000));
+            c.insert("hidden_size".into(), serde_json::json!(65536));
+            c.insert("intermediate_size".into(), serde_json::json!(1 << 20));
+            c.insert("num_attention_heads".into(), serde_json::json!(64));
+            c.insert("num_key_value_heads".into(), serde_json::json!(64));
+        }), "parameters"),
+    ];
+    for (family, edit, want) in &cases {
+        let e = error(family, edit.as_ref()).unwrap_or_else(|| panic!("{family}: accepted, expected an error with {want}"));
+        assert!(e.contains(want) && e.contains("config.json") && !e.contains('\n'), "{family}: {e}");
+    }
+    // The phi3 fixture's longrope factors: a zero among them.
+    let e = error("phi3", &|c| {
+        let mut f = c["rope_parameters"]["short_factor"].clone();
+        f[0] = serde_json::json!(0.0);
+        c.get_mut("rope_parameters").unwrap()["short_factor"] = f;
+    })
+    .expect("a zero longrope factor was accepted");
+    assert!(e.contains("short_factor"), "{e}");
+    // Every fixture passes.
+    for family in ["llama", "mistral", "qwen2", "gemma2", "phi3", "olmo2"] {
+        assert!(error(family, &|_| {}).is_none(), "{family}");
+    }
+}

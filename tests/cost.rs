@@ -95,7 +95,7 @@ fn forward_flops_bytes_and_memory_match_hand_counts() {
         assert_eq!(f32_w[0].total.bytes.cpu.weights, 2.0 * want_w, "{family}: f32 checkpoints stream twice the bytes on the CPU");
         assert_eq!(f32_w[0].total.bytes.gpu.weights, want_w, "{family}: the device holds bf16 whatever the checkpoint");
         // Peak memory holds the whole model once.
-        let (matrices, vectors) = cost::n_params(&cfg);
+        let (matrices, vectors) = cfg.n_params();
         assert_eq!(m[0].peak_memory.gpu.weights, (2 * matrices + 4 * vectors) as f64, "{family}");
         assert!(m[0].peak_memory.gpu.total > m[0].peak_memory.gpu.weights);
     }

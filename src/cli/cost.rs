@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use super::patch::SweepArgs;
 use super::{parse_bytes, print_stdout, progress_bar};
 use patchbay::data::prompts::{PromptSource, load_prompts};
-use patchbay::experiments::cost::{Check, Estimate, ModelInfo, PassSpec, PatchPlan, Workload, workload_plan, devices, duration, estimate, measure_sweep, n_params, ratio, render};
+use patchbay::experiments::cost::{Check, Estimate, ModelInfo, PassSpec, PatchPlan, Workload, workload_plan, devices, duration, estimate, measure_sweep, ratio, render};
 use patchbay::experiments::patch::{Method, Pair};
 use patchbay::experiments::patch_files::read_pairs;
 use patchbay::experiments::workload::{PatchWorkload, PatchWorkloadSpec};
@@ -291,7 +291,7 @@ fn prompt_lens(c: &CommonArgs) -> Result<Vec<usize>> {
 }
 
 fn model_info(cfg: &ModelConfig, name: String, dtype: DType) -> ModelInfo {
-    let (matrices, vectors) = n_params(cfg);
+    let (matrices, vectors) = cfg.n_params();
     ModelInfo { name, n_layers: cfg.n_layers, d_model: cfg.d_model, d_mlp: cfg.d_mlp, vocab_size: cfg.vocab_size, params: matrices + vectors, weight_dtype: dtype.name().into() }
 }
 

@@ -103,6 +103,23 @@ impl RopeScaling {
     }
 }
 
+/// The largest sizes a config may declare (larger ones are refused before anything is
+/// allocated): layers, hidden size, heads, head dim, MLP width, vocabulary, context. Llama 3.1
+/// 405B has 126 layers, hidden size 16,384, 128 heads, MLP width 53,248; Gemma 2 a vocabulary of
+/// 256,000.
+pub const SIZE_LIMITS: [(&str, usize); 7] = [
+    ("num_hidden_layers", 1024),
+    ("hidden_size", 1 << 16),
+    ("num_attention_heads", 1024),
+    ("head_dim", 4096),
+    ("intermediate_size", 1 << 20),
+    ("vocab_size", 1 << 23),
+    ("max_position_embeddings", 1 << 24),
+];
+
+/// The most parameters a config may declare (about 1.1 trillion).
+pub const MAX_PARAMETERS: u64 = 1 << 40;
+
 /// Everything the forward needs to know about a checkpoint. Family quirks are fields.
 #[derive(Clone, Debug)]
 pub struct ModelConfig {
@@ -243,7 +260,15 @@ impl ModelConfig {
         };
         let Count(d_mlp) = raw.intermediate_size;
         let Count(vocab_size) = raw.vocab_size;
-        for (name, v) in [("hidden_size", d_model), ("num_hidden_layers", n_layers), ("head_dim", d_head), ("intermediate_size", d_mlp), ("vocab_size", vocab_size)] {
+        let max_position = count(raw.max_position_embeddings).unwrap_or(4096);
+        // Sizes first: later steps allocate per layer. In the order of SIZE_LIMITS.
+        let sizes = [n_layers, d_model, n_heads, d_head, d_mlp, vocab_size, max_position];
+        for (v, (name, limit)) in sizes.into_iter().zip(SIZE_LIMITS) {
+            if v > limit {
+                return Err(Error::config(path, name, format!("is {v}; patchbay takes at most {limit} (the largest released models are far below)")));
+            }
+        }
+        for (name, v) in [("hidden_size", d_model), ("num_hidden_layers", n_layers), ("head_dim", d_head), ("intermediate_size", d_mlp), ("vocab_size", vocab_size), ("max_position_embeddings", max_position)] {
             if v == 0 {
                 return Err(Error::config(path, name, "must be positive"));
             }
@@ -281,7 +306,6 @@ impl ModelConfig {
         };
 
         let sliding_window = layer_sliding_windows(&raw, path, family, n_layers)?;
-        let max_position = count(raw.max_position_embeddings).unwrap_or(4096);
         let (rope_theta, rotary_dim, rope_scaling) = rope(&raw, path, d_head, max_position)?;
 
         let declared_dtype = match raw.torch_dtype.as_deref().or(raw.dtype.as_deref()) {
@@ -297,7 +321,7 @@ impl ModelConfig {
         let bos_token_id = raw.bos_token_id.map(|TokenId(id)| id);
         let eos_token_ids = raw.eos_token_id.map(|TokenIds(ids)| ids).unwrap_or_default();
 
-        Ok(ModelConfig {
+        let cfg = ModelConfig {
             family,
             model_type,
             n_layers,
@@ -331,7 +355,57 @@ impl ModelConfig {
             bos_token_id,
             eos_token_ids,
             generation: None,
-        })
+        };
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+
+    /// Checks, before anything is allocated, every value the math uses: the numbers it divides
+    /// by, takes roots or logs of, or raises must be finite and positive (a zero or negative eps,
+    /// rope theta, soft-cap, scale or rope factor gives NaN or garbage silently); windows are at
+    /// least 1; the parameter count is within [`MAX_PARAMETERS`] (each size was checked against
+    /// [`SIZE_LIMITS`] as it was read). Errors name the field.
+    fn validate(&self, path: &Path) -> Result<()> {
+        let mut positive: Vec<(&str, f32)> = vec![("rms_norm_eps", self.norm_eps), ("rope_theta", self.rope_theta), ("query_pre_attn_scalar (the attention scale)", self.attn_scale)];
+        positive.extend(self.attn_softcap.map(|c| ("attn_logit_softcapping", c)));
+        positive.extend(self.final_softcap.map(|c| ("final_logit_softcapping", c)));
+        positive.extend(self.embed_scale.map(|c| ("hidden_size (the embedding scale)", c)));
+        match &self.rope_scaling {
+            RopeScaling::Default => {}
+            RopeScaling::Linear { factor } => positive.push(("rope factor", *factor)),
+            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, .. } => {
+                positive.extend([("rope factor", *factor), ("rope low_freq_factor", *low_freq_factor), ("rope high_freq_factor", *high_freq_factor)]);
+                if high_freq_factor <= low_freq_factor {
+                    return Err(Error::config(path, "rope high_freq_factor", format!("is {high_freq_factor}; must exceed low_freq_factor = {low_freq_factor}")));
+                }
+            }
+            RopeScaling::LongRope { short_factor, long_factor, attention_factor, .. } => {
+                positive.extend(short_factor.iter().map(|&f| ("rope short_factor", f)));
+                positive.extend(long_factor.iter().map(|&f| ("rope long_factor", f)));
+                positive.push(("rope attention_factor", *attention_factor));
+            }
+        }
+        if let Some((name, v)) = positive.iter().find(|(_, v)| !(v.is_finite() && *v > 0.0)) {
+            return Err(Error::config(path, *name, format!("is {v}; must be a positive finite number")));
+        }
+        if self.sliding_window.contains(&Some(0)) {
+            return Err(Error::config(path, "sliding_window", "is 0; a window holds at least the token itself (1), or is absent"));
+        }
+        let (matrices, vectors) = self.n_params();
+        if (matrices + vectors) as u64 > MAX_PARAMETERS {
+            return Err(Error::config(path, "hidden_size", format!("the sizes make more than {MAX_PARAMETERS} parameters (num_hidden_layers {}, hidden_size {}, intermediate_size {}, vocab_size {})", self.n_layers, self.d_model, self.d_mlp, self.vocab_size)));
+        }
+        Ok(())
+    }
+
+    /// Parameter count (tied embeddings counted once): (matrices, vectors: norms and biases).
+    /// The sizes are within [`SIZE_LIMITS`], so no product overflows.
+    pub fn n_params(&self) -> (usize, usize) {
+        let (d, qw, kvw, dm) = (self.d_model, self.q_width(), self.kv_width(), self.d_mlp);
+        let matrices = self.n_layers * (d * (qw + 2 * kvw) + qw * d + 3 * d * dm) + self.vocab_size * d * if self.tie_embeddings { 1 } else { 2 };
+        let norms = self.n_layers * d * if self.pre_norms && self.post_norms { 4 } else { 2 } + d + self.qk_norm as usize * self.n_layers * (qw + kvw);
+        let biases = self.n_layers * (self.qkv_bias as usize * (qw + 2 * kvw) + self.o_bias as usize * d + self.mlp_bias as usize * (2 * dm + d));
+        (matrices, norms + biases)
     }
 
     /// Number of query heads sharing one kv head.

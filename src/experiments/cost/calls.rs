@@ -266,17 +266,7 @@ impl CallWork {
     }
 }
 
-/// Parameter count of the model (tied embeddings counted once): (matrices, vectors: norms and
-/// biases, kept as f32).
-pub fn n_params(cfg: &ModelConfig) -> (usize, usize) {
-    let (d, qw, kvw, dm) = (cfg.d_model, cfg.q_width(), cfg.kv_width(), cfg.d_mlp);
-    let matrices = cfg.n_layers * (d * (qw + 2 * kvw) + qw * d + 3 * d * dm) + cfg.vocab_size * d * if cfg.tie_embeddings { 1 } else { 2 };
-    let norms = cfg.n_layers * d * if cfg.pre_norms && cfg.post_norms { 4 } else { 2 } + d + cfg.qk_norm as usize * cfg.n_layers * (qw + kvw);
-    let biases = cfg.n_layers * (cfg.qkv_bias as usize * (qw + 2 * kvw) + cfg.o_bias as usize * d + cfg.mlp_bias as usize * (2 * dm + d));
-    (matrices, norms + biases)
-}
-
 pub(super) fn weight_bytes(cfg: &ModelConfig, path: Path, weight_dtype: DType) -> f64 {
-    let (matrices, vectors) = n_params(cfg);
+    let (matrices, vectors) = cfg.n_params();
     matrices as f64 * sizes(path, weight_dtype).weight + vectors as f64 * 4.0
 }
