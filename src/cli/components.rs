@@ -67,7 +67,9 @@ Output: --out/lens.safetensors in capture's layout (f32; metadata as capture's, 
 their token ids and top_k): label_logits [n_prompts, n_positions, n_layers, n_labels] for a
 position list, [T_total, n_layers, n_labels] plus prompt_offsets [n_prompts+1] for --positions
 all; with --top-k K also top_ids (i64) and top_logits [..., n_layers, K], largest first.
---out/lens.png: layer x label heatmap of the mean label probability (softmax over the labels).
+--out/lens.png: layer x label heatmap: for each label, the mean probability (softmax over the labels)
+of that label at each layer over the rows of its prompts (gold label; without one, the rows the
+last layer predicts as that label).
 --out/manifest.json.";
 
 #[derive(Args)]
@@ -255,7 +257,9 @@ fn lens(a: LensArgs) -> Result<()> {
     meta.insert("top_k".into(), a.top_k.map_or("none".into(), |k| k.to_string()));
     write_safetensors(&a.run.out.join("lens.safetensors"), &tensors, &meta)?;
     if let Some((_, OutTensor::Float { data, .. })) = tensors.first() {
-        lens_heatmap(&a.run.out.join("lens.png"), data, model.cfg.n_layers, &p.labels)?;
+        let rows_of = |prompt: &Vec<u32>| if let Positions::List(l) = &positions { l.len() } else { prompt.len() };
+        let row_label: Vec<Option<usize>> = p.ids.iter().zip(p.gold()?).flat_map(|(ids, g)| std::iter::repeat_n(g, rows_of(ids))).collect();
+        lens_heatmap(&a.run.out.join("lens.png"), data, model.cfg.n_layers, &p.labels, &row_label)?;
     }
     let extra = json!({"positions": positions.describe(), "top_k": a.top_k, "n_prompts": p.ids.len(), "timings_s": {"total": t0.elapsed().as_secs_f64()}});
     let m = manifest("components lens", &model, &engine.device_name(), (p.dataset.as_ref(), p.template.as_ref(), &p.labels), &a.labels, extra);

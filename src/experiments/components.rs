@@ -362,26 +362,31 @@ pub fn logit_lens(model: &Model, engine: &dyn Engine, prompts: &[Vec<u32>], posi
     Ok(out)
 }
 
-/// The layer x label heatmap of a lens: the mean over rows of each label's probability (softmax
-/// over the label set) at each layer; `label_logits` `[rows, n_layers, n_labels]`.
-pub fn lens_heatmap(path: &Path, label_logits: &[f32], n_layers: usize, labels: &LabelSet) -> Result<()> {
+/// The layer x label heatmap of a lens: for each label c and layer, the mean probability of c
+/// (softmax over the label set) over the rows whose label is c: `row_label[r]` (a prompt's gold
+/// label), else the last layer's argmax at that row (the model's own prediction there).
+/// `label_logits` `[rows, n_layers, n_labels]`.
+pub fn lens_heatmap(path: &Path, label_logits: &[f32], n_layers: usize, labels: &LabelSet, row_label: &[Option<usize>]) -> Result<()> {
     let nl = labels.len();
-    let rows = label_logits.len() / (n_layers * nl).max(1);
-    let mut mean = vec![0.0f64; n_layers * nl]; // [n_layers, n_labels]
-    for (i, row) in label_logits.chunks(nl).enumerate() {
-        let l = i % n_layers;
-        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let z: f64 = row.iter().map(|v| ((v - max) as f64).exp()).sum();
-        row.iter().enumerate().for_each(|(j, v)| mean[l * nl + j] += ((v - max) as f64).exp() / z / rows as f64);
+    let mut sum = vec![0.0f64; n_layers * nl]; // [n_layers, n_labels]
+    let mut count = vec![0usize; nl];
+    for (row, gold) in label_logits.chunks(n_layers * nl).zip(row_label) {
+        let c = gold.unwrap_or_else(|| crate::logits::argmax(&row[(n_layers - 1) * nl..]));
+        count[c] += 1;
+        for (l, layer) in row.chunks(nl).enumerate() {
+            let max = layer.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let z: f64 = layer.iter().map(|v| ((v - max) as f64).exp()).sum();
+            sum[l * nl + c] += ((layer[c] - max) as f64).exp() / z;
+        }
     }
     heatmap(
         path,
         &Grid {
-            title: format!("logit lens: mean label probability (softmax over the labels) by layer, {rows} rows"),
+            title: format!("logit lens: probability of each row's label (gold, else the last layer's prediction), softmax over the labels; {} rows", row_label.len()),
             row_labels: (0..n_layers).map(|l| format!("layer {l}")).collect(),
             col_labels: labels.names.clone(),
-            values: mean.chunks(nl).map(|r| r.iter().map(|v| Some(*v)).collect()).collect(),
-            value_label: "probability".into(),
+            values: sum.chunks(nl).map(|r| r.iter().zip(&count).map(|(v, &c)| (c > 0).then(|| v / c as f64)).collect()).collect(),
+            value_label: "mean probability".into(),
             range: Some((0.0, 1.0)),
         },
     )
