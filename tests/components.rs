@@ -419,7 +419,18 @@ fn errors_are_one_line() {
         assert!(!out.join("heads.csv").exists(), "{extra:?}: wrote a table");
     }
     let out = dir.path().join("lens");
-    let args: Vec<String> = ["components", "lens", "--model", &path_arg(&fixture(family)), "--token-ids", &path_arg(&ids), "--label-token-ids", "5,6", "--top-k", "0", "--quiet", "--out", &path_arg(&out)].iter().map(|s| s.to_string()).collect();
-    let (code, err) = patchbay(&args);
-    assert!(code == 1 && err.trim().lines().count() == 1 && err.contains("--top-k"), "{err}");
+    let lens = |extra: &[&str]| {
+        let mut args: Vec<String> = ["components", "lens", "--model", &path_arg(&fixture(family)), "--token-ids", &path_arg(&ids), "--quiet", "--out", &path_arg(&out)].iter().map(|s| s.to_string()).collect();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        patchbay(&args)
+    };
+    for (extra, want) in [(&["--label-token-ids", "5,6", "--top-k", "0"][..], "--top-k"), (&[][..], "give the labels")] {
+        let (code, err) = lens(extra);
+        assert!(code == 1 && err.trim().lines().count() == 1 && err.contains(want), "{extra:?}: {err}");
+    }
+    // With --top-k the labels are optional: top-k only.
+    let (code, err) = lens(&["--top-k", "3"]);
+    assert_eq!(code, 0, "{err}");
+    let f = TensorFile::open(&out.join("lens.safetensors")).unwrap();
+    assert!(f.entries.contains_key("top_ids") && !f.entries.contains_key("label_logits"));
 }

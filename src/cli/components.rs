@@ -66,7 +66,9 @@ on the host in f32.
 Output: --out/lens.safetensors in capture's layout (f32; metadata as capture's, plus the labels,
 their token ids and top_k): label_logits [n_prompts, n_positions, n_layers, n_labels] for a
 position list, [T_total, n_layers, n_labels] plus prompt_offsets [n_prompts+1] for --positions
-all; with --top-k K also top_ids (i64) and top_logits [..., n_layers, K], largest first.
+all; with --top-k K also top_ids (i64) and top_logits [..., n_layers, K], largest first. With
+--top-k the labels are optional (no label flags and no gold labels: top-k only, no label_logits
+and no plot).
 --out/lens.png: layer x label heatmap: for each label, the mean probability (softmax over the labels)
 of that label at each layer over the rows of its prompts (gold label; without one, the rows the
 last layer predicts as that label).
@@ -116,7 +118,7 @@ struct LensArgs {
     inputs: InputArgs,
     #[command(flatten)]
     labels: LabelArgs,
-    /// Also the K highest-scoring tokens of the whole vocabulary per layer.
+    /// Also the K highest-scoring tokens of the whole vocabulary per layer (then the labels are optional).
     #[arg(long)]
     top_k: Option<usize>,
     #[command(flatten)]
@@ -242,7 +244,7 @@ fn contrib(a: ContribArgs) -> Result<()> {
 fn lens(a: LensArgs) -> Result<()> {
     let t0 = Instant::now();
     let positions = prompt_positions(&a.run.positions)?;
-    let p = Prompts::load(&a.inputs, &a.labels, a.run.quiet)?;
+    let p = Prompts::load_labels(&a.inputs, &a.labels, a.run.quiet, a.top_k.is_none())?;
     let model = Model::load(&a.inputs.model)?;
     let engine = load_engine(&model, a.inputs.device)?;
     let bar = progress_bar(p.ids.len() as u64, "lens", "prompts", a.run.quiet);
@@ -256,7 +258,7 @@ fn lens(a: LensArgs) -> Result<()> {
     meta.insert("label_token_ids".into(), p.labels.token_ids.iter().map(u32::to_string).collect::<Vec<_>>().join(","));
     meta.insert("top_k".into(), a.top_k.map_or("none".into(), |k| k.to_string()));
     write_safetensors(&a.run.out.join("lens.safetensors"), &tensors, &meta)?;
-    if let Some((_, OutTensor::Float { data, .. })) = tensors.first() {
+    if let Some((_, OutTensor::Float { data, .. })) = tensors.iter().find(|(name, _)| name == "label_logits") {
         let rows_of = |prompt: &Vec<u32>| if let Positions::List(l) = &positions { l.len() } else { prompt.len() };
         let row_label: Vec<Option<usize>> = p.ids.iter().zip(p.gold()?).flat_map(|(ids, g)| std::iter::repeat_n(g, rows_of(ids))).collect();
         lens_heatmap(&a.run.out.join("lens.png"), data, model.cfg.n_layers, &p.labels, &row_label)?;

@@ -304,7 +304,7 @@ pub fn lens_rows(model: &Model, x: &[f32], tokens: Option<&[u32]>) -> Result<Vec
 
 /// The logit lens at `positions` of every prompt (captured on `engine` in batches of
 /// `batch_size` prompts, read on the host in chunks of rows), in the layout of `capture`'s file:
-/// `label_logits` `[lead, n_layers, n_labels]` and with `top_k` also `top_ids` (i64) and
+/// `label_logits` `[lead, n_layers, n_labels]` (unless `labels` is empty) and with `top_k` also `top_ids` (i64) and
 /// `top_logits` `[lead, n_layers, k]`, where lead is `[n_prompts, n_positions]` for a position
 /// list and `[T_total]` for `all` (then `prompt_offsets` follows, as in `capture`).
 pub fn logit_lens(model: &Model, engine: &dyn Engine, prompts: &[Vec<u32>], positions: &Positions, labels: &LabelSet, top_k: Option<usize>, batch_size: usize, progress: &ProgressBar) -> Result<Vec<(String, OutTensor)>> {
@@ -313,6 +313,9 @@ pub fn logit_lens(model: &Model, engine: &dyn Engine, prompts: &[Vec<u32>], posi
     labels.check_vocab(cfg.vocab_size)?;
     if top_k == Some(0) {
         return Err(Error::input("--top-k must be at least 1"));
+    }
+    if labels.is_empty() && top_k.is_none() {
+        return Err(Error::input("give the labels (--labels, --label-token-ids or a dataset with gold labels) or --top-k K"));
     }
     let (n_layers, d, nl) = (cfg.n_layers, cfg.d_model, labels.len());
     let spec = CaptureSpec { sites: (0..n_layers).map(|l| Site::new(l, SiteKind::ResidPost)).collect(), positions: positions.clone(), logits: false, dtype: OutDtype::F32, batch_size };
@@ -338,9 +341,11 @@ pub fn logit_lens(model: &Model, engine: &dyn Engine, prompts: &[Vec<u32>], posi
         for r0 in (0..rows).step_by(CHUNK_ROWS) {
             let r1 = (r0 + CHUNK_ROWS).min(rows);
             let xs = &x[r0 * d..r1 * d]; // [chunk, d_model]
-            let ll = lens_rows(model, xs, Some(&labels.token_ids))?; // [chunk, n_labels]
-            for (i, v) in ll.chunks(nl).enumerate() {
-                label_logits[((r0 + i) * n_layers + l) * nl..((r0 + i) * n_layers + l + 1) * nl].copy_from_slice(v);
+            if nl > 0 {
+                let ll = lens_rows(model, xs, Some(&labels.token_ids))?; // [chunk, n_labels]
+                for (i, v) in ll.chunks(nl).enumerate() {
+                    label_logits[((r0 + i) * n_layers + l) * nl..((r0 + i) * n_layers + l + 1) * nl].copy_from_slice(v);
+                }
             }
             if k > 0 {
                 let (ids, vals) = top_k_rows(&lens_rows(model, xs, None)?, cfg.vocab_size, k);
@@ -353,7 +358,10 @@ pub fn logit_lens(model: &Model, engine: &dyn Engine, prompts: &[Vec<u32>], posi
         }
     }
     let shape = |tail: usize| lead.iter().copied().chain([n_layers, tail]).collect::<Vec<_>>();
-    let mut out = vec![("label_logits".to_string(), OutTensor::Float { shape: shape(nl), data: label_logits, dtype: OutDtype::F32 })];
+    let mut out = Vec::new();
+    if nl > 0 {
+        out.push(("label_logits".to_string(), OutTensor::Float { shape: shape(nl), data: label_logits, dtype: OutDtype::F32 }));
+    }
     if k > 0 {
         out.push(("top_ids".into(), OutTensor::I64 { shape: shape(k), data: top_ids }));
         out.push(("top_logits".into(), OutTensor::Float { shape: shape(k), data: top_logits, dtype: OutDtype::F32 }));
