@@ -405,6 +405,7 @@ fn errors_are_one_line() {
         (vec!["--vector".into(), f("narrow"), "--layer".into(), "1".into()], "has width 61"),
         (vec!["--vector".into(), f("joy"), "--layer".into(), "7".into()], "layer 7 is out of range"),
         (vec!["--vector".into(), f("joy")], "--layer"),
+        (vec!["--vector".into(), f("joy"), "--site".into(), "final_norm".into(), "--layer".into(), "1".into()], "final_norm has no layer"),
         (vec!["--vector".into(), f("joy"), "--layer".into(), "1".into(), "--site".into(), "attn_out".into()], "residual-stream site"),
         (vec!["--vector".into(), f("joy"), "--layer".into(), "1".into(), "--positions".into(), "generated".into()], "prompt positions only"),
         (vec!["--vector".into(), f("joy"), "--layer".into(), "1".into(), "--positions".into(), "40".into()], "position 40 is out of range"),
@@ -418,6 +419,15 @@ fn errors_are_one_line() {
         assert!(err.contains(want), "{extra:?}: `{err}` does not say `{want}`");
         assert!(!out.join("heads.csv").exists(), "{extra:?}: wrote a table");
     }
+    // A direction at final_norm: every layer's heads and neurons write before it.
+    let final_file = dir.path().join("final.safetensors");
+    direction_file(&final_file, Site::final_norm(&model.cfg), &[("joy", seeded(d, 6))]);
+    let out = dir.path().join("final");
+    let (code, err) = patchbay(&contrib_args(family, &ids, &out, &["--vector", &format!("{}:joy", final_file.display()), "--site", "final_norm"]));
+    assert_eq!(code, 0, "{err}");
+    let layers: std::collections::BTreeSet<usize> = read_table(&out.join("heads.csv")).keys().map(|k| k.1).collect();
+    assert_eq!(layers.len(), model.cfg.n_layers);
+
     let out = dir.path().join("lens");
     let lens = |extra: &[&str]| {
         let mut args: Vec<String> = ["components", "lens", "--model", &path_arg(&fixture(family)), "--token-ids", &path_arg(&ids), "--quiet", "--out", &path_arg(&out)].iter().map(|s| s.to_string()).collect();
