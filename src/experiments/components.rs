@@ -166,21 +166,19 @@ impl Readout {
             SiteKind::FinalNorm => (cfg.n_layers, cfg.n_layers),
             _ => return Err(Error::input(format!("contributions are read at a residual-stream site (resid_pre, resid_mid, resid_post of a layer, or final_norm), not {site}"))),
         };
-        let resid_dirs: Vec<f32> = match site.kind {
-            SiteKind::FinalNorm => {
-                let w = norm_factor(&model.weights.final_norm, cfg.norm_weight);
-                dirs.chunks(d).flat_map(|r| r.iter().zip(&w).map(|(a, b)| a * b).collect::<Vec<_>>()).collect()
+        // Each row of `dirs` times a norm's factor, elementwise (the direction as read through it).
+        let through_norm = |dirs: &[f32], w: Option<&Vec<f32>>| -> Vec<f32> {
+            match w {
+                Some(w) => {
+                    let w = norm_factor(w, cfg.norm_weight);
+                    dirs.chunks(d).flat_map(|r| r.iter().zip(&w).map(|(a, b)| a * b).collect::<Vec<_>>()).collect()
+                }
+                None => dirs.to_vec(),
             }
-            _ => dirs.to_vec(),
         };
-        // The direction as a sublayer output reads it: through its post-norm's weight, if any.
-        let through = |post: Option<&Vec<f32>>| match post {
-            Some(w) => {
-                let w = norm_factor(w, cfg.norm_weight);
-                resid_dirs.chunks(d).flat_map(|r| r.iter().zip(&w).map(|(a, b)| a * b).collect::<Vec<_>>()).collect()
-            }
-            None => resid_dirs.clone(),
-        };
+        let resid_dirs = through_norm(dirs, (site.kind == SiteKind::FinalNorm).then_some(&model.weights.final_norm));
+        // The direction as a sublayer output reads it: through its post-norm, if any.
+        let through = |post: Option<&Vec<f32>>| through_norm(&resid_dirs, post);
         let layers = &model.weights.layers;
         let (mut attn, mut attn_bias, mut mlp, mut mlp_bias) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for lw in &layers[..head_layers] {
