@@ -18,7 +18,7 @@ use patchbay::backend::emu::FiberOrder;
 use patchbay::data::labels::LabelSet;
 use patchbay::engine::device_forward::DeviceModel;
 use patchbay::engine::{Engine, RunRequest};
-use patchbay::experiments::components::{ContribSpec, Readout, contribution_tables, logit_lens};
+use patchbay::experiments::components::{ContribSpec, LensSpec, Readout, contribution_tables, logit_lens};
 use patchbay::intervene::Capture;
 use patchbay::io::OutDtype;
 use patchbay::io::tensorfile::{TensorData, TensorFile, write};
@@ -130,7 +130,7 @@ fn last_layer_lens_is_the_model_logits() {
         let check = |engine: &dyn Engine, exact: bool| {
             for positions in [Positions::All, Positions::List(vec![-1, 0])] {
                 let bar = indicatif::ProgressBar::hidden();
-                let lens = logit_lens(&model, engine, &prompts, &positions, &labels, None, 2, &bar).unwrap();
+                let lens = logit_lens(&model, engine, &prompts, &labels, &LensSpec { positions: positions.clone(), top_k: None, batch_size: 2 }, &bar).unwrap();
                 let patchbay::io::OutTensor::Float { data, shape, .. } = &lens[0].1 else { panic!() };
                 let n_layers = model.cfg.n_layers;
                 let last: Vec<f32> = data.chunks(tokens.len()).skip(n_layers - 1).step_by(n_layers).flatten().copied().collect();
@@ -162,7 +162,7 @@ fn capture_all(engine: &dyn Engine, prompts: &[Vec<u32>], sites: &[Site], extra:
     engine.run_prompts(prompts, &RunRequest { captures: &captures, ..Default::default() }).unwrap().captured
 }
 
-fn data<'a>(captured: &'a [patchbay::intervene::Captured], site: Site) -> &'a [f32] {
+fn data(captured: &[patchbay::intervene::Captured], site: Site) -> &[f32] {
     &captured.iter().find(|c| c.site == site).unwrap_or_else(|| panic!("{site} not captured")).data
 }
 

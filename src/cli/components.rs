@@ -12,7 +12,7 @@ use serde_json::json;
 use super::inputs::{InputArgs, LabelArgs, Prompts, manifest};
 use super::{load_engine, progress_bar};
 use patchbay::experiments::capture::metadata;
-use patchbay::experiments::components::{BatchTerms, ContribSpec, Readout, contribution_tables, head_heatmaps, lens_heatmap, logit_lens, long_tail_plot, write_table};
+use patchbay::experiments::components::{BatchTerms, ContribSpec, LensSpec, Readout, contribution_tables, head_heatmaps, lens_heatmap, logit_lens, long_tail_plot, write_table};
 use patchbay::intervene::spec::read_vector;
 use patchbay::io::{OutDtype, OutTensor, write_safetensors};
 use patchbay::model::Model;
@@ -248,7 +248,7 @@ fn lens(a: LensArgs) -> Result<()> {
     let model = Model::load(&a.inputs.model)?;
     let engine = load_engine(&model, a.inputs.device)?;
     let bar = progress_bar(p.ids.len() as u64, "lens", "prompts", a.run.quiet);
-    let tensors = logit_lens(&model, engine.as_ref(), &p.ids, &positions, &p.labels, a.top_k, a.run.batch_size, &bar)?;
+    let tensors = logit_lens(&model, engine.as_ref(), &p.ids, &p.labels, &LensSpec { positions: positions.clone(), top_k: a.top_k, batch_size: a.run.batch_size }, &bar)?;
     bar.finish_and_clear();
     std::fs::create_dir_all(&a.run.out).map_err(|e| Error::io(&a.run.out, e))?;
     let spec = patchbay::experiments::capture::CaptureSpec { sites: Vec::new(), positions: positions.clone(), logits: false, dtype: OutDtype::F32, batch_size: a.run.batch_size };

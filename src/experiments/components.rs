@@ -154,7 +154,7 @@ impl Readout {
         let cfg = &model.cfg;
         site.check(cfg)?;
         let d = cfg.d_model;
-        if dirs.is_empty() || dirs.len() % d != 0 {
+        if dirs.is_empty() || !dirs.len().is_multiple_of(d) {
             return Err(Error::input(format!("directions of {} values are not rows of d_model {d}", dirs.len())));
         }
         let n_dirs = dirs.len() / d;
@@ -237,7 +237,7 @@ impl Readout {
         for l in 0..self.head_layers {
             let lw = &model.weights.layers[l];
             let z = get(Site::new(l, SiteKind::Z))?; // [rows, n_heads * d_head]
-            let s = post_norm_scale(&scale, lw.attn_post_norm.is_some().then(|| (z, &lw.o)), d, cfg.norm_eps);
+            let s = post_norm_scale(&scale, lw.attn_post_norm.is_some().then_some((z, &lw.o)), d, cfg.norm_eps);
             for r in 0..rows {
                 let (j, zr) = (dir_of_row[r], &z[r * qw..(r + 1) * qw]);
                 let u = &self.attn[l][j * qw..(j + 1) * qw];
@@ -250,7 +250,7 @@ impl Readout {
         for l in 0..self.neuron_layers {
             let lw = &model.weights.layers[l];
             let post = get(Site::new(l, SiteKind::MlpPost))?; // [rows, d_mlp]
-            let s = post_norm_scale(&scale, lw.mlp_post_norm.is_some().then(|| (post, &lw.down)), d, cfg.norm_eps);
+            let s = post_norm_scale(&scale, lw.mlp_post_norm.is_some().then_some((post, &lw.down)), d, cfg.norm_eps);
             for r in 0..rows {
                 let j = dir_of_row[r];
                 let u = &self.mlp[l][j * dm..(j + 1) * dm];
@@ -300,12 +300,22 @@ pub fn lens_rows(model: &Model, x: &[f32], tokens: Option<&[u32]>) -> Result<Vec
     Ok(logits)
 }
 
+/// Where and how the logit lens reads: prompt positions, the top-k tokens (None: the labels
+/// only), prompts per forward.
+#[derive(Clone, Debug)]
+pub struct LensSpec {
+    pub positions: Positions,
+    pub top_k: Option<usize>,
+    pub batch_size: usize,
+}
+
 /// The logit lens at `positions` of every prompt (captured on `engine` in batches of
 /// `batch_size` prompts, read on the host in chunks of rows), in the layout of `capture`'s file:
 /// `label_logits` `[lead, n_layers, n_labels]` (unless `labels` is empty) and with `top_k` also `top_ids` (i64) and
 /// `top_logits` `[lead, n_layers, k]`, where lead is `[n_prompts, n_positions]` for a position
 /// list and `[T_total]` for `all` (then `prompt_offsets` follows, as in `capture`).
-pub fn logit_lens(model: &Model, engine: &dyn Engine, prompts: &[Vec<u32>], positions: &Positions, labels: &LabelSet, top_k: Option<usize>, batch_size: usize, progress: &ProgressBar) -> Result<Vec<(String, OutTensor)>> {
+pub fn logit_lens(model: &Model, engine: &dyn Engine, prompts: &[Vec<u32>], labels: &LabelSet, spec: &LensSpec, progress: &ProgressBar) -> Result<Vec<(String, OutTensor)>> {
+    let LensSpec { positions, top_k, batch_size } = spec.clone();
     const CHUNK_ROWS: usize = 256;
     let cfg = &model.cfg;
     labels.check_vocab(cfg.vocab_size)?;
@@ -316,8 +326,8 @@ pub fn logit_lens(model: &Model, engine: &dyn Engine, prompts: &[Vec<u32>], posi
         return Err(Error::input("give the labels (--labels, --label-token-ids or a dataset with gold labels) or --top-k K"));
     }
     let (n_layers, d, nl) = (cfg.n_layers, cfg.d_model, labels.len());
-    let spec = CaptureSpec { sites: (0..n_layers).map(|l| Site::new(l, SiteKind::ResidPost)).collect(), positions: positions.clone(), logits: false, dtype: OutDtype::F32, batch_size };
-    let mut captured = capture(engine, prompts, &spec, progress)?;
+    let capture_spec = CaptureSpec { sites: (0..n_layers).map(|l| Site::new(l, SiteKind::ResidPost)).collect(), positions, logits: false, dtype: OutDtype::F32, batch_size };
+    let mut captured = capture(engine, prompts, &capture_spec, progress)?;
     let offsets = captured.pop_if(|(name, _)| name == "prompt_offsets");
     let mut lead = Vec::new();
     let resid: Vec<Vec<f32>> = captured
