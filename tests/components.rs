@@ -18,7 +18,7 @@ use patchbay::backend::emu::FiberOrder;
 use patchbay::data::labels::LabelSet;
 use patchbay::engine::device_forward::DeviceModel;
 use patchbay::engine::{Engine, RunRequest};
-use patchbay::experiments::components::{ContribSpec, LensSpec, Readout, contribution_tables, logit_lens};
+use patchbay::experiments::components::{ContribSpec, LensSpec, PostNormScales, Readout, contribution_tables, logit_lens};
 use patchbay::intervene::Capture;
 use patchbay::io::OutDtype;
 use patchbay::io::tensorfile::{TensorData, TensorFile, write};
@@ -186,7 +186,7 @@ fn contributions_decompose_the_residual_every_family() {
         let sites: Vec<Site> = (0..nl).flat_map(|l| kinds.map(|k| Site::new(l, k))).chain([Site::final_norm(cfg)]).collect();
         let captured = capture_all(&model, &prompts, &sites, &readout.captures(&model, &Positions::All));
         let rows = 17;
-        let c = readout.contributions(&model, &captured, &vec![0; rows]).unwrap();
+        let c = readout.contributions(&model, &captured, &PostNormScales::new(&model, &captured, nl).unwrap(), &vec![0; rows]).unwrap();
         let tol = |name: &str, got: f32, want: f32| assert!((got - want).abs() <= F32_ATOL + F32_RTOL * want.abs(), "{family} {name}: {got} vs {want}");
         assert_eq!(c.embed.len(), rows);
         let mut total = c.embed.clone();
@@ -225,7 +225,7 @@ fn contributions_decompose_the_residual_every_family() {
         let dla = Readout::new(&model, Site::final_norm(cfg), &model.weights.lm_head.gather_rows(&tokens).to_f32()).unwrap();
         let dla_captured = capture_all(&model, &prompts, &[], &dla.captures(&model, &Positions::All));
         let which: Vec<usize> = (0..rows).map(|r| r % tokens.len()).collect();
-        let t = dla.contributions(&model, &dla_captured, &which).unwrap();
+        let t = dla.contributions(&model, &dla_captured, &PostNormScales::new(&model, &dla_captured, nl).unwrap(), &which).unwrap();
         let logits = model.run_prompts(&prompts, &RunRequest { logits_at: Some(&Positions::All), logit_tokens: Some(&tokens), ..Default::default() }).unwrap().logits;
         for r in 0..rows {
             let mut sum = t.embed[r] + t.heads[r * nl * nh..(r + 1) * nl * nh].iter().sum::<f32>() + t.neurons[r * nl * dm..(r + 1) * nl * dm].iter().sum::<f32>();

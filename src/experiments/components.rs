@@ -208,11 +208,15 @@ impl Readout {
     }
 
     /// The terms of every captured row, row r read along direction `dir_of_row[r]`; `captured`
-    /// must hold [`Readout::captures`] (in any order, among others).
-    pub fn contributions(&self, model: &Model, captured: &[Captured], dir_of_row: &[usize]) -> Result<RowContribs> {
+    /// must hold [`Readout::captures`] (in any order, among others), `post` the batch's
+    /// post-norm scales of at least the writing layers.
+    pub fn contributions(&self, model: &Model, captured: &[Captured], post: &PostNormScales, dir_of_row: &[usize]) -> Result<RowContribs> {
         let cfg = &model.cfg;
         let (d, qw, dh, nh, dm) = (cfg.d_model, cfg.q_width(), cfg.d_head, cfg.n_heads, cfg.d_mlp);
-        let get = |site: Site| captured.iter().find(|c| c.site == site).map(|c| c.data.as_slice()).ok_or_else(|| Error::input(format!("contributions: {site} was not captured")));
+        let get = |site: Site| find(captured, site);
+        if post.attn.len() < self.head_layers || post.mlp.len() < self.neuron_layers {
+            return Err(Error::input(format!("contributions: post-norm scales of {} layers for {} writing layers", post.attn.len(), self.head_layers.max(self.neuron_layers))));
+        }
         let rows = dir_of_row.len();
         if let Some(&j) = dir_of_row.iter().find(|&&j| j >= self.n_dirs) {
             return Err(Error::input(format!("contributions: direction {j} of {}", self.n_dirs)));
@@ -235,9 +239,8 @@ impl Readout {
             embed,
         };
         for l in 0..self.head_layers {
-            let lw = &model.weights.layers[l];
             let z = get(Site::new(l, SiteKind::Z))?; // [rows, n_heads * d_head]
-            let s = post_norm_scale(&scale, lw.attn_post_norm.is_some().then_some((z, &lw.o)), d, cfg.norm_eps);
+            let s = with_post_norm(&scale, post.attn[l].as_ref());
             for r in 0..rows {
                 let (j, zr) = (dir_of_row[r], &z[r * qw..(r + 1) * qw]);
                 let u = &self.attn[l][j * qw..(j + 1) * qw];
@@ -248,14 +251,13 @@ impl Readout {
             }
         }
         for l in 0..self.neuron_layers {
-            let lw = &model.weights.layers[l];
-            let post = get(Site::new(l, SiteKind::MlpPost))?; // [rows, d_mlp]
-            let s = post_norm_scale(&scale, lw.mlp_post_norm.is_some().then_some((post, &lw.down)), d, cfg.norm_eps);
+            let act = get(Site::new(l, SiteKind::MlpPost))?; // [rows, d_mlp]
+            let s = with_post_norm(&scale, post.mlp[l].as_ref());
             for r in 0..rows {
                 let j = dir_of_row[r];
                 let u = &self.mlp[l][j * dm..(j + 1) * dm];
                 let dst = &mut out.neurons[(r * self.neuron_layers + l) * dm..(r * self.neuron_layers + l + 1) * dm];
-                dst.iter_mut().zip(&post[r * dm..(r + 1) * dm]).zip(u).for_each(|((o, p), u)| *o = s[r] * p * u);
+                dst.iter_mut().zip(&act[r * dm..(r + 1) * dm]).zip(u).for_each(|((o, p), u)| *o = s[r] * p * u);
                 out.mlp_bias[r * self.neuron_layers + l] = s[r] * self.mlp_bias[l][j];
             }
         }
@@ -263,18 +265,46 @@ impl Readout {
     }
 }
 
-/// The row scales of a sublayer's terms: `scale`, divided where the sublayer has a post-norm by
-/// the clean rms of its output before that norm (`linear(input)`, recomputed from the captured
-/// input rows).
-fn post_norm_scale(scale: &[f32], post_norm_input: Option<(&[f32], &crate::model::checkpoint::Linear)>, d: usize, eps: f32) -> Vec<f32> {
-    match post_norm_input {
-        None => scale.to_vec(),
-        Some((x, lin)) => {
-            let rows = scale.len();
-            let mut o = vec![0.0f32; rows * d]; // [rows, d_model]
+/// The clean scales of a batch's post-norms (Gemma 2, OLMo 2): per layer, 1 / rms of the
+/// attention and of the MLP output before its post-norm, `[rows]` each (None where the family
+/// has no post-norm), recomputed once per batch from the captured z and mlp_post
+/// (`linear(input)` on the host) and shared by every readout of the batch.
+pub struct PostNormScales {
+    attn: Vec<Option<Vec<f32>>>,
+    mlp: Vec<Option<Vec<f32>>>,
+}
+
+impl PostNormScales {
+    /// The scales of layers `< layers`; `captured` must hold their z and mlp_post where the
+    /// family has post-norms.
+    pub fn new(model: &Model, captured: &[Captured], layers: usize) -> Result<PostNormScales> {
+        let cfg = &model.cfg;
+        let scale = |kind: SiteKind, l: usize, lin: &crate::model::checkpoint::Linear| -> Result<Vec<f32>> {
+            let x = find(captured, Site::new(l, kind))?;
+            let rows = x.len() / lin.w.shape[1];
+            let mut o = vec![0.0f32; rows * cfg.d_model]; // [rows, d_model]
             cpu::linear(x, rows, lin, &mut o);
-            inv_rms(&o, d, eps).iter().zip(scale).map(|(a, b)| a * b).collect()
+            Ok(inv_rms(&o, cfg.d_model, cfg.norm_eps))
+        };
+        let (mut attn, mut mlp) = (Vec::new(), Vec::new());
+        for (l, lw) in model.weights.layers[..layers].iter().enumerate() {
+            attn.push(lw.attn_post_norm.as_ref().map(|_| scale(SiteKind::Z, l, &lw.o)).transpose()?);
+            mlp.push(lw.mlp_post_norm.as_ref().map(|_| scale(SiteKind::MlpPost, l, &lw.down)).transpose()?);
         }
+        Ok(PostNormScales { attn, mlp })
+    }
+}
+
+/// A captured site's rows (Err naming it when it was not captured).
+fn find(captured: &[Captured], site: Site) -> Result<&[f32]> {
+    captured.iter().find(|c| c.site == site).map(|c| c.data.as_slice()).ok_or_else(|| Error::input(format!("contributions: {site} was not captured")))
+}
+
+/// `scale` times the post-norm scale of each row when there is one.
+fn with_post_norm(scale: &[f32], post: Option<&Vec<f32>>) -> Vec<f32> {
+    match post {
+        Some(p) => p.iter().zip(scale).map(|(a, b)| a * b).collect(),
+        None => scale.to_vec(),
     }
 }
 
@@ -571,8 +601,9 @@ pub fn contribution_tables(model: &Model, engine: &dyn Engine, prompts: &[Vec<u3
         let group: Vec<usize> = out.logits.chunks(labels.len()).enumerate().map(|(i, l)| spec.gold[first + i].unwrap_or_else(|| crate::logits::argmax(l))).collect();
         let counts: Vec<usize> = out.captured[0].positions.iter().map(Vec::len).collect();
         let row_group: Vec<usize> = counts.iter().zip(&group).flat_map(|(&c, &g)| std::iter::repeat_n(g, c)).collect();
-        let along = r.contributions(model, &out.captured, &vec![0; row_group.len()])?;
-        let to_label = dla.contributions(model, &out.captured, &row_group)?;
+        let post = PostNormScales::new(model, &out.captured, cfg.n_layers)?;
+        let along = r.contributions(model, &out.captured, &post, &vec![0; row_group.len()])?;
+        let to_label = dla.contributions(model, &out.captured, &post, &row_group)?;
         let terms = BatchTerms { along: along.prompt_means(&counts), dla: to_label.prompt_means(&counts), group };
         for (i, &g) in terms.group.iter().enumerate() {
             for (stats, values) in [(&mut t.heads, &terms.along.heads), (&mut t.neurons, &terms.along.neurons), (&mut t.dla_heads, &terms.dla.heads), (&mut t.dla_neurons, &terms.dla.neurons)] {
