@@ -161,14 +161,20 @@ def to_json(obj, indent: int = 0) -> str:
     return "[\n" + ",\n".join(items) + "\n" + " " * indent + "]"
 
 
+def load_fixture(out_dir: str) -> tuple:
+    """A fixture's model (float32, eager attention), its recorded prompts.json and the prompts the
+    goldens run (its ids, then chat_ids)."""
+    model = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32, attn_implementation="eager").eval()
+    with open(os.path.join(out_dir, "prompts.json"), encoding="utf-8") as f:
+        recorded = json.load(f)
+    return model, recorded, recorded["ids"] + [recorded["chat_ids"]]
+
+
 def build_family(name: str, fixtures: str) -> None:
     fam = FAMILY_SPECS[name]
     out_dir = os.path.join(fixtures, name)
-    model = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32, attn_implementation="eager").eval()
+    model, recorded, prompts = load_fixture(out_dir)
     n_layers = model.config.num_hidden_layers
-    with open(os.path.join(out_dir, "prompts.json"), encoding="utf-8") as f:
-        recorded = json.load(f)
-    prompts = recorded["ids"] + [recorded["chat_ids"]]
 
     clean = [clean_run(model, fam, p) for p in prompts]
     # Same model and prompts as the activation goldens.

@@ -60,6 +60,12 @@ impl Prompts {
     /// Loads the prompts (the dataset through the template, or --token-ids verbatim) and the
     /// label set: --label-token-ids, else --labels, else the dataset's gold labels (sorted).
     pub fn load(inputs: &InputArgs, l: &LabelArgs, quiet: bool) -> Result<Prompts> {
+        Prompts::load_labels(inputs, l, quiet, true)
+    }
+
+    /// As [`Prompts::load`]; unless `required`, prompts without label flags or gold labels get
+    /// an empty label set instead of an error.
+    pub fn load_labels(inputs: &InputArgs, l: &LabelArgs, quiet: bool, required: bool) -> Result<Prompts> {
         if inputs.data.dataset.is_none() && l.token_ids.is_none() {
             return Err(Error::input("give the prompts: --dataset FILE or --token-ids FILE"));
         }
@@ -79,12 +85,13 @@ impl Prompts {
             (Some(spec), _) => LabelSet::parse_ids(spec, tok.as_ref())?,
             (None, Some(n)) => LabelSet::resolve(n, tok.as_ref().ok_or_else(no_tok)?)?,
             (None, None) => {
-                let ds = dataset.as_ref().ok_or_else(|| Error::input("give the labels: --labels a,b,c or --label-token-ids"))?;
-                let values = ds.label_values();
-                if values.is_empty() {
-                    return Err(Error::input("the dataset has no label column: give --labels"));
+                let values = dataset.as_ref().map(Dataset::label_values).unwrap_or_default();
+                match (&dataset, values.is_empty()) {
+                    (_, true) if !required => LabelSet { names: Vec::new(), token_ids: Vec::new(), tokens: Vec::new() },
+                    (None, _) => return Err(Error::input("give the labels: --labels a,b,c or --label-token-ids")),
+                    (Some(_), true) => return Err(Error::input("the dataset has no label column: give --labels")),
+                    (Some(_), false) => LabelSet::resolve(&values, tok.as_ref().ok_or_else(no_tok)?)?,
                 }
-                LabelSet::resolve(&values, tok.as_ref().ok_or_else(no_tok)?)?
             }
         };
         Ok(Prompts { ids, dataset, template, labels })

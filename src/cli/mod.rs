@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod capture;
+pub mod components;
 pub mod cost;
 pub mod demo;
 pub mod directions;
@@ -28,6 +29,8 @@ pub enum Command {
     Inspect(inspect::InspectArgs),
     /// Run prompts and save activations at chosen sites (and logits) to a safetensors file.
     Capture(capture::CaptureArgs),
+    /// Attention heads and MLP neurons: contributions to a direction and to label logits (contrib), the logit lens (lens).
+    Components(components::ComponentsArgs),
     /// Steering directions per site: class-mean or context-averaged from a dataset, from probe weights, unique-effect vectors (a safetensors file).
     Directions(directions::DirectionsArgs),
     /// Generate text from prompts (KV-cache decoding, greedy or sampled) on any device: generations.jsonl.
@@ -58,6 +61,7 @@ impl Command {
             Command::Demo(a) => demo::run(a),
             Command::Inspect(a) => inspect::run(a),
             Command::Capture(a) => capture::run(a),
+            Command::Components(a) => components::run(a),
             Command::Directions(a) => directions::run(a),
             Command::Generate(a) => generate::run(a),
             Command::Judge(a) => judge::run(a),

@@ -363,15 +363,7 @@ impl Model {
         hooks.apply(Site::final_norm(cfg), &rows, &mut a, d);
         let logit_rows = rows.select(logits_at, "logits")?;
         let n = logit_rows.len();
-        let head = match logit_tokens {
-            None => self.weights.lm_head.clone(),
-            Some(ids) => {
-                if let Some(&bad) = ids.iter().find(|&&id| id as usize >= cfg.vocab_size) {
-                    return Err(Error::input(format!("logit token {bad} is out of range (vocab_size {})", cfg.vocab_size)));
-                }
-                self.weights.lm_head.gather_rows(ids)
-            }
-        };
+        let head = self.lm_head_rows(logit_tokens)?;
         let mut logits = vec![0.0f32; n * head.shape[0]]; // [n, vocab or n_tokens]
         if n > 0 {
             let sel: Vec<f32> = logit_rows
@@ -387,6 +379,22 @@ impl Model {
             }
         }
         Ok(ForwardOutput { logits, logit_rows })
+    }
+}
+
+impl Model {
+    /// The lm_head `[vocab, d_model]`, or only its rows `tokens` in that order (Err naming a
+    /// token out of range).
+    pub fn lm_head_rows(&self, tokens: Option<&[u32]>) -> Result<crate::model::checkpoint::Weight> {
+        match tokens {
+            None => Ok(self.weights.lm_head.clone()),
+            Some(ids) => {
+                if let Some(&bad) = ids.iter().find(|&&id| id as usize >= self.cfg.vocab_size) {
+                    return Err(Error::input(format!("logit token {bad} is out of range (vocab_size {})", self.cfg.vocab_size)));
+                }
+                Ok(self.weights.lm_head.gather_rows(ids))
+            }
+        }
     }
 }
 

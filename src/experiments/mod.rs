@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod capture;
+pub mod components;
 pub mod cost;
 pub mod dataset_files;
 pub mod demo;

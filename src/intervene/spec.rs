@@ -168,6 +168,38 @@ impl VectorFile {
         }
         Ok((keys, out))
     }
+
+    /// The sum of the named vectors at `site` (width `w`), unit-norm when `normalise`: (its
+    /// name, `[w]`). A `[k, width]` subspace is an error.
+    fn vector(&mut self, names: &[String], site: Site, w: usize, normalise: bool) -> Result<(String, Vec<f32>)> {
+        let (keys, rows) = self.rows(names, site, w)?;
+        if rows.len() != keys.len() * w {
+            return Err(Error::input(format!("{}: the vector `{}` is a [k, width] subspace; give it as project", self.file.path.display(), keys.join("+"))));
+        }
+        let mut v = vec![0.0f32; w];
+        rows.chunks(w).for_each(|r| v.iter_mut().zip(r).for_each(|(a, b)| *a += b));
+        if normalise {
+            let nv = norm(&v);
+            if nv == 0.0 {
+                return Err(Error::input(format!("{}: cannot normalise `{}` at {site}: it is zero", self.file.path.display(), keys.join("+"))));
+            }
+            v.iter_mut().for_each(|x| *x /= nv);
+        }
+        Ok((source_name(names, &keys), v))
+    }
+}
+
+/// A vector's name in results: the names given (`a+b`), else the tensor names read.
+fn source_name(names: &[String], keys: &[String]) -> String {
+    if names.is_empty() { keys.join("+") } else { names.join("+") }
+}
+
+/// The vector `source` (`FILE.safetensors[:NAME[+NAME...]]`, names resolved at `site` as
+/// `--vector` resolves them) checked against the site's width `w`: (its name, `[w]`, the sum of
+/// the named vectors, unit-norm when `normalise`).
+pub fn read_vector(source: &str, site: Site, w: usize, normalise: bool) -> Result<(String, Vec<f32>)> {
+    let (path, names) = parse_source(source);
+    VectorFile::open(&path)?.vector(&names, site, w, normalise)
 }
 
 /// The first names of a list and how many more.
@@ -234,7 +266,6 @@ impl InterventionSpec {
         let layers = self.layers.clone().unwrap_or(Layers::Text("all".into())).resolve(cfg.n_layers)?;
         let mut vector = self.vector.as_deref().map(parse_source).map(|(p, n)| VectorFile::open(&p).map(|f| (f, n))).transpose()?;
         let mut project = self.project.as_deref().map(parse_source).map(|(p, n)| VectorFile::open(&p).map(|f| (f, n))).transpose()?;
-        let name = |names: &[String], keys: &[String]| if names.is_empty() { keys.join("+") } else { names.join("+") };
         let mut out = Vec::new();
         for layer in layers {
             let site = Site::new(layer, kind);
@@ -243,20 +274,8 @@ impl InterventionSpec {
             // v: [w]
             let (vector_name, v) = match &mut vector {
                 Some((f, names)) => {
-                    let (keys, rows) = f.rows(names, site, w)?;
-                    if rows.len() != keys.len() * w {
-                        return Err(Error::input(format!("{}: the vector `{}` is a [k, width] subspace; give it as project", f.file.path.display(), keys.join("+"))));
-                    }
-                    let mut v = vec![0.0f32; w];
-                    rows.chunks(w).for_each(|r| v.iter_mut().zip(r).for_each(|(a, b)| *a += b));
-                    if self.normalise {
-                        let nv = norm(&v);
-                        if nv == 0.0 {
-                            return Err(Error::input(format!("{}: cannot normalise `{}` at {site}: it is zero", f.file.path.display(), keys.join("+"))));
-                        }
-                        v.iter_mut().for_each(|x| *x /= nv);
-                    }
-                    (Some(name(names, &keys)), v)
+                    let (vector_name, v) = f.vector(names, site, w, self.normalise)?;
+                    (Some(vector_name), v)
                 }
                 None => (None, vec![0.0; w]),
             };
@@ -264,8 +283,8 @@ impl InterventionSpec {
             let (subspace_name, p) = match &mut project {
                 Some((f, names)) => {
                     let (keys, rows) = f.rows(names, site, w)?;
-                    let p = projector(&rows, w).map_err(|e| Error::input(format!("{}: subspace `{}` at {site}: {e}", f.file.path.display(), name(names, &keys))))?;
-                    (Some(name(names, &keys)), Some(p))
+                    let p = projector(&rows, w).map_err(|e| Error::input(format!("{}: subspace `{}` at {site}: {e}", f.file.path.display(), source_name(names, &keys))))?;
+                    (Some(source_name(names, &keys)), Some(p))
                 }
                 None => (None, None),
             };
