@@ -56,19 +56,19 @@ pub(super) enum ChatTemplate {
 }
 
 impl ChatTemplate {
-    /// Finds the template: DIR/chat_template.jinja clobbers tokenizer_config.json's `chat_template`
-    /// (as in transformers); the config value may be a string or a list of {name, template}.
+    /// Finds the template: `jinja_path` (DIR/chat_template.jinja), when it exists, clobbers the
+    /// config's `chat_template` (as in transformers); the config value may be a string or a list
+    /// of {name, template}.
     pub(super) fn load(
-        model_dir: &Path,
+        jinja_path: Option<&Path>,
         config_path: &Path,
         config: &serde_json::Map<String, Json>,
     ) -> Result<ChatTemplate> {
-        let jinja_path = model_dir.join("chat_template.jinja");
-        let (path, source) = if jinja_path.exists() {
-            let bytes = read_file(&jinja_path)?;
+        let (path, source) = if let Some(jinja_path) = jinja_path.filter(|p| p.exists()) {
+            let bytes = read_file(jinja_path)?;
             match String::from_utf8(bytes) {
-                Ok(s) => (jinja_path, s),
-                Err(_) => return Err(Error::file(&jinja_path, "not valid UTF-8")),
+                Ok(s) => (jinja_path.to_path_buf(), s),
+                Err(_) => return Err(Error::file(jinja_path, "not valid UTF-8")),
             }
         } else {
             match config.get("chat_template") {
