@@ -506,3 +506,72 @@ fn model_level_errors_name_the_problem() {
     let msg = Model::load(&txt).err().unwrap().to_string();
     assert!(msg.contains("not a .gguf"), "{msg}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Through the binary: the commands a user runs.
+
+/// Runs the patchbay binary; returns (exit code, stdout, stderr).
+fn patchbay(args: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_patchbay")).args(args).output().expect("cannot run the patchbay binary");
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+fn run_ok(args: &[&str]) -> String {
+    let (code, out, err) = patchbay(args);
+    assert_eq!(code, 0, "patchbay {}: {err}", args.join(" "));
+    out
+}
+
+/// `capture --device emu` (the CUDA host code and kernels, emulated) on a fixture written as GGUF
+/// gives what it gives on the fixture's directory: the device path reads the GGUF's mapped and
+/// permuted weights alike.
+#[test]
+fn emulated_device_reads_gguf_weights() {
+    let tmp = tempfile::tempdir().unwrap();
+    for family in ["llama", "qwen2"] {
+        let path = tmp.path().join(format!("{family}.gguf"));
+        std::fs::write(&path, fixture_gguf(family)).unwrap();
+        let ids = tmp.path().join("ids.json");
+        std::fs::write(&ids, serde_json::to_string(&prompt_ids(family)).unwrap()).unwrap();
+        let mut got = Vec::new();
+        for (model, out) in [(path.clone(), "g.safetensors"), (fixture(family), "h.safetensors")] {
+            let out = tmp.path().join(out);
+            run_ok(&["capture", "--model", model.to_str().unwrap(), "--device", "emu", "--token-ids", ids.to_str().unwrap(), "--sites", "resid_post,q,k", "--positions", "all", "--logits", "--out", out.to_str().unwrap(), "--quiet"]);
+            got.push(read_tensors(&out));
+        }
+        for (name, (shape, want)) in &got[1] {
+            let (g_shape, g) = &got[0][name];
+            assert_eq!(g_shape, shape, "{family} {name}");
+            assert_close(&format!("{family} emu gguf: {name}"), g, want, F32_ATOL, F32_RTOL);
+        }
+    }
+}
+
+/// The done-when: `capture --model SmolLM2.gguf --text ... --chat --sites resid_post
+/// --positions -1 --logits` matches transformers; `inspect` describes the file.
+#[test]
+fn smollm2_capture_and_inspect_commands() {
+    let Some(path) = smollm2_path() else { return };
+    let model = path.to_str().unwrap();
+    let golden: serde_json::Value = serde_json::from_slice(&std::fs::read(fixtures_dir().join("gguf/smollm2_golden.json")).unwrap()).unwrap();
+    let case = &golden["cases"]["chat"];
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("acts.safetensors");
+    run_ok(&["capture", "--model", model, "--text", case["text"].as_str().unwrap(), "--chat", "--sites", "resid_post", "--positions", "-1", "--logits", "--out", out.to_str().unwrap(), "--quiet"]);
+    let t = read_tensors(&out);
+    let (shape, logits) = &t["logits"];
+    assert_eq!(shape, &[1, 1, 49152]);
+    assert_eq!(t["blocks.29.hook_resid_post"].0, [1, 1, 576]);
+    let top: Vec<usize> = serde_json::from_value(case["top_ids"].clone()).unwrap();
+    let want: Vec<f32> = serde_json::from_value(case["top_logits"].clone()).unwrap();
+    let got: Vec<f32> = top.iter().map(|&i| logits[i]).collect();
+    assert_close("smollm2 capture --chat: top logits", &got, &want, 0.05, 0.0);
+
+    let info: serde_json::Value = serde_json::from_str(&run_ok(&["inspect", "--model", model, "--json"])).unwrap();
+    assert_eq!(info["family"], "llama");
+    assert_eq!((info["layers"].as_u64(), info["d_model"].as_u64(), info["n_heads"].as_u64(), info["n_kv_heads"].as_u64()), (Some(30), Some(576), Some(9), Some(3)));
+    assert_eq!((info["d_mlp"].as_u64(), info["vocab"].as_u64(), info["tied_embeddings"].as_bool()), (Some(1536), Some(49152), Some(true)));
+    assert_eq!(info["dtype"], "float16");
+    assert_eq!(info["parameters"].as_u64(), Some(134_515_008));
+    assert_eq!(info["rope_theta"].as_f64(), Some(100000.0));
+}
