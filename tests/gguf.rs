@@ -575,3 +575,21 @@ fn smollm2_capture_and_inspect_commands() {
     assert_eq!(info["parameters"].as_u64(), Some(134_515_008));
     assert_eq!(info["rope_theta"].as_f64(), Some(100000.0));
 }
+
+/// `cost` reads a GGUF file's header as it reads config.json: the same model figures.
+#[test]
+fn cost_reads_a_gguf_header() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("llama.gguf");
+    std::fs::write(&path, fixture_gguf("llama")).unwrap();
+    let model = |m: &Path| -> serde_json::Value {
+        let out = run_ok(&["cost", "capture", "--model", m.to_str().unwrap(), "--sites", "resid_post", "--n-prompts", "4", "--prompt-len", "16", "--json"]);
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()["model"].clone()
+    };
+    let (mut g, mut h) = (model(&path), model(&fixture("llama")));
+    for m in [&mut g, &mut h] {
+        m.as_object_mut().unwrap().remove("name");
+    }
+    assert_eq!(g, h);
+    assert_eq!(g["weight_dtype"], "bfloat16");
+}

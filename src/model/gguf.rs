@@ -654,6 +654,22 @@ impl GgufFile {
 
     /// The model's config, from `{arch}.*` metadata and the tensor table.
     pub fn config(&self) -> Result<ModelConfig> {
+        let mut config = ModelConfig::from_json(&self.config_json()?, &self.path)?;
+        if let Some(t) = self.tensor("rope_freqs.weight") {
+            if config.rope_scaling != RopeScaling::Default {
+                return Err(Error::file(&self.path, "has both `rope_freqs.weight` and rope scaling metadata"));
+            }
+            if t.shape != [config.rotary_dim / 2] {
+                return Err(Error::file(&self.path, format!("tensor `rope_freqs.weight` has shape {:?}, the config implies [{}]", t.shape, config.rotary_dim / 2)));
+            }
+            config.rope_scaling = RopeScaling::Factors { factors: self.tensor_f32(t) };
+        }
+        Ok(config)
+    }
+
+    /// The config.json a Hugging Face export of this file would have (the fields
+    /// `ModelConfig::from_json` reads; `rope_freqs.weight` is applied by [`Self::config`]).
+    pub fn config_json(&self) -> Result<Json> {
         let arch = self.arch()?;
         if !matches!(arch, "llama" | "qwen2") {
             return Err(Error::Unsupported(format!("{}: GGUF architecture `{arch}` (supported: llama, qwen2)", self.path.display())));
@@ -706,17 +722,12 @@ impl GgufFile {
             }
             Some(other) => return Err(Error::config(&self.path, key("rope.scaling.type"), format!("`{other}` is not supported (none, linear)"))),
         }
-        let mut config = ModelConfig::from_json(&cfg, &self.path)?;
-        if let Some(t) = self.tensor("rope_freqs.weight") {
-            if config.rope_scaling != RopeScaling::Default {
-                return Err(Error::file(&self.path, "has both `rope_freqs.weight` and rope scaling metadata"));
-            }
-            if t.shape != [config.rotary_dim / 2] {
-                return Err(Error::file(&self.path, format!("tensor `rope_freqs.weight` has shape {:?}, the config implies [{}]", t.shape, config.rotary_dim / 2)));
-            }
-            config.rope_scaling = RopeScaling::Factors { factors: self.tensor_f32(t) };
-        }
-        Ok(config)
+        Ok(cfg)
+    }
+
+    /// The dtype tensor `name` has once loaded: its own for F32/F16/BF16, f16 when quantized.
+    pub fn loaded_dtype(&self, name: &str) -> Option<DType> {
+        self.tensor(name).map(|t| t.ty.float_dtype().unwrap_or(DType::F16))
     }
 
     /// The tensors under their Hugging Face names, quantized ones expanded (see the module doc),
