@@ -190,18 +190,35 @@ fn permute_rows(data: &[u8], rows: usize, n_heads: usize) -> Vec<u8> {
     out
 }
 
+/// ggml's quantize_row_q8_0 (round to nearest, d = max|x| / 127 stored as f16).
+fn quantize_q8_0(x: &[f32]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(x.len() / 32 * 34);
+    for b in x.chunks_exact(32) {
+        let amax = b.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        out.extend(half::f16::from_f32(d).to_le_bytes());
+        out.extend(b.iter().map(|&v| (v * id).round() as i8 as u8));
+    }
+    out
+}
+
 /// The fixture `family` as a GGUF file, as convert_hf_to_gguf writes one: llama.cpp names and
 /// metadata, Llama's q/k permuted, Llama 3 rope scaling as `rope_freqs.weight`, the tokenizer
-/// as `tokenizer.ggml.*` (a byte-level BPE: tokens, merges, token types, special ids).
-fn fixture_gguf(family: &str) -> Vec<u8> {
+/// as `tokenizer.ggml.*` (a byte-level BPE: tokens, merges, token types, special ids). With
+/// `q8_0`, the matrices are quantized to Q8_0 (the vectors stay as stored).
+fn fixture_gguf(family: &str, q8_0: bool) -> Vec<u8> {
     let dir = fixture(family);
     let cfg = ModelConfig::load(&dir).unwrap();
     let arch = family;
     let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
+    let values = read_tensors(&dir.join("model.safetensors"));
     let mut tensors = Vec::new();
     for (name, v) in st.iter() {
+        let quantize = q8_0 && v.shape().len() == 2;
         let ty = match v.dtype() {
+            _ if quantize => 8,
             safetensors::Dtype::F32 => 0,
             safetensors::Dtype::F16 => 1,
             safetensors::Dtype::BF16 => 30,
@@ -214,9 +231,10 @@ fn fixture_gguf(family: &str) -> Vec<u8> {
         } else {
             None
         };
+        let data = if quantize { quantize_q8_0(&values[name].1) } else { v.data().to_vec() };
         let data = match heads {
-            Some(h) => permute_rows(v.data(), v.shape()[0], h),
-            None => v.data().to_vec(),
+            Some(h) => permute_rows(&data, v.shape()[0], h),
+            None => data,
         };
         tensors.push(Tensor { name: gguf_name(name), shape: v.shape().to_vec(), ty, data });
     }
@@ -304,7 +322,7 @@ fn outputs(model: &Model, prompts: &[Vec<u32>]) -> HashMap<String, Vec<f32>> {
 fn check_fixture(family: &str) {
     let tmp = tempfile::tempdir().unwrap();
     let path = tmp.path().join(format!("{family}.gguf"));
-    std::fs::write(&path, fixture_gguf(family)).unwrap();
+    std::fs::write(&path, fixture_gguf(family, false)).unwrap();
     let hf = Model::load(&fixture(family)).unwrap();
     for model_path in [path.as_path(), tmp.path()] {
         let g = Model::load(model_path).unwrap();
@@ -331,6 +349,43 @@ fn check_fixture(family: &str) {
     let msgs = [ChatMessage::new("user", "hello there")];
     assert_eq!(gt.encode_chat(&msgs, true).unwrap(), ht.encode_chat(&msgs, true).unwrap(), "{family}: chat");
     assert_eq!(gt.eos_token(), ht.eos_token());
+}
+
+/// The fixtures with Q8_0 matrices give what their directories give with the weights replaced by
+/// the dequantized values rounded to f16 (what the GGUF path expands them to): quantized rows
+/// are permuted (Llama q/k), named and expanded right. The dequantizer itself is checked against
+/// the reference above.
+#[test]
+fn q8_0_fixtures_as_gguf() {
+    for family in ["llama", "qwen2"] {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("q8.gguf");
+        std::fs::write(&path, fixture_gguf(family, true)).unwrap();
+        let dir = tmp.path().join("hf");
+        copy_checkpoint(&fixture(family), &dir, safetensors::Dtype::F32, 1);
+        let mut tensors: Vec<(String, (Vec<usize>, Vec<f32>))> = read_tensors(&fixture(family).join("model.safetensors")).into_iter().collect();
+        for (_, (shape, data)) in tensors.iter_mut().filter(|(_, (shape, _))| shape.len() == 2) {
+            let q = quantize_q8_0(data);
+            dequantize(GgmlType::Q8_0, &q, data);
+            data.iter_mut().for_each(|x| *x = half::f16::from_f32(*x).to_f32());
+            assert_eq!(shape[1] % 32, 0);
+        }
+        let encoded: Vec<(String, Vec<usize>, Vec<u8>)> = tensors.iter().map(|(n, (s, d))| (n.clone(), s.clone(), d.iter().flat_map(|v| v.to_le_bytes()).collect())).collect();
+        let views: Vec<(String, safetensors::tensor::TensorView)> = encoded.iter().map(|(n, s, b)| (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b).unwrap())).collect();
+        safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
+
+        let g = Model::load(&path).unwrap();
+        assert_eq!(g.weights.layers[0].q.w.dtype, patchbay::model::config::DType::F16);
+        let prompts = prompt_ids(family);
+        let (got, want) = (outputs(&g, &prompts), outputs(&Model::load(&dir).unwrap(), &prompts));
+        let original = outputs(&Model::load(&fixture(family)).unwrap(), &prompts);
+        for (name, w) in &want {
+            assert_close(&format!("{family} q8_0 gguf: {name}"), &got[name], w, F32_ATOL, F32_RTOL);
+        }
+        // Quantization moved the logits: the comparison above is not one of identical models.
+        let moved = want["logits"].iter().zip(&original["logits"]).fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(moved > 1e-3, "{family}: Q8_0 changed the logits by only {moved}");
+    }
 }
 
 #[test]
@@ -530,7 +585,7 @@ fn emulated_device_reads_gguf_weights() {
     let tmp = tempfile::tempdir().unwrap();
     for family in ["llama", "qwen2"] {
         let path = tmp.path().join(format!("{family}.gguf"));
-        std::fs::write(&path, fixture_gguf(family)).unwrap();
+        std::fs::write(&path, fixture_gguf(family, false)).unwrap();
         let ids = tmp.path().join("ids.json");
         std::fs::write(&ids, serde_json::to_string(&prompt_ids(family)).unwrap()).unwrap();
         let mut got = Vec::new();
@@ -581,7 +636,7 @@ fn smollm2_capture_and_inspect_commands() {
 fn cost_reads_a_gguf_header() {
     let tmp = tempfile::tempdir().unwrap();
     let path = tmp.path().join("llama.gguf");
-    std::fs::write(&path, fixture_gguf("llama")).unwrap();
+    std::fs::write(&path, fixture_gguf("llama", false)).unwrap();
     let model = |m: &Path| -> serde_json::Value {
         let out = run_ok(&["cost", "capture", "--model", m.to_str().unwrap(), "--sites", "resid_post", "--n-prompts", "4", "--prompt-len", "16", "--json"]);
         serde_json::from_str::<serde_json::Value>(&out).unwrap()["model"].clone()
