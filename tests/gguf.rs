@@ -556,6 +556,19 @@ fn model_level_errors_name_the_problem() {
     assert!(msg.contains("tokenizer.ggml.model"), "{msg}");
     let msg = Model::load(tmp.path()).err().unwrap().to_string();
     assert!(msg.contains("holds 2 .gguf files"), "{msg}");
+    // A quantized matrix whose f16 scale is NaN: refused at load, never NaN weights.
+    let cfg = ModelConfig::load(&fixture("llama")).unwrap();
+    let mut bytes = fixture_gguf("llama", true);
+    let at = {
+        let t = open_bytes(&bytes).unwrap().tensor("blk.1.ffn_up.weight").unwrap().clone();
+        assert_eq!((t.ty, t.shape.as_slice()), (GgmlType::Q8_0, [cfg.d_mlp, cfg.d_model].as_slice()));
+        t.data.start + 34 // the scale of the second block
+    };
+    bytes[at..at + 2].copy_from_slice(&half::f16::NAN.to_le_bytes());
+    let nan = tmp.path().join("nan.gguf");
+    std::fs::write(&nan, &bytes).unwrap();
+    let msg = Model::load(&nan).err().unwrap().to_string();
+    assert!(msg.contains("blk.1.ffn_up.weight") && msg.contains("not finite"), "{msg}");
     let txt = tmp.path().join("notes.txt");
     std::fs::write(&txt, "hi").unwrap();
     let msg = Model::load(&txt).err().unwrap().to_string();

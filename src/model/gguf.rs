@@ -16,7 +16,8 @@
 //! allocation is sized by a count the file has not backed with bytes: a truncated or hostile
 //! file is a one-line error naming the file and what is wrong with it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::fs::File;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -480,7 +481,7 @@ impl GgufFile {
             Some(v) => return Err(r.bad(format_args!("`general.alignment` must be a power of two, found {v:?}"))),
         };
         let mut infos: Vec<(String, Vec<usize>, GgmlType, u64)> = Vec::with_capacity(n_tensors as usize);
-        let mut names: HashMap<String, ()> = HashMap::with_capacity(n_tensors as usize);
+        let mut names: HashSet<String> = HashSet::with_capacity(n_tensors as usize);
         for i in 0..n_tensors as usize {
             let name = r.string(&format_args!("the name of tensor {i}"))?;
             let name = r.utf8(name, &format_args!("the name of tensor {i}"))?.to_string();
@@ -499,7 +500,7 @@ impl GgufFile {
             let ty = r.u32(&format_args!("the type of tensor `{name}`"))?;
             let ty = GgmlType::from_id(ty).map_err(|m| r.bad(format_args!("tensor `{name}`: {m}")))?;
             let offset = r.u64(&format_args!("the data offset of tensor `{name}`"))?;
-            if names.insert(name.clone(), ()).is_some() {
+            if !names.insert(name.clone()) {
                 return Err(r.bad(format_args!("tensor `{name}` appears twice")));
             }
             dims.reverse();
@@ -784,6 +785,7 @@ impl GgufFile {
             return Ok(Weight::owned(out, dtype, t.shape.clone()));
         }
         // Quantized: dequantize row by row (rows are whole blocks) straight into f16.
+        let non_finite = AtomicBool::new(false);
         let expand = |dtype: DType| -> Vec<u8> {
             let mut out = vec![0u8; rows * cols * 2]; // [rows, cols] f16 or bf16
             out.par_chunks_mut(cols * 2).enumerate().for_each_init(
@@ -791,6 +793,9 @@ impl GgufFile {
                 |f, (r, dst)| {
                     let s = src_row(r) * src_row_bytes;
                     dequantize(t.ty, &src[s..s + src_row_bytes], f);
+                    if f.iter().any(|x| !x.is_finite()) {
+                        non_finite.store(true, Ordering::Relaxed);
+                    }
                     for (d, &x) in dst.chunks_exact_mut(2).zip(f.iter()) {
                         let bits = if dtype == DType::F16 { half::f16::from_f32(x).to_bits() } else { half::bf16::from_f32(x).to_bits() };
                         d.copy_from_slice(&bits.to_le_bytes());
@@ -800,6 +805,9 @@ impl GgufFile {
             out
         };
         let out = expand(DType::F16);
+        if non_finite.load(Ordering::Relaxed) {
+            return Err(Error::file(&self.path, format!("tensor `{}` ({}) dequantizes to values that are not finite (corrupt scales)", t.name, t.ty.name())));
+        }
         let overflows = out.chunks_exact(2).any(|c| half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).is_infinite());
         Ok(if overflows { Weight::owned(expand(DType::BF16), DType::BF16, t.shape.clone()) } else { Weight::owned(out, DType::F16, t.shape.clone()) })
     }
