@@ -572,7 +572,7 @@ fn model_level_errors_name_the_problem() {
     let txt = tmp.path().join("notes.txt");
     std::fs::write(&txt, "hi").unwrap();
     let msg = Model::load(&txt).err().unwrap().to_string();
-    assert!(msg.contains("not a .gguf"), "{msg}");
+    assert!(msg.contains("not a directory or a .gguf file"), "{msg}");
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -48,7 +48,7 @@ pub fn find(path: &Path) -> Result<Option<PathBuf>> {
         if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
             return Ok(Some(path.to_path_buf()));
         }
-        return Err(Error::file(path, "is a file but not a .gguf; expected a Hugging Face model directory or a GGUF file"));
+        return Err(Error::file(path, "is not a directory or a .gguf file (expected a Hugging Face model directory or a GGUF file)"));
     }
     if !path.is_dir() || path.join("config.json").exists() {
         return Ok(None);
