@@ -569,6 +569,17 @@ fn model_level_errors_name_the_problem() {
     std::fs::write(&nan, &bytes).unwrap();
     let msg = Model::load(&nan).err().unwrap().to_string();
     assert!(msg.contains("blk.1.ffn_up.weight") && msg.contains("not finite"), "{msg}");
+    // No chat template: --chat says so, naming the file (the key renamed in place, same length).
+    let mut bytes = fixture_gguf("qwen2", false);
+    let key = b"tokenizer.chat_template";
+    let at = bytes.windows(key.len()).position(|w| w == key).unwrap();
+    bytes[at + key.len() - 1] = b'X';
+    let plain = tmp.path().join("no-template.gguf");
+    std::fs::write(&plain, &bytes).unwrap();
+    let tok = PromptTokenizer::load(&plain).unwrap();
+    assert!(!tok.has_chat_template());
+    let msg = tok.render_chat(&[ChatMessage::new("user", "hi")], true).unwrap_err().to_string();
+    assert!(msg.contains("no-template.gguf") && msg.contains("no chat template") && !msg.contains("jinja"), "{msg}");
     let txt = tmp.path().join("notes.txt");
     std::fs::write(&txt, "hi").unwrap();
     let msg = Model::load(&txt).err().unwrap().to_string();

@@ -315,13 +315,13 @@ impl PromptTokenizer {
         // true/false, as LlamaTokenizerFast in transformers 4), or when tokenizer.json has none.
         let explicit = config.contains_key("add_bos_token") || config.contains_key("add_eos_token");
         if explicit || family.rebuilds_post_processor() || tokenizer.get_post_processor().is_none() {
-            let add_bos = bool_field(&config_path, &config, "add_bos_token")?
+            let add_bos = bool_field(config_path, &config, "add_bos_token")?
                 .unwrap_or(family.rebuilds_post_processor() && !config.contains_key("add_bos_token"));
-            let add_eos = bool_field(&config_path, &config, "add_eos_token")?.unwrap_or(false);
+            let add_eos = bool_field(config_path, &config, "add_eos_token")?.unwrap_or(false);
             // An undefined token just is not added (transformers 5 resets the flag).
             let post = build_bos_eos_processor(
                 &tokenizer,
-                &config_path,
+                config_path,
                 bos.as_deref().filter(|_| add_bos),
                 eos.as_deref().filter(|_| add_eos),
             )?;
@@ -329,7 +329,7 @@ impl PromptTokenizer {
         }
 
         let clean_up_tokenization_spaces =
-            bool_field(&config_path, &config, "clean_up_tokenization_spaces")?.unwrap_or(false);
+            bool_field(config_path, &config, "clean_up_tokenization_spaces")?.unwrap_or(false);
 
         let template = ChatTemplate::load(jinja_path, config_path, &config)?;
 
