@@ -496,6 +496,9 @@ fn hostile_files_are_refused_with_one_line() {
     assert_eq!(f.tensors.len(), 2);
     assert_eq!(f.strings("tokenizer.ggml.tokens").unwrap().unwrap(), ["a", "b"]);
 
+    // Version 2 has version 3's layout (3 added big-endian files, which are refused).
+    assert_eq!(open_bytes(&patch_u32(&ok, 4, 2)).expect("a version 2 file").version, 2);
+
     refused("magic", &[b"GGML".as_slice(), &ok[4..]].concat(), "GGUF magic");
     refused("version 1", &patch_u32(&ok, 4, 1), "version 1 is not supported");
     refused("version 4", &patch_u32(&ok, 4, 4), "version 4 is not supported");
