@@ -132,23 +132,6 @@ impl GgmlType {
         })
     }
 
-    /// ggml's id of the type.
-    pub fn id(self) -> u32 {
-        match self {
-            GgmlType::F32 => 0,
-            GgmlType::F16 => 1,
-            GgmlType::Q4_0 => 2,
-            GgmlType::Q4_1 => 3,
-            GgmlType::Q5_0 => 6,
-            GgmlType::Q5_1 => 7,
-            GgmlType::Q8_0 => 8,
-            GgmlType::Q4K => 12,
-            GgmlType::Q5K => 13,
-            GgmlType::Q6K => 14,
-            GgmlType::BF16 => 30,
-        }
-    }
-
     pub fn name(self) -> &'static str {
         match self {
             GgmlType::F32 => "F32",
@@ -435,7 +418,7 @@ pub struct GgufFile {
     metadata: HashMap<String, Meta>,
     pub tensors: Vec<TensorInfo>,
     /// Bytes before the tensor data (header, metadata, tensor table, padding).
-    pub header_len: usize,
+    header_len: usize,
 }
 
 impl GgufFile {
@@ -553,10 +536,6 @@ impl GgufFile {
 
     fn wrong(&self, key: &str, expected: &str, found: &Meta) -> Error {
         Error::config(&self.path, key, format!("expected {expected}, found {}", found.kind()))
-    }
-
-    pub fn contains_key(&self, key: &str) -> bool {
-        self.metadata.contains_key(key)
     }
 
     pub fn uint(&self, key: &str) -> Result<Option<u64>> {
