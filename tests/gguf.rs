@@ -25,6 +25,7 @@ use safetensors::SafeTensors;
 
 enum Kv {
     U32(u32),
+    U64(u64),
     F32(f32),
     Bool(bool),
     Str(String),
@@ -70,6 +71,10 @@ fn write_gguf(kvs: &[(String, Kv)], tensors: &[Tensor]) -> (Vec<u8>, Layout) {
         match v {
             Kv::U32(x) => {
                 out.extend(4u32.to_le_bytes());
+                out.extend(x.to_le_bytes());
+            }
+            Kv::U64(x) => {
+                out.extend(10u32.to_le_bytes());
                 out.extend(x.to_le_bytes());
             }
             Kv::F32(x) => {
@@ -555,10 +560,27 @@ fn model_level_errors_name_the_problem() {
     let no_layers = write("llama.gguf", &[("general.architecture".into(), Kv::Str("llama".into())), ("llama.embedding_length".into(), Kv::U32(8))]);
     let msg = Model::load(&no_layers).err().unwrap().to_string();
     assert!(msg.contains("llama.attention.head_count") || msg.contains("llama.block_count"), "{msg}");
+    // Sizes no tensor backs: refused before anything is allocated by them.
+    let llama_kv = |layers: u32, heads: u32, key_length: Option<Kv>| {
+        let mut kvs: Vec<(String, Kv)> = vec![("general.architecture".into(), Kv::Str("llama".into()))];
+        for (k, v) in [("block_count", layers), ("embedding_length", 8), ("feed_forward_length", 8), ("attention.head_count", heads)] {
+            kvs.push((format!("llama.{k}"), Kv::U32(v)));
+        }
+        if let Some(d) = key_length {
+            kvs.push(("llama.attention.key_length".into(), d));
+        }
+        kvs
+    };
+    let msg = Model::load(&write("layers.gguf", &llama_kv(u32::MAX, 2, None))).err().unwrap().to_string();
+    assert!(msg.contains("llama.block_count") && msg.contains("more than the file's 1 tensors"), "{msg}");
+    let msg = Model::load(&write("keylen.gguf", &llama_kv(1, 2, Some(Kv::U64(1 << 40))))).err().unwrap().to_string();
+    assert!(msg.contains("llama.attention.key_length") && msg.contains("too large"), "{msg}");
+    let msg = Model::load(&write("keytype.gguf", &llama_kv(1, 2, Some(Kv::Str("7".into()))))).err().unwrap().to_string();
+    assert!(msg.contains("llama.attention.key_length") && msg.contains("expected a non-negative integer, found a string"), "{msg}");
     let msg = PromptTokenizer::load(&no_layers).unwrap_err().to_string();
     assert!(msg.contains("tokenizer.ggml.model"), "{msg}");
     let msg = Model::load(tmp.path()).err().unwrap().to_string();
-    assert!(msg.contains("holds 2 .gguf files"), "{msg}");
+    assert!(msg.contains("holds 5 .gguf files"), "{msg}");
     // A quantized matrix whose f16 scale is NaN: refused at load, never NaN weights.
     let cfg = ModelConfig::load(&fixture("llama")).unwrap();
     let mut bytes = fixture_gguf("llama", true);

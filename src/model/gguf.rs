@@ -672,15 +672,26 @@ impl GgufFile {
         {
             return Err(Error::config(&self.path, key("attention.value_length"), format!("is {v}; patchbay needs it equal to the key length {d_head}")));
         }
+        let n_layers = required("block_count")?;
+        let d_mlp = required("feed_forward_length")?;
+        // Sizes the file's tensors could not back are refused before anything is sized by them.
+        if n_layers > self.tensors.len() as u64 {
+            return Err(Error::config(&self.path, key("block_count"), format!("is {n_layers}, more than the file's {} tensors", self.tensors.len())));
+        }
+        for (k, v) in [("embedding_length", d_model), ("attention.head_count", n_heads), ("attention.head_count_kv", n_kv_heads), ("attention.key_length", d_head), ("feed_forward_length", d_mlp)] {
+            if v > u32::MAX as u64 {
+                return Err(Error::config(&self.path, key(k), format!("is {v}: too large")));
+            }
+        }
         let embed = self.tensor("token_embd.weight").ok_or_else(|| Error::file(&self.path, "tensor `token_embd.weight` is missing"))?;
         let mut cfg = json!({
             "model_type": arch,
             "hidden_size": d_model,
-            "num_hidden_layers": required("block_count")?,
+            "num_hidden_layers": n_layers,
             "num_attention_heads": n_heads,
             "num_key_value_heads": n_kv_heads,
             "head_dim": d_head,
-            "intermediate_size": required("feed_forward_length")?,
+            "intermediate_size": d_mlp,
             "vocab_size": embed.shape[0],
             "rms_norm_eps": self.float(&key("attention.layer_norm_rms_epsilon"))?.unwrap_or(1e-5),
             "max_position_embeddings": self.uint(&key("context_length"))?.unwrap_or(4096),
