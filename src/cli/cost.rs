@@ -49,8 +49,8 @@ With --measure (patch, cpu) the planned sweep is run on the model (random prompt
 token, as `bench patch`) and each method's measured time is printed beside its estimate, made from
 calibrations taken just before and just after that method runs.
 
-Only config.json is read (--model) or a synth preset used (--like): no weights are loaded, except
-with --measure.
+Only config.json (or a GGUF file's header) is read (--model) or a synth preset used (--like): no
+weights are loaded, except with --measure.
 
 JSON (--json): one object: command, model {name, n_layers, d_model, d_mlp, vocab_size, params,
 weight_dtype}, workload {...}, devices [{name, path (cpu|gpu), gemm_flops, gemm_curve [[rows,
@@ -93,7 +93,7 @@ enum CostWhat {
 /// The model and prompts every workload takes.
 #[derive(Args)]
 struct CommonArgs {
-    /// Hugging Face model directory (only config.json is read).
+    /// Hugging Face model directory (only config.json is read), or a GGUF file (only its header).
     #[arg(long, required_unless_present = "like", conflicts_with = "like")]
     model: Option<PathBuf>,
     /// A preset instead of a directory (as `synth --like`): llama-3.2-1b, llama-3.1-8b, gemma-2-2b,
@@ -254,11 +254,13 @@ fn fixed_positions(spec: &str, what: &str) -> Result<Positions> {
     }
 }
 
-/// The model's config (from DIR/config.json or a preset, --n-layers applied), its name, and the
+/// The model's config (from DIR/config.json, a GGUF header or a preset, --n-layers applied), its name, and the
 /// dtype its weights are read in on the CPU path: the checkpoint's own where there is one, else
 /// config.json's, else bf16 (what `synth` writes).
 fn load_config(c: &CommonArgs) -> Result<(ModelConfig, String, DType)> {
+    let gguf = c.model.as_deref().map(patchbay::model::gguf::find).transpose()?.flatten().map(|p| patchbay::model::gguf::GgufFile::open(&p)).transpose()?;
     let (mut value, path, name): (Value, PathBuf, String) = match (&c.model, &c.like) {
+        (Some(_), _) if let Some(file) = &gguf => (file.config_json()?, file.path.clone(), file.path.display().to_string()),
         (Some(dir), _) => {
             let path = dir.join("config.json");
             let bytes = patchbay::error::read_file(&path)?;
@@ -273,7 +275,10 @@ fn load_config(c: &CommonArgs) -> Result<(ModelConfig, String, DType)> {
         obj.remove("layer_types");
     }
     let cfg = ModelConfig::from_json(&value, &path)?;
-    let stored = c.model.as_ref().and_then(|dir| Checkpoint::open(dir).ok()).and_then(|ck| ck.get("model.embed_tokens.weight", &[cfg.vocab_size, cfg.d_model]).ok()).map(|w| w.dtype);
+    let stored = match &gguf {
+        Some(file) => file.loaded_dtype("token_embd.weight"),
+        None => c.model.as_ref().and_then(|dir| Checkpoint::open(dir).ok()).and_then(|ck| ck.get("model.embed_tokens.weight", &[cfg.vocab_size, cfg.d_model]).ok()).map(|w| w.dtype),
+    };
     let dtype = match &c.model {
         Some(_) => stored.or(cfg.declared_dtype).unwrap_or(DType::BF16),
         None => DType::BF16,

@@ -95,7 +95,7 @@ pub struct DirectionsArgs {
     /// How directions are made (see below).
     #[arg(long, value_enum, default_value_t = Method::ClassMean)]
     method: Method,
-    /// Hugging Face model directory (class-mean, context-averaged).
+    /// Hugging Face model directory or GGUF file (class-mean, context-averaged).
     #[arg(long)]
     model: Option<PathBuf>,
     /// Compute device: cpu (the f32 reference), cuda, cuda:N, or emu (the CUDA emulator).

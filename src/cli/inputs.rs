@@ -20,7 +20,7 @@ use patchbay::{Error, Result};
 /// The model, the device and the prompts as a dataset rendered through a template.
 #[derive(Args, Clone)]
 pub struct InputArgs {
-    /// Hugging Face model directory.
+    /// Hugging Face model directory, or a GGUF file (FILE.gguf, or a directory holding one).
     #[arg(long)]
     pub model: PathBuf,
     /// Compute device: cpu (the f32 reference), cuda, cuda:N, or emu (the CUDA emulator).

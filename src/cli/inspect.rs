@@ -1,4 +1,4 @@
-//! `patchbay inspect`: what a model directory holds.
+//! `patchbay inspect`: what a model directory or GGUF file holds.
 
 use std::path::{Path, PathBuf};
 
@@ -11,9 +11,10 @@ use patchbay::sites::{Site, SiteKind};
 use patchbay::{Error, Result};
 
 #[derive(Args)]
-#[command(after_help = "Examples:\n  patchbay inspect --model tests/fixtures/llama\n  patchbay inspect --model ~/models/Llama-3.2-1B-Instruct --json")]
+#[command(after_help = "Examples:\n  patchbay inspect --model tests/fixtures/llama\n  patchbay inspect --model ~/models/Llama-3.2-1B-Instruct --json\n  patchbay inspect --model .cache/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf\n\nA GGUF file is read as patchbay runs it: quantized tensors expanded to f16 (dtype float16 here),\nF32/F16/BF16 tensors as stored; config_sha256 is then the sha256 of the file's header.")]
 pub struct InspectArgs {
-    /// Hugging Face model directory (config.json, *.safetensors).
+    /// Hugging Face model directory (config.json, *.safetensors), or a GGUF file (FILE.gguf, or a
+    /// directory holding one and no config.json).
     #[arg(long)]
     model: PathBuf,
     /// Print one JSON object instead of text.

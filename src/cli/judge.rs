@@ -54,7 +54,7 @@ judged label), judge.json (the judge and the summary), manifest.json.";
 #[derive(Args)]
 #[command(after_help = JUDGE_HELP)]
 pub struct JudgeArgs {
-    /// The judge: a Hugging Face model directory (the generator or another local model).
+    /// The judge: a Hugging Face model directory or GGUF file (the generator or another local model).
     #[arg(long)]
     model: PathBuf,
     /// Compute device: cpu (the f32 reference), cuda, cuda:N, or emu (the CUDA emulator).

@@ -25,7 +25,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 pub enum Command {
     /// The study pipeline end to end on the bundled demo model and corpus: a report with plots (start here).
     Demo(demo::DemoArgs),
-    /// Describe a model directory: family, shapes, dtype, parameter count, rope, sites.
+    /// Describe a model (directory or GGUF file): family, shapes, dtype, parameter count, rope, sites.
     Inspect(inspect::InspectArgs),
     /// Run prompts and save activations at chosen sites (and logits) to a safetensors file.
     Capture(capture::CaptureArgs),

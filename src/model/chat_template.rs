@@ -49,30 +49,33 @@ const TEMPLATE_NAME: &str = "chat_template";
 /// State of the chat template: absent, present but unusable (the error is reported when a
 /// template is needed, so `encode` still works), or compiled.
 pub(super) enum ChatTemplate {
-    /// No template; `config_path` (tokenizer_config.json) is named in the error.
-    Missing { config_path: PathBuf },
+    /// No template; `config_path` (tokenizer_config.json, or the GGUF file) is named in the
+    /// error, and `jinja_path` when there was one to look for.
+    Missing { config_path: PathBuf, jinja_path: Option<PathBuf> },
     Broken { path: PathBuf, msg: String },
     Ready { path: PathBuf, env: Box<Environment<'static>> },
 }
 
 impl ChatTemplate {
-    /// Finds the template: DIR/chat_template.jinja clobbers tokenizer_config.json's `chat_template`
-    /// (as in transformers); the config value may be a string or a list of {name, template}.
+    /// Finds the template: `jinja_path` (DIR/chat_template.jinja), when it exists, clobbers the
+    /// config's `chat_template` (as in transformers); the config value may be a string or a list
+    /// of {name, template}.
     pub(super) fn load(
-        model_dir: &Path,
+        jinja_path: Option<&Path>,
         config_path: &Path,
         config: &serde_json::Map<String, Json>,
     ) -> Result<ChatTemplate> {
-        let jinja_path = model_dir.join("chat_template.jinja");
-        let (path, source) = if jinja_path.exists() {
-            let bytes = read_file(&jinja_path)?;
+        let (path, source) = if let Some(jinja_path) = jinja_path.filter(|p| p.exists()) {
+            let bytes = read_file(jinja_path)?;
             match String::from_utf8(bytes) {
-                Ok(s) => (jinja_path, s),
-                Err(_) => return Err(Error::file(&jinja_path, "not valid UTF-8")),
+                Ok(s) => (jinja_path.to_path_buf(), s),
+                Err(_) => return Err(Error::file(jinja_path, "not valid UTF-8")),
             }
         } else {
             match config.get("chat_template") {
-                None | Some(Json::Null) => return Ok(ChatTemplate::Missing { config_path: config_path.to_path_buf() }),
+                None | Some(Json::Null) => {
+                    return Ok(ChatTemplate::Missing { config_path: config_path.to_path_buf(), jinja_path: jinja_path.map(Path::to_path_buf) });
+                }
                 Some(Json::String(s)) => (config_path.to_path_buf(), s.clone()),
                 Some(Json::Array(items)) => {
                     let mut found = None;
@@ -138,12 +141,12 @@ impl ChatTemplate {
             ChatTemplate::Broken { path, msg } => {
                 return Err(Error::config(path, "chat_template", msg.clone()));
             }
-            ChatTemplate::Missing { config_path } => {
+            ChatTemplate::Missing { config_path, jinja_path } => {
+                let jinja = jinja_path.as_ref().and_then(|p| p.file_name()).map(|n| format!(", no {}", n.to_string_lossy())).unwrap_or_default();
                 return Err(Error::config(
                     config_path,
                     "chat_template",
-                    "the model has no chat template (none in tokenizer_config.json, no chat_template.jinja); \
-                     use a plain prompt instead",
+                    format!("the model has no chat template (none in this file{jinja}); use a plain prompt instead"),
                 ));
             }
         };

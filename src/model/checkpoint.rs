@@ -14,8 +14,9 @@ use safetensors::{Dtype as StDtype, SafeTensors};
 use super::config::{DType, ModelConfig};
 use crate::{Error, Result};
 
-/// Bytes behind a weight: a memory-mapped checkpoint file, or a small owned copy.
-enum Storage {
+/// Bytes behind a weight: a memory-mapped checkpoint file, or an owned copy (a gathered subset,
+/// a GGUF tensor expanded on load).
+pub(super) enum Storage {
     Mapped(Mmap),
     Owned(Vec<u8>),
 }
@@ -48,6 +49,14 @@ impl std::fmt::Debug for Weight {
 }
 
 impl Weight {
+    /// The bytes `range` of a mapped file.
+    pub(super) fn mapped(map: Arc<Storage>, range: std::ops::Range<usize>, dtype: DType, shape: Vec<usize>) -> Weight {
+        Weight { map, start: range.start, n_bytes: range.len(), dtype, shape }
+    }
+    /// A tensor owning its bytes.
+    pub(super) fn owned(bytes: Vec<u8>, dtype: DType, shape: Vec<usize>) -> Weight {
+        Weight { n_bytes: bytes.len(), map: Arc::new(Storage::Owned(bytes)), start: 0, dtype, shape }
+    }
     pub fn bytes(&self) -> &[u8] {
         &self.map[self.start..self.start + self.n_bytes]
     }
@@ -70,7 +79,7 @@ impl Weight {
             let r = id as usize * row_bytes;
             bytes.extend_from_slice(&self.bytes()[r..r + row_bytes]);
         }
-        Weight { n_bytes: bytes.len(), map: Arc::new(Storage::Owned(bytes)), start: 0, dtype: self.dtype, shape: vec![ids.len(), self.shape[1]] }
+        Weight::owned(bytes, self.dtype, vec![ids.len(), self.shape[1]])
     }
 
     /// Elements `i0..i1` converted to f32.
@@ -156,6 +165,13 @@ impl Checkpoint {
             }
         }
         Ok(Checkpoint { dir: dir.to_path_buf(), tensors })
+    }
+
+    /// A checkpoint of tensors already read (a GGUF file's, under Hugging Face names); `path`
+    /// names the file in errors.
+    pub(super) fn from_weights(path: &Path, weights: HashMap<String, Weight>) -> Self {
+        let tensors = weights.into_iter().map(|(name, w)| (name, (w, path.to_path_buf()))).collect();
+        Checkpoint { dir: path.to_path_buf(), tensors }
     }
 
     pub fn names(&self) -> impl Iterator<Item = &str> {

@@ -90,6 +90,9 @@ pub enum RopeScaling {
     /// Phi-3 longrope: inv_freq divided by per-frequency factors, `short` while the sequence is at
     /// most `original_max_position` long, `long` beyond; cos/sin multiplied by `attention_factor`.
     LongRope { short_factor: Vec<f32>, long_factor: Vec<f32>, original_max_position: usize, attention_factor: f32 },
+    /// inv_freq divided by per-frequency factors at every length (a GGUF's `rope_freqs.weight`:
+    /// how llama.cpp stores Llama 3.1's rope scaling).
+    Factors { factors: Vec<f32> },
 }
 
 impl RopeScaling {
@@ -99,6 +102,7 @@ impl RopeScaling {
             RopeScaling::Linear { .. } => "linear",
             RopeScaling::Llama3 { .. } => "llama3",
             RopeScaling::LongRope { .. } => "longrope",
+            RopeScaling::Factors { .. } => "factors",
         }
     }
 }
@@ -384,6 +388,7 @@ impl ModelConfig {
                 positive.extend(long_factor.iter().map(|&f| ("rope long_factor", f)));
                 positive.push(("rope attention_factor", *attention_factor));
             }
+            RopeScaling::Factors { factors } => positive.extend(factors.iter().map(|&f| ("rope_freqs (per-frequency factors)", f))),
         }
         if let Some((name, v)) = positive.iter().find(|(_, v)| !(v.is_finite() && *v > 0.0)) {
             return Err(Error::config(path, *name, format!("is {v}; must be a positive finite number")));
@@ -451,6 +456,7 @@ impl ModelConfig {
                 let ext = if len > *original_max_position { long_factor } else { short_factor };
                 (base.iter().zip(ext).map(|(&f, &e)| (f / e as f64) as f32).collect(), *attention_factor)
             }
+            RopeScaling::Factors { factors } => (base.iter().zip(factors).map(|(&f, &e)| (f / e as f64) as f32).collect(), 1.0),
         }
     }
 }

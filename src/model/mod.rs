@@ -1,9 +1,10 @@
-//! Loading a Hugging Face model directory: config.json -> ModelConfig, safetensors weights
-//! (memory-mapped), tokenizer.json + chat template.
+//! Loading a model: a Hugging Face directory (config.json -> ModelConfig, safetensors weights
+//! memory-mapped, tokenizer.json + chat template) or a GGUF file (all four in one file).
 
 pub mod chat_template;
 pub mod checkpoint;
 pub mod config;
+pub mod gguf;
 pub mod synth;
 pub mod tokenizer;
 
@@ -17,23 +18,36 @@ use config::ModelConfig;
 
 /// A loaded model: config and memory-mapped weights.
 pub struct Model {
+    /// The model directory, or the GGUF file.
     pub dir: PathBuf,
     pub cfg: ModelConfig,
     pub weights: ModelWeights,
-    /// sha256 of config.json (hex), recorded in every output's provenance.
+    /// sha256 of config.json (hex), or of a GGUF file's header (metadata and tensor table),
+    /// recorded in every output's provenance.
     pub config_hash: String,
 }
 
+fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
+
 impl Model {
-    /// Loads DIR/config.json and the safetensors weights, checking every tensor's shape.
+    /// Loads DIR/config.json and the safetensors weights, or a GGUF file (PATH.gguf, or the one
+    /// .gguf of a directory without config.json), checking every tensor's shape.
     pub fn load(dir: &Path) -> Result<Model> {
+        if let Some(path) = gguf::find(dir)? {
+            let file = gguf::GgufFile::open(&path)?;
+            let cfg = file.config()?;
+            let weights = ModelWeights::load(&cfg, &file.checkpoint(&cfg)?)?;
+            return Ok(Model { dir: path, cfg, weights, config_hash: sha256_hex(file.header()) });
+        }
         if !dir.is_dir() {
             let what = if dir.exists() { "is not a directory" } else { "does not exist" };
-            return Err(crate::Error::file(dir, format!("model directory {what} (expected a Hugging Face model directory with config.json and model.safetensors)")));
+            return Err(crate::Error::file(dir, format!("model directory {what} (expected a Hugging Face model directory with config.json and model.safetensors, or a .gguf file)")));
         }
         let cfg = ModelConfig::load(dir)?;
         let config_bytes = crate::error::read_file(&dir.join("config.json"))?;
-        let config_hash = Sha256::digest(&config_bytes).iter().map(|b| format!("{b:02x}")).collect();
+        let config_hash = sha256_hex(&config_bytes);
         let ck = Checkpoint::open(dir)?;
         let weights = ModelWeights::load(&cfg, &ck)?;
         Ok(Model { dir: dir.to_path_buf(), cfg, weights, config_hash })

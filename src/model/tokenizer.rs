@@ -216,19 +216,20 @@ impl PromptTokenizer {
     /// Loads DIR/tokenizer.json (required) and DIR/tokenizer_config.json (optional: chat_template,
     /// bos_token, eos_token, add_bos_token...). Also honours DIR/special_tokens_map.json and
     /// DIR/chat_template.jinja when present, as transformers does.
+    ///
+    /// A GGUF model (a .gguf file, or a directory holding one and no config.json) gives all of
+    /// these from its metadata instead (see [`super::gguf::GgufFile::tokenizer`]).
     pub fn load(model_dir: &Path) -> Result<Self> {
+        if let Some(path) = super::gguf::find(model_dir)? {
+            let (tokenizer, config) = super::gguf::GgufFile::open(&path)?.tokenizer()?;
+            return Self::assemble(tokenizer, path.clone(), &path, config, None, TokenizerFamily::Other, None);
+        }
         let tokenizer_path = model_dir.join("tokenizer.json");
         let config_path = model_dir.join("tokenizer_config.json");
 
         let bytes = read_file(&tokenizer_path)?;
-        let mut tokenizer = Tokenizer::from_bytes(&bytes)
+        let tokenizer = Tokenizer::from_bytes(&bytes)
             .map_err(|e| Error::file(&tokenizer_path, format!("not a valid tokenizer.json: {}", one_line(e))))?;
-        // HF's fast tokenizers disable the stored truncation/padding on a plain `tokenizer(text)`.
-        tokenizer
-            .with_truncation(None)
-            .map_err(|e| Error::file(&tokenizer_path, format!("cannot disable truncation: {}", one_line(e))))?;
-        tokenizer.with_padding(None);
-
         let config = read_json_object(&config_path)?.unwrap_or_default();
         let special_map_path = model_dir.join("special_tokens_map.json");
         let special_map = read_json_object(&special_map_path)?;
@@ -256,12 +257,35 @@ impl PromptTokenizer {
             }
         };
 
+        let special_map = special_map.map(|m| (special_map_path, m));
+        let jinja_path = model_dir.join("chat_template.jinja");
+        Self::assemble(tokenizer, tokenizer_path, &config_path, config, special_map, family, Some(&jinja_path))
+    }
+
+    /// The tokenizer configured as transformers configures it: `config` is tokenizer_config.json's
+    /// object (`config_path` names it in errors), `special_map` special_tokens_map.json's,
+    /// `jinja_path` a chat_template.jinja that wins over the config's template when it exists.
+    fn assemble(
+        mut tokenizer: Tokenizer,
+        tokenizer_path: PathBuf,
+        config_path: &Path,
+        config: serde_json::Map<String, Json>,
+        special_map: Option<(PathBuf, serde_json::Map<String, Json>)>,
+        family: TokenizerFamily,
+        jinja_path: Option<&Path>,
+    ) -> Result<Self> {
+        // HF's fast tokenizers disable the stored truncation/padding on a plain `tokenizer(text)`.
+        tokenizer
+            .with_truncation(None)
+            .map_err(|e| Error::file(&tokenizer_path, format!("cannot disable truncation: {}", one_line(e))))?;
+        tokenizer.with_padding(None);
+
         // Special tokens: config, overridden by special_tokens_map.json, class defaults for absent keys.
         let mut tokens: BTreeMap<String, Option<String>> = BTreeMap::new();
         let mut additional: Option<Vec<String>> = None;
-        collect_special_tokens(&config_path, &config, &mut tokens, &mut additional)?;
-        if let Some(map) = &special_map {
-            collect_special_tokens(&special_map_path, map, &mut tokens, &mut additional)?;
+        collect_special_tokens(config_path, &config, &mut tokens, &mut additional)?;
+        if let Some((path, map)) = &special_map {
+            collect_special_tokens(path, map, &mut tokens, &mut additional)?;
         }
         for (key, default) in family.default_tokens() {
             tokens.entry((*key).to_string()).or_insert_with(|| Some((*default).to_string()));
@@ -291,13 +315,13 @@ impl PromptTokenizer {
         // true/false, as LlamaTokenizerFast in transformers 4), or when tokenizer.json has none.
         let explicit = config.contains_key("add_bos_token") || config.contains_key("add_eos_token");
         if explicit || family.rebuilds_post_processor() || tokenizer.get_post_processor().is_none() {
-            let add_bos = bool_field(&config_path, &config, "add_bos_token")?
+            let add_bos = bool_field(config_path, &config, "add_bos_token")?
                 .unwrap_or(family.rebuilds_post_processor() && !config.contains_key("add_bos_token"));
-            let add_eos = bool_field(&config_path, &config, "add_eos_token")?.unwrap_or(false);
+            let add_eos = bool_field(config_path, &config, "add_eos_token")?.unwrap_or(false);
             // An undefined token just is not added (transformers 5 resets the flag).
             let post = build_bos_eos_processor(
                 &tokenizer,
-                &config_path,
+                config_path,
                 bos.as_deref().filter(|_| add_bos),
                 eos.as_deref().filter(|_| add_eos),
             )?;
@@ -305,9 +329,9 @@ impl PromptTokenizer {
         }
 
         let clean_up_tokenization_spaces =
-            bool_field(&config_path, &config, "clean_up_tokenization_spaces")?.unwrap_or(false);
+            bool_field(config_path, &config, "clean_up_tokenization_spaces")?.unwrap_or(false);
 
-        let template = ChatTemplate::load(model_dir, &config_path, &config)?;
+        let template = ChatTemplate::load(jinja_path, config_path, &config)?;
 
         Ok(PromptTokenizer {
             tokenizer,
