@@ -29,7 +29,7 @@ use crate::{Error, Result};
 /// The step intervention of a condition for `experiments::generate`: its site and op on its
 /// prompt positions and/or the generated tokens.
 pub fn step_intervention(c: &Condition) -> StepIntervention {
-    StepIntervention { site: c.site, units: None, op: c.op.clone(), scope: c.positions.clone() }
+    StepIntervention { site: c.site, units: c.units.clone(), op: c.op.clone(), scope: c.positions.clone() }
 }
 
 /// A Gaussian random vector with the norm of `v` (seeded).
@@ -65,6 +65,17 @@ pub fn random_controls(conditions: &[Condition], seed: u64) -> Vec<Condition> {
         .collect()
 }
 
+/// Err when there are no label tokens or one is outside the vocabulary.
+pub(crate) fn check_label_tokens(label_tokens: &[u32], vocab_size: usize) -> Result<()> {
+    if label_tokens.is_empty() {
+        return Err(Error::input("no label tokens"));
+    }
+    if let Some(&t) = label_tokens.iter().find(|&&t| t as usize >= vocab_size) {
+        return Err(Error::input(format!("label token {t} is out of range (vocabulary of {vocab_size})")));
+    }
+    Ok(())
+}
+
 /// One prompt under one condition.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SteerRow {
@@ -97,13 +108,8 @@ pub fn steer_labels(
     on_rows: &mut dyn FnMut(&[SteerRow]) -> Result<()>,
 ) -> Result<()> {
     let cfg = engine.config();
+    check_label_tokens(label_tokens, cfg.vocab_size)?;
     let k = label_tokens.len();
-    if k == 0 {
-        return Err(Error::input("no label tokens"));
-    }
-    if let Some(&t) = label_tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
-        return Err(Error::input(format!("label token {t} is out of range (vocabulary of {})", cfg.vocab_size)));
-    }
     // Each condition's intervention (checks positions name no generated tokens) and, per
     // prompt, the first steered position.
     let mut p0: Vec<Vec<usize>> = Vec::with_capacity(conditions.len());
@@ -388,6 +394,7 @@ mod tests {
             beta,
             op: Op::Add { beta, v: vec![3.0, 4.0], normalize: false },
             positions: TokenScope::parse(positions).unwrap(),
+            units: None,
         }
     }
 
