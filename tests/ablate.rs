@@ -398,7 +398,7 @@ fn bad_input_is_one_line_and_writes_nothing() {
         (vec!["--heads", "all", "--op", "scale"], "needs --alpha"),
         (vec!["--heads", "all", "--op", "scale", "--alpha", "inf"], "not a finite"),
         (vec!["--heads", "all", "--alpha", "2"], "--alpha is for --op scale"),
-        (vec!["--heads", "all", "--positions", "last+generated"], "prompt only"),
+        (vec!["--heads", "all", "--positions", "last+generated"], "prompt only (no generated"),
         (vec![], "give the components"),
     ];
     for (extra, says) in cases {

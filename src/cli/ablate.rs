@@ -9,9 +9,8 @@ use serde_json::json;
 use super::inputs::{InputArgs, LabelArgs, Prompts, manifest};
 use super::patch::MethodArg;
 use super::{load_engine, progress_bar};
-use patchbay::experiments::ablate::{AblateOp, Component, ablate_sweep, ablations, conditions, mean_sites, parse_heads, read_groups, site_means};
+use patchbay::experiments::ablate::{AblateOp, Component, ablate_sweep, ablations, conditions, mean_sites, parse_heads, prompt_positions, read_groups, site_means};
 use patchbay::model::Model;
-use patchbay::sites::TokenScope;
 use patchbay::{Error, Result};
 
 const ABLATE_HELP: &str = "Examples:
@@ -98,11 +97,7 @@ pub struct AblateArgs {
 pub fn run(a: AblateArgs) -> Result<()> {
     let t0 = Instant::now();
     let op = AblateOp::parse(&a.op, a.alpha)?;
-    let scope = TokenScope::parse(&a.positions)?;
-    let positions = match (scope.prompt, scope.generated) {
-        (Some(p), false) => p,
-        _ => return Err(Error::input(format!("--positions `{}`: ablate reads the prompt only (no generated positions)", a.positions))),
-    };
+    let positions = prompt_positions(&a.positions)?;
     if a.batch_rows == 0 {
         return Err(Error::input("--batch-rows must be at least 1"));
     }

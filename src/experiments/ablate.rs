@@ -201,6 +201,15 @@ pub fn ablations(components: &[Component], cfg: &ModelConfig, control_seed: Opti
     Ok(out)
 }
 
+/// `--positions`: the grammar of `TokenScope::parse` (`all`, `last`, `last:K`, `-1,-2`, `0,3`,
+/// `-1..-5`), prompt positions only.
+pub fn prompt_positions(spec: &str) -> Result<Positions> {
+    match TokenScope::parse(spec)? {
+        TokenScope { prompt: Some(p), generated: false } => Ok(p),
+        _ => Err(Error::input(format!("--positions `{spec}`: ablations read the prompt only (no generated positions)"))),
+    }
+}
+
 /// What is done to a component.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum AblateOp {

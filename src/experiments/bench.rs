@@ -19,8 +19,10 @@ use crate::backend::ops::sample::SampleParams;
 use crate::engine::forward::RunOutput;
 use crate::engine::{DecodeSeq, Engine, RunRequest};
 use crate::experiments::generate::{GenerateSpec, Generation, StepIntervention, generate};
+use crate::experiments::ablate::{AblateOp, ablations, conditions, mean_sites, naive_labels, parse_heads, site_means};
 use crate::experiments::patch::Method;
-use crate::experiments::workload::{PatchWorkload, PatchWorkloadSpec, random_prompts};
+use crate::experiments::steer::{SteerRow, steer_labels};
+use crate::experiments::workload::{PatchWorkload, PatchWorkloadSpec, random_labels, random_prompts};
 use crate::intervene::Capture;
 use crate::io::tensorfile::peak_rss_bytes;
 use crate::sites::Positions;
@@ -334,6 +336,103 @@ pub fn bench_patch(engine: &dyn Engine, spec: &PatchWorkloadSpec, progress: &Pro
         experiments: exps.len(),
         resumed_experiments: resumed.len(),
         naive_experiments: naive.len(),
+        resumed_s,
+        naive_s,
+        resumed_per_s,
+        naive_per_s,
+        ratio: resumed_per_s / naive_per_s,
+        max_abs_diff,
+        peak_rss_bytes: peak_rss_bytes(),
+    })
+}
+
+/// `bench ablate`: a head sweep (every head of every layer, one experiment per (head, prompt)).
+#[derive(Clone, Debug)]
+pub struct AblateBenchSpec {
+    pub n_prompts: usize,
+    pub prompt_len: usize,
+    pub n_labels: usize,
+    pub op: AblateOp,
+    /// Prompt positions ablated.
+    pub positions: Positions,
+    pub seed: u64,
+    /// Time the naive method on only the first K heads (it is slow).
+    pub naive_limit: Option<usize>,
+    /// Rows per forward (clean passes, resumed segments, naive chunks).
+    pub batch_rows: usize,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct AblateBench {
+    pub device: String,
+    pub heads: usize,
+    pub prompts: usize,
+    pub prompt_len: usize,
+    pub op: String,
+    pub positions: String,
+    /// (head, prompt) experiments of the sweep, and those each method ran.
+    pub experiments: usize,
+    pub resumed_experiments: usize,
+    pub naive_experiments: usize,
+    /// Seconds of each method, its clean passes included (the dataset mean of `--op mean` is not).
+    pub resumed_s: f64,
+    pub naive_s: f64,
+    pub resumed_per_s: f64,
+    pub naive_per_s: f64,
+    /// resumed_per_s / naive_per_s
+    pub ratio: f64,
+    /// Largest |resumed - naive| over the label logits both methods computed.
+    pub max_abs_diff: f32,
+    pub peak_rss_bytes: Option<u64>,
+}
+
+/// The head sweep of random prompts by the resumed method (all heads), then by the naive one
+/// (the first `naive_limit` heads), on `engine`, and the two compared.
+pub fn bench_ablate(engine: &dyn Engine, spec: &AblateBenchSpec, progress: &ProgressBar) -> Result<AblateBench> {
+    let cfg = engine.config();
+    if spec.n_prompts == 0 || spec.prompt_len == 0 || spec.n_labels == 0 || spec.n_labels > cfg.vocab_size {
+        return Err(Error::input("bench ablate needs at least 1 prompt, a prompt length >= 1 and 1..=vocab labels"));
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(spec.seed);
+    let prompts = random_prompts(&mut rng, spec.n_prompts, spec.prompt_len, cfg.vocab_size);
+    let labels = random_labels(&mut rng, spec.n_labels, cfg.vocab_size);
+    let abl = ablations(&parse_heads("all", cfg)?, cfg, None)?;
+    let means = if spec.op == AblateOp::Mean { site_means(engine, &prompts, &mean_sites(&abl), spec.batch_rows)? } else { Default::default() };
+    let conds = conditions(&abl, spec.op, &means, &spec.positions, spec.seed, cfg)?;
+    let n_naive = spec.naive_limit.unwrap_or(conds.len()).min(conds.len());
+    progress.set_length(((conds.len() + n_naive) * prompts.len()) as u64);
+    let k = labels.len();
+    // Label logits [condition][prompt][label], per method.
+    let run = |method: Method, conds: &[crate::intervene::spec::Condition]| -> Result<(f64, Vec<f32>)> {
+        progress.set_message(if method == Method::Resumed { "resumed" } else { "naive" });
+        let f = if method == Method::Resumed { steer_labels } else { naive_labels };
+        let mut table = vec![f32::NAN; conds.len() * prompts.len() * k];
+        let s = timed(|| {
+            f(engine, &prompts, &labels, conds, spec.batch_rows, progress, &mut |_, _| Ok(()), &mut |rows: &[SteerRow]| {
+                for r in rows {
+                    let at = (r.condition * prompts.len() + r.index) * k;
+                    table[at..at + k].copy_from_slice(&r.label_logits);
+                }
+                Ok(())
+            })
+        })?;
+        Ok((s, table))
+    };
+    let (resumed_s, resumed) = run(Method::Resumed, &conds)?;
+    let (naive_s, naive) = run(Method::Naive, &conds[..n_naive])?;
+    let max_abs_diff = naive.iter().zip(&resumed).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+    let (n_resumed, n_naive) = (conds.len() * prompts.len(), n_naive * prompts.len());
+    let (resumed_per_s, naive_per_s) = (n_resumed as f64 / resumed_s, n_naive as f64 / naive_s);
+    Ok(AblateBench {
+        device: device_label(engine),
+        heads: conds.len(),
+        prompts: prompts.len(),
+        prompt_len: spec.prompt_len,
+        op: spec.op.name().into(),
+        positions: spec.positions.describe(),
+        experiments: n_resumed,
+        resumed_experiments: n_resumed,
+        naive_experiments: n_naive,
         resumed_s,
         naive_s,
         resumed_per_s,
