@@ -18,9 +18,8 @@ use indicatif::ProgressBar;
 use patchbay::backend::emu::FiberOrder;
 use patchbay::engine::device_forward::DeviceModel;
 use patchbay::engine::{Engine, RunRequest};
-use patchbay::experiments::ablate::{AblateOp, Ablation, Component, ablations, conditions, mean_sites, naive_labels, parse_heads, random_control, site_means};
+use patchbay::experiments::ablate::{AblateOp, Ablation, Component, ablations, conditions, label_runner, mean_sites, parse_heads, random_control, site_means};
 use patchbay::experiments::patch::Method;
-use patchbay::experiments::steer::steer_labels;
 use patchbay::intervene::spec::Condition;
 use patchbay::intervene::{Capture, Intervention, Op};
 use patchbay::logits::argmax;
@@ -36,11 +35,7 @@ fn sweep(engine: &dyn Engine, method: Method, prompts: &[Vec<u32>], conds: &[Con
     let (n, k) = (prompts.len(), LABELS.len());
     let mut clean = vec![f32::NAN; n * k];
     let mut rows = vec![f32::NAN; conds.len() * n * k];
-    let run = match method {
-        Method::Resumed => steer_labels,
-        Method::Naive => naive_labels,
-    };
-    run(
+    label_runner(method)(
         engine,
         prompts,
         &LABELS,

@@ -11,6 +11,7 @@ use super::patch::MethodArg;
 use super::{load_engine, progress_bar};
 use patchbay::experiments::ablate::{AblateOp, Component, ablate_sweep, ablations, conditions, mean_sites, parse_heads, prompt_positions, read_groups, site_means};
 use patchbay::model::Model;
+use patchbay::sites::Positions;
 use patchbay::{Error, Result};
 
 const ABLATE_HELP: &str = "Examples:
@@ -65,15 +66,8 @@ pub struct AblateArgs {
     /// JSON file: a list of {"layer": L, "neurons": [i, ...]}, one experiment per group.
     #[arg(long)]
     neuron_groups: Option<PathBuf>,
-    /// zero, mean (the dataset mean), random (equal norm) or scale (with --alpha).
-    #[arg(long, default_value = "zero")]
-    op: String,
-    /// The factor of --op scale.
-    #[arg(long, allow_hyphen_values = true)]
-    alpha: Option<f32>,
-    /// Prompt positions ablated: all, last, last:K, -1,-2, 0,3, -1..-5.
-    #[arg(long, default_value = "all", allow_hyphen_values = true)]
-    positions: String,
+    #[command(flatten)]
+    op: AblateOpArgs,
     /// Also run, for each component, a random one of the same size at the same layer.
     #[arg(long)]
     random_control: bool,
@@ -94,10 +88,29 @@ pub struct AblateArgs {
     quiet: bool,
 }
 
+/// What is done to each component, and where: the flags of `ablate` and `bench ablate`.
+#[derive(Args, Clone)]
+pub struct AblateOpArgs {
+    /// zero, mean (the dataset mean), random (equal norm) or scale (with --alpha).
+    #[arg(long, default_value = "zero")]
+    op: String,
+    /// The factor of --op scale.
+    #[arg(long, allow_hyphen_values = true)]
+    alpha: Option<f32>,
+    /// Prompt positions ablated: all, last, last:K, -1,-2, 0,3, -1..-5.
+    #[arg(long, default_value = "all", allow_hyphen_values = true)]
+    positions: String,
+}
+
+impl AblateOpArgs {
+    pub fn resolve(&self) -> Result<(AblateOp, Positions)> {
+        Ok((AblateOp::parse(&self.op, self.alpha)?, prompt_positions(&self.positions)?))
+    }
+}
+
 pub fn run(a: AblateArgs) -> Result<()> {
     let t0 = Instant::now();
-    let op = AblateOp::parse(&a.op, a.alpha)?;
-    let positions = prompt_positions(&a.positions)?;
+    let (op, positions) = a.op.resolve()?;
     if a.batch_rows == 0 {
         return Err(Error::input("--batch-rows must be at least 1"));
     }

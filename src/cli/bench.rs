@@ -5,11 +5,11 @@ use std::path::{Path, PathBuf};
 use clap::{Args, Subcommand, ValueEnum};
 use serde::Serialize;
 
+use super::ablate::AblateOpArgs;
 use super::patch::SweepArgs;
 use super::{load_engine, parse_bytes, print_stdout, progress_bar};
 use patchbay::backend::DeviceSpec;
 use patchbay::backend::ops::sample::SampleParams;
-use patchbay::experiments::ablate::{AblateOp, prompt_positions};
 use patchbay::experiments::bench::{AblateBenchSpec, BenchShape, bench_ablate, bench_capture, bench_forward, bench_generate, bench_patch};
 use patchbay::experiments::generate::StepIntervention;
 use patchbay::experiments::workload::PatchWorkloadSpec;
@@ -218,14 +218,8 @@ struct AblateBenchArgs {
     prompt_len: usize,
     #[arg(long, default_value_t = 13)]
     labels: usize,
-    /// zero, mean, random or scale (with --alpha), as `patchbay ablate`.
-    #[arg(long, default_value = "zero")]
-    op: String,
-    #[arg(long, allow_hyphen_values = true)]
-    alpha: Option<f32>,
-    /// Prompt positions ablated: all, last, last:K, -1,-2, 0,3, -1..-5.
-    #[arg(long, default_value = "all", allow_hyphen_values = true)]
-    positions: String,
+    #[command(flatten)]
+    op: AblateOpArgs,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Time the naive method on only the first K heads (it is slow).
@@ -359,30 +353,19 @@ fn patch(a: PatchBenchArgs) -> Result<()> {
     let engine = load_engine(&model, a.device)?;
     let r = bench_patch(&*engine, &spec, &bar)?;
     bar.finish_and_clear();
-    let text = format!(
-        "  {} experiments, device {}\n  resumed: {} experiments in {:.2} s = {:.1}/s\n  naive:   {} experiments in {:.2} s = {:.2}/s\n  ratio resumed/naive: {:.1}x   (max |resumed - naive| label logit: {:.2e})\n",
-        r.experiments,
-        r.device,
-        r.resumed_experiments,
-        r.resumed_s,
-        r.resumed_per_s,
-        r.naive_experiments,
-        r.naive_s,
-        r.naive_per_s,
-        r.ratio,
-        r.max_abs_diff,
-    );
+    let text = format!("  {} experiments, device {}\n{}", r.methods.experiments, r.device, r.methods.describe());
     report("patch", &a.model, &model, a.json, &r, &text)
 }
 
 fn ablate(a: AblateBenchArgs) -> Result<()> {
     let model = Model::load(&a.model)?;
+    let (op, positions) = a.op.resolve()?;
     let spec = AblateBenchSpec {
         n_prompts: a.n_prompts,
         prompt_len: a.prompt_len,
         n_labels: a.labels,
-        op: AblateOp::parse(&a.op, a.alpha)?,
-        positions: prompt_positions(&a.positions)?,
+        op,
+        positions,
         seed: a.seed,
         naive_limit: a.naive_limit,
         batch_rows: a.batch_rows,
@@ -391,9 +374,6 @@ fn ablate(a: AblateBenchArgs) -> Result<()> {
     let engine = load_engine(&model, a.device)?;
     let r = bench_ablate(&*engine, &spec, &bar)?;
     bar.finish_and_clear();
-    let text = format!(
-        "  {} heads x {} prompts of {} tokens = {} experiments (op {}, positions {}), device {}\n  resumed: {} experiments in {:.2} s = {:.1}/s\n  naive:   {} experiments in {:.2} s = {:.2}/s\n  ratio resumed/naive: {:.1}x   (max |resumed - naive| label logit: {:.2e})\n",
-        r.heads, r.prompts, r.prompt_len, r.experiments, r.op, r.positions, r.device, r.resumed_experiments, r.resumed_s, r.resumed_per_s, r.naive_experiments, r.naive_s, r.naive_per_s, r.ratio, r.max_abs_diff,
-    );
+    let text = format!("  {} heads x {} prompts of {} tokens = {} experiments (op {}, positions {}), device {}\n{}", r.heads, r.prompts, r.prompt_len, r.methods.experiments, r.op, r.positions, r.device, r.methods.describe());
     report("ablate", &a.model, &model, a.json, &r, &text)
 }

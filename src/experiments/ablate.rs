@@ -21,10 +21,9 @@ use serde_json::json;
 use crate::data::labels::LabelSet;
 use crate::engine::{Engine, RunRequest};
 use crate::experiments::patch::{Method, chunk_by_rows};
-use crate::experiments::steer::{SteerRow, check_label_tokens, steer_labels};
+use crate::experiments::steer::{LabelRunner, SteerRow, check_label_tokens, steer_labels, write_label_rows};
 use crate::intervene::spec::Condition;
 use crate::intervene::{Capture, Op};
-use crate::io::JsonlFile;
 use crate::io::plot::Grid;
 use crate::logits::argmax;
 use crate::model::config::ModelConfig;
@@ -350,6 +349,14 @@ pub fn naive_labels(
     Ok(())
 }
 
+/// The engine pass of `method`: [`steer_labels`] (resumed) or [`naive_labels`].
+pub fn label_runner(method: Method) -> LabelRunner {
+    match method {
+        Method::Resumed => steer_labels,
+        Method::Naive => naive_labels,
+    }
+}
+
 /// One line of summary.csv: an ablation over all prompts.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SummaryRow {
@@ -462,53 +469,19 @@ pub fn ablate_sweep(
     if conditions.len() != ablations.len() {
         return Err(Error::input(format!("{} conditions for {} ablations", conditions.len(), ablations.len())));
     }
-    let k = labels.len();
-    let names = &labels.names;
-    let with_gold = |mut o: serde_json::Value, i: usize| {
-        if let Some(g) = gold[i] {
-            o["gold"] = json!(names[g]);
+    let (clean, rows) = write_label_rows(label_runner(method), engine, prompts, labels, gold, conditions, batch_rows, progress, out, "experiments.jsonl", &|r| {
+        let a = &ablations[r.condition];
+        let mut o = json!({"kind": a.component.kind(), "layer": a.component.layer(), "op": op.name(), "control": a.control});
+        match &a.component {
+            Component::Head { head, .. } => o["head"] = json!(head),
+            Component::Neurons { neurons, .. } => o["neurons"] = json!(neurons),
+        }
+        if let AblateOp::Scale { alpha } = op {
+            o["alpha"] = json!(alpha);
         }
         o
-    };
-    let mut experiments = JsonlFile::new(out.join("experiments.jsonl"));
-    let mut clean_file = JsonlFile::new(out.join("clean.jsonl"));
-    let mut clean = vec![0.0f32; prompts.len() * k]; // [n_prompts, n_labels]
-    let mut rows: Vec<SteerRow> = Vec::new();
-    let run = match method {
-        Method::Resumed => steer_labels,
-        Method::Naive => naive_labels,
-    };
-    run(
-        engine,
-        prompts,
-        &labels.token_ids,
-        conditions,
-        batch_rows,
-        progress,
-        &mut |i, logits| {
-            clean[i * k..(i + 1) * k].copy_from_slice(logits);
-            clean_file.write(&[with_gold(json!({"index": i, "label_logits": logits, "pred": names[argmax(logits)]}), i)])
-        },
-        &mut |batch| {
-            let lines: Vec<serde_json::Value> = batch
-                .iter()
-                .map(|r| {
-                    let a = &ablations[r.condition];
-                    let mut o = json!({"kind": a.component.kind(), "layer": a.component.layer(), "op": op.name(), "index": r.index, "label_logits": r.label_logits, "pred": names[r.pred], "clean_pred": names[r.clean_pred], "control": a.control});
-                    match &a.component {
-                        Component::Head { head, .. } => o["head"] = json!(head),
-                        Component::Neurons { neurons, .. } => o["neurons"] = json!(neurons),
-                    }
-                    if let AblateOp::Scale { alpha } = op {
-                        o["alpha"] = json!(alpha);
-                    }
-                    with_gold(o, r.index)
-                })
-                .collect();
-            rows.extend_from_slice(batch);
-            experiments.write(&lines)
-        },
-    )?;
+    })?;
+    let (k, names) = (labels.len(), &labels.names);
     let summary = summarize(ablations, &rows, &clean, k);
     crate::io::write_atomic(&out.join("summary.csv"), summary_csv(&summary, op, names).as_bytes())?;
     if let Some(grid) = head_grid(&summary, op, engine.config().n_heads) {

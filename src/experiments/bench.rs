@@ -19,9 +19,9 @@ use crate::backend::ops::sample::SampleParams;
 use crate::engine::forward::RunOutput;
 use crate::engine::{DecodeSeq, Engine, RunRequest};
 use crate::experiments::generate::{GenerateSpec, Generation, StepIntervention, generate};
-use crate::experiments::ablate::{AblateOp, ablations, conditions, mean_sites, naive_labels, parse_heads, site_means};
+use crate::experiments::ablate::{AblateOp, ablations, conditions, label_runner, mean_sites, parse_heads, site_means};
 use crate::experiments::patch::Method;
-use crate::experiments::steer::{SteerRow, steer_labels};
+use crate::experiments::steer::SteerRow;
 use crate::experiments::workload::{PatchWorkload, PatchWorkloadSpec, random_labels, random_prompts};
 use crate::intervene::Capture;
 use crate::io::tensorfile::peak_rss_bytes;
@@ -291,9 +291,10 @@ pub fn bench_generate(engine: &dyn Engine, shape: &BenchShape, new_tokens: usize
     })
 }
 
+/// A sweep run by both methods: counts, seconds, throughput and agreement.
 #[derive(Clone, Debug, Serialize)]
-pub struct PatchBench {
-    pub device: String,
+pub struct ResumedVsNaive {
+    /// Experiments of the sweep, and those each method ran.
     pub experiments: usize,
     pub resumed_experiments: usize,
     pub naive_experiments: usize,
@@ -303,8 +304,32 @@ pub struct PatchBench {
     pub naive_per_s: f64,
     /// resumed_per_s / naive_per_s
     pub ratio: f64,
-    /// Largest |resumed - naive| over the patched label logits both methods computed.
+    /// Largest |resumed - naive| over the label logits both methods computed.
     pub max_abs_diff: f32,
+}
+
+impl ResumedVsNaive {
+    /// From each method's (experiments, seconds).
+    pub fn new(experiments: usize, (resumed_experiments, resumed_s): (usize, f64), (naive_experiments, naive_s): (usize, f64), max_abs_diff: f32) -> ResumedVsNaive {
+        let resumed_per_s = resumed_experiments as f64 / resumed_s;
+        let naive_per_s = naive_experiments as f64 / naive_s;
+        ResumedVsNaive { experiments, resumed_experiments, naive_experiments, resumed_s, naive_s, resumed_per_s, naive_per_s, ratio: resumed_per_s / naive_per_s, max_abs_diff }
+    }
+
+    /// The lines of the text report: each method's count, seconds and rate, then the ratio.
+    pub fn describe(&self) -> String {
+        format!(
+            "  resumed: {} experiments in {:.2} s = {:.1}/s\n  naive:   {} experiments in {:.2} s = {:.2}/s\n  ratio resumed/naive: {:.1}x   (max |resumed - naive| label logit: {:.2e})\n",
+            self.resumed_experiments, self.resumed_s, self.resumed_per_s, self.naive_experiments, self.naive_s, self.naive_per_s, self.ratio, self.max_abs_diff
+        )
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct PatchBench {
+    pub device: String,
+    #[serde(flatten)]
+    pub methods: ResumedVsNaive,
     /// Peak resident memory of the process (bytes), where the OS reports it.
     pub peak_rss_bytes: Option<u64>,
 }
@@ -329,21 +354,7 @@ pub fn bench_patch(engine: &dyn Engine, spec: &PatchWorkloadSpec, progress: &Pro
             }
         }
     }
-    let resumed_per_s = resumed.len() as f64 / resumed_s;
-    let naive_per_s = naive.len() as f64 / naive_s;
-    Ok(PatchBench {
-        device: device_label(engine),
-        experiments: exps.len(),
-        resumed_experiments: resumed.len(),
-        naive_experiments: naive.len(),
-        resumed_s,
-        naive_s,
-        resumed_per_s,
-        naive_per_s,
-        ratio: resumed_per_s / naive_per_s,
-        max_abs_diff,
-        peak_rss_bytes: peak_rss_bytes(),
-    })
+    Ok(PatchBench { device: device_label(engine), methods: ResumedVsNaive::new(exps.len(), (resumed.len(), resumed_s), (naive.len(), naive_s), max_abs_diff), peak_rss_bytes: peak_rss_bytes() })
 }
 
 /// `bench ablate`: a head sweep (every head of every layer, one experiment per (head, prompt)).
@@ -370,19 +381,10 @@ pub struct AblateBench {
     pub prompt_len: usize,
     pub op: String,
     pub positions: String,
-    /// (head, prompt) experiments of the sweep, and those each method ran.
-    pub experiments: usize,
-    pub resumed_experiments: usize,
-    pub naive_experiments: usize,
-    /// Seconds of each method, its clean passes included (the dataset mean of `--op mean` is not).
-    pub resumed_s: f64,
-    pub naive_s: f64,
-    pub resumed_per_s: f64,
-    pub naive_per_s: f64,
-    /// resumed_per_s / naive_per_s
-    pub ratio: f64,
-    /// Largest |resumed - naive| over the label logits both methods computed.
-    pub max_abs_diff: f32,
+    /// Experiments are (head, prompt) pairs; each method's seconds include its clean passes
+    /// (not the dataset mean of `--op mean`).
+    #[serde(flatten)]
+    pub methods: ResumedVsNaive,
     pub peak_rss_bytes: Option<u64>,
 }
 
@@ -405,7 +407,7 @@ pub fn bench_ablate(engine: &dyn Engine, spec: &AblateBenchSpec, progress: &Prog
     // Label logits [condition][prompt][label], per method.
     let run = |method: Method, conds: &[crate::intervene::spec::Condition]| -> Result<(f64, Vec<f32>)> {
         progress.set_message(if method == Method::Resumed { "resumed" } else { "naive" });
-        let f = if method == Method::Resumed { steer_labels } else { naive_labels };
+        let f = label_runner(method);
         let mut table = vec![f32::NAN; conds.len() * prompts.len() * k];
         let s = timed(|| {
             f(engine, &prompts, &labels, conds, spec.batch_rows, progress, &mut |_, _| Ok(()), &mut |rows: &[SteerRow]| {
@@ -421,8 +423,7 @@ pub fn bench_ablate(engine: &dyn Engine, spec: &AblateBenchSpec, progress: &Prog
     let (resumed_s, resumed) = run(Method::Resumed, &conds)?;
     let (naive_s, naive) = run(Method::Naive, &conds[..n_naive])?;
     let max_abs_diff = naive.iter().zip(&resumed).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
-    let (n_resumed, n_naive) = (conds.len() * prompts.len(), n_naive * prompts.len());
-    let (resumed_per_s, naive_per_s) = (n_resumed as f64 / resumed_s, n_naive as f64 / naive_s);
+    let n = conds.len() * prompts.len();
     Ok(AblateBench {
         device: device_label(engine),
         heads: conds.len(),
@@ -430,15 +431,7 @@ pub fn bench_ablate(engine: &dyn Engine, spec: &AblateBenchSpec, progress: &Prog
         prompt_len: spec.prompt_len,
         op: spec.op.name().into(),
         positions: spec.positions.describe(),
-        experiments: n_resumed,
-        resumed_experiments: n_resumed,
-        naive_experiments: n_naive,
-        resumed_s,
-        naive_s,
-        resumed_per_s,
-        naive_per_s,
-        ratio: resumed_per_s / naive_per_s,
-        max_abs_diff,
+        methods: ResumedVsNaive::new(n, (n, resumed_s), (n_naive * prompts.len(), naive_s), max_abs_diff),
         peak_rss_bytes: peak_rss_bytes(),
     })
 }
