@@ -4,7 +4,9 @@
 //! every op, random positions) on the CPU and, for llama and gemma2, on the device (the emulator,
 //! or the GPU of PATCHBAY_TEST_DEVICE); scale 1 is the clean run bit for bit; the mean op's
 //! operand is the dataset mean computed here from captures; random controls; the command's files
-//! (every summary cell recomputed from experiments.jsonl and clean.jsonl); one-line errors.
+//! (every summary cell recomputed from experiments.jsonl and clean.jsonl); one-line errors; and
+//! Hugging Face hooks zeroing or scaling a head's slice of the o_proj input and neurons of the
+//! down_proj input (the goldens of scripts/golden/make_ablate_goldens.py) on every family.
 //! Results are written into NaN-poisoned tables, so a missing or doubled row fails.
 
 mod common;
@@ -402,5 +404,59 @@ fn bad_input_is_one_line_and_writes_nothing() {
         assert_eq!(err.trim().lines().count(), 1, "{extra:?}: not one line: {err}");
         assert!(err.contains(says), "{extra:?}: `{says}` not in: {err}");
         assert!(!Path::new(&out).exists(), "{extra:?} wrote {out}");
+    }
+}
+
+/// Against Hugging Face forward pre-hooks on o_proj and down_proj
+/// (`tests/fixtures/*/ablate_golden.json`, made by `scripts/golden/make_ablate_goldens.py`): both
+/// methods on the CPU (f32 tolerance) on every family, and the resumed method on the device for
+/// llama (bf16 forward tolerance).
+#[test]
+fn matches_hugging_face_hooks() {
+    for family in FAMILIES {
+        let golden: Value = serde_json::from_str(&std::fs::read_to_string(fixture(family).join("ablate_golden.json")).unwrap()).unwrap();
+        let model = Model::load(&fixture(family)).unwrap();
+        let prompts: Vec<Vec<u32>> = serde_json::from_value(golden["prompts"].clone()).unwrap();
+        let labels: Vec<u32> = serde_json::from_value(golden["labels"].clone()).unwrap();
+        let clean: Vec<Vec<f32>> = serde_json::from_value(golden["clean"].clone()).unwrap();
+        let device = (family == "llama").then(|| DeviceModel::upload(&model, test_driver(FiberOrder::Forward).1).unwrap());
+        for case in golden["cases"].as_array().unwrap() {
+            let layer = case["layer"].as_u64().unwrap() as usize;
+            let component = match case["kind"].as_str().unwrap() {
+                "head" => Component::Head { layer, head: case["head"].as_u64().unwrap() as usize },
+                _ => Component::Neurons { layer, neurons: serde_json::from_value(case["neurons"].clone()).unwrap() },
+            };
+            let op = match case["op"].as_str().unwrap() {
+                "zero" => AblateOp::Zero,
+                _ => AblateOp::Scale { alpha: case["alpha"].as_f64().unwrap() as f32 },
+            };
+            let positions = if case["positions"] == "all" { Positions::All } else { Positions::List(serde_json::from_value(case["positions"].clone()).unwrap()) };
+            let tag = format!("{family} {} {op:?} at {positions:?}", component.name());
+            let abl = [Ablation { component, control: false }];
+            let conds = conditions(&abl, op, &BTreeMap::new(), &positions, 0, &model.cfg).unwrap();
+            let want: Vec<f32> = serde_json::from_value::<Vec<Vec<f32>>>(case["ablated"].clone()).unwrap().concat();
+            let run = |engine: &dyn Engine, method: Method| {
+                let mut got = vec![f32::NAN; want.len()];
+                let mut got_clean = vec![f32::NAN; want.len()];
+                let k = labels.len();
+                label_runner(method)(engine, &prompts, &labels, &conds, 1 << 20, &ProgressBar::hidden(), &mut |i, l| {
+                    got_clean[i * k..(i + 1) * k].copy_from_slice(l);
+                    Ok(())
+                }, &mut |rows| {
+                    rows.iter().for_each(|r| got[r.index * k..(r.index + 1) * k].copy_from_slice(&r.label_logits));
+                    Ok(())
+                })
+                .unwrap();
+                (got_clean, got)
+            };
+            for method in [Method::Resumed, Method::Naive] {
+                let (got_clean, got) = run(&model, method);
+                assert_close(&format!("{tag} {method:?} clean"), &got_clean, &clean.concat(), F32_ATOL, F32_RTOL);
+                assert_close(&format!("{tag} {method:?}"), &got, &want, F32_ATOL, F32_RTOL);
+            }
+            if let Some(dev) = &device {
+                assert_forward_close(&format!("{tag} device"), &run(dev, Method::Resumed).1, &want);
+            }
+        }
     }
 }
