@@ -112,6 +112,16 @@ fn patch_keeps_its_fields() {
 }
 
 #[test]
+fn ablate_keeps_its_fields() {
+    let v = bench_json("ablate", &["--n-prompts", "3", "--prompt-len", "6", "--positions", "last:2", "--naive-limit", "3"]);
+    positive(&v, &["resumed_s", "naive_s", "resumed_per_s", "naive_per_s", "ratio"]);
+    // Every head of the 2-layer, 4-head fixture x 3 prompts; the naive method times 3 heads.
+    assert_eq!((v["heads"].as_u64(), v["experiments"].as_u64(), v["resumed_experiments"].as_u64(), v["naive_experiments"].as_u64()), (Some(8), Some(24), Some(24), Some(9)));
+    assert_eq!((v["op"].as_str(), v["positions"].as_str()), (Some("zero"), Some("-1,-2")));
+    assert!(v["max_abs_diff"].as_f64().unwrap() < 1e-3, "resumed and naive disagree: {v}");
+}
+
+#[test]
 fn tables_and_errors() {
     let model = fixture("llama");
     let m = model.to_str().unwrap();

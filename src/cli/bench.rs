@@ -5,11 +5,12 @@ use std::path::{Path, PathBuf};
 use clap::{Args, Subcommand, ValueEnum};
 use serde::Serialize;
 
+use super::ablate::AblateOpArgs;
 use super::patch::SweepArgs;
 use super::{load_engine, parse_bytes, print_stdout, progress_bar};
 use patchbay::backend::DeviceSpec;
 use patchbay::backend::ops::sample::SampleParams;
-use patchbay::experiments::bench::{BenchShape, bench_capture, bench_forward, bench_generate, bench_patch};
+use patchbay::experiments::bench::{AblateBenchSpec, BenchShape, bench_ablate, bench_capture, bench_forward, bench_generate, bench_patch};
 use patchbay::experiments::generate::StepIntervention;
 use patchbay::experiments::workload::PatchWorkloadSpec;
 use patchbay::intervene::{Capture, Op};
@@ -65,6 +66,19 @@ tokens_changed, peak_rss_bytes.")]
 JSON fields: device, experiments, resumed_experiments, naive_experiments, resumed_s, naive_s,
 resumed_per_s, naive_per_s, ratio (resumed/naive per second), max_abs_diff, peak_rss_bytes.")]
     Patch(PatchBenchArgs),
+    /// A head-ablation sweep (every head of every layer), resumed vs naive, on the same experiments.
+    #[command(after_help = "Example (every head of a 16-layer model, Wang et al.'s per-head ablation):
+  patchbay synth --like llama-3.2-1b --layers 16 --out /tmp/l1b
+  patchbay bench ablate --model /tmp/l1b --n-prompts 4 --prompt-len 32 --op zero --positions all --naive-limit 16 --json
+
+An experiment is one (head, prompt): the head's slice of the o_proj input ablated at --positions,
+the label logits read at the last token. Resumed: one clean pass per chunk of prompts, every
+experiment resumed from the clean run at its layer, a layer's experiments batched as segments
+(--batch-rows); naive: one full forward per (head, chunk of prompts), on the first --naive-limit
+heads. JSON fields: device, heads, prompts, prompt_len, op, positions, experiments,
+resumed_experiments, naive_experiments, resumed_s, naive_s, resumed_per_s, naive_per_s, ratio
+(resumed/naive per second), max_abs_diff, peak_rss_bytes.")]
+    Ablate(AblateBenchArgs),
 }
 
 /// What every bench but `patch` takes.
@@ -190,12 +204,45 @@ struct PatchBenchArgs {
     quiet: bool,
 }
 
+#[derive(Args)]
+struct AblateBenchArgs {
+    /// A Hugging Face model directory (or a `patchbay synth` checkpoint).
+    #[arg(long)]
+    model: PathBuf,
+    /// cpu (the reference), emu (the emulated GPU), cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: DeviceSpec,
+    #[arg(long, default_value_t = 4)]
+    n_prompts: usize,
+    #[arg(long, default_value_t = 32)]
+    prompt_len: usize,
+    #[arg(long, default_value_t = 13)]
+    labels: usize,
+    #[command(flatten)]
+    op: AblateOpArgs,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Time the naive method on only the first K heads (it is slow).
+    #[arg(long)]
+    naive_limit: Option<usize>,
+    /// Rows per forward (clean passes, resumed segments, naive chunks).
+    #[arg(long, default_value_t = 2048)]
+    batch_rows: usize,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+}
+
 pub fn run(a: BenchArgs) -> Result<()> {
     match a.what {
         BenchWhat::Forward(a) => forward(a),
         BenchWhat::Capture(a) => capture(a),
         BenchWhat::Generate(a) => generate(a),
         BenchWhat::Patch(a) => patch(a),
+        BenchWhat::Ablate(a) => ablate(a),
     }
 }
 
@@ -306,18 +353,27 @@ fn patch(a: PatchBenchArgs) -> Result<()> {
     let engine = load_engine(&model, a.device)?;
     let r = bench_patch(&*engine, &spec, &bar)?;
     bar.finish_and_clear();
-    let text = format!(
-        "  {} experiments, device {}\n  resumed: {} experiments in {:.2} s = {:.1}/s\n  naive:   {} experiments in {:.2} s = {:.2}/s\n  ratio resumed/naive: {:.1}x   (max |resumed - naive| label logit: {:.2e})\n",
-        r.experiments,
-        r.device,
-        r.resumed_experiments,
-        r.resumed_s,
-        r.resumed_per_s,
-        r.naive_experiments,
-        r.naive_s,
-        r.naive_per_s,
-        r.ratio,
-        r.max_abs_diff,
-    );
+    let text = format!("  {} experiments, device {}\n{}", r.methods.experiments, r.device, r.methods.describe());
     report("patch", &a.model, &model, a.json, &r, &text)
+}
+
+fn ablate(a: AblateBenchArgs) -> Result<()> {
+    let model = Model::load(&a.model)?;
+    let (op, positions) = a.op.resolve()?;
+    let spec = AblateBenchSpec {
+        n_prompts: a.n_prompts,
+        prompt_len: a.prompt_len,
+        n_labels: a.labels,
+        op,
+        positions,
+        seed: a.seed,
+        naive_limit: a.naive_limit,
+        batch_rows: a.batch_rows,
+    };
+    let bar = progress_bar(0, "bench", "experiments", a.quiet || a.json);
+    let engine = load_engine(&model, a.device)?;
+    let r = bench_ablate(&*engine, &spec, &bar)?;
+    bar.finish_and_clear();
+    let text = format!("  {} heads x {} prompts of {} tokens = {} experiments (op {}, positions {}), device {}\n{}", r.heads, r.prompts, r.prompt_len, r.methods.experiments, r.op, r.positions, r.device, r.methods.describe());
+    report("ablate", &a.model, &model, a.json, &r, &text)
 }

@@ -1,5 +1,6 @@
 //! The subcommands of the patchbay binary, one file each.
 
+pub mod ablate;
 pub mod bench;
 pub mod capture;
 pub mod components;
@@ -39,6 +40,8 @@ pub enum Command {
     Judge(judge::JudgeArgs),
     /// Activation-patching sweeps resumed from clean runs (the Tak et al. protocol and general sweeps).
     Patch(patch::PatchArgs),
+    /// Causal component sweeps: ablate (zero, mean, random) or scale each attention head or MLP neuron group, resumed from clean runs, read through a label set.
+    Ablate(ablate::AblateArgs),
     /// Combine the shards of a patching sweep (patch --shard i/n) into the whole run's outputs.
     Merge(merge::MergeArgs),
     /// Write a random checkpoint with the exact layout of a real model (for costs and benches).
@@ -66,6 +69,7 @@ impl Command {
             Command::Generate(a) => generate::run(a),
             Command::Judge(a) => judge::run(a),
             Command::Patch(a) => patch::run(a),
+            Command::Ablate(a) => ablate::run(a),
             Command::Merge(a) => merge::run(a),
             Command::Synth(a) => synth::run(a),
             Command::Bench(a) => bench::run(a),

@@ -46,10 +46,21 @@ by experiment count. `patchbay merge` checks that the shards are all the parts o
 writes the files of the unsharded run, byte for byte (--batch-rows and --mem-budget are part of
 the sweep: give every shard the same).";
 
+/// `--method` of `patch` and `ablate`.
 #[derive(Clone, Copy, ValueEnum)]
-enum MethodArg {
+pub enum MethodArg {
     Resumed,
     Naive,
+}
+
+impl MethodArg {
+    /// The method and its name in manifests.
+    pub fn method(self) -> (Method, &'static str) {
+        match self {
+            MethodArg::Resumed => (Method::Resumed, "resumed"),
+            MethodArg::Naive => (Method::Naive, "naive"),
+        }
+    }
 }
 
 #[derive(Args)]
@@ -166,10 +177,7 @@ pub fn run(a: PatchArgs) -> Result<()> {
     let spec = a.sweep.spec(cfg.n_layers, labels.token_ids.clone())?;
     let all_exps = experiments(&pairs, &spec, cfg.n_layers)?;
     let mem_budget = parse_bytes(&a.mem_budget)?;
-    let (method, method_name) = match a.method {
-        MethodArg::Resumed => (Method::Resumed, "resumed"),
-        MethodArg::Naive => (Method::Naive, "naive"),
-    };
+    let (method, method_name) = a.method.method();
     let run = DirRun {
         out: &a.out,
         started,

@@ -19,8 +19,10 @@ use crate::backend::ops::sample::SampleParams;
 use crate::engine::forward::RunOutput;
 use crate::engine::{DecodeSeq, Engine, RunRequest};
 use crate::experiments::generate::{GenerateSpec, Generation, StepIntervention, generate};
+use crate::experiments::ablate::{AblateOp, ablations, conditions, label_runner, mean_sites, parse_heads, site_means};
 use crate::experiments::patch::Method;
-use crate::experiments::workload::{PatchWorkload, PatchWorkloadSpec, random_prompts};
+use crate::experiments::steer::SteerRow;
+use crate::experiments::workload::{PatchWorkload, PatchWorkloadSpec, random_labels, random_prompts};
 use crate::intervene::Capture;
 use crate::io::tensorfile::peak_rss_bytes;
 use crate::sites::Positions;
@@ -289,9 +291,10 @@ pub fn bench_generate(engine: &dyn Engine, shape: &BenchShape, new_tokens: usize
     })
 }
 
+/// A sweep run by both methods: counts, seconds, throughput and agreement.
 #[derive(Clone, Debug, Serialize)]
-pub struct PatchBench {
-    pub device: String,
+pub struct ResumedVsNaive {
+    /// Experiments of the sweep, and those each method ran.
     pub experiments: usize,
     pub resumed_experiments: usize,
     pub naive_experiments: usize,
@@ -301,8 +304,32 @@ pub struct PatchBench {
     pub naive_per_s: f64,
     /// resumed_per_s / naive_per_s
     pub ratio: f64,
-    /// Largest |resumed - naive| over the patched label logits both methods computed.
+    /// Largest |resumed - naive| over the label logits both methods computed.
     pub max_abs_diff: f32,
+}
+
+impl ResumedVsNaive {
+    /// From each method's (experiments, seconds).
+    pub fn new(experiments: usize, (resumed_experiments, resumed_s): (usize, f64), (naive_experiments, naive_s): (usize, f64), max_abs_diff: f32) -> ResumedVsNaive {
+        let resumed_per_s = resumed_experiments as f64 / resumed_s;
+        let naive_per_s = naive_experiments as f64 / naive_s;
+        ResumedVsNaive { experiments, resumed_experiments, naive_experiments, resumed_s, naive_s, resumed_per_s, naive_per_s, ratio: resumed_per_s / naive_per_s, max_abs_diff }
+    }
+
+    /// The lines of the text report: each method's count, seconds and rate, then the ratio.
+    pub fn describe(&self) -> String {
+        format!(
+            "  resumed: {} experiments in {:.2} s = {:.1}/s\n  naive:   {} experiments in {:.2} s = {:.2}/s\n  ratio resumed/naive: {:.1}x   (max |resumed - naive| label logit: {:.2e})\n",
+            self.resumed_experiments, self.resumed_s, self.resumed_per_s, self.naive_experiments, self.naive_s, self.naive_per_s, self.ratio, self.max_abs_diff
+        )
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct PatchBench {
+    pub device: String,
+    #[serde(flatten)]
+    pub methods: ResumedVsNaive,
     /// Peak resident memory of the process (bytes), where the OS reports it.
     pub peak_rss_bytes: Option<u64>,
 }
@@ -327,19 +354,84 @@ pub fn bench_patch(engine: &dyn Engine, spec: &PatchWorkloadSpec, progress: &Pro
             }
         }
     }
-    let resumed_per_s = resumed.len() as f64 / resumed_s;
-    let naive_per_s = naive.len() as f64 / naive_s;
-    Ok(PatchBench {
+    Ok(PatchBench { device: device_label(engine), methods: ResumedVsNaive::new(exps.len(), (resumed.len(), resumed_s), (naive.len(), naive_s), max_abs_diff), peak_rss_bytes: peak_rss_bytes() })
+}
+
+/// `bench ablate`: a head sweep (every head of every layer, one experiment per (head, prompt)).
+#[derive(Clone, Debug)]
+pub struct AblateBenchSpec {
+    pub n_prompts: usize,
+    pub prompt_len: usize,
+    pub n_labels: usize,
+    pub op: AblateOp,
+    /// Prompt positions ablated.
+    pub positions: Positions,
+    pub seed: u64,
+    /// Time the naive method on only the first K heads (it is slow).
+    pub naive_limit: Option<usize>,
+    /// Rows per forward (clean passes, resumed segments, naive chunks).
+    pub batch_rows: usize,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct AblateBench {
+    pub device: String,
+    pub heads: usize,
+    pub prompts: usize,
+    pub prompt_len: usize,
+    pub op: String,
+    pub positions: String,
+    /// Experiments are (head, prompt) pairs; each method's seconds include its clean passes
+    /// (not the dataset mean of `--op mean`).
+    #[serde(flatten)]
+    pub methods: ResumedVsNaive,
+    pub peak_rss_bytes: Option<u64>,
+}
+
+/// The head sweep of random prompts by the resumed method (all heads), then by the naive one
+/// (the first `naive_limit` heads), on `engine`, and the two compared.
+pub fn bench_ablate(engine: &dyn Engine, spec: &AblateBenchSpec, progress: &ProgressBar) -> Result<AblateBench> {
+    let cfg = engine.config();
+    if spec.n_prompts == 0 || spec.prompt_len == 0 || spec.n_labels == 0 || spec.n_labels > cfg.vocab_size {
+        return Err(Error::input("bench ablate needs at least 1 prompt, a prompt length >= 1 and 1..=vocab labels"));
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(spec.seed);
+    let prompts = random_prompts(&mut rng, spec.n_prompts, spec.prompt_len, cfg.vocab_size);
+    let labels = random_labels(&mut rng, spec.n_labels, cfg.vocab_size);
+    let abl = ablations(&parse_heads("all", cfg)?, cfg, None)?;
+    let means = if spec.op == AblateOp::Mean { site_means(engine, &prompts, &mean_sites(&abl), spec.batch_rows)? } else { Default::default() };
+    let conds = conditions(&abl, spec.op, &means, &spec.positions, spec.seed, cfg)?;
+    let n_naive = spec.naive_limit.unwrap_or(conds.len()).min(conds.len());
+    progress.set_length(((conds.len() + n_naive) * prompts.len()) as u64);
+    let k = labels.len();
+    // Label logits [condition][prompt][label], per method.
+    let run = |method: Method, conds: &[crate::intervene::spec::Condition]| -> Result<(f64, Vec<f32>)> {
+        progress.set_message(if method == Method::Resumed { "resumed" } else { "naive" });
+        let f = label_runner(method);
+        let mut table = vec![f32::NAN; conds.len() * prompts.len() * k];
+        let s = timed(|| {
+            f(engine, &prompts, &labels, conds, spec.batch_rows, progress, &mut |_, _| Ok(()), &mut |rows: &[SteerRow]| {
+                for r in rows {
+                    let at = (r.condition * prompts.len() + r.index) * k;
+                    table[at..at + k].copy_from_slice(&r.label_logits);
+                }
+                Ok(())
+            })
+        })?;
+        Ok((s, table))
+    };
+    let (resumed_s, resumed) = run(Method::Resumed, &conds)?;
+    let (naive_s, naive) = run(Method::Naive, &conds[..n_naive])?;
+    let max_abs_diff = naive.iter().zip(&resumed).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+    let n = conds.len() * prompts.len();
+    Ok(AblateBench {
         device: device_label(engine),
-        experiments: exps.len(),
-        resumed_experiments: resumed.len(),
-        naive_experiments: naive.len(),
-        resumed_s,
-        naive_s,
-        resumed_per_s,
-        naive_per_s,
-        ratio: resumed_per_s / naive_per_s,
-        max_abs_diff,
+        heads: conds.len(),
+        prompts: prompts.len(),
+        prompt_len: spec.prompt_len,
+        op: spec.op.name().into(),
+        positions: spec.positions.describe(),
+        methods: ResumedVsNaive::new(n, (n, resumed_s), (n_naive * prompts.len(), naive_s), max_abs_diff),
         peak_rss_bytes: peak_rss_bytes(),
     })
 }

@@ -1,5 +1,6 @@
 //! Experiments built on the engine.
 
+pub mod ablate;
 pub mod bench;
 pub mod capture;
 pub mod components;

@@ -29,7 +29,7 @@ use crate::{Error, Result};
 /// The step intervention of a condition for `experiments::generate`: its site and op on its
 /// prompt positions and/or the generated tokens.
 pub fn step_intervention(c: &Condition) -> StepIntervention {
-    StepIntervention { site: c.site, units: None, op: c.op.clone(), scope: c.positions.clone() }
+    StepIntervention { site: c.site, units: c.units.clone(), op: c.op.clone(), scope: c.positions.clone() }
 }
 
 /// A Gaussian random vector with the norm of `v` (seeded).
@@ -65,6 +65,17 @@ pub fn random_controls(conditions: &[Condition], seed: u64) -> Vec<Condition> {
         .collect()
 }
 
+/// Err when there are no label tokens or one is outside the vocabulary.
+pub(crate) fn check_label_tokens(label_tokens: &[u32], vocab_size: usize) -> Result<()> {
+    if label_tokens.is_empty() {
+        return Err(Error::input("no label tokens"));
+    }
+    if let Some(&t) = label_tokens.iter().find(|&&t| t as usize >= vocab_size) {
+        return Err(Error::input(format!("label token {t} is out of range (vocabulary of {vocab_size})")));
+    }
+    Ok(())
+}
+
 /// One prompt under one condition.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SteerRow {
@@ -97,13 +108,8 @@ pub fn steer_labels(
     on_rows: &mut dyn FnMut(&[SteerRow]) -> Result<()>,
 ) -> Result<()> {
     let cfg = engine.config();
+    check_label_tokens(label_tokens, cfg.vocab_size)?;
     let k = label_tokens.len();
-    if k == 0 {
-        return Err(Error::input("no label tokens"));
-    }
-    if let Some(&t) = label_tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
-        return Err(Error::input(format!("label token {t} is out of range (vocabulary of {})", cfg.vocab_size)));
-    }
     // Each condition's intervention (checks positions name no generated tokens) and, per
     // prompt, the first steered position.
     let mut p0: Vec<Vec<usize>> = Vec::with_capacity(conditions.len());
@@ -179,20 +185,28 @@ pub fn steer_labels(
     Ok(())
 }
 
-/// A label sweep's results: the clean label logits `[n_prompts, n_labels]`, every steered row,
-/// the summary per condition.
-pub struct LabelSweep {
-    pub clean: Vec<f32>,
-    pub rows: Vec<SteerRow>,
-    pub summary: Vec<SummaryRow>,
-}
+/// The engine pass of a label sweep: [`steer_labels`] (resumed) or
+/// `experiments::ablate::naive_labels` (a full forward per condition), same arguments, same rows.
+pub type LabelRunner = fn(&dyn Engine, &[Vec<u32>], &[u32], &[Condition], usize, &ProgressBar, &mut dyn FnMut(usize, &[f32]) -> Result<()>, &mut dyn FnMut(&[SteerRow]) -> Result<()>) -> Result<()>;
 
-/// [`steer_labels`] with its files written in `out` (the contract of `patchbay steer --mode
-/// labels`): scores.jsonl (a line per prompt and condition) and clean.jsonl, appended as
-/// batches finish; then summary.csv and shares.png. `gold`: each prompt's gold label, written
-/// when known.
+/// Runs `run` and appends its rows to files in `out` as batches finish: clean.jsonl (`index`,
+/// `label_logits`, `pred`) and `rows_file`, each row the object `fields(row)` (the sweep's own
+/// fields) with `index`, `label_logits`, `pred`, `clean_pred`; both with `gold` where `gold`
+/// knows it. Returns the clean label logits `[n_prompts, n_labels]` and the rows.
 #[allow(clippy::too_many_arguments)]
-pub fn label_sweep(engine: &dyn Engine, prompts: &[Vec<u32>], labels: &LabelSet, gold: &[Option<usize>], conditions: &[Condition], batch_rows: usize, progress: &ProgressBar, out: &Path) -> Result<LabelSweep> {
+pub(crate) fn write_label_rows(
+    run: LabelRunner,
+    engine: &dyn Engine,
+    prompts: &[Vec<u32>],
+    labels: &LabelSet,
+    gold: &[Option<usize>],
+    conditions: &[Condition],
+    batch_rows: usize,
+    progress: &ProgressBar,
+    out: &Path,
+    rows_file: &str,
+    fields: &dyn Fn(&SteerRow) -> serde_json::Value,
+) -> Result<(Vec<f32>, Vec<SteerRow>)> {
     let k = labels.len();
     let names = &labels.names;
     let with_gold = |mut o: serde_json::Value, i: usize| {
@@ -201,11 +215,11 @@ pub fn label_sweep(engine: &dyn Engine, prompts: &[Vec<u32>], labels: &LabelSet,
         }
         o
     };
-    let mut scores = JsonlFile::new(out.join("scores.jsonl"));
+    let mut rows_out = JsonlFile::new(out.join(rows_file));
     let mut clean_file = JsonlFile::new(out.join("clean.jsonl"));
     let mut clean = vec![0.0f32; prompts.len() * k]; // [n_prompts, n_labels]
     let mut rows: Vec<SteerRow> = Vec::new();
-    steer_labels(
+    run(
         engine,
         prompts,
         &labels.token_ids,
@@ -220,18 +234,39 @@ pub fn label_sweep(engine: &dyn Engine, prompts: &[Vec<u32>], labels: &LabelSet,
             let lines: Vec<serde_json::Value> = batch
                 .iter()
                 .map(|r| {
-                    let c = &conditions[r.condition];
-                    with_gold(
-                        json!({"index": r.index, "layer": c.site.layer, "site": c.site.kind.short_name(), "direction": c.direction, "beta": c.beta,
-                               "label_logits": r.label_logits, "pred": names[r.pred], "clean_pred": names[r.clean_pred]}),
-                        r.index,
-                    )
+                    let mut o = fields(r);
+                    for (key, v) in [("index", json!(r.index)), ("label_logits", json!(r.label_logits)), ("pred", json!(names[r.pred])), ("clean_pred", json!(names[r.clean_pred]))] {
+                        o[key] = v;
+                    }
+                    with_gold(o, r.index)
                 })
                 .collect();
             rows.extend_from_slice(batch);
-            scores.write(&lines)
+            rows_out.write(&lines)
         },
     )?;
+    Ok((clean, rows))
+}
+
+/// A label sweep's results: the clean label logits `[n_prompts, n_labels]`, every steered row,
+/// the summary per condition.
+pub struct LabelSweep {
+    pub clean: Vec<f32>,
+    pub rows: Vec<SteerRow>,
+    pub summary: Vec<SummaryRow>,
+}
+
+/// [`steer_labels`] with its files written in `out` (the contract of `patchbay steer --mode
+/// labels`): scores.jsonl (a line per prompt and condition) and clean.jsonl, appended as
+/// batches finish; then summary.csv and shares.png. `gold`: each prompt's gold label, written
+/// when known.
+#[allow(clippy::too_many_arguments)]
+pub fn label_sweep(engine: &dyn Engine, prompts: &[Vec<u32>], labels: &LabelSet, gold: &[Option<usize>], conditions: &[Condition], batch_rows: usize, progress: &ProgressBar, out: &Path) -> Result<LabelSweep> {
+    let (clean, rows) = write_label_rows(steer_labels, engine, prompts, labels, gold, conditions, batch_rows, progress, out, "scores.jsonl", &|r| {
+        let c = &conditions[r.condition];
+        json!({"layer": c.site.layer, "site": c.site.kind.short_name(), "direction": c.direction, "beta": c.beta})
+    })?;
+    let (k, names) = (labels.len(), &labels.names);
     let summary = summarize(conditions, &rows, &clean, k);
     crate::io::write_atomic(&out.join("summary.csv"), summary_csv(&summary, names).as_bytes())?;
     if !summary.is_empty() {
@@ -388,6 +423,7 @@ mod tests {
             beta,
             op: Op::Add { beta, v: vec![3.0, 4.0], normalize: false },
             positions: TokenScope::parse(positions).unwrap(),
+            units: None,
         }
     }
 

@@ -20,6 +20,18 @@ pub fn random_prompts(rng: &mut impl Rng, n: usize, len: usize, vocab: usize) ->
     (0..n).map(|_| (0..len).map(|_| rng.random_range(0..vocab as u32)).collect()).collect()
 }
 
+/// `n` distinct random token ids (label tokens), n <= vocab.
+pub fn random_labels(rng: &mut impl Rng, n: usize, vocab: usize) -> Vec<u32> {
+    let mut labels: Vec<u32> = Vec::new();
+    while labels.len() < n.min(vocab) {
+        let t = rng.random_range(0..vocab as u32);
+        if !labels.contains(&t) {
+            labels.push(t);
+        }
+    }
+    labels
+}
+
 /// A random patching sweep: prompts, pairs and labels drawn from a seed (prompts and labels
 /// from one ChaCha8 stream, pairs from `rng::random_pairs`).
 #[derive(Clone, Debug)]
@@ -57,13 +69,7 @@ impl PatchWorkload {
         let prompts = random_prompts(&mut rng, spec.n_prompts, spec.prompt_len, vocab);
         // The pair sampler of `patch --random-pairs` (pairs may repeat, as there).
         let pairs: Vec<Pair> = random_pairs(PairsOf::<()>::Items(spec.n_prompts), spec.seed)?.take(spec.n_pairs).map(|(source, target)| Pair { source, target }).collect();
-        let mut labels: Vec<u32> = Vec::new();
-        while labels.len() < spec.n_labels {
-            let t = rng.random_range(0..vocab as u32);
-            if !labels.contains(&t) {
-                labels.push(t);
-            }
-        }
+        let labels = random_labels(&mut rng, spec.n_labels, vocab);
         let sweep = SweepSpec { label_tokens: labels, ..spec.sweep.clone() };
         let exps = experiments(&pairs, &sweep, cfg.n_layers)?;
         Ok(PatchWorkload { prompts, sweep, exps })

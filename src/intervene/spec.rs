@@ -213,12 +213,15 @@ fn abbreviate(names: &[String]) -> String {
 #[derive(Clone, Debug)]
 pub struct Condition {
     /// The vector's name (`joy`, `a+b`, the tensor name); `project-out:<subspace>` for a
-    /// projection without vector, `project-set:<vector>:<subspace>` with one.
+    /// projection without vector, `project-set:<vector>:<subspace>` with one; an ablated
+    /// component's name (`experiments::ablate::Component::name`).
     pub direction: String,
     pub site: Site,
     pub beta: f32,
     pub op: Op,
     pub positions: TokenScope,
+    /// Units the op acts on (heads at `z`, neurons at `mlp_post`); None = the whole site.
+    pub units: Option<Vec<usize>>,
 }
 
 impl Condition {
@@ -226,7 +229,7 @@ impl Condition {
     /// positions name generated tokens (a command without generation).
     pub fn intervention(&self, prompts: Option<Vec<usize>>) -> Result<Intervention> {
         match (&self.positions.prompt, self.positions.generated) {
-            (Some(p), false) => Ok(Intervention { site: self.site, prompts, positions: p.clone(), units: None, op: self.op.clone() }),
+            (Some(p), false) => Ok(Intervention { site: self.site, prompts, positions: p.clone(), units: self.units.clone(), op: self.op.clone() }),
             _ => Err(Error::input(format!("{} at {}: `generated` positions need a command that generates (this one reads the prompt only)", self.direction, self.site))),
         }
     }
@@ -299,7 +302,7 @@ impl InterventionSpec {
                     Some(p) => Op::ProjectSet { beta, p: p.clone(), v: v.clone() },
                     None => Op::Add { beta, v: v.clone(), normalize: false },
                 };
-                out.push(Condition { direction: direction.clone(), site, beta, op, positions: positions.clone() });
+                out.push(Condition { direction: direction.clone(), site, beta, op, positions: positions.clone(), units: None });
             }
         }
         Ok(out)

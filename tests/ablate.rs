@@ -1,0 +1,462 @@
+//! Component sweeps (`experiments::ablate`, `patchbay ablate`): the batched resumed head and
+//! neuron-group ablations equal the naive one-forward-per-component loop on every family (random
+//! 4-layer checkpoints with each fixture's config, fresh random prompts of different lengths,
+//! every op, random positions) on the CPU and, for llama and gemma2, on the device (the emulator,
+//! or the GPU of PATCHBAY_TEST_DEVICE); scale 1 is the clean run bit for bit; the mean op's
+//! operand is the dataset mean computed here from captures; random controls; the command's files
+//! (every summary cell recomputed from experiments.jsonl and clean.jsonl); one-line errors; and
+//! Hugging Face hooks zeroing or scaling a head's slice of the o_proj input and neurons of the
+//! down_proj input (the goldens of scripts/golden/make_ablate_goldens.py) on every family.
+//! Results are written into NaN-poisoned tables, so a missing or doubled row fails.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use common::kernels::{Rng, test_driver};
+use common::*;
+use indicatif::ProgressBar;
+use patchbay::backend::emu::FiberOrder;
+use patchbay::engine::device_forward::DeviceModel;
+use patchbay::engine::{Engine, RunRequest};
+use patchbay::experiments::ablate::{AblateOp, Ablation, Component, ablations, conditions, label_runner, mean_sites, parse_heads, random_control, site_means};
+use patchbay::experiments::patch::Method;
+use patchbay::intervene::spec::Condition;
+use patchbay::intervene::{Capture, Intervention, Op};
+use patchbay::logits::argmax;
+use patchbay::model::Model;
+use patchbay::sites::{Positions, Site, SiteKind};
+use serde_json::Value;
+
+const LABELS: [u32; 5] = [40, 65, 262, 300, 13];
+
+/// Clean label logits `[n_prompts, k]` and ablated ones `[n_conditions, n_prompts, k]` of a
+/// sweep by `method`, from NaN-poisoned tables: every row written exactly once.
+fn sweep(engine: &dyn Engine, method: Method, prompts: &[Vec<u32>], conds: &[Condition], batch_rows: usize) -> (Vec<f32>, Vec<f32>) {
+    let (n, k) = (prompts.len(), LABELS.len());
+    let mut clean = vec![f32::NAN; n * k];
+    let mut rows = vec![f32::NAN; conds.len() * n * k];
+    label_runner(method)(
+        engine,
+        prompts,
+        &LABELS,
+        conds,
+        batch_rows,
+        &ProgressBar::hidden(),
+        &mut |i, l| {
+            assert!(clean[i * k].is_nan(), "clean row {i} written twice");
+            clean[i * k..(i + 1) * k].copy_from_slice(l);
+            Ok(())
+        },
+        &mut |batch| {
+            for r in batch {
+                let at = (r.condition * n + r.index) * k;
+                assert!(rows[at].is_nan(), "row ({}, {}) written twice", r.condition, r.index);
+                rows[at..at + k].copy_from_slice(&r.label_logits);
+                assert_eq!(r.pred, argmax(&r.label_logits));
+            }
+            Ok(())
+        },
+    )
+    .unwrap();
+    assert!(clean.iter().chain(&rows).all(|x| x.is_finite()), "{method:?}: a row was not written (or is not finite)");
+    (clean, rows)
+}
+
+/// Random neuron groups: `n` groups at random layers, of random sizes, distinct neurons.
+fn random_groups(rng: &mut Rng, model: &Model, n: usize) -> Vec<Component> {
+    let cfg = &model.cfg;
+    (0..n)
+        .map(|_| {
+            let mut all: Vec<usize> = (0..cfg.d_mlp).collect();
+            rng.shuffle(&mut all);
+            let size = 1 + rng.below(6);
+            Component::Neurons { layer: rng.below(cfg.n_layers), neurons: all[..size].to_vec() }
+        })
+        .collect()
+}
+
+fn random_positions(rng: &mut Rng) -> Positions {
+    [Positions::All, Positions::List(vec![-1]), Positions::List(vec![-1, -3]), Positions::List(vec![1, 2])][rng.below(4)].clone()
+}
+
+/// The ops of the sweeps, with the dataset means `Mean` needs.
+fn every_op(rng: &mut Rng) -> Vec<AblateOp> {
+    vec![AblateOp::Zero, AblateOp::Mean, AblateOp::Random, AblateOp::Scale { alpha: rng.uniform(1.5, 3.0) }]
+}
+
+fn the_conditions(engine: &dyn Engine, prompts: &[Vec<u32>], abl: &[Ablation], op: AblateOp, positions: &Positions, seed: u64) -> Vec<Condition> {
+    let means = if op == AblateOp::Mean { site_means(engine, prompts, &mean_sites(abl), 64).unwrap() } else { BTreeMap::new() };
+    conditions(abl, op, &means, positions, seed, engine.config()).unwrap()
+}
+
+/// Some ablation changed some label logit (so equality of the methods says something).
+fn assert_changes(tag: &str, clean: &[f32], rows: &[f32]) {
+    let k = LABELS.len();
+    assert!(rows.chunks(clean.len()).any(|c| c.chunks(k).zip(clean.chunks(k)).any(|(a, b)| a != b)), "{tag}: no ablation changed the logits");
+}
+
+#[test]
+fn resumed_equals_naive_on_every_family() {
+    let mut rng = Rng::seeded(0xab1a7e);
+    for family in FAMILIES {
+        let dir = synth_family(family, 4, rng.next_u64());
+        let model = Model::load(dir.path()).unwrap();
+        let prompts = random_prompts(4, &[5, 9, 3, 12], model.cfg.vocab_size, rng.next_u64());
+        let mut components = parse_heads("all", &model.cfg).unwrap();
+        components.extend(random_groups(&mut rng, &model, 3));
+        let abl = ablations(&components, &model.cfg, Some(rng.next_u64())).unwrap();
+        for op in every_op(&mut rng) {
+            let positions = random_positions(&mut rng);
+            let tag = format!("{family} {op:?} at {positions:?}");
+            let conds = the_conditions(&model, &prompts, &abl, op, &positions, rng.next_u64());
+            let (clean_n, naive) = sweep(&model, Method::Naive, &prompts, &conds, 1 << 20);
+            // Small batches (several calls per layer), then one call per layer.
+            for batch_rows in [7, 1 << 20] {
+                let (clean_r, resumed) = sweep(&model, Method::Resumed, &prompts, &conds, batch_rows);
+                assert_close(&format!("{tag} clean, batch_rows {batch_rows}"), &clean_r, &clean_n, F32_ATOL, F32_RTOL);
+                assert_close(&format!("{tag} batch_rows {batch_rows}"), &resumed, &naive, F32_ATOL, F32_RTOL);
+            }
+            assert_changes(&tag, &clean_n, &naive);
+        }
+    }
+}
+
+/// Resumed vs naive on one device: the same bf16 weights and KV; the paths differ only in GEMM
+/// row counts.
+const DEVICE_SAME_ATOL: f32 = 1e-3;
+const DEVICE_SAME_RTOL: f32 = 1e-3;
+
+#[test]
+fn resumed_equals_naive_on_the_device() {
+    let mut rng = Rng::seeded(0xde71ce);
+    for (fi, family) in ["llama", "gemma2"].into_iter().enumerate() {
+        let dir = synth_family(family, 4, rng.next_u64());
+        let model = Model::load(dir.path()).unwrap();
+        let (dev_name, driver) = test_driver(if fi == 0 { FiberOrder::Forward } else { FiberOrder::Reverse });
+        let dev = DeviceModel::upload(&model, driver).unwrap();
+        let prompts = random_prompts(3, &[6, 11, 4], model.cfg.vocab_size, rng.next_u64());
+        let h = model.cfg.n_heads;
+        let mut components = parse_heads(&format!("0.{},2.{},3.{}", rng.below(h), rng.below(h), rng.below(h)), &model.cfg).unwrap();
+        components.extend(random_groups(&mut rng, &model, 2));
+        let abl = ablations(&components, &model.cfg, Some(rng.next_u64())).unwrap();
+        for op in [AblateOp::Zero, AblateOp::Random, AblateOp::Mean] {
+            let positions = random_positions(&mut rng);
+            let tag = format!("{family} ({dev_name}) {op:?} at {positions:?}");
+            let seed = rng.next_u64();
+            let conds = the_conditions(&dev, &prompts, &abl, op, &positions, seed);
+            let (clean_n, naive) = sweep(&dev, Method::Naive, &prompts, &conds, 1 << 20);
+            let (clean_r, resumed) = sweep(&dev, Method::Resumed, &prompts, &conds, 9);
+            assert_close(&format!("{tag} clean"), &clean_r, &clean_n, DEVICE_SAME_ATOL, DEVICE_SAME_RTOL);
+            assert_close(&tag, &resumed, &naive, DEVICE_SAME_ATOL, DEVICE_SAME_RTOL);
+            assert_changes(&tag, &clean_n, &naive);
+            // And the CPU reference (its own means: the same dataset on the CPU).
+            let cpu_conds = the_conditions(&model, &prompts, &abl, op, &positions, seed);
+            let (_, cpu) = sweep(&model, Method::Naive, &prompts, &cpu_conds, 1 << 20);
+            assert_forward_close(&format!("{tag} device vs cpu"), &resumed, &cpu);
+        }
+    }
+}
+
+#[test]
+fn scale_one_is_the_clean_run_bit_for_bit() {
+    let mut rng = Rng::seeded(0x5ca1e1);
+    let dir = synth_family("llama", 3, rng.next_u64());
+    let model = Model::load(dir.path()).unwrap();
+    let prompts = random_prompts(3, &[5, 8, 2], model.cfg.vocab_size, rng.next_u64());
+    let mut components = parse_heads("all", &model.cfg).unwrap();
+    components.extend(random_groups(&mut rng, &model, 2));
+    let abl = ablations(&components, &model.cfg, None).unwrap();
+    let conds = the_conditions(&model, &prompts, &abl, AblateOp::Scale { alpha: 1.0 }, &Positions::All, 0);
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    let (driver_name, driver) = test_driver(FiberOrder::Forward);
+    let dev = DeviceModel::upload(&model, driver).unwrap();
+    let engines: [(&str, &dyn Engine); 2] = [("cpu", &model), (&driver_name, &dev)];
+    for (name, engine) in engines {
+        for method in [Method::Resumed, Method::Naive] {
+            let (clean, rows) = sweep(engine, method, &prompts, &conds, 1 << 20);
+            for (c, r) in rows.chunks(clean.len()).enumerate() {
+                assert_eq!(bits(r), bits(&clean), "{name} {method:?}: {} scaled by 1 differs from the clean run", abl[c].component.name());
+            }
+        }
+    }
+}
+
+#[test]
+fn mean_op_is_the_dataset_mean() {
+    let mut rng = Rng::seeded(0x3ea7);
+    let model = Model::load(&fixture("qwen2")).unwrap();
+    let cfg = &model.cfg;
+    let prompts = random_prompts(5, &[4, 7, 2, 9, 3], cfg.vocab_size, rng.next_u64());
+    let sites = [Site::new(1, SiteKind::Z), Site::new(0, SiteKind::MlpPost)];
+    // By hand: each prompt alone, every position, summed in f64.
+    let caps: Vec<Capture> = sites.iter().map(|&site| Capture { site, positions: Positions::All }).collect();
+    let mut want: Vec<Vec<f64>> = sites.iter().map(|s| vec![0.0; s.kind.token_shape(cfg, 0).iter().product()]).collect();
+    let mut n = 0;
+    for p in &prompts {
+        let out = model.run_prompts(std::slice::from_ref(p), &RunRequest { captures: &caps, ..Default::default() }).unwrap();
+        for (w, c) in want.iter_mut().zip(&out.captured) {
+            assert_eq!(c.data.len(), p.len() * w.len());
+            for row in c.data.chunks(w.len()) {
+                w.iter_mut().zip(row).for_each(|(a, &x)| *a += x as f64);
+            }
+        }
+        n += p.len();
+    }
+    let want: Vec<Vec<f32>> = want.into_iter().map(|w| w.into_iter().map(|x| (x / n as f64) as f32).collect()).collect();
+    // In batches of 6 rows (several chunks).
+    let got = site_means(&model, &prompts, &sites, 6).unwrap();
+    for (s, w) in sites.iter().zip(&want) {
+        assert_close(&format!("mean of {s}"), &got[s], w, 1e-6, 1e-5);
+    }
+    let head = rng.below(cfg.n_heads);
+    let neurons = vec![rng.below(cfg.d_mlp / 2), cfg.d_mlp / 2 + rng.below(cfg.d_mlp / 2)];
+    let abl: Vec<Ablation> = [Component::Head { layer: 1, head }, Component::Neurons { layer: 0, neurons: neurons.clone() }].into_iter().map(|component| Ablation { component, control: false }).collect();
+    let conds = conditions(&abl, AblateOp::Mean, &got, &Positions::All, 0, cfg).unwrap();
+    let d = cfg.d_head;
+    let hand = [want[0][head * d..(head + 1) * d].to_vec(), neurons.iter().map(|&i| want[1][i]).collect::<Vec<f32>>()];
+    for (c, h) in conds.iter().zip(&hand) {
+        let Op::Mean { mean } = &c.op else { panic!("{:?}", c.op) };
+        assert_close(&format!("{} operand", c.direction), mean, h, 1e-6, 1e-5);
+    }
+    // The sweep's rows == a forward with the hand-made mean set at those units.
+    let (_, rows) = sweep(&model, Method::Resumed, &prompts, &conds, 1 << 20);
+    let k = LABELS.len();
+    for (ci, (a, h)) in abl.iter().zip(&hand).enumerate() {
+        let iv = Intervention { site: a.component.site(), prompts: None, positions: Positions::All, units: Some(a.component.units()), op: Op::Mean { mean: h.clone() } };
+        let last = Positions::List(vec![-1]);
+        let out = model.run_prompts(&prompts, &RunRequest { interventions: &[iv], logits_at: Some(&last), logit_tokens: Some(&LABELS), ..Default::default() }).unwrap();
+        assert_close(&format!("{} rows", a.component.name()), &rows[ci * prompts.len() * k..(ci + 1) * prompts.len() * k], &out.logits, F32_ATOL, F32_RTOL);
+    }
+}
+
+#[test]
+fn random_controls_same_size_distinct_same_layer() {
+    let mut rng = Rng::seeded(0xc0);
+    let model = Model::load(&fixture("mistral")).unwrap();
+    let cfg = &model.cfg;
+    let mut components = parse_heads("all", cfg).unwrap();
+    components.extend(random_groups(&mut rng, &model, 20));
+    let seed = rng.next_u64();
+    let abl = ablations(&components, cfg, Some(seed)).unwrap();
+    assert_eq!(abl.len(), 2 * components.len());
+    for (c, a) in components.iter().zip(&abl[components.len()..]) {
+        assert!(a.control && !abl[..components.len()].iter().any(|x| x.control));
+        let r = &a.component;
+        assert_eq!((r.layer(), r.kind(), r.units().len()), (c.layer(), c.kind(), c.units().len()), "{} -> {}", c.name(), r.name());
+        r.check(cfg).unwrap();
+        assert!(r.units().iter().all(|u| !c.units().contains(u)), "{} shares a unit with its control {}", c.name(), r.name());
+    }
+    assert_eq!(ablations(&components, cfg, Some(seed)).unwrap(), abl, "seeded");
+    assert_ne!(ablations(&components, cfg, Some(seed ^ 1)).unwrap(), abl, "another seed, other controls");
+    // Too few other neurons for a same-size control: an error naming the group.
+    let big = Component::Neurons { layer: 0, neurons: (0..cfg.d_mlp / 2 + 1).collect() };
+    let e = random_control(&big, 0, cfg, 1).unwrap_err().to_string();
+    assert!(e.contains("no random control") && e.contains("L0.N["), "{e}");
+}
+
+fn ablate_args<'a>(model: &'a str, out: &'a str, ids: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut a = vec!["ablate", "--model", model, "--token-ids", ids, "--label-token-ids", "a=40,b=65,c=262", "--quiet", "--out", out];
+    a.extend_from_slice(extra);
+    a
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> String {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p.display().to_string()
+}
+
+#[test]
+fn command_files_follow_the_contract() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ds = env!("CARGO_MANIFEST_DIR").to_string() + "/tests/data/emotions.csv";
+    let groups = write(tmp.path(), "groups.json", r#"[{"layer": 1, "neurons": [3, 7, 9]}, {"layer": 0, "neurons": [11]}]"#);
+    let out = tmp.path().join("run");
+    let model = fixture("llama");
+    let labels = ["pride", "anger", "joy"];
+    #[rustfmt::skip]
+    patchbay_ok(&["ablate", "--model", &model.display().to_string(), "--dataset", &ds, "--label-col", "emotion", "--filter", "emotion=pride", "--filter", "emotion=anger", "--filter", "emotion=joy", "--limit", "6",
+        "--label-token-ids", "pride=40,anger=65,joy=262", "--heads", "all", "--neuron-groups", &groups, "--op", "scale", "--alpha", "2.5", "--positions", "last:2", "--random-control", "--seed", "3", "--out", &out.display().to_string(), "--quiet"]);
+    let rows = read_jsonl(&out.join("experiments.jsonl"));
+    let clean = read_jsonl(&out.join("clean.jsonl"));
+    let cfg = &Model::load(&model).unwrap().cfg;
+    let n_components = cfg.n_layers * cfg.n_heads + 2;
+    assert_eq!(clean.len(), 6);
+    assert_eq!(rows.len(), 2 * n_components * 6, "one row per (component, prompt), controls included");
+    // Per component (in file order of first appearance): its rows.
+    let mut by: Vec<(String, Vec<&Value>)> = Vec::new();
+    for r in &rows {
+        for f in ["kind", "layer", "op", "index", "label_logits", "pred", "clean_pred", "control", "gold", "alpha"] {
+            assert!(r.get(f).is_some(), "no `{f}` in {r}");
+        }
+        assert_eq!((r["op"].as_str(), r["alpha"].as_f64()), (Some("scale"), Some(2.5)));
+        let key = match r["kind"].as_str().unwrap() {
+            "head" => {
+                assert!(r.get("neurons").is_none() && r["head"].as_u64().unwrap() < cfg.n_heads as u64, "{r}");
+                format!("h{}.{}.{}", r["layer"], r["head"], r["control"])
+            }
+            "neurons" => {
+                assert!(r.get("head").is_none(), "{r}");
+                format!("n{}.{}.{}", r["layer"], r["neurons"], r["control"])
+            }
+            k => panic!("kind {k}"),
+        };
+        let i = r["index"].as_u64().unwrap() as usize;
+        assert_eq!(r["clean_pred"], clean[i]["pred"]);
+        assert_eq!(r["gold"], clean[i]["gold"]);
+        assert!(labels.contains(&r["gold"].as_str().unwrap()));
+        let logits: Vec<f32> = serde_json::from_value(r["label_logits"].clone()).unwrap();
+        assert_eq!(r["pred"].as_str().unwrap(), labels[argmax(&logits)]);
+        match by.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, v)) => v.push(r),
+            None => by.push((key, vec![r])),
+        }
+    }
+    let controls = rows.iter().filter(|r| r["control"] == true).count();
+    assert_eq!(controls, n_components * 6);
+    // summary.csv: every cell recomputed from the rows (controls may repeat a component: a
+    // random head can be drawn twice, so rows group by (component, control) and summary lines
+    // are matched in order).
+    let text = std::fs::read_to_string(out.join("summary.csv")).unwrap();
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines.next().unwrap().split(',').collect();
+    assert_eq!(header[..9], ["kind", "layer", "head", "neurons", "control", "op", "n", "flip_rate", "mean_clean_pred_logit_change"]);
+    assert_eq!(header[9..], labels.map(|l| format!("mean_logit_change:{l}")).iter().map(String::as_str).collect::<Vec<_>>()[..]);
+    let lines: Vec<Vec<String>> = lines.map(|l| l.split(',').map(String::from).collect()).collect();
+    assert_eq!(lines.len(), 2 * n_components);
+    let clean_logits: Vec<Vec<f32>> = clean.iter().map(|c| serde_json::from_value(c["label_logits"].clone()).unwrap()).collect();
+    for line in &lines {
+        let key = match line[0].as_str() {
+            "head" => format!("h{}.{}.{}", line[1], line[2], line[4]),
+            _ => format!("n{}.[{}].{}", line[1], line[3].replace(' ', ","), line[4]),
+        };
+        let (_, rs) = by.iter().find(|(k, _)| *k == key).unwrap_or_else(|| panic!("no rows of summary line {line:?}"));
+        // A control drawn twice has its rows twice: n is per summary line.
+        let n: usize = line[6].parse().unwrap();
+        assert_eq!(rs.len() % n, 0);
+        let rs = &rs[..n];
+        let num = |j: usize| line[j].parse::<f64>().unwrap();
+        let flips = rs.iter().filter(|r| r["pred"] != r["clean_pred"]).count() as f64 / n as f64;
+        let change = |r: &Value, l: usize| r["label_logits"][l].as_f64().unwrap() - clean_logits[r["index"].as_u64().unwrap() as usize][l] as f64;
+        let cp = |r: &Value| labels.iter().position(|l| r["clean_pred"] == *l).unwrap();
+        let mean = |f: &dyn Fn(&Value) -> f64| rs.iter().map(|r| f(r)).sum::<f64>() / n as f64;
+        assert!((num(7) - flips).abs() < 1e-6, "{line:?}");
+        assert!((num(8) - mean(&|r| change(r, cp(r)))).abs() < 1e-5, "{line:?}");
+        for l in 0..3 {
+            assert!((num(9 + l) - mean(&|r| change(r, l))).abs() < 1e-5, "{line:?} label {l}");
+        }
+    }
+    assert!(std::fs::metadata(out.join("heatmap.png")).unwrap().len() > 1000);
+    let m: Value = serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!((m["command"].as_str(), m["method"].as_str(), m["op"].as_str(), m["n_experiments"].as_u64()), (Some("ablate"), Some("resumed"), Some("scale"), Some(2 * n_components as u64)));
+
+    // The naive method writes the same rows (f32 tolerance).
+    let naive = tmp.path().join("naive");
+    #[rustfmt::skip]
+    patchbay_ok(&["ablate", "--model", &model.display().to_string(), "--dataset", &ds, "--label-col", "emotion", "--filter", "emotion=pride", "--filter", "emotion=anger", "--filter", "emotion=joy", "--limit", "6",
+        "--label-token-ids", "pride=40,anger=65,joy=262", "--heads", "all", "--neuron-groups", &groups, "--op", "scale", "--alpha", "2.5", "--positions", "last:2", "--random-control", "--seed", "3", "--out", &naive.display().to_string(), "--quiet", "--method", "naive"]);
+    let key = |r: &Value| format!("{}{}{}{}{}{}", r["kind"], r["layer"], r["head"], r["neurons"], r["control"], r["index"]);
+    let mut a: Vec<(String, Vec<f32>)> = rows.iter().map(|r| (key(r), serde_json::from_value(r["label_logits"].clone()).unwrap())).collect();
+    let mut b: Vec<(String, Vec<f32>)> = read_jsonl(&naive.join("experiments.jsonl")).iter().map(|r| (key(r), serde_json::from_value(r["label_logits"].clone()).unwrap())).collect();
+    a.sort_by(|x, y| x.0.cmp(&y.0).then(x.1.partial_cmp(&y.1).unwrap()));
+    b.sort_by(|x, y| x.0.cmp(&y.0).then(x.1.partial_cmp(&y.1).unwrap()));
+    assert_eq!(a.iter().map(|x| &x.0).collect::<Vec<_>>(), b.iter().map(|x| &x.0).collect::<Vec<_>>());
+    assert_close("naive vs resumed files", &a.iter().flat_map(|x| x.1.clone()).collect::<Vec<_>>(), &b.iter().flat_map(|x| x.1.clone()).collect::<Vec<_>>(), F32_ATOL, F32_RTOL);
+}
+
+#[test]
+fn bad_input_is_one_line_and_writes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ids = write(tmp.path(), "ids.json", &serde_json::to_string(&prompt_ids("llama")).unwrap());
+    let groups = |name: &str, text: &str| write(tmp.path(), name, text);
+    let g_range = groups("range.json", r#"[{"layer": 0, "neurons": [1, 96]}]"#);
+    let g_layer = groups("layer.json", r#"[{"layer": 2, "neurons": [1]}]"#);
+    let g_empty = groups("empty.json", r#"[{"layer": 0, "neurons": []}]"#);
+    let g_twice = groups("twice.json", r#"[{"layer": 0, "neurons": [4, 4]}]"#);
+    let g_field = groups("field.json", r#"[{"layer": 0, "neurons": [1], "heads": [2]}]"#);
+    let g_json = groups("json.json", r#"{"layer": 0"#);
+    let g_none = groups("none.json", "[]");
+    let out = tmp.path().join("out").display().to_string();
+    let model = fixture("llama").display().to_string();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["--heads", "2.0"], "layer 2 is out of range"),
+        (vec!["--heads", "0.4"], "head 4 is out of range"),
+        (vec!["--heads", "0,1"], "not LAYER.HEAD"),
+        (vec!["--neuron-groups", &g_range], "neuron 96 is out of range"),
+        (vec!["--neuron-groups", &g_layer], "layer 2 is out of range"),
+        (vec!["--neuron-groups", &g_empty], "empty"),
+        (vec!["--neuron-groups", &g_twice], "listed twice"),
+        (vec!["--neuron-groups", &g_field], "unknown field `heads`"),
+        (vec!["--neuron-groups", &g_json], "expected a JSON list"),
+        (vec!["--neuron-groups", &g_none], "empty list"),
+        (vec!["--heads", "all", "--op", "cut"], "--op `cut`"),
+        (vec!["--heads", "all", "--op", "scale"], "needs --alpha"),
+        (vec!["--heads", "all", "--op", "scale", "--alpha", "inf"], "not a finite"),
+        (vec!["--heads", "all", "--alpha", "2"], "--alpha is for --op scale"),
+        (vec!["--heads", "all", "--positions", "last+generated"], "prompt only (no generated"),
+        (vec![], "give the components"),
+    ];
+    for (extra, says) in cases {
+        let (code, err) = patchbay_cli(&ablate_args(&model, &out, &ids, &extra));
+        assert_ne!(code, 0, "{extra:?} succeeded");
+        assert_eq!(err.trim().lines().count(), 1, "{extra:?}: not one line: {err}");
+        assert!(err.contains(says), "{extra:?}: `{says}` not in: {err}");
+        assert!(!Path::new(&out).exists(), "{extra:?} wrote {out}");
+    }
+}
+
+/// Against Hugging Face forward pre-hooks on o_proj and down_proj
+/// (`tests/fixtures/*/ablate_golden.json`, made by `scripts/golden/make_ablate_goldens.py`): both
+/// methods on the CPU (f32 tolerance) on every family, and the resumed method on the device for
+/// llama (bf16 forward tolerance).
+#[test]
+fn matches_hugging_face_hooks() {
+    for family in FAMILIES {
+        let golden: Value = serde_json::from_str(&std::fs::read_to_string(fixture(family).join("ablate_golden.json")).unwrap()).unwrap();
+        let model = Model::load(&fixture(family)).unwrap();
+        let prompts: Vec<Vec<u32>> = serde_json::from_value(golden["prompts"].clone()).unwrap();
+        let labels: Vec<u32> = serde_json::from_value(golden["labels"].clone()).unwrap();
+        let clean: Vec<Vec<f32>> = serde_json::from_value(golden["clean"].clone()).unwrap();
+        let device = (family == "llama").then(|| DeviceModel::upload(&model, test_driver(FiberOrder::Forward).1).unwrap());
+        for case in golden["cases"].as_array().unwrap() {
+            let layer = case["layer"].as_u64().unwrap() as usize;
+            let component = match case["kind"].as_str().unwrap() {
+                "head" => Component::Head { layer, head: case["head"].as_u64().unwrap() as usize },
+                _ => Component::Neurons { layer, neurons: serde_json::from_value(case["neurons"].clone()).unwrap() },
+            };
+            let op = match case["op"].as_str().unwrap() {
+                "zero" => AblateOp::Zero,
+                _ => AblateOp::Scale { alpha: case["alpha"].as_f64().unwrap() as f32 },
+            };
+            let positions = if case["positions"] == "all" { Positions::All } else { Positions::List(serde_json::from_value(case["positions"].clone()).unwrap()) };
+            let tag = format!("{family} {} {op:?} at {positions:?}", component.name());
+            let abl = [Ablation { component, control: false }];
+            let conds = conditions(&abl, op, &BTreeMap::new(), &positions, 0, &model.cfg).unwrap();
+            let want: Vec<f32> = serde_json::from_value::<Vec<Vec<f32>>>(case["ablated"].clone()).unwrap().concat();
+            let run = |engine: &dyn Engine, method: Method| {
+                let mut got = vec![f32::NAN; want.len()];
+                let mut got_clean = vec![f32::NAN; want.len()];
+                let k = labels.len();
+                label_runner(method)(engine, &prompts, &labels, &conds, 1 << 20, &ProgressBar::hidden(), &mut |i, l| {
+                    got_clean[i * k..(i + 1) * k].copy_from_slice(l);
+                    Ok(())
+                }, &mut |rows| {
+                    rows.iter().for_each(|r| got[r.index * k..(r.index + 1) * k].copy_from_slice(&r.label_logits));
+                    Ok(())
+                })
+                .unwrap();
+                (got_clean, got)
+            };
+            for method in [Method::Resumed, Method::Naive] {
+                let (got_clean, got) = run(&model, method);
+                assert_close(&format!("{tag} {method:?} clean"), &got_clean, &clean.concat(), F32_ATOL, F32_RTOL);
+                assert_close(&format!("{tag} {method:?}"), &got, &want, F32_ATOL, F32_RTOL);
+            }
+            if let Some(dev) = &device {
+                assert_forward_close(&format!("{tag} device"), &run(dev, Method::Resumed).1, &want);
+            }
+        }
+    }
+}
