@@ -52,7 +52,7 @@ pub enum Command {
     Cost(cost::CostArgs),
     /// Score a dataset with the model's next-token logits over a label set: predictions, accuracy, confusion matrix.
     Score(score::ScoreArgs),
-    /// Steering sweeps: add a direction (or project out a subspace) at a site, layer by layer and strength by strength, and read a label set.
+    /// Steering sweeps: add a direction (or project out a subspace) at a site, layer by layer and strength by strength; read a label set (--mode labels) or generate and judge the texts (--mode generate, Wang et al.).
     Steer(steer::SteerArgs),
     /// The probing pipeline: dataset -> prompts -> sharded capture -> scores -> linear probes -> results and plots.
     Probe(probe::ProbeArgs),

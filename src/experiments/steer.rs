@@ -1,4 +1,5 @@
-//! Steering sweeps read through a label set (`patchbay steer --mode labels`): every prompt under
+//! Steering sweeps read through a label set (`patchbay steer --mode labels`; `--mode generate`
+//! is generation, `experiments::generate`, judged by `experiments::judge`): every prompt under
 //! every condition (layer, direction, beta) of `intervene::spec`, scored by its label logits at
 //! the last token, resumed from the prompt's clean run (DESIGN.md section 1): a condition at
 //! layer L recomputes layers L.. from the first steered position, and all the conditions of a
