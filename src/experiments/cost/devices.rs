@@ -295,6 +295,8 @@ impl Hardware {
             return self.gemm_flops;
         }
         match c.iter().position(|&(m, _)| m >= rows) {
+            // At a calibrated row count its own rate (f0 + 1 * (f1 - f0) may round off f1).
+            Some(i) if c[i].0 == rows => c[i].1,
             Some(0) => c[0].1,
             None => c[c.len() - 1].1,
             Some(i) => {
