@@ -25,7 +25,6 @@ Usage:  python scripts/golden/make_ablate_goldens.py [--fixtures DIR] [--familie
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -33,11 +32,10 @@ import sys
 import torch
 import transformers
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from make_goldens import FAMILIES, forward_logits  # noqa: E402
-from make_patch_goldens import to_json  # noqa: E402
+from make_goldens import forward_logits  # noqa: E402
+from make_patch_goldens import load_fixture, run_cli, to_json  # noqa: E402
 
 GENERATOR = "scripts/golden/make_ablate_goldens.py"
 SEED = 12
@@ -72,13 +70,10 @@ def ablated_labels(model, prompts, labels, layer, module, units, width, position
 
 def build_family(name: str, fixtures: str) -> None:
     out_dir = os.path.join(fixtures, name)
-    model = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32, attn_implementation="eager").eval()
+    model, recorded, prompts = load_fixture(out_dir)
     cfg = model.config
     n_layers, n_heads, d_mlp = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.intermediate_size
     d_head = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
-    with open(os.path.join(out_dir, "prompts.json"), encoding="utf-8") as f:
-        recorded = json.load(f)
-    prompts = recorded["ids"] + [recorded["chat_ids"]]
     with open(os.path.join(out_dir, "patch_golden.json"), encoding="utf-8") as f:
         labels = json.load(f)["labels"]
     clean_all = [forward_logits(model, p) for p in prompts]
@@ -120,16 +115,5 @@ def build_family(name: str, fixtures: str) -> None:
     print(f"{name:8s} labels={labels} cases={len(cases)} {os.path.getsize(path)} bytes")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--fixtures", default=os.path.join(os.path.dirname(__file__), "..", "..", "tests", "fixtures"))
-    ap.add_argument("--families", nargs="*", default=FAMILIES)
-    args = ap.parse_args()
-    torch.manual_seed(SEED)
-    torch.set_num_threads(1)
-    for name in args.families:
-        build_family(name, args.fixtures)
-
-
 if __name__ == "__main__":
-    main()
+    run_cli(__doc__, build_family)

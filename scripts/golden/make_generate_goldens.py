@@ -20,19 +20,16 @@ Usage:  python scripts/golden/make_generate_goldens.py [--fixtures DIR] [--famil
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 
 import torch
 import transformers
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from make_goldens import FAMILIES, FAMILY_SPECS, hook_tensor, site_module  # noqa: E402
-from make_patch_goldens import to_json  # noqa: E402
+from make_goldens import FAMILY_SPECS, hook_tensor, site_module  # noqa: E402
+from make_patch_goldens import load_fixture, run_cli, to_json  # noqa: E402
 
 GENERATOR = "scripts/golden/make_generate_goldens.py"
 MAX_NEW_TOKENS = 8
@@ -60,11 +57,8 @@ def greedy(model, ids: list[int], hook=None) -> tuple[list[int], float]:
 def build_family(name: str, fixtures: str) -> None:
     fam = FAMILY_SPECS[name]
     out_dir = os.path.join(fixtures, name)
-    model = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32, attn_implementation="eager").eval()
+    model, _, prompts = load_fixture(out_dir)
     layer = model.config.num_hidden_layers // 2
-    with open(os.path.join(out_dir, "prompts.json"), encoding="utf-8") as f:
-        recorded = json.load(f)
-    prompts = recorded["ids"] + [recorded["chat_ids"]]
     vector_name = f"blocks.{layer}.hook_resid_post/a"
     v = load_file(os.path.join(out_dir, "steer_vectors.safetensors"))[vector_name]
     mod, io = site_module(model, fam, layer, "hook_resid_post")
@@ -110,15 +104,5 @@ def build_family(name: str, fixtures: str) -> None:
     print(f"{name:8s} layer={layer} cases={len(cases)} dropped={len(dropped)} {os.path.getsize(path)} bytes")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--fixtures", default=os.path.join(os.path.dirname(__file__), "..", "..", "tests", "fixtures"))
-    ap.add_argument("--families", nargs="*", default=list(FAMILIES))
-    args = ap.parse_args()
-    torch.set_num_threads(1)
-    for name in args.families:
-        build_family(name, args.fixtures)
-
-
 if __name__ == "__main__":
-    main()
+    run_cli(__doc__, build_family)
