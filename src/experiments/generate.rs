@@ -212,16 +212,20 @@ fn generate_batch(engine: &dyn Engine, prompts: &[Vec<u32>], first: usize, spec:
             seqs[i] = engine.start_decode()?;
         }
         let extend: Vec<usize> = active.iter().copied().filter(|i| !recompute.contains(i)).collect();
-        // logits[i]: [vocab] of active sequence i, from the call that fed it.
-        let mut logits: Vec<Vec<f32>> = vec![Vec::new(); prompts.len()];
-        for (group, fresh) in [(&extend, step == 0), (&recompute, true)] {
+        // Each call: the sequences it fed (in order) and their logits [n, vocab].
+        let mut calls: Vec<(&[usize], Vec<f32>)> = Vec::new();
+        for (group, fresh) in [(&extend[..], step == 0), (&recompute[..], true)] {
             if group.is_empty() {
                 continue;
             }
-            // A fresh sequence feeds its prompt (and its generated tokens, when recomputed);
-            // otherwise the token it generated last.
-            let owned: Vec<Vec<u32>> = group.iter().map(|&i| if fresh { [&prompts[i][..], &gens[i].tokens[..]].concat() } else { gens[i].tokens[gens[i].tokens.len() - 1..].to_vec() }).collect();
-            let tokens: Vec<&[u32]> = owned.iter().map(Vec::as_slice).collect();
+            // Step 0 feeds the prompts, a recomputed sequence its prompt and every generated
+            // token, any other the token it generated last.
+            let refed: Vec<Vec<u32>> = if fresh && step > 0 { group.iter().map(|&i| [&prompts[i][..], &gens[i].tokens[..]].concat()).collect() } else { Vec::new() };
+            let tokens: Vec<&[u32]> = match (fresh, step) {
+                (_, 0) => group.iter().map(|&i| &prompts[i][..]).collect(),
+                (false, _) => group.iter().map(|&i| &gens[i].tokens[gens[i].tokens.len() - 1..]).collect(),
+                (true, _) => refed.iter().map(Vec::as_slice).collect(),
+            };
             let recomputed: Vec<Intervention>;
             let interventions = match (fresh, step) {
                 (_, 0) => &ivs.prefill,
@@ -232,13 +236,10 @@ fn generate_batch(engine: &dyn Engine, prompts: &[Vec<u32>], first: usize, spec:
                 }
             };
             let mut live: Vec<&mut DecodeSeq> = seqs.iter_mut().enumerate().filter(|(i, _)| group.contains(i)).map(|(_, s)| s).collect();
-            let out = engine.decode(&mut live, &tokens, &RunRequest { interventions, logits_at: Some(&last), ..Default::default() })?.logits; // [group, vocab]
-            for (&i, row) in group.iter().zip(out.chunks_exact(vocab)) {
-                logits[i] = row.to_vec();
-            }
+            calls.push((group, engine.decode(&mut live, &tokens, &RunRequest { interventions, logits_at: Some(&last), ..Default::default() })?.logits));
         }
-        for &i in &active {
-            let (row, len) = (&logits[i], seqs[i].len());
+        for (&i, row) in calls.iter().flat_map(|(group, logits)| group.iter().zip(logits.chunks_exact(vocab))) {
+            let len = seqs[i].len();
             let g = &mut gens[i];
             let u = sample_uniform(g.seed, g.tokens.len() as i32);
             let id = sample_row(row, spec.sample.temperature, spec.sample.top_p, u).id as u32;
