@@ -202,9 +202,8 @@ pub fn passes_of(conditions: &[Condition], random_control: Option<u64>) -> Resul
         description: Value::Array(set.iter().map(|c| describe(c)).collect()),
     };
     let keys = distinct(conditions.iter().map(|c| (c.direction.clone(), c.beta.to_bits())));
-    let mut directions = distinct(keys.iter().map(|k| k.0.clone()));
     let mut out = Vec::new();
-    for direction in directions.drain(..) {
+    for direction in distinct(keys.iter().map(|k| k.0.clone())) {
         for (_, beta) in keys.iter().filter(|k| k.0 == direction) {
             let members: Vec<usize> = (0..conditions.len()).filter(|&i| conditions[i].direction == direction && conditions[i].beta.to_bits() == *beta).collect();
             let beta = f32::from_bits(*beta);

@@ -373,7 +373,6 @@ impl ModelConfig {
         let mut positive: Vec<(&str, f32)> = vec![("rms_norm_eps", self.norm_eps), ("rope_theta", self.rope_theta), ("query_pre_attn_scalar (the attention scale)", self.attn_scale)];
         positive.extend(self.attn_softcap.map(|c| ("attn_logit_softcapping", c)));
         positive.extend(self.final_softcap.map(|c| ("final_logit_softcapping", c)));
-        positive.extend(self.embed_scale.map(|c| ("hidden_size (the embedding scale)", c)));
         match &self.rope_scaling {
             RopeScaling::Default => {}
             RopeScaling::Linear { factor } => positive.push(("rope factor", *factor)),
