@@ -22,6 +22,7 @@ use patchbay::engine::device_forward::DeviceModel;
 use patchbay::engine::{Engine, RunRequest};
 use patchbay::experiments::ablate::{AblateOp, Ablation, Component, ablations, conditions, label_runner, mean_sites, parse_heads, random_control, site_means};
 use patchbay::experiments::patch::Method;
+use patchbay::experiments::steer::{Projection, Readout, one_each};
 use patchbay::intervene::spec::Condition;
 use patchbay::intervene::{Capture, Intervention, Op};
 use patchbay::logits::argmax;
@@ -32,36 +33,59 @@ use serde_json::Value;
 const LABELS: [u32; 5] = [40, 65, 262, 300, 13];
 
 /// Clean label logits `[n_prompts, k]` and ablated ones `[n_conditions, n_prompts, k]` of a
-/// sweep by `method`, from NaN-poisoned tables: every row written exactly once.
+/// sweep by `method`, one condition per experiment (see [`sweep_experiments`]).
 fn sweep(engine: &dyn Engine, method: Method, prompts: &[Vec<u32>], conds: &[Condition], batch_rows: usize) -> (Vec<f32>, Vec<f32>) {
+    let s = sweep_experiments(engine, method, prompts, &one_each(conds), None, batch_rows);
+    (s.clean, s.rows)
+}
+
+/// A label sweep's values, from NaN-poisoned tables: every row written exactly once.
+struct Swept {
+    /// [n_prompts, k]
+    clean: Vec<f32>,
+    /// [n_experiments, n_prompts, k]
+    rows: Vec<f32>,
+    /// [n_prompts] (NaN without a projection)
+    clean_projection: Vec<f32>,
+    /// [n_experiments, n_prompts]
+    projection: Vec<f32>,
+}
+
+fn sweep_experiments(engine: &dyn Engine, method: Method, prompts: &[Vec<u32>], experiments: &[Vec<Condition>], projection: Option<&Projection>, batch_rows: usize) -> Swept {
     let (n, k) = (prompts.len(), LABELS.len());
-    let mut clean = vec![f32::NAN; n * k];
-    let mut rows = vec![f32::NAN; conds.len() * n * k];
+    let mut s = Swept { clean: vec![f32::NAN; n * k], rows: vec![f32::NAN; experiments.len() * n * k], clean_projection: vec![f32::NAN; n], projection: vec![f32::NAN; experiments.len() * n] };
     label_runner(method)(
         engine,
         prompts,
-        &LABELS,
-        conds,
+        Readout { label_tokens: &LABELS, projection },
+        experiments,
         batch_rows,
         &ProgressBar::hidden(),
-        &mut |i, l| {
-            assert!(clean[i * k].is_nan(), "clean row {i} written twice");
-            clean[i * k..(i + 1) * k].copy_from_slice(l);
+        &mut |i, l, p| {
+            assert!(s.clean[i * k].is_nan(), "clean row {i} written twice");
+            s.clean[i * k..(i + 1) * k].copy_from_slice(l);
+            assert_eq!(p.is_some(), projection.is_some());
+            s.clean_projection[i] = p.unwrap_or(f32::NAN);
             Ok(())
         },
         &mut |batch| {
             for r in batch {
                 let at = (r.condition * n + r.index) * k;
-                assert!(rows[at].is_nan(), "row ({}, {}) written twice", r.condition, r.index);
-                rows[at..at + k].copy_from_slice(&r.label_logits);
+                assert!(s.rows[at].is_nan(), "row ({}, {}) written twice", r.condition, r.index);
+                s.rows[at..at + k].copy_from_slice(&r.label_logits);
                 assert_eq!(r.pred, argmax(&r.label_logits));
+                assert_eq!(r.projection.is_some(), projection.is_some());
+                s.projection[r.condition * n + r.index] = r.projection.unwrap_or(f32::NAN);
             }
             Ok(())
         },
     )
     .unwrap();
-    assert!(clean.iter().chain(&rows).all(|x| x.is_finite()), "{method:?}: a row was not written (or is not finite)");
-    (clean, rows)
+    assert!(s.clean.iter().chain(&s.rows).all(|x| x.is_finite()), "{method:?}: a row was not written (or is not finite)");
+    if projection.is_some() {
+        assert!(s.clean_projection.iter().chain(&s.projection).all(|x| x.is_finite()), "{method:?}: a projection was not written");
+    }
+    s
 }
 
 /// Random neuron groups: `n` groups at random layers, of random sizes, distinct neurons.
@@ -439,7 +463,7 @@ fn matches_hugging_face_hooks() {
                 let mut got = vec![f32::NAN; want.len()];
                 let mut got_clean = vec![f32::NAN; want.len()];
                 let k = labels.len();
-                label_runner(method)(engine, &prompts, &labels, &conds, 1 << 20, &ProgressBar::hidden(), &mut |i, l| {
+                label_runner(method)(engine, &prompts, Readout { label_tokens: &labels, projection: None }, &one_each(&conds), 1 << 20, &ProgressBar::hidden(), &mut |i, l, _| {
                     got_clean[i * k..(i + 1) * k].copy_from_slice(l);
                     Ok(())
                 }, &mut |rows| {
@@ -458,5 +482,205 @@ fn matches_hugging_face_hooks() {
                 assert_forward_close(&format!("{tag} device"), &run(dev, Method::Resumed).1, &want);
             }
         }
+    }
+}
+
+/// A random unit-norm-free direction at the model's width (the projection normalises it).
+fn random_direction(rng: &mut Rng, d: usize) -> Vec<f32> {
+    (0..d).map(|_| rng.uniform(-1.0, 1.0)).collect()
+}
+
+/// Experiments of several components at several layers (the top-k sets' shape), read with a
+/// projection at a random layer (also below an experiment's first layer, where it cannot
+/// change): resumed equals naive on every family, labels and projections; the clean projection
+/// is the captured residual's dot with the unit direction; an experiment of identity ops is the
+/// clean run bit for bit.
+#[test]
+fn experiments_of_several_components_with_a_projection() {
+    let mut rng = Rng::seeded(0x70b_c0de);
+    for family in FAMILIES {
+        let dir = synth_family(family, 4, rng.next_u64());
+        let model = Model::load(dir.path()).unwrap();
+        let cfg = &model.cfg;
+        let prompts = random_prompts(3, &[6, 4, 9], cfg.vocab_size, rng.next_u64());
+        let mut pool = parse_heads("all", cfg).unwrap();
+        pool.extend(random_groups(&mut rng, &model, 4));
+        let op = every_op(&mut rng)[rng.below(4)];
+        let positions = random_positions(&mut rng);
+        let mut experiments: Vec<Vec<Condition>> = (0..5)
+            .map(|_| {
+                let mut picks = pool.clone();
+                rng.shuffle(&mut picks);
+                let abl: Vec<Ablation> = picks[..1 + rng.below(4)].iter().map(|c| Ablation { component: c.clone(), control: false }).collect();
+                the_conditions(&model, &prompts, &abl, op, &positions, rng.next_u64())
+            })
+            .collect();
+        let abl = [Ablation { component: pool[0].clone(), control: false }, Ablation { component: pool[pool.len() - 1].clone(), control: false }];
+        experiments.push(conditions(&abl, AblateOp::Scale { alpha: 1.0 }, &BTreeMap::new(), &positions, 0, cfg).unwrap());
+        let site = Site::new(rng.below(cfg.n_layers), SiteKind::ResidPost);
+        let projection = Projection::new(site, random_direction(&mut rng, cfg.d_model), cfg).unwrap();
+        let tag = format!("{family} {op:?} at {positions:?}, projection at {site}");
+        let naive = sweep_experiments(&model, Method::Naive, &prompts, &experiments, Some(&projection), 1 << 20);
+        for batch_rows in [5, 1 << 20] {
+            let resumed = sweep_experiments(&model, Method::Resumed, &prompts, &experiments, Some(&projection), batch_rows);
+            assert_close(&format!("{tag} batch_rows {batch_rows}"), &resumed.rows, &naive.rows, F32_ATOL, F32_RTOL);
+            assert_close(&format!("{tag} projection, batch_rows {batch_rows}"), &resumed.projection, &naive.projection, F32_ATOL, F32_RTOL);
+            assert_close(&format!("{tag} clean projection, batch_rows {batch_rows}"), &resumed.clean_projection, &naive.clean_projection, F32_ATOL, F32_RTOL);
+            let n = prompts.len();
+            let last = experiments.len() - 1;
+            assert_eq!(resumed.rows[last * n * LABELS.len()..], resumed.clean[..], "{tag}: identity experiment");
+            assert_eq!(resumed.projection[last * n..], resumed.clean_projection[..], "{tag}: identity experiment");
+        }
+        assert_changes(&tag, &naive.clean, &naive.rows);
+        // The clean projection from a capture of the site.
+        let out = model.run_prompts(&prompts, &RunRequest { captures: &[Capture { site, positions: Positions::List(vec![-1]) }], ..Default::default() }).unwrap();
+        let unit: Vec<f32> = {
+            let n = projection.direction.iter().map(|x| x * x).sum::<f32>().sqrt();
+            assert!((n - 1.0).abs() < 1e-5, "{tag}: direction not unit");
+            projection.direction.clone()
+        };
+        let want: Vec<f32> = out.captured[0].data.chunks(cfg.d_model).map(|x| x.iter().zip(&unit).map(|(a, b)| a * b).sum()).collect();
+        assert_close(&format!("{tag} clean projection"), &naive.clean_projection, &want, 1e-5, 1e-5);
+    }
+}
+
+/// `patchbay ablate --ranking`: the top sets are the ranking's prefixes (merged heads and neurons
+/// tables by mean), each random set has the top set's counts per layer and kind and avoids the
+/// top max(k); top_k.csv is recomputed from experiments.jsonl and clean.jsonl; the plot exists.
+#[test]
+fn top_k_curves_follow_the_ranking() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ids = write(tmp.path(), "ids.json", &serde_json::to_string(&prompt_ids("llama")).unwrap());
+    let model = fixture("llama");
+    let cfg = Model::load(&model).unwrap().cfg;
+    // Means: joy ranks L1.H2 (0.9), N0.17 (0.8), L0.H3 (0.5), N1.5 (0.4), L0.H0 (0.1); anger rows are distractors.
+    let heads = write(tmp.path(), "heads.csv", "layer,head,label,mean,sd,n,rank\n0,0,joy,0.1,0,3,3\n1,2,joy,0.9,0,3,1\n0,3,joy,0.5,0,3,2\n1,2,anger,5,0,3,1\n");
+    let neurons = write(tmp.path(), "neurons.csv", "layer,neuron,label,mean,sd,n,rank\n1,5,joy,0.4,0,3,2\n0,17,joy,0.8,0,3,1\n0,1,anger,9,0,3,1\n");
+    let ranking = ["L1.H2", "L0.N[17]", "L0.H3", "L1.N[5]", "L0.H0"];
+    let dirs = tmp.path().join("dir.safetensors");
+    let mut rng = Rng::seeded(7);
+    let v = random_direction(&mut rng, cfg.d_model);
+    patchbay::io::write_safetensors(&dirs, &[("x".to_string(), patchbay::io::OutTensor::Float { shape: vec![cfg.d_model], data: v, dtype: patchbay::io::OutDtype::F32 })], &Default::default()).unwrap();
+    let out = tmp.path().join("run");
+    let dirs_s = format!("{}:x", dirs.display());
+    let (m, o) = (model.display().to_string(), out.display().to_string());
+    let extra = ["--ranking", &heads, "--ranking", &neurons, "--ranking-label", "joy", "--top-k", "1,3,5", "--random-draws", "4", "--op", "zero", "--projection", &dirs_s, "--projection-layer", "0"];
+    patchbay_ok(&ablate_args(&m, &o, &ids, &extra));
+    let rows = read_jsonl(&out.join("experiments.jsonl"));
+    let clean = read_jsonl(&out.join("clean.jsonl"));
+    let n = clean.len();
+    assert_eq!(rows.len(), 3 * 5 * n, "(1 top + 4 random) sets per k, one row per prompt");
+    let names = |r: &Value| -> Vec<String> { serde_json::from_value(r["components"].clone()).unwrap() };
+    let units = |names: &[String]| -> Vec<(String, usize)> {
+        // (site, layer) of every unit: heads one each, a neuron group one per neuron.
+        let mut u = Vec::new();
+        for c in names {
+            let (l, rest) = c.split_once('.').unwrap();
+            if let Some(list) = rest.strip_prefix("N[") {
+                u.extend(list.trim_end_matches(']').split(',').map(|_| (format!("N{l}"), 1)));
+            } else {
+                u.push((format!("H{l}"), 1));
+            }
+        }
+        u.sort();
+        u
+    };
+    for k in [1usize, 3, 5] {
+        let top: Vec<&Value> = rows.iter().filter(|r| r["k"] == k && r["draw"].is_null()).collect();
+        assert_eq!(top.len(), n);
+        let mut want: Vec<String> = ranking[..k].iter().map(|s| s.to_string()).collect();
+        let mut got = names(top[0]);
+        want.sort();
+        got.sort();
+        assert_eq!(got, want, "top {k}");
+        for d in 0..4 {
+            let rs: Vec<&Value> = rows.iter().filter(|r| r["k"] == k && r["draw"] == d).collect();
+            assert_eq!(rs.len(), n);
+            assert!(rs.iter().all(|r| r["control"] == true && r["kind"] == "top_k"));
+            let random = names(rs[0]);
+            assert_eq!(units(&random), units(&want), "draw {d} of k {k}: the top set's counts per layer and kind");
+            for c in &random {
+                for t in &ranking {
+                    let overlap = c == t || (c.contains(".N[") && t.contains(".N[") && c.split_once('.').unwrap().0 == t.split_once('.').unwrap().0 && c.trim_end_matches(']').split(|ch| ch == '[' || ch == ',').skip(1).any(|x| t.trim_end_matches(']').split('[').nth(1) == Some(x)));
+                    assert!(!overlap, "draw {d} of k {k}: {c} is a top component ({t})");
+                }
+            }
+        }
+    }
+    // top_k.csv recomputed.
+    let clean_logits: Vec<Vec<f64>> = clean.iter().map(|c| serde_json::from_value(c["label_logits"].clone()).unwrap()).collect();
+    let clean_proj: Vec<f64> = clean.iter().map(|c| c["projection"].as_f64().unwrap()).collect();
+    let text = std::fs::read_to_string(out.join("top_k.csv")).unwrap();
+    let mut lines = text.lines();
+    assert_eq!(lines.next(), Some("k,set,metric,mean,ci_low,ci_high,flip_rate,n"));
+    let mut seen = 0;
+    for line in lines {
+        let f: Vec<&str> = line.split(',').collect();
+        let (k, random) = (f[0].parse::<u64>().unwrap(), f[1] == "random");
+        let rs: Vec<&Value> = rows.iter().filter(|r| r["k"] == k && r["draw"].is_null() != random).collect();
+        let value = |r: &Value| -> f64 {
+            let i = r["index"].as_u64().unwrap() as usize;
+            let l = |name: &str| ["a", "b", "c"].iter().position(|x| *x == name).unwrap();
+            match f[2] {
+                "clean_pred_logit_change" => r["label_logits"][l(r["clean_pred"].as_str().unwrap())].as_f64().unwrap() - clean_logits[i][l(r["clean_pred"].as_str().unwrap())],
+                "projection_change" => r["projection"].as_f64().unwrap() - clean_proj[i],
+                m => panic!("metric {m}"),
+            }
+        };
+        let mean = rs.iter().map(|r| value(r)).sum::<f64>() / rs.len() as f64;
+        let flips = rs.iter().filter(|r| r["pred"] != r["clean_pred"]).count() as f64 / rs.len() as f64;
+        let num = |j: usize| f[j].parse::<f64>().unwrap();
+        assert!((num(3) - mean).abs() < 1e-5, "{line}: mean {mean}");
+        assert!(num(4) <= num(3) + 1e-6 && num(3) <= num(5) + 1e-6 || random, "{line}: interval");
+        assert!((num(6) - flips).abs() < 1e-6, "{line}");
+        assert_eq!(f[7].parse::<usize>().unwrap(), rs.len(), "{line}");
+        seen += 1;
+    }
+    assert_eq!(seen, 3 * 2 * 2, "k x set x metric (joy is no label here: no logit_change:joy)");
+    // The projection at layer 0: sets whose components all sit at layer 1 cannot change it.
+    for r in rows.iter().filter(|r| names(r).iter().all(|c| c.starts_with("L1."))) {
+        let i = r["index"].as_u64().unwrap() as usize;
+        assert_eq!(r["projection"].as_f64().unwrap(), clean_proj[i], "{r}");
+    }
+    assert!(std::fs::metadata(out.join("top_k.png")).unwrap().len() > 1000);
+    let man: Value = serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!((man["ranking_label"].as_str(), man["n_experiments"].as_u64(), man["projection"]["site"].as_str()), (Some("joy"), Some(15), Some("blocks.0.hook_resid_post")));
+
+    // A component sweep with a projection: summary.csv's mean_projection_change recomputed.
+    let comp = tmp.path().join("components");
+    let c = comp.display().to_string();
+    patchbay_ok(&ablate_args(&m, &c, &ids, &["--heads", "0.1,1.2", "--op", "zero", "--projection", &dirs_s]));
+    let rows = read_jsonl(&comp.join("experiments.jsonl"));
+    let clean_proj: Vec<f64> = read_jsonl(&comp.join("clean.jsonl")).iter().map(|c| c["projection"].as_f64().unwrap()).collect();
+    let text = std::fs::read_to_string(comp.join("summary.csv")).unwrap();
+    let header: Vec<&str> = text.lines().next().unwrap().split(',').collect();
+    assert_eq!(header.last(), Some(&"mean_projection_change"));
+    for line in text.lines().skip(1) {
+        let f: Vec<&str> = line.split(',').collect();
+        let rs: Vec<&Value> = rows.iter().filter(|r| r["layer"].to_string() == f[1] && r["head"].to_string() == f[2]).collect();
+        let want = rs.iter().map(|r| r["projection"].as_f64().unwrap() - clean_proj[r["index"].as_u64().unwrap() as usize]).sum::<f64>() / rs.len() as f64;
+        assert!(!rs.is_empty() && (f.last().unwrap().parse::<f64>().unwrap() - want).abs() < 1e-5, "{line}: {want}");
+    }
+
+    // One-line errors.
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["--ranking", &heads, "--ranking-label", "fear", "--top-k", "1"], "no row of label `fear`"),
+        (vec!["--ranking", &heads, "--ranking-label", "joy", "--top-k", "4"], "the ranking has 3 components"),
+        (vec!["--ranking", &heads, "--ranking-label", "joy", "--top-k", "1,1"], "listed twice"),
+        (vec!["--ranking", &heads, "--ranking-label", "joy"], "needs --top-k"),
+        (vec!["--ranking", &heads, "--top-k", "1"], "needs --ranking-label"),
+        (vec!["--ranking", &heads, "--ranking-label", "joy", "--top-k", "1", "--heads", "all"], "replaces --heads"),
+        (vec!["--ranking", &ids, "--ranking-label", "joy", "--top-k", "1"], "not a components contrib table"),
+        (vec!["--heads", "all", "--top-k", "1"], "go with --ranking"),
+        (vec!["--heads", "all", "--projection-layer", "1"], "goes with --projection"),
+        (vec!["--heads", "all", "--projection", &dirs_s, "--projection-layer", "9"], "out of range"),
+    ];
+    for (extra, says) in cases {
+        let bad = tmp.path().join("bad").display().to_string();
+        let (code, err) = patchbay_cli(&ablate_args(&m, &bad, &ids, &extra));
+        assert_ne!(code, 0, "{extra:?} succeeded");
+        assert_eq!(err.trim().lines().count(), 1, "{extra:?}: not one line: {err}");
+        assert!(err.contains(says), "{extra:?}: `{says}` not in: {err}");
+        assert!(!Path::new(&bad).exists(), "{extra:?} wrote {bad}");
     }
 }

@@ -43,8 +43,8 @@ use crate::model::config::ModelConfig;
 use crate::sites::{Positions, Site, SiteKind};
 use crate::intervene::Capture;
 use crate::{Error, Result};
-use forward::{KvCache, RunOutput, SeqInput, SeqRows};
-pub use forward::RunRequest;
+use forward::{KvCache, SeqInput, SeqRows};
+pub use forward::{RunOutput, RunRequest};
 
 /// A prompt's clean run kept for resumed segments (DESIGN.md section 1): its KV cache and the
 /// residual entering every layer. Opaque: only the engine that made it can resume from it

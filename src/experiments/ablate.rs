@@ -19,9 +19,9 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::data::labels::LabelSet;
-use crate::engine::{Engine, RunRequest};
+use crate::engine::{Engine, RunOutput, RunRequest};
 use crate::experiments::patch::{Method, chunk_by_rows};
-use crate::experiments::steer::{LabelRunner, SteerRow, check_label_tokens, steer_labels, write_label_rows};
+use crate::experiments::steer::{CleanValues, LabelRunner, Projection, Readout, SteerRow, check_label_tokens, one_each, steer_labels, write_label_rows};
 use crate::intervene::spec::Condition;
 use crate::intervene::{Capture, Op};
 use crate::io::plot::Grid;
@@ -310,37 +310,46 @@ pub fn conditions(ablations: &[Ablation], op: AblateOp, means: &BTreeMap<Site, V
 }
 
 /// The naive method of [`steer_labels`] (same arguments, same rows, in another order): prompts in
-/// chunks of at most `batch_rows` tokens, each chunk run clean, then once per condition with the
-/// condition's intervention on every prompt of the chunk (a full forward each).
+/// chunks of at most `batch_rows` tokens, each chunk run clean, then once per experiment with its
+/// interventions on every prompt of the chunk (a full forward each).
 #[allow(clippy::too_many_arguments)]
 pub fn naive_labels(
     engine: &dyn Engine,
     prompts: &[Vec<u32>],
-    label_tokens: &[u32],
-    conditions: &[Condition],
+    readout: Readout,
+    experiments: &[Vec<Condition>],
     batch_rows: usize,
     progress: &ProgressBar,
-    on_clean: &mut dyn FnMut(usize, &[f32]) -> Result<()>,
+    on_clean: &mut dyn FnMut(usize, &[f32], Option<f32>) -> Result<()>,
     on_rows: &mut dyn FnMut(&[SteerRow]) -> Result<()>,
 ) -> Result<()> {
-    check_label_tokens(label_tokens, engine.config().vocab_size)?;
-    let k = label_tokens.len();
-    let ivs = conditions.iter().map(|c| c.intervention(None)).collect::<Result<Vec<_>>>()?;
+    check_label_tokens(readout.label_tokens, engine.config().vocab_size)?;
+    let k = readout.label_tokens.len();
+    let ivs = experiments.iter().map(|e| e.iter().map(|c| c.intervention(None)).collect::<Result<Vec<_>>>()).collect::<Result<Vec<_>>>()?;
     let last = Positions::List(vec![-1]);
-    let req = RunRequest { logits_at: Some(&last), logit_tokens: Some(label_tokens), ..Default::default() };
+    let captures: Vec<Capture> = readout.projection.map(Projection::capture).into_iter().collect();
+    let req = RunRequest { logits_at: Some(&last), logit_tokens: Some(readout.label_tokens), captures: &captures, ..Default::default() };
+    let projections = |out: &RunOutput| -> Vec<Option<f32>> {
+        match readout.projection {
+            Some(p) => p.read(out).into_iter().map(Some).collect(),
+            None => vec![None; out.logits.len() / k],
+        }
+    };
     let all: Vec<usize> = (0..prompts.len()).collect();
     for chunk in chunk_by_rows(&all, |&i| prompts[i].len(), batch_rows) {
         let chunk_prompts: Vec<Vec<u32>> = chunk.iter().map(|&i| prompts[i].clone()).collect();
-        let clean = engine.run_prompts(&chunk_prompts, &req)?.logits; // [n_chunk, k]
-        for (&i, logits) in chunk.iter().zip(clean.chunks(k)) {
-            on_clean(i, logits)?;
+        let clean = engine.run_prompts(&chunk_prompts, &req)?;
+        let clean_proj = projections(&clean);
+        for ((&i, logits), &p) in chunk.iter().zip(clean.logits.chunks(k)).zip(&clean_proj) {
+            on_clean(i, logits, p)?;
         }
-        for (c, iv) in ivs.iter().enumerate() {
-            let out = engine.run_prompts(&chunk_prompts, &RunRequest { interventions: std::slice::from_ref(iv), ..req })?;
+        for (e, iv) in ivs.iter().enumerate() {
+            let out = engine.run_prompts(&chunk_prompts, &RunRequest { interventions: iv, ..req })?;
             let rows: Vec<SteerRow> = chunk
                 .iter()
-                .zip(out.logits.chunks(k).zip(clean.chunks(k)))
-                .map(|(&i, (logits, clean))| SteerRow { index: i, condition: c, label_logits: logits.to_vec(), pred: argmax(logits), clean_pred: argmax(clean) })
+                .zip(out.logits.chunks(k).zip(clean.logits.chunks(k)))
+                .zip(projections(&out))
+                .map(|((&i, (logits, clean)), projection)| SteerRow { index: i, condition: e, label_logits: logits.to_vec(), pred: argmax(logits), clean_pred: argmax(clean), projection })
                 .collect();
             on_rows(&rows)?;
             progress.inc(rows.len() as u64);
@@ -368,35 +377,51 @@ pub struct SummaryRow {
     pub mean_clean_pred_change: f64,
     /// Mean change of each label's logit, in label order.
     pub mean_logit_change: Vec<f64>,
+    /// Mean change of the projection, when the sweep reads one.
+    pub mean_projection_change: Option<f64>,
 }
 
-/// Aggregates rows per ablation (`rows[..].condition` indexes `ablations`); `clean` is
-/// `[n_prompts, n_labels]`.
-pub fn summarize(ablations: &[Ablation], rows: &[SteerRow], clean: &[f32], n_labels: usize) -> Vec<SummaryRow> {
-    let mut acc: Vec<(usize, f64, f64, Vec<f64>)> = vec![(0, 0.0, 0.0, vec![0.0; n_labels]); ablations.len()];
+/// Aggregates rows per ablation (`rows[..].condition` indexes `ablations`).
+pub fn summarize(ablations: &[Ablation], rows: &[SteerRow], clean: &CleanValues, n_labels: usize) -> Vec<SummaryRow> {
+    let mut acc: Vec<(usize, f64, f64, Vec<f64>, f64)> = vec![(0, 0.0, 0.0, vec![0.0; n_labels], 0.0); ablations.len()];
     for r in rows {
         let a = &mut acc[r.condition];
-        let c = &clean[r.index * n_labels..(r.index + 1) * n_labels];
+        let c = &clean.label_logits[r.index * n_labels..(r.index + 1) * n_labels];
         a.0 += 1;
         a.1 += (r.pred != r.clean_pred) as u8 as f64;
         a.2 += (r.label_logits[r.clean_pred] - c[r.clean_pred]) as f64;
         a.3.iter_mut().zip(r.label_logits.iter().zip(c)).for_each(|(m, (x, c))| *m += (x - c) as f64);
+        if let (Some(p), Some(cp)) = (r.projection, &clean.projection) {
+            a.4 += (p - cp[r.index]) as f64;
+        }
     }
     ablations
         .iter()
         .zip(acc)
-        .map(|(a, (n, flips, change, changes))| {
+        .map(|(a, (n, flips, change, changes, proj))| {
             let per = |x: f64| if n == 0 { f64::NAN } else { x / n as f64 };
-            SummaryRow { ablation: a.clone(), n, flip_rate: per(flips), mean_clean_pred_change: per(change), mean_logit_change: changes.into_iter().map(per).collect() }
+            SummaryRow {
+                ablation: a.clone(),
+                n,
+                flip_rate: per(flips),
+                mean_clean_pred_change: per(change),
+                mean_logit_change: changes.into_iter().map(per).collect(),
+                mean_projection_change: clean.projection.as_ref().map(|_| per(proj)),
+            }
         })
         .collect()
 }
 
 /// summary.csv text: `kind,layer,head,neurons,control,op,n,flip_rate,mean_clean_pred_logit_change`,
-/// then `mean_logit_change:<label>` per label (`head` empty for neuron rows, `neurons` space-separated and empty for head rows).
+/// then `mean_logit_change:<label>` per label, then `mean_projection_change` when the sweep reads
+/// a projection (`head` empty for neuron rows, `neurons` space-separated and empty for head rows).
 pub fn summary_csv(rows: &[SummaryRow], op: AblateOp, labels: &[String]) -> String {
     let mut s = String::from("kind,layer,head,neurons,control,op,n,flip_rate,mean_clean_pred_logit_change");
     labels.iter().for_each(|l| s.push_str(&format!(",mean_logit_change:{l}")));
+    let with_projection = rows.first().is_some_and(|r| r.mean_projection_change.is_some());
+    if with_projection {
+        s.push_str(",mean_projection_change");
+    }
     s.push('\n');
     for r in rows {
         let c = &r.ablation.component;
@@ -405,7 +430,7 @@ pub fn summary_csv(rows: &[SummaryRow], op: AblateOp, labels: &[String]) -> Stri
             Component::Neurons { neurons, .. } => (String::new(), neurons.iter().map(usize::to_string).collect::<Vec<_>>().join(" ")),
         };
         s.push_str(&format!("{},{},{head},{neurons},{},{},{},{:.6},{:.6}", c.kind(), c.layer(), r.ablation.control, op.name(), r.n, r.flip_rate, r.mean_clean_pred_change));
-        r.mean_logit_change.iter().for_each(|v| s.push_str(&format!(",{v:.6}")));
+        r.mean_logit_change.iter().chain(&r.mean_projection_change).for_each(|v| s.push_str(&format!(",{v:.6}")));
         s.push('\n');
     }
     s
@@ -440,10 +465,9 @@ pub fn head_grid(rows: &[SummaryRow], op: AblateOp, n_heads: usize) -> Option<Gr
     })
 }
 
-/// An ablation sweep's results: the clean label logits `[n_prompts, n_labels]`, every ablated
-/// row, the summary per ablation.
+/// An ablation sweep's results: the clean values, every ablated row, the summary per ablation.
 pub struct AblateSweep {
-    pub clean: Vec<f32>,
+    pub clean: CleanValues,
     pub rows: Vec<SteerRow>,
     pub summary: Vec<SummaryRow>,
 }
@@ -451,13 +475,15 @@ pub struct AblateSweep {
 /// The sweep of `conditions` (one per ablation, from [`conditions`]) by `method`, with its files
 /// written in `out` (the contract of `patchbay ablate`): experiments.jsonl (a line per
 /// (ablation, prompt)) and clean.jsonl appended and flushed per batch; then summary.csv and
-/// heatmap.png (with head experiments). `gold`: each prompt's gold label, written when known.
+/// heatmap.png (with head experiments). `gold`: each prompt's gold label, written when known;
+/// `projection`: read in every run when given.
 #[allow(clippy::too_many_arguments)]
 pub fn ablate_sweep(
     engine: &dyn Engine,
     method: Method,
     prompts: &[Vec<u32>],
     labels: &LabelSet,
+    projection: Option<&Projection>,
     gold: &[Option<usize>],
     ablations: &[Ablation],
     op: AblateOp,
@@ -469,7 +495,7 @@ pub fn ablate_sweep(
     if conditions.len() != ablations.len() {
         return Err(Error::input(format!("{} conditions for {} ablations", conditions.len(), ablations.len())));
     }
-    let (clean, rows) = write_label_rows(label_runner(method), engine, prompts, labels, gold, conditions, batch_rows, progress, out, "experiments.jsonl", &|r| {
+    let (clean, rows) = write_label_rows(label_runner(method), engine, prompts, labels, projection, gold, &one_each(conditions), batch_rows, progress, out, "experiments.jsonl", &|r| {
         let a = &ablations[r.condition];
         let mut o = json!({"kind": a.component.kind(), "layer": a.component.layer(), "op": op.name(), "control": a.control});
         match &a.component {

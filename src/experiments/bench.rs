@@ -21,7 +21,7 @@ use crate::engine::{DecodeSeq, Engine, RunRequest};
 use crate::experiments::generate::{GenerateSpec, Generation, StepIntervention, generate};
 use crate::experiments::ablate::{AblateOp, ablations, conditions, label_runner, mean_sites, parse_heads, site_means};
 use crate::experiments::patch::Method;
-use crate::experiments::steer::SteerRow;
+use crate::experiments::steer::{Readout, SteerRow, one_each};
 use crate::experiments::workload::{PatchWorkload, PatchWorkloadSpec, random_labels, random_prompts};
 use crate::intervene::Capture;
 use crate::io::tensorfile::peak_rss_bytes;
@@ -400,17 +400,17 @@ pub fn bench_ablate(engine: &dyn Engine, spec: &AblateBenchSpec, progress: &Prog
     let labels = random_labels(&mut rng, spec.n_labels, cfg.vocab_size);
     let abl = ablations(&parse_heads("all", cfg)?, cfg, None)?;
     let means = if spec.op == AblateOp::Mean { site_means(engine, &prompts, &mean_sites(&abl), spec.batch_rows)? } else { Default::default() };
-    let conds = conditions(&abl, spec.op, &means, &spec.positions, spec.seed, cfg)?;
+    let conds = one_each(&conditions(&abl, spec.op, &means, &spec.positions, spec.seed, cfg)?);
     let n_naive = spec.naive_limit.unwrap_or(conds.len()).min(conds.len());
     progress.set_length(((conds.len() + n_naive) * prompts.len()) as u64);
     let k = labels.len();
     // Label logits [condition][prompt][label], per method.
-    let run = |method: Method, conds: &[crate::intervene::spec::Condition]| -> Result<(f64, Vec<f32>)> {
+    let run = |method: Method, conds: &[Vec<crate::intervene::spec::Condition>]| -> Result<(f64, Vec<f32>)> {
         progress.set_message(if method == Method::Resumed { "resumed" } else { "naive" });
         let f = label_runner(method);
         let mut table = vec![f32::NAN; conds.len() * prompts.len() * k];
         let s = timed(|| {
-            f(engine, &prompts, &labels, conds, spec.batch_rows, progress, &mut |_, _| Ok(()), &mut |rows: &[SteerRow]| {
+            f(engine, &prompts, Readout { label_tokens: &labels, projection: None }, conds, spec.batch_rows, progress, &mut |_, _, _| Ok(()), &mut |rows: &[SteerRow]| {
                 for r in rows {
                     let at = (r.condition * prompts.len() + r.index) * k;
                     table[at..at + k].copy_from_slice(&r.label_logits);

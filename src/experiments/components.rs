@@ -41,7 +41,7 @@ use crate::backend::ops::elementwise::softcap_ref;
 use crate::backend::ops::norm::rmsnorm_ref;
 use crate::data::labels::LabelSet;
 use crate::engine::{Engine, RunRequest};
-use crate::intervene::{Capture, Captured};
+use crate::intervene::{Capture, Captured, dot};
 use crate::experiments::capture::{CaptureSpec, capture};
 use crate::io::plot::{Grid, LinePanels, Point, heatmap, heatmaps, line_panels};
 use crate::io::{OutDtype, OutTensor};
@@ -306,10 +306,6 @@ fn with_post_norm(scale: &[f32], post: Option<&Vec<f32>>) -> Vec<f32> {
         Some(p) => p.iter().zip(scale).map(|(a, b)| a * b).collect(),
         None => scale.to_vec(),
     }
-}
-
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(a, b)| a * b).sum()
 }
 
 /// The logit lens of residual rows `x` `[rows, d_model]`: final norm, unembedding (only the
@@ -683,7 +679,7 @@ pub fn long_tail_plot(path: &Path, title: &str, tables: &[(&str, &GroupStats)]) 
             (format!("{name} ({} components)", stats.width), lines)
         })
         .collect();
-    line_panels(path, &LinePanels { title: title.into(), lines: groups, panels, x_range: (0.0, 100.0), x_desc: "rank, % of the components".into(), y_desc: "|mean| / largest |mean|".into(), reference: None })
+    line_panels(path, &LinePanels { title: title.into(), lines: groups, panels, x_range: (0.0, 100.0), x_desc: "rank, % of the components".into(), y_desc: "|mean| / largest |mean|".into(), y_range: (0.0, 1.0), reference: None })
 }
 
 #[cfg(test)]

@@ -13,18 +13,21 @@ use std::path::Path;
 use indicatif::ProgressBar;
 use serde_json::json;
 
-use crate::engine::{Engine, RunRequest, Segment};
+use std::collections::BTreeMap;
+
+use crate::engine::{Engine, RunOutput, RunRequest, Segment};
 use crate::experiments::generate::StepIntervention;
 use crate::experiments::judge::{GenerationRow, Judged, SummaryRow as JudgeSummary};
 use crate::experiments::patch::chunk_by_rows;
 use crate::data::labels::LabelSet;
-use crate::intervene::{Op, norm};
-use crate::intervene::spec::{Condition, by_layer};
+use crate::intervene::{Capture, Op, dot, norm};
+use crate::intervene::spec::Condition;
+use crate::model::config::ModelConfig;
 use crate::io::plot::{LinePanels, Point, distinct};
 use crate::logits::argmax;
 use crate::io::JsonlFile;
 use crate::rng::{gaussian, splitmix64};
-use crate::sites::Positions;
+use crate::sites::{Positions, Site, SiteKind};
 use crate::{Error, Result};
 
 /// The step intervention of a condition for `experiments::generate`: its site and op on its
@@ -77,106 +80,185 @@ pub(crate) fn check_label_tokens(label_tokens: &[u32], vocab_size: usize) -> Res
     Ok(())
 }
 
-/// One prompt under one condition.
+/// One prompt in one experiment.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SteerRow {
     /// Prompt index.
     pub index: usize,
-    /// Index into the conditions.
+    /// Index into the experiments.
     pub condition: usize,
     /// Label logits at the last token, in label order.
     pub label_logits: Vec<f32>,
     /// Predicted label (index), and the clean run's.
     pub pred: usize,
     pub clean_pred: usize,
+    /// The [`Projection`] at the last token, when the sweep reads one.
+    pub projection: Option<f32>,
 }
 
-/// Label logits of every prompt clean (`on_clean(prompt, logits)`, in prompt order) and under
-/// every condition (`on_rows`, one call per batched forward; prompt chunk, then layer, then
-/// condition, then prompt; conditions whose op is the identity, beta 0, first: their rows are
-/// the clean logits). Prompts are taken in chunks of at most `batch_rows` tokens (their
-/// clean runs are kept while the chunk's conditions run), segments in calls of at most
-/// `batch_rows` rows. `progress` counts prompt-conditions.
+/// A residual site read along a direction at each prompt's last token: the "emotion
+/// representation" of a sweep (e.g. resid_post of the last layer along the emotion's direction).
+#[derive(Clone, Debug)]
+pub struct Projection {
+    pub site: Site,
+    /// `[d_model]`, unit norm.
+    pub direction: Vec<f32>,
+}
+
+impl Projection {
+    /// Err unless `site` is a residual site of the model and `direction` has its width.
+    pub fn new(site: Site, direction: Vec<f32>, cfg: &ModelConfig) -> Result<Projection> {
+        site.check(cfg)?;
+        if !matches!(site.kind, SiteKind::ResidPre | SiteKind::ResidMid | SiteKind::ResidPost) {
+            return Err(Error::input(format!("projection site {site}: expected resid_pre, resid_mid or resid_post")));
+        }
+        if direction.len() != cfg.d_model {
+            return Err(Error::input(format!("projection direction: {} values, the residual has {}", direction.len(), cfg.d_model)));
+        }
+        let n = norm(&direction);
+        if !(n > 0.0 && n.is_finite()) {
+            return Err(Error::input("projection direction: zero or non-finite norm"));
+        }
+        Ok(Projection { site, direction: direction.iter().map(|x| x / n).collect() })
+    }
+
+    /// The capture a run needs for it (the last token).
+    pub(crate) fn capture(&self) -> Capture {
+        Capture { site: self.site, positions: Positions::List(vec![-1]) }
+    }
+
+    /// Each row's projection, from the run's capture (request order: the projection's is first).
+    pub(crate) fn read(&self, out: &RunOutput) -> Vec<f32> {
+        out.captured[0].data.chunks(self.direction.len()).map(|x| dot(x, &self.direction)).collect()
+    }
+}
+
+/// What a label sweep reads from every run: the label logits at the last token and, optionally,
+/// a projection there.
+#[derive(Clone, Copy)]
+pub struct Readout<'a> {
+    pub label_tokens: &'a [u32],
+    pub projection: Option<&'a Projection>,
+}
+
+impl Readout<'_> {
+    /// The captures of a run whose blocks start at `start` (none when the projection's site is
+    /// computed before: an experiment starting later cannot change it).
+    fn captures(&self, start: usize) -> Vec<Capture> {
+        self.projection.filter(|p| p.site.layer >= start).map(Projection::capture).into_iter().collect()
+    }
+}
+
+/// One experiment of a label sweep: conditions applied together in one run (one steering
+/// condition or component; the top-k components of a ranking, at several layers). Its run
+/// starts at the earliest of their layers (a final-norm site: the last block's output).
+pub fn start_layer(experiment: &[Condition], cfg: &ModelConfig) -> usize {
+    experiment.iter().map(|c| c.site.layer.min(cfg.n_layers - 1)).min().unwrap_or(0)
+}
+
+/// Label logits (and projections) of every prompt clean (`on_clean(prompt, logits, projection)`,
+/// in prompt order) and in every experiment (`on_rows`, one call per batched forward; prompt
+/// chunk, then start layer, then experiment, then prompt; experiments whose ops are all the
+/// identity, beta 0, first: their rows are the clean values). Prompts are taken in chunks of at
+/// most `batch_rows` tokens (their clean runs are kept while the chunk's experiments run),
+/// segments in calls of at most `batch_rows` rows. `progress` counts prompt-experiments.
 #[allow(clippy::too_many_arguments)]
 pub fn steer_labels(
     engine: &dyn Engine,
     prompts: &[Vec<u32>],
-    label_tokens: &[u32],
-    conditions: &[Condition],
+    readout: Readout,
+    experiments: &[Vec<Condition>],
     batch_rows: usize,
     progress: &ProgressBar,
-    on_clean: &mut dyn FnMut(usize, &[f32]) -> Result<()>,
+    on_clean: &mut dyn FnMut(usize, &[f32], Option<f32>) -> Result<()>,
     on_rows: &mut dyn FnMut(&[SteerRow]) -> Result<()>,
 ) -> Result<()> {
     let cfg = engine.config();
-    check_label_tokens(label_tokens, cfg.vocab_size)?;
-    let k = label_tokens.len();
-    // Each condition's intervention (checks positions name no generated tokens) and, per
-    // prompt, the first steered position.
-    let mut p0: Vec<Vec<usize>> = Vec::with_capacity(conditions.len());
-    for c in conditions {
-        let iv = c.intervention(None)?;
-        c.site.check(cfg)?;
-        let firsts = prompts
-            .iter()
-            .enumerate()
-            .map(|(i, p)| {
+    check_label_tokens(readout.label_tokens, cfg.vocab_size)?;
+    let k = readout.label_tokens.len();
+    // Per experiment and prompt, the first steered position (each condition's intervention
+    // checks its positions name no generated tokens).
+    let mut p0: Vec<Vec<usize>> = Vec::with_capacity(experiments.len());
+    for (e, conds) in experiments.iter().enumerate() {
+        if conds.is_empty() {
+            return Err(Error::input(format!("experiment {e}: no intervention")));
+        }
+        let mut firsts = vec![usize::MAX; prompts.len()];
+        for c in conds {
+            let iv = c.intervention(None)?;
+            c.site.check(cfg)?;
+            for (i, p) in prompts.iter().enumerate() {
                 let pos = iv.positions.resolve(p.len()).map_err(|e| Error::input(format!("{} at {}: prompt {i}: {e}", c.direction, c.site)))?;
-                Ok(pos.into_iter().min().unwrap_or(0))
-            })
-            .collect::<Result<Vec<_>>>()?;
+                firsts[i] = firsts[i].min(pos.into_iter().min().unwrap_or(0));
+            }
+        }
         p0.push(firsts);
     }
-    let layers = by_layer(conditions);
+    let mut by_start: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+    for (e, conds) in experiments.iter().enumerate() {
+        by_start.entry(start_layer(conds, cfg)).or_default().push(e);
+    }
     let last = Positions::List(vec![-1]);
-    let req = RunRequest { logits_at: Some(&last), logit_tokens: Some(label_tokens), ..Default::default() };
+    let req = RunRequest { logits_at: Some(&last), logit_tokens: Some(readout.label_tokens), ..Default::default() };
+    let clean_captures = readout.captures(0);
     let all: Vec<usize> = (0..prompts.len()).collect();
     for chunk in chunk_by_rows(&all, |&i| prompts[i].len(), batch_rows) {
         let chunk_prompts: Vec<Vec<u32>> = chunk.iter().map(|&i| prompts[i].clone()).collect();
-        let (runs, out) = engine.run_clean(&chunk_prompts, &req)?;
+        let (runs, out) = engine.run_clean(&chunk_prompts, &RunRequest { captures: &clean_captures, ..req })?;
         if out.logits.len() != chunk.len() * k {
             return Err(Error::input(format!("engine returned {} label logits for {} prompts", out.logits.len(), chunk.len())));
         }
-        for (&i, logits) in chunk.iter().zip(out.logits.chunks(k)) {
-            on_clean(i, logits)?;
+        let clean_proj: Vec<Option<f32>> = match readout.projection {
+            Some(p) => p.read(&out).into_iter().map(Some).collect(),
+            None => vec![None; chunk.len()],
+        };
+        for (j, (&i, logits)) in chunk.iter().zip(out.logits.chunks(k)).enumerate() {
+            on_clean(i, logits, clean_proj[j])?;
         }
         let clean_pred: Vec<usize> = out.logits.chunks(k).map(argmax).collect();
-        for (&layer, conds) in &layers {
-            // The call starts at the steered layer (a final-norm site: the last block's output).
-            let start = layer.min(cfg.n_layers - 1);
-            // Conditions that change nothing (beta 0) are the clean run: their rows are the
-            // clean logits, bit for bit on every engine, not a recomputation.
-            let (identity, steered): (Vec<usize>, Vec<usize>) = conds.iter().partition(|&&c| conditions[c].op.is_identity());
+        for (&start, exps) in &by_start {
+            // Experiments that change nothing (beta 0) are the clean run: their rows are the
+            // clean values, bit for bit on every engine, not a recomputation.
+            let (identity, steered): (Vec<usize>, Vec<usize>) = exps.iter().partition(|&&e| experiments[e].iter().all(|c| c.op.is_identity()));
             if !identity.is_empty() {
                 let rows: Vec<SteerRow> = identity
                     .iter()
-                    .flat_map(|&c| (0..chunk.len()).map(move |j| (c, j)))
-                    .map(|(c, j)| SteerRow { index: chunk[j], condition: c, label_logits: out.logits[j * k..(j + 1) * k].to_vec(), pred: clean_pred[j], clean_pred: clean_pred[j] })
+                    .flat_map(|&e| (0..chunk.len()).map(move |j| (e, j)))
+                    .map(|(e, j)| SteerRow { index: chunk[j], condition: e, label_logits: out.logits[j * k..(j + 1) * k].to_vec(), pred: clean_pred[j], clean_pred: clean_pred[j], projection: clean_proj[j] })
                     .collect();
                 on_rows(&rows)?;
                 progress.inc(rows.len() as u64);
             }
-            // (condition, position in chunk), condition-major.
-            let items: Vec<(usize, usize)> = steered.iter().flat_map(|&c| (0..chunk.len()).map(move |j| (c, j))).collect();
-            let rows_of = |&(c, j): &(usize, usize)| prompts[chunk[j]].len() - p0[c][chunk[j]];
+            let captures = readout.captures(start);
+            // (experiment, position in chunk), experiment-major.
+            let items: Vec<(usize, usize)> = steered.iter().flat_map(|&e| (0..chunk.len()).map(move |j| (e, j))).collect();
+            let rows_of = |&(e, j): &(usize, usize)| prompts[chunk[j]].len() - p0[e][chunk[j]];
             for batch in chunk_by_rows(&items, rows_of, batch_rows) {
-                let segs: Vec<Segment> = batch.iter().map(|&(c, j)| Segment { clean: &runs[j], p0: p0[c][chunk[j]] }).collect();
-                // One intervention per condition on its segments (items are condition-major), so
-                // operands (a [w, w] projector) are copied once per call, not per segment.
+                let segs: Vec<Segment> = batch.iter().map(|&(e, j)| Segment { clean: &runs[j], p0: p0[e][chunk[j]] }).collect();
+                // One intervention per condition on its experiment's segments (items are
+                // experiment-major), so operands (a [w, w] projector) are copied once per call,
+                // not per segment.
                 let mut ivs = Vec::new();
                 let mut s = 0;
                 for run in batch.chunk_by(|a, b| a.0 == b.0) {
-                    ivs.push(conditions[run[0].0].intervention(Some((s..s + run.len()).collect()))?);
+                    for c in &experiments[run[0].0] {
+                        ivs.push(c.intervention(Some((s..s + run.len()).collect()))?);
+                    }
                     s += run.len();
                 }
-                let out = engine.run_segments(start, &segs, &RunRequest { interventions: &ivs, ..req })?;
+                let out = engine.run_segments(start, &segs, &RunRequest { interventions: &ivs, captures: &captures, ..req })?;
                 if out.logits.len() != batch.len() * k {
                     return Err(Error::input(format!("engine returned {} label logits for {} segments", out.logits.len(), batch.len())));
                 }
+                let proj: Vec<Option<f32>> = match readout.projection {
+                    Some(p) if !captures.is_empty() => p.read(&out).into_iter().map(Some).collect(),
+                    _ => batch.iter().map(|&(_, j)| clean_proj[j]).collect(),
+                };
                 let rows: Vec<SteerRow> = batch
                     .iter()
                     .zip(out.logits.chunks(k))
-                    .map(|(&(c, j), logits)| SteerRow { index: chunk[j], condition: c, label_logits: logits.to_vec(), pred: argmax(logits), clean_pred: clean_pred[j] })
+                    .zip(proj)
+                    .map(|((&(e, j), logits), projection)| SteerRow { index: chunk[j], condition: e, label_logits: logits.to_vec(), pred: argmax(logits), clean_pred: clean_pred[j], projection })
                     .collect();
                 on_rows(&rows)?;
                 progress.inc(batch.len() as u64);
@@ -187,49 +269,69 @@ pub fn steer_labels(
 }
 
 /// The engine pass of a label sweep: [`steer_labels`] (resumed) or
-/// `experiments::ablate::naive_labels` (a full forward per condition), same arguments, same rows.
-pub type LabelRunner = fn(&dyn Engine, &[Vec<u32>], &[u32], &[Condition], usize, &ProgressBar, &mut dyn FnMut(usize, &[f32]) -> Result<()>, &mut dyn FnMut(&[SteerRow]) -> Result<()>) -> Result<()>;
+/// `experiments::ablate::naive_labels` (a full forward per experiment), same arguments, same rows.
+pub type LabelRunner = fn(&dyn Engine, &[Vec<u32>], Readout, &[Vec<Condition>], usize, &ProgressBar, &mut dyn FnMut(usize, &[f32], Option<f32>) -> Result<()>, &mut dyn FnMut(&[SteerRow]) -> Result<()>) -> Result<()>;
+
+/// Each condition as an experiment of its own.
+pub fn one_each(conditions: &[Condition]) -> Vec<Vec<Condition>> {
+    conditions.iter().map(|c| vec![c.clone()]).collect()
+}
+
+/// The clean values of a label sweep: label logits `[n_prompts, n_labels]` and, when the sweep
+/// reads one, the projection `[n_prompts]`.
+pub struct CleanValues {
+    pub label_logits: Vec<f32>,
+    pub projection: Option<Vec<f32>>,
+}
 
 /// Runs `run` and appends its rows to files in `out` as batches finish: clean.jsonl (`index`,
-/// `label_logits`, `pred`) and `rows_file`, each row the object `fields(row)` (the sweep's own
-/// fields) with `index`, `label_logits`, `pred`, `clean_pred`; both with `gold` where `gold`
-/// knows it. Returns the clean label logits `[n_prompts, n_labels]` and the rows.
+/// `label_logits`, `pred`, and `projection` when the sweep reads one) and `rows_file`, each row
+/// the object `fields(row)` (the sweep's own fields) with `index`, `label_logits`, `pred`,
+/// `clean_pred` (and `projection`); both with `gold` where `gold` knows it. Returns the clean
+/// values and the rows.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn write_label_rows(
     run: LabelRunner,
     engine: &dyn Engine,
     prompts: &[Vec<u32>],
     labels: &LabelSet,
+    projection: Option<&Projection>,
     gold: &[Option<usize>],
-    conditions: &[Condition],
+    experiments: &[Vec<Condition>],
     batch_rows: usize,
     progress: &ProgressBar,
     out: &Path,
     rows_file: &str,
     fields: &dyn Fn(&SteerRow) -> serde_json::Value,
-) -> Result<(Vec<f32>, Vec<SteerRow>)> {
+) -> Result<(CleanValues, Vec<SteerRow>)> {
     let k = labels.len();
     let names = &labels.names;
-    let with_gold = |mut o: serde_json::Value, i: usize| {
+    let with_common = |mut o: serde_json::Value, i: usize, projection: Option<f32>| {
         if let Some(g) = gold[i] {
             o["gold"] = json!(names[g]);
+        }
+        if let Some(p) = projection {
+            o["projection"] = json!(p);
         }
         o
     };
     let mut rows_out = JsonlFile::new(out.join(rows_file));
     let mut clean_file = JsonlFile::new(out.join("clean.jsonl"));
-    let mut clean = vec![0.0f32; prompts.len() * k]; // [n_prompts, n_labels]
+    let mut clean = CleanValues { label_logits: vec![0.0f32; prompts.len() * k], projection: projection.map(|_| vec![0.0f32; prompts.len()]) };
     let mut rows: Vec<SteerRow> = Vec::new();
     run(
         engine,
         prompts,
-        &labels.token_ids,
-        conditions,
+        Readout { label_tokens: &labels.token_ids, projection },
+        experiments,
         batch_rows,
         progress,
-        &mut |i, logits| {
-            clean[i * k..(i + 1) * k].copy_from_slice(logits);
-            clean_file.write(&[with_gold(json!({"index": i, "label_logits": logits, "pred": names[argmax(logits)]}), i)])
+        &mut |i, logits, p| {
+            clean.label_logits[i * k..(i + 1) * k].copy_from_slice(logits);
+            if let (Some(all), Some(p)) = (clean.projection.as_mut(), p) {
+                all[i] = p;
+            }
+            clean_file.write(&[with_common(json!({"index": i, "label_logits": logits, "pred": names[argmax(logits)]}), i, p)])
         },
         &mut |batch| {
             let lines: Vec<serde_json::Value> = batch
@@ -239,7 +341,7 @@ pub(crate) fn write_label_rows(
                     for (key, v) in [("index", json!(r.index)), ("label_logits", json!(r.label_logits)), ("pred", json!(names[r.pred])), ("clean_pred", json!(names[r.clean_pred]))] {
                         o[key] = v;
                     }
-                    with_gold(o, r.index)
+                    with_common(o, r.index, r.projection)
                 })
                 .collect();
             rows.extend_from_slice(batch);
@@ -263,11 +365,12 @@ pub struct LabelSweep {
 /// when known.
 #[allow(clippy::too_many_arguments)]
 pub fn label_sweep(engine: &dyn Engine, prompts: &[Vec<u32>], labels: &LabelSet, gold: &[Option<usize>], conditions: &[Condition], batch_rows: usize, progress: &ProgressBar, out: &Path) -> Result<LabelSweep> {
-    let (clean, rows) = write_label_rows(steer_labels, engine, prompts, labels, gold, conditions, batch_rows, progress, out, "scores.jsonl", &|r| {
+    let (clean, rows) = write_label_rows(steer_labels, engine, prompts, labels, None, gold, &one_each(conditions), batch_rows, progress, out, "scores.jsonl", &|r| {
         let c = &conditions[r.condition];
         json!({"layer": c.site.layer, "site": c.site.kind.short_name(), "direction": c.direction, "beta": c.beta})
     })?;
     let (k, names) = (labels.len(), &labels.names);
+    let clean = clean.label_logits;
     let summary = summarize(conditions, &rows, &clean, k);
     crate::io::write_atomic(&out.join("summary.csv"), summary_csv(&summary, names).as_bytes())?;
     if !summary.is_empty() {
@@ -350,6 +453,7 @@ pub fn shares_chart(rows: &[SummaryRow], labels: &[String]) -> LinePanels {
         x_range: (lo, hi),
         x_desc: "beta".into(),
         y_desc: "share of prompts predicted".into(),
+        y_range: (0.0, 1.0),
         reference: None,
     }
 }
@@ -407,6 +511,7 @@ pub fn expression_chart(summary: &[JudgeSummary]) -> LinePanels {
         x_range: (lo, hi),
         x_desc: "beta".into(),
         y_desc: "share judged as the target".into(),
+        y_range: (0.0, 1.0),
         reference: None,
     }
 }

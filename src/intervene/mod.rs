@@ -410,6 +410,11 @@ pub fn apply_op(op: &Op, x: &mut [f32], k: usize, pos: usize) {
     }
 }
 
+/// f32 dot product (sequential sum).
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(a, b)| a * b).sum()
+}
+
 pub fn norm(v: &[f32]) -> f32 {
     v.iter().map(|x| x * x).sum::<f32>().sqrt()
 }

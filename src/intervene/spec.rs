@@ -18,7 +18,6 @@
 //!   `generated` (generated tokens), `X+generated` (prompt positions X and generated tokens), or
 //!   the syntax of `Positions::parse` (`-1,-2`, `0,3`, `-1..-5`).
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -341,15 +340,6 @@ pub fn resolve_all(specs: &[InterventionSpec], cfg: &ModelConfig, generation: bo
         out.extend(s.resolve(cfg, generation)?);
     }
     Ok(out)
-}
-
-/// Condition indices grouped by layer (ascending), each group in condition order.
-pub fn by_layer(conditions: &[Condition]) -> BTreeMap<usize, Vec<usize>> {
-    let mut m: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
-    for (i, c) in conditions.iter().enumerate() {
-        m.entry(c.site.layer).or_default().push(i);
-    }
-    m
 }
 
 #[cfg(test)]

@@ -76,7 +76,7 @@ pub struct Point {
 }
 
 /// Line charts side by side: one panel per entry of `panels` (its caption and, per line, its
-/// points sorted by x; a line with no points is not drawn), y from 0 to 1, x over `x_range`
+/// points sorted by x; a line with no points is not drawn), y over `y_range`, x over `x_range`
 /// (ticks at whole numbers),
 /// one shared legend of the lines (a colour each, in order) and of the dashed `reference` line.
 #[derive(Clone, Debug, PartialEq)]
@@ -87,6 +87,8 @@ pub struct LinePanels {
     pub x_range: (f64, f64),
     pub x_desc: String,
     pub y_desc: String,
+    /// The y axis (e.g. (0, 1) for shares).
+    pub y_range: (f64, f64),
     /// A horizontal dashed line: its legend entry and its y.
     pub reference: Option<(String, f64)>,
 }
@@ -140,7 +142,7 @@ pub fn line_panels(path: &Path, chart: &LinePanels) -> Result<()> {
                 .margin(12)
                 .x_label_area_size(42)
                 .y_label_area_size(56)
-                .build_cartesian_2d(xr.clone(), 0f64..1.0f64)
+                .build_cartesian_2d(xr.clone(), chart.y_range.0..chart.y_range.1)
                 .map_err(plot_err(path))?;
             plot.configure_mesh()
                 .x_desc(&chart.x_desc)

@@ -37,6 +37,7 @@ pub fn accuracy_by_layer(path: &Path, rows: &[ResultRow], chance: Option<f64>, t
         x_range: (0.0, acc.iter().map(|r| r.layer).max().unwrap_or(0) as f64),
         x_desc: "layer".into(),
         y_desc: "probe accuracy".into(),
+        y_range: (0.0, 1.0),
         reference: chance.map(|c| (format!("majority class ({c:.2})"), c)),
     };
     line_panels(path, &chart)
