@@ -684,3 +684,85 @@ fn top_k_curves_follow_the_ranking() {
         assert!(!Path::new(&bad).exists(), "{extra:?} wrote {bad}");
     }
 }
+
+/// `patchbay ablate --sublayers`: one experiment per (layer, sublayer, alpha), alpha 1 the clean
+/// run exactly, influence.csv recomputed from the rows, the naive method the same numbers, and
+/// one-line errors.
+#[test]
+fn sublayer_influence_follows_the_contract() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ids = write(tmp.path(), "ids.json", &serde_json::to_string(&prompt_ids("llama")).unwrap());
+    let model = fixture("llama");
+    let cfg = Model::load(&model).unwrap().cfg;
+    let dirs = tmp.path().join("dir.safetensors");
+    let v = random_direction(&mut Rng::seeded(11), cfg.d_model);
+    patchbay::io::write_safetensors(&dirs, &[("x".to_string(), patchbay::io::OutTensor::Float { shape: vec![cfg.d_model], data: v, dtype: patchbay::io::OutDtype::F32 })], &Default::default()).unwrap();
+    let dirs_s = format!("{}:x", dirs.display());
+    let m = model.display().to_string();
+    let run = |name: &str, extra: &[&str]| {
+        let out = tmp.path().join(name);
+        let o = out.display().to_string();
+        let mut args = vec!["--sublayers", "attn,mlp", "--alphas", "0,1,2.5", "--projection", &dirs_s, "--positions", "all"];
+        args.extend_from_slice(extra);
+        patchbay_ok(&ablate_args(&m, &o, &ids, &args));
+        out
+    };
+    let out = run("resumed", &[]);
+    let rows = read_jsonl(&out.join("experiments.jsonl"));
+    let clean = read_jsonl(&out.join("clean.jsonl"));
+    let n = clean.len();
+    assert_eq!(rows.len(), cfg.n_layers * 2 * 3 * n);
+    let clean_proj: Vec<f64> = clean.iter().map(|c| c["projection"].as_f64().unwrap()).collect();
+    for r in rows.iter().filter(|r| r["alpha"] == 1.0) {
+        let i = r["index"].as_u64().unwrap() as usize;
+        assert_eq!(r["projection"].as_f64().unwrap(), clean_proj[i], "alpha 1 is the clean run: {r}");
+        assert_eq!(r["label_logits"], clean[i]["label_logits"], "{r}");
+    }
+    let text = std::fs::read_to_string(out.join("influence.csv")).unwrap();
+    let mut lines = text.lines();
+    assert_eq!(lines.next(), Some("layer,sublayer,alpha,n,mean_projection_change,ci_low,ci_high,flip_rate,mean_clean_pred_logit_change"));
+    let mut moved = false;
+    for line in lines {
+        let f: Vec<&str> = line.split(',').collect();
+        let rs: Vec<&Value> = rows.iter().filter(|r| r["layer"].to_string() == f[0] && r["site"] == f[1] && r["alpha"].as_f64().unwrap() == f[2].parse::<f64>().unwrap()).collect();
+        assert_eq!(rs.len(), n, "{line}");
+        let change: Vec<f64> = rs.iter().map(|r| r["projection"].as_f64().unwrap() - clean_proj[r["index"].as_u64().unwrap() as usize]).collect();
+        let mean = change.iter().sum::<f64>() / n as f64;
+        let num = |j: usize| f[j].parse::<f64>().unwrap();
+        assert!((num(4) - mean).abs() < 1e-5, "{line}: {mean}");
+        assert!(num(5) <= num(4) + 1e-6 && num(4) <= num(6) + 1e-6, "{line}: interval");
+        assert!((num(7) - rs.iter().filter(|r| r["pred"] != r["clean_pred"]).count() as f64 / n as f64).abs() < 1e-6, "{line}");
+        moved |= mean.abs() > 1e-4;
+    }
+    assert!(moved, "no sublayer moved the projection");
+    assert!(std::fs::metadata(out.join("influence.png")).unwrap().len() > 1000);
+    // The naive method: the same numbers.
+    let naive = read_jsonl(&run("naive", &["--method", "naive"]).join("experiments.jsonl"));
+    let key = |r: &Value| format!("{}{}{}{}", r["layer"], r["site"], r["alpha"], r["index"]);
+    let mut a: Vec<(String, f32)> = rows.iter().map(|r| (key(r), r["projection"].as_f64().unwrap() as f32)).collect();
+    let mut b: Vec<(String, f32)> = naive.iter().map(|r| (key(r), r["projection"].as_f64().unwrap() as f32)).collect();
+    a.sort_by(|x, y| x.0.cmp(&y.0));
+    b.sort_by(|x, y| x.0.cmp(&y.0));
+    assert_eq!(a.iter().map(|x| &x.0).collect::<Vec<_>>(), b.iter().map(|x| &x.0).collect::<Vec<_>>());
+    assert_close("naive vs resumed projections", &a.iter().map(|x| x.1).collect::<Vec<_>>(), &b.iter().map(|x| x.1).collect::<Vec<_>>(), F32_ATOL, F32_RTOL);
+
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["--sublayers", "attn", "--alphas", "2"], "give --projection"),
+        (vec!["--sublayers", "attn", "--projection", &dirs_s], "needs --alphas"),
+        (vec!["--sublayers", "attn,attn", "--alphas", "2", "--projection", &dirs_s], "listed twice"),
+        (vec!["--sublayers", "ffn", "--alphas", "2", "--projection", &dirs_s], "`ffn` is not attn or mlp"),
+        (vec!["--sublayers", "mlp", "--alphas", "2,2", "--projection", &dirs_s], "2 is listed twice"),
+        (vec!["--sublayers", "mlp", "--alphas", "NaN", "--projection", &dirs_s], "not a finite"),
+        (vec!["--sublayers", "mlp", "--alphas", "2", "--projection", &dirs_s, "--heads", "all"], "replaces --heads"),
+        (vec!["--sublayers", "mlp", "--alphas", "2", "--projection", &dirs_s, "--op", "mean"], "no --op"),
+        (vec!["--heads", "all", "--alphas", "2"], "--alphas goes with --sublayers"),
+    ];
+    for (extra, says) in cases {
+        let bad = tmp.path().join("bad").display().to_string();
+        let (code, err) = patchbay_cli(&ablate_args(&m, &bad, &ids, &extra));
+        assert_ne!(code, 0, "{extra:?} succeeded");
+        assert_eq!(err.trim().lines().count(), 1, "{extra:?}: not one line: {err}");
+        assert!(err.contains(says), "{extra:?}: `{says}` not in: {err}");
+        assert!(!Path::new(&bad).exists(), "{extra:?} wrote {bad}");
+    }
+}

@@ -11,8 +11,9 @@ use super::patch::MethodArg;
 use super::{load_engine, progress_bar};
 use patchbay::experiments::ablate::{AblateOp, Ablation, Component, ablate_sweep, ablations, conditions, mean_sites, parse_heads, prompt_positions, read_groups, site_means};
 use patchbay::experiments::steer::Projection;
+use patchbay::experiments::sublayers::{influence_sweep, parse_sublayers, sublayer_conditions};
 use patchbay::experiments::top_k::{TopK, read_ranking, set_conditions, top_k_sets, top_k_sweep};
-use patchbay::intervene::spec::read_vector;
+use patchbay::intervene::spec::{Condition, read_vector};
 use patchbay::model::Model;
 use patchbay::model::config::ModelConfig;
 use patchbay::sites::{Positions, Site, SiteKind};
@@ -54,6 +55,14 @@ max(k)) are the control.
 --projection-layer (default the last layer) at the last token on that direction (unit-normalised):
 the emotion representation of Wang et al. An experiment whose components all sit after that
 layer leaves it unchanged.
+
+Sublayer influence (Wang et al.): --sublayers attn,mlp --alphas 0,0.5,2 scales each layer's
+attention output (attn_out) and/or MLP output (mlp_out) by each alpha at --positions, one
+experiment each, read through --projection (required; the emotion representation) and the labels.
+Outputs influence.csv (layer, sublayer, alpha, n, mean_projection_change, ci_low, ci_high (95%
+bootstrap over prompts), flip_rate, mean_clean_pred_logit_change) and influence.png (projection
+change against layer, a panel per alpha) instead of summary.csv / heatmap.png; experiments.jsonl
+rows have kind sublayer, layer, site, alpha.
 
 --method resumed (default) runs one clean pass per chunk of prompts and resumes every experiment
 from the clean run at its layer (all experiments of a layer are segments of one batched forward,
@@ -114,6 +123,13 @@ pub struct AblateArgs {
     /// Random sets like each top k (same layers, kinds and counts), seeded by --seed.
     #[arg(long, default_value_t = 10)]
     random_draws: usize,
+    /// Sublayer influence: scale each layer's attention and/or MLP output (attn, mlp, attn,mlp)
+    /// by each of --alphas, one experiment each, read through --projection.
+    #[arg(long)]
+    sublayers: Option<String>,
+    /// The factors of --sublayers (e.g. 0,0.5,2; 1 is the clean run).
+    #[arg(long, value_delimiter = ',', allow_hyphen_values = true)]
+    alphas: Vec<f32>,
     /// Also read in every run the projection of resid_post at --projection-layer, last token, on
     /// this direction (FILE.safetensors:NAME, e.g. a `patchbay directions` file; unit-normalised).
     #[arg(long)]
@@ -162,10 +178,26 @@ impl AblateOpArgs {
 enum Plan {
     Components { components: Vec<Component>, ablations: Vec<Ablation> },
     TopK { label: String, sets: Vec<TopK> },
+    Sublayers { conditions: Vec<Condition> },
 }
 
 impl Plan {
-    fn new(a: &AblateArgs, cfg: &ModelConfig) -> Result<Plan> {
+    fn new(a: &AblateArgs, cfg: &ModelConfig, positions: &Positions) -> Result<Plan> {
+        if let Some(spec) = &a.sublayers {
+            if a.heads.is_some() || a.neuron_groups.is_some() || a.random_control || !a.ranking.is_empty() {
+                return Err(Error::input("--sublayers replaces --heads, --neuron-groups, --random-control and --ranking"));
+            }
+            if a.op.op != "zero" || a.op.alpha.is_some() {
+                return Err(Error::input("--sublayers scales by --alphas (no --op / --alpha)"));
+            }
+            if a.projection.is_none() {
+                return Err(Error::input("--sublayers reads the emotion representation: give --projection FILE.safetensors:NAME"));
+            }
+            return Ok(Plan::Sublayers { conditions: sublayer_conditions(&parse_sublayers(spec)?, &a.alphas, positions, cfg)? });
+        }
+        if !a.alphas.is_empty() {
+            return Err(Error::input("--alphas goes with --sublayers (a component's factor is --op scale --alpha A)"));
+        }
         if !a.ranking.is_empty() {
             if a.heads.is_some() || a.neuron_groups.is_some() || a.random_control {
                 return Err(Error::input("--ranking (top-k curves) replaces --heads, --neuron-groups and --random-control (its random sets are --random-draws)"));
@@ -200,6 +232,7 @@ impl Plan {
         match self {
             Plan::Components { ablations, .. } => ablations.clone(),
             Plan::TopK { sets, .. } => sets.iter().flat_map(|s| s.components.iter().map(|c| Ablation { component: c.clone(), control: s.draw.is_some() })).collect(),
+            Plan::Sublayers { .. } => Vec::new(),
         }
     }
 
@@ -207,6 +240,7 @@ impl Plan {
         match self {
             Plan::Components { ablations, .. } => ablations.len(),
             Plan::TopK { sets, .. } => sets.len(),
+            Plan::Sublayers { conditions } => conditions.len(),
         }
     }
 }
@@ -233,7 +267,7 @@ pub fn run(a: AblateArgs) -> Result<()> {
     }
     let model = Model::load(&a.inputs.model)?;
     let cfg = &model.cfg;
-    let plan = Plan::new(&a, cfg)?;
+    let plan = Plan::new(&a, cfg, &positions)?;
     let projection = projection(&a, cfg)?;
     let p = Prompts::load(&a.inputs, &a.labels, a.quiet)?;
     let gold = p.gold()?;
@@ -269,6 +303,11 @@ pub fn run(a: AblateArgs) -> Result<()> {
                 "top_k": a.top_k,
                 "random_draws": a.random_draws,
             })
+        }
+        Plan::Sublayers { conditions } => {
+            let projection = projection.as_ref().ok_or_else(|| Error::input("--sublayers needs --projection"))?;
+            influence_sweep(engine.as_ref(), method, &prompts, &labels, projection, &gold, conditions, a.seed, a.batch_rows, &bar, &a.out)?;
+            json!({"sublayers": a.sublayers, "alphas": a.alphas})
         }
     };
     bar.finish_and_clear();

@@ -16,6 +16,7 @@ pub mod probe;
 pub mod score;
 pub mod shards;
 pub mod steer;
+pub mod sublayers;
 pub mod top_k;
 pub mod workload;
 
