@@ -62,7 +62,7 @@ fn quick_demo_writes_a_sane_report_and_its_commands_reproduce_it() {
         assert!(is_png(&out.join(f)), "{f} is not a PNG");
     }
     let report = std::fs::read_to_string(out.join("report.md")).unwrap();
-    for s in ["## The model", "## 1. Label scoring", "## 2. Probing", "## 3. Activation patching", "## 4. Steering", "## Timings", "scripts/demo/train.py", "probe/accuracy_by_layer.png", "patch/heatmap.png"] {
+    for s in ["## The model", "## 1. Label scoring", "## 2. Probing", "## 3. Activation patching", "## 4. Steering", "## 5. Components (Wang et al.)", "## Timings", "scripts/demo/train.py", "probe/accuracy_by_layer.png", "patch/heatmap.png"] {
         assert!(report.contains(s), "report.md lacks `{s}`");
     }
     let s = json(&out.join("summary.json"));
@@ -132,6 +132,23 @@ fn quick_demo_writes_a_sane_report_and_its_commands_reproduce_it() {
         assert_eq!(row[3], rows.len().to_string(), "{row:?}");
         let hits = rows.iter().filter(|r| r["pred"] == emotion.as_str()).count();
         assert!((row[5].parse::<f64>().unwrap() - hits as f64 / rows.len() as f64).abs() < 1e-6, "{row:?}");
+    }
+
+    // Components: the plots exist, the curve has both sets at every k, and the report's three
+    // commands (contrib, then the two ablate sweeps reading its tables) give the demo's files.
+    let c = &s["components"];
+    for plot in ["components/contrib/heads.png", "components/contrib/long_tail.png", "components/heads/heatmap.png", "components/topk/top_k.png"] {
+        assert!(is_png(&out.join(plot)), "{plot}");
+    }
+    let curve = c["curve"].as_array().unwrap();
+    assert!(curve.len() >= 4 && curve.iter().filter(|p| p["set"] == "top").count() * 2 == curve.len(), "{c}");
+    assert!(curve.iter().all(|p| p["mean"].as_f64().unwrap().is_finite() && p["ci_low"].as_f64() <= p["ci_high"].as_f64()), "{c}");
+    let commands: Vec<String> = c["commands"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().replace("runs/contrib", &again.join("contrib").display().to_string())).collect();
+    for (cmd, dir) in commands.iter().zip(["contrib", "heads", "topk"]) {
+        reproduce(cmd, &again.join(dir));
+    }
+    for (ours, theirs) in [("contrib/heads.csv", "contrib/heads.csv"), ("contrib/neurons.csv", "contrib/neurons.csv"), ("heads/summary.csv", "heads/summary.csv"), ("topk/top_k.csv", "topk/top_k.csv")] {
+        assert_eq!(std::fs::read_to_string(out.join("components").join(ours)).unwrap(), std::fs::read_to_string(again.join(theirs)).unwrap(), "{ours}");
     }
 }
 

@@ -48,8 +48,8 @@ Top-k curves (Wang et al.): --ranking reads `components contrib` tables (heads.c
 repeat the flag) for --ranking-label and merges them by mean contribution, largest first (both are
 terms of the same projection). For each k of --top-k the top k components are intervened on
 together in one experiment (neurons of a layer as one group), and --random-draws random sets like
-them (at each layer as many heads / neurons as the top set, drawn among those outside the top
-max(k)) are the control.
+them (at each layer as many heads / neurons as the top set, drawn among the layer's others, or
+among all of its units where too few others exist) are the control.
 
 --projection FILE.safetensors:NAME also reads, in every run, the projection of resid_post at
 --projection-layer (default the last layer) at the last token on that direction (unit-normalised):
@@ -79,7 +79,8 @@ Outputs in --out:
                      flip_rate (share with pred != clean_pred), mean_clean_pred_logit_change (mean
                      ablated - clean logit of the clean prediction), mean_logit_change:<label>
                      (and mean_projection_change with --projection)
-  heatmap.png        mean_clean_pred_logit_change by layer x head (with head experiments)
+  heatmap.png        by layer x head (with head experiments): mean_projection_change with
+                     --projection, else mean_clean_pred_logit_change
 With --ranking, experiments.jsonl rows have kind top_k, k, draw (null: the top set), control,
 components (names: L1.H2, L0.N[5,17]) instead of layer/head/neurons, and summary.csv / heatmap.png
 are replaced by:
@@ -255,7 +256,8 @@ fn projection(a: &AblateArgs, cfg: &ModelConfig) -> Result<Option<Projection>> {
     };
     let site = Site::new(a.projection_layer.unwrap_or(cfg.n_layers - 1), SiteKind::ResidPost);
     site.check(cfg)?;
-    let (_, v) = read_vector(src, site, cfg.d_model, true)?;
+    // Projection::new normalises (read raw: the same unit vector as the library callers).
+    let (_, v) = read_vector(src, site, cfg.d_model, false)?;
     Ok(Some(Projection::new(site, v, cfg)?))
 }
 

@@ -436,17 +436,19 @@ pub fn summary_csv(rows: &[SummaryRow], op: AblateOp, labels: &[String]) -> Stri
     s
 }
 
-/// The layer x head heatmap of the mean change of the clean prediction's logit (the ablated
-/// heads, not their controls); None without head experiments.
+/// The layer x head heatmap of the mean change of the projection when the sweep reads one, else
+/// of the clean prediction's logit (the ablated heads, not their controls); None without head
+/// experiments.
 pub fn head_grid(rows: &[SummaryRow], op: AblateOp, n_heads: usize) -> Option<Grid> {
     let heads: Vec<(usize, usize, f64)> = rows
         .iter()
         .filter(|r| !r.ablation.control)
         .filter_map(|r| match r.ablation.component {
-            Component::Head { layer, head } => Some((layer, head, r.mean_clean_pred_change)),
+            Component::Head { layer, head } => Some((layer, head, r.mean_projection_change.unwrap_or(r.mean_clean_pred_change))),
             Component::Neurons { .. } => None,
         })
         .collect();
+    let projection = rows.first().is_some_and(|r| r.mean_projection_change.is_some());
     let layers: Vec<usize> = heads.iter().map(|h| h.0).collect::<BTreeSet<_>>().into_iter().collect();
     if layers.is_empty() {
         return None;
@@ -456,11 +458,11 @@ pub fn head_grid(rows: &[SummaryRow], op: AblateOp, n_heads: usize) -> Option<Gr
         op => op.name().to_string(),
     };
     Some(Grid {
-        title: format!("Mean change of the clean prediction's label logit, head ablated ({op})"),
+        title: if projection { format!("Mean change of the projection, head ablated ({op})") } else { format!("Mean change of the clean prediction's label logit, head ablated ({op})") },
         row_labels: layers.iter().map(|l| format!("layer {l}")).collect(),
         col_labels: (0..n_heads).map(|h| h.to_string()).collect(),
         values: layers.iter().map(|&l| (0..n_heads).map(|h| heads.iter().find(|x| x.0 == l && x.1 == h).map(|x| x.2)).collect()).collect(),
-        value_label: "logit change".into(),
+        value_label: if projection { "projection change" } else { "logit change" }.into(),
         range: None,
     })
 }

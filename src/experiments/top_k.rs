@@ -82,21 +82,19 @@ fn grouped(components: &[Component]) -> Vec<Component> {
 }
 
 /// A random set like `top`: at each (site, layer) as many units as `top` holds there, drawn
-/// without replacement among the units `avoid` does not hold there (seeded). Err when a layer
-/// has too few other units.
-pub fn random_set(top: &[Component], avoid: &[Component], cfg: &ModelConfig, seed: u64) -> Result<Vec<Component>> {
-    let units_at = |cs: &[Component]| {
-        let mut m: BTreeMap<Site, Vec<usize>> = BTreeMap::new();
-        cs.iter().for_each(|c| m.entry(c.site()).or_default().extend(c.units()));
-        m
-    };
-    let (want, taken) = (units_at(top), units_at(avoid));
+/// without replacement (seeded) among the units `top` does not hold there, or among all the
+/// layer's units where too few others exist (every head of a layer in the top set: the random
+/// set then overlaps it).
+pub fn random_set(top: &[Component], cfg: &ModelConfig, seed: u64) -> Vec<Component> {
+    let mut want: BTreeMap<Site, Vec<usize>> = BTreeMap::new();
+    top.iter().for_each(|c| want.entry(c.site()).or_default().extend(c.units()));
     let mut rng = chacha(seed);
     let mut out = Vec::new();
     for (site, units) in want {
-        let others: Vec<usize> = (0..site.kind.units(cfg, 0).0).filter(|u| !taken.get(&site).is_some_and(|t| t.contains(u))).collect();
+        let all = site.kind.units(cfg, 0).0;
+        let mut others: Vec<usize> = (0..all).filter(|u| !units.contains(u)).collect();
         if others.len() < units.len() {
-            return Err(Error::input(format!("no random set like the top components: {site} has only {} other {}s for {}", others.len(), site.kind.unit_name(), units.len())));
+            others = (0..all).collect();
         }
         let picked = rand::seq::index::sample(&mut rng, others.len(), units.len()).into_iter().map(|i| others[i]);
         if site.kind == SiteKind::Z {
@@ -105,7 +103,7 @@ pub fn random_set(top: &[Component], avoid: &[Component], cfg: &ModelConfig, see
             out.push(Component::Neurons { layer: site.layer, neurons: picked.collect::<BTreeSet<_>>().into_iter().collect() });
         }
     }
-    Ok(out)
+    out
 }
 
 /// One experiment of a top-k sweep: the top k components, or draw `draw` of the random sets
@@ -118,7 +116,7 @@ pub struct TopK {
 }
 
 /// For each k of `ks` (each in 1..=ranking length): the top k, then `draws` random sets like
-/// them avoiding the whole top max(ks) (draw d of k seeded by `seed`, k and d).
+/// them ([`random_set`]; draw d of k seeded by `seed`, k and d).
 pub fn top_k_sets(ranking: &[Component], ks: &[usize], draws: usize, cfg: &ModelConfig, seed: u64) -> Result<Vec<TopK>> {
     if ks.is_empty() {
         return Err(Error::input("--top-k: empty list (example: --top-k 1,2,4,8)"));
@@ -129,12 +127,11 @@ pub fn top_k_sets(ranking: &[Component], ks: &[usize], draws: usize, cfg: &Model
     if let Some((i, k)) = ks.iter().enumerate().find(|(i, k)| ks[..*i].contains(k)) {
         return Err(Error::input(format!("--top-k: {k} is listed twice (entry {i})")));
     }
-    let avoid = &ranking[..*ks.iter().max().unwrap_or(&0)];
     let mut out = Vec::new();
     for &k in ks {
         let top = grouped(&ranking[..k]);
         for d in 0..draws {
-            let components = random_set(&top, avoid, cfg, splitmix64(seed ^ splitmix64((k as u64) << 20 | d as u64)))?;
+            let components = random_set(&top, cfg, splitmix64(seed ^ splitmix64((k as u64) << 20 | d as u64)));
             out.push(TopK { k, draw: Some(d), components });
         }
         out.insert(out.len() - draws, TopK { k, draw: None, components: top });

@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use serde_json::json;
 
-use super::report::{Report, data_context, model_context, patch_context, probe_context, resid_accuracy, score_context, steer_context, timings_context, training_context};
+use super::report::{Report, components_context, data_context, model_context, patch_context, probe_context, resid_accuracy, score_context, steer_context, timings_context, training_context};
 use super::{DirectionKind, TowardLabel, contrast_pairs, toward_labels};
 use crate::data::dataset::Dataset;
 use crate::data::labels::LabelSet;
@@ -23,15 +23,18 @@ use crate::experiments::patch_files::{append_results, read_done, write_outputs};
 use crate::experiments::probe::pipeline::{ProbePlots, majority_rate, probe_stage, score_captured};
 use crate::experiments::probe::{ProbeParams, ProbeTargets};
 use crate::experiments::shards::{RunOptions, ShardSpec, capture_shards, read_site};
-use crate::experiments::steer::{label_sweep, random_controls};
-use crate::intervene::spec::{InterventionSpec, Layers, resolve_all};
+use crate::experiments::ablate::{AblateOp, ablate_sweep, ablations, conditions, parse_heads};
+use crate::experiments::components::{ContribSpec, Readout, contribution_tables, head_heatmaps, long_tail_plot, write_table};
+use crate::experiments::steer::{Projection, label_sweep, random_controls};
+use crate::experiments::top_k::{read_ranking, set_conditions, top_k_sets, top_k_sweep};
+use crate::intervene::spec::{InterventionSpec, Layers, read_vector, resolve_all};
 use crate::io::OutDtype;
 use crate::io::plot::{Grid, heatmap};
 use crate::learn::directions::{Versus, class_mean_directions};
 use crate::learn::logreg::LogRegParams;
 use crate::learn::split::{Eval, Split};
 use crate::model::Model;
-use crate::sites::{Site, SiteKind};
+use crate::sites::{Positions, Site, SiteKind};
 use crate::{Error, Result};
 
 /// Columns of the demo corpus (scripts/demo/make_corpus.py).
@@ -260,6 +263,47 @@ pub fn run(inp: &DemoInputs, rep: &Reporter) -> Result<()> {
     report.add(json!({"steer": section}), "steer", numbers)?;
     report.lap("steer");
 
+    // ---- components (Wang et al.) ----
+    // The emotion steering moved most (predicted most often at the top strength): its direction's
+    // contributions per head and neuron (`components contrib`), each head zeroed (`ablate --heads
+    // all`) and the top-k of the contribution ranking zeroed together against random sets like
+    // them (`ablate --ranking`), all read as the projection on that direction at the steering site.
+    let top = plan.strengths.iter().copied().fold(0.0f32, f32::max);
+    let emotion = rows
+        .iter()
+        .filter(|r| r.direction == DirectionKind::ClassMean && r.strength == top)
+        .max_by(|a, b| a.hit_rate.total_cmp(&b.hit_rate))
+        .map(|r| r.label.clone())
+        .ok_or_else(|| Error::input("no steering rows to choose an emotion from"))?;
+    let vector = format!("{}:{emotion}", dirs_path.display());
+    // Its own prompts (where the direction is written), at most COMPONENT_PROMPTS of them.
+    let e = labels.names.iter().position(|l| *l == emotion).ok_or_else(|| Error::input(format!("emotion {emotion} is not a label")))?;
+    let own: Vec<usize> = (0..n).filter(|&i| gold[i] == e).take(COMPONENT_PROMPTS).collect();
+    let comp_prompts: Vec<Vec<u32>> = own.iter().map(|&i| prompts[i].clone()).collect();
+    let comp_gold = vec![Some(e); own.len()];
+    let comp = ComponentsRun { model, prompts: &comp_prompts, labels, gold: &comp_gold, site, vector: &vector, emotion: &emotion, out: &out.join("components") };
+    let (section, mut numbers) = comp.run(rep)?;
+    let vec_arg = format!("{}:{emotion}", sh(&dirs_path));
+    // The data flags selecting the same prompts (the first of the emotion in the demo's rows) and
+    // the demo's whole label set.
+    let comp_flags = format!(
+        "--model {} --dataset {} --filter {SPLIT_FILTER} --filter {LABEL_COL}={emotion} --limit {} --label-col {LABEL_COL} --labels {} --template {TEMPLATE}",
+        sh(model_dir),
+        sh(data_path),
+        own.len(),
+        labels.names.join(",")
+    );
+    numbers["commands"] = json!([
+        format!("patchbay components contrib {comp_flags} --vector {vec_arg} --site resid_post --layer {} --positions last --out runs/contrib", site.layer),
+        format!("patchbay ablate {comp_flags} --heads all --op zero --positions all --projection {vec_arg} --projection-layer {} --out runs/heads", site.layer),
+        format!("patchbay ablate {comp_flags} --ranking runs/contrib/heads.csv --ranking runs/contrib/neurons.csv --ranking-label {emotion} --top-k {} --random-draws {} --op zero --positions all --projection {vec_arg} --projection-layer {} --out runs/topk", comp.ks_arg()?, COMPONENT_DRAWS, site.layer),
+    ]);
+    (rep.say)(format!("components: {}", numbers["headline"].as_str().unwrap_or("")));
+    let mut section = section;
+    section["commands"] = numbers["commands"].clone();
+    report.add(json!({"components": section}), "components", numbers)?;
+    report.lap("components");
+
     // ---- timings and how to rebuild the model ----
     let total_s = started.elapsed().as_secs_f64();
     report.timings.push(("total".into(), total_s));
@@ -267,6 +311,82 @@ pub fn run(inp: &DemoInputs, rep: &Reporter) -> Result<()> {
     report.add(context, "total_s", json!(total_s))?;
     (rep.say)(format!("wrote {} ({total_s:.1} s)", out.join("report.md").display()));
     Ok(())
+}
+
+/// Random sets per k of the demo's top-k curve.
+const COMPONENT_DRAWS: usize = 5;
+/// The components stage reads at most this many prompts of its emotion.
+const COMPONENT_PROMPTS: usize = 64;
+
+/// The components stage's inputs.
+struct ComponentsRun<'a> {
+    model: &'a Model,
+    prompts: &'a [Vec<u32>],
+    labels: &'a LabelSet,
+    gold: &'a [Option<usize>],
+    /// Where the direction is read (and the projection).
+    site: Site,
+    /// `FILE.safetensors:emotion`
+    vector: &'a str,
+    emotion: &'a str,
+    out: &'a Path,
+}
+
+impl ComponentsRun<'_> {
+    /// The ks of the curve: powers of two up to the ranking's length (heads and neurons that
+    /// write before the site).
+    fn ks(&self) -> Vec<usize> {
+        let cfg = &self.model.cfg;
+        let writers = (self.site.layer + 1) * (cfg.n_heads + cfg.d_mlp);
+        (0..).map(|e| 1usize << e).take_while(|&k| k <= writers.min(32)).collect()
+    }
+
+    fn ks_arg(&self) -> Result<String> {
+        Ok(self.ks().iter().map(usize::to_string).collect::<Vec<_>>().join(","))
+    }
+
+    /// Runs the three sweeps into `out` (contrib/, heads/, topk/) and returns the report's
+    /// section and numbers.
+    fn run(&self, rep: &Reporter) -> Result<(serde_json::Value, serde_json::Value)> {
+        let (model, cfg) = (self.model, &self.model.cfg);
+        let d = cfg.d_model;
+        let (_, direction) = read_vector(self.vector, self.site, d, false)?;
+        // Contributions, as `components contrib --positions last`.
+        let contrib_out = self.out.join("contrib");
+        std::fs::create_dir_all(&contrib_out).map_err(|e| Error::io(&contrib_out, e))?;
+        let readout = Readout::new(model, self.site, &direction)?;
+        let spec = ContribSpec { readout: &readout, labels: self.labels, positions: Positions::List(vec![-1]), gold: self.gold, batch_size: 8 };
+        let bar = (rep.bar)(self.prompts.len() as u64, "contributions", "prompts");
+        let tables = contribution_tables(model, model, self.prompts, &spec, &mut |_, _| Ok(()), &bar)?;
+        bar.finish_and_clear();
+        let (heads_csv, neurons_csv) = (contrib_out.join("heads.csv"), contrib_out.join("neurons.csv"));
+        write_table(&heads_csv, "head", &tables.heads, cfg.n_heads)?;
+        write_table(&neurons_csv, "neuron", &tables.neurons, cfg.d_mlp)?;
+        head_heatmaps(&contrib_out.join("heads.png"), &format!("mean head contribution along {} at {}", self.emotion, self.site), &tables.heads, cfg.n_heads)?;
+        long_tail_plot(&contrib_out.join("long_tail.png"), &format!("the long tail: |mean contribution| along {} at {}, sorted", self.emotion, self.site), &[("heads", &tables.heads), ("neurons", &tables.neurons)])?;
+        let ranking = read_ranking(&[&heads_csv, &neurons_csv], self.emotion, cfg)?;
+
+        // Each head zeroed at every position, read as the projection (`ablate --heads all`).
+        let projection = Projection::new(self.site, direction, cfg)?;
+        let all = Positions::All;
+        let heads_out = self.out.join("heads");
+        std::fs::create_dir_all(&heads_out).map_err(|e| Error::io(&heads_out, e))?;
+        let abl = ablations(&parse_heads("all", cfg)?, cfg, None)?;
+        let conds = conditions(&abl, AblateOp::Zero, &BTreeMap::new(), &all, SEED, cfg)?;
+        let bar = (rep.bar)((self.prompts.len() * abl.len()) as u64, "heads", "runs");
+        let heads = ablate_sweep(model, Method::Resumed, self.prompts, self.labels, Some(&projection), self.gold, &abl, AblateOp::Zero, &conds, 2048, &bar, &heads_out)?;
+        bar.finish_and_clear();
+
+        // The top-k of the ranking against random sets (`ablate --ranking`).
+        let topk_out = self.out.join("topk");
+        std::fs::create_dir_all(&topk_out).map_err(|e| Error::io(&topk_out, e))?;
+        let sets = top_k_sets(&ranking, &self.ks(), COMPONENT_DRAWS, cfg, SEED)?;
+        let exps = set_conditions(&sets, AblateOp::Zero, &BTreeMap::new(), &all, SEED, cfg)?;
+        let bar = (rep.bar)((self.prompts.len() * sets.len()) as u64, "top-k", "runs");
+        let curve = top_k_sweep(model, Method::Resumed, self.prompts, self.labels, Some(&projection), self.gold, &sets, &exps, AblateOp::Zero, self.emotion, SEED, 2048, &bar, &topk_out)?;
+        bar.finish_and_clear();
+        Ok(components_context(self.emotion, self.site, self.prompts.len(), &ranking, &heads.summary, &curve))
+    }
 }
 
 /// steering.csv: each emotion's pull toward it (`toward_labels`), per direction kind and strength.

@@ -13,7 +13,9 @@ use super::pipeline::{APPRAISALS, SITES, SPLIT_FILTER, TEMPLATE};
 use super::{DirectionKind, TowardLabel};
 use crate::data::labels::LabelSet;
 use crate::data::template::TokenStats;
+use crate::experiments::ablate::{Component, SummaryRow as AblateSummary};
 use crate::experiments::patch::SummaryRow;
+use crate::experiments::top_k::CurvePoint;
 use crate::experiments::probe::ResultRow;
 use crate::experiments::score::Scores;
 use crate::model::Model;
@@ -230,6 +232,51 @@ pub(super) fn patch_context(summary: &[SummaryRow], n_pairs: usize, n_correct: u
 /// The resid_post probe accuracies of the probe numbers, for the console.
 pub(super) fn resid_accuracy(numbers: &Value) -> String {
     numbers["resid_post"].as_array().map_or(String::new(), |a| a.iter().map(|v| v.as_f64().map_or("-".into(), |v| format!("{v:.2}"))).collect::<Vec<_>>().join(" "))
+}
+
+/// The components section: the ranking's top, the head-ablation sweep's strongest heads and the
+/// top-k curve of the projection change (top and random sets, with their intervals).
+pub(super) fn components_context(emotion: &str, site: Site, n_prompts: usize, ranking: &[Component], heads: &[AblateSummary], curve: &[CurvePoint]) -> (Value, Value) {
+    let mut by_head: Vec<(&AblateSummary, f64)> = heads.iter().filter_map(|r| r.mean_projection_change.map(|c| (r, c))).collect();
+    by_head.sort_by(|a, b| a.1.total_cmp(&b.1));
+    let strongest: Vec<Vec<String>> = by_head.iter().take(5).map(|(r, c)| vec![r.ablation.component.name(), format!("{c:.3}"), format!("{:.2}", r.flip_rate)]).collect();
+    let point = |k: usize, random: bool| curve.iter().find(|p| p.k == k && p.random == random && p.metric == "projection_change");
+    let ks: Vec<usize> = crate::io::plot::distinct(curve.iter().map(|p| p.k));
+    let fmt = |p: Option<&CurvePoint>| p.map_or("-".to_string(), |p| format!("{:.3} [{:.3}, {:.3}]", p.mean, p.ci_low, p.ci_high));
+    let flips = |p: Option<&CurvePoint>| p.map_or("-".to_string(), |p| format!("{:.2}", p.flip_rate));
+    let rows: Vec<Vec<String>> = ks.iter().map(|&k| vec![k.to_string(), fmt(point(k, false)), flips(point(k, false)), fmt(point(k, true)), flips(point(k, true))]).collect();
+    let k_max = ks.iter().copied().max().unwrap_or(0);
+    let headline = match (point(k_max, false), point(k_max, true)) {
+        (Some(t), Some(r)) => format!("zeroing the top {k_max} components moves the {emotion} projection by {:.3} [{:.3}, {:.3}]; random sets of the same size by {:.3} (draws' 95% range [{:.3}, {:.3}])", t.mean, t.ci_low, t.ci_high, r.mean, r.ci_low, r.ci_high),
+        _ => "no curve".to_string(),
+    };
+    // What the curve says: the smallest k whose top set lowers the projection beyond every
+    // random draw (its interval below theirs).
+    let separated = ks.iter().copied().find(|&k| matches!((point(k, false), point(k, true)), (Some(t), Some(r)) if t.ci_high < r.ci_low));
+    let reading = match separated {
+        Some(k) => format!("From k = {k} on, zeroing the top components lowers the projection beyond every random set of the same size (the intervals do not overlap): a few components carry much of the direction, the long tail of the contributions plot."),
+        None => format!("At no k up to {k_max} is the top set's effect separated from the random sets' (the intervals overlap): on this model and these prompts the direction is not carried by a few components, or the prompts are too few to tell."),
+    };
+    let section = json!({
+        "emotion": emotion,
+        "site": site.to_string(),
+        "n_prompts": n_prompts,
+        "top": ranking.iter().take(8).map(Component::name).collect::<Vec<_>>().join(", "),
+        "strongest_heads": strongest,
+        "curve": rows,
+        "headline": headline,
+        "reading": reading,
+    });
+    let numbers = json!({
+        "emotion": emotion,
+        "separated_from_k": separated,
+        "site": site.to_string(),
+        "headline": headline,
+        "ranking_top": ranking.iter().take(8).map(Component::name).collect::<Vec<_>>(),
+        "strongest_heads": by_head.iter().take(5).map(|(r, c)| json!({"head": r.ablation.component.name(), "mean_projection_change": c, "flip_rate": r.flip_rate})).collect::<Vec<_>>(),
+        "curve": curve.iter().filter(|p| p.metric == "projection_change").map(|p| json!({"k": p.k, "set": if p.random { "random" } else { "top" }, "mean": p.mean, "ci_low": p.ci_low, "ci_high": p.ci_high, "flip_rate": p.flip_rate, "n": p.n})).collect::<Vec<_>>(),
+    });
+    (section, numbers)
 }
 
 /// Mean of a field of the steering rows of one direction kind and strength (over labels).
