@@ -766,3 +766,155 @@ fn sublayer_influence_follows_the_contract() {
         assert!(!Path::new(&bad).exists(), "{extra:?} wrote {bad}");
     }
 }
+
+/// Rows of an experiments.jsonl keyed by (experiment, prompt), each key once.
+fn rows_by_key(path: &Path) -> BTreeMap<(u64, u64), Value> {
+    let mut m = BTreeMap::new();
+    for r in read_jsonl(path) {
+        let key = (r["experiment"].as_u64().unwrap(), r["index"].as_u64().unwrap());
+        assert!(m.insert(key, r).is_none(), "{key:?} twice in {}", path.display());
+    }
+    m
+}
+
+fn assert_same_rows(tag: &str, a: &BTreeMap<(u64, u64), Value>, b: &BTreeMap<(u64, u64), Value>) {
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>(), "{tag}: keys");
+    let logits = |m: &BTreeMap<(u64, u64), Value>| -> Vec<f32> { m.values().flat_map(|r| serde_json::from_value::<Vec<f32>>(r["label_logits"].clone()).unwrap()).collect() };
+    assert_close(tag, &logits(a), &logits(b), F32_ATOL, F32_RTOL);
+    for (k, r) in a {
+        for f in ["kind", "layer", "head", "neurons", "k", "draw", "components", "site", "alpha", "control"] {
+            assert_eq!(r.get(f), b[k].get(f), "{tag}: {f} of {k:?}");
+        }
+    }
+}
+
+/// `ablate --shard I/N` then `merge` gives the unsharded run's rows and outputs (components,
+/// top-k and sublayer sweeps); a killed run (lines cut, a torn last line) continued with
+/// `--resume` keeps its complete lines and ends with every row exactly once and the same
+/// outputs; one-line errors for a second run without --resume, another sweep, another shard,
+/// a tampered line and bad merges.
+#[test]
+fn shards_merge_and_resume_give_the_whole_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ids = write(tmp.path(), "ids.json", &serde_json::to_string(&prompt_ids("llama")).unwrap());
+    let model = fixture("llama");
+    let cfg = Model::load(&model).unwrap().cfg;
+    let dirs = tmp.path().join("dir.safetensors");
+    let v = random_direction(&mut Rng::seeded(5), cfg.d_model);
+    patchbay::io::write_safetensors(&dirs, &[("x".to_string(), patchbay::io::OutTensor::Float { shape: vec![cfg.d_model], data: v, dtype: patchbay::io::OutDtype::F32 })], &Default::default()).unwrap();
+    let dirs_s = format!("{}:x", dirs.display());
+    let heads = write(tmp.path(), "heads.csv", "layer,head,label,mean,sd,n,rank\n0,1,joy,0.5,0,3,1\n1,2,joy,0.4,0,3,2\n1,0,joy,0.1,0,3,3\n");
+    let m = model.display().to_string();
+    let n_prompts = prompt_ids("llama").len();
+    let modes: Vec<(&str, Vec<&str>, &str)> = vec![
+        ("components", vec!["--heads", "all", "--op", "mean", "--random-control", "--projection", &dirs_s], "summary.csv"),
+        ("topk", vec!["--ranking", &heads, "--ranking-label", "joy", "--top-k", "1,3", "--random-draws", "2", "--op", "zero"], "top_k.csv"),
+        ("sublayers", vec!["--sublayers", "attn,mlp", "--alphas", "0,2", "--projection", &dirs_s, "--projection-layer", "0"], "influence.csv"),
+    ];
+    let csv_close = |tag: &str, a: &Path, b: &Path| {
+        let (a, b) = (std::fs::read_to_string(a).unwrap(), std::fs::read_to_string(b).unwrap());
+        assert_eq!(a.lines().count(), b.lines().count(), "{tag}");
+        for (x, y) in a.lines().zip(b.lines()) {
+            for (u, w) in x.split(',').zip(y.split(',')) {
+                match (u.parse::<f64>(), w.parse::<f64>()) {
+                    (Ok(u), Ok(w)) => assert!((u - w).abs() <= 1e-4 * (1.0 + u.abs()), "{tag}: {x} vs {y}"),
+                    _ => assert_eq!(u, w, "{tag}: {x} vs {y}"),
+                }
+            }
+        }
+    };
+    for (mode, extra, output) in &modes {
+        let run = |name: &str, more: &[&str]| -> (i32, String) {
+            let o = tmp.path().join(mode).join(name).display().to_string();
+            let mut args = ablate_args(&m, &o, &ids, extra);
+            args.extend_from_slice(more);
+            patchbay_cli(&args)
+        };
+        let dir = |name: &str| tmp.path().join(mode).join(name);
+        assert_eq!(run("whole", &[]).0, 0);
+        let whole = rows_by_key(&dir("whole").join("experiments.jsonl"));
+        assert!(!whole.is_empty());
+        // Shards, then merge.
+        for s in ["2/3", "0/3", "1/3"] {
+            let (code, err) = run(&format!("s{}", &s[..1]), &["--shard", s]);
+            assert_eq!(code, 0, "{mode} shard {s}: {err}");
+        }
+        let merged = dir("merged");
+        let shards: Vec<String> = ["s1", "s0", "s2"].iter().map(|s| dir(s).display().to_string()).collect();
+        let mut margs = vec!["merge", "--quiet", "--out"];
+        let ms = merged.display().to_string();
+        margs.push(&ms);
+        margs.extend(shards.iter().map(String::as_str));
+        patchbay_ok(&margs);
+        assert_same_rows(&format!("{mode} merged"), &rows_by_key(&merged.join("experiments.jsonl")), &whole);
+        assert_eq!(read_jsonl(&merged.join("clean.jsonl")).len(), n_prompts);
+        csv_close(&format!("{mode} merged {output}"), &merged.join(output), &dir("whole").join(output));
+        // A killed run: half the rows kept, the rest of the file cut mid-line, the last clean
+        // line gone; --resume finishes it.
+        let killed = dir("killed");
+        std::fs::create_dir_all(&killed).unwrap();
+        std::fs::copy(dir("whole").join("manifest.json"), killed.join("manifest.json")).unwrap();
+        let text = std::fs::read_to_string(dir("whole").join("experiments.jsonl")).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        let keep = lines.len() / 2;
+        let cut = format!("{}\n{}", lines[..keep].join("\n"), &lines[keep][..lines[keep].len() / 2]);
+        std::fs::write(killed.join("experiments.jsonl"), &cut).unwrap();
+        let clean_text = std::fs::read_to_string(dir("whole").join("clean.jsonl")).unwrap();
+        let clean_lines: Vec<&str> = clean_text.lines().collect();
+        std::fs::write(killed.join("clean.jsonl"), clean_lines[..clean_lines.len() - 1].join("\n") + "\n").unwrap();
+        let (code, err) = run("killed", &[]);
+        assert!(code != 0 && err.contains("add --resume"), "{mode}: {err}");
+        let (code, err) = run("killed", &["--resume"]);
+        assert_eq!(code, 0, "{mode} resume: {err}");
+        let resumed = std::fs::read_to_string(killed.join("experiments.jsonl")).unwrap();
+        assert!(resumed.starts_with(&(lines[..keep].join("\n") + "\n")), "{mode}: the kept lines are kept as they were");
+        assert_same_rows(&format!("{mode} resumed"), &rows_by_key(&killed.join("experiments.jsonl")), &whole);
+        assert_eq!(read_jsonl(&killed.join("clean.jsonl")).len(), n_prompts);
+        csv_close(&format!("{mode} resumed {output}"), &killed.join(output), &dir("whole").join(output));
+        let man: Value = serde_json::from_str(&std::fs::read_to_string(killed.join("manifest.json")).unwrap()).unwrap();
+        assert_eq!((man["status"].as_str(), man["rows_kept_from_earlier_runs"].as_u64()), (Some("complete"), Some(keep as u64)));
+    }
+    // Errors.
+    let comp = |name: &str| tmp.path().join("components").join(name).display().to_string();
+    let base: Vec<&str> = modes[0].1.clone();
+    let with = |more: &[&'static str]| -> Vec<String> { base.iter().map(|s| s.to_string()).chain(more.iter().map(|s| s.to_string())).collect() };
+    let cases: Vec<(String, Vec<String>, &str)> = vec![
+        (comp("whole"), with(&["--resume", "--seed", "9"]), "holds a different sweep"),
+        (comp("whole"), with(&["--resume", "--shard", "0/3"]), "not 0/3"),
+        (comp("s0"), with(&["--resume"]), "holds shard 0/3 of this sweep"),
+        (comp("new"), with(&["--shard", "3/3"]), "expected I/N"),
+        (comp("new"), with(&["--shard", "0/99"]), "cannot make 99 shards"),
+    ];
+    for (out, extra, says) in cases {
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        let (code, err) = patchbay_cli(&ablate_args(&m, &out, &ids, &extra));
+        assert_ne!(code, 0, "{extra:?} succeeded");
+        assert_eq!(err.trim().lines().count(), 1, "{extra:?}: not one line: {err}");
+        assert!(err.contains(says), "{extra:?}: `{says}` not in: {err}");
+    }
+    // A tampered line is refused with its file and line.
+    let tampered = tmp.path().join("components").join("whole").join("experiments.jsonl");
+    let text = std::fs::read_to_string(&tampered).unwrap();
+    let mut lines: Vec<String> = text.lines().map(String::from).collect();
+    for (bad, says) in [(r#""label_logits":[1.0]"#, "`label_logits` should be 3"), (r#""experiment":99999"#, "`experiment` is not an experiment index")] {
+        let key = bad.split(':').next().unwrap();
+        let mut v: Value = serde_json::from_str(&lines[2]).unwrap();
+        v[key.trim_matches('"')] = serde_json::from_str(bad.split_once(':').unwrap().1).unwrap();
+        let orig = std::mem::replace(&mut lines[2], v.to_string());
+        std::fs::write(&tampered, lines.join("\n") + "\n").unwrap();
+        let extra: Vec<&str> = base.iter().copied().chain(["--resume"]).collect();
+        let (code, err) = patchbay_cli(&ablate_args(&m, &comp("whole"), &ids, &extra));
+        assert!(code != 0 && err.contains("line 3") && err.contains(says), "{bad}: {err}");
+        lines[2] = orig;
+    }
+    // Bad merges.
+    let out = tmp.path().join("bad-merge").display().to_string();
+    let (s0, s1, s2, whole) = (comp("s0"), comp("s1"), comp("s2"), comp("whole"));
+    let t0 = tmp.path().join("topk").join("s0").display().to_string();
+    for (dirs, says) in [(vec![s0.as_str(), s1.as_str()], "shard 2/3 is missing"), (vec![s0.as_str(), s0.as_str(), s1.as_str()], "given twice"), (vec![s0.as_str(), s1.as_str(), t0.as_str()], "different sweeps"), (vec![whole.as_str(), s1.as_str(), s2.as_str()], "holds a whole sweep")] {
+        let mut args = vec!["merge", "--out", &out];
+        args.extend(dirs.iter().copied());
+        let (code, err) = patchbay_cli(&args);
+        assert!(code != 0 && err.contains(says) && err.trim().lines().count() == 1, "{dirs:?}: {err}");
+    }
+}

@@ -9,11 +9,15 @@ use serde_json::json;
 use super::inputs::{InputArgs, LabelArgs, Prompts, manifest};
 use super::patch::MethodArg;
 use super::{load_engine, progress_bar};
-use patchbay::experiments::ablate::{AblateOp, Ablation, Component, ablate_sweep, ablations, conditions, mean_sites, parse_heads, prompt_positions, read_groups, site_means};
+use patchbay::experiments::ablate::{AblateOp, Component, ablate_sweep, ablations, conditions, mean_sites, parse_heads, prompt_positions, read_groups, site_means};
+use patchbay::experiments::ablate_files::SweepPlan;
+use patchbay::experiments::label_files::{Kept, Scope, read_kept, shard_range};
+use patchbay::experiments::patch_files::{SweepPart, read_manifest, write_manifest};
+use patchbay::experiments::shards::prompts_sha256;
 use patchbay::experiments::steer::Projection;
 use patchbay::experiments::sublayers::{influence_sweep, parse_sublayers, sublayer_conditions};
-use patchbay::experiments::top_k::{TopK, read_ranking, set_conditions, top_k_sets, top_k_sweep};
-use patchbay::intervene::spec::{Condition, read_vector};
+use patchbay::experiments::top_k::{read_ranking, set_conditions, top_k_sets, top_k_sweep};
+use patchbay::intervene::spec::read_vector;
 use patchbay::model::Model;
 use patchbay::model::config::ModelConfig;
 use patchbay::sites::{Positions, Site, SiteKind};
@@ -69,11 +73,18 @@ from the clean run at its layer (all experiments of a layer are segments of one 
 --batch-rows rows); --method naive runs one full forward per (component, chunk of prompts): the
 same numbers, slower (the oracle).
 
+A killed run is continued with the same command and --resume: its complete lines are checked
+against the sweep and kept, a torn last line is cut, only the missing rows are computed (each
+(experiment, prompt) is written exactly once). --shard I/N runs a contiguous part of the prompts
+(every experiment); `patchbay merge --out DIR SHARD_DIRS...` joins the parts into the whole run's
+files.
+
 Outputs in --out:
-  experiments.jsonl  one object per (component, prompt), appended as batches finish: kind (head |
-                     neurons), layer, head (head rows) or neurons (the group), op, alpha (scale),
-                     index (prompt), label_logits (label order), pred, clean_pred, control, and
-                     gold when known, projection with --projection
+  experiments.jsonl  one object per (component, prompt), appended as batches finish: experiment
+                     (its index in the sweep), kind (head | neurons), layer, head (head rows) or
+                     neurons (the group), op, alpha (scale), index (prompt), label_logits (label
+                     order), pred, clean_pred, control, gold when known, projection with
+                     --projection
   clean.jsonl        the clean run: index, label_logits, pred (and gold, projection)
   summary.csv        per component: kind, layer, head, neurons (space-separated), control, op, n,
                      flip_rate (share with pred != clean_pred), mean_clean_pred_logit_change (mean
@@ -90,7 +101,8 @@ are replaced by:
                      prompts for the top set, the 2.5-97.5 percentiles of the draws' means for the
                      random sets.
   top_k.png          each metric against k, top and random, with the intervals
-  manifest.json      model, device, command line, inputs, labels, components, op, counts, timings";
+  manifest.json      model, device, command line, inputs, labels, the sweep (its plan: every
+                     experiment), op, shard, counts, timings; status running, then complete";
 
 #[derive(Args)]
 #[command(after_help = ABLATE_HELP)]
@@ -150,6 +162,14 @@ pub struct AblateArgs {
     /// Output directory.
     #[arg(long)]
     out: PathBuf,
+    /// Continue the run in --out (the same sweep: model, prompts, labels, components, op,
+    /// positions, projection, seed): its complete lines are kept, the rest computed.
+    #[arg(long)]
+    resume: bool,
+    /// Run part I of N (0/4, 1/4, ...): a contiguous range of the prompts, every experiment;
+    /// `patchbay merge` joins the parts' directories.
+    #[arg(long)]
+    shard: Option<String>,
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
@@ -175,75 +195,53 @@ impl AblateOpArgs {
     }
 }
 
-/// What the sweep runs: one component per experiment, or top-k sets of a ranking.
-enum Plan {
-    Components { components: Vec<Component>, ablations: Vec<Ablation> },
-    TopK { label: String, sets: Vec<TopK> },
-    Sublayers { conditions: Vec<Condition> },
-}
-
-impl Plan {
-    fn new(a: &AblateArgs, cfg: &ModelConfig, positions: &Positions) -> Result<Plan> {
-        if let Some(spec) = &a.sublayers {
-            if a.heads.is_some() || a.neuron_groups.is_some() || a.random_control || !a.ranking.is_empty() {
-                return Err(Error::input("--sublayers replaces --heads, --neuron-groups, --random-control and --ranking"));
-            }
-            if a.op.op != "zero" || a.op.alpha.is_some() {
-                return Err(Error::input("--sublayers scales by --alphas (no --op / --alpha)"));
-            }
-            if a.projection.is_none() {
-                return Err(Error::input("--sublayers reads the emotion representation: give --projection FILE.safetensors:NAME"));
-            }
-            return Ok(Plan::Sublayers { conditions: sublayer_conditions(&parse_sublayers(spec)?, &a.alphas, positions, cfg)? });
+/// The sweep the flags ask for.
+fn plan(a: &AblateArgs, cfg: &ModelConfig) -> Result<SweepPlan> {
+    if let Some(spec) = &a.sublayers {
+        if a.heads.is_some() || a.neuron_groups.is_some() || a.random_control || !a.ranking.is_empty() {
+            return Err(Error::input("--sublayers replaces --heads, --neuron-groups, --random-control and --ranking"));
         }
-        if !a.alphas.is_empty() {
-            return Err(Error::input("--alphas goes with --sublayers (a component's factor is --op scale --alpha A)"));
+        if a.op.op != "zero" || a.op.alpha.is_some() {
+            return Err(Error::input("--sublayers scales by --alphas (no --op / --alpha)"));
         }
-        if !a.ranking.is_empty() {
-            if a.heads.is_some() || a.neuron_groups.is_some() || a.random_control {
-                return Err(Error::input("--ranking (top-k curves) replaces --heads, --neuron-groups and --random-control (its random sets are --random-draws)"));
-            }
-            let label = a.ranking_label.clone().ok_or_else(|| Error::input("--ranking needs --ranking-label LABEL (the tables' label whose ranking is used)"))?;
-            if a.random_draws == 0 {
-                return Err(Error::input("--random-draws must be at least 1"));
-            }
-            let ranking = read_ranking(&a.ranking, &label, cfg)?;
-            let ks = if a.top_k.is_empty() { return Err(Error::input("--ranking needs --top-k K,... (example: --top-k 1,2,4,8)")) } else { &a.top_k };
-            return Ok(Plan::TopK { sets: top_k_sets(&ranking, ks, a.random_draws, cfg, a.seed)?, label });
+        if a.projection.is_none() {
+            return Err(Error::input("--sublayers reads the emotion representation: give --projection FILE.safetensors:NAME"));
         }
-        if a.ranking_label.is_some() || !a.top_k.is_empty() {
-            return Err(Error::input("--ranking-label and --top-k go with --ranking TABLE.csv"));
-        }
-        let mut components: Vec<Component> = Vec::new();
-        if let Some(h) = &a.heads {
-            components.extend(parse_heads(h, cfg)?);
-        }
-        if let Some(g) = &a.neuron_groups {
-            components.extend(read_groups(g, cfg)?);
-        }
-        if components.is_empty() {
-            return Err(Error::input("give the components: --heads all | L.H,... and/or --neuron-groups GROUPS.json (or a ranking: --ranking heads.csv --ranking-label L --top-k 1,2,4)"));
-        }
-        let ablations = ablations(&components, cfg, a.random_control.then_some(a.seed))?;
-        Ok(Plan::Components { components, ablations })
+        // Checked here (the plan keeps the flags' text).
+        sublayer_conditions(&parse_sublayers(spec)?, &a.alphas, &Positions::All, cfg.n_layers)?;
+        return Ok(SweepPlan::Sublayers { sublayers: spec.clone(), alphas: a.alphas.clone(), n_layers: cfg.n_layers });
     }
-
-    /// Every component of every experiment (the sites whose means --op mean needs).
-    fn ablations(&self) -> Vec<Ablation> {
-        match self {
-            Plan::Components { ablations, .. } => ablations.clone(),
-            Plan::TopK { sets, .. } => sets.iter().flat_map(|s| s.components.iter().map(|c| Ablation { component: c.clone(), control: s.draw.is_some() })).collect(),
-            Plan::Sublayers { .. } => Vec::new(),
-        }
+    if !a.alphas.is_empty() {
+        return Err(Error::input("--alphas goes with --sublayers (a component's factor is --op scale --alpha A)"));
     }
-
-    fn n_experiments(&self) -> usize {
-        match self {
-            Plan::Components { ablations, .. } => ablations.len(),
-            Plan::TopK { sets, .. } => sets.len(),
-            Plan::Sublayers { conditions } => conditions.len(),
+    if !a.ranking.is_empty() {
+        if a.heads.is_some() || a.neuron_groups.is_some() || a.random_control {
+            return Err(Error::input("--ranking (top-k curves) replaces --heads, --neuron-groups and --random-control (its random sets are --random-draws)"));
         }
+        let label = a.ranking_label.clone().ok_or_else(|| Error::input("--ranking needs --ranking-label LABEL (the tables' label whose ranking is used)"))?;
+        if a.random_draws == 0 {
+            return Err(Error::input("--random-draws must be at least 1"));
+        }
+        let ranking = read_ranking(&a.ranking, &label, cfg)?;
+        if a.top_k.is_empty() {
+            return Err(Error::input("--ranking needs --top-k K,... (example: --top-k 1,2,4,8)"));
+        }
+        return Ok(SweepPlan::TopK { sets: top_k_sets(&ranking, &a.top_k, a.random_draws, cfg, a.seed)?, label });
     }
+    if a.ranking_label.is_some() || !a.top_k.is_empty() {
+        return Err(Error::input("--ranking-label and --top-k go with --ranking TABLE.csv"));
+    }
+    let mut components: Vec<Component> = Vec::new();
+    if let Some(h) = &a.heads {
+        components.extend(parse_heads(h, cfg)?);
+    }
+    if let Some(g) = &a.neuron_groups {
+        components.extend(read_groups(g, cfg)?);
+    }
+    if components.is_empty() {
+        return Err(Error::input("give the components: --heads all | L.H,... and/or --neuron-groups GROUPS.json (or a ranking: --ranking heads.csv --ranking-label L --top-k 1,2,4)"));
+    }
+    Ok(SweepPlan::Components { ablations: ablations(&components, cfg, a.random_control.then_some(a.seed))?, n_heads: cfg.n_heads })
 }
 
 /// `--projection` read at resid_post of `--projection-layer` (default the last layer).
@@ -261,83 +259,130 @@ fn projection(a: &AblateArgs, cfg: &ModelConfig) -> Result<Option<Projection>> {
     Ok(Some(Projection::new(site, v, cfg)?))
 }
 
+/// sha256 of f32 values (the projection's direction in the sweep's identity).
+fn values_sha256(v: &[f32]) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(bytemuck::cast_slice::<f32, u8>(v)).iter().map(|b| format!("{b:02x}")).collect()
+}
+
 pub fn run(a: AblateArgs) -> Result<()> {
     let t0 = Instant::now();
     let (op, positions) = a.op.resolve()?;
     if a.batch_rows == 0 {
         return Err(Error::input("--batch-rows must be at least 1"));
     }
+    let part: Option<SweepPart> = a.shard.as_deref().map(str::parse).transpose()?;
     let model = Model::load(&a.inputs.model)?;
     let cfg = &model.cfg;
-    let plan = Plan::new(&a, cfg, &positions)?;
+    let plan = plan(&a, cfg)?;
     let projection = projection(&a, cfg)?;
     let p = Prompts::load(&a.inputs, &a.labels, a.quiet)?;
     let gold = p.gold()?;
-    let engine = load_engine(&model, a.inputs.device)?;
     let Prompts { ids: prompts, dataset: ds, template, labels } = p;
+    if let Some(s) = part.filter(|s| s.count > prompts.len()) {
+        return Err(Error::input(format!("--shard {s}: {} prompts cannot make {} shards (at most {})", prompts.len(), s.count, prompts.len())));
+    }
+    let range = part.map_or(0..prompts.len(), |s| shard_range(s.index, s.count, prompts.len()));
+    let n_exp = plan.n_experiments();
+    let proj_json = projection.as_ref().map(|p| json!({"vector": a.projection, "site": p.site.to_string(), "layer": p.site.layer, "position": -1}));
+    // What identifies the sweep: a --resume continues only the same one, and merge joins only
+    // its shards.
+    let sweep = json!({
+        "config_sha256": model.config_hash,
+        "prompts_sha256": prompts_sha256(&prompts),
+        "label_token_ids": labels.token_ids,
+        "plan": plan,
+        "op": op.name(),
+        "alpha": match op { AblateOp::Scale { alpha } => Some(alpha), _ => None },
+        "positions": positions.describe(),
+        "projection": projection.as_ref().map(|p| json!({"site": p.site.to_string(), "direction_sha256": values_sha256(&p.direction)})),
+        "seed": a.seed,
+    });
+    let shard_name = part.map(|s| s.to_string());
+    let manifest_path = a.out.join("manifest.json");
+    let exists = ["experiments.jsonl", "clean.jsonl"].iter().any(|f| a.out.join(f).exists());
+    let kept = match (exists, a.resume) {
+        (false, _) => Kept::default(),
+        (true, false) => return Err(Error::input(format!("{} holds a run: add --resume to continue it, or choose another --out", a.out.display()))),
+        (true, true) => {
+            let old = read_manifest(&manifest_path)?;
+            if old.get("sweep") != Some(&sweep) {
+                return Err(Error::input(format!("{} holds a different sweep (model, prompts, labels, components, op, positions, projection or seed differ): choose another --out", a.out.display())));
+            }
+            if old.get("shard").unwrap_or(&serde_json::Value::Null) != &json!(shard_name) {
+                return Err(Error::input(format!("{} holds shard {} of this sweep, not {}: choose another --out", a.out.display(), old["shard"].as_str().unwrap_or("(whole)"), shard_name.as_deref().unwrap_or("the whole sweep"))));
+            }
+            read_kept(&a.out, "experiments.jsonl", &labels, prompts.len(), n_exp, projection.is_some())?
+        }
+    };
+    let n_kept = kept.rows.len();
+    let scope = Scope::new(range.clone(), n_exp, kept);
+    let engine = load_engine(&model, a.inputs.device)?;
+    let save_manifest = |status: &str, timings: serde_json::Value| -> Result<()> {
+        let extra = json!({
+            "method": a.method.method().1,
+            "op": op.name(),
+            "alpha": match op { AblateOp::Scale { alpha } => Some(alpha), _ => None },
+            "positions": positions.describe(),
+            "projection": proj_json,
+            "mode": match &plan { SweepPlan::Components { .. } => "components", SweepPlan::TopK { .. } => "top_k", SweepPlan::Sublayers { .. } => "sublayers" },
+            "heads": a.heads,
+            "neuron_groups": a.neuron_groups.as_ref().map(|p| p.display().to_string()),
+            "random_control": a.random_control.then_some(json!({"seed": a.seed})),
+            "ranking": a.ranking.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
+            "ranking_label": a.ranking_label,
+            "top_k": a.top_k,
+            "random_draws": a.random_draws,
+            "sublayers": a.sublayers,
+            "alphas": a.alphas,
+            "seed": a.seed,
+            "n_prompts": prompts.len(),
+            "shard": shard_name,
+            "shard_prompts": [range.start, range.end],
+            "n_experiments": n_exp,
+            "n_rows": range.len() * n_exp,
+            "rows_kept_from_earlier_runs": n_kept,
+            "batch_rows": a.batch_rows,
+            "sweep": sweep,
+            "timings_s": timings,
+            "peak_rss_bytes": patchbay::io::tensorfile::peak_rss_bytes(),
+            "status": status,
+        });
+        let m = manifest("ablate", &model, &engine.device_name(), (ds.as_ref(), template.as_ref(), &labels), &a.labels, extra);
+        std::fs::create_dir_all(&a.out).map_err(|e| patchbay::Error::io(&a.out, e))?;
+        write_manifest(&manifest_path, &m)
+    };
+    save_manifest("running", json!(null))?;
 
     let t_mean = Instant::now();
     let means = if op == AblateOp::Mean { site_means(engine.as_ref(), &prompts, &mean_sites(&plan.ablations()), a.batch_rows)? } else { Default::default() };
     let mean_s = t_mean.elapsed().as_secs_f64();
     let (method, method_name) = a.method.method();
-    let bar = progress_bar((prompts.len() * plan.n_experiments()) as u64, "ablate", "runs", a.quiet);
+    let n_todo = scope.todo.as_ref().map_or(prompts.len(), Vec::len);
+    let bar = progress_bar((n_todo * n_exp) as u64, "ablate", "runs", a.quiet);
     let t_run = Instant::now();
-    let mut extra = match &plan {
-        Plan::Components { components, ablations } => {
+    let e = engine.as_ref();
+    match &plan {
+        SweepPlan::Components { ablations, .. } => {
             let conditions = conditions(ablations, op, &means, &positions, a.seed, cfg)?;
-            ablate_sweep(engine.as_ref(), method, &prompts, &labels, projection.as_ref(), &gold, ablations, op, &conditions, a.batch_rows, &bar, &a.out)?;
-            let n_heads = components.iter().filter(|c| matches!(c, Component::Head { .. })).count();
-            json!({
-                "heads": a.heads,
-                "neuron_groups": a.neuron_groups.as_ref().map(|p| p.display().to_string()),
-                "random_control": a.random_control.then_some(json!({"seed": a.seed})),
-                "n_components": components.len(),
-                "n_head_components": n_heads,
-                "n_neuron_groups": components.len() - n_heads,
-            })
+            ablate_sweep(e, method, &prompts, &labels, projection.as_ref(), &gold, ablations, op, &conditions, scope, a.batch_rows, &bar, &a.out).map(drop)
         }
-        Plan::TopK { label, sets } => {
+        SweepPlan::TopK { label, sets } => {
             let experiments = set_conditions(sets, op, &means, &positions, a.seed, cfg)?;
-            top_k_sweep(engine.as_ref(), method, &prompts, &labels, projection.as_ref(), &gold, sets, &experiments, op, label, a.seed, a.batch_rows, &bar, &a.out)?;
-            json!({
-                "ranking": a.ranking.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
-                "ranking_label": label,
-                "top_k": a.top_k,
-                "random_draws": a.random_draws,
-            })
+            top_k_sweep(e, method, &prompts, &labels, projection.as_ref(), &gold, sets, &experiments, op, label, a.seed, scope, a.batch_rows, &bar, &a.out).map(drop)
         }
-        Plan::Sublayers { conditions } => {
+        SweepPlan::Sublayers { sublayers, alphas, .. } => {
+            let conditions = sublayer_conditions(&parse_sublayers(sublayers)?, alphas, &positions, cfg.n_layers)?;
             let projection = projection.as_ref().ok_or_else(|| Error::input("--sublayers needs --projection"))?;
-            influence_sweep(engine.as_ref(), method, &prompts, &labels, projection, &gold, conditions, a.seed, a.batch_rows, &bar, &a.out)?;
-            json!({"sublayers": a.sublayers, "alphas": a.alphas})
+            influence_sweep(e, method, &prompts, &labels, projection, &gold, &conditions, a.seed, scope, a.batch_rows, &bar, &a.out).map(drop)
         }
-    };
+    }?;
     bar.finish_and_clear();
     let run_s = t_run.elapsed().as_secs_f64();
-    let n_rows = prompts.len() * plan.n_experiments();
-    let common = json!({
-        "method": method_name,
-        "op": op.name(),
-        "alpha": match op { AblateOp::Scale { alpha } => Some(alpha), _ => None },
-        "positions": positions.describe(),
-        "projection": projection.as_ref().map(|p| json!({"vector": a.projection, "site": p.site.to_string(), "position": -1})),
-        "seed": a.seed,
-        "n_prompts": prompts.len(),
-        "n_experiments": plan.n_experiments(),
-        "n_rows": n_rows,
-        "batch_rows": a.batch_rows,
-        "timings_s": {"mean": mean_s, "ablate": run_s, "total": t0.elapsed().as_secs_f64()},
-        "experiments_per_s": n_rows as f64 / run_s,
-        "peak_rss_bytes": patchbay::io::tensorfile::peak_rss_bytes(),
-        "status": "complete",
-    });
-    if let (Some(e), Some(c)) = (extra.as_object_mut(), common.as_object()) {
-        e.extend(c.clone());
-    }
-    let manifest = manifest("ablate", &model, &engine.device_name(), (ds.as_ref(), template.as_ref(), &labels), &a.labels, extra);
-    patchbay::io::write_atomic(&a.out.join("manifest.json"), serde_json::to_string_pretty(&manifest).map_err(|e| Error::input(e.to_string()))?.as_bytes())?;
+    let computed = n_todo * n_exp;
+    save_manifest("complete", json!({"mean": mean_s, "ablate": run_s, "total": t0.elapsed().as_secs_f64(), "experiments_per_s": computed as f64 / run_s}))?;
     if !a.quiet {
-        eprintln!("{} prompts x {} experiments ({method_name}) in {run_s:.1} s; wrote {}", prompts.len(), plan.n_experiments(), a.out.display());
+        eprintln!("{n_todo} prompts x {n_exp} experiments ({method_name}) in {run_s:.1} s; wrote {}", a.out.display());
     }
     Ok(())
 }

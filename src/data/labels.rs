@@ -7,7 +7,7 @@
 use crate::model::tokenizer::PromptTokenizer;
 use crate::{Error, Result};
 
-#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct LabelSet {
     pub names: Vec<String>,
     /// The scored token of each label.

@@ -15,11 +15,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use indicatif::ProgressBar;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::data::labels::LabelSet;
 use crate::engine::{Engine, RunOutput, RunRequest};
+use crate::experiments::label_files::Scope;
 use crate::experiments::patch::{Method, chunk_by_rows};
 use crate::experiments::steer::{CleanValues, LabelRunner, Projection, Readout, SteerRow, check_label_tokens, one_each, steer_labels, write_label_rows};
 use crate::intervene::spec::Condition;
@@ -31,8 +32,10 @@ use crate::rng::{chacha, splitmix64};
 use crate::sites::{Positions, Site, SiteKind, TokenScope};
 use crate::{Error, Result};
 
-/// What one experiment ablates.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// What one experiment ablates (as JSON: `{"kind": "head", "layer": L, "head": H}` or
+/// `{"kind": "neurons", "layer": L, "neurons": [...]}`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
 pub enum Component {
     /// Attention head `head` of `layer`: its slice of the o_proj input (`attn.hook_z`).
     Head { layer: usize, head: usize },
@@ -161,7 +164,7 @@ pub fn read_groups(path: &Path, cfg: &ModelConfig) -> Result<Vec<Component>> {
 }
 
 /// One experiment: a component, and whether it is a random control.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Ablation {
     pub component: Component,
     pub control: bool,
@@ -490,6 +493,7 @@ pub fn ablate_sweep(
     ablations: &[Ablation],
     op: AblateOp,
     conditions: &[Condition],
+    scope: Scope,
     batch_rows: usize,
     progress: &ProgressBar,
     out: &Path,
@@ -497,7 +501,7 @@ pub fn ablate_sweep(
     if conditions.len() != ablations.len() {
         return Err(Error::input(format!("{} conditions for {} ablations", conditions.len(), ablations.len())));
     }
-    let (clean, rows) = write_label_rows(label_runner(method), engine, prompts, labels, projection, gold, &one_each(conditions), batch_rows, progress, out, "experiments.jsonl", &|r| {
+    let (clean, rows) = write_label_rows(label_runner(method), engine, prompts, labels, projection, gold, &one_each(conditions), scope, batch_rows, progress, out, "experiments.jsonl", &|r| {
         let a = &ablations[r.condition];
         let mut o = json!({"kind": a.component.kind(), "layer": a.component.layer(), "op": op.name(), "control": a.control});
         match &a.component {
@@ -509,13 +513,18 @@ pub fn ablate_sweep(
         }
         o
     })?;
-    let (k, names) = (labels.len(), &labels.names);
-    let summary = summarize(ablations, &rows, &clean, k);
-    crate::io::write_atomic(&out.join("summary.csv"), summary_csv(&summary, op, names).as_bytes())?;
-    if let Some(grid) = head_grid(&summary, op, engine.config().n_heads) {
+    let summary = summary_outputs(out, ablations, &rows, &clean, op, labels, engine.config().n_heads)?;
+    Ok(AblateSweep { clean, rows, summary })
+}
+
+/// summary.csv and heatmap.png (with head experiments) of a component sweep's rows, in `out`.
+pub fn summary_outputs(out: &Path, ablations: &[Ablation], rows: &[SteerRow], clean: &CleanValues, op: AblateOp, labels: &LabelSet, n_heads: usize) -> Result<Vec<SummaryRow>> {
+    let summary = summarize(ablations, rows, clean, labels.len());
+    crate::io::write_atomic(&out.join("summary.csv"), summary_csv(&summary, op, &labels.names).as_bytes())?;
+    if let Some(grid) = head_grid(&summary, op, n_heads) {
         crate::io::plot::heatmap(&out.join("heatmap.png"), &grid)?;
     }
-    Ok(AblateSweep { clean, rows, summary })
+    Ok(summary)
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! Experiments built on the engine.
 
 pub mod ablate;
+pub mod ablate_files;
 pub mod bench;
 pub mod capture;
 pub mod components;
@@ -10,6 +11,7 @@ pub mod demo;
 pub mod directions;
 pub mod generate;
 pub mod judge;
+pub mod label_files;
 pub mod patch;
 pub mod patch_files;
 pub mod probe;

@@ -25,6 +25,7 @@ use crate::intervene::spec::Condition;
 use crate::model::config::ModelConfig;
 use crate::io::plot::{LinePanels, Point, distinct};
 use crate::logits::argmax;
+use crate::experiments::label_files::Scope;
 use crate::io::JsonlFile;
 use crate::rng::{gaussian, splitmix64};
 use crate::sites::{Positions, Site, SiteKind};
@@ -284,11 +285,13 @@ pub struct CleanValues {
     pub projection: Option<Vec<f32>>,
 }
 
-/// Runs `run` and appends its rows to files in `out` as batches finish: clean.jsonl (`index`,
-/// `label_logits`, `pred`, and `projection` when the sweep reads one) and `rows_file`, each row
-/// the object `fields(row)` (the sweep's own fields) with `index`, `label_logits`, `pred`,
-/// `clean_pred` (and `projection`); both with `gold` where `gold` knows it. Returns the clean
-/// values and the rows.
+/// Runs `run` on the prompts of `scope` and appends its rows to files in `out` as batches
+/// finish: clean.jsonl (`index`, `label_logits`, `pred`, and `projection` when the sweep reads
+/// one) and `rows_file`, each row the object `fields(row)` (the sweep's own fields) with
+/// `experiment` (its index), `index`, `label_logits`, `pred`, `clean_pred` (and `projection`);
+/// both with `gold` where `gold` knows it. With rows kept from an earlier run (`scope.kept`) the
+/// files are appended to and a kept row or clean run is not written again. Returns the clean
+/// values and the rows (kept and new).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn write_label_rows(
     run: LabelRunner,
@@ -298,6 +301,7 @@ pub(crate) fn write_label_rows(
     projection: Option<&Projection>,
     gold: &[Option<usize>],
     experiments: &[Vec<Condition>],
+    scope: Scope,
     batch_rows: usize,
     progress: &ProgressBar,
     out: &Path,
@@ -315,18 +319,28 @@ pub(crate) fn write_label_rows(
         }
         o
     };
-    let mut rows_out = JsonlFile::new(out.join(rows_file));
-    let mut clean_file = JsonlFile::new(out.join("clean.jsonl"));
-    let mut clean = CleanValues { label_logits: vec![0.0f32; prompts.len() * k], projection: projection.map(|_| vec![0.0f32; prompts.len()]) };
-    let mut rows: Vec<SteerRow> = Vec::new();
+    let Scope { todo, kept } = scope;
+    let todo: Vec<usize> = todo.unwrap_or_else(|| (0..prompts.len()).collect());
+    let resumed = !kept.clean.is_empty() || !kept.rows.is_empty();
+    let (mut rows_out, mut clean_file) = match resumed {
+        true => (JsonlFile::append(out.join(rows_file)), JsonlFile::append(out.join("clean.jsonl"))),
+        false => (JsonlFile::new(out.join(rows_file)), JsonlFile::new(out.join("clean.jsonl"))),
+    };
+    let mut clean = kept.clean_values(prompts.len(), k, projection.is_some());
+    let mut rows: Vec<SteerRow> = kept.rows;
+    let run_prompts: Vec<Vec<u32>> = todo.iter().map(|&i| prompts[i].clone()).collect();
     run(
         engine,
-        prompts,
+        &run_prompts,
         Readout { label_tokens: &labels.token_ids, projection },
         experiments,
         batch_rows,
         progress,
-        &mut |i, logits, p| {
+        &mut |j, logits, p| {
+            let i = todo[j];
+            if kept.clean.contains_key(&i) {
+                return Ok(());
+            }
             clean.label_logits[i * k..(i + 1) * k].copy_from_slice(logits);
             if let (Some(all), Some(p)) = (clean.projection.as_mut(), p) {
                 all[i] = p;
@@ -334,18 +348,19 @@ pub(crate) fn write_label_rows(
             clean_file.write(&[with_common(json!({"index": i, "label_logits": logits, "pred": names[argmax(logits)]}), i, p)])
         },
         &mut |batch| {
+            let batch: Vec<SteerRow> = batch.iter().map(|r| SteerRow { index: todo[r.index], ..r.clone() }).filter(|r| !kept.done.contains(&(r.condition, r.index))).collect();
             let lines: Vec<serde_json::Value> = batch
                 .iter()
                 .map(|r| {
                     let mut o = fields(r);
-                    for (key, v) in [("index", json!(r.index)), ("label_logits", json!(r.label_logits)), ("pred", json!(names[r.pred])), ("clean_pred", json!(names[r.clean_pred]))] {
+                    for (key, v) in [("experiment", json!(r.condition)), ("index", json!(r.index)), ("label_logits", json!(r.label_logits)), ("pred", json!(names[r.pred])), ("clean_pred", json!(names[r.clean_pred]))] {
                         o[key] = v;
                     }
                     with_common(o, r.index, r.projection)
                 })
                 .collect();
-            rows.extend_from_slice(batch);
-            rows_out.write(&lines)
+            rows.extend(batch);
+            if lines.is_empty() { Ok(()) } else { rows_out.write(&lines) }
         },
     )?;
     Ok((clean, rows))
@@ -365,7 +380,7 @@ pub struct LabelSweep {
 /// when known.
 #[allow(clippy::too_many_arguments)]
 pub fn label_sweep(engine: &dyn Engine, prompts: &[Vec<u32>], labels: &LabelSet, gold: &[Option<usize>], conditions: &[Condition], batch_rows: usize, progress: &ProgressBar, out: &Path) -> Result<LabelSweep> {
-    let (clean, rows) = write_label_rows(steer_labels, engine, prompts, labels, None, gold, &one_each(conditions), batch_rows, progress, out, "scores.jsonl", &|r| {
+    let (clean, rows) = write_label_rows(steer_labels, engine, prompts, labels, None, gold, &one_each(conditions), Scope::default(), batch_rows, progress, out, "scores.jsonl", &|r| {
         let c = &conditions[r.condition];
         json!({"layer": c.site.layer, "site": c.site.kind.short_name(), "direction": c.direction, "beta": c.beta})
     })?;

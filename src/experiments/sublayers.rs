@@ -11,13 +11,13 @@ use serde_json::json;
 use crate::data::labels::LabelSet;
 use crate::engine::Engine;
 use crate::experiments::ablate::label_runner;
+use crate::experiments::label_files::Scope;
 use crate::experiments::patch::Method;
 use crate::experiments::steer::{CleanValues, Projection, SteerRow, one_each, write_label_rows};
 use crate::intervene::Op;
 use crate::intervene::spec::Condition;
 use crate::io::plot::{LinePanels, Point, distinct, line_panels};
 use crate::learn::metrics::bootstrap_ci;
-use crate::model::config::ModelConfig;
 use crate::sites::{Positions, Site, SiteKind, TokenScope};
 use crate::{Error, Result};
 
@@ -43,7 +43,7 @@ pub fn parse_sublayers(spec: &str) -> Result<Vec<SiteKind>> {
 
 /// One condition per (layer, sublayer, alpha), layer-major: the sublayer's output scaled by
 /// alpha at `positions`. Err on an empty, repeated or non-finite alpha.
-pub fn sublayer_conditions(kinds: &[SiteKind], alphas: &[f32], positions: &Positions, cfg: &ModelConfig) -> Result<Vec<Condition>> {
+pub fn sublayer_conditions(kinds: &[SiteKind], alphas: &[f32], positions: &Positions, n_layers: usize) -> Result<Vec<Condition>> {
     if alphas.is_empty() {
         return Err(Error::input("--sublayers needs --alphas A,... (example: --alphas 0,0.5,2)"));
     }
@@ -54,7 +54,7 @@ pub fn sublayer_conditions(kinds: &[SiteKind], alphas: &[f32], positions: &Posit
         return Err(Error::input(format!("--alphas: {a} is listed twice (entry {i})")));
     }
     let scope = TokenScope { prompt: Some(positions.clone()), generated: false };
-    Ok((0..cfg.n_layers)
+    Ok((0..n_layers)
         .flat_map(|layer| kinds.iter().flat_map(move |&kind| alphas.iter().map(move |&alpha| (layer, kind, alpha))))
         .map(|(layer, kind, alpha)| Condition { direction: kind.short_name().into(), site: Site::new(layer, kind), beta: alpha, op: Op::Scale { alpha }, positions: scope.clone(), units: None })
         .collect())
@@ -114,14 +114,14 @@ pub fn influence_csv(rows: &[Influence]) -> String {
 }
 
 /// The figure: one panel per alpha, the projection change against layer, a line per sublayer.
-pub fn influence_chart(rows: &[Influence], projection: &Projection) -> LinePanels {
+pub fn influence_chart(rows: &[Influence], site: Site) -> LinePanels {
     let sublayers: Vec<String> = distinct(rows.iter().map(|r| r.sublayer.clone()));
     let alphas: Vec<f32> = distinct(rows.iter().map(|r| r.alpha));
     let finite = rows.iter().flat_map(|r| [r.mean_projection_change, r.ci_low, r.ci_high]).filter(|v| v.is_finite());
     let (lo, hi) = finite.fold((0.0f64, 0.0f64), |(lo, hi), v| (lo.min(v), hi.max(v)));
     let pad = 0.05 * (hi - lo).max(1e-6);
     LinePanels {
-        title: format!("Sublayer influence on the projection at {} (last token)", projection.site),
+        title: format!("Sublayer influence on the projection at {site} (last token)"),
         lines: sublayers.clone(),
         panels: alphas
             .iter()
@@ -152,16 +152,23 @@ pub fn influence_sweep(
     gold: &[Option<usize>],
     conditions: &[Condition],
     seed: u64,
+    scope: Scope,
     batch_rows: usize,
     progress: &ProgressBar,
     out: &Path,
 ) -> Result<Vec<Influence>> {
-    let (clean, rows) = write_label_rows(label_runner(method), engine, prompts, labels, Some(projection), gold, &one_each(conditions), batch_rows, progress, out, "experiments.jsonl", &|r| {
+    let (clean, rows) = write_label_rows(label_runner(method), engine, prompts, labels, Some(projection), gold, &one_each(conditions), scope, batch_rows, progress, out, "experiments.jsonl", &|r| {
         let c = &conditions[r.condition];
         json!({"kind": "sublayer", "layer": c.site.layer, "site": c.site.kind.short_name(), "alpha": c.beta})
     })?;
-    let rows = influence(conditions, &rows, &clean, labels.len(), seed)?;
+    influence_outputs(out, conditions, &rows, &clean, labels, projection.site, seed)
+}
+
+/// influence.csv and influence.png of a sublayer sweep's rows (`conditions`: the sweep's, from
+/// [`sublayer_conditions`]; `site`: the projection's), in `out`.
+pub fn influence_outputs(out: &Path, conditions: &[Condition], rows: &[SteerRow], clean: &CleanValues, labels: &LabelSet, site: Site, seed: u64) -> Result<Vec<Influence>> {
+    let rows = influence(conditions, rows, clean, labels.len(), seed)?;
     crate::io::write_atomic(&out.join("influence.csv"), influence_csv(&rows).as_bytes())?;
-    line_panels(&out.join("influence.png"), &influence_chart(&rows, projection))?;
+    line_panels(&out.join("influence.png"), &influence_chart(&rows, site))?;
     Ok(rows)
 }

@@ -17,6 +17,7 @@ use serde_json::json;
 use crate::data::labels::LabelSet;
 use crate::engine::Engine;
 use crate::experiments::ablate::{AblateOp, Ablation, Component, conditions, label_runner};
+use crate::experiments::label_files::Scope;
 use crate::experiments::patch::Method;
 use crate::experiments::steer::{CleanValues, Projection, SteerRow, write_label_rows};
 use crate::intervene::spec::Condition;
@@ -108,7 +109,7 @@ pub fn random_set(top: &[Component], cfg: &ModelConfig, seed: u64) -> Vec<Compon
 
 /// One experiment of a top-k sweep: the top k components, or draw `draw` of the random sets
 /// like them.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct TopK {
     pub k: usize,
     pub draw: Option<usize>,
@@ -278,15 +279,22 @@ pub fn top_k_sweep(
     op: AblateOp,
     ranking_label: &str,
     seed: u64,
+    scope: Scope,
     batch_rows: usize,
     progress: &ProgressBar,
     out: &Path,
 ) -> Result<Vec<CurvePoint>> {
-    let (clean, rows) = write_label_rows(label_runner(method), engine, prompts, labels, projection, gold, experiments, batch_rows, progress, out, "experiments.jsonl", &|r| {
+    let (clean, rows) = write_label_rows(label_runner(method), engine, prompts, labels, projection, gold, experiments, scope, batch_rows, progress, out, "experiments.jsonl", &|r| {
         let s = &sets[r.condition];
         json!({"kind": "top_k", "k": s.k, "draw": s.draw, "control": s.draw.is_some(), "components": s.components.iter().map(Component::name).collect::<Vec<_>>(), "op": op.name()})
     })?;
-    let points = curve(sets, &rows, &clean, labels, ranking_label, seed);
+    curve_outputs(out, sets, &rows, &clean, labels, ranking_label, op, seed)
+}
+
+/// top_k.csv and top_k.png of a top-k sweep's rows, in `out`.
+#[allow(clippy::too_many_arguments)]
+pub fn curve_outputs(out: &Path, sets: &[TopK], rows: &[SteerRow], clean: &CleanValues, labels: &LabelSet, ranking_label: &str, op: AblateOp, seed: u64) -> Result<Vec<CurvePoint>> {
+    let points = curve(sets, rows, clean, labels, ranking_label, seed);
     crate::io::write_atomic(&out.join("top_k.csv"), curve_csv(&points).as_bytes())?;
     line_panels(&out.join("top_k.png"), &curve_chart(&points, ranking_label, op.name()))?;
     Ok(points)

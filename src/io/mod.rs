@@ -15,12 +15,19 @@ use crate::{Error, Result};
 /// fails before any result writes nothing), flushed after every write.
 pub struct JsonlFile {
     path: PathBuf,
+    /// Append to an existing file (a resumed run) instead of replacing it.
+    append: bool,
     w: Option<std::io::BufWriter<std::fs::File>>,
 }
 
 impl JsonlFile {
     pub fn new(path: PathBuf) -> JsonlFile {
-        JsonlFile { path, w: None }
+        JsonlFile { path, append: false, w: None }
+    }
+
+    /// A file appended to (created if missing) on its first line.
+    pub fn append(path: PathBuf) -> JsonlFile {
+        JsonlFile { path, append: true, w: None }
     }
 
     /// Appends `lines`, one JSON object per line, and flushes.
@@ -29,7 +36,8 @@ impl JsonlFile {
             if let Some(dir) = self.path.parent() {
                 std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
             }
-            self.w = Some(std::io::BufWriter::new(std::fs::File::create(&self.path).map_err(|e| Error::io(&self.path, e))?));
+            let file = if self.append { std::fs::OpenOptions::new().create(true).append(true).open(&self.path) } else { std::fs::File::create(&self.path) };
+            self.w = Some(std::io::BufWriter::new(file.map_err(|e| Error::io(&self.path, e))?));
         }
         let w = self.w.as_mut().expect("opened above");
         for l in lines {

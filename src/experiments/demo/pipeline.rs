@@ -18,6 +18,7 @@ use crate::data::template::TokenStats;
 use crate::experiments::Reporter;
 use crate::experiments::dataset_files::dataset_json;
 use crate::experiments::directions::{SiteDirections, write_directions};
+use crate::experiments::label_files::Scope;
 use crate::experiments::patch::{Method, RunSettings, SweepSpec, all_centers, experiments};
 use crate::experiments::patch_files::{append_results, read_done, write_outputs};
 use crate::experiments::probe::pipeline::{ProbePlots, majority_rate, probe_stage, score_captured};
@@ -374,7 +375,7 @@ impl ComponentsRun<'_> {
         let abl = ablations(&parse_heads("all", cfg)?, cfg, None)?;
         let conds = conditions(&abl, AblateOp::Zero, &BTreeMap::new(), &all, SEED, cfg)?;
         let bar = (rep.bar)((self.prompts.len() * abl.len()) as u64, "heads", "runs");
-        let heads = ablate_sweep(model, Method::Resumed, self.prompts, self.labels, Some(&projection), self.gold, &abl, AblateOp::Zero, &conds, 2048, &bar, &heads_out)?;
+        let heads = ablate_sweep(model, Method::Resumed, self.prompts, self.labels, Some(&projection), self.gold, &abl, AblateOp::Zero, &conds, Scope::default(), 2048, &bar, &heads_out)?;
         bar.finish_and_clear();
 
         // The top-k of the ranking against random sets (`ablate --ranking`).
@@ -383,7 +384,7 @@ impl ComponentsRun<'_> {
         let sets = top_k_sets(&ranking, &self.ks(), COMPONENT_DRAWS, cfg, SEED)?;
         let exps = set_conditions(&sets, AblateOp::Zero, &BTreeMap::new(), &all, SEED, cfg)?;
         let bar = (rep.bar)((self.prompts.len() * sets.len()) as u64, "top-k", "runs");
-        let curve = top_k_sweep(model, Method::Resumed, self.prompts, self.labels, Some(&projection), self.gold, &sets, &exps, AblateOp::Zero, self.emotion, SEED, 2048, &bar, &topk_out)?;
+        let curve = top_k_sweep(model, Method::Resumed, self.prompts, self.labels, Some(&projection), self.gold, &sets, &exps, AblateOp::Zero, self.emotion, SEED, Scope::default(), 2048, &bar, &topk_out)?;
         bar.finish_and_clear();
         Ok(components_context(self.emotion, self.site, self.prompts.len(), &ranking, &heads.summary, &curve))
     }
