@@ -177,7 +177,39 @@ impl ChatTemplate {
         let tmpl = env
             .get_template(TEMPLATE_NAME)
             .map_err(|e| Error::config(path, "chat_template", format!("cannot load template: {}", one_line(e))))?;
-        tmpl.render(Value::from(ctx)).map_err(|e| render_error(path, &e))
+        let mut out = BoundedOutput { buf: Vec::new(), exceeded: false };
+        match tmpl.render_captured_to(Value::from(ctx), &mut out) {
+            Ok(_) => String::from_utf8(out.buf).map_err(|e| Error::config(path, "chat_template", format!("the template rendered invalid UTF-8: {e}"))),
+            Err(_) if out.exceeded => Err(Error::config(path, "chat_template", format!("the template's output passed {} MiB: refused (a loop that never ends?)", TEMPLATE_MAX_OUTPUT >> 20))),
+            Err(e) => Err(render_error(path, &e)),
+        }
+    }
+}
+
+/// Instructions (minijinja fuel) a chat template may run: far above any real template's
+/// (a conversation renders in thousands), bounded so that nested loops cannot run forever.
+const TEMPLATE_FUEL: u64 = 5_000_000;
+/// Bytes a chat template may write.
+const TEMPLATE_MAX_OUTPUT: usize = 64 << 20;
+
+/// The rendered text, refused past [`TEMPLATE_MAX_OUTPUT`] bytes.
+struct BoundedOutput {
+    buf: Vec<u8>,
+    exceeded: bool,
+}
+
+impl std::io::Write for BoundedOutput {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        if self.buf.len() + b.len() > TEMPLATE_MAX_OUTPUT {
+            self.exceeded = true;
+            return Err(std::io::Error::other("chat template output limit"));
+        }
+        self.buf.extend_from_slice(b);
+        Ok(b.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
@@ -197,6 +229,7 @@ fn build_environment(source: &str) -> std::result::Result<Environment<'static>, 
     env.add_function("strftime_now", strftime_now);
     env.add_filter("tojson", tojson_filter);
     env.set_formatter(python_formatter);
+    env.set_fuel(Some(TEMPLATE_FUEL));
     env.add_template_owned(TEMPLATE_NAME, rewrite_generation_tags(source))?;
     Ok(env)
 }
@@ -228,6 +261,9 @@ fn render_error(path: &Path, e: &minijinja::Error) -> Error {
             return Error::config(path, "chat_template", format!("template raised an exception: {}", one_line(raised)));
         }
         src = err.source();
+    }
+    if e.kind() == ErrorKind::OutOfFuel {
+        return Error::config(path, "chat_template", format!("the template ran past {TEMPLATE_FUEL} instructions: refused (a loop that never ends?)"));
     }
     Error::config(path, "chat_template", format!("cannot render template: {}", one_line(e)))
 }
@@ -593,6 +629,26 @@ mod tests {
     // (ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, loopcontrols)).
 
     const CHATML: &str = "{% for message in messages %}\n    {% if loop.first and message['role'] != 'system' %}\n<|im_start|>system\nbe nice<|im_end|>\n    {% endif %}\n<|im_start|>{{ message['role'] }}\n{{ message['content'] | trim }}<|im_end|>\n{% endfor %}\n{% if add_generation_prompt %}\n<|im_start|>assistant\n{% endif %}\n";
+
+    /// Hostile templates stop at the fuel or output limit with one line naming it, and fast;
+    /// a long conversation of a real template stays far inside both.
+    #[test]
+    fn rendering_is_bounded() {
+        let t0 = std::time::Instant::now();
+        let msgs = [ChatMessage::new("user", "hi")];
+        for (template, says) in [
+            ("{% for i in range(100000) %}{% for j in range(100000) %}{{ i }}{% endfor %}{% endfor %}", "instructions"),
+            ("{% for a in range(1000) %}{% for b in range(1000) %}{% for c in range(1000) %}x{% endfor %}{% endfor %}{% endfor %}", "instructions"),
+            ("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", "cannot render"),
+            (&format!("{{% for i in range(100000) %}}{}{{% endfor %}}", "y".repeat(1000)), "MiB"),
+        ] {
+            let e = render(template, &msgs, false).unwrap_err().to_string();
+            assert!(e.contains(says) && !e.contains('\n'), "{template:.60}: {e}");
+        }
+        assert!(t0.elapsed().as_secs() < 30, "limits took {:?}", t0.elapsed());
+        let long: Vec<ChatMessage> = (0..2000).map(|i| ChatMessage::new(if i % 2 == 0 { "user" } else { "assistant" }, &"word ".repeat(200))).collect();
+        assert!(render(CHATML, &long, true).unwrap().len() > 2_000_000);
+    }
 
     #[test]
     fn trim_and_lstrip_blocks() {
