@@ -316,4 +316,13 @@ fn eval_rows_recomputed_from_its_judged_file() {
     let m: Value = serde_json::from_slice(&std::fs::read(out.join("manifest.json")).unwrap()).unwrap();
     assert_eq!((m["command"].as_str(), m["passes"].as_array().map(Vec::len)), (Some("circuit eval"), Some(9)));
     assert!(m["timings_s"]["judge"].as_f64().is_some());
+    // One-line errors, nothing written.
+    let ids = w.write("ids.json", "[[1, 5, 9]]");
+    let c = circuits.display().to_string();
+    for (extra, says) in [(vec!["--sev", &sev, "--betas=3"], "the circuit's strengths are --alpha"), (vec!["--token-ids", &ids], "needs text prompts"), (vec!["--sev", &sev, "--emotions", "z"], "no circuit for `z`"), (vec!["--sev", &sev, "--instruction", "{text} "], "--instruction")] {
+        let mut args = vec!["circuit", "eval", "--circuit", &c, "--model", &w.model, "--alpha=2", "--label-token-ids", LABELS, "--quiet", "--out", "/nonexistent/eval"];
+        args.extend(extra);
+        let (code, err) = patchbay_cli(&args);
+        assert!(code != 0 && err.trim().lines().count() == 1 && err.contains(says), "{says}: {err}");
+    }
 }

@@ -286,15 +286,17 @@ fn run_eval(a: EvalArgs) -> Result<()> {
         pass_condition.extend(std::iter::repeat_n(1, p.len()));
         passes.extend(p);
     }
-    let steering = match &a.interventions.vector {
-        Some(_) => {
+    let iv = &a.interventions;
+    let steering = match iv.vector.is_some() || iv.project.is_some() || iv.spec.is_some() {
+        true => {
             let conditions = resolve_all(&a.interventions.specs()?, &model.cfg, true)?;
             if let Some(c) = conditions.iter().find(|c| !emotions.contains(&c.direction)) {
                 return Err(Error::input(format!("--vector: direction `{}` is not one of the evaluated circuits ({})", c.direction, emotions.join(", "))));
             }
             passes_of(&conditions, None)?
         }
-        None => Vec::new(),
+        false if iv.betas.is_some() || iv.layers.is_some() || iv.normalise => return Err(Error::input("--betas, --layers and --normalise steer along --vector (the steered condition); the circuit's strengths are --alpha")),
+        false => Vec::new(),
     };
     pass_condition.extend(std::iter::repeat_n(3, steering.len()));
     passes.extend(steering);
