@@ -298,20 +298,8 @@ fn eval_rows_recomputed_from_its_judged_file() {
         assert_eq!((&g["text"], &g["index"], &g["target"]), (&j["text"], &j["index"], &j["target"]));
     }
     // summary.csv: every cell recomputed from judged.jsonl (clean rows once per emotion).
-    let labels = ["a", "b", "c", "d", "e"];
-    let csv = std::fs::read_to_string(out.join("summary.csv")).unwrap();
-    let lines: Vec<Vec<&str>> = csv.lines().skip(1).map(|l| l.split(',').collect()).collect();
-    let keys: Vec<String> = lines.iter().map(|l| l[..3].join(",")).collect();
-    assert_eq!(keys, ["clean,b,", "clean,c,", "circuit,b,2", "circuit,b,6", "circuit,c,2", "circuit,c,6", "steered,b,3", "steered,c,3", "prompted,b,", "prompted,c,"]);
-    for l in &lines {
-        let rows: Vec<&Value> = judged.iter().filter(|j| j["condition"] == l[0] && (l[0] == "clean" || j["target"] == l[1]) && (l[2].is_empty() || j["beta"].as_f64() == l[2].parse::<f64>().ok())).collect();
-        assert_eq!(l[3], rows.len().to_string(), "{l:?}");
-        let hits = rows.iter().filter(|j| j["pred"] == l[1]).count();
-        assert_eq!(l[6], format!("{:.4}", hits as f64 / rows.len() as f64), "{l:?}");
-        for (k, name) in labels.iter().enumerate() {
-            assert_eq!(l[7 + k], format!("{:.4}", rows.iter().filter(|j| j["pred"] == *name).count() as f64 / rows.len() as f64), "{l:?} share of {name}");
-        }
-    }
+    let keys = ["clean,b,", "clean,c,", "circuit,b,2", "circuit,b,6", "circuit,c,2", "circuit,c,6", "steered,b,3", "steered,c,3", "prompted,b,", "prompted,c,"];
+    assert_summary_recomputed(&out.join("summary.csv"), &judged, &["a", "b", "c", "d", "e"], &keys);
     assert!(std::fs::metadata(out.join("accuracy.png")).unwrap().len() > 1000);
     let m: Value = serde_json::from_slice(&std::fs::read(out.join("manifest.json")).unwrap()).unwrap();
     assert_eq!((m["command"].as_str(), m["passes"].as_array().map(Vec::len)), (Some("circuit eval"), Some(9)));

@@ -116,6 +116,14 @@ impl CircuitOp {
             other => Err(Error::input(format!("--op `{other}`: expected scale or add"))),
         }
     }
+
+    /// `scale` or `add`, as the file writes it.
+    pub fn name(self) -> &'static str {
+        match self {
+            CircuitOp::Scale => "scale",
+            CircuitOp::Add => "add",
+        }
+    }
 }
 
 /// One head or group of neurons with its op and weight.
@@ -338,7 +346,7 @@ impl BuildRule {
             _ => "the emotion's mean contribution (components contrib), kept only when the ablate sweep's effect is positive",
         };
         let t = self.threshold.map_or(String::new(), |t| format!(" with score >= {t}"));
-        format!("top {} heads and top {} neurons by {by}{t}; op {:?}, weight 1; a layer's neurons form one component", self.top_k_heads, self.top_k_neurons, self.op).to_lowercase()
+        format!("top {} heads and top {} neurons by {by}{t}; op {}, weight 1; a layer's neurons form one component", self.top_k_heads, self.top_k_neurons, self.op.name())
     }
 }
 
