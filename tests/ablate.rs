@@ -169,15 +169,19 @@ fn scale_one_is_the_clean_run_bit_for_bit() {
     components.extend(random_groups(&mut rng, &model, 2));
     let abl = ablations(&components, &model.cfg, None).unwrap();
     let conds = the_conditions(&model, &prompts, &abl, AblateOp::Scale { alpha: 1.0 }, &Positions::All, 0);
+    let dev = DeviceModel::upload(&model, test_driver(FiberOrder::Forward).1).unwrap();
+    assert_clean_bit_for_bit("scaled by 1", &model, &dev, &prompts, &abl, &conds);
+}
+
+/// Every condition's rows are the clean run's bit for bit, on the CPU and `dev`, by both methods.
+fn assert_clean_bit_for_bit(what: &str, model: &Model, dev: &DeviceModel, prompts: &[Vec<u32>], abl: &[Ablation], conds: &[Condition]) {
     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-    let (driver_name, driver) = test_driver(FiberOrder::Forward);
-    let dev = DeviceModel::upload(&model, driver).unwrap();
-    let engines: [(&str, &dyn Engine); 2] = [("cpu", &model), (&driver_name, &dev)];
+    let engines: [(&str, &dyn Engine); 2] = [("cpu", model), ("device", dev)];
     for (name, engine) in engines {
         for method in [Method::Resumed, Method::Naive] {
-            let (clean, rows) = sweep(engine, method, &prompts, &conds, 1 << 20);
+            let (clean, rows) = sweep(engine, method, prompts, conds, 1 << 20);
             for (c, r) in rows.chunks(clean.len()).enumerate() {
-                assert_eq!(bits(r), bits(&clean), "{name} {method:?}: {} scaled by 1 differs from the clean run", abl[c].component.name());
+                assert_eq!(bits(r), bits(&clean), "{name} {method:?}: {} {what} differs from the clean run", abl[c].component.name());
             }
         }
     }
@@ -515,7 +519,6 @@ fn add_op_along_the_write_direction() {
         assert_close(&format!("{tag} clean"), &clean_r, &clean_n, F32_ATOL, F32_RTOL);
         assert_close(&tag, &resumed, &naive, F32_ATOL, F32_RTOL);
         assert_changes(&tag, &clean_n, &naive);
-        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         let zero = conditions(&abl, AblateOp::Add { alpha: 0.0 }, &operands, &positions, 0, cfg).unwrap();
         let (driver_name, driver) = test_driver(FiberOrder::Forward);
         let dev = DeviceModel::upload(&model, driver).unwrap();
@@ -523,14 +526,6 @@ fn add_op_along_the_write_direction() {
             let (_, on_dev) = sweep(&dev, Method::Resumed, &prompts, &conds, 9);
             assert_forward_close(&format!("{tag} {driver_name} vs cpu"), &on_dev, &naive);
         }
-        let engines: [(&str, &dyn Engine); 2] = [("cpu", &model), (&driver_name, &dev)];
-        for (name, engine) in engines {
-            for method in [Method::Resumed, Method::Naive] {
-                let (clean, rows) = sweep(engine, method, &prompts, &zero, 1 << 20);
-                for (c, r) in rows.chunks(clean.len()).enumerate() {
-                    assert_eq!(bits(r), bits(&clean), "{family} {name} {method:?}: {} with alpha 0 differs from the clean run", abl[c].component.name());
-                }
-            }
-        }
+        assert_clean_bit_for_bit(&format!("({family}) with alpha 0"), &model, &dev, &prompts, &abl, &zero);
     }
 }
