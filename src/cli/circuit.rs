@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use super::generate::{Interventions, SamplingArgs, circuit_passes, describe_run, generate_passes, generation_fields, passes_of};
 use super::inputs::{InputArgs, LabelArgs};
 use super::interventions::{InterventionArgs, parse_numbers};
-use super::judge::{Judge, print_summary};
+use super::judge::Judge;
 use super::steer::{JudgeFlags, JudgeSetup, generation_inputs, judge_passes};
 use super::{command_manifest, load_engine, merge, progress_bar};
 use patchbay::data::labels::parse_list;
@@ -319,7 +319,6 @@ fn run_eval(a: EvalArgs) -> Result<()> {
     let judge_tok = judge_tok.as_ref().unwrap_or(&tok);
     let judge_of = judge_model.as_ref().unwrap_or(&model);
     let JudgeSetup { scorer, targets, valence, template } = a.judge.setup(&a.labels, &emotions, judge_of, judge_tok)?;
-    let names = scorer.names().to_vec();
     let spec = a.sampling.spec(&model, a.seed);
     let engine = load_engine(&model, a.inputs.device)?;
     let judge_engine = judge_model.as_ref().map(|m| load_engine(m, a.inputs.device)).transpose()?;
@@ -360,14 +359,11 @@ fn run_eval(a: EvalArgs) -> Result<()> {
     if !a.quiet {
         eprintln!("{}", describe_run(&gens, gen_s));
     }
-    let conditions: Vec<String> = EVAL_CONDITIONS.iter().map(|c| c.to_string()).collect();
     let t_judge = Instant::now();
-    let summary = judge_passes(&judge, &conditions, &passes, &pass_condition, &emotions, &targets, &gens, &valence, a.sampling.batch_size, a.quiet, &a.out)?;
+    judge_passes(&judge, (&EVAL_CONDITIONS, eval_chart), &passes, &pass_condition, &emotions, &targets, &gens, &valence, a.sampling.batch_size, a.quiet, &a.out)?;
     let judge_s = t_judge.elapsed().as_secs_f64();
-    patchbay::io::plot::line_panels(&a.out.join("accuracy.png"), &eval_chart(&summary))?;
     manifest(json!({"generate": gen_s, "judge": judge_s, "total": t0.elapsed().as_secs_f64()}))?;
     if !a.quiet {
-        print_summary(&summary, &names);
         eprintln!("wrote {}", a.out.display());
     }
     Ok(())

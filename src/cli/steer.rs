@@ -21,6 +21,7 @@ use patchbay::experiments::patch_files::write_manifest;
 use patchbay::experiments::steer::{GENERATION_CONDITIONS, expression_chart, expression_rows, label_sweep, random_controls};
 use patchbay::intervene::spec::resolve_all;
 use patchbay::io::JsonlFile;
+use patchbay::io::plot::LinePanels;
 use patchbay::io::plot::distinct;
 use patchbay::model::Model;
 use patchbay::model::tokenizer::PromptTokenizer;
@@ -338,29 +339,26 @@ fn run_generate(a: SteerArgs) -> Result<()> {
             _ => 2,
         })
         .collect();
-    let conditions_names: Vec<String> = GENERATION_CONDITIONS.iter().map(|c| c.to_string()).collect();
     let t_judge = Instant::now();
-    let summary = judge_passes(&judge, &conditions_names, &passes, &pass_condition, &directions, &targets, &gens, &valence, a.sampling.batch_size, a.quiet, &a.out)?;
+    judge_passes(&judge, (&GENERATION_CONDITIONS, expression_chart), &passes, &pass_condition, &directions, &targets, &gens, &valence, a.sampling.batch_size, a.quiet, &a.out)?;
     let judge_s = t_judge.elapsed().as_secs_f64();
-    patchbay::io::plot::line_panels(&a.out.join("accuracy.png"), &expression_chart(&summary))?;
     manifest(json!({"generate": gen_s, "judge": judge_s, "total": t0.elapsed().as_secs_f64()}))?;
     if !a.quiet {
-        print_summary(&summary, &names);
         eprintln!("wrote {}", a.out.display());
     }
     Ok(())
 }
 
 /// Judges generations (`gens`: pass-major, the same number of prompts per pass) as `judge` does
-/// and writes judged.jsonl, summary.csv, valence.csv and judge.json in `out`. Pass p is of
-/// condition `pass_condition[p]` (an index into `conditions`); a pass that steers toward one of
+/// and writes judged.jsonl, summary.csv, valence.csv, judge.json and accuracy.png (`chart` of the
+/// summary) in `out`, and prints the summary unless `quiet`. Pass p is of condition `pass_condition[p]` (an index into `conditions`); a pass that steers toward one of
 /// `directions` (its `steered`) is measured against the label `targets[j]` of that direction,
-/// and passes without one (clean) are every direction's baseline. Returns the expression
-/// summary (accuracy per condition, target and beta).
+/// and passes without one (clean) are every direction's baseline. The summary is the expression
+/// accuracy per condition, target and beta.
 #[allow(clippy::too_many_arguments)]
 pub fn judge_passes(
     judge: &Judge,
-    conditions: &[String],
+    (conditions, chart): (&[&str], fn(&[JudgeSummary]) -> LinePanels),
     passes: &[Interventions],
     pass_condition: &[usize],
     directions: &[String],
@@ -370,7 +368,7 @@ pub fn judge_passes(
     batch_size: usize,
     quiet: bool,
     out: &Path,
-) -> Result<Vec<JudgeSummary>> {
+) -> Result<()> {
     let n = gens.len() / passes.len().max(1);
     let mut rows: Vec<(usize, GenerationRow)> = Vec::with_capacity(gens.len());
     let mut row_targets: Vec<Option<usize>> = Vec::with_capacity(gens.len());
@@ -386,6 +384,8 @@ pub fn judge_passes(
             row_targets.push(target);
         }
     }
+    let conditions: Vec<String> = conditions.iter().map(|c| c.to_string()).collect();
+    let conditions = &conditions;
     let bar = progress_bar(rows.len() as u64, "judge", "texts", quiet);
     let judged = judge.judge(conditions, &rows, &row_targets, batch_size, quiet, &bar, &out.join("judged.jsonl"))?;
     bar.finish_and_clear();
@@ -397,5 +397,9 @@ pub fn judge_passes(
     let valence_names: Vec<String> = VALENCES.iter().map(|v| v.to_string()).collect();
     patchbay::io::write_atomic(&out.join("valence.csv"), judge_summary_csv(&by_valence, &valence_names).as_bytes())?;
     write_manifest(&out.join("judge.json"), &json!({"judge": judge.describe(), "summary": summary, "valence": by_valence}))?;
-    Ok(summary)
+    patchbay::io::plot::line_panels(&out.join("accuracy.png"), &chart(&summary))?;
+    if !quiet {
+        print_summary(&summary, names);
+    }
+    Ok(())
 }
