@@ -22,8 +22,8 @@ const ABLATE_HELP: &str = "Examples:
       --op mean --random-control --seed 1 --out runs/neurons
   patchbay ablate --model M --token-ids ids.json --label-token-ids 5,6,7 --heads 0.1,3.2 --op scale --alpha 2 \\
       --positions last --device cuda --out runs/enhance
-  patchbay ablate --model M --dataset D --template tak --labels anger,joy --heads all --op add --alpha 4 \
-      --vector runs/dirs/directions.safetensors:joy --positions last:4 --out runs/add-joy
+  patchbay ablate --model M --dataset D --template tak --labels anger,joy --heads all --op add \\
+      --alpha 4 --vector runs/dirs/directions.safetensors:joy --positions last:4 --out runs/add-joy
 
 One experiment per component: --heads all (every head of every layer) or L.H,...; --neuron-groups
 GROUPS.json, a list of {\"layer\": L, \"neurons\": [i, ...]}, one experiment per group (both flags may
@@ -42,7 +42,8 @@ entries of the down_proj input (blocks.L.mlp.hook_post). At --positions (all, la
                        d_model width, at blocks.L.hook_resid_post of the component's layer L (a
                        `patchbay directions` name E, or an exact tensor name), and normalised.
                        In Gemma 2 / OLMo 2 the add is before the sublayer's post-norm, which
-                       rescales the whole output: less than A |W^T d| reaches the residual.
+                       rescales the whole output (the added write included): what reaches the
+                       residual along d is not A |W^T d|.
 The label logits are read at each prompt's last token. --random-control adds, for each
 component, a random one of the same size at the same layer (seeded by --seed): another head of
 that layer, or as many distinct neurons of that layer outside the group; its rows have control

@@ -22,8 +22,8 @@
 //! unit change of the component's input whose write W u has the largest projection on d (|W^T d|
 //! for a unit d), so the sublayer's output gains alpha |W^T d| along d. In Gemma 2 and OLMo 2
 //! the attention and MLP outputs pass a post-norm before the residual: the add is before that
-//! norm, which rescales the whole sublayer output (the added write included) to the clean output's
-//! scale, so the change reaching the residual is smaller and not exactly along W u.
+//! norm, which rescales the whole sublayer output (the added write included), so what reaches the
+//! residual is neither alpha |W^T d| along d nor exactly along W u.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
