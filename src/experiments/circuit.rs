@@ -21,7 +21,7 @@
 //! twice, a non-finite weight, an `add` component without the circuit's `vector`: one-line errors
 //! naming the file and the entry.
 //!
-//! # Modulation at strength A ([`CircuitFile::conditions`])
+//! # Modulation at strength A ([`Circuit::conditions`])
 //!
 //! - `scale`, weight w: the component's units are multiplied by `1 + A w`;
 //! - `add`, weight w: the units get `A w u`, u = W^T d / |W^T d| (W the component's write matrix,
