@@ -193,15 +193,19 @@ fn scale_one_is_the_clean_run_bit_for_bit() {
     components.extend(random_groups(&mut rng, &model, 2));
     let abl = ablations(&components, &model.cfg, None).unwrap();
     let conds = the_conditions(&model, &prompts, &abl, AblateOp::Scale { alpha: 1.0 }, &Positions::All, 0);
+    let dev = DeviceModel::upload(&model, test_driver(FiberOrder::Forward).1).unwrap();
+    assert_clean_bit_for_bit("scaled by 1", &model, &dev, &prompts, &abl, &conds);
+}
+
+/// Every condition's rows are the clean run's bit for bit, on the CPU and `dev`, by both methods.
+fn assert_clean_bit_for_bit(what: &str, model: &Model, dev: &DeviceModel, prompts: &[Vec<u32>], abl: &[Ablation], conds: &[Condition]) {
     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-    let (driver_name, driver) = test_driver(FiberOrder::Forward);
-    let dev = DeviceModel::upload(&model, driver).unwrap();
-    let engines: [(&str, &dyn Engine); 2] = [("cpu", &model), (&driver_name, &dev)];
+    let engines: [(&str, &dyn Engine); 2] = [("cpu", model), ("device", dev)];
     for (name, engine) in engines {
         for method in [Method::Resumed, Method::Naive] {
-            let (clean, rows) = sweep(engine, method, &prompts, &conds, 1 << 20);
+            let (clean, rows) = sweep(engine, method, prompts, conds, 1 << 20);
             for (c, r) in rows.chunks(clean.len()).enumerate() {
-                assert_eq!(bits(r), bits(&clean), "{name} {method:?}: {} scaled by 1 differs from the clean run", abl[c].component.name());
+                assert_eq!(bits(r), bits(&clean), "{name} {method:?}: {} {what} differs from the clean run", abl[c].component.name());
             }
         }
     }
@@ -420,6 +424,8 @@ fn bad_input_is_one_line_and_writes_nothing() {
         (vec!["--heads", "all", "--op", "scale", "--alpha", "inf"], "not a finite"),
         (vec!["--heads", "all", "--alpha", "2"], "--alpha is for --op scale"),
         (vec!["--heads", "all", "--positions", "last+generated"], "prompt only (no generated"),
+        (vec!["--heads", "all", "--op", "add", "--alpha", "2"], "--vector goes with --op add"),
+        (vec!["--heads", "all", "--vector", "v.safetensors:joy"], "--vector goes with --op add"),
         (vec![], "give the components"),
     ];
     for (extra, says) in cases {
@@ -916,5 +922,68 @@ fn shards_merge_and_resume_give_the_whole_run() {
         args.extend(dirs.iter().copied());
         let (code, err) = patchbay_cli(&args);
         assert!(code != 0 && err.contains(says) && err.trim().lines().count() == 1, "{dirs:?}: {err}");
+    }
+}
+
+/// `--op add`: each head's and group's write operand is W^T d (checked by its effect: adding
+/// alpha u to head h's z at one position moves attn_out there by exactly alpha |W^T d| along a
+/// unit d, in a family without post-norm); alpha 0 is the clean run bit for bit on every engine
+/// and method; resumed equals naive on the CPU (llama, and gemma2 with its post-norms) and on
+/// the device (llama), against the CPU.
+#[test]
+fn add_op_along_the_write_direction() {
+    use patchbay::experiments::ablate::write_operands;
+    let mut rng = Rng::seeded(0xadd0);
+    let unit = |v: Vec<f32>| {
+        let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        v.into_iter().map(|x| x / n).collect::<Vec<f32>>()
+    };
+    for family in ["llama", "gemma2"] {
+        let dir = synth_family(family, 3, rng.next_u64());
+        let model = Model::load(dir.path()).unwrap();
+        let cfg = &model.cfg;
+        let prompts = random_prompts(3, &[6, 9, 4], cfg.vocab_size, rng.next_u64());
+        // A direction per layer.
+        let dirs: Vec<Vec<f32>> = (0..cfg.n_layers).map(|_| unit(rng.normals(cfg.d_model))).collect();
+        let mut components = parse_heads("all", cfg).unwrap();
+        components.extend(random_groups(&mut rng, &model, 3));
+        let abl = ablations(&components, cfg, Some(rng.next_u64())).unwrap();
+        let operands = write_operands(&model, &mean_sites(&abl), &mut |l| Ok(dirs[l].clone())).unwrap();
+        let positions = random_positions(&mut rng);
+        let alpha = rng.uniform(2.0, 6.0);
+        let conds = conditions(&abl, AblateOp::Add { alpha }, &operands, &positions, 0, cfg).unwrap();
+        for (a, c) in abl.iter().zip(&conds) {
+            let Op::Add { beta, v, normalize: false } = &c.op else { panic!("{:?}", c.op) };
+            assert_eq!((*beta, c.units.as_ref()), (alpha, Some(&a.component.units())));
+            assert!((v.iter().map(|x| x * x).sum::<f32>().sqrt() - 1.0).abs() < 1e-5, "{}: u is not a unit vector", a.component.name());
+        }
+        if family == "llama" {
+            // The effect of one head's add on attn_out (no post-norm): alpha |W^T d| along d.
+            let (layer, head) = (1, rng.below(cfg.n_heads));
+            let w = &operands[&Site::new(layer, SiteKind::Z)][head * cfg.d_head..(head + 1) * cfg.d_head];
+            let wn = w.iter().map(|x| x * x).sum::<f32>().sqrt();
+            let cap = [Capture { site: Site::new(layer, SiteKind::AttnOut), positions: Positions::List(vec![-1]) }];
+            let iv = Intervention { site: Site::new(layer, SiteKind::Z), prompts: None, positions: Positions::List(vec![-1]), units: Some(vec![head]), op: Op::Add { beta: alpha, v: unit(w.to_vec()), normalize: false } };
+            let run = |ivs: &[Intervention]| model.run_prompts(&prompts, &RunRequest { interventions: ivs, captures: &cap, ..Default::default() }).unwrap().captured[0].data.clone();
+            let (clean, added) = (run(&[]), run(std::slice::from_ref(&iv)));
+            for (p, (a, c)) in added.chunks(cfg.d_model).zip(clean.chunks(cfg.d_model)).enumerate() {
+                let along: f32 = a.iter().zip(c).zip(&dirs[layer]).map(|((a, c), d)| (a - c) * d).sum();
+                assert!((along - alpha * wn).abs() < 1e-3 * (1.0 + alpha * wn), "prompt {p}: attn_out moved {along} along d, expected {}", alpha * wn);
+            }
+        }
+        let tag = format!("{family} add {alpha} at {positions:?}");
+        let (clean_n, naive) = sweep(&model, Method::Naive, &prompts, &conds, 1 << 20);
+        let (clean_r, resumed) = sweep(&model, Method::Resumed, &prompts, &conds, 11);
+        assert_close(&format!("{tag} clean"), &clean_r, &clean_n, F32_ATOL, F32_RTOL);
+        assert_close(&tag, &resumed, &naive, F32_ATOL, F32_RTOL);
+        assert_changes(&tag, &clean_n, &naive);
+        let zero = conditions(&abl, AblateOp::Add { alpha: 0.0 }, &operands, &positions, 0, cfg).unwrap();
+        let (driver_name, driver) = test_driver(FiberOrder::Forward);
+        let dev = DeviceModel::upload(&model, driver).unwrap();
+        if family == "llama" {
+            let (_, on_dev) = sweep(&dev, Method::Resumed, &prompts, &conds, 9);
+            assert_forward_close(&format!("{tag} {driver_name} vs cpu"), &on_dev, &naive);
+        }
+        assert_clean_bit_for_bit(&format!("({family}) with alpha 0"), &model, &dev, &prompts, &abl, &zero);
     }
 }

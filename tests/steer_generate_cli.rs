@@ -124,23 +124,8 @@ fn passes_tokens_judgements_and_summaries() {
     }
 
     // summary.csv: clean rows once per target, then each pass; every accuracy and share recomputed.
-    let labels = ["a", "b", "c", "d", "e"];
-    let csv = std::fs::read_to_string(out.join("summary.csv")).unwrap();
-    let lines: Vec<Vec<&str>> = csv.lines().skip(1).map(|l| l.split(',').collect()).collect();
-    let keys: Vec<String> = lines.iter().map(|l| l[..3].join(",")).collect();
-    assert_eq!(keys, ["clean,b,", "clean,c,", "steered,b,2", "random,b,2", "steered,b,30", "random,b,30", "steered,c,2", "random,c,2", "steered,c,30", "random,c,30"]);
-    for l in &lines {
-        let rows: Vec<&Value> = judged
-            .iter()
-            .filter(|j| j["condition"] == l[0] && (l[0] == "clean" || j["target"] == l[1]) && (l[2].is_empty() || j["beta"].as_f64() == l[2].parse::<f64>().ok()))
-            .collect();
-        assert_eq!(l[3], rows.len().to_string(), "{l:?}");
-        let hits = rows.iter().filter(|j| j["pred"] == l[1]).count();
-        assert_eq!(l[6], format!("{:.4}", hits as f64 / rows.len() as f64), "{l:?}");
-        for (k, name) in labels.iter().enumerate() {
-            assert_eq!(l[7 + k], format!("{:.4}", rows.iter().filter(|j| j["pred"] == *name).count() as f64 / rows.len() as f64), "{l:?} share of {name}");
-        }
-    }
+    let keys = ["clean,b,", "clean,c,", "steered,b,2", "random,b,2", "steered,b,30", "random,b,30", "steered,c,2", "random,c,2", "steered,c,30", "random,c,30"];
+    assert_summary_recomputed(&out.join("summary.csv"), &judged, &["a", "b", "c", "d", "e"], &keys);
     // valence.csv: the fixture labels are unknown emotions (valence `other`), so every text is
     // judged with its target's valence.
     let valence = std::fs::read_to_string(out.join("valence.csv")).unwrap();

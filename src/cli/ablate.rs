@@ -9,7 +9,7 @@ use serde_json::json;
 use super::inputs::{InputArgs, LabelArgs, Prompts, manifest};
 use super::patch::MethodArg;
 use super::{load_engine, progress_bar};
-use patchbay::experiments::ablate::{AblateOp, Component, ablate_sweep, ablations, conditions, mean_sites, parse_heads, prompt_positions, read_groups, site_means};
+use patchbay::experiments::ablate::{AblateOp, Component, ablate_sweep, ablations, conditions, mean_sites, parse_heads, prompt_positions, read_groups, site_means, write_operands};
 use patchbay::experiments::ablate_files::SweepPlan;
 use patchbay::experiments::label_files::{Kept, Scope, read_kept, shard_range};
 use patchbay::experiments::patch_files::{SweepPart, read_manifest, write_manifest};
@@ -30,6 +30,8 @@ const ABLATE_HELP: &str = "Examples:
       --op mean --random-control --seed 1 --out runs/neurons
   patchbay ablate --model M --token-ids ids.json --label-token-ids 5,6,7 --heads 0.1,3.2 --op scale --alpha 2 \\
       --positions last --device cuda --out runs/enhance
+  patchbay ablate --model M --dataset D --template tak --labels anger,joy --heads all --op add \\
+      --alpha 4 --vector runs/dirs/directions.safetensors:joy --positions last:4 --out runs/add-joy
   patchbay ablate --model M --dataset D --template tak --labels anger,joy,fear \\
       --ranking runs/contrib/heads.csv --ranking runs/contrib/neurons.csv --ranking-label joy \\
       --top-k 1,2,4,8,16 --random-draws 10 --op zero --projection runs/dirs/directions.safetensors:joy --out runs/topk
@@ -43,6 +45,16 @@ entries of the down_proj input (blocks.L.mlp.hook_post). At --positions (all, la
   --op mean            its mean over every position of every prompt (one capture pass first)
   --op random          a Gaussian vector of its own norm (seeded by --seed)
   --op scale --alpha A A times itself (A > 1 enhances; A = 1 is the clean run bit for bit)
+  --op add --alpha A --vector FILE.safetensors:E
+                       itself + A u (A = 0 is the clean run bit for bit), where u is the
+                       component's own direction toward d: with W its write matrix (the o_proj
+                       columns of head h; the down_proj columns of the group's neurons),
+                       u = W^T d / |W^T d|, so its output gains A |W^T d| along d. d is read at
+                       d_model width, at blocks.L.hook_resid_post of the component's layer L (a
+                       `patchbay directions` name E, or an exact tensor name), and normalised.
+                       In Gemma 2 / OLMo 2 the add is before the sublayer's post-norm, which
+                       rescales the whole output (the added write included): what reaches the
+                       residual along d is not A |W^T d|.
 The label logits are read at each prompt's last token. --random-control adds, for each
 component, a random one of the same size at the same layer (seeded by --seed): another head of
 that layer, or as many distinct neurons of that layer outside the group; its rows have control
@@ -82,7 +94,7 @@ files.
 Outputs in --out:
   experiments.jsonl  one object per (component, prompt), appended as batches finish: experiment
                      (its index in the sweep), kind (head | neurons), layer, head (head rows) or
-                     neurons (the group), op, alpha (scale), index (prompt), label_logits (label
+                     neurons (the group), op, alpha (scale, add), index (prompt), label_logits (label
                      order), pred, clean_pred, control, gold when known, projection with
                      --projection
   clean.jsonl        the clean run: index, label_logits, pred (and gold, projection)
@@ -119,6 +131,9 @@ pub struct AblateArgs {
     neuron_groups: Option<PathBuf>,
     #[command(flatten)]
     op: AblateOpArgs,
+    /// --op add: the direction d, FILE.safetensors:NAME (NAME per layer as <resid_post of the layer>/NAME, or a tensor name); normalised.
+    #[arg(long)]
+    vector: Option<String>,
     /// Also run, for each component, a random one of the same size at the same layer.
     #[arg(long)]
     random_control: bool,
@@ -178,10 +193,10 @@ pub struct AblateArgs {
 /// What is done to each component, and where: the flags of `ablate` and `bench ablate`.
 #[derive(Args, Clone)]
 pub struct AblateOpArgs {
-    /// zero, mean (the dataset mean), random (equal norm) or scale (with --alpha).
+    /// zero, mean (the dataset mean), random (equal norm), scale or add (with --alpha).
     #[arg(long, default_value = "zero")]
     op: String,
-    /// The factor of --op scale.
+    /// The factor of --op scale, the strength of --op add.
     #[arg(long, allow_hyphen_values = true)]
     alpha: Option<f32>,
     /// Prompt positions ablated: all, last, last:K, -1,-2, 0,3, -1..-5.
@@ -268,6 +283,9 @@ fn values_sha256(v: &[f32]) -> String {
 pub fn run(a: AblateArgs) -> Result<()> {
     let t0 = Instant::now();
     let (op, positions) = a.op.resolve()?;
+    if a.vector.is_some() != matches!(op, AblateOp::Add { .. }) {
+        return Err(Error::input("--vector goes with --op add (and --op add needs --vector FILE.safetensors:NAME)"));
+    }
     if a.batch_rows == 0 {
         return Err(Error::input("--batch-rows must be at least 1"));
     }
@@ -293,7 +311,8 @@ pub fn run(a: AblateArgs) -> Result<()> {
         "label_token_ids": labels.token_ids,
         "plan": plan,
         "op": op.name(),
-        "alpha": match op { AblateOp::Scale { alpha } => Some(alpha), _ => None },
+        "alpha": op.alpha(),
+        "vector": a.vector,
         "positions": positions.describe(),
         "projection": projection.as_ref().map(|p| json!({"site": p.site.to_string(), "direction_sha256": values_sha256(&p.direction)})),
         "seed": a.seed,
@@ -322,7 +341,8 @@ pub fn run(a: AblateArgs) -> Result<()> {
         let extra = json!({
             "method": a.method.method().1,
             "op": op.name(),
-            "alpha": match op { AblateOp::Scale { alpha } => Some(alpha), _ => None },
+            "alpha": op.alpha(),
+            "vector": a.vector,
             "positions": positions.describe(),
             "projection": proj_json,
             "mode": match &plan { SweepPlan::Components { .. } => "components", SweepPlan::TopK { .. } => "top_k", SweepPlan::Sublayers { .. } => "sublayers" },
@@ -355,7 +375,11 @@ pub fn run(a: AblateArgs) -> Result<()> {
     save_manifest("running", json!(null))?;
 
     let t_mean = Instant::now();
-    let means = if op == AblateOp::Mean { site_means(engine.as_ref(), &prompts, &mean_sites(&plan.ablations()), a.batch_rows)? } else { Default::default() };
+    let operands = match (op, &a.vector) {
+        (AblateOp::Mean, _) => site_means(engine.as_ref(), &prompts, &mean_sites(&plan.ablations()), a.batch_rows)?,
+        (AblateOp::Add { .. }, Some(v)) => write_operands(&model, &mean_sites(&plan.ablations()), &mut |layer| Ok(read_vector(v, Site::new(layer, SiteKind::ResidPost), cfg.d_model, true)?.1))?,
+        _ => Default::default(),
+    };
     let mean_s = t_mean.elapsed().as_secs_f64();
     let (method, method_name) = a.method.method();
     let n_todo = scope.todo.as_ref().map_or(prompts.len(), Vec::len);
@@ -364,11 +388,11 @@ pub fn run(a: AblateArgs) -> Result<()> {
     let e = engine.as_ref();
     match &plan {
         SweepPlan::Components { ablations, .. } => {
-            let conditions = conditions(ablations, op, &means, &positions, a.seed, cfg)?;
+            let conditions = conditions(ablations, op, &operands, &positions, a.seed, cfg)?;
             ablate_sweep(e, method, &prompts, &labels, projection.as_ref(), &gold, ablations, op, &conditions, scope, a.batch_rows, &bar, &a.out).map(drop)
         }
         SweepPlan::TopK { label, sets } => {
-            let experiments = set_conditions(sets, op, &means, &positions, a.seed, cfg)?;
+            let experiments = set_conditions(sets, op, &operands, &positions, a.seed, cfg)?;
             top_k_sweep(e, method, &prompts, &labels, projection.as_ref(), &gold, sets, &experiments, op, label, a.seed, scope, a.batch_rows, &bar, &a.out).map(drop)
         }
         SweepPlan::Sublayers { sublayers, alphas, .. } => {

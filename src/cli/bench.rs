@@ -10,6 +10,7 @@ use super::patch::SweepArgs;
 use super::{load_engine, parse_bytes, print_stdout, progress_bar};
 use patchbay::backend::DeviceSpec;
 use patchbay::backend::ops::sample::SampleParams;
+use patchbay::experiments::ablate::AblateOp;
 use patchbay::experiments::bench::{AblateBenchSpec, BenchShape, bench_ablate, bench_capture, bench_forward, bench_generate, bench_patch};
 use patchbay::experiments::generate::StepIntervention;
 use patchbay::experiments::workload::PatchWorkloadSpec;
@@ -360,6 +361,9 @@ fn patch(a: PatchBenchArgs) -> Result<()> {
 fn ablate(a: AblateBenchArgs) -> Result<()> {
     let model = Model::load(&a.model)?;
     let (op, positions) = a.op.resolve()?;
+    if matches!(op, AblateOp::Add { .. }) {
+        return Err(Error::input("bench ablate: --op add needs a direction file (patchbay ablate --vector); bench scale, which costs the same"));
+    }
     let spec = AblateBenchSpec {
         n_prompts: a.n_prompts,
         prompt_len: a.prompt_len,

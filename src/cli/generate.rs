@@ -1,7 +1,6 @@
 //! `patchbay generate`: text generation (KV-cache decoding) on any device, with interventions
 //! at every step plugged in through [`Interventions`].
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -10,7 +9,7 @@ use indicatif::ProgressBar;
 use serde_json::{Value, json};
 
 use super::inputs::{InputArgs, encode_dataset};
-use super::interventions::InterventionArgs;
+use super::interventions::{InterventionArgs, parse_numbers};
 use super::{command_manifest, load_engine, merge, model_json, progress_bar};
 use patchbay::backend::ops::sample::SampleParams;
 use patchbay::data::prompts::{PromptEntry, PromptSource, load_prompts, read_prompts_file};
@@ -23,7 +22,10 @@ use patchbay::experiments::generate::{GenerateSpec, Generation, StepIntervention
 use patchbay::intervene::Op;
 use patchbay::io::plot::distinct;
 use patchbay::experiments::steer::{random_controls, step_intervention};
+use patchbay::experiments::circuit::{Circuit, CircuitFile};
 use patchbay::intervene::spec::{Condition, resolve_all};
+use patchbay::io::JsonlFile;
+use patchbay::sites::TokenScope;
 use patchbay::model::Model;
 use patchbay::model::tokenizer::PromptTokenizer;
 use patchbay::{Error, Result};
@@ -34,6 +36,7 @@ const GENERATE_HELP: &str = "Examples:
   patchbay generate --model M --dataset envent_gen.csv --preset envent --template tak --limit 100 --max-new-tokens 8 --device cuda --out runs/tak
   patchbay generate --model M --token-ids ids.json --max-new-tokens 16 --device emu --out runs/ids
   patchbay generate --model M --prompts scenarios.txt --vector runs/dirs/directions.safetensors:anger --site resid_post --layers 3,4 --positions last:4+generated --betas=0,4,8 --normalise --out runs/angry
+  patchbay generate --model M --prompts scenarios.txt --circuit runs/circuits.json --emotion joy --alpha=0,1,2 --positions last:4+generated --out runs/joy-circuit
 
 Prompts: --prompts FILE (one prompt per line, or a .jsonl file of {\"prompt\"} / {\"text\"} /
 {\"messages\": [...]} objects), --dataset through --template, or --token-ids (a JSON list of lists
@@ -65,8 +68,17 @@ null with --token-ids), text (the generated text, without a final eos, cut befor
 tokens (every generated id, the eos or the token completing a stop string included), stop (eos |
 stop_string | length), beta and direction (the pass's direction names, `random` for a control;
 null without interventions), interventions (what the pass applied:
-direction, site, layer, op, beta, positions; [] without), seed. manifest.json: the
-command line, model, device, inputs, sampling, timings.";
+direction, site, layer, op, beta, positions, units; [] without), seed. manifest.json: the
+command line, model, device, inputs, sampling, timings.
+
+Circuits (--circuit FILE from `patchbay circuit build`; one file may hold circuits for several
+emotions: pick one with --emotion): one pass per --alpha A (a comma list), every component of
+the circuit acting at --positions (the grammar above, e.g. last:4+generated): a `scale`
+component of weight w has its units (a head's slice of the o_proj input, a group's neurons of
+the down_proj input) multiplied by 1 + A w, an `add` component's units get A w u, u = W^T d /
+|W^T d| (W the component's write matrix, d the circuit's vector: `patchbay ablate --op add`).
+A = 0 is the clean generation token for token. Rows: direction `circuit:<emotion>`, beta A,
+interventions one per component (with its units).";
 
 #[derive(Args)]
 #[command(after_help = GENERATE_HELP)]
@@ -95,6 +107,15 @@ pub struct GenerateArgs {
     /// After each steered pass, a pass with a same-norm random direction in place of each vector (seeded by --seed; `add` interventions only).
     #[arg(long)]
     random_control: bool,
+    /// A circuit file (`patchbay circuit build`): generate under the circuit of --emotion at each --alpha, at --positions.
+    #[arg(long, conflicts_with_all = ["vector", "project", "spec", "random_control"])]
+    circuit: Option<PathBuf>,
+    /// The circuit's emotion (needed when the file holds several).
+    #[arg(long, requires = "circuit")]
+    emotion: Option<String>,
+    /// Circuit strengths, comma-separated, one pass each (write --alpha=-2,2 when the first is negative).
+    #[arg(long, requires = "circuit", allow_hyphen_values = true)]
+    alpha: Option<String>,
 }
 
 /// How generation decodes: the flags `generate` and `steer --mode generate` share.
@@ -164,9 +185,19 @@ impl Interventions {
     }
 }
 
-/// The generation passes of the intervention flags: none given, one clean pass; else
-/// [`passes_of`] their conditions.
-fn passes(a: &InterventionArgs, random_control: Option<u64>, model: &Model) -> Result<Vec<Interventions>> {
+/// The generation passes of the flags: a circuit's ([`circuit_passes`]); else none given, one
+/// clean pass; else [`passes_of`] the intervention flags' conditions.
+fn passes(g: &GenerateArgs, model: &Model) -> Result<Vec<Interventions>> {
+    let (a, random_control) = (&g.interventions, g.random_control.then_some(g.seed));
+    if let Some(path) = &g.circuit {
+        if a.betas.is_some() || a.layers.is_some() || a.normalise {
+            return Err(Error::input("--betas, --layers and --normalise are for --vector; a circuit's strengths are --alpha"));
+        }
+        let file = CircuitFile::read(path, &model.cfg)?;
+        let (emotion, circuit) = file.circuit(g.emotion.as_deref())?;
+        let alphas = parse_numbers(g.alpha.as_deref().ok_or_else(|| Error::input("--circuit needs --alpha A (or a list: --alpha=0,2,4)"))?, "--alpha")?;
+        return circuit_passes(circuit, emotion, model, &alphas, &TokenScope::parse(&a.positions)?);
+    }
     if a.vector.is_none() && a.project.is_none() && a.spec.is_none() {
         if a.betas.is_some() || a.layers.is_some() || a.normalise || random_control.is_some() {
             return Err(Error::input("--betas, --layers, --normalise and --random-control need --vector, --project or --spec"));
@@ -193,7 +224,7 @@ pub fn passes_of(conditions: &[Condition], random_control: Option<u64>) -> Resul
             return Err(Error::input("--random-control: no `add` intervention to control (a --project pass has no random control)"));
         }
     }
-    let describe = |c: &Condition| json!({"direction": c.direction, "site": c.site.to_string(), "layer": c.site.layer, "op": c.op.name(), "beta": c.beta, "positions": c.positions.describe()});
+    let describe = describe_condition;
     let pass = |set: &[&Condition], steered: &str, beta: f32| Interventions {
         beta: Some(beta),
         direction: Some(set[0].direction.clone()),
@@ -215,6 +246,38 @@ pub fn passes_of(conditions: &[Condition], random_control: Option<u64>) -> Resul
         }
     }
     Ok(out)
+}
+
+/// What generations.jsonl and the manifests say about a condition a pass applies (with its units
+/// when it has some).
+fn describe_condition(c: &Condition) -> Value {
+    let mut d = json!({"direction": c.direction, "site": c.site.to_string(), "layer": c.site.layer, "op": c.op.name(), "beta": c.beta, "positions": c.positions.describe()});
+    if let Some(u) = &c.units {
+        d["units"] = json!(u);
+    }
+    d
+}
+
+/// One generation pass per strength in `alphas` under the circuit of `emotion` at `scope`
+/// (`experiments::circuit`): direction `circuit:<emotion>`, beta the strength, steered toward
+/// `emotion`.
+pub fn circuit_passes(circuit: &Circuit, emotion: &str, model: &Model, alphas: &[f32], scope: &TokenScope) -> Result<Vec<Interventions>> {
+    if alphas.is_empty() {
+        return Err(Error::input("--alpha: no strength given"));
+    }
+    alphas
+        .iter()
+        .map(|&alpha| {
+            let conds = circuit.conditions(emotion, model, alpha, scope)?;
+            Ok(Interventions {
+                beta: Some(alpha),
+                direction: Some(conds[0].direction.clone()),
+                steered: Some(emotion.to_string()),
+                steps: conds.iter().map(step_intervention).collect(),
+                description: Value::Array(conds.iter().map(describe_condition).collect()),
+            })
+        })
+        .collect()
 }
 
 /// The prompts: token ids and, where known, the text.
@@ -289,23 +352,18 @@ fn generation_json(index: usize, prompt: Option<&str>, g: &Generation, pass: &In
     line
 }
 
-/// Generates every prompt under every pass (in order) and writes generations.jsonl at `path`,
-/// one line per (pass, prompt) ([`generation_json`]), appended and flushed after each batch.
-/// Returns the generations, pass-major.
+/// Generates every prompt under every pass (in order) and appends to `file` (generations.jsonl)
+/// one line per (pass, prompt) ([`generation_json`]), flushed after each batch. Returns the
+/// generations, pass-major.
 #[allow(clippy::too_many_arguments)]
-pub fn generate_passes(engine: &dyn Engine, inputs: &Inputs, spec: &GenerateSpec, passes: &[Interventions], tok: Option<&PromptTokenizer>, target: bool, bar: &ProgressBar, path: &Path) -> Result<Vec<Generation>> {
-    let mut file = std::io::BufWriter::new(std::fs::File::create(path).map_err(|e| Error::io(path, e))?);
-    let write_err = |e: std::io::Error| Error::io(path, e);
+pub fn generate_passes(engine: &dyn Engine, inputs: &Inputs, spec: &GenerateSpec, passes: &[Interventions], tok: Option<&PromptTokenizer>, target: bool, bar: &ProgressBar, file: &mut JsonlFile) -> Result<Vec<Generation>> {
     let mut gens: Vec<Generation> = Vec::new();
     for pass in passes {
         if let Some(beta) = pass.beta {
             bar.set_message(format!("generate, {} beta {beta}", pass.direction.as_deref().unwrap_or("")));
         }
         gens.extend(generate(engine, &inputs.ids, spec, &pass.steps, tok, bar, &mut |first, batch| {
-            for (i, g) in batch.iter().enumerate() {
-                writeln!(file, "{}", generation_json(first + i, inputs.texts[first + i].as_deref(), g, pass, target)).map_err(write_err)?;
-            }
-            file.flush().map_err(write_err)
+            file.write(&batch.iter().enumerate().map(|(i, g)| generation_json(first + i, inputs.texts[first + i].as_deref(), g, pass, target)).collect::<Vec<_>>())
         })?);
     }
     Ok(gens)
@@ -336,7 +394,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     };
     let inputs = load_inputs(&a, tok.as_ref())?;
     let model = Model::load(model_dir)?;
-    let passes = passes(&a.interventions, a.random_control.then_some(a.seed), &model)?;
+    let passes = passes(&a, &model)?;
     let spec = a.sampling.spec(&model, a.seed);
     let engine = load_engine(&model, a.inputs.device)?;
     let stats = TokenStats::of(&inputs.ids);
@@ -355,7 +413,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     let path = a.out.join("generations.jsonl");
     let bar = progress_bar(0, "generate", "tokens", a.quiet);
     let t_gen = Instant::now();
-    let gens = generate_passes(engine.as_ref(), &inputs, &spec, &passes, tok.as_ref(), false, &bar, &path)?;
+    let gens = generate_passes(engine.as_ref(), &inputs, &spec, &passes, tok.as_ref(), false, &bar, &mut JsonlFile::new(path.clone()))?;
     bar.finish_and_clear();
     let gen_s = t_gen.elapsed().as_secs_f64();
     let n_tokens: usize = gens.iter().map(|g| g.tokens.len()).sum();

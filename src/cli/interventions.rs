@@ -44,12 +44,7 @@ impl InterventionArgs {
             return read_specs(path);
         }
         let betas = self.betas.as_deref().ok_or_else(|| Error::input("give --betas (example: --betas=-4,2,8) or --spec FILE.json"))?;
-        let betas = betas
-            .split(',')
-            .map(str::trim)
-            .filter(|b| !b.is_empty())
-            .map(|b| b.parse::<f32>().map_err(|_| Error::input(format!("--betas: `{b}` is not a number"))))
-            .collect::<Result<Vec<_>>>()?;
+        let betas = parse_numbers(betas, "--betas")?;
         Ok(vec![InterventionSpec {
             vector: self.vector.clone(),
             project: self.project.clone(),
@@ -60,4 +55,13 @@ impl InterventionArgs {
             normalise: self.normalise,
         }])
     }
+}
+
+/// A comma-separated list of numbers (`--betas`, `--alpha`); Err naming `flag` and the bad item.
+pub fn parse_numbers(list: &str, flag: &str) -> Result<Vec<f32>> {
+    list.split(',')
+        .map(str::trim)
+        .filter(|b| !b.is_empty())
+        .map(|b| b.parse::<f32>().map_err(|_| Error::input(format!("{flag}: `{b}` is not a number"))))
+        .collect()
 }

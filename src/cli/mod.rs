@@ -3,6 +3,7 @@
 pub mod ablate;
 pub mod bench;
 pub mod capture;
+pub mod circuit;
 pub mod components;
 pub mod cost;
 pub mod demo;
@@ -30,6 +31,8 @@ pub enum Command {
     Inspect(inspect::InspectArgs),
     /// Run prompts and save activations at chosen sites (and logits) to a safetensors file.
     Capture(capture::CaptureArgs),
+    /// Circuits as files: build a circuit per emotion from component rankings (build), evaluate circuit-modulated generation against prompting and steering (eval).
+    Circuit(circuit::CircuitArgs),
     /// Attention heads and MLP neurons: contributions to a direction and to label logits (contrib), the logit lens (lens).
     Components(components::ComponentsArgs),
     /// Steering directions per site: class-mean or context-averaged from a dataset, from probe weights, unique-effect vectors (a safetensors file).
@@ -64,6 +67,7 @@ impl Command {
             Command::Demo(a) => demo::run(a),
             Command::Inspect(a) => inspect::run(a),
             Command::Capture(a) => capture::run(a),
+            Command::Circuit(a) => circuit::run(a),
             Command::Components(a) => components::run(a),
             Command::Directions(a) => directions::run(a),
             Command::Generate(a) => generate::run(a),

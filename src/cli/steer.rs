@@ -1,6 +1,6 @@
 //! `patchbay steer --mode labels`: steering sweeps read through a label set.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use clap::{Args, ValueEnum};
@@ -9,16 +9,19 @@ use serde_json::json;
 use super::generate::{Inputs, Interventions, SamplingArgs, describe_run, generate_passes, generation_fields, passes_of};
 use super::inputs::{InputArgs, LabelArgs, Prompts, manifest};
 use super::interventions::InterventionArgs;
-use super::judge::{Judge, print_summary, scorer};
+use super::judge::{Judge, Scorer, print_summary, scorer};
 use super::{command_manifest, load_engine, merge, progress_bar};
 use patchbay::data::labels::parse_list;
 use patchbay::data::sev::{self, DEFAULT_CONTEXT};
 use patchbay::data::template::{Template, TokenStats};
 use patchbay::experiments::dataset_files::dataset_json;
-use patchbay::experiments::judge::{GenerationRow, VALENCES, by_valence, default_valence, summarize as judge_summarize, summary_csv as judge_summary_csv};
+use patchbay::experiments::generate::Generation;
+use patchbay::experiments::judge::{GenerationRow, SummaryRow as JudgeSummary, VALENCES, by_valence, default_valence, summarize as judge_summarize, summary_csv as judge_summary_csv};
 use patchbay::experiments::patch_files::write_manifest;
 use patchbay::experiments::steer::{GENERATION_CONDITIONS, expression_chart, expression_rows, label_sweep, random_controls};
 use patchbay::intervene::spec::resolve_all;
+use patchbay::io::JsonlFile;
+use patchbay::io::plot::LinePanels;
 use patchbay::io::plot::distinct;
 use patchbay::model::Model;
 use patchbay::model::tokenizer::PromptTokenizer;
@@ -125,30 +128,68 @@ pub struct SteerArgs {
     sev_variant: String,
     #[command(flatten)]
     sampling: SamplingArgs,
-    /// Generate mode: the judge model [default: the steered model, on the same engine].
-    #[arg(long)]
-    judge_model: Option<PathBuf>,
-    /// Generate mode: the judging prompt, a preset (tak, tak-list, tak-guess, plain) or a string with {text}.
-    #[arg(long, default_value = "tak")]
-    judge_template: String,
-    /// Generate mode: judge by a saved probe of the judge model (a `patchbay probe` weight file; its classes are the labels) instead of label scoring.
-    #[arg(long)]
-    judge_probe: Option<PathBuf>,
-    /// Generate mode: the position of --judge-probe.
-    #[arg(long, default_value_t = -1, allow_hyphen_values = true)]
-    judge_probe_position: i64,
-    /// Generate mode: wrap each judging prompt in the judge's chat template.
-    #[arg(long)]
-    judge_chat: bool,
-    /// Generate mode: valences of labels, LABEL=positive|negative|neutral|other (comma-separated), over the built-in map.
-    #[arg(long)]
-    valence: Option<String>,
+    #[command(flatten)]
+    judge: JudgeFlags,
     /// Output directory.
     #[arg(long)]
     out: PathBuf,
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
+}
+
+/// How generated texts are judged: the flags of `steer --mode generate` and `circuit eval`.
+#[derive(Args, Clone, Debug)]
+pub struct JudgeFlags {
+    /// Generate mode: the judge model [default: the steered model, on the same engine].
+    #[arg(long)]
+    pub judge_model: Option<PathBuf>,
+    /// Generate mode: the judging prompt, a preset (tak, tak-list, tak-guess, plain) or a string with {text}.
+    #[arg(long, default_value = "tak")]
+    pub judge_template: String,
+    /// Generate mode: judge by a saved probe of the judge model (a `patchbay probe` weight file; its classes are the labels) instead of label scoring.
+    #[arg(long)]
+    pub judge_probe: Option<PathBuf>,
+    /// Generate mode: the position of --judge-probe.
+    #[arg(long, default_value_t = -1, allow_hyphen_values = true)]
+    pub judge_probe_position: i64,
+    /// Generate mode: wrap each judging prompt in the judge's chat template.
+    #[arg(long)]
+    pub judge_chat: bool,
+    /// Generate mode: valences of labels, LABEL=positive|negative|neutral|other (comma-separated), over the built-in map.
+    #[arg(long)]
+    pub valence: Option<String>,
+}
+
+/// A judge's parts before its engine: the scorer, the label of each steered direction, each
+/// label's valence, the judging template.
+pub struct JudgeSetup {
+    pub scorer: Scorer,
+    pub targets: Vec<usize>,
+    pub valence: Vec<usize>,
+    pub template: Template,
+}
+
+impl JudgeFlags {
+    /// --judge-model's model and tokenizer (None: the generating model judges).
+    pub fn load(&self) -> Result<(Option<Model>, Option<PromptTokenizer>)> {
+        Ok((self.judge_model.as_deref().map(Model::load).transpose()?, self.judge_model.as_deref().map(PromptTokenizer::load).transpose()?))
+    }
+
+    /// The judge of `model` (the judging model) over the labels of `labels` (default: the
+    /// `directions`); Err when a direction is not a label.
+    pub fn setup(&self, labels: &LabelArgs, directions: &[String], model: &Model, tok: &PromptTokenizer) -> Result<JudgeSetup> {
+        let scorer = scorer(self.judge_probe.as_deref(), self.judge_probe_position, labels.labels.as_deref(), labels.label_token_ids.as_deref(), Some(directions), model, tok)?;
+        let names = scorer.names().to_vec();
+        let targets: Vec<usize> = directions
+            .iter()
+            .map(|d| names.iter().position(|n| n == d).ok_or_else(|| Error::input(format!("direction `{d}` is not one of the judge's labels ({}): steer along label-named directions (--vector FILE:anger,joy) and give --labels with them", names.join(", ")))))
+            .collect::<Result<_>>()?;
+        let valence = valences(&names, self.valence.as_deref())?;
+        let mut template = Template::parse(&self.judge_template)?;
+        template.chat = self.judge_chat;
+        Ok(JudgeSetup { scorer, targets, valence, template })
+    }
 }
 
 pub fn run(a: SteerArgs) -> Result<()> {
@@ -159,7 +200,7 @@ pub fn run(a: SteerArgs) -> Result<()> {
 }
 
 fn run_labels(a: SteerArgs) -> Result<()> {
-    let generation_only = [("--sev", a.sev.is_some()), ("--judge-model", a.judge_model.is_some()), ("--judge-probe", a.judge_probe.is_some()), ("--valence", a.valence.is_some()), ("--stop", !a.sampling.stop.is_empty()), ("--judge-chat", a.judge_chat)];
+    let generation_only = [("--sev", a.sev.is_some()), ("--judge-model", a.judge.judge_model.is_some()), ("--judge-probe", a.judge.judge_probe.is_some()), ("--valence", a.judge.valence.is_some()), ("--stop", !a.sampling.stop.is_empty()), ("--judge-chat", a.judge.judge_chat)];
     if let Some((flag, _)) = generation_only.iter().find(|f| f.1) {
         return Err(Error::input(format!("{flag} is for --mode generate")));
     }
@@ -200,22 +241,22 @@ fn run_labels(a: SteerArgs) -> Result<()> {
     Ok(())
 }
 
-/// The prompts of generate mode: --token-ids verbatim, else the --sev scenarios or the --dataset
-/// texts through --template.
-fn generation_inputs(a: &SteerArgs, tok: &PromptTokenizer) -> Result<Inputs> {
-    if let Some(path) = &a.labels.token_ids {
-        return Inputs::token_ids(path, &a.inputs.model, a.inputs.template.chat);
+/// The prompts of generate mode: --token-ids verbatim, else the --sev scenarios (each in
+/// `sev_variant`) or the --dataset texts through `template` (None: --template).
+pub fn generation_inputs(inputs: &InputArgs, token_ids: Option<&Path>, sev: Option<(&Path, &str)>, template: Option<Template>, tok: &PromptTokenizer, quiet: bool) -> Result<Inputs> {
+    if let Some(path) = token_ids {
+        return Inputs::token_ids(path, &inputs.model, inputs.template.chat);
     }
-    let template = a.inputs.template.template()?;
-    match &a.sev {
-        Some(path) => {
-            let s = sev::load(path, DEFAULT_CONTEXT, Some(std::slice::from_ref(&a.sev_variant)), a.inputs.data.limit)?;
-            let source = json!({"sev": path.display().to_string(), "variant": a.sev_variant, "context": DEFAULT_CONTEXT, "scenarios": s.dataset.examples.len()});
-            Inputs::dataset(&s.dataset, &template, tok, a.quiet, source)
+    let template = template.map_or_else(|| inputs.template.template(), Ok)?;
+    match sev {
+        Some((path, variant)) => {
+            let s = sev::load(path, DEFAULT_CONTEXT, Some(&[variant.to_string()]), inputs.data.limit)?;
+            let source = json!({"sev": path.display().to_string(), "variant": variant, "context": DEFAULT_CONTEXT, "scenarios": s.dataset.examples.len()});
+            Inputs::dataset(&s.dataset, &template, tok, quiet, source)
         }
         None => {
-            let ds = a.inputs.data.load(None)?.ok_or_else(|| Error::input("give the prompts: --sev FILE, --dataset FILE or --token-ids FILE"))?;
-            Inputs::dataset(&ds, &template, tok, a.quiet, json!({"dataset": dataset_json(&ds)}))
+            let ds = inputs.data.load(None)?.ok_or_else(|| Error::input("give the prompts: --sev FILE, --dataset FILE or --token-ids FILE"))?;
+            Inputs::dataset(&ds, &template, tok, quiet, json!({"dataset": dataset_json(&ds)}))
         }
     }
 }
@@ -243,24 +284,15 @@ fn run_generate(a: SteerArgs) -> Result<()> {
     passes.extend(passes_of(&conditions, (!a.no_random_control).then_some(a.seed))?);
     // The texts are judged: the tokenizer is needed to decode them.
     let tok = PromptTokenizer::load(&a.inputs.model)?;
-    let inputs = generation_inputs(&a, &tok)?;
-    let n = inputs.ids.len();
+    let inputs = generation_inputs(&a.inputs, a.labels.token_ids.as_deref(), a.sev.as_deref().map(|p| (p, a.sev_variant.as_str())), None, &tok, a.quiet)?;
 
     // The judge: another model, or the steered one on its engine.
-    let judge_model = a.judge_model.as_deref().map(Model::load).transpose()?;
-    let judge_tok = a.judge_model.as_deref().map(PromptTokenizer::load).transpose()?;
+    let (judge_model, judge_tok) = a.judge.load()?;
     let judge_tok = judge_tok.as_ref().unwrap_or(&tok);
     let directions = distinct(conditions.iter().map(|c| c.direction.clone()));
     let judge_of = judge_model.as_ref().unwrap_or(&model);
-    let scorer = scorer(a.judge_probe.as_deref(), a.judge_probe_position, a.labels.labels.as_deref(), a.labels.label_token_ids.as_deref(), Some(&directions), judge_of, judge_tok)?;
+    let JudgeSetup { scorer, targets, valence, template: judge_template } = a.judge.setup(&a.labels, &directions, judge_of, judge_tok)?;
     let names = scorer.names().to_vec();
-    let targets: Vec<usize> = directions
-        .iter()
-        .map(|d| names.iter().position(|n| n == d).ok_or_else(|| Error::input(format!("direction `{d}` is not one of the judge's labels ({}): steer along label-named directions (--vector FILE:anger,joy) and give --labels with them", names.join(", ")))))
-        .collect::<Result<_>>()?;
-    let valence = valences(&names, a.valence.as_deref())?;
-    let mut judge_template = Template::parse(&a.judge_template)?;
-    judge_template.chat = a.judge_chat;
     let spec = a.sampling.spec(&model, a.seed);
     let engine = load_engine(&model, a.inputs.device)?;
     let judge_engine = judge_model.as_ref().map(|m| load_engine(m, a.inputs.device)).transpose()?;
@@ -291,50 +323,83 @@ fn run_generate(a: SteerArgs) -> Result<()> {
 
     let bar = progress_bar(0, "generate", "tokens", a.quiet);
     let t_gen = Instant::now();
-    let gens = generate_passes(engine.as_ref(), &inputs, &spec, &passes, Some(&tok), true, &bar, &a.out.join("generations.jsonl"))?;
+    let gens = generate_passes(engine.as_ref(), &inputs, &spec, &passes, Some(&tok), true, &bar, &mut JsonlFile::new(a.out.join("generations.jsonl")))?;
     bar.finish_and_clear();
     let gen_s = t_gen.elapsed().as_secs_f64();
     if !a.quiet {
         eprintln!("{}", describe_run(&gens, gen_s));
     }
 
-    // Judged rows: (condition, row) with the target of steered and control rows.
-    let conditions_names: Vec<String> = GENERATION_CONDITIONS.iter().map(|c| c.to_string()).collect();
-    let mut rows: Vec<(usize, GenerationRow)> = Vec::with_capacity(gens.len());
-    let mut row_targets: Vec<Option<usize>> = Vec::with_capacity(gens.len());
-    for (p, pass) in passes.iter().enumerate() {
-        let condition = match (&pass.steered, &pass.direction) {
+    // Conditions: clean, steered (a pass along its own direction), random (its control).
+    let pass_condition: Vec<usize> = passes
+        .iter()
+        .map(|pass| match (&pass.steered, &pass.direction) {
             (None, _) => 0,
             (Some(s), Some(d)) if s == d => 1,
             _ => 2,
+        })
+        .collect();
+    let t_judge = Instant::now();
+    judge_passes(&judge, (&GENERATION_CONDITIONS, expression_chart), &passes, &pass_condition, &directions, &targets, &gens, &valence, a.sampling.batch_size, a.quiet, &a.out)?;
+    let judge_s = t_judge.elapsed().as_secs_f64();
+    manifest(json!({"generate": gen_s, "judge": judge_s, "total": t0.elapsed().as_secs_f64()}))?;
+    if !a.quiet {
+        eprintln!("wrote {}", a.out.display());
+    }
+    Ok(())
+}
+
+/// Judges generations (`gens`: pass-major, the same number of prompts per pass) as `judge` does
+/// and writes judged.jsonl, summary.csv, valence.csv, judge.json and accuracy.png (`chart` of the
+/// summary) in `out`, and prints the summary unless `quiet`. Pass p is of condition `pass_condition[p]` (an index into `conditions`); a pass that steers toward one of
+/// `directions` (its `steered`) is measured against the label `targets[j]` of that direction,
+/// and passes without one (clean) are every direction's baseline. The summary is the expression
+/// accuracy per condition, target and beta.
+#[allow(clippy::too_many_arguments)]
+pub fn judge_passes(
+    judge: &Judge,
+    (conditions, chart): (&[&str], fn(&[JudgeSummary]) -> LinePanels),
+    passes: &[Interventions],
+    pass_condition: &[usize],
+    directions: &[String],
+    targets: &[usize],
+    gens: &[Generation],
+    valence: &[usize],
+    batch_size: usize,
+    quiet: bool,
+    out: &Path,
+) -> Result<()> {
+    let n = gens.len() / passes.len().max(1);
+    let mut rows: Vec<(usize, GenerationRow)> = Vec::with_capacity(gens.len());
+    let mut row_targets: Vec<Option<usize>> = Vec::with_capacity(gens.len());
+    for (p, pass) in passes.iter().enumerate() {
+        let target = match &pass.steered {
+            Some(s) => Some(targets[directions.iter().position(|d| d == s).ok_or_else(|| Error::input(format!("a pass steers toward `{s}`, not one of {}", directions.join(", "))))?]),
+            None => None,
         };
-        let target = pass.steered.as_ref().map(|s| targets[directions.iter().position(|d| d == s).expect("a pass steers one of the directions")]);
         for (i, g) in gens[p * n..(p + 1) * n].iter().enumerate() {
             // The beta as generations.jsonl writes it (shortest f32 text), so both files agree.
             let beta = pass.beta.map(|b| b.to_string().parse::<f64>().expect("an f32 prints as a number"));
-            rows.push((condition, GenerationRow { index: i, text: g.text.clone().unwrap_or_default(), beta, direction: pass.direction.clone(), target: pass.steered.clone() }));
+            rows.push((pass_condition[p], GenerationRow { index: i, text: g.text.clone().unwrap_or_default(), beta, direction: pass.direction.clone(), target: pass.steered.clone() }));
             row_targets.push(target);
         }
     }
-    let bar = progress_bar(rows.len() as u64, "judge", "texts", a.quiet);
-    let t_judge = Instant::now();
-    let judged = judge.judge(&conditions_names, &rows, &row_targets, a.sampling.batch_size, a.quiet, &bar, &a.out.join("judged.jsonl"))?;
+    let conditions: Vec<String> = conditions.iter().map(|c| c.to_string()).collect();
+    let conditions = &conditions;
+    let bar = progress_bar(rows.len() as u64, "judge", "texts", quiet);
+    let judged = judge.judge(conditions, &rows, &row_targets, batch_size, quiet, &bar, &out.join("judged.jsonl"))?;
     bar.finish_and_clear();
-    let judge_s = t_judge.elapsed().as_secs_f64();
-
-    let names = &names;
-    let expression = expression_rows(&judged, &targets, names);
-    let summary = judge_summarize(&conditions_names, &expression, names.len());
-    patchbay::io::write_atomic(&a.out.join("summary.csv"), judge_summary_csv(&summary, names).as_bytes())?;
-    let by_valence = by_valence(&conditions_names, &expression, &valence);
+    let names = judge.names();
+    let expression = expression_rows(&judged, targets, names);
+    let summary = judge_summarize(conditions, &expression, names.len());
+    patchbay::io::write_atomic(&out.join("summary.csv"), judge_summary_csv(&summary, names).as_bytes())?;
+    let by_valence = by_valence(conditions, &expression, valence);
     let valence_names: Vec<String> = VALENCES.iter().map(|v| v.to_string()).collect();
-    patchbay::io::write_atomic(&a.out.join("valence.csv"), judge_summary_csv(&by_valence, &valence_names).as_bytes())?;
-    patchbay::io::plot::line_panels(&a.out.join("accuracy.png"), &expression_chart(&summary))?;
-    write_manifest(&a.out.join("judge.json"), &json!({"judge": judge.describe(), "summary": summary, "valence": by_valence}))?;
-    manifest(json!({"generate": gen_s, "judge": judge_s, "total": t0.elapsed().as_secs_f64()}))?;
-    if !a.quiet {
+    patchbay::io::write_atomic(&out.join("valence.csv"), judge_summary_csv(&by_valence, &valence_names).as_bytes())?;
+    write_manifest(&out.join("judge.json"), &json!({"judge": judge.describe(), "summary": summary, "valence": by_valence}))?;
+    patchbay::io::plot::line_panels(&out.join("accuracy.png"), &chart(&summary))?;
+    if !quiet {
         print_summary(&summary, names);
-        eprintln!("wrote {}", a.out.display());
     }
     Ok(())
 }

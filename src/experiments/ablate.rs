@@ -1,6 +1,7 @@
 //! Causal component sweeps (`patchbay ablate`, Wang et al.): one attention head or one group of
-//! MLP neurons per experiment, ablated (zero, dataset mean, random of equal norm) or scaled, at
-//! chosen prompt positions, read through a label set at the last token.
+//! MLP neurons per experiment, ablated (zero, dataset mean, random of equal norm), scaled, or
+//! enhanced along a direction (add), at chosen prompt positions, read through a label set at the
+//! last token.
 //!
 //! A component is an [`intervene::spec::Condition`](crate::intervene::spec::Condition) with
 //! units: a head h of layer L is unit h of `blocks.L.attn.hook_z` (the o_proj input, so zeroing
@@ -10,6 +11,19 @@
 //! its layer, all the experiments of a layer segments of one batched call. [`naive_labels`] is
 //! the simple path every resumed result is tested against: one full forward per (component,
 //! chunk of prompts) with the intervention.
+//!
+//! # Enhancing along a direction (`AblateOp::Add`)
+//!
+//! Adding alpha d to the residual stream would be the same for every head of a layer, so the op
+//! is defined in the component's own units: with W its write matrix into the residual (the o_proj
+//! columns of head h, `W_O[:, h*d_head..(h+1)*d_head]`; the down_proj columns of the group's
+//! neurons), u = W^T d / |W^T d| and the component's units get `x + alpha u` ([`write_operands`]
+//! computes W^T d over a whole site, [`conditions`] selects and normalises the units). u is the
+//! unit change of the component's input whose write W u has the largest projection on d (|W^T d|
+//! for a unit d), so the sublayer's output gains alpha |W^T d| along d. In Gemma 2 and OLMo 2
+//! the attention and MLP outputs pass a post-norm before the residual: the add is before that
+//! norm, which rescales the whole sublayer output (the added write included), so what reaches the
+//! residual is neither alpha |W^T d| along d nor exactly along W u.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -24,9 +38,11 @@ use crate::experiments::label_files::Scope;
 use crate::experiments::patch::{Method, chunk_by_rows};
 use crate::experiments::steer::{CleanValues, LabelRunner, Projection, Readout, SteerRow, check_label_tokens, one_each, steer_labels, write_label_rows};
 use crate::intervene::spec::Condition;
-use crate::intervene::{Capture, Op};
+use crate::experiments::components::project_through;
+use crate::intervene::{Capture, Op, norm};
 use crate::io::plot::Grid;
 use crate::logits::argmax;
+use crate::model::Model;
 use crate::model::config::ModelConfig;
 use crate::rng::{chacha, splitmix64};
 use crate::sites::{Positions, Site, SiteKind, TokenScope};
@@ -223,35 +239,48 @@ pub enum AblateOp {
     Random,
     /// x <- alpha x (enhancement for alpha > 1).
     Scale { alpha: f32 },
+    /// x <- x + alpha u, u = W^T d / |W^T d| over the component's units (the module doc).
+    Add { alpha: f32 },
 }
 
 impl AblateOp {
-    /// `--op NAME` with `--alpha` (scale only, required there, finite).
+    /// `--op NAME` with `--alpha` (scale and add only, required there, finite).
     pub fn parse(name: &str, alpha: Option<f32>) -> Result<AblateOp> {
+        let alpha_of = |op: &str| match alpha {
+            Some(a) if a.is_finite() => Ok(a),
+            Some(a) => Err(Error::input(format!("--alpha {a} is not a finite number"))),
+            None => Err(Error::input(format!("--op {op} needs --alpha A (e.g. --alpha 2)"))),
+        };
         let op = match name {
             "zero" => AblateOp::Zero,
             "mean" => AblateOp::Mean,
             "random" => AblateOp::Random,
-            "scale" => match alpha {
-                Some(a) if a.is_finite() => AblateOp::Scale { alpha: a },
-                Some(a) => return Err(Error::input(format!("--alpha {a} is not a finite number"))),
-                None => return Err(Error::input("--op scale needs --alpha A (e.g. --alpha 2)")),
-            },
-            other => return Err(Error::input(format!("--op `{other}`: expected zero, mean, random or scale"))),
+            "scale" => AblateOp::Scale { alpha: alpha_of(name)? },
+            "add" => AblateOp::Add { alpha: alpha_of(name)? },
+            other => return Err(Error::input(format!("--op `{other}`: expected zero, mean, random, scale or add"))),
         };
-        if alpha.is_some() && !matches!(op, AblateOp::Scale { .. }) {
-            return Err(Error::input(format!("--alpha is for --op scale (not {name})")));
+        if alpha.is_some() && op.alpha().is_none() {
+            return Err(Error::input(format!("--alpha is for --op scale or add (not {name})")));
         }
         Ok(op)
     }
 
-    /// `zero`, `mean`, `random` or `scale` (the `op` field of experiments.jsonl).
+    /// The strength of scale and add (None for the ablations).
+    pub fn alpha(&self) -> Option<f32> {
+        match self {
+            AblateOp::Scale { alpha } | AblateOp::Add { alpha } => Some(*alpha),
+            AblateOp::Zero | AblateOp::Mean | AblateOp::Random => None,
+        }
+    }
+
+    /// `zero`, `mean`, `random`, `scale` or `add` (the `op` field of experiments.jsonl).
     pub fn name(&self) -> &'static str {
         match self {
             AblateOp::Zero => "zero",
             AblateOp::Mean => "mean",
             AblateOp::Random => "random",
             AblateOp::Scale { .. } => "scale",
+            AblateOp::Add { .. } => "add",
         }
     }
 }
@@ -281,35 +310,72 @@ pub fn site_means(engine: &dyn Engine, prompts: &[Vec<u32>], sites: &[Site], bat
     Ok(sites.iter().zip(sums).map(|(&s, sum)| (s, sum.into_iter().map(|x| (x / n as f64) as f32).collect())).collect())
 }
 
-/// The sites whose dataset means `--op mean` needs.
+/// The sites whose operands `--op mean` and `--op add` need.
 pub fn mean_sites(ablations: &[Ablation]) -> Vec<Site> {
     ablations.iter().map(|a| a.component.site()).collect::<BTreeSet<_>>().into_iter().collect()
 }
 
 /// One condition per ablation (same order): `op` on the component's units at `positions` (prompt
-/// positions). `means` (`[width]` per site, from [`site_means`]) is needed by `Mean`; `Random`'s
-/// noise is seeded by `seed` and the ablation's index.
-pub fn conditions(ablations: &[Ablation], op: AblateOp, means: &BTreeMap<Site, Vec<f32>>, positions: &Positions, seed: u64, cfg: &ModelConfig) -> Result<Vec<Condition>> {
+/// positions). `operands` (`[width]` per site) are the dataset means of `Mean` (from
+/// [`site_means`]) or the W^T d of `Add` (from [`write_operands`], normalised here over the
+/// component's units); `Random`'s noise is seeded by `seed` and the ablation's index.
+pub fn conditions(ablations: &[Ablation], op: AblateOp, operands: &BTreeMap<Site, Vec<f32>>, positions: &Positions, seed: u64, cfg: &ModelConfig) -> Result<Vec<Condition>> {
     ablations
         .iter()
         .enumerate()
         .map(|(i, a)| {
             let site = a.component.site();
             let units = a.component.units();
+            let beta = op.alpha().unwrap_or(0.0);
+            let (_, unit_w) = site.kind.units(cfg, 0);
+            let selected = |what: &str| -> Result<Vec<f32>> {
+                let all = operands.get(&site).ok_or_else(|| Error::input(format!("no {what} of {site}")))?;
+                Ok(units.iter().flat_map(|&u| all[u * unit_w..(u + 1) * unit_w].iter().copied()).collect())
+            };
             let op = match op {
                 AblateOp::Zero => Op::Zero,
                 AblateOp::Scale { alpha } => Op::Scale { alpha },
                 AblateOp::Random => Op::RandomEqualNorm { seed: splitmix64(seed ^ splitmix64(i as u64)) },
-                AblateOp::Mean => {
-                    let mean = means.get(&site).ok_or_else(|| Error::input(format!("no dataset mean of {site}")))?;
-                    let (_, unit_w) = site.kind.units(cfg, 0);
-                    Op::Mean { mean: units.iter().flat_map(|&u| mean[u * unit_w..(u + 1) * unit_w].iter().copied()).collect() }
-                }
+                AblateOp::Mean => Op::Mean { mean: selected("dataset mean")? },
+                AblateOp::Add { alpha } => Op::Add { beta: alpha, v: unit_write(selected("write direction W^T d (--op add)")?, &a.component.name())?, normalize: false },
             };
-            let beta = if let Op::Scale { alpha } = op { alpha } else { 0.0 };
             Ok(Condition { direction: a.component.name(), site, beta, op, positions: TokenScope { prompt: Some(positions.clone()), generated: false }, units: Some(units) })
         })
         .collect()
+}
+
+/// `w / |w|`: the unit write of a component (Err naming it when W^T d is zero on its units: it
+/// cannot write along d).
+pub fn unit_write(mut w: Vec<f32>, component: &str) -> Result<Vec<f32>> {
+    let n = norm(&w);
+    if !(n > 0.0 && n.is_finite()) {
+        return Err(Error::input(format!("{component}: W^T d is {n} on its units (the component does not write along the direction)")));
+    }
+    w.iter_mut().for_each(|x| *x /= n);
+    Ok(w)
+}
+
+/// W^T d over whole sites, the operand of [`AblateOp::Add`]: at `z` of layer L, `W_O^T d`
+/// (`[n_heads * d_head]`, head h's write direction at `h*d_head..`), at `mlp_post`, `W_down^T d`
+/// (`[d_mlp]`), with d = `direction(L)` (`[d_model]`, the direction at that layer). Err for another
+/// site kind or a direction of another width.
+pub fn write_operands(model: &Model, sites: &[Site], direction: &mut dyn FnMut(usize) -> Result<Vec<f32>>) -> Result<BTreeMap<Site, Vec<f32>>> {
+    let mut out = BTreeMap::new();
+    for &site in sites {
+        site.check(&model.cfg)?;
+        let lw = &model.weights.layers[site.layer];
+        let w = match site.kind {
+            SiteKind::Z => &lw.o.w,
+            SiteKind::MlpPost => &lw.down.w,
+            _ => return Err(Error::input(format!("{site}: --op add acts on heads (z) and neurons (mlp_post) only"))),
+        };
+        let d = direction(site.layer)?;
+        if d.len() != model.cfg.d_model {
+            return Err(Error::input(format!("{site}: a direction of {} values (d_model is {})", d.len(), model.cfg.d_model)));
+        }
+        out.insert(site, project_through(w, &d, 1));
+    }
+    Ok(out)
 }
 
 /// The naive method of [`steer_labels`] (same arguments, same rows, in another order): prompts in
@@ -456,9 +522,9 @@ pub fn head_grid(rows: &[SummaryRow], op: AblateOp, n_heads: usize) -> Option<Gr
     if layers.is_empty() {
         return None;
     }
-    let op = match op {
-        AblateOp::Scale { alpha } => format!("scale {alpha}"),
-        op => op.name().to_string(),
+    let op = match op.alpha() {
+        Some(alpha) => format!("{} {alpha}", op.name()),
+        None => op.name().to_string(),
     };
     Some(Grid {
         title: if projection { format!("Mean change of the projection, head ablated ({op})") } else { format!("Mean change of the clean prediction's label logit, head ablated ({op})") },
@@ -508,7 +574,7 @@ pub fn ablate_sweep(
             Component::Head { head, .. } => o["head"] = json!(head),
             Component::Neurons { neurons, .. } => o["neurons"] = json!(neurons),
         }
-        if let AblateOp::Scale { alpha } = op {
+        if let Some(alpha) = op.alpha() {
             o["alpha"] = json!(alpha);
         }
         o
@@ -552,7 +618,9 @@ mod tests {
     fn ops() {
         assert_eq!(AblateOp::parse("scale", Some(2.0)).unwrap(), AblateOp::Scale { alpha: 2.0 });
         assert_eq!(AblateOp::parse("zero", None).unwrap(), AblateOp::Zero);
-        for (name, alpha, says) in [("scale", None, "needs --alpha"), ("scale", Some(f32::NAN), "not a finite"), ("zero", Some(1.0), "--alpha is for"), ("cut", None, "expected zero")] {
+        assert_eq!(AblateOp::parse("add", Some(-1.5)).unwrap(), AblateOp::Add { alpha: -1.5 });
+        assert_eq!(AblateOp::parse("add", Some(3.0)).unwrap().alpha(), Some(3.0));
+        for (name, alpha, says) in [("scale", None, "needs --alpha"), ("add", None, "--op add needs --alpha"), ("scale", Some(f32::NAN), "not a finite"), ("zero", Some(1.0), "--alpha is for"), ("cut", None, "expected zero")] {
             let e = AblateOp::parse(name, alpha).unwrap_err().to_string();
             assert!(e.contains(says), "{name}: {e}");
         }

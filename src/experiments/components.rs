@@ -66,7 +66,7 @@ fn inv_rms(x: &[f32], width: usize, eps: f32) -> Vec<f32> {
 
 /// `dirs W` for a weight W `[out, in]` and directions `dirs` `[n, out]`: `[n, in]` (W^T d for
 /// each d), in one pass over W, parallel over blocks of its columns.
-fn project_through(w: &Weight, dirs: &[f32], n: usize) -> Vec<f32> {
+pub fn project_through(w: &Weight, dirs: &[f32], n: usize) -> Vec<f32> {
     const BLOCK: usize = 256;
     let (rows, cols) = (w.shape[0], w.shape[1]);
     let blocks: Vec<Vec<f32>> = (0..cols.div_ceil(BLOCK))

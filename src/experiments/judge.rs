@@ -12,6 +12,7 @@ use serde_json::Value;
 
 use crate::engine::{Engine, RunRequest};
 use crate::intervene::Capture;
+use crate::io::plot::{LinePanels, Point, distinct};
 use crate::io::tensorfile::TensorFile;
 use crate::model::Model;
 use crate::sites::{Positions, Site};
@@ -119,6 +120,74 @@ pub fn summary_csv(rows: &[SummaryRow], labels: &[String]) -> String {
         s += &format!("{},{},{},{},{},{},{},{}\n", r.condition, r.direction.as_deref().unwrap_or(""), opt(r.beta), r.n, r.n_empty, r.n_target, r.accuracy.map_or(String::new(), |a| format!("{a:.4}")), shares.join(","));
     }
     s
+}
+
+/// How a condition of a summary is drawn in [`accuracy_chart`].
+#[derive(Clone, Copy, Debug)]
+pub enum ChartLine<'a> {
+    /// Accuracy against beta (the strength), starting from the baseline's accuracy at 0.
+    Curve(&'a str),
+    /// A flat line at the condition's accuracy.
+    Flat(&'a str),
+}
+
+/// An accuracy chart: its title, the panel caption before each target's name, the baseline
+/// condition (its accuracy is every curve's value at 0), the lines and their legends, what x is.
+pub struct AccuracyChart<'a> {
+    pub title: &'a str,
+    pub caption: &'a str,
+    pub baseline: &'a str,
+    pub lines: Vec<(ChartLine<'a>, &'a str)>,
+    pub x_desc: &'a str,
+}
+
+/// Expression accuracy, one panel per target (the `direction` of `summary`'s rows, as the
+/// expression summary keys them), a line per entry of `chart.lines`.
+pub fn accuracy_chart(summary: &[SummaryRow], chart: &AccuracyChart) -> LinePanels {
+    let targets = distinct(summary.iter().filter_map(|r| r.direction.clone()));
+    let betas: Vec<f64> = summary.iter().filter_map(|r| r.beta).collect();
+    let lo = betas.iter().copied().fold(0.0, f64::min);
+    let hi = betas.iter().copied().fold(0.0, f64::max);
+    let point = |x: f64, y: Option<f64>| Point { x, y: y.unwrap_or(f64::NAN), lo: f64::NAN, hi: f64::NAN };
+    let panels = targets
+        .iter()
+        .map(|t| {
+            let of = |c: &str| -> Vec<&SummaryRow> {
+                let mut v: Vec<&SummaryRow> = summary.iter().filter(|r| r.condition == c && r.direction.as_ref() == Some(t)).collect();
+                v.sort_by(|a, b| a.beta.unwrap_or(0.0).total_cmp(&b.beta.unwrap_or(0.0)));
+                v
+            };
+            let accuracy = |c: &str| of(c).first().and_then(|r| r.accuracy);
+            let base = accuracy(chart.baseline);
+            let lines = chart
+                .lines
+                .iter()
+                .map(|(line, _)| match *line {
+                    ChartLine::Flat(c) => vec![point(lo, accuracy(c)), point(hi, accuracy(c))],
+                    // Beta 0 is the baseline: each curve starts there.
+                    ChartLine::Curve(c) => {
+                        let mut l: Vec<Point> = of(c).iter().map(|r| point(r.beta.unwrap_or(0.0), r.accuracy)).collect();
+                        if !l.iter().any(|p| p.x == 0.0) {
+                            l.push(point(0.0, base));
+                            l.sort_by(|a, b| a.x.total_cmp(&b.x));
+                        }
+                        l
+                    }
+                })
+                .collect();
+            (format!("{} {t}", chart.caption), lines)
+        })
+        .collect();
+    LinePanels {
+        title: chart.title.into(),
+        lines: chart.lines.iter().map(|l| l.1.to_string()).collect(),
+        panels,
+        x_range: (lo, hi),
+        x_desc: chart.x_desc.into(),
+        y_desc: "share judged as the target".into(),
+        y_range: (0.0, 1.0),
+        reference: None,
+    }
 }
 
 /// A saved probe as a judge: the logistic regression of a `patchbay probe` weight file

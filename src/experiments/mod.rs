@@ -4,6 +4,7 @@ pub mod ablate;
 pub mod ablate_files;
 pub mod bench;
 pub mod capture;
+pub mod circuit;
 pub mod components;
 pub mod cost;
 pub mod dataset_files;

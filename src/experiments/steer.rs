@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 
 use crate::engine::{Engine, RunOutput, RunRequest, Segment};
 use crate::experiments::generate::StepIntervention;
-use crate::experiments::judge::{GenerationRow, Judged, SummaryRow as JudgeSummary};
+use crate::experiments::judge::{AccuracyChart, ChartLine, GenerationRow, Judged, SummaryRow as JudgeSummary, accuracy_chart};
 use crate::experiments::patch::chunk_by_rows;
 use crate::data::labels::LabelSet;
 use crate::intervene::{Capture, Op, dot, norm};
@@ -493,42 +493,17 @@ pub fn expression_rows(judged: &[Judged], targets: &[usize], labels: &[String]) 
 /// Expression accuracy against beta, one panel per target: the steered passes, their random
 /// controls, and the clean accuracy (flat), from the summary of [`expression_rows`].
 pub fn expression_chart(summary: &[JudgeSummary]) -> LinePanels {
-    let targets = distinct(summary.iter().filter_map(|r| r.direction.clone()));
-    let betas: Vec<f64> = summary.iter().filter_map(|r| r.beta).collect();
-    let lo = betas.iter().copied().fold(0.0, f64::min);
-    let hi = betas.iter().copied().fold(0.0, f64::max);
-    let point = |x: f64, y: Option<f64>| Point { x, y: y.unwrap_or(f64::NAN), lo: f64::NAN, hi: f64::NAN };
-    let panels = targets
-        .iter()
-        .map(|t| {
-            let of = |c: &str| -> Vec<&JudgeSummary> {
-                let mut v: Vec<&JudgeSummary> = summary.iter().filter(|r| r.condition == c && r.direction.as_ref() == Some(t)).collect();
-                v.sort_by(|a, b| a.beta.unwrap_or(0.0).total_cmp(&b.beta.unwrap_or(0.0)));
-                v
-            };
-            let clean = of(GENERATION_CONDITIONS[0]).first().and_then(|r| r.accuracy);
-            // Beta 0 is the clean run: each line starts there.
-            let line = |c: &str| {
-                let mut l: Vec<Point> = of(c).iter().map(|r| point(r.beta.unwrap_or(0.0), r.accuracy)).collect();
-                if !l.iter().any(|p| p.x == 0.0) {
-                    l.push(point(0.0, clean));
-                    l.sort_by(|a, b| a.x.total_cmp(&b.x));
-                }
-                l
-            };
-            (format!("steered toward {t}"), vec![line(GENERATION_CONDITIONS[1]), line(GENERATION_CONDITIONS[2]), vec![point(lo, clean), point(hi, clean)]])
-        })
-        .collect();
-    LinePanels {
-        title: "Expression accuracy of steered generation (judged)".into(),
-        lines: vec!["steered".into(), "random direction".into(), "clean".into()],
-        panels,
-        x_range: (lo, hi),
-        x_desc: "beta".into(),
-        y_desc: "share judged as the target".into(),
-        y_range: (0.0, 1.0),
-        reference: None,
-    }
+    let [clean, steered, random] = GENERATION_CONDITIONS;
+    accuracy_chart(
+        summary,
+        &AccuracyChart {
+            title: "Expression accuracy of steered generation (judged)",
+            caption: "steered toward",
+            baseline: clean,
+            lines: vec![(ChartLine::Curve(steered), "steered"), (ChartLine::Curve(random), "random direction"), (ChartLine::Flat(clean), "clean")],
+            x_desc: "beta",
+        },
+    )
 }
 
 #[cfg(test)]

@@ -235,3 +235,25 @@ pub fn patchbay_ok(args: &[&str]) {
 pub fn read_jsonl(p: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(p).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
 }
+
+/// Checks a judged summary.csv (`judge`, `steer --mode generate`, `circuit eval`) against the
+/// judged rows it summarises: its keys (condition, direction, beta) are `keys`, in order, and
+/// every n, accuracy and share of `labels` is recomputed from `judged` (clean rows count for
+/// every direction).
+pub fn assert_summary_recomputed(summary: &Path, judged: &[serde_json::Value], labels: &[&str], keys: &[&str]) {
+    let csv = std::fs::read_to_string(summary).unwrap();
+    let lines: Vec<Vec<&str>> = csv.lines().skip(1).map(|l| l.split(',').collect()).collect();
+    assert_eq!(lines.iter().map(|l| l[..3].join(",")).collect::<Vec<_>>(), keys);
+    for l in &lines {
+        let rows: Vec<&serde_json::Value> = judged
+            .iter()
+            .filter(|j| j["condition"] == l[0] && (l[0] == "clean" || j["target"] == l[1]) && (l[2].is_empty() || j["beta"].as_f64() == l[2].parse::<f64>().ok()))
+            .collect();
+        assert_eq!(l[3], rows.len().to_string(), "{l:?}");
+        let hits = rows.iter().filter(|j| j["pred"] == l[1]).count();
+        assert_eq!(l[6], format!("{:.4}", hits as f64 / rows.len() as f64), "{l:?}");
+        for (k, name) in labels.iter().enumerate() {
+            assert_eq!(l[7 + k], format!("{:.4}", rows.iter().filter(|j| j["pred"] == *name).count() as f64 / rows.len() as f64), "{l:?} share of {name}");
+        }
+    }
+}
