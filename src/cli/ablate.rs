@@ -129,7 +129,7 @@ pub fn run(a: AblateArgs) -> Result<()> {
     let ablations = ablations(&components, cfg, a.random_control.then_some(a.seed))?;
     let p = Prompts::load(&a.inputs, &a.labels, a.quiet)?;
     let gold = p.gold()?;
-    let engine = load_engine(&model, a.inputs.device)?;
+    let engine = load_engine(&model, a.inputs.device, a.inputs.allow_nonfinite)?;
     let Prompts { ids: prompts, dataset: ds, template, labels } = p;
 
     let t_mean = Instant::now();
@@ -164,7 +164,7 @@ pub fn run(a: AblateArgs) -> Result<()> {
         "peak_rss_bytes": patchbay::io::tensorfile::peak_rss_bytes(),
         "status": "complete",
     });
-    let manifest = manifest("ablate", &model, &engine.device_name(), (ds.as_ref(), template.as_ref(), &labels), &a.labels, extra);
+    let manifest = manifest("ablate", &model, engine.as_ref(), (ds.as_ref(), template.as_ref(), &labels), &a.labels, extra);
     patchbay::io::write_atomic(&a.out.join("manifest.json"), serde_json::to_string_pretty(&manifest).map_err(|e| Error::input(e.to_string()))?.as_bytes())?;
     if !a.quiet {
         eprintln!("{} prompts x {} experiments ({method_name}) in {run_s:.1} s; wrote {}", prompts.len(), ablations.len(), a.out.display());

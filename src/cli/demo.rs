@@ -96,6 +96,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
     let inputs = InputArgs {
         model: model_dir.clone(),
         device: DeviceSpec::Cpu,
+        allow_nonfinite: false,
         data: DatasetArgs {
             dataset: Some(data_path.clone()),
             preset: None,

@@ -12,6 +12,7 @@ use patchbay::data::dataset::{self, Dataset, DatasetSpec, Encoding, Filter, Form
 use patchbay::data::labels::{LabelSet, parse_list};
 use patchbay::data::prompts::{PromptSource, load_prompts};
 use patchbay::data::template::Template;
+use patchbay::engine::Engine;
 use patchbay::experiments::dataset_files::dataset_json;
 use patchbay::model::Model;
 use patchbay::model::tokenizer::PromptTokenizer;
@@ -26,6 +27,8 @@ pub struct InputArgs {
     /// Compute device: cpu (the f32 reference), cuda, cuda:N, or emu (the CUDA emulator).
     #[arg(long, default_value = "cpu")]
     pub device: DeviceSpec,
+    #[arg(long, help = super::ALLOW_NONFINITE_HELP)]
+    pub allow_nonfinite: bool,
     #[command(flatten)]
     pub data: DatasetArgs,
     #[command(flatten)]
@@ -112,12 +115,13 @@ impl Prompts {
 }
 
 /// The manifest of a command run on prompts (the parts of [`Prompts`]): the command, patchbay's
-/// version, the command line, the model, the device, the inputs and the labels; `extra` adds
-/// the command's own fields.
-pub fn manifest(command: &str, model: &Model, device: &str, (dataset, template, labels): (Option<&Dataset>, Option<&Template>, &LabelSet), l: &LabelArgs, extra: serde_json::Value) -> serde_json::Value {
+/// version, the command line, the model, the device (and the non-finite values it returned, kept
+/// by --allow-nonfinite), the inputs and the labels; `extra` adds the command's own fields.
+pub fn manifest(command: &str, model: &Model, engine: &dyn Engine, (dataset, template, labels): (Option<&Dataset>, Option<&Template>, &LabelSet), l: &LabelArgs, extra: serde_json::Value) -> serde_json::Value {
     let mut fields = serde_json::json!({
         "model": super::model_json(model),
-        "device": device,
+        "device": engine.device_name(),
+        "nonfinite_values": engine.nonfinite_values(),
         "dataset": dataset.map(dataset_json),
         "token_ids": l.token_ids.as_ref().map(|p| p.display().to_string()),
         "template": template,

@@ -158,7 +158,7 @@ pub fn run(a: PatchArgs) -> Result<()> {
     let prompts = &p.ids;
     let labels = &p.labels;
     let model = Model::load(&a.inputs.model)?;
-    let engine = load_engine(&model, a.inputs.device)?;
+    let engine = load_engine(&model, a.inputs.device, a.inputs.allow_nonfinite)?;
     let cfg = &model.cfg;
     labels.check_vocab(cfg.vocab_size)?;
     let pairs = match (&a.pairs, a.random_pairs) {

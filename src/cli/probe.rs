@@ -154,7 +154,7 @@ pub fn run(a: ProbeArgs) -> Result<()> {
     }
     // ---- dataset ----
     let model = Model::load(&a.inputs.model)?;
-    let engine = load_engine(&model, a.inputs.device)?;
+    let engine = load_engine(&model, a.inputs.device, a.inputs.allow_nonfinite)?;
     let cfg = &model.cfg;
     let sites = Site::parse_spec(&a.sites, cfg)?;
     let positions = match Positions::parse(&a.positions)? {

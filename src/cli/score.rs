@@ -57,7 +57,7 @@ pub fn run(a: ScoreArgs) -> Result<()> {
     }
     let gold = p.gold()?;
     let model = Model::load(&a.inputs.model)?;
-    let engine = load_engine(&model, a.inputs.device)?;
+    let engine = load_engine(&model, a.inputs.device, a.inputs.allow_nonfinite)?;
     let Prompts { ids: prompts, dataset: ds, template, labels } = p;
     let stats = TokenStats::of(&prompts);
     if !a.quiet {
@@ -85,7 +85,7 @@ pub fn run(a: ScoreArgs) -> Result<()> {
         "timings_s": {"score": score_s, "total": t0.elapsed().as_secs_f64()},
         "peak_rss_bytes": patchbay::io::tensorfile::peak_rss_bytes(),
     });
-    let manifest = manifest("score", &model, &engine.device_name(), (ds.as_ref(), template.as_ref(), &labels), &a.labels, extra);
+    let manifest = manifest("score", &model, engine.as_ref(), (ds.as_ref(), template.as_ref(), &labels), &a.labels, extra);
     patchbay::io::write_atomic(&a.out.join("manifest.json"), serde_json::to_string_pretty(&manifest).map_err(|e| Error::input(e.to_string()))?.as_bytes())?;
     if !a.quiet {
         eprint!("{}", scores.describe());

@@ -263,7 +263,7 @@ pub fn site_means(engine: &dyn Engine, prompts: &[Vec<u32>], sites: &[Site], bat
     let all: Vec<usize> = (0..prompts.len()).collect();
     for chunk in chunk_by_rows(&all, |&i| prompts[i].len(), batch_rows) {
         let chunk_prompts: Vec<Vec<u32>> = chunk.iter().map(|&i| prompts[i].clone()).collect();
-        let out = engine.run_prompts(&chunk_prompts, &RunRequest { captures: &captures, ..Default::default() })?;
+        let out = engine.run_prompts(&chunk_prompts, &RunRequest { captures: &captures, ..Default::default() }).map_err(|e| e.in_batch(|i| chunk[i]))?;
         n += chunk_prompts.iter().map(Vec::len).sum::<usize>();
         for (sum, c) in sums.iter_mut().zip(&out.captured) {
             // c.data: [n_rows, width]
@@ -331,12 +331,12 @@ pub fn naive_labels(
     let all: Vec<usize> = (0..prompts.len()).collect();
     for chunk in chunk_by_rows(&all, |&i| prompts[i].len(), batch_rows) {
         let chunk_prompts: Vec<Vec<u32>> = chunk.iter().map(|&i| prompts[i].clone()).collect();
-        let clean = engine.run_prompts(&chunk_prompts, &req)?.logits; // [n_chunk, k]
+        let clean = engine.run_prompts(&chunk_prompts, &req).map_err(|e| e.in_batch(|i| chunk[i]))?.logits; // [n_chunk, k]
         for (&i, logits) in chunk.iter().zip(clean.chunks(k)) {
             on_clean(i, logits)?;
         }
         for (c, iv) in ivs.iter().enumerate() {
-            let out = engine.run_prompts(&chunk_prompts, &RunRequest { interventions: std::slice::from_ref(iv), ..req })?;
+            let out = engine.run_prompts(&chunk_prompts, &RunRequest { interventions: std::slice::from_ref(iv), ..req }).map_err(|e| e.in_batch(|i| chunk[i]))?;
             let rows: Vec<SteerRow> = chunk
                 .iter()
                 .zip(out.logits.chunks(k).zip(clean.chunks(k)))

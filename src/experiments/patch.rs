@@ -191,7 +191,7 @@ pub fn run_sweep(
             let req = RunRequest { captures: &caps, logits_at: Some(&last), logit_tokens: Some(&spec.label_tokens), ..Default::default() };
             let chunk_prompts: Vec<Vec<u32>> = chunk.iter().map(|(src, _)| prompts[*src].clone()).collect();
             let ids: Vec<usize> = chunk.iter().map(|(src, _)| *src).collect();
-            let out = engine.run_prompts(&chunk_prompts, &req).map_err(|e| Error::input(format!("clean pass of source prompts {ids:?}: {e}")))?;
+            let out = engine.run_prompts(&chunk_prompts, &req).map_err(|e| Error::input(format!("clean pass of source prompts {ids:?}: {}", e.in_batch(|i| ids[i]))))?;
             let mut row0 = 0;
             for (k, (src, wanted)) in chunk.iter().enumerate() {
                 let n_rows = out.captured.first().map_or(0, |c| c.positions[k].len());
@@ -281,11 +281,11 @@ pub fn run_sweep(
                 let target = std::slice::from_ref(&prompts[t]);
                 if !clean_targets.contains_key(&t) {
                     let req = RunRequest { logits_at: Some(&last), logit_tokens: Some(&spec.label_tokens), ..Default::default() };
-                    clean_targets.insert(t, engine.run_prompts(target, &req)?.logits);
+                    clean_targets.insert(t, engine.run_prompts(target, &req).map_err(|e| e.in_batch(|_| t))?.logits);
                 }
                 let (ivs, abs) = interventions(e, src, 0)?;
                 let req = RunRequest { interventions: &ivs, logits_at: Some(&last), logit_tokens: Some(&spec.label_tokens), ..Default::default() };
-                let out = engine.run_prompts(target, &req)?;
+                let out = engine.run_prompts(target, &req).map_err(|e| e.in_batch(|_| t))?;
                 emit(result(e, src, abs, &clean_targets[&t], out.logits))?;
                 settings.progress.inc(1);
             }
@@ -314,7 +314,7 @@ pub fn run_sweep(
                 let req = RunRequest { logits_at: Some(&last), logit_tokens: Some(&spec.label_tokens), ..Default::default() };
                 for chunk in chunk_by_rows(&group, |&t| prompts[t].len(), settings.batch_rows) {
                     let chunk_prompts: Vec<Vec<u32>> = chunk.iter().map(|&t| prompts[t].clone()).collect();
-                    let (runs, out) = engine.run_clean(&chunk_prompts, &req).map_err(|e| Error::input(format!("clean pass of target prompts {chunk:?}: {e}")))?;
+                    let (runs, out) = engine.run_clean(&chunk_prompts, &req).map_err(|e| Error::input(format!("clean pass of target prompts {chunk:?}: {}", e.in_batch(|i| chunk[i]))))?;
                     for ((&t, run), logits) in chunk.iter().zip(runs).zip(out.logits.chunks(n_labels)) {
                         clean.insert(t, (run, logits.to_vec()));
                     }
@@ -342,7 +342,7 @@ pub fn run_sweep(
                     let segments: Vec<Segment> = batch.iter().map(|(e, _, _, p0)| Segment { clean: &clean[&e.pair.target].0, p0: *p0 }).collect();
                     let ivs: Vec<Intervention> = batch.iter().flat_map(|b| b.1.iter().cloned()).collect();
                     let req = RunRequest { interventions: &ivs, logits_at: Some(&last), logit_tokens: Some(&spec.label_tokens), ..Default::default() };
-                    let out = engine.run_segments(layer, &segments, &req)?;
+                    let out = engine.run_segments(layer, &segments, &req).map_err(|e| e.in_batch(|k| batch[k].0.pair.target))?;
                     for (k, (e, _, abs, _)) in batch.into_iter().enumerate().filter(|(_, b)| !skip.contains(&b.0.id)) {
                         let patched = out.logits[k * n_labels..(k + 1) * n_labels].to_vec();
                         emit(result(e, &sources[&e.pair.source], abs, &clean[&e.pair.target].1, patched))?;

@@ -257,6 +257,7 @@ pub fn run_to_dir(engine: &dyn Engine, prompts: &[Vec<u32>], spec: &SweepSpec, a
             "done": done,
             "complete": done == n_mine,
             "seconds": r.started.elapsed().as_secs_f64(),
+            "nonfinite_values": engine.nonfinite_values(),
             "sweep": r.sweep_id,
         });
         if let (Some(m), Value::Object(run)) = (m.as_object_mut(), run) {

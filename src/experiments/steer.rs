@@ -133,7 +133,7 @@ pub fn steer_labels(
     let all: Vec<usize> = (0..prompts.len()).collect();
     for chunk in chunk_by_rows(&all, |&i| prompts[i].len(), batch_rows) {
         let chunk_prompts: Vec<Vec<u32>> = chunk.iter().map(|&i| prompts[i].clone()).collect();
-        let (runs, out) = engine.run_clean(&chunk_prompts, &req)?;
+        let (runs, out) = engine.run_clean(&chunk_prompts, &req).map_err(|e| e.in_batch(|i| chunk[i]))?;
         if out.logits.len() != chunk.len() * k {
             return Err(Error::input(format!("engine returned {} label logits for {} prompts", out.logits.len(), chunk.len())));
         }
@@ -169,7 +169,7 @@ pub fn steer_labels(
                     ivs.push(conditions[run[0].0].intervention(Some((s..s + run.len()).collect()))?);
                     s += run.len();
                 }
-                let out = engine.run_segments(start, &segs, &RunRequest { interventions: &ivs, ..req })?;
+                let out = engine.run_segments(start, &segs, &RunRequest { interventions: &ivs, ..req }).map_err(|e| e.in_batch(|s| chunk[batch[s].1]))?;
                 if out.logits.len() != batch.len() * k {
                     return Err(Error::input(format!("engine returned {} label logits for {} segments", out.logits.len(), batch.len())));
                 }

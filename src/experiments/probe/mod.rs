@@ -167,7 +167,12 @@ pub fn run_probes(shard_dir: &Path, targets: &ProbeTargets, split: &Split, param
                 return Err(Error::file(ShardMeta::shard_path(shard_dir, k), format!("tensor `{site_name}` has shape {shape:?}, expected [{rows}, {n_pos}, ...{width} values]")));
             }
             for (j, r) in items {
-                x[j * row_w..(j + 1) * row_w].copy_from_slice(&data[r * row_w..(r + 1) * row_w]);
+                let features = &data[r * row_w..(r + 1) * row_w];
+                if features.iter().any(|v| !v.is_finite()) {
+                    let prompt = meta.shard_range(k).start + r;
+                    return Err(Error::file(ShardMeta::shard_path(shard_dir, k), format!("tensor `{site_name}` (layer {layer}), row {r} (prompt {prompt}): the features are not finite (NaN or Inf); a probe cannot fit them")));
+                }
+                x[j * row_w..(j + 1) * row_w].copy_from_slice(features);
             }
         }
         let per_pos: Vec<Vec<f32>> = (0..n_pos).map(|p| (0..n).flat_map(|j| x[j * row_w + p * width..j * row_w + (p + 1) * width].iter().copied()).collect()).collect();

@@ -137,6 +137,7 @@ pub fn run(inp: &ProbeInputs, s: &ProbeSettings, started: Instant, mut timings: 
         "seed": s.params.seed,
         "model": {"path": model.dir.display().to_string(), "config_sha256": model.config_hash, "family": cfg.family.name(), "layers": cfg.n_layers, "d_model": cfg.d_model},
         "device": inp.engine.device_name(),
+        "nonfinite_values": inp.engine.nonfinite_values(),
         "labels": label_set,
         "sites": s.sites_text,
         "positions": positions,
