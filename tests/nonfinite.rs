@@ -219,6 +219,15 @@ fn allow_nonfinite_writes_the_values_with_their_count() {
         let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("manifest.json")).unwrap()).unwrap();
         assert!(nulls > 0);
         assert_eq!(manifest["nonfinite_values"], nulls, "score on {device}");
+
+        // patch writes NaN as null and reads its own file back (summary included).
+        let out = dir.path().join(format!("patch-{device}"));
+        let (code, err) = run(&["patch", "--model", m, "--device", device, "--token-ids", ids, "--label-token-ids", "3,50,7", "--random-pairs", "3", "--sites", "resid_post", "--window", "1", "--allow-nonfinite", "--quiet", "--out", out.to_str().unwrap()]);
+        assert_eq!(code, 0, "{err}");
+        let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("manifest.json")).unwrap()).unwrap();
+        assert_eq!(manifest["complete"], true);
+        assert!(manifest["nonfinite_values"].as_u64().unwrap() > 0, "{manifest}");
+        assert!(read_jsonl(&out.join("experiments.jsonl")).iter().any(|r| r["patched"][0].is_null()));
     }
 }
 

@@ -98,9 +98,13 @@ pub struct ExperimentResult {
     pub layers: Vec<usize>,
     /// Absolute positions patched in the target.
     pub positions: Vec<usize>,
-    /// Label logits (label order) at the last position: clean target, clean source, patched.
+    /// Label logits (label order) at the last position: clean target, clean source, patched
+    /// (NaN written as null, read back as NaN: see --allow-nonfinite).
+    #[serde(deserialize_with = "crate::io::null_as_nan::vec")]
     pub clean_target: Vec<f32>,
+    #[serde(deserialize_with = "crate::io::null_as_nan::vec")]
     pub clean_source: Vec<f32>,
+    #[serde(deserialize_with = "crate::io::null_as_nan::vec")]
     pub patched: Vec<f32>,
     /// Predicted label (index) after patching, and in the clean target and source.
     pub pred: usize,
@@ -109,8 +113,10 @@ pub struct ExperimentResult {
     /// The patched prediction is the source's prediction (and the clean target's was not).
     pub flipped_to_source: bool,
     /// patched[source_pred] - patched[target_pred]
+    #[serde(deserialize_with = "crate::io::null_as_nan::f32")]
     pub logit_diff: f32,
     /// Probability of the source's prediction among the labels after patching.
+    #[serde(deserialize_with = "crate::io::null_as_nan::f32")]
     pub source_prob: f32,
 }
 

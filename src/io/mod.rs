@@ -11,6 +11,20 @@ use std::path::{Path, PathBuf};
 use self::tensorfile::TensorData;
 use crate::{Error, Result};
 
+/// serde `deserialize_with` helpers reading `null` (what JSON writes for NaN and +-Inf, kept
+/// by --allow-nonfinite) back as NaN, so a results file with non-finite values can be read again.
+pub mod null_as_nan {
+    use serde::{Deserialize, Deserializer};
+
+    pub fn f32<'de, D: Deserializer<'de>>(d: D) -> Result<f32, D::Error> {
+        Ok(Option::<f32>::deserialize(d)?.unwrap_or(f32::NAN))
+    }
+
+    pub fn vec<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<f32>, D::Error> {
+        Ok(Vec::<Option<f32>>::deserialize(d)?.into_iter().map(|v| v.unwrap_or(f32::NAN)).collect())
+    }
+}
+
 /// A JSONL results file appended as work completes: created on its first line (so a run that
 /// fails before any result writes nothing), flushed after every write.
 pub struct JsonlFile {
