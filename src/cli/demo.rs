@@ -108,6 +108,9 @@ pub fn run(a: DemoArgs) -> Result<()> {
             rename: Vec::new(),
             filter: vec![SPLIT_FILTER.into()],
             limit: plan.limit,
+            sample: None,
+            sample_seed: 0,
+            stratify: false,
         },
         template: TemplateArgs { template: TEMPLATE.into(), shots: None, chat: false },
     };

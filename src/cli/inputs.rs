@@ -8,7 +8,7 @@ use clap::Args;
 
 use super::progress_bar;
 use patchbay::backend::DeviceSpec;
-use patchbay::data::dataset::{self, Dataset, DatasetSpec, Encoding, Filter, Format};
+use patchbay::data::dataset::{self, Dataset, DatasetSpec, Encoding, Filter, Format, Sample};
 use patchbay::data::labels::{LabelSet, parse_list};
 use patchbay::data::prompts::{PromptSource, load_prompts};
 use patchbay::data::template::Template;
@@ -142,7 +142,7 @@ pub struct DatasetArgs {
     /// File format (default: from the extension).
     #[arg(long, value_enum)]
     pub format: Option<Format>,
-    /// Text encoding of the file [default: utf-8, or the preset's].
+    /// Text encoding of a CSV/TSV file [default: utf-8, or the preset's]; JSONL is always UTF-8.
     #[arg(long, value_enum)]
     pub encoding: Option<Encoding>,
     /// Column holding the text [default: text, or the preset's].
@@ -161,8 +161,17 @@ pub struct DatasetArgs {
     #[arg(long)]
     pub filter: Vec<String>,
     /// Use only the first N rows that pass the filters.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "sample")]
     pub limit: Option<usize>,
+    /// Use N rows drawn at random (without replacement, kept in file order) from those that pass the filters.
+    #[arg(long)]
+    pub sample: Option<usize>,
+    /// Seed of --sample's draw.
+    #[arg(long, default_value_t = 0, requires = "sample")]
+    pub sample_seed: u64,
+    /// With --sample: each gold label keeps its share of the rows (stratified sample).
+    #[arg(long, requires = "sample")]
+    pub stratify: bool,
 }
 
 impl DatasetArgs {
@@ -172,7 +181,14 @@ impl DatasetArgs {
         let preset = self.preset.as_deref().map(dataset::preset).transpose()?;
         let mut spec = DatasetSpec::new(path, self.text_col.clone().unwrap_or_else(|| preset.map_or("text", |p| p.text_column).to_string()));
         spec.format = self.format;
-        spec.encoding = self.encoding.or(preset.map(|p| p.encoding)).unwrap_or(Encoding::Utf8);
+        // JSON is UTF-8 by definition: a preset's encoding is that of its CSV.
+        spec.encoding = match self.format.map_or_else(|| Format::from_path(path), Ok)? {
+            Format::Jsonl => match self.encoding {
+                Some(e) if e != Encoding::Utf8 => return Err(Error::input(format!("--encoding {}: {} is JSONL, which is always UTF-8", e.name(), path.display()))),
+                _ => Encoding::Utf8,
+            },
+            Format::Csv | Format::Tsv => self.encoding.or(preset.map(|p| p.encoding)).unwrap_or(Encoding::Utf8),
+        };
         spec.label_column = match self.label_col.as_deref() {
             Some("none") => None,
             Some(c) => Some(c.to_string()),
@@ -186,8 +202,17 @@ impl DatasetArgs {
         spec.renames = preset.map_or(Vec::new(), |p| p.renames.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect());
         spec.renames.extend(dataset::parse_renames(&self.rename)?);
         spec.filters = self.filter.iter().map(|f| Filter::parse(f)).collect::<Result<_>>()?;
-        spec.allowed_labels = allowed;
+        // A preset's label set stays whole (unless --labels or --label-col say otherwise).
+        spec.allowed_labels = match (allowed, preset) {
+            (Some(a), _) => Some(a),
+            (None, Some(p)) if self.label_col.is_none() => Some(p.labels.iter().map(|l| l.to_string()).collect()),
+            (None, _) => None,
+        };
+        if self.limit == Some(0) {
+            return Err(Error::input("--limit 0 selects no rows: give N >= 1 (or leave --limit out for every row)"));
+        }
         spec.limit = self.limit;
+        spec.sample = self.sample.map(|n| Sample { n, seed: self.sample_seed, stratify: self.stratify });
         Ok(Some(spec))
     }
 

@@ -41,14 +41,15 @@ pub fn read_pairs(path: &Path, n_prompts: usize) -> Result<Vec<Pair>> {
     Ok(out)
 }
 
-/// `n` random (source, target) pairs of distinct prompts ([`rng::random_pairs`], seeded). With
-/// `gold` (each prompt's gold label), only labelled prompts take part and the two labels differ.
-pub fn random_pairs(n_prompts: usize, n: usize, seed: u64, gold: Option<&[Option<String>]>) -> Result<Vec<Pair>> {
-    let of = match gold {
+/// `n` distinct random (source, target) pairs of distinct prompts ([`rng::distinct_pairs`],
+/// seeded; an error saying how many exist when fewer). With `keys` (e.g. each prompt's gold or
+/// predicted label; None: the prompt takes no part), the two keys differ.
+pub fn random_pairs(n_prompts: usize, n: usize, seed: u64, keys: Option<&[Option<String>]>) -> Result<Vec<Pair>> {
+    let of = match keys {
         None => PairsOf::Items(n_prompts),
-        Some(gold) => PairsOf::Keys(gold),
+        Some(keys) => PairsOf::Keys(keys),
     };
-    Ok(rng::random_pairs(of, seed)?.take(n).map(|(source, target)| Pair { source, target }).collect())
+    Ok(rng::distinct_pairs(of, n, seed)?.into_iter().map(|(source, target)| Pair { source, target }).collect())
 }
 
 /// Part `index` of `count` of a sweep (`--shard i/n`).

@@ -54,6 +54,30 @@ pub struct ProbeTargets {
     pub numeric: Vec<f64>,
 }
 
+impl ProbeTargets {
+    /// Refuses targets on which a probe measures nothing: one class (accuracy 1 by
+    /// construction) or a constant numeric target (no R^2). (Fewer examples than folds are
+    /// refused by `Split::new`.)
+    pub fn check(&self) -> Result<()> {
+        let n = self.examples.len();
+        if let Some(classes) = &self.classes {
+            let present: std::collections::BTreeSet<usize> = classes.iter().copied().collect();
+            if let [only] = present.into_iter().collect::<Vec<_>>()[..] {
+                let name = self.class_names.get(only).map_or("?", String::as_str);
+                return Err(Error::input(format!("all {n} probed examples have label `{name}`: a one-class probe is right by construction; probe examples of at least two labels (or --label-col none for numeric probes only)")));
+            }
+        }
+        let r = self.numeric_names.len();
+        for (j, name) in self.numeric_names.iter().enumerate() {
+            let first = self.numeric[j];
+            if (0..n).all(|i| self.numeric[i * r + j] == first) {
+                return Err(Error::input(format!("numeric column `{name}` is {first} for all {n} probed examples: a constant target has no R^2; leave it out of --numeric-cols")));
+            }
+        }
+        Ok(())
+    }
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct ProbeParams {
     pub eval: Eval,
