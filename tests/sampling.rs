@@ -17,6 +17,11 @@ fn data(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests").join("data").join(name)
 }
 
+/// The llama fixture and tests/data/emotions.csv, as arguments.
+fn model_and_data() -> (String, String) {
+    (fixture("llama").display().to_string(), data("emotions.csv").display().to_string())
+}
+
 fn emotions(sample: Option<Sample>) -> DatasetSpec {
     let mut s = DatasetSpec::new(data("emotions.csv"), "text");
     s.label_column = Some("emotion".into());
@@ -74,10 +79,8 @@ fn sample_draws_distinct_rows_by_seed_in_file_order_and_stratified_keeps_each_sh
 #[test]
 fn dataset_commands_refuse_limit_zero_and_sample_through_the_shared_flags() {
     let dir = tempfile::tempdir().unwrap();
-    let m = fixture("llama");
-    let m = m.to_str().unwrap();
-    let d = data("emotions.csv");
-    let d = d.to_str().unwrap();
+    let (m, d) = model_and_data();
+    let (m, d) = (m.as_str(), d.as_str());
     let out = |name: &str| dir.path().join(name).display().to_string();
     let base = |cmd: &'static str| vec![cmd, "--model", m, "--dataset", d, "--label-col", "emotion", "--template", "tak", "--quiet"];
     let commands: Vec<(Vec<&str>, Vec<String>)> = vec![
@@ -162,10 +165,8 @@ fn a_preset_keeps_its_whole_label_set_and_jsonl_is_always_utf8() {
 #[test]
 fn patch_pairs_are_distinct_by_gold_or_prediction_and_only_correct() {
     let dir = tempfile::tempdir().unwrap();
-    let m = fixture("llama");
-    let m = m.to_str().unwrap();
-    let d = data("emotions.csv");
-    let d = d.to_str().unwrap();
+    let (m, d) = model_and_data();
+    let (m, d) = (m.as_str(), d.as_str());
     let labels = "anger,fear,guilt,joy,neutral,pride,sadness";
     let base = ["patch", "--model", m, "--dataset", d, "--label-col", "emotion", "--rename", "no-emotion=neutral", "--template", "tak", "--labels", labels, "--sites", "resid_post", "--window", "1", "--layers", "0", "--quiet"];
     let run = |name: &str, extra: &[&str]| -> (i32, String, Vec<(usize, usize)>) {
@@ -223,10 +224,8 @@ fn patch_pairs_are_distinct_by_gold_or_prediction_and_only_correct() {
 #[test]
 fn degenerate_probes_are_refused_and_tied_best_layers_reported_as_ties() {
     let dir = tempfile::tempdir().unwrap();
-    let m = fixture("llama");
-    let m = m.to_str().unwrap();
-    let d = data("emotions.csv");
-    let d = d.to_str().unwrap();
+    let (m, d) = model_and_data();
+    let (m, d) = (m.as_str(), d.as_str());
     let base = ["probe", "--model", m, "--dataset", d, "--template", "tak", "--sites", "resid_post", "--folds", "2", "--no-score"];
     let cases: [(&[&str], &str); 4] = [
         (&["--label-col", "emotion", "--filter", "emotion=anger", "--limit", "12"], "all 12 probed examples have label `anger`: a one-class probe"),
