@@ -130,6 +130,7 @@ pub fn run(a: AblateArgs) -> Result<()> {
     let p = Prompts::load(&a.inputs, &a.labels, a.quiet)?;
     let gold = p.gold()?;
     let engine = load_engine(&model, a.inputs.device, a.inputs.allow_nonfinite)?;
+    let _lock = patchbay::io::OutLock::acquire(&a.out)?;
     let Prompts { ids: prompts, dataset: ds, template, labels } = p;
 
     let t_mean = Instant::now();

@@ -188,6 +188,7 @@ fn contrib(a: ContribArgs) -> Result<()> {
     let (name, direction) = read_vector(&a.vector, site, cfg.d_model, a.normalise)?;
     let readout = Readout::new(&model, site, &direction)?;
     let engine = load_engine(&model, a.inputs.device, a.inputs.allow_nonfinite)?;
+    let _lock = patchbay::io::OutLock::acquire(&a.run.out)?;
     std::fs::create_dir_all(a.run.out.join("per_prompt")).map_err(|e| Error::io(&a.run.out, e))?;
     let spec = ContribSpec { readout: &readout, labels: &p.labels, positions: positions.clone(), gold: &gold, batch_size: a.run.batch_size };
     let (nh, dm, nl) = (cfg.n_heads, cfg.d_mlp, cfg.n_layers);
@@ -250,7 +251,7 @@ fn lens(a: LensArgs) -> Result<()> {
     let bar = progress_bar(p.ids.len() as u64, "lens", "prompts", a.run.quiet);
     let tensors = logit_lens(&model, engine.as_ref(), &p.ids, &p.labels, &LensSpec { positions: positions.clone(), top_k: a.top_k, batch_size: a.run.batch_size }, &bar)?;
     bar.finish_and_clear();
-    std::fs::create_dir_all(&a.run.out).map_err(|e| Error::io(&a.run.out, e))?;
+    let _lock = patchbay::io::OutLock::acquire(&a.run.out)?;
     let spec = patchbay::experiments::capture::CaptureSpec { sites: Vec::new(), positions: positions.clone(), logits: false, dtype: OutDtype::F32, batch_size: a.run.batch_size };
     let mut meta = metadata(&model, engine.as_ref(), &spec);
     meta.insert("lens".into(), "final norm + lm_head (+ final soft-cap) of blocks.L.hook_resid_post, every layer".into());

@@ -118,6 +118,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
     let p = Prompts::load(&inputs, &LabelArgs { token_ids: None, labels: None, label_token_ids: None }, a.quiet)?;
     let dataset = p.dataset.as_ref().ok_or_else(|| Error::input("no dataset"))?;
     let gold: Vec<usize> = p.gold()?.into_iter().map(|g| g.ok_or_else(|| Error::input("a row has no gold label"))).collect::<Result<_>>()?;
+    let _lock = patchbay::io::OutLock::acquire(&a.out)?;
     let demo = DemoInputs {
         model: &model,
         model_dir: &model_dir,

@@ -151,7 +151,7 @@ pub fn run(a: DirectionsArgs) -> Result<()> {
         Method::UniqueEffect => unique_effect(&a)?,
     };
     let path = a.out.join("directions.safetensors");
-    std::fs::create_dir_all(&a.out).map_err(|e| Error::io(&a.out, e))?;
+    let _lock = patchbay::io::OutLock::acquire(&a.out)?;
     dirs::write_directions(&path, &dirs, &metadata)?;
     if !a.quiet {
         let n: usize = dirs.iter().map(|s| s.names.len()).sum();

@@ -346,7 +346,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         eprintln!("{}", stats.describe());
     }
 
-    std::fs::create_dir_all(&a.out).map_err(|e| Error::io(&a.out, e))?;
+    let _lock = patchbay::io::OutLock::acquire(&a.out)?;
     let manifest = |timings: Value| -> Result<()> {
         let mut fields = generation_fields(&model, engine.as_ref(), &inputs, a.inputs.template.chat, &stats, &spec);
         merge(&mut fields, json!({"interventions": passes.iter().map(|p| &p.description).collect::<Vec<_>>(), "timings_s": timings}));

@@ -137,7 +137,7 @@ pub fn run(a: JudgeArgs) -> Result<()> {
     template.chat = a.chat;
     let engine = load_engine(&model, a.device, a.allow_nonfinite)?;
     let judge = Judge { engine: engine.as_ref(), model: &model, tok: &tok, template, scorer };
-    std::fs::create_dir_all(&a.out).map_err(|e| Error::io(&a.out, e))?;
+    let _lock = patchbay::io::OutLock::acquire(&a.out)?;
     let manifest = |extra: serde_json::Value| {
         let fields = json!({
             "judge": judge.describe(),

@@ -219,6 +219,7 @@ pub fn run(a: ProbeArgs) -> Result<()> {
         capture_only: a.capture_only,
         stop_after_shards: a.stop_after_shards,
     };
+    let _lock = patchbay::io::OutLock::acquire(&a.out)?;
     let inputs = ProbeInputs {
         model: &model,
         engine: engine.as_ref(),

@@ -64,6 +64,7 @@ pub fn run(a: ScoreArgs) -> Result<()> {
         eprintln!("{}", stats.describe());
         eprintln!("labels: {}", labels.names.iter().zip(&labels.token_ids).zip(&labels.tokens).map(|((n, id), t)| format!("{n}={id} ({t:?})")).collect::<Vec<_>>().join(", "));
     }
+    let _lock = patchbay::io::OutLock::acquire(&a.out)?;
     let t_score = Instant::now();
     let bar = progress_bar(prompts.len() as u64, "score", "prompts", a.quiet);
     let logits = label_logits(engine.as_ref(), &prompts, &labels, a.batch_size, &bar)?;

@@ -174,6 +174,7 @@ fn run_labels(a: SteerArgs) -> Result<()> {
         conditions.extend(controls);
     }
     let engine = load_engine(&model, a.inputs.device, a.inputs.allow_nonfinite)?;
+    let _lock = patchbay::io::OutLock::acquire(&a.out)?;
     let Prompts { ids: prompts, dataset: ds, template, labels } = p;
     let bar = progress_bar((prompts.len() * conditions.len()) as u64, "steer", "runs", a.quiet);
     let t_run = Instant::now();
@@ -270,7 +271,7 @@ fn run_generate(a: SteerArgs) -> Result<()> {
         eprintln!("{}; {} passes (clean, {} directions x betas{})", stats.describe(), passes.len(), directions.len(), if a.no_random_control { "" } else { ", each with its random control" });
     }
 
-    std::fs::create_dir_all(&a.out).map_err(|e| Error::io(&a.out, e))?;
+    let _lock = patchbay::io::OutLock::acquire(&a.out)?;
     let manifest = |timings: serde_json::Value| -> Result<()> {
         let mut fields = generation_fields(&model, engine.as_ref(), &inputs, a.inputs.template.chat, &stats, &spec);
         merge(
