@@ -15,10 +15,13 @@ use crate::{Error, Result};
 pub const LOCK_FILE: &str = ".patchbay.lock";
 
 /// An output directory owned by this process while the value lives (an advisory lock file,
-/// [`LOCK_FILE`], created exclusively and removed on drop). Every command that writes into an
-/// `--out` directory holds one, so two runs never write into one directory at once.
+/// [`LOCK_FILE`], created exclusively and removed on drop, with the directory itself when the
+/// lock created it and the run wrote nothing). Every command that writes into an `--out`
+/// directory holds one, so two runs never write into one directory at once.
 pub struct OutLock {
     path: PathBuf,
+    /// The directory, when this lock created it.
+    created: Option<PathBuf>,
 }
 
 impl OutLock {
@@ -26,6 +29,7 @@ impl OutLock {
     /// error naming it; the lock of a process that no longer runs on this host (a killed run)
     /// is taken over, with a note on stderr.
     pub fn acquire(dir: &Path) -> Result<OutLock> {
+        let created = (!dir.exists()).then(|| dir.to_path_buf());
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         let path = dir.join(LOCK_FILE);
         let host = host_name();
@@ -34,7 +38,7 @@ impl OutLock {
             match std::fs::OpenOptions::new().write(true).create_new(true).open(&path) {
                 Ok(mut f) => {
                     f.write_all(me.as_bytes()).map_err(|e| Error::io(&path, e))?;
-                    return Ok(OutLock { path });
+                    return Ok(OutLock { path, created });
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
                     let text = std::fs::read_to_string(&path).unwrap_or_default();
@@ -67,6 +71,10 @@ impl Drop for OutLock {
         // Only our own lock (a lock taken over by another run after ours was removed stays).
         if std::fs::read_to_string(&self.path).is_ok_and(|t| t.split_whitespace().next() == Some(&std::process::id().to_string())) {
             let _ = std::fs::remove_file(&self.path);
+            if let Some(dir) = &self.created {
+                // Only an empty directory is removed (a failed run that wrote nothing).
+                let _ = std::fs::remove_dir(dir);
+            }
         }
     }
 }
