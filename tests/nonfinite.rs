@@ -114,6 +114,17 @@ fn the_engine_names_the_first_site_the_brute_force_capture_finds() {
             expect_nonfinite(r.map(|_| ()), 0, &want, &format!("{what}: decode of the prompts"));
         }
     }
+    // The device's own count of a call's non-finite values == the host's count of what it returned.
+    let dir = hostile(CASES[1].edit);
+    let model = Model::load(dir.path()).unwrap();
+    let (_, driver) = common::kernels::test_driver(FiberOrder::Forward);
+    let device = DeviceModel::upload(&model, driver).unwrap();
+    let captures: Vec<Capture> = [SiteKind::MlpPost, SiteKind::Pattern, SiteKind::ResidPost].iter().map(|&k| Capture { site: Site::new(0, k), positions: Positions::All }).collect();
+    let all = Positions::All;
+    let out = device.run_prompts(&prompts, &RunRequest { captures: &captures, logits_at: Some(&all), ..Default::default() }).unwrap();
+    let host = out.logits.iter().chain(out.captured.iter().flat_map(|c| &c.data)).filter(|v| !v.is_finite()).count() as u64;
+    assert!(host > 0);
+    assert_eq!(out.nonfinite, Some(host));
     // A finite model passes unchanged, with nothing counted.
     let model = Model::load(&fixture("llama")).unwrap();
     let checked = Checked::new(&model, false);

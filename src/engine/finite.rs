@@ -1,6 +1,8 @@
 //! Non-finite values (NaN, +-Inf) in a forward's outputs. [`Checked`] wraps any engine and
-//! checks the logits and every captured tensor of every call (one pass over what the call
-//! returns to the host anyway). The first non-finite value stops the run with an
+//! checks the logits and every captured tensor of every call: a device counts them as it makes
+//! them (`RunOutput::nonfinite`, one counter read once per call) and the host looks at the data
+//! only when the count is not zero; the CPU reference is checked by one pass over what the call
+//! returns. The first non-finite value stops the run with an
 //! [`Error::NonFinite`] naming the prompt (its index in the call; callers renumber it with
 //! [`Error::in_batch`]) and the first site where it appeared, found only on error by re-running
 //! the call with the resid_post of every layer captured, then every site of the first layer
@@ -32,9 +34,12 @@ impl<E: Engine> Checked<E> {
     /// first prompt that has one and the first site where it appeared (`rerun` runs the same
     /// call with other captures; None where a call cannot be repeated).
     fn check(&self, out: &RunOutput, rerun: Option<&dyn Fn(&[Capture]) -> Result<RunOutput>>) -> Result<()> {
+        if out.nonfinite == Some(0) {
+            return Ok(());
+        }
         let Some((seq, at)) = first_nonfinite(out) else { return Ok(()) };
         if self.allow {
-            self.seen.fetch_add(count_nonfinite(out), Ordering::Relaxed);
+            self.seen.fetch_add(out.nonfinite.unwrap_or_else(|| count_nonfinite(out)), Ordering::Relaxed);
             return Ok(());
         }
         let first = rerun.and_then(|rerun| first_site(self.inner.config(), seq, rerun));
