@@ -8,6 +8,7 @@
 //   sum_heads_f32         out[t, i] = (sum over h in order of result[t, h, i]) + bias[i]
 //                         (as sum_heads_ref: per-head sum from 0, then the bias)
 //   softcap_f32           x[i] = tanh(x[i] / cap) * cap
+//   count_nonfinite_f32   *count += the number of x[i] that are NaN or +-Inf (i < n)
 //   gather_rows_f32_bf16  out[k, :] = bf16(src[rows[k], :])
 //   gather_rows_bf16      out[k, :] = src[rows[k], :]
 // Gathers write a NaN row for an index outside [0, R) (the Rust wrappers check host indices;
@@ -78,6 +79,18 @@ extern "C" __global__ void softcap_f32(
 ) {
     const long long stride = (long long)gridDim.x * blockDim.x;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) x[i] = tanhf(x[i] / cap) * cap;
+}
+
+extern "C" __global__ void count_nonfinite_f32(
+    const float* x,               // [n]
+    long long n,
+    unsigned long long* count     // [1] in/out
+) {
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    unsigned long long c = 0;
+    // Exponent bits all ones: NaN or +-Inf.
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) c += (__float_as_uint(x[i]) & 0x7f800000u) == 0x7f800000u;
+    if (c) atomicAdd(count, c);
 }
 
 static __device__ __forceinline__ __nv_bfloat16 gather_to_bf16(float v) { return __float2bfloat16(v); }

@@ -24,6 +24,10 @@ pub enum Error {
     /// kernel's file:line on the emulated device), an out-of-memory.
     #[error("device: {0}")]
     Device(String),
+    /// A forward produced NaN or +-Inf (`engine::finite`): the prompt (its index in the run,
+    /// once renumbered by [`Error::in_batch`]) and the first site where it appeared.
+    #[error("prompt {prompt}: the model's outputs are not finite (NaN or Inf), first at {site}; nothing more is written (--allow-nonfinite keeps such values and counts them)")]
+    NonFinite { prompt: usize, site: String },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -43,6 +47,14 @@ impl Error {
     }
     pub fn device(msg: impl Into<String>) -> Self {
         Error::Device(msg.into())
+    }
+    /// A [`Error::NonFinite`] with its prompt renumbered from the index in a forward call to
+    /// the run's (`id(i)`); any other error unchanged.
+    pub fn in_batch(self, id: impl FnOnce(usize) -> usize) -> Self {
+        match self {
+            Error::NonFinite { prompt, site } => Error::NonFinite { prompt: id(prompt), site },
+            e => e,
+        }
     }
 }
 

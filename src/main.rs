@@ -14,7 +14,11 @@ const TOP_HELP: &str = "Start here:
 
 Exit codes: 0 success; 1 error (one line on stderr starting with `error:`, saying what to change);
 2 bad command-line usage (unknown flag, missing value). Long commands show progress on stderr;
---quiet hides it, --json (where offered) prints one JSON object on stdout for tools.";
+--quiet hides it, --json (where offered) prints one JSON object on stdout for tools.
+
+Reliability: the logits and activations of every forward are checked for NaN and Inf; the first
+stops the run naming the prompt and the first site where it appeared (--allow-nonfinite keeps and
+counts them). An --out directory is locked (.patchbay.lock) while a run writes it.";
 
 #[derive(Parser)]
 #[command(name = "patchbay", version, about = "Tap, patch, steer and ablate the insides of Hugging Face LLMs.", long_about = None, after_help = TOP_HELP)]

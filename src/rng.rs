@@ -97,6 +97,36 @@ pub fn random_pairs<'a, K: Ord>(of: PairsOf<'a, K>, seed: u64) -> Result<Box<dyn
     }
 }
 
+impl<K: Ord> PairsOf<'_, K> {
+    /// How many distinct (source, target) pairs there are.
+    pub fn count(&self) -> usize {
+        match self {
+            PairsOf::Items(n) => n * n.saturating_sub(1),
+            PairsOf::Keys(keys) => {
+                let mut by_key: Vec<&K> = keys.iter().flatten().collect();
+                by_key.sort_unstable();
+                let n = by_key.len();
+                n * n - by_key.chunk_by(|a, b| a == b).map(|run| run.len() * run.len()).sum::<usize>()
+            }
+        }
+    }
+}
+
+/// `n` distinct (source, target) pairs: the stream of [`random_pairs`] without its repeats, in
+/// the order drawn. Err saying how many exist when there are fewer than `n`.
+pub fn distinct_pairs<K: Ord>(of: PairsOf<'_, K>, n: usize, seed: u64) -> Result<Vec<(usize, usize)>> {
+    let possible = of.count();
+    let what = match of {
+        PairsOf::Items(m) => format!("{m} prompts"),
+        PairsOf::Keys(_) => "prompts of different labels".to_string(),
+    };
+    if n > possible {
+        return Err(Error::input(format!("{n} distinct random pairs asked, but {what} make only {possible} (source, target) pairs")));
+    }
+    let mut seen = std::collections::HashSet::new();
+    Ok(random_pairs(of, seed)?.filter(|&p| seen.insert(p)).take(n).collect())
+}
+
 /// The uniform stream in [0, 1) (53 bits) of a 64-bit LCG: the fixed data of the probes' unit tests.
 #[cfg(test)]
 pub(crate) fn lcg_uniform(seed: u64) -> impl FnMut() -> f64 {
@@ -138,6 +168,24 @@ mod tests {
             assert!(gold[*s].is_some() && gold[*t].is_some());
         }
         assert!(random_pairs(PairsOf::<String>::Items(1), 0).is_err());
+        // Distinct pairs: the stream without its repeats, all of them when asked, never more.
+        let distinct = distinct_pairs(PairsOf::<String>::Items(9), 12, 4).unwrap();
+        assert_eq!(&distinct[..10], &items[..10]);
+        assert_eq!(distinct[10], (3, 2));
+        for (n, of) in [(9, PairsOf::<String>::Items(9)), (3, PairsOf::Items(3)), (2, PairsOf::Items(2))] {
+            let all = distinct_pairs(of, n * (n - 1), 1).unwrap();
+            assert_eq!(all.iter().collect::<std::collections::HashSet<_>>().len(), n * (n - 1));
+            let err = distinct_pairs(PairsOf::<String>::Items(n), n * (n - 1) + 1, 1).unwrap_err().to_string();
+            assert!(err.contains(&format!("{n} prompts make only {}", n * (n - 1))), "{err}");
+        }
+        let possible = PairsOf::Keys(&gold).count();
+        let brute = (0..gold.len()).flat_map(|s| (0..gold.len()).map(move |t| (s, t))).filter(|&(s, t)| gold[s].is_some() && gold[t].is_some() && gold[s] != gold[t]).count();
+        assert_eq!(possible, brute);
+        let all = distinct_pairs(PairsOf::Keys(&gold), possible, 9).unwrap();
+        assert!(all.iter().all(|&(s, t)| gold[s].is_some() && gold[s] != gold[t]));
+        assert_eq!(all.iter().collect::<std::collections::HashSet<_>>().len(), possible);
+        let err = distinct_pairs(PairsOf::Keys(&gold), possible + 1, 9).unwrap_err().to_string();
+        assert!(err.contains(&format!("prompts of different labels make only {possible}")), "{err}");
         assert!(random_pairs(PairsOf::Keys(&[Some(1), None, Some(1)]), 0).is_err());
     }
 }

@@ -1,5 +1,5 @@
 //! kernels/elementwise.cu against its references (`<name>_ref`): bias add, f32 -> bf16, head
-//! masking, head sum (the forward's HeadOut path), soft-capping, row gathers. Odd sizes,
+//! masking, head sum (the forward's HeadOut path), soft-capping, non-finite counts, row gathers. Odd sizes,
 //! poisoned outputs.
 
 mod common;
@@ -90,6 +90,29 @@ fn sum_heads_matches() {
                 assert_eq!(bits(&out.download().unwrap()), bits(&want), "{order} t {t} h {h} d {d} bias {with_bias}");
             }
         }
+    }
+}
+
+#[test]
+fn count_nonfinite_matches() {
+    for (order, drv) in test_drivers() {
+        let mut rng = Rng::seeded(0xE1E0_0009);
+        for n in [1usize, 19, 256, 70_001, 2_100_003] {
+            // NaN, +Inf, -Inf and the largest finite values at random places (some runs none); the
+            // last size is past one grid (8192 blocks of 256 threads): threads stride.
+            let mut x0 = rng.normals(n + 3);
+            let specials = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, f32::MAX, -f32::MAX, f32::MIN_POSITIVE];
+            for _ in 0..(rng.next_u64() % 40) {
+                let i = (rng.next_u64() % (n as u64 + 3)) as usize;
+                x0[i] = specials[(rng.next_u64() % specials.len() as u64) as usize];
+            }
+            let count = DeviceBuffer::<u64>::from_slice(&drv, &[7]).unwrap();
+            count_nonfinite(&*drv, &upload(&drv, &x0), n, &count).unwrap();
+            assert_eq!(count.download().unwrap(), [7 + count_nonfinite_ref(&x0[..n])], "{order} n {n}");
+        }
+        let x: DeviceBuffer<f32> = poisoned(&drv, 4);
+        let count = DeviceBuffer::<u64>::from_slice(&drv, &[0]).unwrap();
+        assert!(count_nonfinite(&*drv, &x, 5, &count).is_err());
     }
 }
 

@@ -134,7 +134,7 @@ fn dataset_prompts_and_pairs_of_different_gold_labels() {
     let cases: [(Vec<&str>, i32, &str); 3] = [
         (vec!["patch", "--model", m, "--token-ids", ids.to_str().unwrap(), "--labels", "anger,joy", "--random-pairs", "3", "--different-labels", "--out", &other], 1, "needs a dataset"),
         (vec!["patch", "--model", m, "--dataset", d, "--label-col", "none", "--labels", "anger,joy", "--random-pairs", "3", "--different-labels", "--out", &other], 1, "no label column"),
-        ([&base[..], &["--pairs", "p.jsonl", "--different-labels", "--out", &other]].concat(), 2, "cannot be used with '--different-labels'"),
+        ([&base[..], &["--pairs", "p.jsonl", "--different-labels", "--out", &other]].concat(), 2, "cannot be used with '--different-labels"),
     ];
     for (args, want, msg) in cases {
         let (code, err) = patchbay(&args);

@@ -296,6 +296,7 @@ pub fn run(a: AblateArgs) -> Result<()> {
     let projection = projection(&a, cfg)?;
     let p = Prompts::load(&a.inputs, &a.labels, a.quiet)?;
     let gold = p.gold()?;
+    let _lock = patchbay::io::OutLock::acquire(&a.out)?;
     let Prompts { ids: prompts, dataset: ds, template, labels } = p;
     if let Some(s) = part.filter(|s| s.count > prompts.len()) {
         return Err(Error::input(format!("--shard {s}: {} prompts cannot make {} shards (at most {})", prompts.len(), s.count, prompts.len())));
@@ -336,7 +337,7 @@ pub fn run(a: AblateArgs) -> Result<()> {
     };
     let n_kept = kept.rows.len();
     let scope = Scope::new(range.clone(), n_exp, kept);
-    let engine = load_engine(&model, a.inputs.device)?;
+    let engine = load_engine(&model, a.inputs.device, a.inputs.allow_nonfinite)?;
     let save_manifest = |status: &str, timings: serde_json::Value| -> Result<()> {
         let extra = json!({
             "method": a.method.method().1,
@@ -368,7 +369,7 @@ pub fn run(a: AblateArgs) -> Result<()> {
             "peak_rss_bytes": patchbay::io::tensorfile::peak_rss_bytes(),
             "status": status,
         });
-        let m = manifest("ablate", &model, &engine.device_name(), (ds.as_ref(), template.as_ref(), &labels), &a.labels, extra);
+        let m = manifest("ablate", &model, engine.as_ref(), (ds.as_ref(), template.as_ref(), &labels), &a.labels, extra);
         std::fs::create_dir_all(&a.out).map_err(|e| patchbay::Error::io(&a.out, e))?;
         write_manifest(&manifest_path, &m)
     };

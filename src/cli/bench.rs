@@ -279,7 +279,7 @@ fn table(device: &str, reps: usize, rows: &[(&str, &str, f64, f64)], tail: &str)
 fn forward(a: ForwardArgs) -> Result<()> {
     let c = &a.common;
     let model = Model::load(&c.model)?;
-    let engine = load_engine(&model, c.device)?;
+    let engine = load_engine(&model, c.device, false)?;
     let bar = progress_bar(0, "bench forward", "runs", c.quiet || c.json);
     let r = bench_forward(&*engine, &c.shape(), a.decode_steps, &bar)?;
     bar.finish_and_clear();
@@ -300,7 +300,7 @@ fn capture(a: CaptureBenchArgs) -> Result<()> {
     let model = Model::load(&c.model)?;
     let positions = Positions::parse(&a.positions)?;
     let captures: Vec<Capture> = Site::parse_spec(&a.sites, &model.cfg)?.into_iter().map(|site| Capture { site, positions: positions.clone() }).collect();
-    let engine = load_engine(&model, c.device)?;
+    let engine = load_engine(&model, c.device, false)?;
     let bar = progress_bar(0, "bench capture", "runs", c.quiet || c.json);
     let r = bench_capture(&*engine, &c.shape(), &captures, &bar)?;
     bar.finish_and_clear();
@@ -326,7 +326,7 @@ fn generate(a: GenerateBenchArgs) -> Result<()> {
     };
     let steer = StepIntervention { site, units: None, op: Op::Add { beta: a.beta, v: direction, normalize: true }, scope };
     let sample = SampleParams { temperature: a.temperature, top_p: a.top_p, seed: c.seed };
-    let engine = load_engine(&model, c.device)?;
+    let engine = load_engine(&model, c.device, false)?;
     let bar = progress_bar(0, "bench generate", "runs", c.quiet || c.json);
     let r = bench_generate(&*engine, &c.shape(), a.new_tokens, sample, &steer, &bar)?;
     bar.finish_and_clear();
@@ -351,7 +351,7 @@ fn patch(a: PatchBenchArgs) -> Result<()> {
         mem_budget: parse_bytes(&a.mem_budget)?,
     };
     let bar = progress_bar(0, "bench", "experiments", a.quiet || a.json);
-    let engine = load_engine(&model, a.device)?;
+    let engine = load_engine(&model, a.device, false)?;
     let r = bench_patch(&*engine, &spec, &bar)?;
     bar.finish_and_clear();
     let text = format!("  {} experiments, device {}\n{}", r.methods.experiments, r.device, r.methods.describe());
@@ -375,7 +375,7 @@ fn ablate(a: AblateBenchArgs) -> Result<()> {
         batch_rows: a.batch_rows,
     };
     let bar = progress_bar(0, "bench", "experiments", a.quiet || a.json);
-    let engine = load_engine(&model, a.device)?;
+    let engine = load_engine(&model, a.device, false)?;
     let r = bench_ablate(&*engine, &spec, &bar)?;
     bar.finish_and_clear();
     let text = format!("  {} heads x {} prompts of {} tokens = {} experiments (op {}, positions {}), device {}\n{}", r.heads, r.prompts, r.prompt_len, r.methods.experiments, r.op, r.positions, r.device, r.methods.describe());

@@ -39,6 +39,8 @@ pub struct CaptureArgs {
     /// emulated on the CPU: slow, for checking the GPU path without a GPU).
     #[arg(long, default_value = "cpu")]
     device: DeviceSpec,
+    #[arg(long, help = super::ALLOW_NONFINITE_HELP)]
+    allow_nonfinite: bool,
     /// A prompt text (repeatable).
     #[arg(long, num_args = 1.., required_unless_present_any = ["prompts", "token_ids"], conflicts_with_all = ["prompts", "token_ids"])]
     text: Vec<String>,
@@ -76,7 +78,7 @@ pub struct CaptureArgs {
 
 pub fn run(a: CaptureArgs) -> Result<()> {
     let model = Model::load(&a.model)?;
-    let engine = load_engine(&model, a.device)?;
+    let engine = load_engine(&model, a.device, a.allow_nonfinite)?;
     let source = match (&a.prompts, &a.token_ids) {
         (Some(p), _) => PromptSource::File(p),
         (_, Some(t)) => PromptSource::TokenIds(t),
@@ -87,7 +89,7 @@ pub fn run(a: CaptureArgs) -> Result<()> {
     let bar = progress_bar(prompts.len() as u64, "capture", "prompts", a.quiet);
     let tensors = capture(engine.as_ref(), &prompts, &spec, &bar)?;
     bar.finish_and_clear();
-    write_safetensors(&a.out, &tensors, &metadata(&model, &engine.device_name(), &spec))?;
+    write_safetensors(&a.out, &tensors, &metadata(&model, engine.as_ref(), &spec))?;
     if !a.quiet {
         eprintln!("wrote {} tensors for {} prompts to {}", tensors.len(), prompts.len(), a.out.display());
     }

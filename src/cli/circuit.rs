@@ -320,17 +320,17 @@ fn run_eval(a: EvalArgs) -> Result<()> {
     let judge_of = judge_model.as_ref().unwrap_or(&model);
     let JudgeSetup { scorer, targets, valence, template } = a.judge.setup(&a.labels, &emotions, judge_of, judge_tok)?;
     let spec = a.sampling.spec(&model, a.seed);
-    let engine = load_engine(&model, a.inputs.device)?;
-    let judge_engine = judge_model.as_ref().map(|m| load_engine(m, a.inputs.device)).transpose()?;
+    let engine = load_engine(&model, a.inputs.device, a.inputs.allow_nonfinite)?;
+    let judge_engine = judge_model.as_ref().map(|m| load_engine(m, a.inputs.device, a.inputs.allow_nonfinite)).transpose()?;
     let judge = Judge { engine: judge_engine.as_deref().unwrap_or(engine.as_ref()), model: judge_of, tok: judge_tok, template, scorer };
     let stats = TokenStats::of(&inputs.ids);
     if !a.quiet {
         eprintln!("{}; {} passes ({} emotions: circuit x {} alphas, prompted, steered)", stats.describe(), passes.len(), emotions.len(), alphas.len());
     }
 
-    std::fs::create_dir_all(&a.out).map_err(|e| Error::io(&a.out, e))?;
+    let _lock = patchbay::io::OutLock::acquire(&a.out)?;
     let manifest = |timings: Value| -> Result<()> {
-        let mut fields = generation_fields(&model, &engine.device_name(), &inputs, a.inputs.template.chat, &stats, &spec);
+        let mut fields = generation_fields(&model, engine.as_ref(), &inputs, a.inputs.template.chat, &stats, &spec);
         merge(
             &mut fields,
             json!({

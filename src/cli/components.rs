@@ -187,7 +187,8 @@ fn contrib(a: ContribArgs) -> Result<()> {
     let site = direction_site(&a.site, a.layer, &model)?;
     let (name, direction) = read_vector(&a.vector, site, cfg.d_model, a.normalise)?;
     let readout = Readout::new(&model, site, &direction)?;
-    let engine = load_engine(&model, a.inputs.device)?;
+    let engine = load_engine(&model, a.inputs.device, a.inputs.allow_nonfinite)?;
+    let _lock = patchbay::io::OutLock::acquire(&a.run.out)?;
     std::fs::create_dir_all(a.run.out.join("per_prompt")).map_err(|e| Error::io(&a.run.out, e))?;
     let spec = ContribSpec { readout: &readout, labels: &p.labels, positions: positions.clone(), gold: &gold, batch_size: a.run.batch_size };
     let (nh, dm, nl) = (cfg.n_heads, cfg.d_mlp, cfg.n_layers);
@@ -233,7 +234,7 @@ fn contrib(a: ContribArgs) -> Result<()> {
         "n_prompts": p.ids.len(),
         "timings_s": {"total": t0.elapsed().as_secs_f64()},
     });
-    let m = manifest("components contrib", &model, &engine.device_name(), (p.dataset.as_ref(), p.template.as_ref(), &p.labels), &a.labels, extra);
+    let m = manifest("components contrib", &model, engine.as_ref(), (p.dataset.as_ref(), p.template.as_ref(), &p.labels), &a.labels, extra);
     write_json(&a.run.out.join("manifest.json"), &m)?;
     if !a.run.quiet {
         eprintln!("wrote heads.csv, neurons.csv, dla_heads.csv, dla_neurons.csv and plots to {}", a.run.out.display());
@@ -246,13 +247,13 @@ fn lens(a: LensArgs) -> Result<()> {
     let positions = prompt_positions(&a.run.positions)?;
     let p = Prompts::load_labels(&a.inputs, &a.labels, a.run.quiet, a.top_k.is_none())?;
     let model = Model::load(&a.inputs.model)?;
-    let engine = load_engine(&model, a.inputs.device)?;
+    let engine = load_engine(&model, a.inputs.device, a.inputs.allow_nonfinite)?;
     let bar = progress_bar(p.ids.len() as u64, "lens", "prompts", a.run.quiet);
     let tensors = logit_lens(&model, engine.as_ref(), &p.ids, &p.labels, &LensSpec { positions: positions.clone(), top_k: a.top_k, batch_size: a.run.batch_size }, &bar)?;
     bar.finish_and_clear();
-    std::fs::create_dir_all(&a.run.out).map_err(|e| Error::io(&a.run.out, e))?;
+    let _lock = patchbay::io::OutLock::acquire(&a.run.out)?;
     let spec = patchbay::experiments::capture::CaptureSpec { sites: Vec::new(), positions: positions.clone(), logits: false, dtype: OutDtype::F32, batch_size: a.run.batch_size };
-    let mut meta = metadata(&model, &engine.device_name(), &spec);
+    let mut meta = metadata(&model, engine.as_ref(), &spec);
     meta.insert("lens".into(), "final norm + lm_head (+ final soft-cap) of blocks.L.hook_resid_post, every layer".into());
     meta.insert("labels".into(), p.labels.names.join(","));
     meta.insert("label_token_ids".into(), p.labels.token_ids.iter().map(u32::to_string).collect::<Vec<_>>().join(","));
@@ -264,7 +265,7 @@ fn lens(a: LensArgs) -> Result<()> {
         lens_heatmap(&a.run.out.join("lens.png"), data, model.cfg.n_layers, &p.labels, &row_label)?;
     }
     let extra = json!({"positions": positions.describe(), "top_k": a.top_k, "n_prompts": p.ids.len(), "timings_s": {"total": t0.elapsed().as_secs_f64()}});
-    let m = manifest("components lens", &model, &engine.device_name(), (p.dataset.as_ref(), p.template.as_ref(), &p.labels), &a.labels, extra);
+    let m = manifest("components lens", &model, engine.as_ref(), (p.dataset.as_ref(), p.template.as_ref(), &p.labels), &a.labels, extra);
     write_json(&a.run.out.join("manifest.json"), &m)?;
     if !a.run.quiet {
         eprintln!("wrote {}", a.run.out.join("lens.safetensors").display());

@@ -96,6 +96,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
     let inputs = InputArgs {
         model: model_dir.clone(),
         device: DeviceSpec::Cpu,
+        allow_nonfinite: false,
         data: DatasetArgs {
             dataset: Some(data_path.clone()),
             preset: None,
@@ -107,6 +108,9 @@ pub fn run(a: DemoArgs) -> Result<()> {
             rename: Vec::new(),
             filter: vec![SPLIT_FILTER.into()],
             limit: plan.limit,
+            sample: None,
+            sample_seed: 0,
+            stratify: false,
         },
         template: TemplateArgs { template: TEMPLATE.into(), shots: None, chat: false },
     };
@@ -114,6 +118,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
     let p = Prompts::load(&inputs, &LabelArgs { token_ids: None, labels: None, label_token_ids: None }, a.quiet)?;
     let dataset = p.dataset.as_ref().ok_or_else(|| Error::input("no dataset"))?;
     let gold: Vec<usize> = p.gold()?.into_iter().map(|g| g.ok_or_else(|| Error::input("a row has no gold label"))).collect::<Result<_>>()?;
+    let _lock = patchbay::io::OutLock::acquire(&a.out)?;
     let demo = DemoInputs {
         model: &model,
         model_dir: &model_dir,

@@ -101,6 +101,8 @@ pub struct DirectionsArgs {
     /// Compute device: cpu (the f32 reference), cuda, cuda:N, or emu (the CUDA emulator).
     #[arg(long, default_value = "cpu")]
     device: DeviceSpec,
+    #[arg(long, help = super::ALLOW_NONFINITE_HELP)]
+    allow_nonfinite: bool,
     #[command(flatten)]
     data: DatasetArgs,
     #[command(flatten)]
@@ -149,7 +151,7 @@ pub fn run(a: DirectionsArgs) -> Result<()> {
         Method::UniqueEffect => unique_effect(&a)?,
     };
     let path = a.out.join("directions.safetensors");
-    std::fs::create_dir_all(&a.out).map_err(|e| Error::io(&a.out, e))?;
+    let _lock = patchbay::io::OutLock::acquire(&a.out)?;
     dirs::write_directions(&path, &dirs, &metadata)?;
     if !a.quiet {
         let n: usize = dirs.iter().map(|s| s.names.len()).sum();
@@ -228,7 +230,7 @@ impl CaptureInputs {
     fn capture(self, a: &DirectionsArgs, ds: &Dataset) -> Result<(ShardMeta, BTreeMap<String, String>)> {
         let prompts = encode_dataset(ds, &self.template, &self.tok, a.quiet)?;
         check_positions(&prompts, &self.positions)?;
-        let engine = load_engine(&self.model, a.device)?;
+        let engine = load_engine(&self.model, a.device, a.allow_nonfinite)?;
         let acts = a.out.join("acts");
         let spec = ShardSpec { sites: self.sites, positions: self.positions.clone(), label_token_ids: Vec::new(), dtype: OutDtype::F32, batch_size: a.batch_size, shard_bytes: 256 << 20 };
         let bar = progress_bar(prompts.len() as u64, "capture", "prompts", a.quiet);
@@ -239,6 +241,7 @@ impl CaptureInputs {
             ("model".to_string(), self.model.dir.display().to_string()),
             ("config_sha256".to_string(), self.model.config_hash.clone()),
             ("device".to_string(), engine.device_name()),
+            ("nonfinite_values".to_string(), engine.nonfinite_values().to_string()),
             ("positions".to_string(), Positions::List(self.positions).describe()),
             ("dataset".to_string(), ds.spec.path.display().to_string()),
             ("dataset_sha256".to_string(), ds.file_sha256.clone()),

@@ -146,12 +146,14 @@ impl SamplingArgs {
     }
 }
 
-/// The manifest fields of a generation run: model, device, inputs, chat, token statistics,
-/// sampling, prompt count, peak memory.
-pub fn generation_fields(model: &Model, device: &str, inputs: &Inputs, chat: bool, stats: &TokenStats, spec: &GenerateSpec) -> Value {
+/// The manifest fields of a generation run: model, device (and the non-finite values it
+/// returned, kept by --allow-nonfinite), inputs, chat, token statistics, sampling, prompt count,
+/// peak memory.
+pub fn generation_fields(model: &Model, engine: &dyn Engine, inputs: &Inputs, chat: bool, stats: &TokenStats, spec: &GenerateSpec) -> Value {
     json!({
         "model": model_json(model),
-        "device": device,
+        "device": engine.device_name(),
+        "nonfinite_values": engine.nonfinite_values(),
         "inputs": inputs.source,
         "chat": chat,
         "token_stats": stats,
@@ -396,15 +398,15 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     let model = Model::load(model_dir)?;
     let passes = passes(&a, &model)?;
     let spec = a.sampling.spec(&model, a.seed);
-    let engine = load_engine(&model, a.inputs.device)?;
+    let engine = load_engine(&model, a.inputs.device, a.inputs.allow_nonfinite)?;
     let stats = TokenStats::of(&inputs.ids);
     if !a.quiet {
         eprintln!("{}", stats.describe());
     }
 
-    std::fs::create_dir_all(&a.out).map_err(|e| Error::io(&a.out, e))?;
+    let _lock = patchbay::io::OutLock::acquire(&a.out)?;
     let manifest = |timings: Value| -> Result<()> {
-        let mut fields = generation_fields(&model, &engine.device_name(), &inputs, a.inputs.template.chat, &stats, &spec);
+        let mut fields = generation_fields(&model, engine.as_ref(), &inputs, a.inputs.template.chat, &stats, &spec);
         merge(&mut fields, json!({"interventions": passes.iter().map(|p| &p.description).collect::<Vec<_>>(), "timings_s": timings}));
         write_manifest(&a.out.join("manifest.json"), &command_manifest("generate", fields))
     };

@@ -8,10 +8,11 @@ use clap::Args;
 
 use super::progress_bar;
 use patchbay::backend::DeviceSpec;
-use patchbay::data::dataset::{self, Dataset, DatasetSpec, Encoding, Filter, Format};
+use patchbay::data::dataset::{self, Dataset, DatasetSpec, Encoding, Filter, Format, Sample};
 use patchbay::data::labels::{LabelSet, parse_list};
 use patchbay::data::prompts::{PromptSource, load_prompts};
 use patchbay::data::template::Template;
+use patchbay::engine::Engine;
 use patchbay::experiments::dataset_files::dataset_json;
 use patchbay::model::Model;
 use patchbay::model::tokenizer::PromptTokenizer;
@@ -26,6 +27,8 @@ pub struct InputArgs {
     /// Compute device: cpu (the f32 reference), cuda, cuda:N, or emu (the CUDA emulator).
     #[arg(long, default_value = "cpu")]
     pub device: DeviceSpec,
+    #[arg(long, help = super::ALLOW_NONFINITE_HELP)]
+    pub allow_nonfinite: bool,
     #[command(flatten)]
     pub data: DatasetArgs,
     #[command(flatten)]
@@ -112,12 +115,13 @@ impl Prompts {
 }
 
 /// The manifest of a command run on prompts (the parts of [`Prompts`]): the command, patchbay's
-/// version, the command line, the model, the device, the inputs and the labels; `extra` adds
-/// the command's own fields.
-pub fn manifest(command: &str, model: &Model, device: &str, (dataset, template, labels): (Option<&Dataset>, Option<&Template>, &LabelSet), l: &LabelArgs, extra: serde_json::Value) -> serde_json::Value {
+/// version, the command line, the model, the device (and the non-finite values it returned, kept
+/// by --allow-nonfinite), the inputs and the labels; `extra` adds the command's own fields.
+pub fn manifest(command: &str, model: &Model, engine: &dyn Engine, (dataset, template, labels): (Option<&Dataset>, Option<&Template>, &LabelSet), l: &LabelArgs, extra: serde_json::Value) -> serde_json::Value {
     let mut fields = serde_json::json!({
         "model": super::model_json(model),
-        "device": device,
+        "device": engine.device_name(),
+        "nonfinite_values": engine.nonfinite_values(),
         "dataset": dataset.map(dataset_json),
         "token_ids": l.token_ids.as_ref().map(|p| p.display().to_string()),
         "template": template,
@@ -138,7 +142,7 @@ pub struct DatasetArgs {
     /// File format (default: from the extension).
     #[arg(long, value_enum)]
     pub format: Option<Format>,
-    /// Text encoding of the file [default: utf-8, or the preset's].
+    /// Text encoding of a CSV/TSV file [default: utf-8, or the preset's]; JSONL is always UTF-8.
     #[arg(long, value_enum)]
     pub encoding: Option<Encoding>,
     /// Column holding the text [default: text, or the preset's].
@@ -157,8 +161,17 @@ pub struct DatasetArgs {
     #[arg(long)]
     pub filter: Vec<String>,
     /// Use only the first N rows that pass the filters.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "sample")]
     pub limit: Option<usize>,
+    /// Use N rows drawn at random (without replacement, kept in file order) from those that pass the filters.
+    #[arg(long)]
+    pub sample: Option<usize>,
+    /// Seed of --sample's draw.
+    #[arg(long, default_value_t = 0, requires = "sample")]
+    pub sample_seed: u64,
+    /// With --sample: each gold label keeps its share of the rows (stratified sample).
+    #[arg(long, requires = "sample")]
+    pub stratify: bool,
 }
 
 impl DatasetArgs {
@@ -168,7 +181,14 @@ impl DatasetArgs {
         let preset = self.preset.as_deref().map(dataset::preset).transpose()?;
         let mut spec = DatasetSpec::new(path, self.text_col.clone().unwrap_or_else(|| preset.map_or("text", |p| p.text_column).to_string()));
         spec.format = self.format;
-        spec.encoding = self.encoding.or(preset.map(|p| p.encoding)).unwrap_or(Encoding::Utf8);
+        // JSON is UTF-8 by definition: a preset's encoding is that of its CSV.
+        spec.encoding = match self.format.map_or_else(|| Format::from_path(path), Ok)? {
+            Format::Jsonl => match self.encoding {
+                Some(e) if e != Encoding::Utf8 => return Err(Error::input(format!("--encoding {}: {} is JSONL, which is always UTF-8", e.name(), path.display()))),
+                _ => Encoding::Utf8,
+            },
+            Format::Csv | Format::Tsv => self.encoding.or(preset.map(|p| p.encoding)).unwrap_or(Encoding::Utf8),
+        };
         spec.label_column = match self.label_col.as_deref() {
             Some("none") => None,
             Some(c) => Some(c.to_string()),
@@ -182,8 +202,17 @@ impl DatasetArgs {
         spec.renames = preset.map_or(Vec::new(), |p| p.renames.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect());
         spec.renames.extend(dataset::parse_renames(&self.rename)?);
         spec.filters = self.filter.iter().map(|f| Filter::parse(f)).collect::<Result<_>>()?;
-        spec.allowed_labels = allowed;
+        // A preset's label set stays whole (unless --labels or --label-col say otherwise).
+        spec.allowed_labels = match (allowed, preset) {
+            (Some(a), _) => Some(a),
+            (None, Some(p)) if self.label_col.is_none() => Some(p.labels.iter().map(|l| l.to_string()).collect()),
+            (None, _) => None,
+        };
+        if self.limit == Some(0) {
+            return Err(Error::input("--limit 0 selects no rows: give N >= 1 (or leave --limit out for every row)"));
+        }
         spec.limit = self.limit;
+        spec.sample = self.sample.map(|n| Sample { n, seed: self.sample_seed, stratify: self.stratify });
         Ok(Some(spec))
     }
 

@@ -60,6 +60,8 @@ pub struct JudgeArgs {
     /// Compute device: cpu (the f32 reference), cuda, cuda:N, or emu (the CUDA emulator).
     #[arg(long, default_value = "cpu")]
     device: DeviceSpec,
+    #[arg(long, help = super::ALLOW_NONFINITE_HELP)]
+    allow_nonfinite: bool,
     /// A generations.jsonl file (repeatable: one condition each).
     #[arg(long, required = true)]
     generations: Vec<PathBuf>,
@@ -133,9 +135,9 @@ pub fn run(a: JudgeArgs) -> Result<()> {
     let targets: Vec<Option<usize>> = rows.iter().map(|(_, r)| target_of(r)).collect::<Result<_>>()?;
     let mut template = Template::parse(&a.template)?;
     template.chat = a.chat;
-    let engine = load_engine(&model, a.device)?;
+    let engine = load_engine(&model, a.device, a.allow_nonfinite)?;
     let judge = Judge { engine: engine.as_ref(), model: &model, tok: &tok, template, scorer };
-    std::fs::create_dir_all(&a.out).map_err(|e| Error::io(&a.out, e))?;
+    let _lock = patchbay::io::OutLock::acquire(&a.out)?;
     let manifest = |extra: serde_json::Value| {
         let fields = json!({
             "judge": judge.describe(),
@@ -228,7 +230,7 @@ impl Judge<'_> {
             Scorer::Labels(l) => json!({"method": "label scoring of a judging prompt", "labels": l}),
             Scorer::Probe(p) => json!({"method": "a saved probe on the judging prompt's activations", "probe": p.path.display().to_string(), "site": p.site.to_string(), "position": p.position, "classes": p.classes}),
         };
-        let mut d = json!({"model": model_json(self.model), "device": self.engine.device_name(), "template": self.template});
+        let mut d = json!({"model": model_json(self.model), "device": self.engine.device_name(), "nonfinite_values": self.engine.nonfinite_values(), "template": self.template});
         merge(&mut d, scorer);
         d
     }

@@ -27,7 +27,10 @@ const PATCH_HELP: &str = "Examples:
 Prompts: a dataset rendered through --template (the dataset options of `patchbay score`; prompt i
 is the i-th example left after --filter/--limit), or --token-ids. Labels: --labels (default: the
 dataset's gold labels) or --label-token-ids. Pairs: --pairs FILE of prompt indices, or
---random-pairs N (source != target; with --different-labels, gold labels differ too).
+--random-pairs N: N distinct pairs, source != target (asking for more than exist is an error saying
+how many exist); with --different-labels (= gold) the two gold labels differ, with
+--different-labels pred the model's two predictions differ (pairs it already predicts alike can
+never flip); --only-correct draws only prompts the model predicts correctly (needs gold labels).
 
 Every (pair, site, window centre) is one experiment: the site is patched at the window's layers, at
 --positions of the target, with the source prompt's clean activations at the same relative positions;
@@ -45,6 +48,13 @@ of computation, up to 64 targets under --mem-budget; nothing is batched across g
 by experiment count. `patchbay merge` checks that the shards are all the parts of one sweep and
 writes the files of the unsharded run, byte for byte (--batch-rows and --mem-budget are part of
 the sweep: give every shard the same).";
+
+/// Which labels `--different-labels` compares.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LabelsBy {
+    Gold,
+    Pred,
+}
 
 /// `--method` of `patch` and `ablate`.
 #[derive(Clone, Copy, ValueEnum)]
@@ -73,15 +83,18 @@ pub struct PatchArgs {
     /// JSONL file of {"source": i, "target": j} (prompt indices).
     #[arg(long, required_unless_present = "random_pairs", conflicts_with = "random_pairs")]
     pairs: Option<PathBuf>,
-    /// N random (source, target) pairs with source != target.
+    /// N distinct random (source, target) pairs with source != target (more than exist is an error).
     #[arg(long)]
     random_pairs: Option<usize>,
     /// Seed of --random-pairs.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// With --random-pairs: only pairs whose gold labels differ (needs a dataset with labels).
+    /// With --random-pairs: only pairs of different labels: gold (the dataset's labels; the default of a bare --different-labels) or pred (the model's predictions over the label set).
+    #[arg(long, conflicts_with = "pairs", value_enum, num_args = 0..=1, default_missing_value = "gold", value_name = "gold|pred")]
+    different_labels: Option<LabelsBy>,
+    /// With --random-pairs: only prompts the model predicts correctly over the label set (needs gold labels), as Tak et al. patch.
     #[arg(long, conflicts_with = "pairs")]
-    different_labels: bool,
+    only_correct: bool,
     #[command(flatten)]
     sweep: SweepArgs,
     /// resumed: one clean pass per prompt, experiments resumed from it; naive: a full forward each.
@@ -158,19 +171,45 @@ pub fn run(a: PatchArgs) -> Result<()> {
     let prompts = &p.ids;
     let labels = &p.labels;
     let model = Model::load(&a.inputs.model)?;
-    let engine = load_engine(&model, a.inputs.device)?;
+    let engine = load_engine(&model, a.inputs.device, a.inputs.allow_nonfinite)?;
     let cfg = &model.cfg;
     labels.check_vocab(cfg.vocab_size)?;
     let pairs = match (&a.pairs, a.random_pairs) {
         (Some(file), _) => read_pairs(file, prompts.len())?,
         (None, Some(n)) => {
-            let gold: Option<Vec<Option<String>>> = match (a.different_labels, &p.dataset) {
+            let needs_gold = a.only_correct || a.different_labels == Some(LabelsBy::Gold);
+            let flag = if a.only_correct { "--only-correct" } else { "--different-labels" };
+            let gold: Option<Vec<Option<String>>> = match (needs_gold, &p.dataset) {
                 (false, _) => None,
-                (true, None) => return Err(Error::input("--different-labels needs a dataset with gold labels (not --token-ids)")),
-                (true, Some(ds)) if ds.spec.label_column.is_none() => return Err(Error::input("--different-labels: the dataset has no label column (give --label-col)")),
+                (true, None) => return Err(Error::input(format!("{flag} needs a dataset with gold labels (not --token-ids)"))),
+                (true, Some(ds)) if ds.spec.label_column.is_none() => return Err(Error::input(format!("{flag}: the dataset has no label column (give --label-col)"))),
                 (true, Some(ds)) => Some(ds.examples.iter().map(|e| e.label.clone()).collect()),
             };
-            random_pairs(prompts.len(), n, a.seed, gold.as_deref())?
+            // The model's prediction of every prompt, when pairs are chosen by it.
+            let pred: Option<Vec<String>> = if a.only_correct || a.different_labels == Some(LabelsBy::Pred) {
+                let bar = progress_bar(prompts.len() as u64, "predict", "prompts", a.quiet);
+                let batch = (a.batch_rows / prompts.iter().map(Vec::len).max().unwrap_or(1)).max(1);
+                let logits = patchbay::experiments::score::label_logits(engine.as_ref(), prompts, &labels, batch, &bar)?;
+                bar.finish_and_clear();
+                Some(logits.chunks(labels.len()).map(|l| labels.names[patchbay::logits::argmax(l)].clone()).collect())
+            } else {
+                None
+            };
+            let mut keys: Option<Vec<Option<String>>> = match a.different_labels {
+                None => None,
+                Some(LabelsBy::Gold) => gold.clone(),
+                Some(LabelsBy::Pred) => pred.as_ref().map(|p| p.iter().cloned().map(Some).collect()),
+            };
+            if let (true, Some(gold), Some(pred)) = (a.only_correct, &gold, &pred) {
+                // Prompts predicted wrongly take no part (a key per prompt when labels may agree).
+                let k = keys.get_or_insert_with(|| (0..prompts.len()).map(|i| Some(i.to_string())).collect());
+                for (i, key) in k.iter_mut().enumerate() {
+                    if gold[i].as_ref() != Some(&pred[i]) {
+                        *key = None;
+                    }
+                }
+            }
+            random_pairs(prompts.len(), n, a.seed, keys.as_deref())?
         }
         (None, None) => return Err(Error::input("give --pairs FILE or --random-pairs N")),
     };
@@ -196,6 +235,8 @@ pub fn run(a: PatchArgs) -> Result<()> {
             "device": engine.device_name(),
             "method": method_name,
             "seed": a.seed,
+            "different_labels": a.different_labels.map(|b| b.to_possible_value().map(|v| v.get_name().to_string())),
+            "only_correct": a.only_correct,
             "labels": labels.names,
             "dataset": p.dataset.as_ref().map(dataset_json),
             "token_ids": a.labels.token_ids.as_ref().map(|p| p.display().to_string()),

@@ -154,7 +154,7 @@ pub fn run(a: ProbeArgs) -> Result<()> {
     }
     // ---- dataset ----
     let model = Model::load(&a.inputs.model)?;
-    let engine = load_engine(&model, a.inputs.device)?;
+    let engine = load_engine(&model, a.inputs.device, a.inputs.allow_nonfinite)?;
     let cfg = &model.cfg;
     let sites = Site::parse_spec(&a.sites, cfg)?;
     let positions = match Positions::parse(&a.positions)? {
@@ -219,6 +219,7 @@ pub fn run(a: ProbeArgs) -> Result<()> {
         capture_only: a.capture_only,
         stop_after_shards: a.stop_after_shards,
     };
+    let _lock = patchbay::io::OutLock::acquire(&a.out)?;
     let inputs = ProbeInputs {
         model: &model,
         engine: engine.as_ref(),

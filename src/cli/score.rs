@@ -57,13 +57,14 @@ pub fn run(a: ScoreArgs) -> Result<()> {
     }
     let gold = p.gold()?;
     let model = Model::load(&a.inputs.model)?;
-    let engine = load_engine(&model, a.inputs.device)?;
+    let engine = load_engine(&model, a.inputs.device, a.inputs.allow_nonfinite)?;
     let Prompts { ids: prompts, dataset: ds, template, labels } = p;
     let stats = TokenStats::of(&prompts);
     if !a.quiet {
         eprintln!("{}", stats.describe());
         eprintln!("labels: {}", labels.names.iter().zip(&labels.token_ids).zip(&labels.tokens).map(|((n, id), t)| format!("{n}={id} ({t:?})")).collect::<Vec<_>>().join(", "));
     }
+    let _lock = patchbay::io::OutLock::acquire(&a.out)?;
     let t_score = Instant::now();
     let bar = progress_bar(prompts.len() as u64, "score", "prompts", a.quiet);
     let logits = label_logits(engine.as_ref(), &prompts, &labels, a.batch_size, &bar)?;
@@ -85,7 +86,7 @@ pub fn run(a: ScoreArgs) -> Result<()> {
         "timings_s": {"score": score_s, "total": t0.elapsed().as_secs_f64()},
         "peak_rss_bytes": patchbay::io::tensorfile::peak_rss_bytes(),
     });
-    let manifest = manifest("score", &model, &engine.device_name(), (ds.as_ref(), template.as_ref(), &labels), &a.labels, extra);
+    let manifest = manifest("score", &model, engine.as_ref(), (ds.as_ref(), template.as_ref(), &labels), &a.labels, extra);
     patchbay::io::write_atomic(&a.out.join("manifest.json"), serde_json::to_string_pretty(&manifest).map_err(|e| Error::input(e.to_string()))?.as_bytes())?;
     if !a.quiet {
         eprint!("{}", scores.describe());

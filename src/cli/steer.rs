@@ -214,7 +214,8 @@ fn run_labels(a: SteerArgs) -> Result<()> {
         let controls = random_controls(&conditions, a.seed);
         conditions.extend(controls);
     }
-    let engine = load_engine(&model, a.inputs.device)?;
+    let engine = load_engine(&model, a.inputs.device, a.inputs.allow_nonfinite)?;
+    let _lock = patchbay::io::OutLock::acquire(&a.out)?;
     let Prompts { ids: prompts, dataset: ds, template, labels } = p;
     let bar = progress_bar((prompts.len() * conditions.len()) as u64, "steer", "runs", a.quiet);
     let t_run = Instant::now();
@@ -233,7 +234,7 @@ fn run_labels(a: SteerArgs) -> Result<()> {
         "peak_rss_bytes": patchbay::io::tensorfile::peak_rss_bytes(),
         "status": "complete",
     });
-    let manifest = manifest("steer", &model, &engine.device_name(), (ds.as_ref(), template.as_ref(), &labels), &a.labels, extra);
+    let manifest = manifest("steer", &model, engine.as_ref(), (ds.as_ref(), template.as_ref(), &labels), &a.labels, extra);
     patchbay::io::write_atomic(&a.out.join("manifest.json"), serde_json::to_string_pretty(&manifest).map_err(|e| Error::input(e.to_string()))?.as_bytes())?;
     if !a.quiet {
         eprintln!("{} prompts x {} conditions; wrote {}", prompts.len(), conditions.len(), a.out.join("scores.jsonl").display());
@@ -294,17 +295,17 @@ fn run_generate(a: SteerArgs) -> Result<()> {
     let JudgeSetup { scorer, targets, valence, template: judge_template } = a.judge.setup(&a.labels, &directions, judge_of, judge_tok)?;
     let names = scorer.names().to_vec();
     let spec = a.sampling.spec(&model, a.seed);
-    let engine = load_engine(&model, a.inputs.device)?;
-    let judge_engine = judge_model.as_ref().map(|m| load_engine(m, a.inputs.device)).transpose()?;
+    let engine = load_engine(&model, a.inputs.device, a.inputs.allow_nonfinite)?;
+    let judge_engine = judge_model.as_ref().map(|m| load_engine(m, a.inputs.device, a.inputs.allow_nonfinite)).transpose()?;
     let judge = Judge { engine: judge_engine.as_deref().unwrap_or(engine.as_ref()), model: judge_of, tok: judge_tok, template: judge_template, scorer };
     let stats = TokenStats::of(&inputs.ids);
     if !a.quiet {
         eprintln!("{}; {} passes (clean, {} directions x betas{})", stats.describe(), passes.len(), directions.len(), if a.no_random_control { "" } else { ", each with its random control" });
     }
 
-    std::fs::create_dir_all(&a.out).map_err(|e| Error::io(&a.out, e))?;
+    let _lock = patchbay::io::OutLock::acquire(&a.out)?;
     let manifest = |timings: serde_json::Value| -> Result<()> {
-        let mut fields = generation_fields(&model, &engine.device_name(), &inputs, a.inputs.template.chat, &stats, &spec);
+        let mut fields = generation_fields(&model, engine.as_ref(), &inputs, a.inputs.template.chat, &stats, &spec);
         merge(
             &mut fields,
             json!({

@@ -11,7 +11,7 @@
 //!   the CSV header is line 1) and the offending value.
 //! - JSONL columns may be dotted paths into nested objects (`event.positive`).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use crate::{Error, Result};
@@ -130,6 +130,18 @@ pub struct DatasetSpec {
     pub allowed_labels: Option<Vec<String>>,
     /// Keep only the first N rows that pass the filters.
     pub limit: Option<usize>,
+    /// Keep a random sample of the rows that pass the filters.
+    pub sample: Option<Sample>,
+}
+
+/// A random sample of a dataset's rows (`--sample N --sample-seed S`, `--stratify`): `n` rows
+/// drawn without replacement (ChaCha8 stream of `seed`), in file order; stratified, each label
+/// keeps its share of the rows (largest remainders round, ties to the first label).
+#[derive(Clone, Copy, Debug, serde::Serialize)]
+pub struct Sample {
+    pub n: usize,
+    pub seed: u64,
+    pub stratify: bool,
 }
 
 impl DatasetSpec {
@@ -145,6 +157,7 @@ impl DatasetSpec {
             filters: Vec::new(),
             allowed_labels: None,
             limit: None,
+            sample: None,
         }
     }
 }
@@ -159,6 +172,9 @@ pub struct Preset {
     pub label_column: &'static str,
     pub numeric_columns: &'static [&'static str],
     pub renames: &'static [(&'static str, &'static str)],
+    /// The label set (after renames), sorted: the labels of the whole dataset, whichever rows
+    /// a run selects.
+    pub labels: &'static [&'static str],
 }
 
 /// The 21 appraisal ratings (1-5) of crowd-enVENT, in file order.
@@ -194,6 +210,7 @@ pub const PRESETS: [Preset; 1] = [Preset {
     label_column: "emotion",
     numeric_columns: &ENVENT_APPRAISALS,
     renames: &[("no-emotion", "neutral")],
+    labels: &["anger", "boredom", "disgust", "fear", "guilt", "joy", "neutral", "pride", "relief", "sadness", "shame", "surprise", "trust"],
 }];
 
 pub fn preset(name: &str) -> Result<&'static Preset> {
@@ -225,9 +242,13 @@ pub struct Dataset {
 }
 
 impl Dataset {
-    /// The distinct gold labels, sorted.
+    /// The label set: the declared labels (`allowed_labels`: --labels, or a preset's whole
+    /// set, which never shrinks to the rows selected), else the distinct gold labels; sorted.
     pub fn label_values(&self) -> Vec<String> {
-        self.examples.iter().filter_map(|e| e.label.clone()).collect::<BTreeSet<_>>().into_iter().collect()
+        match &self.spec.allowed_labels {
+            Some(declared) => declared.iter().cloned().collect::<BTreeSet<_>>().into_iter().collect(),
+            None => self.examples.iter().filter_map(|e| e.label.clone()).collect::<BTreeSet<_>>().into_iter().collect(),
+        }
     }
 }
 
@@ -333,12 +354,51 @@ pub fn load(spec: &DatasetSpec) -> Result<Dataset> {
             }
         }
     }
-    let Loader { examples, rows_read, .. } = ctx;
+    let Loader { mut examples, rows_read, .. } = ctx;
     if examples.is_empty() {
         let why = if rows_read == 0 { "the file has no rows".to_string() } else { format!("no row of {rows_read} passes the filters") };
         return Err(Error::file(path, format!("empty dataset: {why}")));
     }
+    if let Some(s) = spec.sample {
+        examples = sample_rows(examples, s, path)?;
+    }
     Ok(Dataset { spec: spec.clone(), examples, file_sha256, rows_read })
+}
+
+/// The rows of `s` (see [`Sample`]), in file order.
+fn sample_rows(examples: Vec<Example>, s: Sample, path: &Path) -> Result<Vec<Example>> {
+    use rand::seq::SliceRandom;
+    let n_rows = examples.len();
+    if s.n == 0 || s.n > n_rows {
+        return Err(Error::file(path, format!("--sample {}: the rows that pass the filters are {n_rows}; give 1 to {n_rows}", s.n)));
+    }
+    let mut rng = crate::rng::chacha(s.seed);
+    let mut keep: Vec<usize> = if s.stratify {
+        let mut groups: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+        for (i, e) in examples.iter().enumerate() {
+            let label = e.label.as_deref().ok_or_else(|| Error::file(path, "--stratify needs gold labels (a label column)"))?;
+            groups.entry(label).or_default().push(i);
+        }
+        // Quotas n * size / n_rows, rounded down, then one more to the largest remainders.
+        let mut quotas: Vec<(usize, usize)> = groups.values().map(|g| (s.n * g.len() / n_rows, s.n * g.len() % n_rows)).collect();
+        let short = s.n - quotas.iter().map(|q| q.0).sum::<usize>();
+        let mut order: Vec<usize> = (0..quotas.len()).collect();
+        order.sort_by_key(|&g| std::cmp::Reverse(quotas[g].1));
+        order.iter().take(short).for_each(|&g| quotas[g].0 += 1);
+        groups.into_values().zip(quotas).flat_map(|(mut g, (q, _))| {
+            g.shuffle(&mut rng);
+            g.truncate(q);
+            g
+        }).collect()
+    } else {
+        let mut all: Vec<usize> = (0..n_rows).collect();
+        all.shuffle(&mut rng);
+        all.truncate(s.n);
+        all
+    };
+    keep.sort_unstable();
+    let mut examples: Vec<Option<Example>> = examples.into_iter().map(Some).collect();
+    Ok(keep.into_iter().filter_map(|i| examples[i].take()).collect())
 }
 
 fn csv_error(e: &csv::Error) -> String {

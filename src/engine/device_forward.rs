@@ -15,7 +15,7 @@ use half::bf16;
 use crate::backend::device::{DeviceBuffer, DevPtr, Driver};
 use crate::backend::ops::act::{ActMul, act_mul};
 use crate::backend::ops::attention::{AttnParams, PagedBatch, PagedSeq, PatternOut, PatternRequest, attention};
-use crate::backend::ops::elementwise::{bias_add, gather_rows_bf16, gather_rows_f32_bf16, head_mask, softcap, sum_heads, to_bf16};
+use crate::backend::ops::elementwise::{bias_add, count_nonfinite, gather_rows_bf16, gather_rows_f32_bf16, head_mask, softcap, sum_heads, to_bf16};
 use crate::backend::ops::embed::embed_tokens;
 use crate::backend::ops::norm::{AddNorm, add_norm};
 use crate::backend::ops::kv::{SlotCopies, kv_copy_slots, kv_write};
@@ -273,9 +273,10 @@ impl DeviceModel {
 
     /// One forward call over `call.seqs` from `call.start_layer` on, with its KV blocks in
     /// `pool`, applying `hooks`. Returns the logits at `logits_at` (positions relative to each
-    /// sequence's length), their (sequence, position), and resid_pre when `call.keep_resid`.
+    /// sequence's length), their (sequence, position), resid_pre when `call.keep_resid`, and the
+    /// number of NaN and +-Inf among the logits and captures returned (counted on the device).
     #[allow(clippy::type_complexity)]
-    fn forward(&self, call: &Call, pool: &mut KvPool, rows: &RowMap, hooks: &mut Hooks, logits_at: Option<&Positions>, logit_tokens: Option<&[u32]>) -> Result<(Vec<f32>, Vec<(usize, usize)>, Option<DeviceBuffer<f32>>)> {
+    fn forward(&self, call: &Call, pool: &mut KvPool, rows: &RowMap, hooks: &mut Hooks, logits_at: Option<&Positions>, logit_tokens: Option<&[u32]>) -> Result<(Vec<f32>, Vec<(usize, usize)>, Option<DeviceBuffer<f32>>, u64)> {
         let cfg = &self.cfg;
         let drv = &self.driver;
         let (d, qw, kvw, dm) = (cfg.d_model, cfg.q_width(), cfg.kv_width(), cfg.d_mlp);
@@ -332,6 +333,7 @@ impl DeviceModel {
             arena_len += c.data.len();
         }
         let arena = DeviceBuffer::<f32>::filled(drv, arena_len.max(1), 0)?;
+        let nonfinite = DeviceBuffer::<u64>::filled(drv, 1, 0)?; // [1] NaN/Inf among what is returned
         let plan = |site: Site| -> Result<DeviceSitePlan> {
             let mut b = SitePlanBuilder::new();
             for ro in hooks.row_ops(site, rows) {
@@ -427,6 +429,7 @@ impl DeviceModel {
                 let n_keys = hooks.n_keys();
                 let mut out = DeviceBuffer::<f32>::alloc(drv, pairs.len() * n_keys)?;
                 attention(&**drv, &batch, &params, &q, k_cache, v_cache, &mut z, Some(PatternOut { request: &request, out: &mut out, n_keys }))?;
+                count_nonfinite(&**drv, &out, pairs.len() * n_keys, &nonfinite)?;
                 patterns.push((l, out.download()?, pat_rows.iter().map(|&(_, c, i)| (c, i / cfg.n_heads, i % cfg.n_heads)).collect()));
             }
             site_ops(&**drv, &z, t, qw, &plan(site(SiteKind::Z))?, Some(&arena))?;
@@ -499,10 +502,13 @@ impl DeviceModel {
             if let Some(c) = cfg.final_softcap {
                 softcap(&**drv, &out, n * n_out, c)?;
             }
+            count_nonfinite(&**drv, &out, n * n_out, &nonfinite)?;
             logits = out.download()?;
         }
 
         // ---- captures back to the host ----
+        count_nonfinite(&**drv, &arena, arena_len, &nonfinite)?;
+        let nonfinite = nonfinite.download()?[0];
         let arena_host = arena.download()?;
         for site in Site::all(cfg).into_iter().filter(|s| s.kind != SiteKind::Pattern) {
             for rc in hooks.row_captures(site, rows) {
@@ -521,7 +527,7 @@ impl DeviceModel {
             }
         }
         self.driver.synchronize()?;
-        Ok((logits, logit_rows, kept))
+        Ok((logits, logit_rows, kept, nonfinite))
     }
 
     /// Runs `prompts` from layer 0 on fresh pool blocks; returns each prompt's blocks (the
@@ -549,8 +555,8 @@ impl DeviceModel {
     fn run_call(&self, call: &Call, pool: &mut KvPool, req: &RunRequest) -> Result<(RunOutput, Option<DeviceBuffer<f32>>)> {
         let rows = RowMap::new(call.seqs.iter().map(|s| s.pos0).collect(), call.seqs.iter().map(|s| s.n_new).collect());
         let mut hooks = Hooks::new(&self.cfg, &rows, req.interventions, req.captures, req.n_keys)?;
-        let (logits, logit_rows, kept) = self.forward(call, pool, &rows, &mut hooks, req.logits_at, req.logit_tokens)?;
-        Ok((RunOutput { logits, logit_rows, captured: hooks.into_captured() }, kept))
+        let (logits, logit_rows, kept, nonfinite) = self.forward(call, pool, &rows, &mut hooks, req.logits_at, req.logit_tokens)?;
+        Ok((RunOutput { logits, logit_rows, captured: hooks.into_captured(), nonfinite: Some(nonfinite) }, kept))
     }
 }
 

@@ -128,6 +128,9 @@ pub struct RunOutput {
     pub logit_rows: Vec<(usize, usize)>,
     /// The captures, in request order.
     pub captured: Vec<Captured>,
+    /// NaN and +-Inf among the logits and captures, when the engine counted them as it made
+    /// them (a device: one counter the kernels add to, read once per call); None when not.
+    pub nonfinite: Option<u64>,
 }
 
 fn row_map(seqs: &[SeqInput], d_model: usize) -> RowMap {
@@ -155,7 +158,7 @@ impl Model {
     pub fn run_from(&self, start_layer: usize, seqs: &mut [SeqInput], req: &RunRequest) -> Result<RunOutput> {
         let mut hooks = Hooks::new(&self.cfg, &row_map(seqs, self.cfg.d_model), req.interventions, req.captures, req.n_keys)?;
         let out = self.forward(start_layer, seqs, &mut hooks, req.logits_at, req.logit_tokens)?;
-        Ok(RunOutput { logits: out.logits, logit_rows: out.logit_rows, captured: hooks.into_captured() })
+        Ok(RunOutput { logits: out.logits, logit_rows: out.logit_rows, captured: hooks.into_captured(), nonfinite: None })
     }
 
     /// Runs `seqs` (new rows after each cache) through blocks `start_layer..`, applying `hooks`.

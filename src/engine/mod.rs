@@ -34,6 +34,7 @@
 //! there with their reason.
 
 pub mod device_forward;
+pub mod finite;
 pub mod forward;
 
 use std::any::Any;
@@ -159,6 +160,11 @@ pub trait Engine {
     /// to each sequence's length after the call; positions already in the cache are skipped)
     /// and logits (relative to that length: `-1` is the last new token).
     fn decode(&self, seqs: &mut [&mut DecodeSeq], tokens: &[&[u32]], req: &RunRequest) -> Result<RunOutput>;
+    /// Non-finite values the engine's calls returned so far, where they are allowed and counted
+    /// ([`finite::Checked`]); 0 for an engine that does not check.
+    fn nonfinite_values(&self) -> u64 {
+        0
+    }
 }
 
 /// The resid_pre captures of every layer at every position: what a clean run keeps.
@@ -262,5 +268,8 @@ impl<T: Engine + ?Sized> Engine for &T {
     }
     fn decode(&self, seqs: &mut [&mut DecodeSeq], tokens: &[&[u32]], req: &RunRequest) -> Result<RunOutput> {
         (**self).decode(seqs, tokens, req)
+    }
+    fn nonfinite_values(&self) -> u64 {
+        (**self).nonfinite_values()
     }
 }

@@ -295,7 +295,7 @@ pub fn site_means(engine: &dyn Engine, prompts: &[Vec<u32>], sites: &[Site], bat
     let all: Vec<usize> = (0..prompts.len()).collect();
     for chunk in chunk_by_rows(&all, |&i| prompts[i].len(), batch_rows) {
         let chunk_prompts: Vec<Vec<u32>> = chunk.iter().map(|&i| prompts[i].clone()).collect();
-        let out = engine.run_prompts(&chunk_prompts, &RunRequest { captures: &captures, ..Default::default() })?;
+        let out = engine.run_prompts(&chunk_prompts, &RunRequest { captures: &captures, ..Default::default() }).map_err(|e| e.in_batch(|i| chunk[i]))?;
         n += chunk_prompts.iter().map(Vec::len).sum::<usize>();
         for (sum, c) in sums.iter_mut().zip(&out.captured) {
             // c.data: [n_rows, width]
@@ -407,13 +407,13 @@ pub fn naive_labels(
     let all: Vec<usize> = (0..prompts.len()).collect();
     for chunk in chunk_by_rows(&all, |&i| prompts[i].len(), batch_rows) {
         let chunk_prompts: Vec<Vec<u32>> = chunk.iter().map(|&i| prompts[i].clone()).collect();
-        let clean = engine.run_prompts(&chunk_prompts, &req)?;
+        let clean = engine.run_prompts(&chunk_prompts, &req).map_err(|e| e.in_batch(|i| chunk[i]))?;
         let clean_proj = projections(&clean);
         for ((&i, logits), &p) in chunk.iter().zip(clean.logits.chunks(k)).zip(&clean_proj) {
             on_clean(i, logits, p)?;
         }
         for (e, iv) in ivs.iter().enumerate() {
-            let out = engine.run_prompts(&chunk_prompts, &RunRequest { interventions: iv, ..req })?;
+            let out = engine.run_prompts(&chunk_prompts, &RunRequest { interventions: iv, ..req }).map_err(|e| e.in_batch(|i| chunk[i]))?;
             let rows: Vec<SteerRow> = chunk
                 .iter()
                 .zip(out.logits.chunks(k).zip(clean.logits.chunks(k)))

@@ -40,8 +40,9 @@ pub fn capture(engine: &dyn Engine, prompts: &[Vec<u32>], spec: &CaptureSpec, pr
     let captures: Vec<Capture> = spec.sites.iter().map(|&site| Capture { site, positions: spec.positions.clone() }).collect();
     let mut site_data: Vec<Vec<f32>> = vec![Vec::new(); spec.sites.len()];
     let mut logits = Vec::new();
-    for batch in prompts.chunks(spec.batch_size.max(1)) {
-        let out = engine.run_prompts(batch, &RunRequest { captures: &captures, logits_at: spec.logits.then_some(&spec.positions), n_keys: Some(max_len), ..Default::default() })?;
+    for (b, batch) in prompts.chunks(spec.batch_size.max(1)).enumerate() {
+        let req = RunRequest { captures: &captures, logits_at: spec.logits.then_some(&spec.positions), n_keys: Some(max_len), ..Default::default() };
+        let out = engine.run_prompts(batch, &req).map_err(|e| e.in_batch(|i| b * spec.batch_size.max(1) + i))?;
         for (acc, c) in site_data.iter_mut().zip(out.captured) {
             acc.extend_from_slice(&c.data);
         }
@@ -72,10 +73,12 @@ pub fn capture(engine: &dyn Engine, prompts: &[Vec<u32>], spec: &CaptureSpec, pr
     Ok(out)
 }
 
-/// Provenance recorded in every capture file.
-pub fn metadata(model: &Model, device: &str, spec: &CaptureSpec) -> BTreeMap<String, String> {
+/// Provenance recorded in every capture file (with the non-finite values the engine returned,
+/// kept by --allow-nonfinite).
+pub fn metadata(model: &Model, engine: &dyn Engine, spec: &CaptureSpec) -> BTreeMap<String, String> {
     BTreeMap::from([
-        ("device".to_string(), device.to_string()),
+        ("device".to_string(), engine.device_name()),
+        ("nonfinite_values".to_string(), engine.nonfinite_values().to_string()),
         ("model".to_string(), model.dir.display().to_string()),
         ("config_sha256".to_string(), model.config_hash.clone()),
         ("patchbay_version".to_string(), env!("CARGO_PKG_VERSION").to_string()),

@@ -593,7 +593,8 @@ pub fn contribution_tables(model: &Model, engine: &dyn Engine, prompts: &[Vec<u3
     let last = Positions::List(vec![-1]);
     let mut first = 0;
     for batch in prompts.chunks(spec.batch_size.max(1)) {
-        let out = engine.run_prompts(batch, &RunRequest { captures: &captures, logits_at: Some(&last), logit_tokens: Some(&labels.token_ids), ..Default::default() })?;
+        let req = RunRequest { captures: &captures, logits_at: Some(&last), logit_tokens: Some(&labels.token_ids), ..Default::default() };
+        let out = engine.run_prompts(batch, &req).map_err(|e| e.in_batch(|i| first + i))?;
         let group: Vec<usize> = out.logits.chunks(labels.len()).enumerate().map(|(i, l)| spec.gold[first + i].unwrap_or_else(|| crate::logits::argmax(l))).collect();
         let counts: Vec<usize> = out.captured[0].positions.iter().map(Vec::len).collect();
         let row_group: Vec<usize> = counts.iter().zip(&group).flat_map(|(&c, &g)| std::iter::repeat_n(g, c)).collect();

@@ -236,7 +236,8 @@ fn generate_batch(engine: &dyn Engine, prompts: &[Vec<u32>], first: usize, spec:
                 }
             };
             let mut live: Vec<&mut DecodeSeq> = seqs.iter_mut().enumerate().filter(|(i, _)| group.contains(i)).map(|(_, s)| s).collect();
-            calls.push((group, engine.decode(&mut live, &tokens, &RunRequest { interventions, logits_at: Some(&last), ..Default::default() })?.logits));
+            let logits = engine.decode(&mut live, &tokens, &RunRequest { interventions, logits_at: Some(&last), ..Default::default() }).map_err(|e| e.in_batch(|k| group[k]))?.logits;
+            calls.push((group, logits));
         }
         for (&i, row) in calls.iter().flat_map(|(group, logits)| group.iter().zip(logits.chunks_exact(vocab))) {
             let len = seqs[i].len();

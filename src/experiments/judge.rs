@@ -242,8 +242,8 @@ impl ProbeJudge {
         let (k, w) = (self.classes.len(), self.width);
         let captures = [Capture { site: self.site, positions: Positions::List(vec![self.position]) }];
         let mut out = Vec::with_capacity(prompts.len() * k);
-        for batch in prompts.chunks(batch_size.max(1)) {
-            let r = engine.run_prompts(batch, &RunRequest { captures: &captures, ..Default::default() })?;
+        for (b, batch) in prompts.chunks(batch_size.max(1)).enumerate() {
+            let r = engine.run_prompts(batch, &RunRequest { captures: &captures, ..Default::default() }).map_err(|e| e.in_batch(|i| b * batch_size.max(1) + i))?;
             let x = &r.captured[0].data; // [batch, width]
             if x.len() != batch.len() * w {
                 return Err(Error::input(format!("{}: captured {} values at {} for {} prompts of width {w}", self.path.display(), x.len(), self.site, batch.len())));

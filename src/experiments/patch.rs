@@ -98,9 +98,13 @@ pub struct ExperimentResult {
     pub layers: Vec<usize>,
     /// Absolute positions patched in the target.
     pub positions: Vec<usize>,
-    /// Label logits (label order) at the last position: clean target, clean source, patched.
+    /// Label logits (label order) at the last position: clean target, clean source, patched
+    /// (NaN written as null, read back as NaN: see --allow-nonfinite).
+    #[serde(deserialize_with = "crate::io::null_as_nan::vec")]
     pub clean_target: Vec<f32>,
+    #[serde(deserialize_with = "crate::io::null_as_nan::vec")]
     pub clean_source: Vec<f32>,
+    #[serde(deserialize_with = "crate::io::null_as_nan::vec")]
     pub patched: Vec<f32>,
     /// Predicted label (index) after patching, and in the clean target and source.
     pub pred: usize,
@@ -109,8 +113,10 @@ pub struct ExperimentResult {
     /// The patched prediction is the source's prediction (and the clean target's was not).
     pub flipped_to_source: bool,
     /// patched[source_pred] - patched[target_pred]
+    #[serde(deserialize_with = "crate::io::null_as_nan::f32")]
     pub logit_diff: f32,
     /// Probability of the source's prediction among the labels after patching.
+    #[serde(deserialize_with = "crate::io::null_as_nan::f32")]
     pub source_prob: f32,
 }
 
@@ -191,7 +197,7 @@ pub fn run_sweep(
             let req = RunRequest { captures: &caps, logits_at: Some(&last), logit_tokens: Some(&spec.label_tokens), ..Default::default() };
             let chunk_prompts: Vec<Vec<u32>> = chunk.iter().map(|(src, _)| prompts[*src].clone()).collect();
             let ids: Vec<usize> = chunk.iter().map(|(src, _)| *src).collect();
-            let out = engine.run_prompts(&chunk_prompts, &req).map_err(|e| Error::input(format!("clean pass of source prompts {ids:?}: {e}")))?;
+            let out = engine.run_prompts(&chunk_prompts, &req).map_err(|e| Error::input(format!("clean pass of source prompts {ids:?}: {}", e.in_batch(|i| ids[i]))))?;
             let mut row0 = 0;
             for (k, (src, wanted)) in chunk.iter().enumerate() {
                 let n_rows = out.captured.first().map_or(0, |c| c.positions[k].len());
@@ -281,11 +287,11 @@ pub fn run_sweep(
                 let target = std::slice::from_ref(&prompts[t]);
                 if !clean_targets.contains_key(&t) {
                     let req = RunRequest { logits_at: Some(&last), logit_tokens: Some(&spec.label_tokens), ..Default::default() };
-                    clean_targets.insert(t, engine.run_prompts(target, &req)?.logits);
+                    clean_targets.insert(t, engine.run_prompts(target, &req).map_err(|e| e.in_batch(|_| t))?.logits);
                 }
                 let (ivs, abs) = interventions(e, src, 0)?;
                 let req = RunRequest { interventions: &ivs, logits_at: Some(&last), logit_tokens: Some(&spec.label_tokens), ..Default::default() };
-                let out = engine.run_prompts(target, &req)?;
+                let out = engine.run_prompts(target, &req).map_err(|e| e.in_batch(|_| t))?;
                 emit(result(e, src, abs, &clean_targets[&t], out.logits))?;
                 settings.progress.inc(1);
             }
@@ -314,7 +320,7 @@ pub fn run_sweep(
                 let req = RunRequest { logits_at: Some(&last), logit_tokens: Some(&spec.label_tokens), ..Default::default() };
                 for chunk in chunk_by_rows(&group, |&t| prompts[t].len(), settings.batch_rows) {
                     let chunk_prompts: Vec<Vec<u32>> = chunk.iter().map(|&t| prompts[t].clone()).collect();
-                    let (runs, out) = engine.run_clean(&chunk_prompts, &req).map_err(|e| Error::input(format!("clean pass of target prompts {chunk:?}: {e}")))?;
+                    let (runs, out) = engine.run_clean(&chunk_prompts, &req).map_err(|e| Error::input(format!("clean pass of target prompts {chunk:?}: {}", e.in_batch(|i| chunk[i]))))?;
                     for ((&t, run), logits) in chunk.iter().zip(runs).zip(out.logits.chunks(n_labels)) {
                         clean.insert(t, (run, logits.to_vec()));
                     }
@@ -342,7 +348,7 @@ pub fn run_sweep(
                     let segments: Vec<Segment> = batch.iter().map(|(e, _, _, p0)| Segment { clean: &clean[&e.pair.target].0, p0: *p0 }).collect();
                     let ivs: Vec<Intervention> = batch.iter().flat_map(|b| b.1.iter().cloned()).collect();
                     let req = RunRequest { interventions: &ivs, logits_at: Some(&last), logit_tokens: Some(&spec.label_tokens), ..Default::default() };
-                    let out = engine.run_segments(layer, &segments, &req)?;
+                    let out = engine.run_segments(layer, &segments, &req).map_err(|e| e.in_batch(|k| batch[k].0.pair.target))?;
                     for (k, (e, _, abs, _)) in batch.into_iter().enumerate().filter(|(_, b)| !skip.contains(&b.0.id)) {
                         let patched = out.logits[k * n_labels..(k + 1) * n_labels].to_vec();
                         emit(result(e, &sources[&e.pair.source], abs, &clean[&e.pair.target].1, patched))?;

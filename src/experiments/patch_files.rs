@@ -41,14 +41,15 @@ pub fn read_pairs(path: &Path, n_prompts: usize) -> Result<Vec<Pair>> {
     Ok(out)
 }
 
-/// `n` random (source, target) pairs of distinct prompts ([`rng::random_pairs`], seeded). With
-/// `gold` (each prompt's gold label), only labelled prompts take part and the two labels differ.
-pub fn random_pairs(n_prompts: usize, n: usize, seed: u64, gold: Option<&[Option<String>]>) -> Result<Vec<Pair>> {
-    let of = match gold {
+/// `n` distinct random (source, target) pairs of distinct prompts ([`rng::distinct_pairs`],
+/// seeded; an error saying how many exist when fewer). With `keys` (e.g. each prompt's gold or
+/// predicted label; None: the prompt takes no part), the two keys differ.
+pub fn random_pairs(n_prompts: usize, n: usize, seed: u64, keys: Option<&[Option<String>]>) -> Result<Vec<Pair>> {
+    let of = match keys {
         None => PairsOf::Items(n_prompts),
-        Some(gold) => PairsOf::Keys(gold),
+        Some(keys) => PairsOf::Keys(keys),
     };
-    Ok(rng::random_pairs(of, seed)?.take(n).map(|(source, target)| Pair { source, target }).collect())
+    Ok(rng::distinct_pairs(of, n, seed)?.into_iter().map(|(source, target)| Pair { source, target }).collect())
 }
 
 /// Part `index` of `count` of a sweep (`--shard i/n`).
@@ -137,7 +138,10 @@ pub fn read_done(path: &Path, cut_torn: bool) -> Result<Vec<Done>> {
 pub fn write_outputs(out: &Path, mut done: Vec<Done>) -> Result<Vec<SummaryRow>> {
     done.sort_by_key(|d| d.result.id);
     let text: String = done.iter().map(|d| format!("{}\n", d.line)).collect();
-    crate::io::write_atomic(&out.join("experiments.jsonl"), text.as_bytes())?;
+    let sums: String = done.iter().map(|d| format!("{}\n", crate::io::line_sum(&d.line))).collect();
+    let jsonl = out.join("experiments.jsonl");
+    crate::io::write_atomic(&crate::io::sums_path(&jsonl), sums.as_bytes())?;
+    crate::io::write_atomic(&jsonl, text.as_bytes())?;
     let results: Vec<ExperimentResult> = done.into_iter().map(|d| d.result).collect();
     let summary = summarize(&results);
     crate::io::write_atomic(&out.join("summary.csv"), summary_csv(&summary).as_bytes())?;
@@ -161,14 +165,18 @@ pub fn write_manifest(path: &Path, manifest: &Value) -> Result<()> {
 /// error after that many (a simulated kill). Returns how many were written, and how the sweep
 /// ended.
 pub fn append_results(engine: &dyn Engine, prompts: &[Vec<u32>], spec: &SweepSpec, exps: &[Experiment], settings: &RunSettings, jsonl: &Path, stop_after: Option<usize>) -> Result<(usize, Result<()>)> {
-    let mut file = std::fs::OpenOptions::new().create(true).append(true).open(jsonl).map_err(|e| Error::io(jsonl, e))?;
+    let append = |path: &Path| std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(|e| Error::io(path, e));
+    let (mut file, sums) = (append(jsonl)?, crate::io::sums_path(jsonl));
+    let mut sums_file = append(&sums)?;
     let mut written = 0usize;
     let outcome = run_sweep(engine, prompts, spec, exps, settings, &mut |r| {
         if stop_after.is_some_and(|n| written >= n) {
             return Err(Error::input("stopped (--stop-after)"));
         }
-        let line = serde_json::to_string(&r).map_err(|e| Error::input(e.to_string()))? + "\n";
-        file.write_all(line.as_bytes()).and_then(|_| file.flush()).map_err(|e| Error::io(jsonl, e))?;
+        let line = serde_json::to_string(&r).map_err(|e| Error::input(e.to_string()))?;
+        file.write_all(format!("{line}\n").as_bytes()).and_then(|_| file.flush()).map_err(|e| Error::io(jsonl, e))?;
+        // The line's checksum after the line: a kill between the two leaves a line --resume runs again.
+        sums_file.write_all(format!("{}\n", crate::io::line_sum(&line)).as_bytes()).and_then(|_| sums_file.flush()).map_err(|e| Error::io(&sums, e))?;
         written += 1;
         Ok(())
     });
@@ -232,7 +240,7 @@ pub fn run_to_dir(engine: &dyn Engine, prompts: &[Vec<u32>], spec: &SweepSpec, a
     };
     let n_mine = mine.len();
 
-    std::fs::create_dir_all(r.out).map_err(|e| Error::io(r.out, e))?;
+    let _lock = crate::io::OutLock::acquire(r.out)?;
     let jsonl = r.out.join("experiments.jsonl");
     let part = r.part.map(|s| s.to_string());
     let manifest_path = r.out.join("manifest.json");
@@ -247,6 +255,10 @@ pub fn run_to_dir(engine: &dyn Engine, prompts: &[Vec<u32>], spec: &SweepSpec, a
         if old.get("shard").unwrap_or(&Value::Null) != &json!(part) {
             return Err(Error::input(format!("{} holds shard {} of this sweep, not {}: choose another --out", r.out.display(), old["shard"].as_str().unwrap_or("(whole)"), part.as_deref().unwrap_or("the whole sweep"))));
         }
+        crate::io::verify_lines(&jsonl)?;
+    } else if crate::io::sums_path(&jsonl).exists() {
+        // Checksums of a results file that is gone.
+        std::fs::remove_file(crate::io::sums_path(&jsonl)).map_err(|e| Error::io(r.out, e))?;
     }
     let save_manifest = |done: usize| {
         let mut m = r.provenance.clone();
@@ -257,6 +269,7 @@ pub fn run_to_dir(engine: &dyn Engine, prompts: &[Vec<u32>], spec: &SweepSpec, a
             "done": done,
             "complete": done == n_mine,
             "seconds": r.started.elapsed().as_secs_f64(),
+            "nonfinite_values": engine.nonfinite_values(),
             "sweep": r.sweep_id,
         });
         if let (Some(m), Value::Object(run)) = (m.as_object_mut(), run) {
@@ -367,7 +380,7 @@ pub fn merge_parts(dirs: &[PathBuf], out: &Path, command_line: Vec<String>) -> R
     if jsonl.exists() {
         return Err(Error::input(format!("{} exists: choose another --out", jsonl.display())));
     }
-    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    let _lock = crate::io::OutLock::acquire(out)?;
     write_outputs(out, all)?;
 
     // The manifest of the whole run, with each shard's own provenance and timings.

@@ -25,8 +25,9 @@ pub fn label_logits(engine: &dyn Engine, prompts: &[Vec<u32>], labels: &LabelSet
     labels.check_vocab(engine.config().vocab_size)?;
     let last = Positions::List(vec![-1]);
     let mut out = Vec::with_capacity(prompts.len() * labels.len());
-    for batch in prompts.chunks(batch_size.max(1)) {
-        let r = engine.run_prompts(batch, &RunRequest { logits_at: Some(&last), logit_tokens: Some(&labels.token_ids), ..Default::default() })?;
+    for (b, batch) in prompts.chunks(batch_size.max(1)).enumerate() {
+        let req = RunRequest { logits_at: Some(&last), logit_tokens: Some(&labels.token_ids), ..Default::default() };
+        let r = engine.run_prompts(batch, &req).map_err(|e| e.in_batch(|i| b * batch_size.max(1) + i))?;
         if r.logits.len() != batch.len() * labels.len() {
             return Err(Error::input(format!("engine returned {} label logits for {} prompts", r.logits.len(), batch.len())));
         }

@@ -248,8 +248,9 @@ pub fn capture_shards(engine: &dyn Engine, model_path: &str, config_sha256: &str
         let range = meta.shard_range(k);
         bufs.iter_mut().for_each(Vec::clear);
         label_logits.clear();
-        for batch in prompts[range.clone()].chunks(spec.batch_size.max(1)) {
-            let out = engine.run_prompts(batch, &RunRequest { captures: &captures, logits_at: (n_labels > 0).then_some(&last), ..Default::default() })?;
+        for (b, batch) in prompts[range.clone()].chunks(spec.batch_size.max(1)).enumerate() {
+            let req = RunRequest { captures: &captures, logits_at: (n_labels > 0).then_some(&last), ..Default::default() };
+            let out = engine.run_prompts(batch, &req).map_err(|e| e.in_batch(|i| range.start + b * spec.batch_size.max(1) + i))?;
             for (buf, c) in bufs.iter_mut().zip(&out.captured) {
                 buf.extend_from_slice(&c.data);
             }
@@ -283,6 +284,7 @@ pub fn capture_shards(engine: &dyn Engine, model_path: &str, config_sha256: &str
             ("positions".to_string(), Positions::List(spec.positions.clone()).describe()),
             ("dtype".to_string(), meta.dtype.clone()),
             ("device".to_string(), engine.device_name()),
+            ("nonfinite_values".to_string(), engine.nonfinite_values().to_string()),
             ("shard".to_string(), format!("{k}/{n_shards}")),
         ]);
         write(&ShardMeta::shard_path(dir, k), &tensors, &md)?;

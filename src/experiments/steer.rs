@@ -205,7 +205,7 @@ pub fn steer_labels(
     let all: Vec<usize> = (0..prompts.len()).collect();
     for chunk in chunk_by_rows(&all, |&i| prompts[i].len(), batch_rows) {
         let chunk_prompts: Vec<Vec<u32>> = chunk.iter().map(|&i| prompts[i].clone()).collect();
-        let (runs, out) = engine.run_clean(&chunk_prompts, &RunRequest { captures: &clean_captures, ..req })?;
+        let (runs, out) = engine.run_clean(&chunk_prompts, &RunRequest { captures: &clean_captures, ..req }).map_err(|e| e.in_batch(|i| chunk[i]))?;
         if out.logits.len() != chunk.len() * k {
             return Err(Error::input(format!("engine returned {} label logits for {} prompts", out.logits.len(), chunk.len())));
         }
@@ -247,7 +247,7 @@ pub fn steer_labels(
                     }
                     s += run.len();
                 }
-                let out = engine.run_segments(start, &segs, &RunRequest { interventions: &ivs, captures: &captures, ..req })?;
+                let out = engine.run_segments(start, &segs, &RunRequest { interventions: &ivs, captures: &captures, ..req }).map_err(|e| e.in_batch(|s| chunk[batch[s].1]))?;
                 if out.logits.len() != batch.len() * k {
                     return Err(Error::input(format!("engine returned {} label logits for {} segments", out.logits.len(), batch.len())));
                 }

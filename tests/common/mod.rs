@@ -82,6 +82,12 @@ pub fn assert_close(name: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32)
 /// Copies a model directory (all small files) to `dst`, rewriting the weights with every
 /// float tensor converted to `dtype`, into `n_shards` files (with an index when > 1).
 pub fn copy_checkpoint(src: &Path, dst: &Path, dtype: Dtype, n_shards: usize) {
+    copy_checkpoint_edited(src, dst, dtype, n_shards, |_| {});
+}
+
+/// As [`copy_checkpoint`], with the tensors (name -> (shape, f32 values)) changed by `edit`
+/// before they are written (hostile checkpoints: NaN, Inf, overflowing weights).
+pub fn copy_checkpoint_edited(src: &Path, dst: &Path, dtype: Dtype, n_shards: usize, edit: impl FnOnce(&mut HashMap<String, (Vec<usize>, Vec<f32>)>)) {
     std::fs::create_dir_all(dst).unwrap();
     for e in std::fs::read_dir(src).unwrap() {
         let e = e.unwrap();
@@ -90,7 +96,8 @@ pub fn copy_checkpoint(src: &Path, dst: &Path, dtype: Dtype, n_shards: usize) {
             std::fs::copy(e.path(), dst.join(&name)).unwrap();
         }
     }
-    let tensors = read_tensors(&src.join("model.safetensors"));
+    let mut tensors = read_tensors(&src.join("model.safetensors"));
+    edit(&mut tensors);
     let mut names: Vec<&String> = tensors.keys().collect();
     names.sort();
     let per = names.len().div_ceil(n_shards);

@@ -104,6 +104,18 @@ pub fn softcap(driver: &dyn Driver, x: &DeviceBuffer<f32>, n: usize, cap: f32) -
     unsafe { KernelArgs::new().ptr(x.ptr()).value(n as i64).f32(cap).launch(driver, entry::SOFTCAP_F32, flat_cfg(n)) }
 }
 
+/// count[0] += the number of NaN and +-Inf among x[..n] (one pass; what a device forward
+/// counts in the logits and captures it returns, read once per call).
+pub fn count_nonfinite(driver: &dyn Driver, x: &DeviceBuffer<f32>, n: usize, count: &DeviceBuffer<u64>) -> Result<()> {
+    at_least("count_nonfinite", "x", x, n)?;
+    at_least("count_nonfinite", "count", count, 1)?;
+    if n == 0 {
+        return Ok(());
+    }
+    // SAFETY: x holds n floats and count one u64, checked above.
+    unsafe { KernelArgs::new().ptr(x.ptr()).value(n as i64).ptr(count.ptr()).launch(driver, entry::COUNT_NONFINITE_F32, flat_cfg(n)) }
+}
+
 fn check_rows(op: &str, rows: &DeviceBuffer<i32>, n: usize, d: usize, r: usize) -> Result<()> {
     fit_i32(op, &[n, d, r])?;
     at_least(op, "rows", rows, n)
@@ -187,6 +199,11 @@ pub fn sum_heads_ref(result: &[f32], bias: Option<&[f32]>, out: &mut [f32], h: u
 /// The reference of [`softcap`]: x = tanh(x / cap) * cap.
 pub fn softcap_ref(x: &mut [f32], cap: f32) {
     x.par_iter_mut().for_each(|v| *v = (*v / cap).tanh() * cap);
+}
+
+/// The reference of [`count_nonfinite`]: NaN and +-Inf among x.
+pub fn count_nonfinite_ref(x: &[f32]) -> u64 {
+    x.iter().filter(|v| !v.is_finite()).count() as u64
 }
 
 /// The reference of [`gather_rows_bf16`] (and, followed by [`to_bf16_ref`], of

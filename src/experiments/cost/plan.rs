@@ -163,7 +163,7 @@ impl Planner<'_> {
             held_captures: captures_held(&calls),
         };
         calls.push((phase, call));
-        Ok(RunOutput { logits: vec![0.0; logit_rows.len() * logit_width], logit_rows, captured })
+        Ok(RunOutput { logits: vec![0.0; logit_rows.len() * logit_width], logit_rows, captured, nonfinite: None })
     }
 }
 

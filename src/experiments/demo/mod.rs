@@ -7,28 +7,25 @@
 pub mod pipeline;
 mod report;
 
-use std::collections::HashSet;
-
 use serde::Serialize;
 
 use crate::data::labels::LabelSet;
 use crate::experiments::patch::Pair;
 use crate::experiments::steer;
 use crate::intervene::spec::Condition;
-use crate::rng::{PairsOf, random_pairs};
+use crate::rng::{PairsOf, distinct_pairs};
 use crate::{Error, Result};
 
 /// Up to `n` distinct random (source, target) pairs of `eligible` prompts whose gold labels
 /// differ (fewer when there are not that many), seeded: [`random_pairs`] without repeats.
 pub fn contrast_pairs(gold: &[usize], eligible: &[usize], n: usize, seed: u64) -> Result<Vec<Pair>> {
-    let possible: usize = eligible.iter().map(|&s| eligible.iter().filter(|&&t| gold[t] != gold[s]).count()).sum();
+    let mut keys = vec![None; gold.len()];
+    eligible.iter().for_each(|&i| keys[i] = Some(gold[i]));
+    let possible = PairsOf::Keys(&keys).count();
     if possible == 0 {
         return Err(Error::input("patching needs prompts of at least two different labels"));
     }
-    let mut keys = vec![None; gold.len()];
-    eligible.iter().for_each(|&i| keys[i] = Some(gold[i]));
-    let mut seen = HashSet::new();
-    Ok(random_pairs(PairsOf::Keys(&keys), seed)?.filter(|&p| seen.insert(p)).take(n.min(possible)).map(|(source, target)| Pair { source, target }).collect())
+    Ok(distinct_pairs(PairsOf::Keys(&keys), n.min(possible), seed)?.into_iter().map(|(source, target)| Pair { source, target }).collect())
 }
 
 /// Which direction a steering condition adds.

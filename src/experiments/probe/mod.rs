@@ -54,6 +54,30 @@ pub struct ProbeTargets {
     pub numeric: Vec<f64>,
 }
 
+impl ProbeTargets {
+    /// Refuses targets on which a probe measures nothing: one class (accuracy 1 by
+    /// construction) or a constant numeric target (no R^2). (Fewer examples than folds are
+    /// refused by `Split::new`.)
+    pub fn check(&self) -> Result<()> {
+        let n = self.examples.len();
+        if let Some(classes) = &self.classes {
+            let present: std::collections::BTreeSet<usize> = classes.iter().copied().collect();
+            if let [only] = present.into_iter().collect::<Vec<_>>()[..] {
+                let name = self.class_names.get(only).map_or("?", String::as_str);
+                return Err(Error::input(format!("all {n} probed examples have label `{name}`: a one-class probe is right by construction; probe examples of at least two labels (or --label-col none for numeric probes only)")));
+            }
+        }
+        let r = self.numeric_names.len();
+        for (j, name) in self.numeric_names.iter().enumerate() {
+            let first = self.numeric[j];
+            if (0..n).all(|i| self.numeric[i * r + j] == first) {
+                return Err(Error::input(format!("numeric column `{name}` is {first} for all {n} probed examples: a constant target has no R^2; leave it out of --numeric-cols")));
+            }
+        }
+        Ok(())
+    }
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct ProbeParams {
     pub eval: Eval,
@@ -167,7 +191,12 @@ pub fn run_probes(shard_dir: &Path, targets: &ProbeTargets, split: &Split, param
                 return Err(Error::file(ShardMeta::shard_path(shard_dir, k), format!("tensor `{site_name}` has shape {shape:?}, expected [{rows}, {n_pos}, ...{width} values]")));
             }
             for (j, r) in items {
-                x[j * row_w..(j + 1) * row_w].copy_from_slice(&data[r * row_w..(r + 1) * row_w]);
+                let features = &data[r * row_w..(r + 1) * row_w];
+                if features.iter().any(|v| !v.is_finite()) {
+                    let prompt = meta.shard_range(k).start + r;
+                    return Err(Error::file(ShardMeta::shard_path(shard_dir, k), format!("tensor `{site_name}` (layer {layer}), row {r} (prompt {prompt}): the features are not finite (NaN or Inf); a probe cannot fit them")));
+                }
+                x[j * row_w..(j + 1) * row_w].copy_from_slice(features);
             }
         }
         let per_pos: Vec<Vec<f32>> = (0..n_pos).map(|p| (0..n).flat_map(|j| x[j * row_w + p * width..j * row_w + (p + 1) * width].iter().copied()).collect()).collect();

@@ -15,7 +15,7 @@ use indicatif::ProgressBar;
 use serde_json::{Map, Value, json};
 
 use super::plots::{accuracy_by_layer, r2_heatmap};
-use super::{ProbeParams, ProbeRun, ProbeTargets, probes_dir, run_probes, write_results_csv};
+use super::{ProbeParams, ProbeRun, ProbeTargets, ResultRow, probes_dir, run_probes, write_results_csv};
 use crate::data::dataset::Dataset;
 use crate::data::labels::LabelSet;
 use crate::engine::Engine;
@@ -137,6 +137,7 @@ pub fn run(inp: &ProbeInputs, s: &ProbeSettings, started: Instant, mut timings: 
         "seed": s.params.seed,
         "model": {"path": model.dir.display().to_string(), "config_sha256": model.config_hash, "family": cfg.family.name(), "layers": cfg.n_layers, "d_model": cfg.d_model},
         "device": inp.engine.device_name(),
+        "nonfinite_values": inp.engine.nonfinite_values(),
         "labels": label_set,
         "sites": s.sites_text,
         "positions": positions,
@@ -199,6 +200,7 @@ pub fn run(inp: &ProbeInputs, s: &ProbeSettings, started: Instant, mut timings: 
     let params = &s.params;
     let eval = params.eval;
     let split = Split::new(selected.len(), targets.classes.as_deref(), eval, params.seed)?;
+    targets.check()?;
     // Everything an outside check needs to redo the probes on the same features and splits.
     let splits_json = json!({"targets": targets, "split": split, "params": params, "acts": "acts", "positions": positions, "sites": run.meta.sites});
     crate::io::write_atomic(&s.out.join("splits.json"), serde_json::to_string(&splits_json).map_err(|e| Error::input(e.to_string()))?.as_bytes())?;
@@ -229,10 +231,13 @@ pub fn run(inp: &ProbeInputs, s: &ProbeSettings, started: Instant, mut timings: 
     });
     manifest["outputs"] = json!({"results": csv_path.display().to_string(), "plots": plot_paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(), "weights": probes_dir(&s.out).display().to_string()});
     write_manifest(&mut manifest, &timings, "complete")?;
-    // The best layer per site at the first position, as a quick read-out.
+    // The best layer per site at the first position, as a quick read-out (every layer of a tie).
     for site in crate::io::plot::distinct(run.meta.site_kinds.iter().cloned()) {
-        if let Some(best) = pr.rows.iter().filter(|r| r.metric == "accuracy" && r.site == site && r.position == positions[0]).max_by(|x, y| x.value.total_cmp(&y.value)) {
-            (rep.say)(format!("best {site} probe at position {}: layer {} accuracy {:.3} [{:.3}, {:.3}]", best.position, best.layer, best.value, best.ci_low, best.ci_high));
+        let rows: Vec<&ResultRow> = pr.rows.iter().filter(|r| r.metric == "accuracy" && r.site == site && r.position == positions[0]).collect();
+        if let Some(best) = rows.iter().max_by(|x, y| x.value.total_cmp(&y.value)) {
+            let tied: Vec<String> = rows.iter().filter(|r| r.value == best.value).map(|r| r.layer.to_string()).collect();
+            let layers = if tied.len() == 1 { format!("layer {}", tied[0]) } else { format!("layers {} (tied)", tied.join(", ")) };
+            (rep.say)(format!("best {site} probe at position {}: {layers} accuracy {:.3} [{:.3}, {:.3}]", best.position, best.value, best.ci_low, best.ci_high));
         }
     }
     (rep.say)(format!("wrote {} and {} plot(s) in {} ({:.1} s)", csv_path.display(), plot_paths.len(), s.out.display(), started.elapsed().as_secs_f64()));
