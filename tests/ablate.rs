@@ -290,6 +290,17 @@ fn ablate_args<'a>(model: &'a str, out: &'a str, ids: &'a str, extra: &[&'a str]
     a
 }
 
+/// `args` fail with one line holding `says`, leaving `out` (when given) unwritten.
+fn assert_refused(args: &[&str], says: &str, out: Option<&str>) {
+    let (code, err) = patchbay_cli(args);
+    assert_ne!(code, 0, "{args:?} succeeded");
+    assert_eq!(err.trim().lines().count(), 1, "{args:?}: not one line: {err}");
+    assert!(err.contains(says), "{args:?}: `{says}` not in: {err}");
+    if let Some(out) = out {
+        assert!(!Path::new(out).exists(), "{args:?} wrote {out}");
+    }
+}
+
 fn write(dir: &Path, name: &str, text: &str) -> String {
     let p = dir.join(name);
     std::fs::write(&p, text).unwrap();
@@ -429,11 +440,7 @@ fn bad_input_is_one_line_and_writes_nothing() {
         (vec![], "give the components"),
     ];
     for (extra, says) in cases {
-        let (code, err) = patchbay_cli(&ablate_args(&model, &out, &ids, &extra));
-        assert_ne!(code, 0, "{extra:?} succeeded");
-        assert_eq!(err.trim().lines().count(), 1, "{extra:?}: not one line: {err}");
-        assert!(err.contains(says), "{extra:?}: `{says}` not in: {err}");
-        assert!(!Path::new(&out).exists(), "{extra:?} wrote {out}");
+        assert_refused(&ablate_args(&model, &out, &ids, &extra), says, Some(&out));
     }
 }
 
@@ -683,11 +690,7 @@ fn top_k_curves_follow_the_ranking() {
     ];
     for (extra, says) in cases {
         let bad = tmp.path().join("bad").display().to_string();
-        let (code, err) = patchbay_cli(&ablate_args(&m, &bad, &ids, &extra));
-        assert_ne!(code, 0, "{extra:?} succeeded");
-        assert_eq!(err.trim().lines().count(), 1, "{extra:?}: not one line: {err}");
-        assert!(err.contains(says), "{extra:?}: `{says}` not in: {err}");
-        assert!(!Path::new(&bad).exists(), "{extra:?} wrote {bad}");
+        assert_refused(&ablate_args(&m, &bad, &ids, &extra), says, Some(&bad));
     }
 }
 
@@ -765,11 +768,7 @@ fn sublayer_influence_follows_the_contract() {
     ];
     for (extra, says) in cases {
         let bad = tmp.path().join("bad").display().to_string();
-        let (code, err) = patchbay_cli(&ablate_args(&m, &bad, &ids, &extra));
-        assert_ne!(code, 0, "{extra:?} succeeded");
-        assert_eq!(err.trim().lines().count(), 1, "{extra:?}: not one line: {err}");
-        assert!(err.contains(says), "{extra:?}: `{says}` not in: {err}");
-        assert!(!Path::new(&bad).exists(), "{extra:?} wrote {bad}");
+        assert_refused(&ablate_args(&m, &bad, &ids, &extra), says, Some(&bad));
     }
 }
 
@@ -893,10 +892,7 @@ fn shards_merge_and_resume_give_the_whole_run() {
     ];
     for (out, extra, says) in cases {
         let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
-        let (code, err) = patchbay_cli(&ablate_args(&m, &out, &ids, &extra));
-        assert_ne!(code, 0, "{extra:?} succeeded");
-        assert_eq!(err.trim().lines().count(), 1, "{extra:?}: not one line: {err}");
-        assert!(err.contains(says), "{extra:?}: `{says}` not in: {err}");
+        assert_refused(&ablate_args(&m, &out, &ids, &extra), says, None);
     }
     // A tampered line is refused with its file and line.
     let tampered = tmp.path().join("components").join("whole").join("experiments.jsonl");

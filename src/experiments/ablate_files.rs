@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use crate::data::labels::LabelSet;
 use crate::experiments::ablate::{AblateOp, Ablation, summary_outputs};
 use crate::experiments::label_files::{Kept, read_kept, shard_range};
-use crate::experiments::patch_files::{SweepPart, read_manifest, write_manifest};
+use crate::experiments::patch_files::{read_parts, write_manifest};
 use crate::experiments::steer::{CleanValues, SteerRow};
 use crate::experiments::sublayers::{influence_outputs, parse_sublayers, sublayer_conditions};
 use crate::experiments::top_k::{TopK, curve_outputs};
@@ -61,26 +61,6 @@ impl SweepPlan {
     }
 }
 
-/// The fields of an ablate manifest a merge reads.
-struct Part {
-    dir: PathBuf,
-    manifest: Value,
-    shard: SweepPart,
-}
-
-fn read_part(dir: PathBuf) -> Result<Part> {
-    let path = dir.join("manifest.json");
-    if !path.exists() {
-        return Err(Error::input(format!("{}: no manifest.json (not an output directory of `patchbay ablate`)", dir.display())));
-    }
-    let manifest = read_manifest(&path)?;
-    let shard = match manifest.get("shard").and_then(Value::as_str) {
-        Some(s) => s.parse::<SweepPart>().map_err(|e| Error::file(&path, e.to_string()))?,
-        None => return Err(Error::input(format!("{} holds a whole sweep, not a shard (`patchbay ablate --shard I/N` writes shards)", dir.display()))),
-    };
-    Ok(Part { dir, manifest, shard })
-}
-
 fn field<'a, T: Deserialize<'a>>(m: &'a Value, key: &str, path: &Path) -> Result<T> {
     T::deserialize(&m[key]).map_err(|e| Error::file(path, format!("`{key}`: {e}")))
 }
@@ -91,27 +71,11 @@ fn field<'a, T: Deserialize<'a>>(m: &'a Value, key: &str, path: &Path) -> Result
 /// shard order), the outputs ([`SweepPlan::outputs`]) and the manifest (with each part under
 /// `shards`). Returns the number of parts and of rows.
 pub fn merge_ablate(dirs: &[PathBuf], out: &Path, command_line: Vec<String>) -> Result<(usize, usize)> {
-    let parts = dirs.iter().cloned().map(read_part).collect::<Result<Vec<_>>>()?;
+    let parts = read_parts(dirs, "ablate")?;
     let first = &parts[0];
     let n = first.shard.count;
-    let mut slots: Vec<Option<&Part>> = vec![None; n];
-    for p in &parts {
-        if p.manifest["sweep"] != first.manifest["sweep"] {
-            return Err(Error::input(format!("{} and {} are shards of different sweeps (model, prompts, labels, components, op or projection differ)", first.dir.display(), p.dir.display())));
-        }
-        if p.shard.count != n {
-            return Err(Error::input(format!("{} is shard {} but {} is shard {}: the shards of a sweep share one N", first.dir.display(), first.shard, p.dir.display(), p.shard)));
-        }
-        if let Some(q) = slots[p.shard.index] {
-            return Err(Error::input(format!("shard {} is given twice: {} and {}", p.shard, q.dir.display(), p.dir.display())));
-        }
-        if p.manifest["status"] != "complete" {
-            return Err(Error::input(format!("{}: shard {} is incomplete: finish it with the same `patchbay ablate` command and --resume", p.dir.display(), p.shard)));
-        }
-        slots[p.shard.index] = Some(p);
-    }
-    if let Some(i) = slots.iter().position(Option::is_none) {
-        return Err(Error::input(format!("shard {i}/{n} is missing ({} of {n} shards given)", parts.len())));
+    if let Some(p) = parts.iter().find(|p| p.manifest["status"] != "complete") {
+        return Err(Error::input(format!("{}: shard {} is incomplete: finish it with the same `patchbay ablate` command and --resume", p.dir.display(), p.shard)));
     }
     let mpath = first.dir.join("manifest.json");
     let m = &first.manifest;
@@ -124,7 +88,7 @@ pub fn merge_ablate(dirs: &[PathBuf], out: &Path, command_line: Vec<String>) -> 
     let n_exp = plan.n_experiments();
     let mut all = Kept::default();
     let (mut clean_text, mut rows_text) = (String::new(), String::new());
-    for p in slots.into_iter().flatten() {
+    for p in &parts {
         let kept = read_kept(&p.dir, "experiments.jsonl", &labels, n_prompts, n_exp, projection.is_some())?;
         let range = shard_range(p.shard.index, n, n_prompts);
         let complete = kept.clean.keys().copied().eq(range.clone()) && kept.rows.len() == range.len() * n_exp && kept.rows.iter().all(|r| range.contains(&r.index));

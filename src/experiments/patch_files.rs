@@ -296,26 +296,55 @@ pub fn run_to_dir(engine: &dyn Engine, prompts: &[Vec<u32>], spec: &SweepSpec, a
     Ok(DirRunEnd { total, mine: n_mine, done: n_done, written })
 }
 /// One part's directory and its manifest.
-struct Part {
-    dir: PathBuf,
-    manifest: Value,
-    shard: SweepPart,
+pub(crate) struct Part {
+    pub dir: PathBuf,
+    pub manifest: Value,
+    pub shard: SweepPart,
 }
 
-fn read_part(dir: PathBuf) -> Result<Part> {
+fn read_part(dir: PathBuf, command: &str) -> Result<Part> {
     let path = dir.join("manifest.json");
     if !path.exists() {
-        return Err(Error::input(format!("{}: no manifest.json (not an output directory of `patchbay patch`)", dir.display())));
+        return Err(Error::input(format!("{}: no manifest.json (not an output directory of `patchbay {command}`)", dir.display())));
     }
     let manifest = read_manifest(&path)?;
     if manifest.get("sweep").is_none() {
-        return Err(Error::file(&path, "not the manifest of `patchbay patch` (no `sweep`)"));
+        return Err(Error::file(&path, format!("not the manifest of `patchbay {command}` (no `sweep`)")));
     }
     let shard = match manifest.get("shard").and_then(Value::as_str) {
         Some(s) => s.parse::<SweepPart>().map_err(|e| Error::file(&path, e.to_string()))?,
-        None => return Err(Error::input(format!("{} holds a whole sweep, not a shard (`patchbay patch --shard I/N` writes shards)", dir.display()))),
+        None => return Err(Error::input(format!("{} holds a whole sweep, not a shard (`patchbay {command} --shard I/N` writes shards)", dir.display()))),
     };
     Ok(Part { dir, manifest, shard })
+}
+
+/// The parts of one sweep of `patchbay {command}` in `dirs` (any order), in shard order: all of
+/// one sweep (the same manifest `sweep`) and one N, every shard given once.
+pub(crate) fn read_parts(dirs: &[PathBuf], command: &str) -> Result<Vec<Part>> {
+    let parts = dirs.iter().cloned().map(|d| read_part(d, command)).collect::<Result<Vec<_>>>()?;
+    let first = &parts[0];
+    let n = first.shard.count;
+    for p in &parts[1..] {
+        if p.manifest["sweep"] != first.manifest["sweep"] {
+            return Err(Error::input(format!("{} and {} are shards of different sweeps (model, prompts or settings differ)", first.dir.display(), p.dir.display())));
+        }
+        if p.shard.count != n {
+            return Err(Error::input(format!("{} is shard {} but {} is shard {}: the shards of a sweep share one N", first.dir.display(), first.shard, p.dir.display(), p.shard)));
+        }
+    }
+    let mut slots: Vec<Option<Part>> = (0..n).map(|_| None).collect();
+    let given = parts.len();
+    for p in parts {
+        if let Some(q) = &slots[p.shard.index] {
+            return Err(Error::input(format!("shard {} is given twice: {} and {}", p.shard, q.dir.display(), p.dir.display())));
+        }
+        let i = p.shard.index;
+        slots[i] = Some(p);
+    }
+    if let Some(i) = slots.iter().position(Option::is_none) {
+        return Err(Error::input(format!("shard {i}/{n} is missing ({given} of {n} shards given)")));
+    }
+    Ok(slots.into_iter().flatten().collect())
 }
 
 /// Combines the parts of a sweep (the output directories of `patch --shard I/N`, in any order)
@@ -324,35 +353,17 @@ fn read_part(dir: PathBuf) -> Result<Part> {
 /// ([`write_outputs`]) and the manifest of the whole run (`command_line` and each part's
 /// provenance and timing under `shards`). Returns the number of parts and of experiments.
 pub fn merge_parts(dirs: &[PathBuf], out: &Path, command_line: Vec<String>) -> Result<(usize, usize)> {
-    let parts = dirs.iter().cloned().map(read_part).collect::<Result<Vec<_>>>()?;
+    let parts = read_parts(dirs, "patch")?;
     let first = &parts[0];
     let n = first.shard.count;
-    for p in &parts[1..] {
-        if p.manifest["sweep"] != first.manifest["sweep"] {
-            return Err(Error::input(format!("{} and {} are shards of different sweeps (model, prompts, pairs or settings differ)", first.dir.display(), p.dir.display())));
-        }
-        if p.manifest["method"] != first.manifest["method"] {
-            let method = |p: &Part| p.manifest["method"].as_str().unwrap_or("?").to_string();
-            return Err(Error::input(format!("{} ran --method {} and {} --method {}: merge shards of one method", first.dir.display(), method(first), p.dir.display(), method(p))));
-        }
-        if p.shard.count != n {
-            return Err(Error::input(format!("{} is shard {} but {} is shard {}: the shards of a sweep share one N", first.dir.display(), first.shard, p.dir.display(), p.shard)));
-        }
-    }
-    let mut slots: Vec<Option<&Part>> = vec![None; n];
-    for p in &parts {
-        if let Some(q) = slots[p.shard.index] {
-            return Err(Error::input(format!("shard {} is given twice: {} and {}", p.shard, q.dir.display(), p.dir.display())));
-        }
-        slots[p.shard.index] = Some(p);
-    }
-    if let Some(i) = slots.iter().position(Option::is_none) {
-        return Err(Error::input(format!("shard {i}/{n} is missing ({} of {n} shards given)", parts.len())));
+    if let Some(p) = parts.iter().find(|p| p.manifest["method"] != first.manifest["method"]) {
+        let method = |p: &Part| p.manifest["method"].as_str().unwrap_or("?").to_string();
+        return Err(Error::input(format!("{} ran --method {} and {} --method {}: merge shards of one method", first.dir.display(), method(first), p.dir.display(), method(p))));
     }
     let total = first.manifest["sweep_experiments"].as_u64().ok_or_else(|| Error::file(first.dir.join("manifest.json"), "no `sweep_experiments`"))? as usize;
     let mut owner: HashMap<usize, &Part> = HashMap::new();
     let mut all: Vec<Done> = Vec::with_capacity(total);
-    for p in slots.into_iter().flatten() {
+    for p in &parts {
         let m = &p.manifest;
         if m["complete"] != json!(true) {
             return Err(Error::input(format!("{}: shard {} is incomplete ({} of {} experiments): finish it with the same `patchbay patch` command and --resume", p.dir.display(), p.shard, m["done"], m["experiments"])));
@@ -384,10 +395,8 @@ pub fn merge_parts(dirs: &[PathBuf], out: &Path, command_line: Vec<String>) -> R
     write_outputs(out, all)?;
 
     // The manifest of the whole run, with each shard's own provenance and timings.
-    let mut sorted: Vec<&Part> = parts.iter().collect();
-    sorted.sort_by_key(|p| p.shard.index);
     let mut devices: Vec<&Value> = Vec::new();
-    for p in &sorted {
+    for p in &parts {
         if !devices.contains(&&p.manifest["device"]) {
             devices.push(&p.manifest["device"]);
         }
@@ -399,8 +408,8 @@ pub fn merge_parts(dirs: &[PathBuf], out: &Path, command_line: Vec<String>) -> R
     manifest["experiments"] = json!(total);
     manifest["done"] = json!(total);
     manifest["complete"] = json!(true);
-    manifest["seconds"] = json!(sorted.iter().filter_map(|p| p.manifest["seconds"].as_f64()).sum::<f64>());
-    manifest["shards"] = sorted
+    manifest["seconds"] = json!(parts.iter().filter_map(|p| p.manifest["seconds"].as_f64()).sum::<f64>());
+    manifest["shards"] = parts
         .iter()
         .map(|p| {
             let m = &p.manifest;
