@@ -81,15 +81,6 @@ impl Command {
     }
 }
 
-/// The engine for `--device`: the CPU reference model itself, or its weights uploaded to a
-/// device (GPU or emulator).
-pub fn load_engine<'a>(model: &'a patchbay::model::Model, device: patchbay::backend::DeviceSpec) -> patchbay::Result<Box<dyn patchbay::engine::Engine + 'a>> {
-    Ok(match device.driver()? {
-        None => Box::new(model),
-        Some(driver) => Box::new(patchbay::engine::device_forward::DeviceModel::upload(model, driver)?),
-    })
-}
-
 /// The model as manifests record it: its directory, config hash and family.
 pub fn model_json(model: &patchbay::model::Model) -> serde_json::Value {
     serde_json::json!({"path": model.dir.display().to_string(), "config_sha256": model.config_hash, "family": model.cfg.family.name()})

@@ -9,6 +9,7 @@ pub mod dataset_files;
 pub mod demo;
 pub mod directions;
 pub mod generate;
+pub mod inspect;
 pub mod judge;
 pub mod patch;
 pub mod patch_files;
