@@ -25,6 +25,7 @@ use serde_json::json;
 use patchbay::backend::DeviceSpec;
 use patchbay::data::labels::LabelSet;
 use patchbay::data::prompts::{PromptSource, check_prompts, load_prompts};
+use patchbay::data::template::Template;
 use patchbay::engine::device_forward::DeviceModel;
 use patchbay::engine::{Engine, upload};
 use patchbay::experiments::capture::{CaptureSpec, capture};
@@ -307,10 +308,21 @@ impl PyModel {
     }
 
     /// Token ids of each text, as `patchbay capture --text` encodes it (with `chat`, wrapped as
-    /// a user message in the model's chat template).
-    #[pyo3(signature = (texts, chat = false))]
-    fn tokenize(&self, py: Python<'_>, texts: Names, chat: bool) -> PyResult<Vec<Vec<u32>>> {
-        self.prompts(py, None, Some(texts), chat)
+    /// a user message in the model's chat template); with `template` (a preset such as `tak`,
+    /// or a string with `{text}`), rendered through it first as `patchbay score --template` does.
+    #[pyo3(signature = (texts, chat = false, template = None))]
+    fn tokenize(&self, py: Python<'_>, texts: Names, chat: bool, template: Option<&str>) -> PyResult<Vec<Vec<u32>>> {
+        let Some(spec) = template else { return self.prompts(py, None, Some(texts), chat) };
+        let texts = texts.into_vec();
+        py.detach(|| {
+            let mut t = Template::parse(spec)?;
+            t.chat = chat;
+            let tok = PromptTokenizer::load(&self.path)?;
+            let ids = texts.iter().map(|x| t.encode(&tok, x)).collect::<patchbay::Result<Vec<_>>>()?;
+            check_prompts(&ids)?;
+            Ok(ids)
+        })
+        .map_err(py_err)
     }
 
     /// Activations at `sites` (TransformerLens names, globs, short names, `all`) at `positions`

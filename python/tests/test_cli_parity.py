@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import patchbay
-from conftest import FAMILIES, fixture, fixture_ids, read_jsonl, read_safetensors
+from conftest import FAMILIES, ROOT, fixture, fixture_ids, read_jsonl, read_safetensors
 
 
 def assert_same_tensors(got, want):
@@ -120,3 +120,23 @@ def test_patch_heads_equals_cli(cli, tmp_path):
         "--pairs", tmp_path / "pairs.jsonl", "--sites", "z", "--heads", "1,3", "--window", 2, "--out", tmp_path / "cli", "--quiet")
     got = patchbay.Model(fixture("llama")).patch(token_ids=ids, label_token_ids=[11, 42], pairs=[(1, 2)], sites="z", heads=[1, 3], window=2)
     assert got == read_jsonl(tmp_path / "cli" / "experiments.jsonl")
+
+
+def test_tokenize_template_and_score_equal_cli_dataset_run(cli, tmp_path):
+    """tokenize(template=) renders as the CLI's --template: scoring those ids gives `patchbay
+    score --dataset ... --template tak` on the demo model."""
+    import csv
+    root = str(ROOT)
+    rows = list(csv.DictReader(open(f"{root}/demo/corpus.csv")))[:12]
+    with open(tmp_path / "d.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["text"])
+        w.writerows([r["text"]] for r in rows)
+    cli("score", "--model", f"{root}/demo/model", "--dataset", tmp_path / "d.csv", "--template", "tak",
+        "--labels", "joy,anger,sadness,fear", "--out", tmp_path / "s", "--quiet")
+    want = read_jsonl(tmp_path / "s" / "scores.jsonl")
+    m = patchbay.Model(f"{root}/demo/model")
+    ids = m.tokenize([r["text"] for r in rows], template="tak")
+    assert ids[0] == m.tokenize(f"What are the inferred emotions in the following contexts? Context: {rows[0]['text']} Answer:")[0]
+    got = m.score(token_ids=ids, labels=["joy", "anger", "sadness", "fear"])
+    assert got["label_logits"].tolist() == [w["label_logits"] for w in want]
