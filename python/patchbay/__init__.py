@@ -7,9 +7,9 @@
     acts["blocks.3.hook_resid_post"]                         # [n_prompts, n_positions, d_model]
 
 Interventions are the small classes below; pass a list of them as ``interventions=`` to
-``Model.capture`` and ``Model.score``. ``site`` is a TransformerLens name
-(``blocks.3.hook_resid_post``, ``blocks.2.attn.hook_z``); ``positions`` is ``"all"``, an
-integer or a list (``-1`` = the last token); ``heads`` select heads at head sites (q, k, v,
+``Model.capture`` and ``Model.score``. ``site`` (the first argument) is a TransformerLens name
+(``blocks.3.hook_resid_post``, ``blocks.2.attn.hook_z``); the keyword ``positions`` is ``"all"``,
+an integer or a list (``-1`` = the last token); ``heads`` select heads at head sites (q, k, v,
 rot_q, rot_k, z, result), ``neurons`` select neurons at ``mlp.hook_post``; ``prompts`` limits an
 intervention to some prompts (indices into the call's prompts). Vectors are anything numpy reads
 as float32 (lists, numpy arrays, ``tensor.numpy()``).
@@ -18,7 +18,7 @@ Every error is a ``patchbay.Error`` (``InputError``, ``FileError``, ``Unsupporte
 ``DeviceError``) with patchbay's one-line message.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Optional, Sequence, Union
 
 from ._patchbay import (  # noqa: F401  (re-exported)
@@ -39,109 +39,76 @@ __all__ = [
 ]
 
 
-@dataclass
+@dataclass(kw_only=True)
 class _Intervention:
-    site: str
+    """Where an intervention acts (keyword arguments of every class below)."""
     positions: Positions = "all"
     heads: Optional[Sequence[int]] = None
     neurons: Optional[Sequence[int]] = None
     prompts: Optional[Sequence[int]] = None
+    _op = ""
 
-    def _common(self, op: str) -> dict:
-        return {"op": op, "site": self.site, "positions": self.positions, "heads": self.heads,
-                "neurons": self.neurons, "prompts": self.prompts}
+    def _spec(self) -> dict:
+        """The plain dict the extension reads (the op and every field)."""
+        return {"op": self._op, **{f.name: getattr(self, f.name) for f in fields(self)}}
 
 
 @dataclass
 class Add(_Intervention):
     """x <- x + beta * vector (vector scaled to unit norm first when ``normalise``): steering."""
-    vector: Any = None
+    site: str
+    vector: Any
     beta: float = 1.0
     normalise: bool = False
-
-    def __init__(self, site, vector, beta=1.0, positions="all", normalise=False, heads=None, neurons=None, prompts=None):
-        super().__init__(site, positions, heads, neurons, prompts)
-        self.vector, self.beta, self.normalise = vector, beta, normalise
-
-    def _spec(self):
-        return {**self._common("add"), "vector": self.vector, "beta": self.beta, "normalise": self.normalise}
+    _op = "add"
 
 
 @dataclass
 class Patch(_Intervention):
     """x <- values: ``[width]`` at every row, ``[n_positions, width]`` for every prompt, or one
     row per (prompt, position) (``[n_prompts, n_positions, width]``, as ``capture`` returns it)."""
-    values: Any = None
-
-    def __init__(self, site, values, positions="all", heads=None, neurons=None, prompts=None):
-        super().__init__(site, positions, heads, neurons, prompts)
-        self.values = values
-
-    def _spec(self):
-        return {**self._common("patch"), "values": self.values}
+    site: str
+    values: Any
+    _op = "patch"
 
 
 @dataclass
 class Zero(_Intervention):
     """x <- 0 (zero ablation)."""
-
-    def __init__(self, site, positions="all", heads=None, neurons=None, prompts=None):
-        super().__init__(site, positions, heads, neurons, prompts)
-
-    def _spec(self):
-        return self._common("zero")
+    site: str
+    _op = "zero"
 
 
 @dataclass
 class Mean(_Intervention):
     """x <- mean (mean ablation; ``mean`` has the selected width)."""
-    mean: Any = None
-
-    def __init__(self, site, mean, positions="all", heads=None, neurons=None, prompts=None):
-        super().__init__(site, positions, heads, neurons, prompts)
-        self.mean = mean
-
-    def _spec(self):
-        return {**self._common("mean"), "mean": self.mean}
+    site: str
+    mean: Any
+    _op = "mean"
 
 
 @dataclass
 class Scale(_Intervention):
     """x <- alpha * x (enhancement above 1, suppression below)."""
-    alpha: float = 1.0
-
-    def __init__(self, site, alpha, positions="all", heads=None, neurons=None, prompts=None):
-        super().__init__(site, positions, heads, neurons, prompts)
-        self.alpha = alpha
-
-    def _spec(self):
-        return {**self._common("scale"), "alpha": self.alpha}
+    site: str
+    alpha: float
+    _op = "scale"
 
 
 @dataclass
 class ProjectSet(_Intervention):
     """x <- x - beta * P x + vector, P the projector onto the span of ``subspace`` (``[k, width]``,
     k directions); without ``vector``, project-out."""
-    subspace: Any = None
+    site: str
+    subspace: Any
     beta: float = 1.0
     vector: Any = None
-
-    def __init__(self, site, subspace, beta=1.0, vector=None, positions="all", heads=None, neurons=None, prompts=None):
-        super().__init__(site, positions, heads, neurons, prompts)
-        self.subspace, self.beta, self.vector = subspace, beta, vector
-
-    def _spec(self):
-        return {**self._common("project_set"), "subspace": self.subspace, "beta": self.beta, "vector": self.vector}
+    _op = "project_set"
 
 
 @dataclass
 class RandomEqualNorm(_Intervention):
     """x <- Gaussian noise rescaled to |x| (seeded by position, so batching does not change it)."""
+    site: str
     seed: int = 0
-
-    def __init__(self, site, seed=0, positions="all", heads=None, neurons=None, prompts=None):
-        super().__init__(site, positions, heads, neurons, prompts)
-        self.seed = seed
-
-    def _spec(self):
-        return {**self._common("random_equal_norm"), "seed": self.seed}
+    _op = "random_equal_norm"
