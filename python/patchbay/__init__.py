@@ -7,9 +7,10 @@
     acts["blocks.3.hook_resid_post"]                         # [n_prompts, n_positions, d_model]
 
 Interventions are the small classes below; pass a list of them as ``interventions=`` to
-``Model.capture`` and ``Model.score``. ``site`` (the first argument) is a TransformerLens name
+``Model.capture``, ``Model.score`` and ``Model.generate``. ``site`` (the first argument) is a TransformerLens name
 (``blocks.3.hook_resid_post``, ``blocks.2.attn.hook_z``); the keyword ``positions`` is ``"all"``,
-an integer or a list (``-1`` = the last token); ``heads`` select heads at head sites (q, k, v,
+``"last"``, ``"last:K"``, an integer or a list (``-1`` = the last token), and for ``generate``
+also ``"generated"`` or ``"X+generated"``; ``heads`` select heads at head sites (q, k, v,
 rot_q, rot_k, z, result), ``neurons`` select neurons at ``mlp.hook_post``; ``prompts`` limits an
 intervention to some prompts (indices into the call's prompts). Vectors are anything numpy reads
 as float32 (lists, numpy arrays, ``tensor.numpy()``).

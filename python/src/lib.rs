@@ -28,7 +28,9 @@ use patchbay::data::prompts::{PromptSource, check_prompts, load_prompts};
 use patchbay::data::template::Template;
 use patchbay::engine::device_forward::DeviceModel;
 use patchbay::engine::{Engine, upload};
+use patchbay::backend::ops::sample::SampleParams;
 use patchbay::experiments::capture::{CaptureSpec, capture};
+use patchbay::experiments::generate::{GenerateSpec, StepIntervention, generate};
 use patchbay::experiments::inspect::{model_info, site_entry};
 use patchbay::experiments::patch::{ExperimentResult, Method, Pair, RunSettings, SweepSpec, experiments, run_sweep};
 use patchbay::experiments::patch_files::{DirRun, read_done, run_to_dir};
@@ -37,7 +39,7 @@ use patchbay::intervene::{Intervention, Op};
 use patchbay::io::{OutDtype, OutTensor};
 use patchbay::learn::directions::projector;
 use patchbay::model::tokenizer::PromptTokenizer;
-use patchbay::sites::{Positions, Site, SiteKind};
+use patchbay::sites::{Positions, Site, SiteKind, TokenScope};
 
 create_exception!(patchbay, Error, PyException, "Every error of patchbay (one line naming the bad input, file or device).");
 create_exception!(patchbay, InputError, Error, "Bad input: an unknown site, an index or position out of range, a wrong shape, empty input.");
@@ -100,6 +102,24 @@ fn positions(obj: &Bound<'_, PyAny>) -> PyResult<Positions> {
         return Err(input_err("positions: empty list"));
     }
     Ok(Positions::List(list))
+}
+
+/// Where an intervention acts: `"all"`, `"last"`, `"last:K"`, `"generated"` (generate only),
+/// `"X+generated"`, a string such as `"-1,-2"`, one integer or a list of integers.
+fn token_scope(obj: &Bound<'_, PyAny>) -> PyResult<TokenScope> {
+    match obj.extract::<String>() {
+        Ok(s) => TokenScope::parse(&s).map_err(py_err),
+        Err(_) => Ok(TokenScope { prompt: Some(positions(obj)?), generated: false }),
+    }
+}
+
+/// An intervention object read: the op at a site, its units and prompts, and where it acts.
+struct Parsed {
+    site: Site,
+    prompts: Option<Vec<usize>>,
+    units: Option<Vec<usize>>,
+    op: Op,
+    scope: TokenScope,
 }
 
 /// One name or a list of names.
@@ -185,11 +205,24 @@ impl PyModel {
     /// `prompts`.
     fn interventions(&self, py: Python<'_>, list: Option<&Bound<'_, PyAny>>, prompts: &[Vec<u32>]) -> PyResult<Vec<Intervention>> {
         let Some(list) = list else { return Ok(Vec::new()) };
+        let parsed = self.parse_all(py, list, prompts)?;
+        parsed
+            .into_iter()
+            .enumerate()
+            .map(|(i, p)| match p.scope {
+                TokenScope { prompt: Some(positions), generated: false } => Ok(Intervention { site: p.site, prompts: p.prompts, positions, units: p.units, op: p.op }),
+                _ => Err(input_err(format!("interventions[{i}]: positions `{}` act on generated tokens: only generate() has them", p.scope.describe()))),
+            })
+            .collect()
+    }
+
+    /// The intervention objects of a call (one, or a list), read in order.
+    fn parse_all(&self, py: Python<'_>, list: &Bound<'_, PyAny>, prompts: &[Vec<u32>]) -> PyResult<Vec<Parsed>> {
         let items: Vec<Bound<'_, PyAny>> = if list.hasattr("_spec")? { vec![list.clone()] } else { list.try_iter()?.collect::<PyResult<_>>()? };
         items.iter().enumerate().map(|(i, item)| self.intervention(py, item, prompts).map_err(|e| prefix(py, e, &format!("interventions[{i}]")))).collect()
     }
 
-    fn intervention(&self, py: Python<'_>, item: &Bound<'_, PyAny>, prompts: &[Vec<u32>]) -> PyResult<Intervention> {
+    fn intervention(&self, py: Python<'_>, item: &Bound<'_, PyAny>, prompts: &[Vec<u32>]) -> PyResult<Parsed> {
         if !item.hasattr("_spec")? {
             return Err(input_err(format!("{} is not an intervention (patchbay.Add, Patch, Zero, Mean, Scale, ProjectSet, RandomEqualNorm)", item.get_type().name()?)));
         }
@@ -200,7 +233,7 @@ impl PyModel {
         let cfg = &self.model.cfg;
         let site_name: String = get("site")?.extract().map_err(|_| input_err("site: expected a TransformerLens name such as blocks.3.hook_resid_post"))?;
         let site = Site::parse(&site_name, cfg).map_err(py_err)?;
-        let positions = positions(&get("positions")?)?;
+        let scope = token_scope(&get("positions")?)?;
         let heads: Option<Vec<usize>> = opt("heads")?.map(|h| h.extract()).transpose().map_err(|_| input_err("heads: expected a list of head indices"))?;
         let neurons: Option<Vec<usize>> = opt("neurons")?.map(|h| h.extract()).transpose().map_err(|_| input_err("neurons: expected a list of neuron indices"))?;
         let units = match (heads, neurons) {
@@ -242,15 +275,15 @@ impl PyModel {
                 let n_selected = prompt_ids.as_ref().map_or(prompts.len(), Vec::len);
                 // [W]: every row; [n_positions, W] with a position list: the same rows for
                 // every prompt; otherwise one row per (prompt, position), prompt-major.
-                let values = match (&positions, shape.len()) {
-                    (Positions::List(l), 2) if shape[0] == l.len() && values.len() == l.len() * width => values.repeat(n_selected),
+                let values = match (&scope.prompt, shape.len()) {
+                    (Some(Positions::List(l)), 2) if shape[0] == l.len() && values.len() == l.len() * width => values.repeat(n_selected),
                     _ => values,
                 };
                 Op::Patch { values }
             }
             other => return Err(input_err(format!("unknown intervention op `{other}`"))),
         };
-        Ok(Intervention { site, prompts: prompt_ids, positions, units, op })
+        Ok(Parsed { site, prompts: prompt_ids, units, op, scope })
     }
 }
 
@@ -500,6 +533,55 @@ impl PyModel {
             list.append(loads.call1((l,))?)?;
         }
         Ok(list.into_any())
+    }
+
+    /// Text generation with KV-cache decoding (as `patchbay generate`): greedy at temperature 0,
+    /// else temperature and nucleus sampling seeded per prompt; stops at the checkpoint's eos
+    /// ids, a `stop` string, or `max_new_tokens`. `interventions` act at every forward on the rows
+    /// it computes; their `positions` may also be `"generated"` or `"X+generated"`. Returns one
+    /// dict per prompt: `index`, `tokens` (generated ids), `text`, `stop`
+    /// (`eos`/`stop_string`/`length`), `seed`.
+    #[pyo3(signature = (token_ids = None, texts = None, max_new_tokens = 32, temperature = 0.0, top_p = 1.0, seed = 0, stop = None, interventions = None, chat = false, batch_size = 8))]
+    #[allow(clippy::too_many_arguments)]
+    fn generate<'py>(
+        &self,
+        py: Python<'py>,
+        token_ids: Option<&Bound<'py, PyAny>>,
+        texts: Option<Names>,
+        max_new_tokens: usize,
+        temperature: f32,
+        top_p: f32,
+        seed: u64,
+        stop: Option<Names>,
+        interventions: Option<&Bound<'py, PyAny>>,
+        chat: bool,
+        batch_size: usize,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let prompts = self.prompts(py, token_ids, texts, chat)?;
+        let steps: Vec<StepIntervention> = match interventions {
+            None => Vec::new(),
+            Some(list) => self
+                .parse_all(py, list, &prompts)?
+                .into_iter()
+                .enumerate()
+                .map(|(i, p)| match p.prompts {
+                    Some(_) => Err(input_err(format!("interventions[{i}]: prompts= is not supported by generate (every prompt is steered alike)"))),
+                    None => Ok(StepIntervention { site: p.site, units: p.units, op: p.op, scope: p.scope }),
+                })
+                .collect::<PyResult<_>>()?,
+        };
+        let mut spec = GenerateSpec::greedy(&self.model.cfg, max_new_tokens);
+        spec.sample = SampleParams { temperature, top_p, seed };
+        spec.stop = stop.map_or_else(Vec::new, Names::into_vec);
+        spec.batch_size = batch_size;
+        let gens = py
+            .detach(|| {
+                let tok = PromptTokenizer::load(&self.path).ok();
+                generate(self.engine(), &prompts, &spec, &steps, tok.as_ref(), &ProgressBar::hidden(), &mut |_, _| Ok(()))
+            })
+            .map_err(py_err)?;
+        let rows: Vec<serde_json::Value> = gens.iter().enumerate().map(|(i, g)| json!({"index": i, "tokens": g.tokens, "text": g.text, "stop": g.stop, "seed": g.seed})).collect();
+        to_py(py, &json!(rows))
     }
 
     fn __repr__(&self) -> String {

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import patchbay
-from conftest import FAMILIES, ROOT, fixture, fixture_ids, read_jsonl, read_safetensors
+from conftest import FAMILIES, FIXTURES, ROOT, fixture, fixture_ids, read_jsonl, read_safetensors
 
 
 def assert_same_tensors(got, want):
@@ -140,3 +140,24 @@ def test_tokenize_template_and_score_equal_cli_dataset_run(cli, tmp_path):
     assert ids[0] == m.tokenize(f"What are the inferred emotions in the following contexts? Context: {rows[0]['text']} Answer:")[0]
     got = m.score(token_ids=ids, labels=["joy", "anger", "sadness", "fear"])
     assert got["label_logits"].tolist() == [w["label_logits"] for w in want]
+
+
+@pytest.mark.parametrize("family", ["llama", "phi3"])
+def test_generate_equals_cli(cli, tmp_path, family):
+    """Model.generate == `patchbay generate` (greedy, sampled, and steered along a vector file's
+    direction at the prompt's last token and every generated one)."""
+    ids = fixture_ids(family)
+    (tmp_path / "ids.json").write_text(json.dumps(ids))
+    m = patchbay.Model(fixture(family))
+    vectors = FIXTURES / "llama" / "steer_vectors.safetensors"
+    runs = [([], {}), (["--temperature", 0.8, "--top-p", 0.9, "--seed", 3], dict(temperature=0.8, top_p=0.9, seed=3))]
+    if family == "llama":
+        v = read_safetensors(vectors)[0]["blocks.1.hook_resid_post/a"]
+        runs.append((["--vector", f"{vectors}:a", "--site", "resid_post", "--layers", 1, "--positions", "last+generated", "--betas=3"],
+                     dict(interventions=[patchbay.Add("blocks.1.hook_resid_post", v, beta=3.0, positions="last+generated")])))
+    for i, (flags, kw) in enumerate(runs):
+        out = tmp_path / f"g{i}"
+        cli("generate", "--model", fixture(family), "--token-ids", tmp_path / "ids.json", "--max-new-tokens", 6, *flags, "--out", out, "--quiet")
+        want = read_jsonl(out / "generations.jsonl")
+        got = m.generate(token_ids=ids, max_new_tokens=6, **kw)
+        assert [{k: g[k] for k in ("index", "tokens", "text", "stop", "seed")} for g in want] == got, flags

@@ -87,3 +87,14 @@ def test_gil_is_released_during_compute():
     inside = [x for x in ticks if t0 + 0.2 * (t1 - t0) < x < t1 - 0.2 * (t1 - t0)]
     assert t1 - t0 > 0.1, f"the call took {t1 - t0:.3f} s: too short to tell"
     assert len(inside) >= 5, f"{len(inside)} ticks in the middle of a {t1 - t0:.2f} s call"
+
+
+def test_generate_inputs(model):
+    ids = fixture_ids("llama")
+    z = "blocks.0.hook_resid_post"
+    raises(patchbay.InputError, lambda: model.capture(token_ids=ids, sites=z, interventions=[patchbay.Zero(z, positions="generated")]), "generated")
+    raises(patchbay.InputError, lambda: model.generate(token_ids=ids, temperature=-1.0), "temperature")
+    raises(patchbay.InputError, lambda: model.generate(token_ids=ids, interventions=[patchbay.Zero(z, prompts=[0])]), "prompts=")
+    clean = model.generate(token_ids=ids, max_new_tokens=4)
+    v = np.ones(model.config["d_model"], dtype=np.float32)
+    assert model.generate(token_ids=ids, max_new_tokens=4, interventions=[patchbay.Add(z, v, beta=0.0, positions="all+generated")]) == clean
