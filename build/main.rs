@@ -23,6 +23,7 @@ mod nvrtc;
 mod scan;
 mod sources;
 mod tasks;
+mod watch;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -30,7 +31,7 @@ use std::{env, fs};
 
 use codegen::{entries_rs, kernels_rs, layout_files};
 use emu::emu_units;
-use nvrtc::{NVRTC_TARGETS, load_nvrtc, locate_cuda, resource_table};
+use nvrtc::{NVRTC_TARGETS, cuda_root, load_nvrtc, locate_cuda, resource_table};
 use sources::{kernel_headers, scan_kernels};
 use tasks::{Deps, Done, Task, hash_inputs, run_parallel};
 
@@ -50,6 +51,9 @@ fn main() {
     let files = scan_kernels(&manifest).unwrap_or_else(|e| fail(&e));
     let headers = kernel_headers(&manifest);
     let (cuda, missing) = locate_cuda(&manifest);
+    if let Some(p) = watch::cuda_watch_path(&cuda_root(&manifest), &manifest) {
+        println!("cargo::rerun-if-changed={}", p.display());
+    }
 
     // Which of the two compilations can run here.
     let nvrtc = match &cuda {

@@ -27,9 +27,14 @@ pub struct Cuda {
     pub include: PathBuf,
 }
 
+/// Where scripts/fetch-cuda.sh unpacks the wheels: `PATCHBAY_CUDA_ROOT`, default `.cache/cuda`.
+pub fn cuda_root(manifest: &Path) -> PathBuf {
+    env::var_os("PATCHBAY_CUDA_ROOT").map(PathBuf::from).unwrap_or_else(|| manifest.join(".cache/cuda"))
+}
+
 /// Finds the wheel's NVRTC and headers; `(None, why)` when they are not there.
 pub fn locate_cuda(manifest: &Path) -> (Option<Cuda>, String) {
-    let root = env::var_os("PATCHBAY_CUDA_ROOT").map(PathBuf::from).unwrap_or_else(|| manifest.join(".cache/cuda"));
+    let root = cuda_root(manifest);
     let nvrtc_lib = root.join("nvidia/cuda_nvrtc/lib/libnvrtc.so.12");
     let include = root.join("nvidia/cuda_runtime/include");
     if !include.join("cuda_bf16.h").is_file() {

@@ -1,6 +1,7 @@
 //! Unit tests of the build script's hand-written C++ scanner (build/scan.rs): comment
 //! stripping, the tokenizer, entry-point scanning and the emulator's `extern __shared__` rewrite;
-//! and of the C struct layout it derives for the shared-struct checks (build/layout.rs).
+//! of the C struct layout it derives for the shared-struct checks (build/layout.rs); and of what
+//! it watches for the CUDA root (build/watch.rs).
 
 #[allow(dead_code)]
 #[path = "../build/scan.rs"]
@@ -9,6 +10,9 @@ mod scan;
 #[allow(dead_code)]
 #[path = "../build/layout.rs"]
 mod layout;
+
+#[path = "../build/watch.rs"]
+mod watch;
 
 use layout::{Layout, site_codes, struct_layout};
 use scan::{Tok, rewrite_dynamic_shared, scan_entries, strip_comments, tokenize};
@@ -116,4 +120,23 @@ fn struct_layout_rejects_what_it_cannot_place() {
 fn site_codes_reads_the_defines_in_order() {
     let src = "#define SITE_PATCH 0\n#define OTHER 3\n// #define SITE_OLD 9\n#define SITE_ADD 1\n#define SITE_BAD x\n";
     assert_eq!(site_codes(src), [("SITE_PATCH".to_string(), 0), ("SITE_ADD".to_string(), 1)]);
+}
+
+#[test]
+fn cuda_watch_path_is_the_root_or_its_nearest_ancestor_inside_the_package() {
+    let pkg = tempfile::tempdir().unwrap();
+    let pkg = pkg.path();
+    let root = pkg.join(".cache/cuda");
+    // A fresh clone without .cache: nothing inside the package to watch (never a missing path).
+    assert_eq!(watch::cuda_watch_path(&root, pkg), None);
+    // .cache committed (its README), cuda not fetched yet: .cache, whose contents change when it is.
+    std::fs::create_dir_all(pkg.join(".cache")).unwrap();
+    assert_eq!(watch::cuda_watch_path(&root, pkg), Some(pkg.join(".cache")));
+    // Fetched: the root itself (a new fetch changes it).
+    std::fs::create_dir_all(&root).unwrap();
+    assert_eq!(watch::cuda_watch_path(&root, pkg), Some(root.clone()));
+    // PATCHBAY_CUDA_ROOT elsewhere: watched when it exists, else nothing (the variable is watched).
+    let other = tempfile::tempdir().unwrap();
+    assert_eq!(watch::cuda_watch_path(other.path(), pkg), Some(other.path().to_path_buf()));
+    assert_eq!(watch::cuda_watch_path(&other.path().join("missing/cuda"), pkg), None);
 }

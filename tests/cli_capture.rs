@@ -486,7 +486,7 @@ fn sites_come_out_in_forward_order() {
     ];
     assert_eq!(names, want);
     // The tensors of a capture follow the same order, then logits.
-    let spec = CaptureSpec { sites, positions: Positions::List(vec![-1]), logits: true, dtype: OutDtype::F32, batch_size: 8 };
+    let spec = CaptureSpec { sites, positions: Positions::List(vec![-1]), logits: true, dtype: OutDtype::F32, batch_size: 8, interventions: Vec::new() };
     let out = capture(&model, &prompt_ids("llama"), &spec, &ProgressBar::hidden()).unwrap();
     let got: Vec<&str> = out.iter().map(|(n, _)| n.as_str()).collect();
     assert_eq!(got, [&want[..], &["logits"]].concat());
@@ -520,7 +520,7 @@ fn inspect_json_llama() {
     assert_eq!(j["tied_embeddings"], true);
     assert_eq!(j["family"], "llama");
     assert_eq!(j["model_type"], "llama");
-    assert_eq!(j["layers"], d.layers);
+    assert_eq!(j["n_layers"], d.layers);
     assert_eq!(j["d_model"], d.d_model);
     assert_eq!(j["n_heads"], d.n_heads);
     assert_eq!(j["n_kv_heads"], d.n_kv_heads);
@@ -554,7 +554,7 @@ fn inspect_json_every_family() {
         };
         assert_eq!(j["rope_type"], rope, "{family}: rope_type");
         let d = dims(family);
-        assert_eq!((j["layers"].as_u64(), j["n_kv_heads"].as_u64(), j["d_head"].as_u64()), (Some(d.layers as u64), Some(d.n_kv_heads as u64), Some(d.d_head as u64)), "{family}");
+        assert_eq!((j["n_layers"].as_u64(), j["n_kv_heads"].as_u64(), j["d_head"].as_u64()), (Some(d.layers as u64), Some(d.n_kv_heads as u64), Some(d.d_head as u64)), "{family}");
     }
 }
 

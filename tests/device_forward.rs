@@ -37,7 +37,7 @@ fn check_against_golden(family: &str, order: FiberOrder) {
     let model = Model::load(&fixture(family)).unwrap();
     let (dev_name, dev) = device(&model, order);
     let prompts = prompt_ids(family);
-    let spec = CaptureSpec { sites: Site::all(&model.cfg), positions: Positions::All, logits: true, dtype: OutDtype::F32, batch_size: 3 };
+    let spec = CaptureSpec { sites: Site::all(&model.cfg), positions: Positions::All, logits: true, dtype: OutDtype::F32, batch_size: 3, interventions: Vec::new() };
     let out = capture(&dev, &prompts, &spec, &ProgressBar::hidden()).unwrap();
     let golden = read_tensors(&fixture(family).join("golden.safetensors"));
     assert_eq!(out.len(), golden.len());

@@ -310,7 +310,7 @@ fn fixture_gguf(family: &str, q8_0: bool) -> Vec<u8> {
 }
 
 fn outputs(model: &Model, prompts: &[Vec<u32>]) -> HashMap<String, Vec<f32>> {
-    let spec = CaptureSpec { sites: Site::all(&model.cfg), positions: Positions::All, logits: true, dtype: OutDtype::F32, batch_size: 2 };
+    let spec = CaptureSpec { sites: Site::all(&model.cfg), positions: Positions::All, logits: true, dtype: OutDtype::F32, batch_size: 2, interventions: Vec::new() };
     capture(model, prompts, &spec, &ProgressBar::hidden())
         .unwrap()
         .into_iter()
@@ -434,7 +434,7 @@ fn smollm2_matches_transformers() {
         let ids = if case["chat"].as_bool().unwrap() { tok.encode_chat(&[ChatMessage::new("user", text)], true).unwrap() } else { tok.encode(text).unwrap() };
         let want_ids: Vec<u32> = serde_json::from_value(case["token_ids"].clone()).unwrap();
         assert_eq!(ids, want_ids, "{key}: token ids");
-        let spec = CaptureSpec { sites: vec![], positions: Positions::parse("-1").unwrap(), logits: true, dtype: OutDtype::F32, batch_size: 1 };
+        let spec = CaptureSpec { sites: vec![], positions: Positions::parse("-1").unwrap(), logits: true, dtype: OutDtype::F32, batch_size: 1, interventions: Vec::new() };
         let out = capture(&model, &[ids], &spec, &ProgressBar::hidden()).unwrap();
         let logits = match &out.iter().find(|(n, _)| n == "logits").unwrap().1 {
             OutTensor::Float { data, .. } => data.clone(),
@@ -673,7 +673,7 @@ fn smollm2_capture_and_inspect_commands() {
 
     let info: serde_json::Value = serde_json::from_str(&run_ok(&["inspect", "--model", model, "--json"])).unwrap();
     assert_eq!(info["family"], "llama");
-    assert_eq!((info["layers"].as_u64(), info["d_model"].as_u64(), info["n_heads"].as_u64(), info["n_kv_heads"].as_u64()), (Some(30), Some(576), Some(9), Some(3)));
+    assert_eq!((info["n_layers"].as_u64(), info["d_model"].as_u64(), info["n_heads"].as_u64(), info["n_kv_heads"].as_u64()), (Some(30), Some(576), Some(9), Some(3)));
     assert_eq!((info["d_mlp"].as_u64(), info["vocab"].as_u64(), info["tied_embeddings"].as_bool()), (Some(1536), Some(49152), Some(true)));
     assert_eq!(info["dtype"], "float16");
     assert_eq!(info["parameters"].as_u64(), Some(134_515_008));

@@ -17,7 +17,7 @@ fn check_against_golden(family: &str, model_dir: &std::path::Path) -> f32 {
     let golden = read_tensors(&fixture(family).join("golden.safetensors"));
     let model = Model::load(model_dir).unwrap();
     let prompts = prompt_ids(family);
-    let spec = CaptureSpec { sites: Site::all(&model.cfg), positions: Positions::All, logits: true, dtype: OutDtype::F32, batch_size: 2 };
+    let spec = CaptureSpec { sites: Site::all(&model.cfg), positions: Positions::All, logits: true, dtype: OutDtype::F32, batch_size: 2, interventions: Vec::new() };
     let out = capture(&model, &prompts, &spec, &ProgressBar::hidden()).unwrap();
     assert_eq!(out.len(), golden.len(), "{family}: {} tensors, golden has {}", out.len(), golden.len());
     let mut worst = 0.0f32;

@@ -55,7 +55,7 @@ fn judged_logits_are_score_label_logits_of_the_judging_prompts() {
     let template = Template::parse("tak").unwrap();
     let texts: Vec<String> = [read_jsonl(Path::new(&clean_gens)), read_jsonl(Path::new(&steered_gens))].concat().iter().map(|g| g["text"].as_str().unwrap().to_string()).collect();
     let ids: Vec<Vec<u32>> = texts.iter().map(|t| template.encode(&tok, t).unwrap()).collect();
-    let want = label_logits(&model, &ids, &labels, 4, &ProgressBar::hidden()).unwrap();
+    let want = label_logits(&model, &ids, &labels, &[], 4, &ProgressBar::hidden()).unwrap();
     for (j, (row, w)) in judged.iter().zip(want.chunks(labels.len())).enumerate() {
         assert_eq!(logits(row), w, "row {j}: judged label logits differ from score's");
         assert_eq!(row["text"].as_str().unwrap(), texts[j]);

@@ -8,7 +8,8 @@ use serde_json::json;
 
 use super::inputs::{InputArgs, LabelArgs, Prompts, manifest};
 use super::patch::MethodArg;
-use super::{load_engine, progress_bar};
+use super::progress_bar;
+use patchbay::engine::load_engine;
 use patchbay::experiments::ablate::{AblateOp, Component, ablate_sweep, ablations, conditions, mean_sites, parse_heads, prompt_positions, read_groups, site_means, write_operands};
 use patchbay::experiments::ablate_files::SweepPlan;
 use patchbay::experiments::label_files::{Kept, Scope, read_kept, shard_range};

@@ -7,7 +7,8 @@ use serde::Serialize;
 
 use super::ablate::AblateOpArgs;
 use super::patch::SweepArgs;
-use super::{load_engine, parse_bytes, print_stdout, progress_bar};
+use super::{parse_bytes, print_stdout, progress_bar};
+use patchbay::engine::load_engine;
 use patchbay::backend::DeviceSpec;
 use patchbay::backend::ops::sample::SampleParams;
 use patchbay::experiments::ablate::AblateOp;

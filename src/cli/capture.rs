@@ -4,7 +4,8 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use super::{load_engine, progress_bar};
+use super::{progress_bar};
+use patchbay::engine::load_engine;
 use patchbay::Result;
 use patchbay::backend::DeviceSpec;
 use patchbay::data::prompts::{PromptSource, load_prompts};
@@ -85,7 +86,7 @@ pub fn run(a: CaptureArgs) -> Result<()> {
         _ => PromptSource::Texts(&a.text),
     };
     let prompts = load_prompts(source, &a.model, a.chat)?;
-    let spec = CaptureSpec { sites: Site::parse_spec(&a.sites, &model.cfg)?, positions: Positions::parse(&a.positions)?, logits: a.logits, dtype: a.dtype, batch_size: a.batch_size };
+    let spec = CaptureSpec { sites: Site::parse_spec(&a.sites, &model.cfg)?, positions: Positions::parse(&a.positions)?, logits: a.logits, dtype: a.dtype, batch_size: a.batch_size, interventions: Vec::new() };
     let bar = progress_bar(prompts.len() as u64, "capture", "prompts", a.quiet);
     let tensors = capture(engine.as_ref(), &prompts, &spec, &bar)?;
     bar.finish_and_clear();

@@ -10,7 +10,8 @@ use clap::{Args, Subcommand};
 use serde_json::json;
 
 use super::inputs::{InputArgs, LabelArgs, Prompts, manifest};
-use super::{load_engine, progress_bar};
+use super::{progress_bar};
+use patchbay::engine::load_engine;
 use patchbay::experiments::capture::metadata;
 use patchbay::experiments::components::{BatchTerms, ContribSpec, LensSpec, Readout, contribution_tables, head_heatmaps, lens_heatmap, logit_lens, long_tail_plot, write_table};
 use patchbay::intervene::spec::read_vector;
@@ -252,7 +253,7 @@ fn lens(a: LensArgs) -> Result<()> {
     let tensors = logit_lens(&model, engine.as_ref(), &p.ids, &p.labels, &LensSpec { positions: positions.clone(), top_k: a.top_k, batch_size: a.run.batch_size }, &bar)?;
     bar.finish_and_clear();
     let _lock = patchbay::io::OutLock::acquire(&a.run.out)?;
-    let spec = patchbay::experiments::capture::CaptureSpec { sites: Vec::new(), positions: positions.clone(), logits: false, dtype: OutDtype::F32, batch_size: a.run.batch_size };
+    let spec = patchbay::experiments::capture::CaptureSpec { sites: Vec::new(), positions: positions.clone(), logits: false, dtype: OutDtype::F32, batch_size: a.run.batch_size, interventions: Vec::new() };
     let mut meta = metadata(&model, engine.as_ref(), &spec);
     meta.insert("lens".into(), "final norm + lm_head (+ final soft-cap) of blocks.L.hook_resid_post, every layer".into());
     meta.insert("labels".into(), p.labels.names.join(","));

@@ -8,7 +8,8 @@ use std::path::{Path, PathBuf};
 use clap::{Args, ValueEnum};
 
 use super::inputs::{DatasetArgs, TemplateArgs, encode_dataset};
-use super::{load_engine, progress_bar};
+use super::{progress_bar};
+use patchbay::engine::load_engine;
 use patchbay::backend::DeviceSpec;
 use patchbay::data::dataset::Dataset;
 use patchbay::data::labels::parse_list;

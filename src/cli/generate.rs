@@ -10,7 +10,8 @@ use serde_json::{Value, json};
 
 use super::inputs::{InputArgs, encode_dataset};
 use super::interventions::{InterventionArgs, parse_numbers};
-use super::{command_manifest, load_engine, merge, model_json, progress_bar};
+use super::{command_manifest, merge, model_json, progress_bar};
+use patchbay::engine::load_engine;
 use patchbay::backend::ops::sample::SampleParams;
 use patchbay::data::prompts::{PromptEntry, PromptSource, load_prompts, read_prompts_file};
 use patchbay::data::dataset::Dataset;

@@ -3,9 +3,9 @@
 use std::path::{Path, PathBuf};
 
 use clap::Args;
-use serde_json::json;
 
 use super::print_stdout;
+use patchbay::experiments::inspect::model_info;
 use patchbay::model::Model;
 use patchbay::sites::{Site, SiteKind};
 use patchbay::{Error, Result};
@@ -37,38 +37,9 @@ pub fn run(a: InspectArgs) -> Result<()> {
 fn inspect(dir: &Path, as_json: bool) -> Result<()> {
     let m = Model::load(dir)?;
     let c = &m.cfg;
-    let sites: Vec<serde_json::Value> = SiteKind::ALL
-        .iter()
-        .map(|k| json!({"kind": k.short_name(), "name": Site::new(if *k == SiteKind::FinalNorm { c.n_layers } else { 0 }, *k).to_string(), "shape": k.token_shape(c, 0).iter().map(|&d| if *k == SiteKind::Pattern && d == 0 { json!("n_keys") } else { json!(d) }).collect::<Vec<_>>()}))
-        .collect();
-    let windows: Vec<Option<usize>> = c.sliding_window.clone();
-    let info = json!({
-        "family": c.family.name(),
-        "model_type": c.model_type,
-        "layers": c.n_layers,
-        "d_model": c.d_model,
-        "n_heads": c.n_heads,
-        "n_kv_heads": c.n_kv_heads,
-        "d_head": c.d_head,
-        "d_mlp": c.d_mlp,
-        "vocab": c.vocab_size,
-        "dtype": m.weights.dtype.name(),
-        "parameters": m.weights.n_params,
-        "tied_embeddings": c.tie_embeddings,
-        "rope_type": c.rope_scaling.name(),
-        "rope_theta": c.rope_theta,
-        "rotary_dim": c.rotary_dim,
-        "sliding_window": windows,
-        "attn_softcap": c.attn_softcap,
-        "final_softcap": c.final_softcap,
-        "bos_token_id": c.bos_token_id,
-        "eos_token_ids": c.eos_token_ids,
-        "generation": c.generation.as_ref().map(|g| json!({"do_sample": g.do_sample, "temperature": g.temperature, "top_p": g.top_p, "max_new_tokens": g.max_new_tokens})),
-        "config_sha256": m.config_hash,
-        "sites": sites,
-    });
+    let windows = &c.sliding_window;
     if as_json {
-        print_stdout(&format!("{}\n", serde_json::to_string_pretty(&info).map_err(|e| Error::input(e.to_string()))?));
+        print_stdout(&format!("{}\n", serde_json::to_string_pretty(&model_info(&m)).map_err(|e| Error::input(e.to_string()))?));
         return Ok(());
     }
     let mut out = String::new();

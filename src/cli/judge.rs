@@ -8,7 +8,8 @@ use clap::Args;
 use indicatif::ProgressBar;
 use serde_json::json;
 
-use super::{command_manifest, load_engine, merge, model_json, progress_bar};
+use super::{command_manifest, merge, model_json, progress_bar};
+use patchbay::engine::load_engine;
 use patchbay::backend::DeviceSpec;
 use patchbay::data::labels::{LabelSet, parse_list};
 use patchbay::data::template::Template;
@@ -238,7 +239,7 @@ impl Judge<'_> {
     /// Logits `[n, n_labels]` of judging prompts.
     fn logits(&self, prompts: &[Vec<u32>], batch_size: usize, bar: &ProgressBar) -> Result<Vec<f32>> {
         match &self.scorer {
-            Scorer::Labels(l) => label_logits(self.engine, prompts, l, batch_size, bar),
+            Scorer::Labels(l) => label_logits(self.engine, prompts, l, &[], batch_size, bar),
             Scorer::Probe(p) => p.class_logits(self.engine, prompts, batch_size, bar),
         }
     }

@@ -85,17 +85,6 @@ impl Command {
     }
 }
 
-/// The engine for `--device`: the CPU reference model itself, or its weights uploaded to a
-/// device (GPU or emulator); every call's outputs checked for NaN and Inf, which stop the run
-/// unless `allow_nonfinite` (`--allow-nonfinite`: counted instead, `Engine::nonfinite_values`).
-pub fn load_engine<'a>(model: &'a patchbay::model::Model, device: patchbay::backend::DeviceSpec, allow_nonfinite: bool) -> patchbay::Result<Box<dyn patchbay::engine::Engine + 'a>> {
-    use patchbay::engine::finite::Checked;
-    Ok(match device.driver()? {
-        None => Box::new(Checked::new(model, allow_nonfinite)),
-        Some(driver) => Box::new(Checked::new(patchbay::engine::device_forward::DeviceModel::upload(model, driver)?, allow_nonfinite)),
-    })
-}
-
 /// `--allow-nonfinite`'s help, one text for every command that runs a model.
 pub const ALLOW_NONFINITE_HELP: &str = "Keep NaN and Inf in logits and activations instead of stopping at the first (the default stops with the prompt and the first site where they appeared); their count is written as `nonfinite_values` in the manifest.";
 

@@ -8,12 +8,12 @@ use clap::{Args, ValueEnum};
 use serde_json::json;
 
 use super::inputs::{InputArgs, LabelArgs, Prompts};
-use super::{load_engine, parse_bytes, progress_bar};
+use super::{parse_bytes, progress_bar};
+use patchbay::engine::load_engine;
 use patchbay::experiments::dataset_files::dataset_json;
-use patchbay::experiments::patch::{Method, SweepSpec, all_centers, experiments};
+use patchbay::experiments::patch::{Method, SweepSpec, experiments};
 use patchbay::experiments::patch_files::{DirRun, SweepPart, random_pairs, read_pairs, run_to_dir};
 use patchbay::model::Model;
-use patchbay::sites::{Positions, SiteKind};
 use patchbay::{Error, Result};
 
 const PATCH_HELP: &str = "Examples:
@@ -150,13 +150,7 @@ pub struct SweepArgs {
 impl SweepArgs {
     /// The sweep on a model of `n_layers` layers, reading the logits of `label_tokens`.
     pub fn spec(&self, n_layers: usize, label_tokens: Vec<u32>) -> Result<SweepSpec> {
-        let sites = self.sites.iter().map(|s| SiteKind::from_short_name(s.trim()).ok_or_else(|| Error::input(format!("unknown site kind `{s}`")))).collect::<Result<Vec<_>>>()?;
-        let positions = match Positions::parse(&self.positions)? {
-            Positions::List(l) => l,
-            Positions::All => return Err(Error::input("--positions all is not supported for patching: give a list such as -1")),
-        };
-        let centers = self.layers.clone().unwrap_or_else(|| all_centers(self.window, n_layers));
-        Ok(SweepSpec { sites, units: self.heads.clone().or_else(|| self.neurons.clone()), window: self.window, centers, positions, label_tokens })
+        SweepSpec::new(&self.sites, self.heads.clone().or_else(|| self.neurons.clone()), self.window, self.layers.clone(), &self.positions, n_layers, label_tokens)
     }
 
     /// --sites as given (manifests record it so).
@@ -189,7 +183,7 @@ pub fn run(a: PatchArgs) -> Result<()> {
             let pred: Option<Vec<String>> = if a.only_correct || a.different_labels == Some(LabelsBy::Pred) {
                 let bar = progress_bar(prompts.len() as u64, "predict", "prompts", a.quiet);
                 let batch = (a.batch_rows / prompts.iter().map(Vec::len).max().unwrap_or(1)).max(1);
-                let logits = patchbay::experiments::score::label_logits(engine.as_ref(), prompts, &labels, batch, &bar)?;
+                let logits = patchbay::experiments::score::label_logits(engine.as_ref(), prompts, &labels, &[], batch, &bar)?;
                 bar.finish_and_clear();
                 Some(logits.chunks(labels.len()).map(|l| labels.names[patchbay::logits::argmax(l)].clone()).collect())
             } else {
@@ -226,7 +220,7 @@ pub fn run(a: PatchArgs) -> Result<()> {
         part: a.shard,
         resume: a.resume,
         stop_after: a.stop_after,
-        sweep_id: json!({"model_config_sha256": model.config_hash, "prompts": prompts, "pairs": pairs, "sites": a.sweep.sites_text(), "units": spec.units, "window": spec.window, "centers": spec.centers, "positions": spec.positions, "labels": labels.token_ids, "batch_rows": a.batch_rows, "mem_budget": mem_budget}),
+        sweep_id: spec.identity(&model.config_hash, prompts, &pairs, &a.sweep.sites_text(), a.batch_rows, mem_budget),
         provenance: json!({
             "command": "patch",
             "patchbay_version": env!("CARGO_PKG_VERSION"),

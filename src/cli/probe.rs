@@ -12,7 +12,8 @@ use clap::Args;
 use serde_json::json;
 
 use super::inputs::{InputArgs, encode_dataset};
-use super::{load_engine, progress_bar};
+use super::{progress_bar};
+use patchbay::engine::load_engine;
 use patchbay::data::labels::{LabelSet, parse_list};
 use patchbay::data::template::TokenStats;
 use patchbay::experiments::dataset_files::dataset_json;

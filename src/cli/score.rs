@@ -7,7 +7,8 @@ use clap::Args;
 use serde_json::json;
 
 use super::inputs::{InputArgs, LabelArgs, Prompts, manifest};
-use super::{load_engine, progress_bar};
+use super::{progress_bar};
+use patchbay::engine::load_engine;
 use patchbay::data::template::TokenStats;
 use patchbay::experiments::dataset_files::write_examples;
 use patchbay::experiments::score::{Scores, label_logits};
@@ -67,7 +68,7 @@ pub fn run(a: ScoreArgs) -> Result<()> {
     let _lock = patchbay::io::OutLock::acquire(&a.out)?;
     let t_score = Instant::now();
     let bar = progress_bar(prompts.len() as u64, "score", "prompts", a.quiet);
-    let logits = label_logits(engine.as_ref(), &prompts, &labels, a.batch_size, &bar)?;
+    let logits = label_logits(engine.as_ref(), &prompts, &labels, &[], a.batch_size, &bar)?;
     bar.finish_and_clear();
     let score_s = t_score.elapsed().as_secs_f64();
     let scores = Scores::new(labels.clone(), logits, gold);

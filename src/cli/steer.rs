@@ -10,7 +10,8 @@ use super::generate::{Inputs, Interventions, SamplingArgs, describe_run, generat
 use super::inputs::{InputArgs, LabelArgs, Prompts, manifest};
 use super::interventions::InterventionArgs;
 use super::judge::{Judge, Scorer, print_summary, scorer};
-use super::{command_manifest, load_engine, merge, progress_bar};
+use super::{command_manifest, merge, progress_bar};
+use patchbay::engine::load_engine;
 use patchbay::data::labels::parse_list;
 use patchbay::data::sev::{self, DEFAULT_CONTEXT};
 use patchbay::data::template::{Template, TokenStats};

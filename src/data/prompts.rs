@@ -94,13 +94,19 @@ pub fn load_prompts(source: PromptSource, model_dir: &Path, chat: bool) -> Resul
                 .collect::<Result<_>>()?
         }
     };
+    check_prompts(&prompts)?;
+    Ok(prompts)
+}
+
+/// Prompts given as token ids must be at least one, each of at least one token.
+pub fn check_prompts(prompts: &[Vec<u32>]) -> Result<()> {
     if prompts.is_empty() {
         return Err(Error::input("no prompts given"));
     }
     if let Some(i) = prompts.iter().position(Vec::is_empty) {
         return Err(Error::input(format!("prompt {i} has no tokens")));
     }
-    Ok(prompts)
+    Ok(())
 }
 
 fn encode_text(tok: &PromptTokenizer, text: &str, chat: bool) -> Result<Vec<u32>> {

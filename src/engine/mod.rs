@@ -177,6 +177,23 @@ pub fn clean_run_bytes(cfg: &ModelConfig, len: usize) -> usize {
     len * (2 * cfg.kv_width() + cfg.d_model) * 4 * cfg.n_layers
 }
 
+/// The model's weights uploaded to `device` (GPU or emulator), or None for `cpu`, where the
+/// model itself is the engine (the CPU reference).
+pub fn upload(model: &crate::model::Model, device: crate::backend::DeviceSpec) -> Result<Option<device_forward::DeviceModel>> {
+    device.driver()?.map(|driver| device_forward::DeviceModel::upload(model, driver)).transpose()
+}
+
+/// The engine for `device`: the CPU reference model itself, or its weights uploaded to a
+/// device (GPU or emulator); every call's outputs checked for NaN and Inf, which stop the run
+/// unless `allow_nonfinite` (`--allow-nonfinite`: counted instead, `Engine::nonfinite_values`).
+/// Every command loads its engine here.
+pub fn load_engine(model: &crate::model::Model, device: crate::backend::DeviceSpec, allow_nonfinite: bool) -> Result<Box<dyn Engine + '_>> {
+    Ok(match upload(model, device)? {
+        None => Box::new(finite::Checked::new(model, allow_nonfinite)),
+        Some(d) => Box::new(finite::Checked::new(d, allow_nonfinite)),
+    })
+}
+
 /// The CPU reference's clean run: the cache and resid_pre per layer (`[len, d_model]` each).
 struct CpuClean {
     cache: Arc<KvCache>,

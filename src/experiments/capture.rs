@@ -14,7 +14,7 @@ use indicatif::ProgressBar;
 
 use crate::engine::RunRequest;
 use crate::engine::Engine;
-use crate::intervene::Capture;
+use crate::intervene::{Capture, Intervention, for_batch};
 use crate::io::{OutDtype, OutTensor};
 use crate::model::Model;
 use crate::sites::{Positions, Site};
@@ -27,6 +27,9 @@ pub struct CaptureSpec {
     pub dtype: OutDtype,
     /// Prompts per forward call.
     pub batch_size: usize,
+    /// Applied in every forward (their `prompts` index the whole prompt list); captures copy a
+    /// site out after the interventions at that site.
+    pub interventions: Vec<Intervention>,
 }
 
 /// Runs every prompt and returns the tensors of the capture contract, in site order, then
@@ -40,9 +43,11 @@ pub fn capture(engine: &dyn Engine, prompts: &[Vec<u32>], spec: &CaptureSpec, pr
     let captures: Vec<Capture> = spec.sites.iter().map(|&site| Capture { site, positions: spec.positions.clone() }).collect();
     let mut site_data: Vec<Vec<f32>> = vec![Vec::new(); spec.sites.len()];
     let mut logits = Vec::new();
-    for (b, batch) in prompts.chunks(spec.batch_size.max(1)).enumerate() {
-        let req = RunRequest { captures: &captures, logits_at: spec.logits.then_some(&spec.positions), n_keys: Some(max_len), ..Default::default() };
-        let out = engine.run_prompts(batch, &req).map_err(|e| e.in_batch(|i| b * spec.batch_size.max(1) + i))?;
+    let batch_size = spec.batch_size.max(1);
+    for (b, batch) in prompts.chunks(batch_size).enumerate() {
+        let start = b * batch_size;
+        let ivs = for_batch(&spec.interventions, cfg, prompts, start..start + batch.len())?;
+        let out = engine.run_prompts(batch, &RunRequest { captures: &captures, interventions: &ivs, logits_at: spec.logits.then_some(&spec.positions), n_keys: Some(max_len), ..Default::default() }).map_err(|e| e.in_batch(|i| start + i))?;
         for (acc, c) in site_data.iter_mut().zip(out.captured) {
             acc.extend_from_slice(&c.data);
         }

@@ -352,7 +352,7 @@ pub fn logit_lens(model: &Model, engine: &dyn Engine, prompts: &[Vec<u32>], labe
         return Err(Error::input("give the labels (--labels, --label-token-ids or a dataset with gold labels) or --top-k K"));
     }
     let (n_layers, d, nl) = (cfg.n_layers, cfg.d_model, labels.len());
-    let capture_spec = CaptureSpec { sites: (0..n_layers).map(|l| Site::new(l, SiteKind::ResidPost)).collect(), positions, logits: false, dtype: OutDtype::F32, batch_size };
+    let capture_spec = CaptureSpec { sites: (0..n_layers).map(|l| Site::new(l, SiteKind::ResidPost)).collect(), positions, logits: false, dtype: OutDtype::F32, batch_size, interventions: Vec::new() };
     let mut captured = capture(engine, prompts, &capture_spec, progress)?;
     let offsets = captured.pop_if(|(name, _)| name == "prompt_offsets");
     let mut lead = Vec::new();

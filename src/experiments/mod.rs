@@ -11,6 +11,7 @@ pub mod dataset_files;
 pub mod demo;
 pub mod directions;
 pub mod generate;
+pub mod inspect;
 pub mod judge;
 pub mod label_files;
 pub mod patch;

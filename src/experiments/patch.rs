@@ -43,6 +43,28 @@ pub struct SweepSpec {
     pub label_tokens: Vec<u32>,
 }
 
+impl SweepSpec {
+    /// The sweep of `sites` (short names of site kinds) on a model of `n_layers` layers: `units`
+    /// (heads or neurons) or whole sites, windows of `window` layers at `centers` (None: every
+    /// centre where the window fits), `positions` a list such as `-1` or `0,3` (not `all`),
+    /// reading the logits of `label_tokens`.
+    pub fn new(sites: &[String], units: Option<Vec<usize>>, window: usize, centers: Option<Vec<usize>>, positions: &str, n_layers: usize, label_tokens: Vec<u32>) -> Result<SweepSpec> {
+        let sites = sites.iter().map(|s| SiteKind::from_short_name(s.trim()).ok_or_else(|| Error::input(format!("unknown site kind `{s}`")))).collect::<Result<Vec<_>>>()?;
+        let positions = match Positions::parse(positions)? {
+            Positions::List(l) => l,
+            Positions::All => return Err(Error::input("positions `all` cannot be patched: give a list such as -1")),
+        };
+        let centers = centers.unwrap_or_else(|| all_centers(window, n_layers));
+        Ok(SweepSpec { sites, units, window, centers, positions, label_tokens })
+    }
+
+    /// What identifies a sweep of this spec (the `sweep` of its manifest): a run directory
+    /// holding another is refused, and the parts of one sweep share it. `sites` as given.
+    pub fn identity(&self, config_sha256: &str, prompts: &[Vec<u32>], pairs: &[Pair], sites: &str, batch_rows: usize, mem_budget: usize) -> serde_json::Value {
+        serde_json::json!({"model_config_sha256": config_sha256, "prompts": prompts, "pairs": pairs, "sites": sites, "units": self.units, "window": self.window, "centers": self.centers, "positions": self.positions, "labels": self.label_tokens, "batch_rows": batch_rows, "mem_budget": mem_budget})
+    }
+}
+
 /// Layers of the window of `window` layers centred on `center` (for even windows the centre
 /// is the lower middle: W = 2 centred on 0 is layers 0 and 1), or None where it does not fit in `n_layers`.
 pub fn window_layers(center: usize, window: usize, n_layers: usize) -> Option<Vec<usize>> {

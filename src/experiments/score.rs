@@ -16,18 +16,23 @@ use serde_json::json;
 use crate::engine::RunRequest;
 use crate::data::labels::LabelSet;
 use crate::engine::Engine;
+use crate::intervene::{Intervention, for_batch};
 use crate::sites::Positions;
 use crate::{Error, Result};
 
 /// Label logits `[n, n_labels]` of every prompt, by batches (only the label rows of the lm_head
-/// are multiplied).
-pub fn label_logits(engine: &dyn Engine, prompts: &[Vec<u32>], labels: &LabelSet, batch_size: usize, progress: &ProgressBar) -> Result<Vec<f32>> {
-    labels.check_vocab(engine.config().vocab_size)?;
+/// are multiplied), with `interventions` applied (their `prompts` index `prompts`; none for the
+/// model's own predictions).
+pub fn label_logits(engine: &dyn Engine, prompts: &[Vec<u32>], labels: &LabelSet, interventions: &[Intervention], batch_size: usize, progress: &ProgressBar) -> Result<Vec<f32>> {
+    let cfg = engine.config();
+    labels.check_vocab(cfg.vocab_size)?;
     let last = Positions::List(vec![-1]);
     let mut out = Vec::with_capacity(prompts.len() * labels.len());
-    for (b, batch) in prompts.chunks(batch_size.max(1)).enumerate() {
-        let req = RunRequest { logits_at: Some(&last), logit_tokens: Some(&labels.token_ids), ..Default::default() };
-        let r = engine.run_prompts(batch, &req).map_err(|e| e.in_batch(|i| b * batch_size.max(1) + i))?;
+    let batch_size = batch_size.max(1);
+    for (b, batch) in prompts.chunks(batch_size).enumerate() {
+        let start = b * batch_size;
+        let ivs = for_batch(interventions, cfg, prompts, start..start + batch.len())?;
+        let r = engine.run_prompts(batch, &RunRequest { interventions: &ivs, logits_at: Some(&last), logit_tokens: Some(&labels.token_ids), ..Default::default() }).map_err(|e| e.in_batch(|i| start + i))?;
         if r.logits.len() != batch.len() * labels.len() {
             return Err(Error::input(format!("engine returned {} label logits for {} prompts", r.logits.len(), batch.len())));
         }

@@ -73,6 +73,55 @@ pub struct Intervention {
     pub op: Op,
 }
 
+/// The interventions of a forward call that runs `prompts[batch]` of a list of prompts, given
+/// for the whole list: each intervention's `prompts` are indices into `prompts` (None: all of
+/// them), made relative to the call here; a Patch with one value row per (prompt, position)
+/// keeps the rows of the call's prompts. Interventions that select none of the call's prompts
+/// are left out. Errors name a prompt index out of range or a Patch whose row count is wrong.
+pub fn for_batch(interventions: &[Intervention], cfg: &ModelConfig, prompts: &[Vec<u32>], batch: std::ops::Range<usize>) -> Result<Vec<Intervention>> {
+    let mut out = Vec::new();
+    for (i, iv) in interventions.iter().enumerate() {
+        let what = || format!("intervention {i} ({} at {})", iv.op.name(), iv.site);
+        let order: Vec<usize> = iv.prompts.clone().unwrap_or_else(|| (0..prompts.len()).collect());
+        if let Some(&bad) = order.iter().find(|&&p| p >= prompts.len()) {
+            return Err(Error::input(format!("{}: prompt {bad} is out of range ({} prompts)", what(), prompts.len())));
+        }
+        let in_batch: Vec<usize> = order.iter().copied().filter(|p| batch.contains(p)).collect();
+        if in_batch.is_empty() {
+            continue;
+        }
+        let op = match &iv.op {
+            Op::Patch { values } => {
+                let (n_units, unit_w) = iv.site.kind.units(cfg, 0);
+                let width = iv.units.as_ref().map_or(n_units, Vec::len) * unit_w;
+                let rows = |p: usize| iv.positions.resolve(prompts[p].len()).map(|r| r.len()).map_err(|e| Error::input(format!("{}, prompt {p}: {e}", what())));
+                if values.len() == width {
+                    iv.op.clone()
+                } else {
+                    let counts = order.iter().map(|&p| rows(p)).collect::<Result<Vec<_>>>()?;
+                    let total: usize = counts.iter().sum();
+                    if values.len() != total * width {
+                        return Err(Error::input(format!("{}: patch values have {} elements, expected {width} (one row) or {total} x {width} (one row per prompt and position)", what(), values.len())));
+                    }
+                    let mut kept = Vec::new();
+                    let mut row = 0;
+                    for (&p, n) in order.iter().zip(counts) {
+                        if batch.contains(&p) {
+                            kept.extend_from_slice(&values[row * width..(row + n) * width]);
+                        }
+                        row += n;
+                    }
+                    Op::Patch { values: kept }
+                }
+            }
+            op => op.clone(),
+        };
+        let local = (iv.prompts.is_some() || batch != (0..prompts.len())).then(|| in_batch.iter().map(|p| p - batch.start).collect());
+        out.push(Intervention { site: iv.site, prompts: local, positions: iv.positions.clone(), units: iv.units.clone(), op });
+    }
+    Ok(out)
+}
+
 /// A request to copy a site out at the given positions of every prompt.
 #[derive(Clone, Debug)]
 pub struct Capture {

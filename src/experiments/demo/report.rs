@@ -81,25 +81,11 @@ pub(super) fn timings_context(timings: &[(String, f64)]) -> Value {
     json!({"threads": rayon::current_num_threads(), "rows": rows})
 }
 
-/// The model: its shapes.
+/// The model: its shapes (the object of `inspect --json`) and directory.
 pub(super) fn model_context(model: &Model, model_dir: &Path) -> Value {
-    let c = &model.cfg;
-    let dtype = c.declared_dtype.map_or("?", |d| d.name());
-    json!({
-        "dir": model_dir.display().to_string(),
-        "family": c.family.name(),
-        "model_type": c.model_type,
-        "n_layers": c.n_layers,
-        "d_model": c.d_model,
-        "n_heads": c.n_heads,
-        "n_kv_heads": c.n_kv_heads,
-        "d_head": c.d_head,
-        "d_mlp": c.d_mlp,
-        "vocab_size": c.vocab_size,
-        "n_params": model.weights.n_params,
-        "tied": c.tie_embeddings,
-        "dtype": dtype,
-    })
+    let mut info = crate::experiments::inspect::model_info(model);
+    info["dir"] = json!(model_dir.display().to_string());
+    info
 }
 
 /// How the model was trained (its training.json), or null.
