@@ -16,7 +16,8 @@ intervention to some prompts (indices into the call's prompts). Vectors are anyt
 as float32 (lists, numpy arrays, ``tensor.numpy()``).
 
 Every error is a ``patchbay.Error`` (``InputError``, ``FileError``, ``UnsupportedError``,
-``DeviceError``) with patchbay's one-line message.
+``DeviceError``, ``NonFiniteError``: NaN or Inf in the model's outputs) with patchbay's one-line
+message.
 """
 
 from dataclasses import dataclass, fields
@@ -28,6 +29,7 @@ from ._patchbay import (  # noqa: F401  (re-exported)
     FileError,
     InputError,
     Model,
+    NonFiniteError,
     UnsupportedError,
     __version__,
 )
@@ -35,7 +37,7 @@ from ._patchbay import (  # noqa: F401  (re-exported)
 Positions = Union[str, int, Sequence[int]]
 
 __all__ = [
-    "Model", "Error", "InputError", "FileError", "UnsupportedError", "DeviceError",
+    "Model", "Error", "InputError", "FileError", "UnsupportedError", "DeviceError", "NonFiniteError",
     "Add", "Patch", "Zero", "Mean", "Scale", "ProjectSet", "RandomEqualNorm",
 ]
 

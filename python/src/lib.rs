@@ -27,6 +27,7 @@ use patchbay::data::labels::LabelSet;
 use patchbay::data::prompts::{PromptSource, check_prompts, load_prompts};
 use patchbay::data::template::Template;
 use patchbay::engine::device_forward::DeviceModel;
+use patchbay::engine::finite::Checked;
 use patchbay::engine::{Engine, upload};
 use patchbay::backend::ops::sample::SampleParams;
 use patchbay::experiments::capture::{CaptureSpec, capture};
@@ -46,6 +47,7 @@ create_exception!(patchbay, InputError, Error, "Bad input: an unknown site, an i
 create_exception!(patchbay, FileError, Error, "A file that cannot be read or holds something it must not (config.json fields included).");
 create_exception!(patchbay, UnsupportedError, Error, "Something the checkpoint uses that patchbay does not implement.");
 create_exception!(patchbay, DeviceError, Error, "The compute device is missing or failed.");
+create_exception!(patchbay, NonFiniteError, Error, "The model's outputs hold NaN or Inf (the message names the prompt and the first site).");
 
 /// The Python exception of a patchbay error, with its one-line message.
 fn py_err(e: patchbay::Error) -> PyErr {
@@ -55,6 +57,7 @@ fn py_err(e: patchbay::Error) -> PyErr {
         patchbay::Error::Io { .. } | patchbay::Error::File { .. } | patchbay::Error::Config { .. } => FileError::new_err(msg),
         patchbay::Error::Unsupported(_) => UnsupportedError::new_err(msg),
         patchbay::Error::Device(_) => DeviceError::new_err(msg),
+        patchbay::Error::NonFinite { .. } => NonFiniteError::new_err(msg),
     }
 }
 
@@ -148,11 +151,14 @@ struct PyModel {
 }
 
 impl PyModel {
-    fn engine(&self) -> &dyn Engine {
-        match &self.device {
+    /// The engine of a call: the device's or the CPU model, its outputs checked for NaN and Inf
+    /// (a `NonFiniteError` naming the prompt and first site, as the CLI stops).
+    fn engine(&self) -> Checked<&dyn Engine> {
+        let raw: &dyn Engine = match &self.device {
             Some(d) => d,
             None => &self.model,
-        }
+        };
+        Checked::new(raw, false)
     }
 
     /// The prompts of a call: `token_ids` verbatim, or `texts` encoded (with `chat`, as a user
@@ -386,7 +392,7 @@ impl PyModel {
             None => Positions::All,
         };
         let spec = CaptureSpec { sites, positions, logits, dtype: OutDtype::F32, batch_size, interventions: self.interventions(py, interventions, &prompts)? };
-        let tensors = py.detach(|| capture(self.engine(), &prompts, &spec, &ProgressBar::hidden())).map_err(py_err)?;
+        let tensors = py.detach(|| capture(&self.engine(), &prompts, &spec, &ProgressBar::hidden())).map_err(py_err)?;
         let out = PyDict::new(py);
         for (name, t) in tensors {
             let arr = match t {
@@ -418,7 +424,7 @@ impl PyModel {
         let prompts = self.prompts(py, token_ids, texts, chat)?;
         let labels = self.labels(label_token_ids, labels)?;
         let ivs = self.interventions(py, interventions, &prompts)?;
-        let logits = py.detach(|| label_logits(self.engine(), &prompts, &labels, &ivs, batch_size, &ProgressBar::hidden())).map_err(py_err)?;
+        let logits = py.detach(|| label_logits(&self.engine(), &prompts, &labels, &ivs, batch_size, &ProgressBar::hidden())).map_err(py_err)?;
         let scores = Scores::new(labels, logits, vec![None; prompts.len()]);
         let out = PyDict::new(py);
         out.set_item("label_logits", PyArray1::from_vec(py, scores.logits.clone()).reshape([prompts.len(), scores.labels.len()])?)?;
@@ -510,7 +516,7 @@ impl PyModel {
                     }),
                 };
                 py.detach(|| {
-                    run_to_dir(self.engine(), &prompts, &spec, &exps, &run, &ProgressBar::hidden())?;
+                    run_to_dir(&self.engine(), &prompts, &spec, &exps, &run, &ProgressBar::hidden())?;
                     read_done(&dir.join("experiments.jsonl"), false)
                 })
                 .map_err(py_err)?
@@ -522,7 +528,7 @@ impl PyModel {
                 let mut results: Vec<ExperimentResult> = Vec::with_capacity(exps.len());
                 let skip = HashSet::new();
                 let settings = RunSettings { method, skip: &skip, batch_rows, mem_budget, progress: &ProgressBar::hidden() };
-                py.detach(|| run_sweep(self.engine(), &prompts, &spec, &exps, &settings, &mut |r| Ok(results.push(r)))).map_err(py_err)?;
+                py.detach(|| run_sweep(&self.engine(), &prompts, &spec, &exps, &settings, &mut |r| Ok(results.push(r)))).map_err(py_err)?;
                 results.sort_by_key(|r| r.id);
                 results.iter().map(|r| serde_json::to_string(r).map_err(|e| input_err(e.to_string()))).collect::<PyResult<_>>()?
             }
@@ -577,7 +583,7 @@ impl PyModel {
         let gens = py
             .detach(|| {
                 let tok = PromptTokenizer::load(&self.path).ok();
-                generate(self.engine(), &prompts, &spec, &steps, tok.as_ref(), &ProgressBar::hidden(), &mut |_, _| Ok(()))
+                generate(&self.engine(), &prompts, &spec, &steps, tok.as_ref(), &ProgressBar::hidden(), &mut |_, _| Ok(()))
             })
             .map_err(py_err)?;
         let rows: Vec<serde_json::Value> = gens.iter().enumerate().map(|(i, g)| json!({"index": i, "tokens": g.tokens, "text": g.text, "stop": g.stop, "seed": g.seed})).collect();
@@ -598,6 +604,7 @@ fn _patchbay(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("FileError", py.get_type::<FileError>())?;
     m.add("UnsupportedError", py.get_type::<UnsupportedError>())?;
     m.add("DeviceError", py.get_type::<DeviceError>())?;
+    m.add("NonFiniteError", py.get_type::<NonFiniteError>())?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

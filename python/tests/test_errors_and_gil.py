@@ -103,3 +103,28 @@ def test_generate_inputs(model):
     clean = model.generate(token_ids=ids, max_new_tokens=4)
     v = np.ones(model.config["d_model"], dtype=np.float32)
     assert model.generate(token_ids=ids, max_new_tokens=4, interventions=[patchbay.Add(z, v, beta=0.0, positions="all+generated")]) == clean
+
+
+def test_nonfinite_outputs_raise(tmp_path):
+    """A checkpoint with NaN in one q_proj weight: capture and score raise
+    NonFiniteError naming a prompt and a site, as the CLI stops (nothing returned silently)."""
+    import json
+    import shutil
+    import struct
+
+    src = ROOT / "tests" / "fixtures" / "llama"
+    for f in src.iterdir():
+        shutil.copy(f, tmp_path / f.name)
+    path = tmp_path / "model.safetensors"
+    raw = bytearray(path.read_bytes())
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    name = next(k for k in header if k.endswith("layers.0.self_attn.q_proj.weight"))
+    start = 8 + n + header[name]["data_offsets"][0]
+    nan = {"BF16": b"\xc0\x7f", "F16": b"\x00\x7e", "F32": struct.pack("<f", float("nan"))}[header[name]["dtype"]]
+    raw[start : start + len(nan)] = nan
+    path.write_bytes(bytes(raw))
+    model = patchbay.Model(str(tmp_path))
+    ids = fixture_ids("llama")
+    raises(patchbay.NonFiniteError, lambda: model.capture(token_ids=ids, sites=["blocks.1.hook_resid_post"]), "prompt", "not finite")
+    raises(patchbay.NonFiniteError, lambda: model.score(token_ids=ids, label_token_ids=[5, 6]), "prompt", "not finite")
