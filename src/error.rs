@@ -62,3 +62,13 @@ impl Error {
 pub fn read_file(path: &std::path::Path) -> Result<Vec<u8>> {
     std::fs::read(path).map_err(|e| Error::io(path, e))
 }
+
+/// The bytes of a JSON file: a byte-order mark (which JSON forbids and serde reports as an
+/// error at line 1 column 1) is refused by name.
+pub fn read_json_bytes(path: &std::path::Path) -> Result<Vec<u8>> {
+    let bytes = read_file(path)?;
+    if bytes.starts_with(b"\xEF\xBB\xBF") {
+        return Err(Error::file(path, "starts with a byte-order mark (BOM): save it as UTF-8 without one"));
+    }
+    Ok(bytes)
+}

@@ -637,3 +637,48 @@ fn hooks_new_validates_before_any_compute() {
     let msg = Hooks::new(&m.cfg, &rows, &bad, &[], None).err().expect("prompt 2 accepted").to_string();
     assert_mentions(&msg, &["blocks.0.hook_resid_pre", "prompt 2", "batch has 2"]);
 }
+
+/// Shard files must resolve inside the model directory: an index naming `../x`, an absolute
+/// path or a symlink out of the directory is refused by name; a symlink loop and a directory
+/// where a shard is expected name the real cause; a byte-order mark in config.json,
+/// tokenizer_config.json, the index or a token-ids file is named.
+#[test]
+fn paths_stay_inside_and_json_boms_are_named() {
+    let s = Scratch::new("llama");
+    let outside = s.work.join("outside.safetensors");
+    std::fs::copy(s.model.join("model.safetensors"), &outside).unwrap();
+    let index = |weight_file: &str| {
+        let v = serde_json::json!({"weight_map": {"model.embed_tokens.weight": weight_file}});
+        std::fs::write(s.model.join("model.safetensors.index.json"), v.to_string()).unwrap();
+    };
+    for name in ["../work/outside.safetensors", outside.to_str().unwrap()] {
+        index(name);
+        expect_error(&["inspect", "--model", s.model()], &["model.safetensors.index.json", "outside the model directory", name]);
+    }
+    std::os::unix::fs::symlink(&outside, s.model.join("link.safetensors")).unwrap();
+    index("link.safetensors");
+    expect_error(&["inspect", "--model", s.model()], &["outside the model directory", "link.safetensors"]);
+    std::os::unix::fs::symlink(s.model.join("loop.safetensors"), s.model.join("loop.safetensors")).unwrap();
+    index("loop.safetensors");
+    expect_error(&["inspect", "--model", s.model()], &["loop.safetensors", "symbolic links"]);
+    std::fs::create_dir(s.model.join("dir.safetensors")).unwrap();
+    index("dir.safetensors");
+    expect_error(&["inspect", "--model", s.model()], &["dir.safetensors", "is a directory"]);
+    std::fs::remove_file(s.model.join("model.safetensors.index.json")).unwrap();
+    // A symlink inside the directory is fine.
+    std::fs::rename(s.model.join("model.safetensors"), s.model.join("real.safetensors")).unwrap();
+    std::os::unix::fs::symlink(s.model.join("real.safetensors"), s.model.join("model.safetensors")).unwrap();
+    let (code, _, err) = patchbay(&["inspect", "--model", s.model()]);
+    assert_eq!(code, 0, "{err}");
+    // Byte-order marks.
+    let ids = s.ids_file();
+    for file in ["config.json", "tokenizer_config.json"] {
+        let p = s.model.join(file);
+        let orig = std::fs::read(&p).unwrap();
+        std::fs::write(&p, [b"\xEF\xBB\xBF".as_slice(), &orig].concat()).unwrap();
+        expect_error(&["capture", "--model", s.model(), "--text", "hello", "--sites", "resid_post", "--positions", "-1", "--out", &s.out(), "--quiet"], &[file, "byte-order mark"]);
+        std::fs::write(&p, orig).unwrap();
+    }
+    let bom_ids = s.write("bom.json", &format!("\u{feff}{}", std::fs::read_to_string(&ids).unwrap()));
+    expect_error(&["capture", "--model", s.model(), "--token-ids", &bom_ids, "--sites", "resid_post", "--positions", "-1", "--out", &s.out(), "--quiet"], &["bom.json", "byte-order mark"]);
+}

@@ -75,7 +75,7 @@ pub fn load_prompts(source: PromptSource, model_dir: &Path, chat: bool) -> Resul
             if chat {
                 return Err(Error::input("--chat applies to texts; --token-ids are used verbatim"));
             }
-            let bytes = crate::error::read_file(path)?;
+            let bytes = crate::error::read_json_bytes(path)?;
             serde_json::from_slice::<Vec<Vec<u32>>>(&bytes)
                 .map_err(|e| Error::file(path, format!("expected a JSON list of lists of token ids: {e}")))?
         }

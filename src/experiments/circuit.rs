@@ -162,10 +162,7 @@ impl CircuitFile {
     /// Parses and checks a circuit file against the model's config (module doc); errors name the
     /// file and the entry.
     pub fn read(path: &Path, cfg: &ModelConfig) -> Result<CircuitFile> {
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        if bytes.starts_with(b"\xEF\xBB\xBF") {
-            return Err(Error::file(path, "starts with a byte-order mark (BOM): save it as UTF-8 without one"));
-        }
+        let bytes = crate::error::read_json_bytes(path)?;
         let text = String::from_utf8(bytes).map_err(|_| Error::file(path, "not UTF-8"))?;
         let mut de = serde_json::Deserializer::from_str(&text);
         let file: CircuitFile = serde_path_to_error::deserialize(&mut de).map_err(|e| {

@@ -153,7 +153,7 @@ pub fn write_outputs(out: &Path, mut done: Vec<Done>) -> Result<Vec<SummaryRow>>
 
 /// Reads a manifest.json.
 pub fn read_manifest(path: &Path) -> Result<Value> {
-    serde_json::from_slice(&crate::error::read_file(path)?).map_err(|e| Error::file(path, e.to_string()))
+    serde_json::from_slice(&crate::error::read_json_bytes(path)?).map_err(|e| Error::file(path, e.to_string()))
 }
 
 pub fn write_manifest(path: &Path, manifest: &Value) -> Result<()> {

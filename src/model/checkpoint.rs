@@ -113,6 +113,22 @@ impl Weight {
     }
 }
 
+/// The shard `name` of an index file: a path that resolves (symlinks followed) inside the model
+/// directory `dir`; an absolute path, `..` out of the directory or a symlink out of it is refused.
+fn inside(dir: &Path, index: &Path, name: &str) -> Result<PathBuf> {
+    let path = dir.join(name);
+    let out = || Error::config(index, "weight_map", format!("names `{name}`, which is outside the model directory (shards must be files in it)"));
+    if Path::new(name).is_absolute() {
+        return Err(out());
+    }
+    let root = std::fs::canonicalize(dir).map_err(|e| Error::io(dir, e))?;
+    let real = std::fs::canonicalize(&path).map_err(|e| Error::io(&path, e))?;
+    if !real.starts_with(&root) {
+        return Err(out());
+    }
+    Ok(path)
+}
+
 /// All tensors of a checkpoint directory by name.
 pub struct Checkpoint {
     pub dir: PathBuf,
@@ -125,7 +141,7 @@ impl Checkpoint {
         let index = dir.join("model.safetensors.index.json");
         let single = dir.join("model.safetensors");
         let files: Vec<PathBuf> = if index.exists() {
-            let bytes = crate::error::read_file(&index)?;
+            let bytes = crate::error::read_json_bytes(&index)?;
             let v: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| Error::file(&index, format!("not valid JSON: {e}")))?;
             let map = v
                 .get("weight_map")
@@ -139,7 +155,7 @@ impl Checkpoint {
                 }
             }
             names.sort();
-            names.into_iter().map(|n| dir.join(n)).collect()
+            names.into_iter().map(|n| inside(dir, &index, &n)).collect::<Result<_>>()?
         } else if single.exists() {
             vec![single]
         } else {
@@ -147,6 +163,9 @@ impl Checkpoint {
         };
         let mut tensors = HashMap::new();
         for path in files {
+            if path.is_dir() {
+                return Err(Error::file(&path, "is a directory, not a safetensors file"));
+            }
             let file = File::open(&path).map_err(|e| Error::io(&path, e))?;
             // SAFETY: the file is mapped read-only; patchbay never writes to checkpoint files.
             // Another process truncating it while mapped is outside what we can guard against.

@@ -566,7 +566,7 @@ fn rope(raw: &RawConfig, path: &Path, d_head: usize, max_position: usize) -> Res
 }
 
 fn read_json(path: &Path) -> Result<Value> {
-    let bytes = crate::error::read_file(path)?;
+    let bytes = crate::error::read_json_bytes(path)?;
     serde_json::from_slice(&bytes).map_err(|e| Error::file(path, format!("not valid JSON: {e}")))
 }
 

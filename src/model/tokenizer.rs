@@ -58,7 +58,7 @@ fn read_json_object(path: &Path) -> Result<Option<serde_json::Map<String, Json>>
     if !path.exists() {
         return Ok(None);
     }
-    let bytes = read_file(path)?;
+    let bytes = crate::error::read_json_bytes(path)?;
     let value: Json =
         serde_json::from_slice(&bytes).map_err(|e| Error::file(path, format!("not valid JSON: {}", one_line(e))))?;
     match value {
