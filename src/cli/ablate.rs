@@ -19,7 +19,7 @@ use patchbay::experiments::steer::Projection;
 use patchbay::experiments::sublayers::{influence_sweep, parse_sublayers, sublayer_conditions};
 use patchbay::experiments::top_k::{read_ranking, set_conditions, top_k_sets, top_k_sweep};
 use patchbay::intervene::spec::read_vector;
-use patchbay::model::Model;
+use patchbay::model::{Model, sha256_hex};
 use patchbay::model::config::ModelConfig;
 use patchbay::sites::{Positions, Site, SiteKind};
 use patchbay::{Error, Result};
@@ -275,12 +275,6 @@ fn projection(a: &AblateArgs, cfg: &ModelConfig) -> Result<Option<Projection>> {
     Ok(Some(Projection::new(site, v, cfg)?))
 }
 
-/// sha256 of f32 values (the projection's direction in the sweep's identity).
-fn values_sha256(v: &[f32]) -> String {
-    use sha2::{Digest, Sha256};
-    Sha256::digest(bytemuck::cast_slice::<f32, u8>(v)).iter().map(|b| format!("{b:02x}")).collect()
-}
-
 pub fn run(a: AblateArgs) -> Result<()> {
     let t0 = Instant::now();
     let (op, positions) = a.op.resolve()?;
@@ -316,7 +310,7 @@ pub fn run(a: AblateArgs) -> Result<()> {
         "alpha": op.alpha(),
         "vector": a.vector,
         "positions": positions.describe(),
-        "projection": projection.as_ref().map(|p| json!({"site": p.site.to_string(), "direction_sha256": values_sha256(&p.direction)})),
+        "projection": projection.as_ref().map(|p| json!({"site": p.site.to_string(), "direction_sha256": sha256_hex(bytemuck::cast_slice(&p.direction))})),
         "seed": a.seed,
     });
     let shard_name = part.map(|s| s.to_string());

@@ -47,16 +47,8 @@ pub fn shard_range(index: usize, count: usize, n: usize) -> std::ops::Range<usiz
 /// The complete lines of a JSONL file, each parsed; a torn last line (a killed write) is cut off
 /// the file. Err names the file and line of a line that is not JSON.
 fn read_lines(path: &Path) -> Result<Vec<Value>> {
-    if !path.exists() {
-        return Ok(Vec::new());
-    }
-    let bytes = crate::error::read_file(path)?;
-    let complete = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
-    if complete < bytes.len() {
-        let f = std::fs::OpenOptions::new().write(true).open(path).map_err(|e| Error::io(path, e))?;
-        f.set_len(complete as u64).map_err(|e| Error::io(path, e))?;
-    }
-    let text = std::str::from_utf8(&bytes[..complete]).map_err(|e| Error::file(path, format!("not UTF-8: {e}")))?;
+    let Some(bytes) = crate::io::complete_lines(path, true)? else { return Ok(Vec::new()) };
+    let text = std::str::from_utf8(&bytes).map_err(|e| Error::file(path, format!("not UTF-8: {e}")))?;
     text.lines().enumerate().map(|(i, l)| serde_json::from_str(l).map_err(|e| Error::file(path, format!("line {}: {e}", i + 1)))).collect()
 }
 

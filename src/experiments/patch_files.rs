@@ -113,19 +113,8 @@ pub struct Done {
 /// Results in an experiments.jsonl (none when it does not exist). A torn last line (a killed
 /// write) is an error, or with `cut_torn` cut off the file.
 pub fn read_done(path: &Path, cut_torn: bool) -> Result<Vec<Done>> {
-    if !path.exists() {
-        return Ok(Vec::new());
-    }
-    let bytes = crate::error::read_file(path)?;
-    let complete = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
-    if complete < bytes.len() {
-        if !cut_torn {
-            return Err(Error::file(path, "the last line is cut short (a killed run)"));
-        }
-        let f = std::fs::OpenOptions::new().write(true).open(path).map_err(|e| Error::io(path, e))?;
-        f.set_len(complete as u64).map_err(|e| Error::io(path, e))?;
-    }
-    let text = String::from_utf8_lossy(&bytes[..complete]);
+    let Some(bytes) = crate::io::complete_lines(path, cut_torn)? else { return Ok(Vec::new()) };
+    let text = String::from_utf8_lossy(&bytes);
     text.lines()
         .enumerate()
         .map(|(i, l)| Ok(Done { result: serde_json::from_str(l).map_err(|e| Error::file(path, format!("line {}: {e}", i + 1)))?, line: l.to_string() }))

@@ -177,6 +177,25 @@ impl JsonlFile {
     }
 }
 
+/// The complete lines of a results file appended line by line (None when it does not exist): a
+/// torn last line (a killed write) is an error, or with `cut_torn` cut off the file.
+pub fn complete_lines(path: &Path, cut_torn: bool) -> Result<Option<Vec<u8>>> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    let mut bytes = crate::error::read_file(path)?;
+    let complete = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    if complete < bytes.len() {
+        if !cut_torn {
+            return Err(Error::file(path, "the last line is cut short (a killed run)"));
+        }
+        let f = std::fs::OpenOptions::new().write(true).open(path).map_err(|e| Error::io(path, e))?;
+        f.set_len(complete as u64).map_err(|e| Error::io(path, e))?;
+        bytes.truncate(complete);
+    }
+    Ok(Some(bytes))
+}
+
 /// Element type of an output tensor.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum OutDtype {

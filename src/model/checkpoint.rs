@@ -115,15 +115,15 @@ impl Weight {
 
 /// The shard `name` of an index file: a path that resolves (symlinks followed) inside the model
 /// directory `dir`; an absolute path, `..` out of the directory or a symlink out of it is refused.
-fn inside(dir: &Path, index: &Path, name: &str) -> Result<PathBuf> {
+/// `root` is `dir` canonicalized.
+fn inside(dir: &Path, root: &Path, index: &Path, name: &str) -> Result<PathBuf> {
     let path = dir.join(name);
     let out = || Error::config(index, "weight_map", format!("names `{name}`, which is outside the model directory (shards must be files in it)"));
     if Path::new(name).is_absolute() {
         return Err(out());
     }
-    let root = std::fs::canonicalize(dir).map_err(|e| Error::io(dir, e))?;
     let real = std::fs::canonicalize(&path).map_err(|e| Error::io(&path, e))?;
-    if !real.starts_with(&root) {
+    if !real.starts_with(root) {
         return Err(out());
     }
     Ok(path)
@@ -155,7 +155,8 @@ impl Checkpoint {
                 }
             }
             names.sort();
-            names.into_iter().map(|n| inside(dir, &index, &n)).collect::<Result<_>>()?
+            let root = std::fs::canonicalize(dir).map_err(|e| Error::io(dir, e))?;
+            names.into_iter().map(|n| inside(dir, &root, &index, &n)).collect::<Result<_>>()?
         } else if single.exists() {
             vec![single]
         } else {

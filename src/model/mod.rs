@@ -27,7 +27,8 @@ pub struct Model {
     pub config_hash: String,
 }
 
-fn sha256_hex(bytes: &[u8]) -> String {
+/// sha256 of `bytes`, as lowercase hex.
+pub fn sha256_hex(bytes: &[u8]) -> String {
     Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
 }
 
