@@ -28,6 +28,10 @@ pub enum Error {
     /// once renumbered by [`Error::in_batch`]) and the first site where it appeared.
     #[error("prompt {prompt}: the model's outputs are not finite (NaN or Inf), first at {site}; nothing more is written (--allow-nonfinite keeps such values and counts them)")]
     NonFinite { prompt: usize, site: String },
+    /// A sequence longer than the model's context (`engine::finite` refuses it before the
+    /// forward): the prompt as in [`Error::NonFinite`], its length after the call, the context.
+    #[error("prompt {prompt}: {len} tokens, longer than the model's context of {max} positions (max_position_embeddings in config.json): positions past it were never trained; shorten the prompt or leave it out")]
+    TooLong { prompt: usize, len: usize, max: usize },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -48,11 +52,12 @@ impl Error {
     pub fn device(msg: impl Into<String>) -> Self {
         Error::Device(msg.into())
     }
-    /// A [`Error::NonFinite`] with its prompt renumbered from the index in a forward call to
-    /// the run's (`id(i)`); any other error unchanged.
+    /// A [`Error::NonFinite`] or [`Error::TooLong`] with its prompt renumbered from the index
+    /// in a forward call to the run's (`id(i)`); any other error unchanged.
     pub fn in_batch(self, id: impl FnOnce(usize) -> usize) -> Self {
         match self {
             Error::NonFinite { prompt, site } => Error::NonFinite { prompt: id(prompt), site },
+            Error::TooLong { prompt, len, max } => Error::TooLong { prompt: id(prompt), len, max },
             e => e,
         }
     }

@@ -5,7 +5,7 @@ mod cli;
 
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches, Parser};
 
 const TOP_HELP: &str = "Start here:
   patchbay demo                                   # the whole study pipeline on the bundled model (a few minutes, CPU)
@@ -27,8 +27,16 @@ struct Cli {
     command: cli::Command,
 }
 
+/// Every command takes negative numbers as values: `--alpha -1` is the value -1 (refused by the
+/// command with its reason where it must be positive), not an unknown flag `-1`.
+fn with_negative_numbers(cmd: clap::Command) -> clap::Command {
+    cmd.allow_negative_numbers(true).mut_subcommands(with_negative_numbers)
+}
+
 fn main() -> ExitCode {
-    match Cli::parse().command.run() {
+    let matches = with_negative_numbers(Cli::command()).get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    match cli.command.run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");

@@ -232,6 +232,15 @@ fn templates_reproduce_the_study_prompts() {
     let c = Template::parse("Q: {text} A:").unwrap();
     assert_eq!(c.render("a {shots} b"), "Q: a {shots} b A:");
     assert!(Template::parse("no placeholder").unwrap_err().to_string().contains("{text}"));
+    // A placeholder patchbay does not fill is refused (it would stay in every prompt); other
+    // braces are text.
+    for (bad, name) in [("{text} feels {emotion}", "{emotion}"), ("{Text}{text}", "{Text}"), ("{text} {label_1}", "{label_1}"), ("{_x} {text}", "{_x}")] {
+        let e = Template::parse(bad).unwrap_err().to_string();
+        assert!(e.contains(&format!("`{name}` is not a placeholder")) && !e.contains('\n'), "{bad}: {e}");
+    }
+    for fine in ["{\"q\": \"{text}\"}", "{ {text} }", "{1} {text}", "{text} {", "} {text} {shots}"] {
+        assert!(Template::parse(fine).is_ok(), "{fine}");
+    }
     assert!(Template::parse("Q: {text}").unwrap().with_shots(Template::load_shots("tak").unwrap()).unwrap_err().to_string().contains("{shots}"));
     // Few-shot file.
     let dir = tempfile::tempdir().unwrap();

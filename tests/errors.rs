@@ -292,6 +292,71 @@ fn missing_tensor() {
     expect_error(&["inspect", "--model", s.model()], &[victim, "missing", "[64, 96]"]);
 }
 
+/// Tensors of blocks the config does not declare are refused, not left out: fewer layers in
+/// the config than in the file, and one stray block past the end.
+#[test]
+fn tensors_of_undeclared_layers() {
+    let s = Scratch::new("llama");
+    s.edit_config(|c| {
+        c.insert("num_hidden_layers".into(), json!(1));
+    });
+    expect_error(&["inspect", "--model", s.model()], &["model.layers.1.", "belongs to block 1", "declares 1 layers", "num_hidden_layers"]);
+    let s = Scratch::new("llama");
+    s.edit_weights(|t| {
+        let (_, d, shape, bytes) = t.iter().find(|(n, ..)| n == "model.layers.1.mlp.down_proj.weight").unwrap().clone();
+        t.push(("model.layers.7.mlp.down_proj.weight".into(), d, shape, bytes));
+    });
+    expect_error(&["inspect", "--model", s.model()], &["model.layers.7.mlp.down_proj.weight", "block 7", "declares 2 layers"]);
+}
+
+/// A sequence longer than max_position_embeddings is refused on every engine and command,
+/// not run past the trained positions.
+#[test]
+fn prompts_longer_than_the_context() {
+    let s = Scratch::new("llama");
+    s.edit_config(|c| {
+        c.insert("max_position_embeddings".into(), json!(6));
+    });
+    let ids = s.write("long.json", "[[376, 40, 323], [376, 40, 323, 41, 42, 43, 44]]");
+    for device in ["cpu", "emu"] {
+        let mut a = capture_llama(&s, &ids, "resid_post", "-1");
+        a.extend(["--device".to_string(), device.to_string()]);
+        expect_error(&strs(&a), &["7 tokens", "context of 6 positions", "max_position_embeddings"]);
+    }
+    let out = s.path("score").to_str().unwrap().to_string();
+    expect_error(&["score", "--model", s.model(), "--token-ids", &ids, "--label-token-ids", "5,6", "--out", &out, "--quiet"], &["7 tokens", "context of 6"]);
+    // Exactly the context fits.
+    let fits = s.write("fits.json", "[[376, 40, 323, 41, 42, 43]]");
+    let (code, _, err) = patchbay(&strs(&capture_llama(&s, &fits, "resid_post", "-1")));
+    assert_eq!(code, 0, "{err}");
+}
+
+/// A custom template's unknown `{placeholder}` is refused (it would stay in every prompt).
+#[test]
+fn template_with_an_unknown_placeholder() {
+    let s = Scratch::new("llama");
+    let data = s.write("d.csv", "text,label\nI won,joy\nI lost,sadness\n");
+    let out = s.path("score").to_str().unwrap().to_string();
+    for (template, name) in [("{text} feels {emotion}", "{emotion}"), ("Context: {context} {text}", "{context}")] {
+        expect_error(&["score", "--model", s.model(), "--dataset", &data, "--template", template, "--out", &out, "--quiet"], &[name, "not a placeholder"]);
+    }
+}
+
+/// A negative number after a space is a value, refused by the command with its reason, not
+/// taken for an unknown flag `-1`.
+#[test]
+fn negative_numbers_after_a_space_are_values() {
+    let s = Scratch::new("llama");
+    let ids = s.ids_file();
+    let out = s.path("g").to_str().unwrap().to_string();
+    expect_error(&["generate", "--model", s.model(), "--token-ids", &ids, "--temperature", "-1", "--out", &out, "--quiet"], &["temperature", "-1"]);
+    expect_error(&["probe", "--model", s.model(), "--dataset", "x.csv", "--C", "-1", "--out", &out], &["--C -1", "positive"]);
+    // A count that cannot be negative is clap's usage error naming the value (exit 2).
+    let (code, _, err) = patchbay(&["capture", "--model", s.model(), "--token-ids", &ids, "--sites", "resid_post", "--batch-size", "-3", "--out", &out]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("invalid value '-3'") && !err.contains("unexpected argument"), "{err}");
+}
+
 #[test]
 fn tensor_of_int_dtype() {
     let s = Scratch::new("llama");

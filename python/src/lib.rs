@@ -58,6 +58,7 @@ fn py_err(e: patchbay::Error) -> PyErr {
         patchbay::Error::Unsupported(_) => UnsupportedError::new_err(msg),
         patchbay::Error::Device(_) => DeviceError::new_err(msg),
         patchbay::Error::NonFinite { .. } => NonFiniteError::new_err(msg),
+        patchbay::Error::TooLong { .. } => InputError::new_err(msg),
     }
 }
 

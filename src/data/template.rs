@@ -48,6 +48,24 @@ pub struct Shot {
     pub answer: String,
 }
 
+/// The first `{name}` in `body` (a brace-enclosed identifier) other than `{text}` and
+/// `{shots}`: a placeholder the user expects filled that no one fills. Other braces (JSON, a
+/// lone `{`) are text.
+fn unknown_placeholder(body: &str) -> Option<&str> {
+    let mut rest = body;
+    while let Some(open) = rest.find('{') {
+        let after = &rest[open + 1..];
+        let name_len = after.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(after.len());
+        let name = &after[..name_len];
+        let is_ident = name.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
+        if is_ident && after[name_len..].starts_with('}') && name != "text" && name != "shots" {
+            return Some(&rest[open..open + name_len + 2]);
+        }
+        rest = after;
+    }
+    None
+}
+
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Template {
     /// The preset name, or "custom".
@@ -70,6 +88,9 @@ impl Template {
                 "template `{spec}` is neither a preset ({}) nor a template with one {{text}} (and at most one {{shots}})",
                 PRESETS.iter().map(|p| p.0).collect::<Vec<_>>().join(", ")
             )));
+        }
+        if let Some(unknown) = unknown_placeholder(spec) {
+            return Err(Error::input(format!("template `{spec}`: `{unknown}` is not a placeholder patchbay fills (only {{text}} and {{shots}}); it would stay in every prompt as written")));
         }
         Ok(Template { name: "custom".into(), body: spec.to_string(), shots: Vec::new(), chat: false })
     }

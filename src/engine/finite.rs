@@ -8,6 +8,9 @@
 //! the call with the resid_post of every layer captured, then every site of the first layer
 //! that is not finite. A run that allows non-finite values (`--allow-nonfinite`) counts them
 //! instead ([`Engine::nonfinite_values`]).
+//!
+//! It also refuses a sequence longer than the model's context (`max_position_embeddings`):
+//! positions past it were never trained, and a model runs there without a word otherwise.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -28,6 +31,16 @@ pub struct Checked<E> {
 impl<E: Engine> Checked<E> {
     pub fn new(inner: E, allow: bool) -> Checked<E> {
         Checked { inner, allow, seen: AtomicU64::new(0) }
+    }
+
+    /// Refuses sequences that would pass the model's context: `lens` are their lengths after
+    /// the call, in call order.
+    fn check_context(&self, lens: impl IntoIterator<Item = usize>) -> Result<()> {
+        let max = self.inner.config().max_position;
+        match lens.into_iter().enumerate().find(|&(_, len)| len > max) {
+            Some((prompt, len)) => Err(Error::TooLong { prompt, len, max }),
+            None => Ok(()),
+        }
     }
 
     /// Counts the call's non-finite values when they are allowed; else the error naming the
@@ -112,11 +125,13 @@ impl<E: Engine> Engine for Checked<E> {
         self.inner.device_name()
     }
     fn run_prompts(&self, prompts: &[Vec<u32>], req: &RunRequest) -> Result<RunOutput> {
+        self.check_context(prompts.iter().map(Vec::len))?;
         let out = self.inner.run_prompts(prompts, req)?;
         self.check(&out, Some(&|captures: &[Capture]| self.inner.run_prompts(prompts, &RunRequest { captures, ..*req })))?;
         Ok(out)
     }
     fn run_clean(&self, prompts: &[Vec<u32>], req: &RunRequest) -> Result<(Vec<CleanRun>, RunOutput)> {
+        self.check_context(prompts.iter().map(Vec::len))?;
         let (runs, out) = self.inner.run_clean(prompts, req)?;
         self.check(&out, Some(&|captures: &[Capture]| self.inner.run_prompts(prompts, &RunRequest { captures, ..*req })))?;
         Ok((runs, out))
@@ -133,6 +148,7 @@ impl<E: Engine> Engine for Checked<E> {
         self.inner.start_decode()
     }
     fn decode(&self, seqs: &mut [&mut DecodeSeq], tokens: &[&[u32]], req: &RunRequest) -> Result<RunOutput> {
+        self.check_context(seqs.iter().zip(tokens).map(|(s, t)| s.len() + t.len()))?;
         let out = self.inner.decode(seqs, tokens, req)?;
         // A call that fed whole sequences (their prompts) is repeated as one over prompts to
         // find the first layer; a later call cannot be (the sequences grew).

@@ -213,6 +213,28 @@ impl Checkpoint {
     pub fn contains(&self, name: &str) -> bool {
         self.tensors.contains_key(name)
     }
+
+    /// Refuses a tensor of a block the config does not declare (`model.layers.{l}.` with l at
+    /// or past `n_layers`): the checkpoint and the config disagree, and the extra blocks would
+    /// be left out without a word.
+    pub fn check_layers(&self, n_layers: usize) -> Result<()> {
+        let mut extra: Vec<(usize, &String, &PathBuf)> = self
+            .tensors
+            .iter()
+            .filter_map(|(name, (_, path))| {
+                let layer = name.strip_prefix("model.layers.")?.split('.').next()?.parse::<usize>().ok()?;
+                (layer >= n_layers).then_some((layer, name, path))
+            })
+            .collect();
+        extra.sort();
+        match extra.first() {
+            Some((layer, name, path)) => Err(Error::file(path, format!(
+                "tensor `{name}` belongs to block {layer}, but config.json declares {n_layers} layers (num_hidden_layers): the checkpoint and the config disagree ({} tensors of undeclared blocks)",
+                extra.len()
+            ))),
+            None => Ok(()),
+        }
+    }
 }
 
 /// One linear layer `y = x W^T (+ b)`; `w` is `[out, in]`.
@@ -282,6 +304,7 @@ impl ModelWeights {
         let linear = |name: &str, out: usize, inp: usize, bias: bool| -> Result<Linear> {
             Ok(Linear { w: ck.get(&format!("{name}.weight"), &[out, inp])?, b: if bias { Some(vec(&format!("{name}.bias"), out)?) } else { None } })
         };
+        ck.check_layers(cfg.n_layers)?;
         let mut layers = Vec::with_capacity(cfg.n_layers);
         for l in 0..cfg.n_layers {
             let p = format!("model.layers.{l}");
