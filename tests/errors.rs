@@ -409,6 +409,40 @@ fn corrupt_tokenizer_json() {
     expect_error(&args, &["tokenizer.json", "not a valid tokenizer.json"]);
 }
 
+/// A tokenizer model type the tokenizers library does not read is named, not reported as an
+/// untagged-enum mismatch.
+#[test]
+fn unknown_tokenizer_model_type() {
+    let s = Scratch::new("llama");
+    let out = s.out();
+    let args = ["capture", "--model", s.model(), "--text", "hello", "--sites", "resid_post", "--positions", "-1", "--out", &out, "--quiet"];
+    let path = s.model.join("tokenizer.json");
+    let original: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    for (kind, want) in [(json!("SentencePiece"), "model type `SentencePiece` is not one"), (json!("bpe"), "model type `bpe`")] {
+        let mut t = original.clone();
+        t["model"]["type"] = kind;
+        std::fs::write(&path, serde_json::to_vec(&t).unwrap()).unwrap();
+        expect_error(&args, &["tokenizer.json", want, "BPE, Unigram, WordPiece, WordLevel"]);
+    }
+}
+
+/// Without tokenizer_config.json the class default BOS (`<s>`) is not in this vocabulary: the
+/// error says so at load, not as an out-of-range token id later.
+#[test]
+fn missing_tokenizer_config_names_the_default_bos() {
+    let s = Scratch::new("llama");
+    std::fs::remove_file(s.model.join("tokenizer_config.json")).unwrap();
+    let out = s.out();
+    expect_error(
+        &["capture", "--model", s.model(), "--text", "hello", "--sites", "resid_post", "--positions", "-1", "--out", &out, "--quiet"],
+        &["no token `<s>`", "bos_token", "tokenizer_config.json is absent", "past the model's vocab_size 384"],
+    );
+    // Token ids need no tokenizer: they still run.
+    let ids = s.ids_file();
+    let (code, _, err) = patchbay(&strs(&capture_llama(&s, &ids, "resid_post", "-1")));
+    assert_eq!(code, 0, "{err}");
+}
+
 #[test]
 fn chat_without_chat_template() {
     let s = Scratch::new("llama");

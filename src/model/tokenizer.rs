@@ -212,6 +212,22 @@ impl TokenizerFamily {
     }
 }
 
+/// The tokenizer models the `tokenizers` library reads (`model.type` of tokenizer.json).
+const MODEL_TYPES: [&str; 4] = ["BPE", "Unigram", "WordPiece", "WordLevel"];
+
+/// Why a tokenizer.json the `tokenizers` library refused is refused, where its own message
+/// (`data did not match any variant of untagged enum ...`) does not say: a missing or unknown
+/// `model.type`. None: not JSON, or another cause.
+fn diagnose_tokenizer_json(bytes: &[u8]) -> Option<String> {
+    let v: Json = serde_json::from_slice(bytes).ok()?;
+    let model = v.get("model")?;
+    match model.get("type") {
+        Some(Json::String(t)) if !MODEL_TYPES.contains(&t.as_str()) => Some(format!("model type `{t}` is not one the tokenizers library reads ({})", MODEL_TYPES.join(", "))),
+        None if model.get("merges").is_none() && model.get("vocab").is_none() => Some(format!("`model` has no `type` (one of {})", MODEL_TYPES.join(", "))),
+        _ => None,
+    }
+}
+
 impl PromptTokenizer {
     /// Loads DIR/tokenizer.json (required) and DIR/tokenizer_config.json (optional: chat_template,
     /// bos_token, eos_token, add_bos_token...). Also honours DIR/special_tokens_map.json and
@@ -222,32 +238,27 @@ impl PromptTokenizer {
     pub fn load(model_dir: &Path) -> Result<Self> {
         if let Some(path) = super::gguf::find(model_dir)? {
             let (tokenizer, config) = super::gguf::GgufFile::open(&path)?.tokenizer()?;
-            return Self::assemble(tokenizer, path.clone(), &path, config, None, TokenizerFamily::Other, None);
+            return Self::assemble(tokenizer, path.clone(), &path, config, None, TokenizerFamily::Other, None, None);
         }
         let tokenizer_path = model_dir.join("tokenizer.json");
         let config_path = model_dir.join("tokenizer_config.json");
 
         let bytes = read_file(&tokenizer_path)?;
-        let tokenizer = Tokenizer::from_bytes(&bytes)
-            .map_err(|e| Error::file(&tokenizer_path, format!("not a valid tokenizer.json: {}", one_line(e))))?;
+        let tokenizer = Tokenizer::from_bytes(&bytes).map_err(|e| Error::file(&tokenizer_path, format!("not a valid tokenizer.json: {}", diagnose_tokenizer_json(&bytes).unwrap_or_else(|| one_line(e)))))?;
         let config = read_json_object(&config_path)?.unwrap_or_default();
         let special_map_path = model_dir.join("special_tokens_map.json");
         let special_map = read_json_object(&special_map_path)?;
 
+        // Best effort: config.json is validated elsewhere; a bad one just means no hints.
+        let model_config = read_json_object(&model_dir.join("config.json")).ok().flatten().unwrap_or_default();
+        let model_vocab = model_config.get("vocab_size").and_then(Json::as_u64).map(|v| v as usize);
         // Which HF class AutoTokenizer would pick.
         let family = match config.get("tokenizer_class") {
             Some(Json::String(class)) => TokenizerFamily::from_class(class),
-            Some(Json::Null) | None => {
-                // Best effort: config.json is validated elsewhere; a bad one just means "Other".
-                let model_config_path = model_dir.join("config.json");
-                match read_json_object(&model_config_path) {
-                    Ok(Some(cfg)) => match cfg.get("model_type") {
-                        Some(Json::String(t)) => TokenizerFamily::from_model_type(t),
-                        _ => TokenizerFamily::Other,
-                    },
-                    _ => TokenizerFamily::Other,
-                }
-            }
+            Some(Json::Null) | None => match model_config.get("model_type") {
+                Some(Json::String(t)) => TokenizerFamily::from_model_type(t),
+                _ => TokenizerFamily::Other,
+            },
             Some(other) => {
                 return Err(Error::config(
                     &config_path,
@@ -259,12 +270,15 @@ impl PromptTokenizer {
 
         let special_map = special_map.map(|m| (special_map_path, m));
         let jinja_path = model_dir.join("chat_template.jinja");
-        Self::assemble(tokenizer, tokenizer_path, &config_path, config, special_map, family, Some(&jinja_path))
+        Self::assemble(tokenizer, tokenizer_path, &config_path, config, special_map, family, Some(&jinja_path), model_vocab)
     }
 
     /// The tokenizer configured as transformers configures it: `config` is tokenizer_config.json's
     /// object (`config_path` names it in errors), `special_map` special_tokens_map.json's,
-    /// `jinja_path` a chat_template.jinja that wins over the config's template when it exists.
+    /// `jinja_path` a chat_template.jinja that wins over the config's template when it exists;
+    /// `model_vocab` the model's vocab_size, when known, to refuse a BOS/EOS that
+    /// would be added to every prompt with an id the model does not have.
+    #[allow(clippy::too_many_arguments)]
     fn assemble(
         mut tokenizer: Tokenizer,
         tokenizer_path: PathBuf,
@@ -273,6 +287,7 @@ impl PromptTokenizer {
         special_map: Option<(PathBuf, serde_json::Map<String, Json>)>,
         family: TokenizerFamily,
         jinja_path: Option<&Path>,
+        model_vocab: Option<usize>,
     ) -> Result<Self> {
         // HF's fast tokenizers disable the stored truncation/padding on a plain `tokenizer(text)`.
         tokenizer
@@ -304,7 +319,7 @@ impl PromptTokenizer {
             }
         }
         if !missing.is_empty() {
-            tokenizer.add_special_tokens(missing).map_err(|e| {
+            tokenizer.add_special_tokens(missing.clone()).map_err(|e| {
                 Error::file(&tokenizer_path, format!("cannot add the special tokens of the config: {}", one_line(e)))
             })?;
         }
@@ -318,6 +333,16 @@ impl PromptTokenizer {
             let add_bos = bool_field(config_path, &config, "add_bos_token")?
                 .unwrap_or(family.rebuilds_post_processor() && !config.contains_key("add_bos_token"));
             let add_eos = bool_field(config_path, &config, "add_eos_token")?.unwrap_or(false);
+            for (key, token, added) in [("bos_token", &bos, add_bos), ("eos_token", &eos, add_eos)] {
+                let Some(token) = token.as_deref().filter(|_| added) else { continue };
+                let id = tokenizer.token_to_id(token).unwrap_or(0) as usize;
+                if let Some(vocab) = model_vocab.filter(|&v| id >= v && missing.iter().any(|m| m.content == token)) {
+                    let source = if config.is_empty() { format!("the default of the {family:?} tokenizer class, as {} is absent", config_path.display()) } else { format!("from {}", config_path.display()) };
+                    return Err(Error::file(&tokenizer_path, format!(
+                        "has no token `{token}` ({key}, {source}): it would be added to every prompt as a new token with id {id}, past the model's vocab_size {vocab}; give the model's own tokenizer_config.json (its bos_token / add_bos_token)"
+                    )));
+                }
+            }
             // An undefined token just is not added (transformers 5 resets the flag).
             let post = build_bos_eos_processor(
                 &tokenizer,
