@@ -567,7 +567,12 @@ fn inspect_text() {
         for want in [format!("family       {family}"), format!("parameters   {params}"), "blocks.L.attn.hook_z".into(), "ln_final.hook_normalized".into()] {
             assert!(stdout.contains(&want), "{family}: inspect output lacks `{want}`:\n{stdout}");
         }
+        // Plain words for a reader, not Rust debug text.
+        assert!(!stdout.contains("Some(") && !stdout.contains("None") && !stdout.contains("[3"), "{family}: debug text in\n{stdout}");
+        assert!(stdout.contains("context      ") && stdout.contains("max_position_embeddings"), "{stdout}");
     }
+    let (_, stdout, _) = patchbay(&["inspect", "--model", fixture("llama").to_str().unwrap()]);
+    assert!(stdout.contains("bos / eos    376 / 377, 380") && stdout.contains("temperature unset"), "{stdout}");
     let (_, stdout, _) = patchbay(&["inspect", "--model", fixture("phi3").to_str().unwrap()]);
     assert!(stdout.contains("longrope"), "{stdout}");
     let (_, stdout, _) = patchbay(&["inspect", "--model", fixture("gemma2").to_str().unwrap()]);

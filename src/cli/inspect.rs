@@ -56,9 +56,19 @@ fn inspect(dir: &Path, as_json: bool) -> Result<()> {
     if windows.iter().any(Option::is_some) {
         outln!(out, "windows      {}", windows.iter().map(|w| w.map_or("full".to_string(), |w| w.to_string())).collect::<Vec<_>>().join(","));
     }
-    outln!(out, "bos / eos    {:?} / {:?}", c.bos_token_id, c.eos_token_ids);
+    let list = |ids: &[u32]| if ids.is_empty() { "none".to_string() } else { ids.iter().map(u32::to_string).collect::<Vec<_>>().join(", ") };
+    let or_unset = |v: Option<String>| v.unwrap_or_else(|| "unset".to_string());
+    outln!(out, "bos / eos    {} / {}", or_unset(c.bos_token_id.map(|b| b.to_string())), list(&c.eos_token_ids));
+    outln!(out, "context      {} positions (max_position_embeddings)", c.max_position);
     if let Some(g) = &c.generation {
-        outln!(out, "generation   do_sample {}, temperature {:?}, top_p {:?} (generation_config.json)", g.do_sample, g.temperature, g.top_p);
+        outln!(
+            out,
+            "generation   do_sample {}, temperature {}, top_p {}, max_new_tokens {} (generation_config.json)",
+            g.do_sample,
+            or_unset(g.temperature.map(|t| t.to_string())),
+            or_unset(g.top_p.map(|t| t.to_string())),
+            or_unset(g.max_new_tokens.map(|t| t.to_string()))
+        );
     }
     outln!(out, "sites        (per token; blocks.L.* for L in 0..{})", c.n_layers);
     for k in SiteKind::ALL {
