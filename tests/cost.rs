@@ -125,10 +125,12 @@ fn small_plan(cfg: &ModelConfig, sites: Vec<SiteKind>, window: usize, units: Opt
     (lens, PatchPlan { pairs, sweep, batch_rows: 16, mem_budget: 1 << 40 })
 }
 
-/// The distinct sources and targets of `pairs`: each has one clean run.
+/// The distinct sources of `pairs`, and the targets that are not sources: where the budget holds
+/// every target's clean run, each prompt has one clean pass.
 fn distinct(pairs: &[Pair]) -> (Vec<usize>, Vec<usize>) {
-    let set = |f: fn(&Pair) -> usize| pairs.iter().map(f).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
-    (set(|p| p.source), set(|p| p.target))
+    let sources: std::collections::BTreeSet<usize> = pairs.iter().map(|p| p.source).collect();
+    let targets = pairs.iter().map(|p| p.target).filter(|t| !sources.contains(t)).collect::<std::collections::BTreeSet<_>>();
+    (sources.into_iter().collect(), targets.into_iter().collect())
 }
 
 #[test]
@@ -152,13 +154,15 @@ fn patch_flops_match_a_count_from_the_experiments() {
                 brute_flops(&cfg, e.layers[0], p0, len - p0, &[]) + lm_head(&cfg, 1, nl)
             })
             .sum();
+        // The naive method runs every source and every target alone, a prompt that is both twice.
+        let naive_cleans: f64 = plan.pairs.iter().map(|p| p.target).collect::<std::collections::BTreeSet<_>>().into_iter().chain(sources.iter().copied()).map(clean).sum();
         let naive: f64 = exps.iter().map(|e| clean(e.pair.target)).sum();
         let r = method(&m, "resumed");
         let n = method(&m, "naive");
         assert_eq!(r.items, exps.len());
         assert_eq!(r.phases.iter().find(|p| p.name == "clean").unwrap().flops.total, cleans, "{family}: clean runs");
         assert_eq!(r.phases.iter().find(|p| p.name == "segments").unwrap().flops.total, segments, "{family}: segments");
-        assert_eq!(n.total.flops.total, cleans + naive, "{family}: naive");
+        assert_eq!(n.total.flops.total, naive_cleans + naive, "{family}: naive");
         assert!(r.total.flops.total < n.total.flops.total);
     }
 }
@@ -171,8 +175,9 @@ fn head_out_patching_runs_o_proj_per_head_where_hooked() {
     let exps = experiments(&plan.pairs, &plan.sweep, cfg.n_layers).unwrap();
     let nl = plan.sweep.label_tokens.len();
     let all: Vec<usize> = (0..cfg.n_layers).collect();
-    // Sources capture head_out at every layer (windows of 1 at every centre); targets' clean
-    // runs hook nothing; each segment hooks its one layer.
+    // Sources capture head_out at every layer (windows of 1 at every centre); the other
+    // targets' clean passes hook nothing (at 16 rows per batch each prompt has its own pass);
+    // each segment hooks its one layer.
     let (sources, targets) = distinct(&plan.pairs);
     let want: f64 = sources.iter().map(|&p| brute_flops(&cfg, 0, 0, lens[p], &all)).sum::<f64>()
         + targets.iter().map(|&p| brute_flops(&cfg, 0, 0, lens[p], &[])).sum::<f64>()
@@ -242,6 +247,34 @@ fn the_memory_budget_bounds_the_clean_runs_held() {
     assert!(all.cpu.total >= all.cpu.weights + targets as f64, "{} < {targets}", all.cpu.total);
     assert!(one.cpu.total < all.cpu.total && one.gpu.total < all.gpu.total);
     assert!(one.cpu.total >= one.cpu.weights + cost::clean_run_bytes(&cfg, Path::Cpu, 20) as f64, "at least the longest target's clean run");
+}
+
+/// A Tak-like sweep where every prompt is a source and a target of pairs drawn across target
+/// groups: with the budget holding every target's clean run, each prompt has one clean pass
+/// (clean row-layers = the prompts' total); with a budget for a few targets, the other groups
+/// recompute theirs (more row-layers, never more than a pass per source and one per target).
+#[test]
+fn one_clean_pass_per_prompt_where_the_budget_holds_the_targets() {
+    let cfg = config("llama", 8);
+    let lens: Vec<usize> = (0..150).map(|i| 12 + i % 7).collect();
+    let pairs: Vec<Pair> = (0..300).map(|i| Pair { source: (i * 37 + 11) % 150, target: (i * 53 + 5) % 150 }).filter(|p| p.source != p.target).collect();
+    let sweep = SweepSpec { sites: vec![SiteKind::AttnOut, SiteKind::ResidPost], units: None, window: 3, centers: all_centers(3, 8), positions: vec![-1], label_tokens: (0..5).collect() };
+    let used: std::collections::BTreeSet<usize> = pairs.iter().flat_map(|p| [p.source, p.target]).collect();
+    let prompt_row_layers = (used.iter().map(|&p| lens[p]).sum::<usize>() * cfg.n_layers) as f64;
+    let clean_row_layers = |mem_budget: usize| {
+        let plan = PatchPlan { pairs: pairs.clone(), sweep: sweep.clone(), batch_rows: 64, mem_budget };
+        let m = estimate(&cfg, DType::BF16, &lens, &Workload::Patch { plan: plan.clone(), resumed: true, naive: false }, &h100()).unwrap();
+        let exps = experiments(&plan.pairs, &plan.sweep, cfg.n_layers).unwrap();
+        (m[0].phases.iter().find(|p| p.name == "clean").unwrap().row_layers, cost::clean_schedule(&cfg, Path::Cpu, &lens, &plan, &exps))
+    };
+    let (all, schedule) = clean_row_layers(1 << 40);
+    assert!(schedule.groups.len() > 2, "targets in several groups");
+    assert_eq!(all, prompt_row_layers);
+    assert_eq!(schedule.summary()["target_clean_runs"], "held");
+    let (few, schedule) = clean_row_layers(schedule.source_bytes + 70 * cost::clean_run_bytes(&cfg, Path::Cpu, 18));
+    assert!(schedule.recomputed() > 0 && !schedule.held.is_empty(), "{schedule:?}");
+    assert_eq!(schedule.summary()["target_clean_runs"], "recompute");
+    assert!(few > all && few <= 2.0 * prompt_row_layers, "{few} vs {all}");
 }
 
 #[test]

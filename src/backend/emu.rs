@@ -14,6 +14,7 @@ use std::ffi::c_void;
 use std::fmt;
 use std::str::FromStr;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use rayon::prelude::*;
 
@@ -81,7 +82,52 @@ pub struct EmuDriver {
     order: FiberOrder,
     /// Live allocations: address -> size in bytes (copies and GEMM operands are range-checked).
     allocs: Mutex<BTreeMap<u64, usize>>,
+    /// What the device was asked to do so far: [launches, gemms, device copies, uploads,
+    /// bytes uploaded, downloads, bytes downloaded] (see [`Traffic`]).
+    counts: [AtomicU64; 7],
 }
+
+/// What a device was asked to do: kernel launches, GEMMs, device-to-device copies, and
+/// host<->device transfers with their bytes. Tests count transfers and launches with it
+/// (`EmuDriver::traffic`; differences between two snapshots: `Traffic::since`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Traffic {
+    pub launches: u64,
+    pub gemms: u64,
+    pub dtod: u64,
+    pub htod: u64,
+    pub htod_bytes: u64,
+    pub dtoh: u64,
+    pub dtoh_bytes: u64,
+}
+
+impl Traffic {
+    /// What happened between `earlier` and this snapshot.
+    pub fn since(self, earlier: Traffic) -> Traffic {
+        Traffic {
+            launches: self.launches - earlier.launches,
+            gemms: self.gemms - earlier.gemms,
+            dtod: self.dtod - earlier.dtod,
+            htod: self.htod - earlier.htod,
+            htod_bytes: self.htod_bytes - earlier.htod_bytes,
+            dtoh: self.dtoh - earlier.dtoh,
+            dtoh_bytes: self.dtoh_bytes - earlier.dtoh_bytes,
+        }
+    }
+    /// Work dispatched to the device's queue: kernel launches, GEMMs and device copies (what
+    /// `cost` counts as dispatches on the GPU path).
+    pub fn dispatches(&self) -> u64 {
+        self.launches + self.gemms + self.dtod
+    }
+}
+
+const LAUNCHES: usize = 0;
+const GEMMS: usize = 1;
+const DTOD: usize = 2;
+const HTOD: usize = 3;
+const HTOD_BYTES: usize = 4;
+const DTOH: usize = 5;
+const DTOH_BYTES: usize = 6;
 
 impl EmuDriver {
     /// The emulated device with the fiber order of `PATCHBAY_EMU_ORDER` (default `fwd`);
@@ -96,7 +142,17 @@ impl EmuDriver {
     /// The emulated device with a fixed fiber order (tests run kernels in several). In a build
     /// without the emulator, memory works but every launch fails with a clear error.
     pub fn with_order(order: FiberOrder) -> EmuDriver {
-        EmuDriver { order, allocs: Mutex::new(BTreeMap::new()) }
+        EmuDriver { order, allocs: Mutex::new(BTreeMap::new()), counts: Default::default() }
+    }
+
+    /// What this device was asked to do since it was created.
+    pub fn traffic(&self) -> Traffic {
+        let c = |i: usize| self.counts[i].load(Ordering::Relaxed);
+        Traffic { launches: c(LAUNCHES), gemms: c(GEMMS), dtod: c(DTOD), htod: c(HTOD), htod_bytes: c(HTOD_BYTES), dtoh: c(DTOH), dtoh_bytes: c(DTOH_BYTES) }
+    }
+
+    fn count(&self, what: usize, n: usize) {
+        self.counts[what].fetch_add(n as u64, Ordering::Relaxed);
     }
 
     pub fn order(&self) -> FiberOrder {
@@ -159,6 +215,8 @@ impl Driver for EmuDriver {
 
     fn htod(&self, dst: DevPtr, src: &[u8]) -> Result<()> {
         self.check_range(dst, src.len(), "upload")?;
+        self.count(HTOD, 1);
+        self.count(HTOD_BYTES, src.len());
         // SAFETY: the destination range lies in a live allocation (checked above).
         unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst.0 as *mut u8, src.len()) };
         Ok(())
@@ -166,6 +224,8 @@ impl Driver for EmuDriver {
 
     fn dtoh(&self, src: DevPtr, dst: &mut [u8]) -> Result<()> {
         self.check_range(src, dst.len(), "download")?;
+        self.count(DTOH, 1);
+        self.count(DTOH_BYTES, dst.len());
         // SAFETY: the source range lies in a live allocation (checked above).
         unsafe { std::ptr::copy_nonoverlapping(src.0 as *const u8, dst.as_mut_ptr(), dst.len()) };
         Ok(())
@@ -181,6 +241,7 @@ impl Driver for EmuDriver {
     fn dtod(&self, dst: DevPtr, src: DevPtr, bytes: usize) -> Result<()> {
         self.check_range(src, bytes, "device copy source")?;
         self.check_range(dst, bytes, "device copy destination")?;
+        self.count(DTOD, 1);
         if src.0.max(dst.0) < src.0.min(dst.0) + bytes as u64 {
             return Err(Error::device(format!("emu: device copy of {bytes} bytes between overlapping ranges {:#x} and {:#x}", src.0, dst.0)));
         }
@@ -190,11 +251,13 @@ impl Driver for EmuDriver {
     }
 
     unsafe fn launch(&self, kernel: Kernel, cfg: LaunchConfig, args: &mut [*mut c_void]) -> Result<()> {
+        self.count(LAUNCHES, 1);
         // SAFETY: forwarded to the caller's contract (arguments match the kernel's parameters).
         unsafe { ffi::launch(kernel, cfg, args, self.order) }
     }
 
     fn gemm_bf16(&self, m: usize, n: usize, k: usize, a: DevPtr, lda: usize, b: DevPtr, ldb: usize, c: DevPtr, ldc: usize, beta: f32) -> Result<()> {
+        self.count(GEMMS, 1);
         if m == 0 || n == 0 {
             return Ok(());
         }

@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use super::patch::SweepArgs;
 use super::{parse_bytes, print_stdout, progress_bar};
 use patchbay::data::prompts::{PromptSource, load_prompts};
-use patchbay::experiments::cost::{Check, Estimate, ModelInfo, PassSpec, PatchPlan, Workload, workload_plan, devices, duration, estimate, measure_sweep, ratio, render};
+use patchbay::experiments::cost::{self, Check, Estimate, ModelInfo, PassSpec, PatchPlan, Workload, clean_schedule, devices, duration, estimate, measure_sweep, patch_experiments, ratio, render, workload_plan};
 use patchbay::experiments::patch::{Method, Pair};
 use patchbay::experiments::patch_files::read_pairs;
 use patchbay::experiments::workload::{PatchWorkload, PatchWorkloadSpec};
@@ -420,6 +420,10 @@ fn patch(a: PatchCostArgs) -> Result<()> {
     };
     let mut workload = workload;
     workload["experiments"] = json!(methods.first().map_or(0, |m| m.items));
+    if resumed {
+        let exps = patch_experiments(&cfg, &plan)?;
+        workload["clean_runs"] = json!({"cpu": clean_schedule(&cfg, cost::Path::Cpu, &lens, &plan, &exps).summary(), "gpu": clean_schedule(&cfg, cost::Path::Gpu, &lens, &plan, &exps).summary()});
+    }
     let e = Estimate { command: "patch".into(), model: model_info(&cfg, name, dtype), workload, devices: devs, methods, naive_over_resumed };
     let measured = if a.measure { measure(&a, &cfg, dtype, &work, &drawn)? } else { Vec::new() };
     print(&e, &measured, a.common.json)

@@ -509,7 +509,7 @@ impl DeviceModel {
         // ---- captures back to the host ----
         count_nonfinite(&**drv, &arena, arena_len, &nonfinite)?;
         let nonfinite = nonfinite.download()?[0];
-        let arena_host = arena.download()?;
+        let arena_host = if arena_len == 0 { Vec::new() } else { arena.download()? }; // nothing captured: nothing comes back
         for site in Site::all(cfg).into_iter().filter(|s| s.kind != SiteKind::Pattern) {
             for rc in hooks.row_captures(site, rows) {
                 let c = hooks.captured_mut(rc.capture);

@@ -204,25 +204,24 @@ pub fn run_sweep(
     let last = Positions::List(vec![-1]);
     let n_labels = spec.label_tokens.len();
 
-    // Clean runs of sources: the patched values and the label logits, batched up to
-    // `max_rows` rows, each batch capturing the union of its sources' sites.
-    let source_cleans = |exps: &[&Experiment], max_rows: usize| -> Result<HashMap<usize, SourceClean>> {
-        let mut needed: BTreeMap<usize, BTreeSet<Site>> = BTreeMap::new();
-        for e in exps {
-            needed.entry(e.pair.source).or_default().extend(e.layers.iter().map(|&l| Site::new(l, e.site)));
-        }
-        let needed: Vec<(usize, BTreeSet<Site>)> = needed.into_iter().collect();
+    // The sites each source's clean pass captures, from every experiment (not only those to
+    // run), so that a pass's request does not depend on what is skipped.
+    let source_sites = source_sites(exps);
+    // One clean pass over `chunk` (prompt indices): with `with_sources`, the patched values of
+    // the chunk's sources (the union of their sites is captured); every prompt's label logits;
+    // with `keep`, every prompt's clean run (else none).
+    let clean_pass = |chunk: &[usize], with_sources: bool, keep: bool| -> Result<(Vec<CleanRun>, HashMap<usize, SourceClean>, Vec<Vec<f32>>)> {
+        let sites: Vec<Site> = if with_sources { chunk.iter().filter_map(|p| source_sites.get(p)).flatten().copied().collect::<BTreeSet<_>>().into_iter().collect() } else { Vec::new() };
+        let caps: Vec<Capture> = sites.iter().map(|&site| Capture { site, positions: positions.clone() }).collect();
+        let req = RunRequest { captures: &caps, logits_at: Some(&last), logit_tokens: Some(&spec.label_tokens), ..Default::default() };
+        let chunk_prompts: Vec<Vec<u32>> = chunk.iter().map(|&p| prompts[p].clone()).collect();
+        let failed = |e: Error| Error::input(format!("clean pass of prompts {chunk:?}: {}", e.in_batch(|i| chunk[i])));
+        let (runs, out) = if keep { engine.run_clean(&chunk_prompts, &req).map_err(failed)? } else { (Vec::new(), engine.run_prompts(&chunk_prompts, &req).map_err(failed)?) };
         let mut sources = HashMap::new();
-        for chunk in chunk_by_rows(&needed, |(src, _)| prompts[*src].len(), max_rows) {
-            let sites: Vec<Site> = chunk.iter().flat_map(|(_, s)| s.iter().copied()).collect::<BTreeSet<_>>().into_iter().collect();
-            let caps: Vec<Capture> = sites.iter().map(|&site| Capture { site, positions: positions.clone() }).collect();
-            let req = RunRequest { captures: &caps, logits_at: Some(&last), logit_tokens: Some(&spec.label_tokens), ..Default::default() };
-            let chunk_prompts: Vec<Vec<u32>> = chunk.iter().map(|(src, _)| prompts[*src].clone()).collect();
-            let ids: Vec<usize> = chunk.iter().map(|(src, _)| *src).collect();
-            let out = engine.run_prompts(&chunk_prompts, &req).map_err(|e| Error::input(format!("clean pass of source prompts {ids:?}: {}", e.in_batch(|i| ids[i]))))?;
-            let mut row0 = 0;
-            for (k, (src, wanted)) in chunk.iter().enumerate() {
-                let n_rows = out.captured.first().map_or(0, |c| c.positions[k].len());
+        let mut row0 = 0;
+        for (k, p) in chunk.iter().enumerate() {
+            let n_rows = out.captured.first().map_or(0, |c| c.positions[k].len());
+            if let Some(wanted) = source_sites.get(p).filter(|_| with_sources) {
                 let values = sites
                     .iter()
                     .zip(&out.captured)
@@ -232,11 +231,11 @@ pub fn run_sweep(
                         (site, c.data[row0 * w..(row0 + n_rows) * w].to_vec())
                     })
                     .collect();
-                row0 += n_rows;
-                sources.insert(*src, SourceClean { values, label_logits: out.logits[k * n_labels..(k + 1) * n_labels].to_vec() });
+                sources.insert(*p, SourceClean { values, label_logits: out.logits[k * n_labels..(k + 1) * n_labels].to_vec() });
             }
+            row0 += n_rows;
         }
-        Ok(sources)
+        Ok((runs, sources, out.logits.chunks(n_labels).map(<[f32]>::to_vec).collect()))
     };
 
     // The interventions of one experiment on batch entry `seq`.
@@ -301,8 +300,7 @@ pub fn run_sweep(
             let mut sources: HashMap<usize, SourceClean> = HashMap::new();
             for e in &todo {
                 if !sources.contains_key(&e.pair.source) {
-                    let all_of_source: Vec<&Experiment> = exps.iter().filter(|x| x.pair.source == e.pair.source).collect();
-                    sources.extend(source_cleans(&all_of_source, 0)?);
+                    sources.extend(clean_pass(&[e.pair.source], true, false)?.1);
                 }
                 let src = &sources[&e.pair.source];
                 let t = e.pair.target;
@@ -319,33 +317,53 @@ pub fn run_sweep(
             }
         }
         Method::Resumed => {
-            // Groups and batches are formed from ALL experiments, whatever is already done or
-            // skipped, and nothing is batched across groups, so that every experiment is
-            // computed in the same batches as in an uninterrupted, unsharded run (bit-identical
-            // results after --resume and in shards made of whole groups, see `target_groups`);
-            // skipped groups and batches are not computed, partly skipped batches are and only
-            // their other experiments are emitted.
+            // One clean pass per prompt where the memory budget holds every target's clean run
+            // (see `CleanSchedule`). Its passes, groups and batches are formed from ALL
+            // experiments, whatever is already done or skipped, and nothing is batched across
+            // groups, so that every experiment is computed in the same batches as in an
+            // uninterrupted, unsharded run (bit-identical results after --resume and in shards
+            // made of whole groups); skipped groups, batches and the passes only they need are
+            // not computed, partly skipped batches are and only their other experiments are
+            // emitted.
             let mut by_target: BTreeMap<usize, Vec<&Experiment>> = BTreeMap::new();
             for e in exps {
                 by_target.entry(e.pair.target).or_default().push(e);
             }
-            let groups = target_groups(engine, prompts, exps, settings.mem_budget);
-            for group in groups {
-                if group.iter().all(|t| by_target[t].iter().all(|e| skip.contains(&e.id))) {
+            let schedule = CleanSchedule::new(engine, prompts, exps, spec, settings.mem_budget);
+            let live = |group: &[usize]| group.iter().any(|t| by_target[t].iter().any(|e| !skip.contains(&e.id)));
+            // Prompts the sweep's clean pass is run for: sources of live groups, and their held targets.
+            let mut needed: HashSet<usize> = HashSet::new();
+            for group in schedule.groups.iter().filter(|g| live(g)) {
+                for t in group {
+                    needed.extend(by_target[t].iter().map(|e| e.pair.source));
+                    if schedule.held.contains(t) {
+                        needed.insert(*t);
+                    }
+                }
+            }
+            let mut sources: HashMap<usize, SourceClean> = HashMap::new();
+            // Clean runs (KV cache, resid_pre at every layer) and label logits of targets, kept
+            // until their group is done.
+            let mut clean: HashMap<usize, (CleanRun, Vec<f32>)> = HashMap::new();
+            for chunk in chunk_by_rows(&schedule.clean_pass, |&p| prompts[p].len(), settings.batch_rows) {
+                if !chunk.iter().any(|p| needed.contains(p)) {
                     continue;
                 }
-                let group_exps: Vec<&Experiment> = group.iter().flat_map(|t| by_target[t].iter().copied()).collect();
-                let sources = source_cleans(&group_exps, settings.batch_rows)?;
-                // Clean pass of each target (KV cache, resid_pre at every layer, label logits),
-                // batched up to batch_rows rows.
-                let mut clean: HashMap<usize, (CleanRun, Vec<f32>)> = HashMap::new();
-                let req = RunRequest { logits_at: Some(&last), logit_tokens: Some(&spec.label_tokens), ..Default::default() };
-                for chunk in chunk_by_rows(&group, |&t| prompts[t].len(), settings.batch_rows) {
-                    let chunk_prompts: Vec<Vec<u32>> = chunk.iter().map(|&t| prompts[t].clone()).collect();
-                    let (runs, out) = engine.run_clean(&chunk_prompts, &req).map_err(|e| Error::input(format!("clean pass of target prompts {chunk:?}: {}", e.in_batch(|i| chunk[i]))))?;
-                    for ((&t, run), logits) in chunk.iter().zip(runs).zip(out.logits.chunks(n_labels)) {
-                        clean.insert(t, (run, logits.to_vec()));
+                let keep = |p: &usize| schedule.held.contains(p) && needed.contains(p);
+                let (runs, srcs, logits) = clean_pass(chunk, true, chunk.iter().any(keep))?;
+                sources.extend(srcs);
+                for ((p, run), logits) in chunk.iter().zip(runs).zip(logits) {
+                    if keep(p) {
+                        clean.insert(*p, (run, logits));
                     }
+                }
+            }
+            for group in schedule.groups.iter().filter(|g| live(g)) {
+                // Targets whose clean runs the budget did not hold: recomputed now.
+                let recompute: Vec<usize> = group.iter().copied().filter(|t| !schedule.held.contains(t)).collect();
+                for chunk in chunk_by_rows(&recompute, |&t| prompts[t].len(), settings.batch_rows) {
+                    let (runs, _, logits) = clean_pass(chunk, false, true)?;
+                    clean.extend(chunk.iter().copied().zip(runs.into_iter().zip(logits)));
                 }
                 // Segments of this group, by start layer then id.
                 let mut segs: Vec<(usize, &Experiment)> = group.iter().flat_map(|t| by_target[t].iter().map(|e| (e.layers[0], *e))).collect();
@@ -376,6 +394,9 @@ pub fn run_sweep(
                         emit(result(e, &sources[&e.pair.source], abs, &clean[&e.pair.target].1, patched))?;
                         settings.progress.inc(1);
                     }
+                }
+                for t in group {
+                    clean.remove(t);
                 }
             }
         }
@@ -408,6 +429,72 @@ pub fn target_groups(engine: &dyn Engine, prompts: &[Vec<u32>], exps: &[Experime
         used += b;
     }
     groups
+}
+
+/// The sites patched from each source prompt (source -> sites), over `exps`.
+fn source_sites(exps: &[Experiment]) -> BTreeMap<usize, BTreeSet<Site>> {
+    let mut out: BTreeMap<usize, BTreeSet<Site>> = BTreeMap::new();
+    for e in exps {
+        out.entry(e.pair.source).or_default().extend(e.layers.iter().map(|&l| Site::new(l, e.site)));
+    }
+    out
+}
+
+/// Where the resumed method's clean runs come from. One clean pass runs every source and every
+/// held target once (index order, batched by rows); the sources' patched values it captures are
+/// kept for the whole sweep (small: sites x window layers x positions x width, f32). The
+/// targets' clean runs (KV caches and resid_pre at every layer: large) are held from that pass
+/// for the first target groups that fit the memory budget beside the source values; the other
+/// groups recompute theirs when they come (a target that is also a source then runs twice).
+/// Depends only on the sweep and the budget, so every run and shard of a sweep makes the same
+/// passes.
+#[derive(Clone, Debug)]
+pub struct CleanSchedule {
+    /// The target groups ([`target_groups`]), in the order they run.
+    pub groups: Vec<Vec<usize>>,
+    /// Targets whose clean runs are held from the sweep's clean pass.
+    pub held: BTreeSet<usize>,
+    /// Prompts of the sweep's clean pass, in index order: every source and every held target.
+    pub clean_pass: Vec<usize>,
+    /// Bytes of the source values kept for the whole sweep (f32, every position patched).
+    pub source_bytes: usize,
+}
+
+impl CleanSchedule {
+    pub fn new(engine: &dyn Engine, prompts: &[Vec<u32>], exps: &[Experiment], spec: &SweepSpec, mem_budget: usize) -> CleanSchedule {
+        let cfg = engine.config();
+        let groups = target_groups(engine, prompts, exps, mem_budget);
+        let sources = source_sites(exps);
+        let width = |site: &Site| {
+            let (n, w) = site.kind.units(cfg, 0);
+            n * w
+        };
+        let source_bytes = sources.values().flatten().map(width).sum::<usize>() * spec.positions.len() * 4;
+        let mut budget = mem_budget.saturating_sub(source_bytes);
+        let mut held = BTreeSet::new();
+        for group in &groups {
+            let bytes: usize = group.iter().map(|&t| engine.clean_run_bytes(prompts.get(t).map_or(0, Vec::len))).sum();
+            if bytes > budget {
+                break;
+            }
+            budget -= bytes;
+            held.extend(group.iter().copied());
+        }
+        let clean_pass = sources.keys().chain(&held).copied().collect::<BTreeSet<_>>().into_iter().collect();
+        CleanSchedule { groups, held, clean_pass, source_bytes }
+    }
+
+    /// Targets whose clean runs are recomputed in their group.
+    pub fn recomputed(&self) -> usize {
+        self.groups.iter().map(Vec::len).sum::<usize>() - self.held.len()
+    }
+
+    /// The schedule in the manifest: "held" (every prompt's clean pass runs once) or "recompute"
+    /// (the budget holds the clean runs of `held_targets` targets only), and the counts.
+    pub fn summary(&self) -> serde_json::Value {
+        let state = if self.recomputed() == 0 { "held" } else { "recompute" };
+        serde_json::json!({"target_clean_runs": state, "held_targets": self.held.len(), "recomputed_targets": self.recomputed(), "source_bytes": self.source_bytes})
+    }
 }
 
 /// Consecutive chunks of `items` of at most `max_rows` rows each (`rows` of an item), at least

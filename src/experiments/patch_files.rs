@@ -19,7 +19,7 @@ use indicatif::ProgressBar;
 use serde_json::{Value, json};
 
 use crate::engine::Engine;
-use crate::experiments::patch::{Experiment, ExperimentResult, GROUP_TARGETS, Method, Pair, RunSettings, SummaryRow, SweepSpec, run_sweep, summarize, summary_csv, summary_grid, target_groups};
+use crate::experiments::patch::{CleanSchedule, Experiment, ExperimentResult, GROUP_TARGETS, Method, Pair, RunSettings, SummaryRow, SweepSpec, run_sweep, summarize, summary_csv, summary_grid, target_groups};
 use crate::rng::{self, PairsOf};
 use crate::{Error, Result};
 
@@ -249,9 +249,12 @@ pub fn run_to_dir(engine: &dyn Engine, prompts: &[Vec<u32>], spec: &SweepSpec, a
         // Checksums of a results file that is gone.
         std::fs::remove_file(crate::io::sums_path(&jsonl)).map_err(|e| Error::io(r.out, e))?;
     }
+    // Where the resumed method's clean runs come from (held from one pass, or recomputed).
+    let clean_runs = (r.method == Method::Resumed).then(|| CleanSchedule::new(engine, prompts, all_exps, spec, r.mem_budget).summary());
     let save_manifest = |done: usize| {
         let mut m = r.provenance.clone();
         let run = json!({
+            "clean_runs": clean_runs,
             "shard": part,
             "sweep_experiments": total,
             "experiments": n_mine,

@@ -3,6 +3,7 @@
 use serde::Serialize;
 
 use super::{Hardware, Path};
+use crate::engine::device_forward::BLOCK_SIZE;
 use crate::model::config::{DType, ModelConfig};
 
 /// One forward call of the engine, as the cost model sees it.
@@ -87,6 +88,21 @@ pub struct Memory {
     /// Captured values and patch sources held.
     pub captures: f64,
     pub total: f64,
+}
+
+/// Ops dispatched per layer of a forward call without head_out hooks (forward.rs: 2 norms, 7
+/// GEMMs, RoPE, attention, 2 residual adds, act; device_forward.rs: 7 GEMMs, 2 fused
+/// add+norms with the post-norms fused in, 2 RoPE, the KV write, attention, the bf16 cast of z,
+/// act, and the copy of the partial clean block where a resumed segment starts inside one),
+/// plus bias adds, q/k norms and (CPU) post-norms. The emulator's counter agrees on the GPU
+/// path (tests/patch.rs).
+pub fn layer_dispatches(cfg: &ModelConfig, path: Path, copies_slots: bool) -> f64 {
+    let bias = 3.0 * cfg.qkv_bias as u8 as f64 + cfg.o_bias as u8 as f64 + 3.0 * cfg.mlp_bias as u8 as f64;
+    let extra = bias + 2.0 * cfg.qk_norm as u8 as f64;
+    extra + match path {
+        Path::Cpu => 14.0 + 2.0 * cfg.post_norms as u8 as f64,
+        Path::Gpu => 15.0 + copies_slots as u8 as f64,
+    }
 }
 
 /// The ops of a call, for the roofline: each is bound by its FLOPs or its bytes.
@@ -215,17 +231,12 @@ pub(super) fn call_work(cfg: &ModelConfig, call: &Call, path: Path, weight_dtype
     let activations = gemm.bytes + (attention.bytes - kv_bytes) + (elementwise.bytes - captures) + lm_head.bytes;
     let bytes = Bytes { weights, kv: kv_bytes, activations, captures, total: weights + kv_bytes + activations + captures };
 
-    // Dispatches per layer (forward.rs: 2 norms, 7 GEMMs, RoPE, attention, 2 residual adds,
-    // act; device_forward.rs: 7 GEMMs, 2 fused add+norms, 2 RoPE, KV write and copy, attention,
-    // the bf16 cast of z, act), plus bias adds, q/k norms, post-norms and the per-head o_proj.
     let s = call.seqs.len() as f64;
-    let bias = 3.0 * cfg.qkv_bias as u8 as f64 + cfg.o_bias as u8 as f64 + 3.0 * cfg.mlp_bias as u8 as f64;
-    let extra = bias + 2.0 * cfg.qk_norm as u8 as f64 + 2.0 * cfg.post_norms as u8 as f64;
-    let (per_layer, per_call, per_head, seq_dispatches) = match path {
-        Path::Cpu => (14.0, 3.0, 1.0, s * nl),
-        Path::Gpu => (16.0, 4.0, 2.0, 0.0),
+    let (per_call, per_head, seq_dispatches) = match path {
+        Path::Cpu => (3.0, 1.0, s * nl),
+        Path::Gpu => (4.0, 2.0, 0.0),
     };
-    let dispatches = nl * (per_layer + extra) + ho * per_head * nh + per_call;
+    let dispatches = nl * layer_dispatches(cfg, path, call.resumed && call.seqs.iter().any(|s| s.0 % BLOCK_SIZE != 0)) + ho * per_head * nh + per_call;
 
     // Memory: the call's buffers and its own KV cache.
     let buffers = match path {

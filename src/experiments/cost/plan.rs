@@ -10,7 +10,7 @@ use indicatif::ProgressBar;
 use super::{Call, Path};
 use crate::engine::forward::RunOutput;
 use crate::engine::{CleanRun, DecodeSeq, Engine, RunRequest, Segment};
-use crate::experiments::patch::{Experiment, Method, Pair, RunSettings, SweepSpec, run_sweep};
+use crate::experiments::patch::{CleanSchedule, Experiment, Method, Pair, RunSettings, SweepSpec, run_sweep};
 use crate::intervene::{Hooks, RowMap};
 use crate::model::config::ModelConfig;
 use crate::sites::{Positions, Site, SiteKind};
@@ -131,11 +131,10 @@ struct Planner<'a> {
     held_clean: Arc<AtomicUsize>,
 }
 
-/// The f32 values a sweep holds after `calls`: every capture (patch sources) since the last
-/// segments; `run_sweep` keeps the resumed method's sources per target group, dropped when the
-/// next group starts, and the naive method's for the whole run.
+/// The f32 values a sweep holds after `calls`: every capture (patch sources), which `run_sweep`
+/// keeps for the whole run (both methods).
 fn captures_held(calls: &[(&'static str, Call)]) -> usize {
-    calls.iter().rev().take_while(|(phase, _)| *phase != "segments").map(|(_, c)| c.captured - c.kept).sum()
+    calls.iter().map(|(_, c)| c.captured - c.kept).sum()
 }
 
 impl Planner<'_> {
@@ -217,6 +216,13 @@ impl Engine for Planner<'_> {
 
 /// A planned decoded sequence (its length is all a plan needs).
 struct PlannedDecode;
+
+/// Where the resumed method's clean runs come from on `path` (as the manifest of `patch` says).
+pub fn clean_schedule(cfg: &ModelConfig, path: Path, lens: &[usize], plan: &PatchPlan, exps: &[Experiment]) -> CleanSchedule {
+    let prompts: Vec<Vec<u32>> = lens.iter().map(|&n| vec![0; n]).collect();
+    let planner = Planner { cfg, path, calls: Mutex::new(Vec::new()), held_clean: Arc::new(AtomicUsize::new(0)) };
+    CleanSchedule::new(&planner, &prompts, exps, &plan.sweep, plan.mem_budget)
+}
 
 /// The calls `run_sweep` makes for `method` on `path`, over prompts of lengths `lens`, running
 /// the first `limit` experiments (by id) as `bench patch --naive-limit` does.
