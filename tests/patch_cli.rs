@@ -183,3 +183,35 @@ fn heatmap_draws_cells_in_their_colours_and_refuses_ragged_grids() {
     let err = heatmap(&path, &grid).unwrap_err().to_string();
     assert!(err.contains("2 rows of 3 columns"), "{err}");
 }
+
+/// A unit list applies to every site kind of the sweep: `--heads` where a site has no heads, or
+/// `--neurons` where it has no neurons, would select something else there (the dimensions of
+/// resid_post, the neurons of mlp_post) and is refused; at the right sites it runs.
+#[test]
+fn unit_lists_only_at_sites_that_have_those_units() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ids = tmp.path().join("ids.json");
+    std::fs::write(&ids, serde_json::to_string(&random_prompts(3, &[6, 8], 384, 2)).unwrap()).unwrap();
+    let model = fixture("llama");
+    let run = |sites: &str, units: &[&str], name: &str| {
+        let out = tmp.path().join(name);
+        let mut a = vec!["patch", "--model", model.to_str().unwrap(), "--token-ids", ids.to_str().unwrap(), "--label-token-ids", "3,50", "--random-pairs", "2", "--sites", sites, "--window", "1", "--quiet", "--out", out.to_str().unwrap()];
+        a.extend_from_slice(units);
+        patchbay(&a)
+    };
+    for (sites, units, want) in [
+        ("resid_post", &["--heads", "1"][..], "--heads applies to sites with heads"),
+        ("z,attn_out", &["--heads", "1"][..], "`attn_out` has none"),
+        ("mlp_post", &["--heads", "1"][..], "`mlp_post` has none"),
+        ("z", &["--neurons", "3"][..], "--neurons applies to sites with neurons (mlp_post); `z` has none"),
+        ("resid_post", &["--neurons", "3"][..], "`resid_post` has none"),
+    ] {
+        let (code, err) = run(sites, units, "bad");
+        assert!(code == 1 && err.contains(want) && err.trim_end().lines().count() == 1, "{sites} {units:?}: {err}");
+        assert!(!tmp.path().join("bad").join("experiments.jsonl").exists());
+    }
+    for (sites, units, name) in [("z,v", &["--heads", "1"][..], "heads"), ("mlp_post", &["--neurons", "3"][..], "neurons")] {
+        let (code, err) = run(sites, units, name);
+        assert_eq!(code, 0, "{sites} {units:?}: {err}");
+    }
+}

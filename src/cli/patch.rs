@@ -14,6 +14,7 @@ use patchbay::experiments::dataset_files::dataset_json;
 use patchbay::experiments::patch::{Method, SweepSpec, experiments};
 use patchbay::experiments::patch_files::{DirRun, SweepPart, random_pairs, read_pairs, run_to_dir};
 use patchbay::model::Model;
+use patchbay::sites::SiteKind;
 use patchbay::{Error, Result};
 
 const PATCH_HELP: &str = "Examples:
@@ -149,8 +150,18 @@ pub struct SweepArgs {
 
 impl SweepArgs {
     /// The sweep on a model of `n_layers` layers, reading the logits of `label_tokens`.
+    /// `--heads` only where every site kind has heads, `--neurons` only at neuron sites: a unit
+    /// list applies to every site kind of the sweep, and would select something else elsewhere
+    /// (the dimensions of resid_post, the neurons of mlp_post).
     pub fn spec(&self, n_layers: usize, label_tokens: Vec<u32>) -> Result<SweepSpec> {
-        SweepSpec::new(&self.sites, self.heads.clone().or_else(|| self.neurons.clone()), self.window, self.layers.clone(), &self.positions, n_layers, label_tokens)
+        let spec = SweepSpec::new(&self.sites, self.heads.clone().or_else(|| self.neurons.clone()), self.window, self.layers.clone(), &self.positions, n_layers, label_tokens)?;
+        for (flag, given, units) in [("--heads", self.heads.is_some(), &["head", "kv head"][..]), ("--neurons", self.neurons.is_some(), &["neuron"][..])] {
+            if let Some(bad) = spec.sites.iter().find(|k| given && !units.contains(&k.unit_name())) {
+                let fit: Vec<&str> = SiteKind::ALL.iter().filter(|k| units.contains(&k.unit_name())).map(|k| k.short_name()).collect();
+                return Err(Error::input(format!("{flag} applies to sites with {}s ({}); `{}` has none: patch it in a separate run without {flag}", units[0], fit.join(", "), bad.short_name())));
+            }
+        }
+        Ok(spec)
     }
 
     /// --sites as given (manifests record it so).
