@@ -17,6 +17,7 @@ use patchbay::experiments::shards::ShardMeta;
 use patchbay::io::OutDtype;
 use patchbay::io::tensorfile::{TensorData, write};
 use patchbay::learn::logreg::LogRegParams;
+use patchbay::learn::penalty::Penalty;
 use patchbay::learn::split::{Eval, Split};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -99,7 +100,7 @@ fn probe_stage_at_envent_scale() {
     let eval = if folds > 1 { Eval::KFold(folds) } else { Eval::Holdout(0.2) };
     let split = Split::new(n, Some(&classes), eval, 0).unwrap();
     assert!(targets.classes.is_some() || r > 0, "nothing to probe");
-    let params = ProbeParams { eval, seed: 0, logreg: LogRegParams::default(), alpha: 1.0, standardize: true, bootstrap: 1000 };
+    let params = ProbeParams { eval, seed: 0, c: Penalty::Fixed(1.0), logreg: LogRegParams::default(), alpha: Penalty::Fixed(1.0), inner_folds: 5, standardize: true, bootstrap: 1000 };
     let t = Instant::now();
     let run = run_probes(&acts, &targets, &split, &params, &dir.path().join("probes"), &ProgressBar::hidden()).unwrap();
     let secs = t.elapsed().as_secs_f64();

@@ -11,6 +11,11 @@ shards OUT_DIR/acts/shard-*.safetensors. For every (site, position):
   - LogisticRegression(C) on StandardScaler features (fitted on the training rows), per fold;
     accuracy over the pooled out-of-fold predictions;
   - Ridge(alpha) on the same features, per numeric column; R^2 over the pooled predictions.
+A grid C or alpha (`--C auto`, `--alpha 1,10`) is chosen for every fit by GridSearchCV on the
+fit's training rows with the inner folds patchbay used (splits.json `inner_test_fold`, a
+PredefinedSplit), scoring accuracy (C) or negative mean squared error (alpha, per column), and
+the choices are written to the golden's `chosen` list (the same rows as regularisation.csv,
+with the grid and GridSearchCV's mean inner-fold score of each value).
 The solvers run to tight tolerances so the comparison is between optima, not between
 iteration counts.
 """
@@ -23,6 +28,7 @@ import sklearn
 from safetensors.numpy import load_file
 from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.metrics import r2_score
+from sklearn.model_selection import GridSearchCV, PredefinedSplit
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
@@ -38,6 +44,21 @@ def main(out_dir, golden):
     test_fold = np.array(split["test_fold"])
     folds = sorted(f for f in set(test_fold.tolist()) if f >= 0)
     standardize = params["standardize"]
+    inner = {name: np.array(f) for name, f in sp.get("inner_test_fold", {}).items()}
+    fits = [(f"fold {f}", test_fold != f, test_fold == f) for f in folds]
+    if "all" in inner:
+        fits.append(("all", np.ones(len(examples), bool), np.zeros(len(examples), bool)))
+    chosen = []
+
+    def fitted(estimator, name, grid, x, y, fit, scoring):
+        """The pipeline fitted on x, y; a grid chooses its value by inner cross-validation."""
+        steps = [StandardScaler()] if standardize else []
+        if not isinstance(grid, list):
+            return make_pipeline(*steps, estimator.set_params(**{name: grid})).fit(x, y), None
+        pipe = make_pipeline(*steps, estimator)
+        key = f"{pipe.steps[-1][0]}__{name}"
+        search = GridSearchCV(pipe, {key: grid}, cv=PredefinedSplit(inner[fit]), scoring=scoring).fit(x, y)
+        return search.best_estimator_, (search.best_params_[key], search.cv_results_["mean_test_score"].tolist())
     shards = [load_file(str(out / "acts" / f"shard-{k:05d}.safetensors")) for k in range(meta["n_shards"])]
     results = []
     for si, site in enumerate(meta["sites"]):
@@ -48,22 +69,23 @@ def main(out_dir, golden):
             key = {"site": meta["site_kinds"][si], "layer": meta["site_layers"][si], "position": pos}
             if classes is not None:
                 pred = np.full(len(examples), -1)
-                for f in folds:
-                    tr, te = test_fold != f, test_fold == f
-                    steps = [StandardScaler()] if standardize else []
-                    clf = make_pipeline(*steps, LogisticRegression(C=params["logreg"]["c"], max_iter=20000, tol=1e-10))
-                    clf.fit(x[tr], classes[tr])
-                    pred[te] = clf.predict(x[te])
+                for fit, tr, te in fits:
+                    clf, c = fitted(LogisticRegression(max_iter=20000, tol=1e-10), "C", params["c"], x[tr], classes[tr], fit, "accuracy")
+                    if c is not None:
+                        chosen.append({**key, "penalty": "C", "fit": fit, "value": c[0], "grid": params["c"], "mean_scores": c[1]})
+                    if te.any():
+                        pred[te] = clf.predict(x[te])
                 ev = pred >= 0
                 results.append({**key, "metric": "accuracy", "value": float((pred[ev] == classes[ev]).mean()), "n": int(ev.sum())})
             if numeric.shape[1] > 0:
                 yhat = np.full(numeric.shape, np.nan)
-                for f in folds:
-                    tr, te = test_fold != f, test_fold == f
-                    steps = [StandardScaler()] if standardize else []
-                    reg = make_pipeline(*steps, Ridge(alpha=params["alpha"]))
-                    reg.fit(x[tr], numeric[tr])
-                    yhat[te] = reg.predict(x[te])
+                for fit, tr, te in fits:
+                    for c, name in enumerate(t["numeric_names"]):
+                        reg, alpha = fitted(Ridge(), "alpha", params["alpha"], x[tr], numeric[tr, c], fit, "neg_mean_squared_error")
+                        if alpha is not None:
+                            chosen.append({**key, "penalty": f"alpha:{name}", "fit": fit, "value": alpha[0], "grid": params["alpha"], "mean_scores": alpha[1]})
+                        if te.any():
+                            yhat[te, c] = reg.predict(x[te])
                 ev = ~np.isnan(yhat[:, 0])
                 for c, name in enumerate(t["numeric_names"]):
                     results.append({**key, "metric": f"r2:{name}", "value": float(r2_score(numeric[ev, c], yhat[ev, c])), "n": int(ev.sum())})
@@ -75,6 +97,7 @@ def main(out_dir, golden):
         "params": params,
         "n_examples": int(len(examples)),
         "results": results,
+        "chosen": chosen,
     }
     Path(golden).write_text(json.dumps(doc, indent=1) + "\n")
     print(f"wrote {len(results)} results to {golden}")

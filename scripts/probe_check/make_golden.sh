@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PYTHON=${PYTHON:-python3}
-cargo build --release
+${SKIP_BUILD:+:} cargo build --release --bin patchbay
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 common=(--model tests/fixtures/llama --dataset tests/data/emotions.csv --text-col text --label-col emotion
@@ -15,5 +15,7 @@ common=(--model tests/fixtures/llama --dataset tests/data/emotions.csv --text-co
         --sites attn_out,mlp_out,resid_post --positions=-1..-5 --seed 3 --quiet)
 target/release/patchbay probe "${common[@]}" --folds 5 --out "$work/kfold"
 target/release/patchbay probe "${common[@]}" --test-fraction 0.25 --out "$work/holdout"
+target/release/patchbay probe "${common[@]}" --folds 5 --C 0.01,1,100 --alpha auto --inner-folds 3 --out "$work/auto"
 "$PYTHON" scripts/probe_check/check_sklearn.py "$work/kfold" tests/data/sklearn_golden_kfold.json
 "$PYTHON" scripts/probe_check/check_sklearn.py "$work/holdout" tests/data/sklearn_golden_holdout.json
+"$PYTHON" scripts/probe_check/check_sklearn.py "$work/auto" tests/data/sklearn_golden_auto.json

@@ -23,6 +23,7 @@ use patchbay::experiments::probe::pipeline::{self, ProbeInputs, ProbeSettings};
 use patchbay::experiments::shards::ShardSpec;
 use patchbay::io::OutDtype;
 use patchbay::learn::logreg::LogRegParams;
+use patchbay::learn::penalty::{ALPHA_GRID, C_GRID, Penalty};
 use patchbay::learn::split::Eval;
 use patchbay::model::Model;
 use patchbay::model::tokenizer::PromptTokenizer;
@@ -46,6 +47,14 @@ every numeric column, the objectives of scikit-learn's LogisticRegression and Ri
 features standardised on the training rows (unless --no-standardize). Evaluation: stratified
 held-out split (--test-fraction, default) or --folds K; CIs are 95% bootstrap intervals over
 the evaluated examples.
+
+Regularisation: --C auto / --alpha auto (or a grid: --alpha 1,10,100) choose the penalty for
+every fit on its training rows only, by --inner-folds K cross-validation, as scikit-learn's
+GridSearchCV / RidgeCV(cv=K) / LogisticRegressionCV do: the best mean inner-fold accuracy
+(classifier) or mean squared error (each numeric column separately), the smaller value on a tie.
+The choices go to OUT/regularisation.csv (site,layer,position,penalty,fit,value; fit `fold F`
+or `all` for the model k-fold evaluation refits on every example) and to the weight files'
+metadata. With many features and few rows the default alpha 1 overfits (negative R^2): use auto.
 
 Positions: -1..-5 is the last five tokens (-1,-2,-3,-4,-5); lists like -1,-3 and absolute
 positions (0,3) work too.";
@@ -82,12 +91,18 @@ pub struct ProbeArgs {
     /// Seed of the split and the bootstrap.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Inverse L2 strength of the logistic regression (scikit-learn's C).
-    #[arg(long = "C", default_value_t = 1.0)]
-    c: f64,
-    /// L2 strength of the ridge regression (scikit-learn's alpha).
-    #[arg(long, default_value_t = 1.0)]
-    alpha: f64,
+    /// Inverse L2 strength of the logistic regression (scikit-learn's C): a number, `auto`
+    /// (chosen from 0.001,0.01,0.1,1,10,100 by inner cross-validation on each fit's training
+    /// rows), or a comma-separated grid to choose from.
+    #[arg(long = "C", default_value = "1", allow_hyphen_values = true)]
+    c: String,
+    /// L2 strength of the ridge regression (scikit-learn's alpha): a number, `auto` (chosen per
+    /// numeric column from 0.1,1,...,1e5 by inner cross-validation), or a comma-separated grid.
+    #[arg(long, default_value = "1", allow_hyphen_values = true)]
+    alpha: String,
+    /// Inner folds (stratified by label) that choose an `auto` or grid --C / --alpha.
+    #[arg(long, default_value_t = 5)]
+    inner_folds: usize,
     /// Iteration cap of the logistic regression (L-BFGS).
     #[arg(long, default_value_t = 500)]
     max_iter: usize,
@@ -150,8 +165,10 @@ pub fn run(a: ProbeArgs) -> Result<()> {
     if a.shard_mb.is_nan() || a.shard_mb <= 0.0 {
         return Err(Error::input("--shard-mb must be positive"));
     }
-    if a.c.is_nan() || a.c <= 0.0 || a.alpha.is_nan() || a.alpha <= 0.0 {
-        return Err(Error::input("--C and --alpha must be positive"));
+    let c = Penalty::parse("C", &a.c, &C_GRID)?;
+    let alpha = Penalty::parse("alpha", &a.alpha, &ALPHA_GRID)?;
+    if a.inner_folds < 2 {
+        return Err(Error::input(format!("--inner-folds {}: need at least 2", a.inner_folds)));
     }
     // ---- dataset ----
     let model = Model::load(&a.inputs.model)?;
@@ -209,8 +226,10 @@ pub fn run(a: ProbeArgs) -> Result<()> {
                 None => Eval::Holdout(a.test_fraction),
             },
             seed: a.seed,
-            logreg: LogRegParams { c: a.c, max_iter: a.max_iter, tol: a.tol },
-            alpha: a.alpha,
+            c,
+            logreg: LogRegParams { max_iter: a.max_iter, tol: a.tol },
+            alpha,
+            inner_folds: a.inner_folds,
             standardize: !a.no_standardize,
             bootstrap: a.bootstrap,
         },

@@ -12,8 +12,6 @@ use crate::logits::argmax;
 
 #[derive(Clone, Copy, Debug, serde::Serialize)]
 pub struct LogRegParams {
-    /// Inverse regularisation strength (scikit-learn's C).
-    pub c: f64,
     pub max_iter: usize,
     /// Stop when the largest gradient component is below this.
     pub tol: f64,
@@ -21,7 +19,7 @@ pub struct LogRegParams {
 
 impl Default for LogRegParams {
     fn default() -> Self {
-        LogRegParams { c: 1.0, max_iter: 500, tol: 1e-5 }
+        LogRegParams { max_iter: 500, tol: 1e-5 }
     }
 }
 
@@ -115,12 +113,13 @@ fn max_abs(a: &[f64]) -> f64 {
     a.iter().fold(0.0f64, |m, v| m.max(v.abs()))
 }
 
-/// Fits on x `[n, d]` with classes `y` in `0..k`. Every class should occur at least once.
-pub fn fit(x: &[f32], y: &[usize], n: usize, d: usize, k: usize, params: &LogRegParams, parallel: bool) -> LogReg {
+/// Fits on x `[n, d]` with classes `y` in `0..k` and inverse regularisation strength `c`
+/// (scikit-learn's C). Every class should occur at least once.
+pub fn fit(x: &[f32], y: &[usize], n: usize, d: usize, k: usize, c: f64, params: &LogRegParams, parallel: bool) -> LogReg {
     assert_eq!(x.len(), n * d);
     assert_eq!(y.len(), n);
     let dim = k * d + k;
-    let mut prob = Problem { x, y, n, d, k, l2: 1.0 / (params.c * n as f64), parallel, evals: 0 };
+    let mut prob = Problem { x, y, n, d, k, l2: 1.0 / (c * n as f64), parallel, evals: 0 };
     let mut theta = vec![0.0f64; dim];
     let mut g = vec![0.0f64; dim];
     let mut f = prob.eval(&theta, &mut g);
@@ -225,7 +224,7 @@ mod tests {
                 x.push(rnd() * 2.0 + if j == c { 1.5 } else { 0.0 });
             }
         }
-        let m = fit(&x, &y, n, d, k, &LogRegParams { c: 1.0, max_iter: 1000, tol: 1e-7 }, false);
+        let m = fit(&x, &y, n, d, k, 1.0, &LogRegParams { max_iter: 1000, tol: 1e-7 }, false);
         assert!(m.converged, "not converged after {} iterations", m.iterations);
         let acc = m.predict(&x, n, false).iter().zip(&y).filter(|(a, b)| a == b).count() as f64 / n as f64;
         assert!(acc > 0.8, "training accuracy {acc}");

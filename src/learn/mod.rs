@@ -6,5 +6,6 @@ pub mod directions;
 pub mod linalg;
 pub mod logreg;
 pub mod metrics;
+pub mod penalty;
 pub mod ridge;
 pub mod split;

@@ -33,6 +33,7 @@ use crate::io::OutDtype;
 use crate::io::plot::{Grid, heatmap};
 use crate::learn::directions::{Versus, class_mean_directions};
 use crate::learn::logreg::LogRegParams;
+use crate::learn::penalty::{ALPHA_GRID, Penalty};
 use crate::learn::split::{Eval, Split};
 use crate::model::Model;
 use crate::sites::{Positions, Site, SiteKind};
@@ -151,16 +152,17 @@ pub fn run(inp: &DemoInputs, rep: &Reporter) -> Result<()> {
         numeric_names: ds.spec.numeric_columns.clone(),
         numeric: ds.examples.iter().flat_map(|e| e.numeric.iter().copied()).collect(),
     };
-    // The defaults of `patchbay probe`.
+    // The defaults of `patchbay probe`, with `--alpha auto`: the ridge penalty chosen by inner
+    // cross-validation (at alpha 1, many features and few rows overfit).
     let eval = Eval::Holdout(0.2);
     let split = Split::new(n, Some(&gold), eval, SEED)?;
-    let params = ProbeParams { eval, seed: SEED, logreg: LogRegParams { c: 1.0, max_iter: 500, tol: 1e-5 }, alpha: 1.0, standardize: true, bootstrap: 1000 };
+    let params = ProbeParams { eval, seed: SEED, c: Penalty::Fixed(1.0), logreg: LogRegParams::default(), alpha: Penalty::Grid(ALPHA_GRID.to_vec()), inner_folds: 5, standardize: true, bootstrap: 1000 };
     let test_rows: Vec<usize> = (0..n).filter(|&i| split.test_fold[i] == 0).collect();
     let chance = majority_rate(&gold, &test_rows, k);
     let bar = (rep.bar)(run.meta.sites.len() as u64, "probe", "probes");
     let plots = ProbePlots { accuracy_title: "Emotion probe accuracy by layer", r2: Some((-1, "Appraisal ridge probe R² by layer")) };
     let (pr, _) = probe_stage(&acts, &targets, &split, &params, &probe_out, Some(chance), &plots, &bar)?;
-    let cmd = format!("patchbay probe {data_flags} --numeric-cols {} --sites {SITES} --positions -1 --out runs/probe", APPRAISALS.join(","));
+    let cmd = format!("patchbay probe {data_flags} --numeric-cols {} --sites {SITES} --positions -1 --alpha auto --out runs/probe", APPRAISALS.join(","));
     let (section, numbers) = probe_context(&pr.rows, chance, test_rows.len(), cfg.n_layers, &cmd);
     (rep.say)(format!("probe: resid_post accuracy by layer {} (chance {chance:.3})", resid_accuracy(&numbers)));
     report.add(json!({"probe": section}), "probe", numbers)?;

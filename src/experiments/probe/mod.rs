@@ -37,6 +37,7 @@ use crate::io::OutDtype;
 use crate::io::tensorfile::{TensorData, write};
 use crate::learn::logreg::{self, LogRegParams};
 use crate::learn::metrics::{accuracy, bootstrap_ci, r2};
+use crate::learn::penalty::{Penalty, best_index};
 use crate::learn::ridge::{self, Moments, feature_scale};
 use crate::learn::split::{Eval, Split};
 use crate::{Error, Result};
@@ -82,11 +83,34 @@ impl ProbeTargets {
 pub struct ProbeParams {
     pub eval: Eval,
     pub seed: u64,
+    /// Inverse L2 strength of the logistic regression (scikit-learn's C).
+    pub c: Penalty,
     pub logreg: LogRegParams,
-    /// Ridge penalty.
-    pub alpha: f64,
+    /// Ridge penalty (scikit-learn's alpha), chosen per numeric column when a grid.
+    pub alpha: Penalty,
+    /// Inner folds that choose a grid penalty on each fit's training rows.
+    pub inner_folds: usize,
     pub standardize: bool,
     pub bootstrap: usize,
+}
+
+/// A penalty chosen by inner cross-validation: one line of regularisation.csv.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ChosenRow {
+    pub site: String,
+    pub layer: usize,
+    pub position: i64,
+    /// `C` (the classifier) or `alpha:<column>`.
+    pub penalty: String,
+    /// The fit it was chosen for: `fold F` (with held-out evaluation, fold 0 is the training
+    /// part) or `all` (the model k-fold evaluation refits on every example).
+    pub fit: String,
+    pub value: f64,
+}
+
+/// The name of fit `fold` in regularisation.csv and splits.json.
+pub fn fit_name(fold: Option<usize>) -> String {
+    fold.map_or("all".to_string(), |f| format!("fold {f}"))
 }
 
 /// One line of probe_results.csv.
@@ -111,6 +135,8 @@ struct SiteResults {
     fingerprint: String,
     site: String,
     rows: Vec<ResultRow>,
+    /// Penalties chosen by inner cross-validation.
+    chosen: Vec<ChosenRow>,
     /// Logistic regression fits that stopped at max_iter.
     unconverged: usize,
     /// Logistic regression fits.
@@ -120,6 +146,7 @@ struct SiteResults {
 /// Summary of a probe run.
 pub struct ProbeRun {
     pub rows: Vec<ResultRow>,
+    pub chosen: Vec<ChosenRow>,
     /// Sites found done at the start.
     pub resumed: usize,
     pub unconverged: usize,
@@ -157,6 +184,7 @@ pub fn run_probes(shard_dir: &Path, targets: &ProbeTargets, split: &Split, param
     std::fs::create_dir_all(out_dir).map_err(|e| Error::io(out_dir, e))?;
     let fp = fingerprint(&meta, targets, split, params);
     let mut all_rows = Vec::new();
+    let mut all_chosen = Vec::new();
     let (mut resumed, mut unconverged, mut fits) = (0, 0, 0);
     let n_pos = meta.positions.len();
     // Shard lookup for each probed example: (shard, row within shard).
@@ -169,6 +197,7 @@ pub fn run_probes(shard_dir: &Path, targets: &ProbeTargets, split: &Split, param
             && done.fingerprint == fp
         {
             all_rows.extend(done.rows);
+            all_chosen.extend(done.chosen);
             unconverged += done.unconverged;
             fits += done.fits;
             resumed += 1;
@@ -201,13 +230,17 @@ pub fn run_probes(shard_dir: &Path, targets: &ProbeTargets, split: &Split, param
         }
         let per_pos: Vec<Vec<f32>> = (0..n_pos).map(|p| (0..n).flat_map(|j| x[j * row_w + p * width..j * row_w + (p + 1) * width].iter().copied()).collect()).collect();
         drop(x);
-        let out = probe_site(&per_pos, width, targets, split, params)?;
+        let out = probe_site(&per_pos, &meta.positions, width, targets, split, params)?;
         let mut rows = Vec::new();
+        let mut chosen = Vec::new();
         let mut tensors_owned: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
         for (p, po) in out.iter().enumerate() {
             let position = meta.positions[p];
             for (metric, value, (lo, hi), n_eval) in &po.metrics {
                 rows.push(ResultRow { site: short.clone(), layer, position, metric: metric.clone(), value: *value, ci_low: *lo, ci_high: *hi, n: *n_eval });
+            }
+            for (penalty, fit, value) in &po.chosen {
+                chosen.push(ChosenRow { site: short.clone(), layer, position, penalty: penalty.clone(), fit: fit.clone(), value: *value });
             }
             let tag = format!("pos{position}");
             if let Some((w, b, k)) = &po.logreg {
@@ -233,8 +266,8 @@ pub fn run_probes(shard_dir: &Path, targets: &ProbeTargets, split: &Split, param
             ("positions".to_string(), serde_json::to_string(&meta.positions).unwrap_or_default()),
             ("classes".to_string(), serde_json::to_string(&class_names).unwrap_or_default()),
             ("numeric".to_string(), serde_json::to_string(&targets.numeric_names).unwrap_or_default()),
-            ("C".to_string(), params.logreg.c.to_string()),
-            ("alpha".to_string(), params.alpha.to_string()),
+            ("C".to_string(), saved_penalty(&out, &params.c, "C")),
+            ("alpha".to_string(), saved_penalty(&out, &params.alpha, "alpha:")),
             ("standardize".to_string(), params.standardize.to_string()),
             ("eval".to_string(), split.eval.describe()),
             ("space".to_string(), "weights act on raw activations (standardisation folded in); mean/scale are the fit's standardisation".to_string()),
@@ -244,16 +277,37 @@ pub fn run_probes(shard_dir: &Path, targets: &ProbeTargets, split: &Split, param
         write(&out_dir.join(format!("{stem}.safetensors")), &tensors, &md)?;
         let po_unconv: usize = out.iter().map(|o| o.unconverged).sum();
         let po_fits: usize = out.iter().map(|o| o.fits).sum();
-        let res = SiteResults { fingerprint: fp.clone(), site: site_name.clone(), rows: rows.clone(), unconverged: po_unconv, fits: po_fits };
+        let res = SiteResults { fingerprint: fp.clone(), site: site_name.clone(), rows: rows.clone(), chosen: chosen.clone(), unconverged: po_unconv, fits: po_fits };
         crate::io::write_atomic(&json_path, &serde_json::to_vec_pretty(&res).map_err(|e| Error::input(e.to_string()))?)?;
         all_rows.extend(rows);
+        all_chosen.extend(chosen);
         progress.inc(n_pos as u64);
     }
-    Ok(ProbeRun { rows: all_rows, resumed, unconverged, fits })
+    Ok(ProbeRun { rows: all_rows, chosen: all_chosen, resumed, unconverged, fits })
+}
+
+/// The weight file's record of a penalty: the fixed value, or, for a grid, the saved models'
+/// choices as JSON (`{"pos-1": {"C": 0.1}}` / `{"pos-1": {"alpha:pleasantness": 100}}`).
+fn saved_penalty(out: &[PosOut], penalty: &Penalty, prefix: &str) -> String {
+    match penalty {
+        Penalty::Fixed(v) => v.to_string(),
+        Penalty::Grid(_) => {
+            let per_pos: BTreeMap<String, BTreeMap<&str, f64>> = out
+                .iter()
+                .map(|po| (format!("pos{}", po.position), po.chosen.iter().filter(|(p, f, _)| p.starts_with(prefix) && *f == po.saved_fit).map(|(p, _, v)| (p.as_str(), *v)).collect()))
+                .collect();
+            serde_json::to_string(&per_pos).unwrap_or_default()
+        }
+    }
 }
 
 /// The results of one position of one site.
 struct PosOut {
+    position: i64,
+    /// Penalties chosen by inner cross-validation: (penalty, fit, value).
+    chosen: Vec<(String, String, f64)>,
+    /// The fit whose model is saved (`fit_name`).
+    saved_fit: String,
     /// (metric, value, ci, n)
     metrics: Vec<(String, f64, (f64, f64), usize)>,
     /// Saved classifier: (W [k, d], b [k], k), raw space.
@@ -276,8 +330,29 @@ enum Task {
 }
 
 enum TaskOut {
-    LogReg { p: usize, fold: Option<usize>, test: Vec<usize>, pred: Vec<usize>, model: Option<SavedLogReg>, converged: bool },
-    Ridge { p: usize, oof: Vec<(usize, Vec<f64>)>, w: Vec<f32>, b: Vec<f32> },
+    LogReg { p: usize, fold: Option<usize>, test: Vec<usize>, pred: Vec<usize>, model: Option<SavedLogReg>, c: Chosen, fits: Fits },
+    Ridge { p: usize, oof: Vec<(usize, Vec<f64>)>, w: Vec<f32>, b: Vec<f32>, alphas: Vec<(Option<usize>, Vec<f64>)> },
+}
+
+/// A fit's penalty and whether inner cross-validation chose it.
+#[derive(Clone, Copy)]
+struct Chosen {
+    value: f64,
+    by_cv: bool,
+}
+
+/// Logistic regression fits made, and how many stopped at max_iter.
+#[derive(Clone, Copy, Default)]
+struct Fits {
+    made: usize,
+    unconverged: usize,
+}
+
+impl Fits {
+    fn add(&mut self, converged: bool) {
+        self.made += 1;
+        self.unconverged += usize::from(!converged);
+    }
 }
 
 struct SavedLogReg {
@@ -317,7 +392,33 @@ fn gather(x: &[f32], d: usize, rows: &[usize], mean: &[f64], scale: &[f64]) -> V
     out
 }
 
-fn run_logreg(x: &[f32], d: usize, classes: &[usize], train: &[usize], test: &[usize], params: &ProbeParams, save: bool) -> (Vec<usize>, Option<SavedLogReg>, bool) {
+/// The inner folds of fit `fold` as (train, test) rows of x: `split.inner` mapped back.
+fn inner_folds(split: &Split, fold: Option<usize>, classes: Option<&[usize]>, k: usize) -> Result<Vec<(Vec<usize>, Vec<usize>)>> {
+    let (train, inner) = split.inner(fold, classes, k)?;
+    let back = |idx: Vec<usize>| idx.into_iter().map(|j| train[j]).collect::<Vec<usize>>();
+    Ok((0..inner.n_folds).map(|f| inner.fold(f)).map(|(tr, te)| (back(tr), back(te))).collect())
+}
+
+/// The C of fit `fold`: the fixed value, or the grid value of the best mean inner-fold
+/// accuracy on the fit's training rows.
+fn choose_c(x: &[f32], d: usize, classes: &[usize], split: &Split, fold: Option<usize>, params: &ProbeParams, fits: &mut Fits) -> Result<Chosen> {
+    let grid = params.c.values();
+    if !params.c.is_grid() {
+        return Ok(Chosen { value: grid[0], by_cv: false });
+    }
+    let mut scores = vec![Vec::new(); grid.len()]; // [grid][inner fold]
+    for (train, test) in inner_folds(split, fold, Some(classes), params.inner_folds)? {
+        let gold: Vec<usize> = test.iter().map(|&i| classes[i]).collect();
+        for (g, &c) in grid.iter().enumerate() {
+            let (pred, _, converged) = run_logreg(x, d, classes, &train, &test, c, params, false);
+            fits.add(converged);
+            scores[g].push(accuracy(&pred, &gold));
+        }
+    }
+    Ok(Chosen { value: grid[best_index(&scores)], by_cv: true })
+}
+
+fn run_logreg(x: &[f32], d: usize, classes: &[usize], train: &[usize], test: &[usize], c: f64, params: &ProbeParams, save: bool) -> (Vec<usize>, Option<SavedLogReg>, bool) {
     // Classes present in training, mapped to 0..k.
     let mut present: Vec<usize> = train.iter().map(|&i| classes[i]).collect();
     present.sort_unstable();
@@ -331,7 +432,7 @@ fn run_logreg(x: &[f32], d: usize, classes: &[usize], train: &[usize], test: &[u
         // One class: every prediction is that class.
         (vec![present.first().copied().unwrap_or(0); test.len()], None, true)
     } else {
-        let m = logreg::fit(&xt, &local, train.len(), d, k, &params.logreg, parallel);
+        let m = logreg::fit(&xt, &local, train.len(), d, k, c, &params.logreg, parallel);
         let xs = gather(x, d, test, &mean, &scale);
         let pred = m.predict(&xs, test.len(), parallel).into_iter().map(|c| present[c]).collect();
         let conv = m.converged;
@@ -360,8 +461,9 @@ fn run_logreg(x: &[f32], d: usize, classes: &[usize], train: &[usize], test: &[u
     (pred, saved, converged)
 }
 
-/// Out-of-fold predictions (example, values) and the saved model's weights and biases.
-type RidgeOut = (Vec<(usize, Vec<f64>)>, Vec<f32>, Vec<f32>);
+/// Out-of-fold predictions (example, values), the saved model's weights and biases, and the
+/// alphas (one per numeric column) of each fit.
+type RidgeOut = (Vec<(usize, Vec<f64>)>, Vec<f32>, Vec<f32>, Vec<(Option<usize>, Vec<f64>)>);
 
 fn run_ridge(x: &[f32], d: usize, targets: &ProbeTargets, split: &Split, params: &ProbeParams) -> Result<RidgeOut> {
     let n = targets.examples.len();
@@ -369,7 +471,6 @@ fn run_ridge(x: &[f32], d: usize, targets: &ProbeTargets, split: &Split, params:
     let y = &targets.numeric;
     let xd: Vec<f64> = x.iter().map(|&v| v as f64).collect();
     let parallel = n * d > 1 << 20;
-    let folds: Vec<(Vec<usize>, Vec<usize>)> = (0..split.n_folds).map(|f| split.fold(f)).collect();
     let rows_of = |idx: &[usize]| -> (Vec<f64>, Vec<f64>) {
         let mut xs = Vec::with_capacity(idx.len() * d);
         let mut ys = Vec::with_capacity(idx.len() * r);
@@ -379,62 +480,94 @@ fn run_ridge(x: &[f32], d: usize, targets: &ProbeTargets, split: &Split, params:
         }
         (xs, ys)
     };
+    // The moments of `train`, the rows of `total` less `test` (xs, ys), when the primal
+    // applies (d <= rows); None: the dual.
+    let less = |total: Option<&Moments>, train: &[usize], xs: &[f64], ys: &[f64], test: usize| -> Option<Moments> {
+        total.filter(|_| d <= train.len()).map(|t| t.minus(&Moments::of(xs, ys, test, d, r, parallel)))
+    };
     let err = |e: String| Error::input(format!("ridge regression: {e}"));
-    let fit = |train: &[usize], total: Option<(&Moments, &Moments)>| -> Result<ridge::Ridge> {
-        if d <= train.len() {
-            let m = match total {
-                Some((all, fold)) => all.minus(fold),
-                None => {
-                    let (xs, ys) = rows_of(train);
-                    Moments::of(&xs, &ys, train.len(), d, r, parallel)
-                }
-            };
-            ridge::fit_moments(&m, params.alpha, params.standardize).map_err(err)
-        } else {
-            let (xs, ys) = rows_of(train);
-            ridge::fit_dual(&xs, &ys, train.len(), d, r, params.alpha, params.standardize, parallel).map_err(err)
+    // One alpha on `train`, from its moments in the primal, else in the dual.
+    let fit = |train: &[usize], m: Option<&Moments>, alpha: f64| -> Result<ridge::Ridge> {
+        match m {
+            Some(m) => ridge::fit_moments(m, alpha, params.standardize).map_err(err),
+            None => {
+                let (xs, ys) = rows_of(train);
+                ridge::fit_dual(&xs, &ys, train.len(), d, r, alpha, params.standardize, parallel).map_err(err)
+            }
         }
     };
+    // Fit `fold` (its training rows and their moments), with each column's alpha fixed or
+    // chosen by the best mean inner-fold score (negative mean squared error).
+    let fit_with_alphas = |fold: Option<usize>, train: &[usize], m: Option<&Moments>| -> Result<(ridge::Ridge, Vec<f64>)> {
+        let grid = params.alpha.values();
+        if !params.alpha.is_grid() {
+            return Ok((fit(train, m, grid[0])?, vec![grid[0]; r]));
+        }
+        let mut scores = vec![vec![Vec::new(); grid.len()]; r]; // [column][grid][inner fold]
+        for (tr, te) in inner_folds(split, fold, targets.classes.as_deref(), params.inner_folds)? {
+            let (xs, ys) = rows_of(&te);
+            let tr_m = less(m, &tr, &xs, &ys, te.len());
+            for (g, &alpha) in grid.iter().enumerate() {
+                let pred = fit(&tr, tr_m.as_ref(), alpha)?.predict(&xs, te.len());
+                for (c, col) in scores.iter_mut().enumerate() {
+                    let se: f64 = (0..te.len()).map(|j| (pred[j * r + c] - ys[j * r + c]).powi(2)).sum();
+                    col[g].push(-se / te.len() as f64);
+                }
+            }
+        }
+        let alphas: Vec<f64> = scores.iter().map(|s| grid[best_index(s)]).collect();
+        // One fit per distinct chosen alpha; each column takes its row.
+        let mut model = ridge::Ridge { w: vec![0.0; r * d], b: vec![0.0; r], r, d };
+        let mut distinct = alphas.clone();
+        distinct.sort_by(f64::total_cmp);
+        distinct.dedup();
+        for &alpha in &distinct {
+            let m_alpha = fit(train, m, alpha)?;
+            for c in (0..r).filter(|&c| alphas[c] == alpha) {
+                model.w[c * d..(c + 1) * d].copy_from_slice(&m_alpha.w[c * d..(c + 1) * d]);
+                model.b[c] = m_alpha.b[c];
+            }
+        }
+        Ok((model, alphas))
+    };
+    let all = (d <= n).then(|| Moments::of(&xd, y, n, d, r, parallel));
     let mut oof = Vec::new();
-    let saved = match split.eval {
-        Eval::Holdout(_) => {
-            let (train, test) = &folds[0];
-            let m = fit(train, None)?;
-            let (xs, _) = rows_of(test);
-            let pred = m.predict(&xs, test.len());
-            for (j, &i) in test.iter().enumerate() {
-                oof.push((i, pred[j * r..(j + 1) * r].to_vec()));
-            }
-            m
+    let mut alphas = Vec::new();
+    // Each evaluated fit predicts its test rows; the last one fitted is the saved model.
+    let evaluated: Vec<Option<usize>> = (0..split.n_folds).map(Some).collect();
+    let refit = matches!(split.eval, Eval::KFold(_));
+    let mut saved = None;
+    for fold in evaluated.into_iter().chain(refit.then_some(None)) {
+        let (train, test) = match fold {
+            Some(f) => split.fold(f),
+            None => ((0..n).collect(), Vec::new()),
+        };
+        let (xs, ys) = rows_of(&test);
+        let m = less(all.as_ref(), &train, &xs, &ys, test.len());
+        let (model, chosen) = fit_with_alphas(fold, &train, m.as_ref())?;
+        let pred = model.predict(&xs, test.len());
+        for (j, &i) in test.iter().enumerate() {
+            oof.push((i, pred[j * r..(j + 1) * r].to_vec()));
         }
-        Eval::KFold(_) => {
-            let all = Moments::of(&xd, y, n, d, r, parallel);
-            for (train, test) in &folds {
-                let (xs, ys) = rows_of(test);
-                let fold_m = Moments::of(&xs, &ys, test.len(), d, r, parallel);
-                let m = fit(train, Some((&all, &fold_m)))?;
-                let pred = m.predict(&xs, test.len());
-                for (j, &i) in test.iter().enumerate() {
-                    oof.push((i, pred[j * r..(j + 1) * r].to_vec()));
-                }
-            }
-            let everyone: Vec<usize> = (0..n).collect();
-            fit(&everyone, Some((&all, &Moments { n: 0, d, r, sx: vec![0.0; d], sy: vec![0.0; r], xx: vec![0.0; d * d], xy: vec![0.0; d * r] })))?
-        }
-    };
-    Ok((oof, saved.w.iter().map(|&v| v as f32).collect(), saved.b.iter().map(|&v| v as f32).collect()))
+        alphas.push((fold, chosen));
+        saved = Some(model);
+    }
+    let saved = saved.ok_or_else(|| Error::input("ridge regression: no fit"))?;
+    Ok((oof, saved.w.iter().map(|&v| v as f32).collect(), saved.b.iter().map(|&v| v as f32).collect(), alphas))
 }
 
-/// All probes of one site: `per_pos[p]` is `[n, d]`.
-fn probe_site(per_pos: &[Vec<f32>], d: usize, targets: &ProbeTargets, split: &Split, params: &ProbeParams) -> Result<Vec<PosOut>> {
+/// All probes of one site: `per_pos[p]` is `[n, d]`; `positions[p]` its position.
+fn probe_site(per_pos: &[Vec<f32>], positions: &[i64], d: usize, targets: &ProbeTargets, split: &Split, params: &ProbeParams) -> Result<Vec<PosOut>> {
     let n_pos = per_pos.len();
+    let holdout = matches!(split.eval, Eval::Holdout(_));
+    let saved_fold = if holdout { Some(0) } else { None };
     let mut tasks = Vec::new();
     for p in 0..n_pos {
         if targets.classes.is_some() {
             for f in 0..split.n_folds {
                 tasks.push(Task::LogReg { p, fold: Some(f) });
             }
-            if matches!(split.eval, Eval::KFold(_)) {
+            if !holdout {
                 tasks.push(Task::LogReg { p, fold: None });
             }
         }
@@ -442,7 +575,6 @@ fn probe_site(per_pos: &[Vec<f32>], d: usize, targets: &ProbeTargets, split: &Sp
             tasks.push(Task::Ridge { p });
         }
     }
-    let holdout = matches!(split.eval, Eval::Holdout(_));
     let outs: Vec<Result<TaskOut>> = tasks
         .par_iter()
         .map(|t| match *t {
@@ -452,25 +584,33 @@ fn probe_site(per_pos: &[Vec<f32>], d: usize, targets: &ProbeTargets, split: &Sp
                     Some(f) => split.fold(f),
                     None => ((0..classes.len()).collect(), Vec::new()),
                 };
-                let save = fold.is_none() || holdout;
-                let (pred, model, converged) = run_logreg(&per_pos[p], d, classes, &train, &test, params, save);
-                Ok(TaskOut::LogReg { p, fold, test, pred, model, converged })
+                let mut fits = Fits::default();
+                let c = choose_c(&per_pos[p], d, classes, split, fold, params, &mut fits)?;
+                let (pred, model, converged) = run_logreg(&per_pos[p], d, classes, &train, &test, c.value, params, fold == saved_fold);
+                fits.add(converged);
+                Ok(TaskOut::LogReg { p, fold, test, pred, model, c, fits })
             }
             Task::Ridge { p } => {
-                let (oof, w, b) = run_ridge(&per_pos[p], d, targets, split, params)?;
-                Ok(TaskOut::Ridge { p, oof, w, b })
+                let (oof, w, b, alphas) = run_ridge(&per_pos[p], d, targets, split, params)?;
+                Ok(TaskOut::Ridge { p, oof, w, b, alphas })
             }
         })
         .collect();
-    let mut pos: Vec<PosOut> = (0..n_pos).map(|_| PosOut { metrics: Vec::new(), logreg: None, classes: Vec::new(), ridge: None, mean: vec![0.0; d], scale: vec![1.0; d], unconverged: 0, fits: 0 }).collect();
+    let mut pos: Vec<PosOut> = positions
+        .iter()
+        .map(|&position| PosOut { position, chosen: Vec::new(), saved_fit: fit_name(saved_fold), metrics: Vec::new(), logreg: None, classes: Vec::new(), ridge: None, mean: vec![0.0; d], scale: vec![1.0; d], unconverged: 0, fits: 0 })
+        .collect();
     // Out-of-fold predictions per position.
     let mut cls_pred: Vec<Vec<(usize, usize)>> = vec![Vec::new(); n_pos];
     let mut num_pred: Vec<Vec<(usize, Vec<f64>)>> = vec![Vec::new(); n_pos];
     for o in outs {
         match o? {
-            TaskOut::LogReg { p, fold, test, pred, model, converged } => {
-                pos[p].fits += 1;
-                pos[p].unconverged += usize::from(!converged);
+            TaskOut::LogReg { p, fold, test, pred, model, c, fits } => {
+                pos[p].fits += fits.made;
+                pos[p].unconverged += fits.unconverged;
+                if c.by_cv {
+                    pos[p].chosen.push(("C".to_string(), fit_name(fold), c.value));
+                }
                 if fold.is_some() {
                     cls_pred[p].extend(test.into_iter().zip(pred));
                 }
@@ -481,9 +621,16 @@ fn probe_site(per_pos: &[Vec<f32>], d: usize, targets: &ProbeTargets, split: &Sp
                     pos[p].scale = m.scale;
                 }
             }
-            TaskOut::Ridge { p, oof, w, b } => {
+            TaskOut::Ridge { p, oof, w, b, alphas } => {
                 num_pred[p] = oof;
                 pos[p].ridge = Some((w, b));
+                if params.alpha.is_grid() {
+                    for (fold, values) in alphas {
+                        for (name, value) in targets.numeric_names.iter().zip(values) {
+                            pos[p].chosen.push((format!("alpha:{name}"), fit_name(fold), value));
+                        }
+                    }
+                }
             }
         }
     }
@@ -519,6 +666,19 @@ fn probe_site(per_pos: &[Vec<f32>], d: usize, targets: &ProbeTargets, split: &Sp
 }
 
 /// Writes probe_results.csv (site, layer, position, metric, value, ci_low, ci_high, n).
+/// Writes regularisation.csv: site,layer,position,penalty,fit,value, one line per penalty
+/// chosen by inner cross-validation.
+pub fn write_chosen_csv(path: &Path, rows: &[ChosenRow]) -> Result<()> {
+    let mut w = csv::WriterBuilder::new().has_headers(false).from_writer(Vec::new());
+    let err = |e: csv::Error| Error::file(path, e.to_string());
+    w.write_record(["site", "layer", "position", "penalty", "fit", "value"]).map_err(err)?;
+    for r in rows {
+        w.serialize(r).map_err(err)?;
+    }
+    let bytes = w.into_inner().map_err(|e| Error::file(path, e.to_string()))?;
+    crate::io::write_atomic(path, &bytes)
+}
+
 pub fn write_results_csv(path: &Path, rows: &[ResultRow]) -> Result<()> {
     let mut w = csv::Writer::from_writer(Vec::new());
     let err = |e: csv::Error| Error::file(path, e.to_string());

@@ -15,7 +15,7 @@ use indicatif::ProgressBar;
 use serde_json::{Map, Value, json};
 
 use super::plots::{accuracy_by_layer, r2_heatmap};
-use super::{ProbeParams, ProbeRun, ProbeTargets, ResultRow, probes_dir, run_probes, write_results_csv};
+use super::{ProbeParams, ProbeRun, ProbeTargets, ResultRow, fit_name, probes_dir, run_probes, write_chosen_csv, write_results_csv};
 use crate::data::dataset::Dataset;
 use crate::data::labels::LabelSet;
 use crate::engine::Engine;
@@ -57,6 +57,9 @@ pub fn probe_stage(acts: &Path, targets: &ProbeTargets, split: &Split, params: &
     let pr = run_probes(acts, targets, split, params, &probes_dir(out), progress)?;
     progress.finish_and_clear();
     write_results_csv(&out.join("probe_results.csv"), &pr.rows)?;
+    if params.c.is_grid() || params.alpha.is_grid() {
+        write_chosen_csv(&out.join("regularisation.csv"), &pr.chosen)?;
+    }
     let mut paths = Vec::new();
     if pr.rows.iter().any(|r| r.metric == "accuracy") {
         let p = out.join("accuracy_by_layer.png");
@@ -202,7 +205,16 @@ pub fn run(inp: &ProbeInputs, s: &ProbeSettings, started: Instant, mut timings: 
     let split = Split::new(selected.len(), targets.classes.as_deref(), eval, params.seed)?;
     targets.check()?;
     // Everything an outside check needs to redo the probes on the same features and splits.
-    let splits_json = json!({"targets": targets, "split": split, "params": params, "acts": "acts", "positions": positions, "sites": run.meta.sites});
+    let mut splits_json = json!({"targets": targets, "split": split, "params": params, "acts": "acts", "positions": positions, "sites": run.meta.sites});
+    if params.c.is_grid() || params.alpha.is_grid() {
+        // Per fit: the inner fold of each of its training rows (ascending example order).
+        let fits = (0..split.n_folds).map(Some).chain(matches!(eval, Eval::KFold(_)).then_some(None));
+        let mut inner = Map::new();
+        for fold in fits {
+            inner.insert(fit_name(fold), json!(split.inner(fold, targets.classes.as_deref(), params.inner_folds)?.1.test_fold));
+        }
+        splits_json["inner_test_fold"] = Value::Object(inner);
+    }
     crate::io::write_atomic(&s.out.join("splits.json"), serde_json::to_string(&splits_json).map_err(|e| Error::input(e.to_string()))?.as_bytes())?;
     let chance = targets.classes.as_ref().map(|c| {
         let eval_idx: Vec<usize> = (0..c.len()).filter(|&i| matches!(eval, Eval::KFold(_)) || split.test_fold[i] == 0).collect();
@@ -224,7 +236,7 @@ pub fn run(inp: &ProbeInputs, s: &ProbeSettings, started: Instant, mut timings: 
     }
     lap("outputs", &mut timings);
     manifest["probe"] = json!({
-        "eval": split.eval.describe(), "folds": split.n_folds, "seed": params.seed, "C": params.logreg.c, "alpha": params.alpha,
+        "eval": split.eval.describe(), "folds": split.n_folds, "seed": params.seed, "C": params.c, "alpha": params.alpha, "inner_folds": params.inner_folds,
         "standardize": params.standardize, "max_iter": params.logreg.max_iter, "tol": params.logreg.tol, "bootstrap": params.bootstrap,
         "examples": selected.len(), "only_correct": s.only_correct, "fits": pr.fits, "unconverged": pr.unconverged,
         "resumed_sites": pr.resumed, "chance_accuracy": chance, "classes": class_names, "numeric": ds.spec.numeric_columns,
