@@ -37,12 +37,15 @@ fn scores_match_the_engine_logits_and_the_summary_adds_up() {
     let out = dir.path().join("s");
     let keep = dir.path().join("correct.jsonl");
     let model = fixture("llama");
-    let (code, _, err) = patchbay(&[
+    let (code, stdout, err) = patchbay(&[
         "score", "--model", model.to_str().unwrap(), "--dataset", &data("emotions.csv"), "--label-col", "emotion",
         "--rename", "no-emotion=neutral", "--numeric-cols", "pleasantness", "--filter", "round=round-1", "--template", "tak",
         "--labels", LABELS, "--out", out.to_str().unwrap(), "--keep-correct", keep.to_str().unwrap(), "--quiet",
     ]);
     assert_eq!(code, 0, "{err}");
+    // --quiet hides progress, not the result: one line on stdout, nothing on stderr.
+    assert!(stdout.starts_with("accuracy ") && stdout.contains("of 98 prompts with a gold label") && stdout.lines().count() == 1, "{stdout}");
+    assert!(err.is_empty(), "{err}");
     let rows = jsonl(&out.join("scores.jsonl"));
     assert_eq!(rows.len(), 98);
     let labels: Vec<&str> = LABELS.split(',').collect();

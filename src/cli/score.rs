@@ -89,8 +89,11 @@ pub fn run(a: ScoreArgs) -> Result<()> {
     });
     let manifest = manifest("score", &model, engine.as_ref(), (ds.as_ref(), template.as_ref(), &labels), &a.labels, extra);
     patchbay::io::write_atomic(&a.out.join("manifest.json"), serde_json::to_string_pretty(&manifest).map_err(|e| Error::input(e.to_string()))?.as_bytes())?;
+    // The result itself is printed whatever --quiet says (it hides progress and notes).
+    let description = scores.describe();
+    println!("{}", description.lines().next().unwrap_or_default());
     if !a.quiet {
-        eprint!("{}", scores.describe());
+        eprint!("{}", description.split_once('\n').map_or("", |(_, rest)| rest));
         if let (Some(n), Some(p)) = (kept, &a.keep_correct) {
             eprintln!("kept {n} correctly predicted examples in {}", p.display());
         }
