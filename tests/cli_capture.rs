@@ -377,6 +377,14 @@ fn metadata_records_provenance() {
     assert_eq!(f.metadata.get("positions").map(String::as_str), Some("all"));
     let g = w.capture(&model, "m2.safetensors", &["--token-ids", &ids, "--sites", "resid_post", "--positions", "-2, 1"]);
     assert_eq!(g.metadata.get("positions").map(String::as_str), Some("-2,1"));
+    // The prompts' token ids and strings label positions and pattern axes.
+    let want: Vec<Vec<u32>> = serde_json::from_str(&std::fs::read_to_string(&ids).unwrap()).unwrap();
+    let got: Vec<Vec<u32>> = serde_json::from_str(&g.metadata["token_ids"]).unwrap();
+    assert_eq!(got, want);
+    let tok = patchbay::model::tokenizer::PromptTokenizer::load(&model).unwrap();
+    let strings: Vec<Vec<String>> = serde_json::from_str(&g.metadata["tokens"]).unwrap();
+    assert_eq!(strings.iter().map(Vec::len).collect::<Vec<_>>(), want.iter().map(Vec::len).collect::<Vec<_>>());
+    assert_eq!(strings[0][1], tok.id_to_token(want[0][1]).unwrap());
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -6,12 +6,13 @@ use clap::Args;
 
 use super::{progress_bar};
 use patchbay::engine::load_engine;
-use patchbay::Result;
+use patchbay::{Error, Result};
 use patchbay::backend::DeviceSpec;
 use patchbay::data::prompts::{PromptSource, load_prompts};
 use patchbay::experiments::capture::{CaptureSpec, capture, metadata};
 use patchbay::io::{OutDtype, write_safetensors};
 use patchbay::model::Model;
+use patchbay::model::tokenizer::PromptTokenizer;
 use patchbay::sites::{Positions, Site};
 
 const CAPTURE_HELP: &str = "Examples:
@@ -90,7 +91,15 @@ pub fn run(a: CaptureArgs) -> Result<()> {
     let bar = progress_bar(prompts.len() as u64, "capture", "prompts", a.quiet);
     let tensors = capture(engine.as_ref(), &prompts, &spec, &bar)?;
     bar.finish_and_clear();
-    write_safetensors(&a.out, &tensors, &metadata(&model, engine.as_ref(), &spec))?;
+    let mut md = metadata(&model, engine.as_ref(), &spec);
+    // Each prompt's token ids and strings, for labelling positions and pattern axes (`<id N>`
+    // where the tokenizer has no string; no strings when the model has no tokenizer).
+    md.insert("token_ids".into(), serde_json::to_string(&prompts).map_err(|e| Error::input(e.to_string()))?);
+    if let Ok(tok) = PromptTokenizer::load(&a.model) {
+        let strings: Vec<Vec<String>> = prompts.iter().map(|p| p.iter().map(|&t| tok.id_to_token(t).unwrap_or_else(|| format!("<id {t}>"))).collect()).collect();
+        md.insert("tokens".into(), serde_json::to_string(&strings).map_err(|e| Error::input(e.to_string()))?);
+    }
+    write_safetensors(&a.out, &tensors, &md)?;
     if !a.quiet {
         eprintln!("wrote {} tensors for {} prompts to {}", tensors.len(), prompts.len(), a.out.display());
     }

@@ -6,7 +6,9 @@
 //!   tensor `prompt_offsets` `[n_prompts + 1]`; `attn.hook_pattern` is
 //!   `[T_total, n_heads, max_len]`, zero past each prompt's length; `logits` `[T_total, vocab]`;
 //! - a position list: the first two axes are `[n_prompts, n_positions]`;
-//! - metadata: model path, config hash, patchbay version, positions, dtype.
+//! - metadata: model path, config hash, patchbay version, positions, dtype; from the command
+//!   also `token_ids` (each prompt's ids, JSON) and `tokens` (their strings, JSON, when the
+//!   model has a tokenizer), to label positions and pattern axes.
 
 use std::collections::BTreeMap;
 
