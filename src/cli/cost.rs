@@ -286,11 +286,16 @@ fn load_config(c: &CommonArgs) -> Result<(ModelConfig, String, DType)> {
     Ok((cfg, name, dtype))
 }
 
+/// The largest --n-prompts a plan takes (its prompt lengths are held in memory).
+const MAX_PLANNED_PROMPTS: usize = 100_000_000;
+
 /// Prompt lengths: from --token-ids, or --n-prompts of --prompt-len.
 fn prompt_lens(c: &CommonArgs) -> Result<Vec<usize>> {
     match &c.token_ids {
         Some(path) => Ok(load_prompts(PromptSource::TokenIds(path), Path::new(""), false)?.iter().map(Vec::len).collect()),
         None if c.n_prompts == 0 || c.prompt_len == 0 => Err(Error::input("--n-prompts and --prompt-len must be at least 1")),
+        // One length per prompt is held: bounded before it is allocated.
+        None if c.n_prompts > MAX_PLANNED_PROMPTS => Err(Error::input(format!("--n-prompts {}: at most {MAX_PLANNED_PROMPTS} prompts can be planned", c.n_prompts))),
         None => Ok(vec![c.prompt_len; c.n_prompts]),
     }
 }
