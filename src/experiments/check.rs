@@ -358,34 +358,40 @@ fn capture_drifts(engine: &dyn Engine, g: &Goldens) -> Result<Vec<(Methodology, 
     Ok(drifts.into_iter().collect())
 }
 
+/// `patch_golden.json` (scripts/golden/make_patch_goldens.py).
 #[derive(Deserialize)]
-struct PatchGolden {
+pub struct PatchGolden {
     /// Token ids: prompts.json `ids`, then `chat_ids`.
-    prompts: Vec<Vec<u32>>,
-    labels: Vec<u32>,
-    sweeps: Vec<PatchGoldenSweep>,
+    pub prompts: Vec<Vec<u32>>,
+    pub labels: Vec<u32>,
+    /// Clean label logits at each prompt's last position.
+    pub clean: Vec<Vec<f32>>,
+    pub sweeps: Vec<PatchGoldenSweep>,
 }
 
 #[derive(Deserialize)]
-struct PatchGoldenSweep {
-    sites: Vec<String>,
-    units: Option<Vec<usize>>,
-    window: usize,
-    centers: Vec<usize>,
-    positions: Vec<i64>,
+pub struct PatchGoldenSweep {
+    pub sites: Vec<String>,
+    pub units: Option<Vec<usize>>,
+    pub window: usize,
+    pub centers: Vec<usize>,
+    pub positions: Vec<i64>,
     /// (source, target)
-    pairs: Vec<(usize, usize)>,
+    pub pairs: Vec<(usize, usize)>,
     /// In enumeration order (pair, site, centre).
-    experiments: Vec<PatchGoldenExperiment>,
+    pub experiments: Vec<PatchGoldenExperiment>,
 }
 
 #[derive(Deserialize)]
-struct PatchGoldenExperiment {
-    source: usize,
-    target: usize,
-    layers: Vec<usize>,
+pub struct PatchGoldenExperiment {
+    pub source: usize,
+    pub target: usize,
+    pub site: String,
+    pub layers: Vec<usize>,
+    /// Absolute target positions.
+    pub positions: Vec<usize>,
     /// Label logits at the target's last position.
-    patched: Vec<f32>,
+    pub patched: Vec<f32>,
 }
 
 /// Every sweep of `patch_golden.json` (at most `max_cases` experiments in all, spread over the
@@ -422,27 +428,51 @@ fn patch_drift(engine: &dyn Engine, g: &PatchGolden, method: Method, max_cases: 
     Ok(drift)
 }
 
+/// `steer_golden.json` and `ablate_golden.json` (scripts/golden/make_steer_goldens.py,
+/// make_ablate_goldens.py): label logits at every prompt's last position, clean and per case.
 #[derive(Deserialize)]
-struct LabelGolden<C> {
-    prompts: Vec<Vec<u32>>,
-    labels: Vec<u32>,
-    cases: Vec<C>,
+pub struct LabelGolden<C> {
+    /// Token ids: prompts.json `ids`, then `chat_ids`.
+    pub prompts: Vec<Vec<u32>>,
+    pub labels: Vec<u32>,
+    /// [prompt][label]
+    pub clean: Vec<Vec<f32>>,
+    pub cases: Vec<C>,
 }
 
+/// A case of `steer_golden.json`.
 #[derive(Deserialize)]
-struct SteerCase {
+pub struct SteerCase {
     /// `add` (x <- x + beta * sum of `vectors`, unit norm first when `normalise`) or
-    /// `project_set` (x <- x + v - beta * P x, `vectors` = [v, subspace]).
-    op: String,
-    site: String,
-    layer: usize,
-    /// `"all"` or a list of positions.
-    positions: serde_json::Value,
-    beta: f32,
-    normalise: bool,
-    vectors: Vec<String>,
+    /// `project_set` (x <- x + v - beta * P x, `vectors` = [v, subspace], P = U^T U).
+    pub op: String,
+    /// Short site kind (`resid_post`, ...).
+    pub site: String,
+    pub layer: usize,
+    /// `"all"` or a list of positions (-1 = last token).
+    pub positions: serde_json::Value,
+    pub beta: f32,
+    pub normalise: bool,
+    /// Names in steer_vectors.safetensors, under `blocks.<layer>.hook_<site>/`.
+    pub vectors: Vec<String>,
     /// [prompt][label]
-    steered: Vec<Vec<f32>>,
+    pub steered: Vec<Vec<f32>>,
+}
+
+impl SteerCase {
+    pub fn site(&self) -> Result<Site> {
+        let kind = SiteKind::from_short_name(&self.site).ok_or_else(|| Error::input(format!("steer golden: unknown site `{}`", self.site)))?;
+        Ok(Site::new(self.layer, kind))
+    }
+
+    /// The positions in the steer grammar (`all`, `-1`).
+    pub fn positions_text(&self) -> String {
+        positions_text(&self.positions)
+    }
+
+    pub fn name(&self) -> String {
+        format!("{} {:?} at {}.{} positions {} beta {} normalise {}", self.op, self.vectors, self.layer, self.site, self.positions_text(), self.beta, self.normalise)
+    }
 }
 
 /// A golden's positions (`"all"` or a list) in the steer grammar.
@@ -468,7 +498,7 @@ fn steer_drift(engine: &dyn Engine, g: &Goldens) -> Result<Drift> {
             "project_set" if c.vectors.len() == 2 => (format!("{file}:{}", c.vectors[0]), Some(format!("{file}:{}", c.vectors[1]))),
             other => return Err(Error::input(format!("steer golden case {i}: unknown op `{other}`"))),
         };
-        let spec = InterventionSpec { vector: Some(vector), project, site: c.site.clone(), layers: Some(Layers::List(vec![c.layer])), positions: positions_text(&c.positions), betas: vec![c.beta], normalise: c.normalise };
+        let spec = InterventionSpec { vector: Some(vector), project, site: c.site.clone(), layers: Some(Layers::List(vec![c.layer])), positions: c.positions_text(), betas: vec![c.beta], normalise: c.normalise };
         let resolved = spec.resolve(engine.config(), false)?;
         conds.extend(resolved);
     }

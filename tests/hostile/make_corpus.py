@@ -163,7 +163,8 @@ def main():
         put("pairs", name + ".jsonl", text)
     put("pairs", "not_utf8.jsonl", b'{"source": 0, "target": 1}\n\xff\n')
 
-    vec = os.path.abspath(os.path.join(FIX, "steer_vectors.safetensors"))
+    # Relative to the repository root, where the tests run.
+    vec = "tests/fixtures/llama/steer_vectors.safetensors"
     base = {"vector": vec + ":a", "site": "resid_post", "layers": "0..1", "positions": "-1", "betas": [2.0]}
     for name, edit in {
         "unknown_field": {"strength": 2},
