@@ -34,13 +34,14 @@ use crate::io::{OutDtype, OutTensor};
 use crate::sites::{Positions, Site, SiteKind};
 use crate::{Error, Result};
 
-/// f32 reference vs Hugging Face float32: |got - want| <= F32_ATOL + F32_RTOL * |want| (the
-/// tests' table: summation orders differ from torch's; HF's own eager vs sdpa differ by ~4e-6).
+/// f32 reference vs Hugging Face float32: |got - want| <= F32_ATOL + F32_RTOL * |want|
+/// (summation orders differ from torch's; HF's own eager vs sdpa differ by ~4e-6). These four
+/// values are also the tests' tolerance table (tests/common/mod.rs reads them from here).
 pub const F32_ATOL: f64 = 1e-4;
 pub const F32_RTOL: f64 = 1e-4;
 /// bf16 forward (bf16 weights, GEMM operands and KV cache, f32 accumulation) vs an f32
 /// reference, per compared group: max |got - want| <= BF16_REL * max |want| and normalised MSE
-/// <= BF16_NMSE (the tests' FORWARD_BF16_* table; the worst seen on the fixtures is ~2.4%).
+/// <= BF16_NMSE (the tests' FORWARD_BF16_*; the worst seen on the fixtures is ~3.2%, patching llama).
 pub const BF16_REL: f64 = 0.05;
 pub const BF16_NMSE: f64 = 1e-3;
 
