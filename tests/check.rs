@@ -2,7 +2,7 @@
 //! family for the CPU reference (every golden case) and the emulated device (a few cases per
 //! methodology), with zero SILENTLY_WRONG and every CPU cell SUPPORTED; and the map's teeth: a
 //! checkpoint with one weight changed is graded SILENTLY_WRONG exactly where the change reaches
-//! (and the command exits 1), one with a NaN weight is ERROR (the non-finite refusal), never a
+//! (and the command exits 1), as is a reference site the capture lacks; one with a NaN weight is ERROR (the non-finite refusal), never a
 //! wrong number passed as right.
 
 mod common;
@@ -87,6 +87,28 @@ fn a_changed_weight_is_silently_wrong_where_it_reaches_and_a_nan_is_an_error() {
         assert_eq!(verdict(m), "SILENTLY_WRONG", "{m}");
     }
     assert_eq!(verdict("attention_pattern"), "SUPPORTED", "the change comes after every attention pattern");
+
+    // A reference site the capture does not produce (the golden names a third layer): wrong,
+    // not skipped.
+    let root = w.path().join("extra");
+    edited_fixture(&root, "llama", |_| {});
+    let golden = root.join("llama").join("golden.safetensors");
+    let mut tensors = read_tensors(&golden);
+    let extra = tensors["blocks.1.hook_resid_post"].clone();
+    tensors.insert("blocks.2.hook_resid_post".into(), extra);
+    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+        .into_iter()
+        .filter(|(n, _)| n != "prompt_offsets")
+        .map(|(n, (shape, v))| (n, shape, v.iter().flat_map(|x| x.to_le_bytes()).collect()))
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView)> = bytes.iter().map(|(n, s, b)| (n.clone(), safetensors::tensor::TensorView::new(Dtype::F32, s.clone(), b).unwrap())).collect();
+    safetensors::serialize_to_file(views, None, &golden).unwrap();
+    let (code, err, cells) = check(&["--fixtures", root.to_str().unwrap(), "--devices", "cpu"], &w.path().join("extra-out"));
+    assert_eq!(code, 1, "{err}");
+    let capture = &cells[&("capture".to_string(), "llama".to_string(), "cpu".to_string())];
+    assert_eq!(capture["verdict"], "SILENTLY_WRONG", "{capture}");
+    assert!(capture["note"].as_str().unwrap().contains("blocks.2.hook_resid_post (not captured)"), "{capture}");
+    assert_eq!(cells[&("logits".to_string(), "llama".to_string(), "cpu".to_string())]["verdict"], "SUPPORTED");
 
     // A NaN in layer 0's q_proj: the engine refuses; every cell is ERROR naming it.
     let root = w.path().join("nan");

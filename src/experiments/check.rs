@@ -356,6 +356,13 @@ fn capture_drifts(engine: &dyn Engine, g: &Goldens) -> Result<Vec<(Methodology, 
         let (_, want) = golden.read_f32(name)?;
         drifts.entry(m).or_default().add(name, data, &want);
     }
+    // A reference tensor the capture did not produce is a site gone missing: wrong, not skipped.
+    let mut missing: Vec<String> = golden.entries.keys().filter(|n| *n != "prompt_offsets" && !out.iter().any(|(o, _)| o == *n)).cloned().collect();
+    missing.sort();
+    for name in missing {
+        let (_, want) = golden.read_f32(&name)?;
+        drifts.entry(Methodology::Capture).or_default().add(&format!("{name} (not captured)"), &[], &want);
+    }
     Ok(drifts.into_iter().collect())
 }
 
@@ -505,7 +512,7 @@ fn steer_drift(engine: &dyn Engine, g: &Goldens) -> Result<Drift> {
     }
     let wants: Vec<Vec<f32>> = keep.iter().map(|&i| golden.cases[i].steered.concat()).collect();
     let names: Vec<String> = conds.iter().map(|c| format!("{} {} at {} beta {}", c.op.name(), c.direction, c.site, c.beta)).collect();
-    label_drift(engine, &golden.prompts, &golden.labels, &one_each(&conds), Method::Resumed, &names, &wants)
+    label_drift(engine, &golden.prompts, &golden.labels, &one_each(&conds), &names, &wants)
 }
 
 #[derive(Deserialize)]
@@ -548,16 +555,16 @@ fn ablate_drift(engine: &dyn Engine, g: &Goldens) -> Result<Drift> {
         exps.push(conditions(&abl, op, &BTreeMap::new(), &positions, 0, cfg)?);
         wants.push(c.ablated.concat());
     }
-    label_drift(engine, &golden.prompts, &golden.labels, &exps, Method::Resumed, &names, &wants)
+    label_drift(engine, &golden.prompts, &golden.labels, &exps, &names, &wants)
 }
 
-/// Label logits of every prompt under each experiment (a label sweep by `method`) vs `wants`
-/// (`[n_prompts * n_labels]` per experiment).
-fn label_drift(engine: &dyn Engine, prompts: &[Vec<u32>], labels: &[u32], exps: &[Vec<crate::intervene::spec::Condition>], method: Method, names: &[String], wants: &[Vec<f32>]) -> Result<Drift> {
+/// Label logits of every prompt under each experiment (the resumed label sweep of `steer` and
+/// `ablate`) vs `wants` (`[n_prompts * n_labels]` per experiment).
+fn label_drift(engine: &dyn Engine, prompts: &[Vec<u32>], labels: &[u32], exps: &[Vec<crate::intervene::spec::Condition>], names: &[String], wants: &[Vec<f32>]) -> Result<Drift> {
     let k = labels.len();
     // [n_experiments, n_prompts * k], NaN until written: a missing row is non-finite.
     let mut got: Vec<Vec<f32>> = vec![vec![f32::NAN; prompts.len() * k]; exps.len()];
-    label_runner(method)(engine, prompts, Readout { label_tokens: labels, projection: None }, exps, 256, &ProgressBar::hidden(), &mut |_, _, _| Ok(()), &mut |rows| {
+    label_runner(Method::Resumed)(engine, prompts, Readout { label_tokens: labels, projection: None }, exps, 256, &ProgressBar::hidden(), &mut |_, _, _| Ok(()), &mut |rows| {
         for r in rows {
             got[r.condition][r.index * k..(r.index + 1) * k].copy_from_slice(&r.label_logits);
         }
