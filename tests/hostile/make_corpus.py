@@ -21,6 +21,11 @@ def put(target, name, data):
         f.write(data)
 
 
+def put_all(target, ext, cases):
+    for name, data in cases.items():
+        put(target, name + ext, data)
+
+
 def st(header, data=b""):
     h = json.dumps(header).encode()
     return struct.pack("<Q", len(h)) + h + data
@@ -139,7 +144,7 @@ def main():
     del bad
 
     lines = [json.dumps({"text": t, "emotion": e, "score": 0.5}) for t, e in [("I got the job", "joy"), ("My dog died", "sadness")]]
-    for name, text in {
+    put_all("jsonl", ".jsonl", {
         "empty": "",
         "not_json": lines[0] + "\n{\"text\": \n",
         "array_line": lines[0] + "\n[1, 2]\n",
@@ -147,11 +152,10 @@ def main():
         "score_string": lines[0] + "\n" + json.dumps({"text": "x", "emotion": "joy", "score": "high"}) + "\n",
         "no_label": lines[0] + "\n" + json.dumps({"text": "x", "score": 1}) + "\n",
         "truncated": lines[0] + "\n" + lines[1][:10],
-    }.items():
-        put("jsonl", name + ".jsonl", text)
+    })
     put("jsonl", "not_utf8.jsonl", lines[0].encode() + b"\n{\"text\": \"\xff\", \"emotion\": \"joy\", \"score\": 1}\n")
 
-    for name, text in {
+    put_all("pairs", ".jsonl", {
         "empty": "",
         "out_of_range": '{"source": 0, "target": 4}\n',
         "huge_index": '{"source": 0, "target": 18446744073709551615}\n',
@@ -159,8 +163,7 @@ def main():
         "string_index": '{"source": "0", "target": 1}\n',
         "missing_target": '{"source": 0}\n',
         "not_json": '{"source": 0, "target": \n',
-    }.items():
-        put("pairs", name + ".jsonl", text)
+    })
     put("pairs", "not_utf8.jsonl", b'{"source": 0, "target": 1}\n\xff\n')
 
     # Relative to the repository root, where the tests run.
@@ -251,7 +254,7 @@ def main():
     tensor = gstr(b"t") + struct.pack("<I", 1) + struct.pack("<Q", 32) + struct.pack("<I", 0) + struct.pack("<Q", 2**63)
     put("gguf", "tensor_offset_huge.gguf", gguf(n_tensors=1, rest=tensor))
 
-    for name, text in {
+    put_all("token_ids", ".json", {
         "empty_list": "[]",
         "empty_prompt": "[[]]",
         "negative": "[[1, -1]]",
@@ -261,8 +264,7 @@ def main():
         "u32_overflow": "[[4294967296]]",
         "not_json": "[[1, 2",
         "flat": "[1, 2, 3]",
-    }.items():
-        put("token_ids", name + ".json", text)
+    })
     put("token_ids", "bom.json", b"\xef\xbb\xbf[[1, 2]]")
 
 
