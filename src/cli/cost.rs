@@ -286,8 +286,9 @@ fn load_config(c: &CommonArgs) -> Result<(ModelConfig, String, DType)> {
     Ok((cfg, name, dtype))
 }
 
-/// The largest --n-prompts a plan takes (its prompt lengths are held in memory).
-const MAX_PLANNED_PROMPTS: usize = 100_000_000;
+/// The largest --n-prompts and number of pairs a plan takes (its prompt lengths and pairs are
+/// held in memory).
+const MAX_PLANNED: usize = 10_000_000;
 
 /// Prompt lengths: from --token-ids, or --n-prompts of --prompt-len.
 fn prompt_lens(c: &CommonArgs) -> Result<Vec<usize>> {
@@ -295,7 +296,7 @@ fn prompt_lens(c: &CommonArgs) -> Result<Vec<usize>> {
         Some(path) => Ok(load_prompts(PromptSource::TokenIds(path), Path::new(""), false)?.iter().map(Vec::len).collect()),
         None if c.n_prompts == 0 || c.prompt_len == 0 => Err(Error::input("--n-prompts and --prompt-len must be at least 1")),
         // One length per prompt is held: bounded before it is allocated.
-        None if c.n_prompts > MAX_PLANNED_PROMPTS => Err(Error::input(format!("--n-prompts {}: at most {MAX_PLANNED_PROMPTS} prompts can be planned", c.n_prompts))),
+        None if c.n_prompts > MAX_PLANNED => Err(Error::input(format!("--n-prompts {}: at most {MAX_PLANNED} prompts can be planned", c.n_prompts))),
         None => Ok(vec![c.prompt_len; c.n_prompts]),
     }
 }
@@ -386,6 +387,10 @@ fn patch(a: PatchCostArgs) -> Result<()> {
         },
         (None, n) => (n.unwrap_or(200), None),
     };
+    // The pairs are drawn into memory: bounded before they are.
+    if pairs_n > MAX_PLANNED {
+        return Err(Error::input(format!("{pairs_n} pairs: at most {MAX_PLANNED} pairs can be planned")));
+    }
     let work = PatchWorkloadSpec {
         n_prompts: lens.len(),
         prompt_len: lens[0],
