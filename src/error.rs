@@ -41,16 +41,16 @@ impl Error {
         Error::Io { path: path.into(), source }
     }
     pub fn file(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {
-        Error::File { path: path.into(), msg: msg.into() }
+        Error::File { path: path.into(), msg: one_line(msg.into()) }
     }
     pub fn config(path: impl Into<PathBuf>, field: impl Into<String>, msg: impl Into<String>) -> Self {
-        Error::Config { path: path.into(), field: field.into(), msg: msg.into() }
+        Error::Config { path: path.into(), field: one_line(field.into()), msg: one_line(msg.into()) }
     }
     pub fn input(msg: impl Into<String>) -> Self {
-        Error::Input(msg.into())
+        Error::Input(one_line(msg.into()))
     }
     pub fn device(msg: impl Into<String>) -> Self {
-        Error::Device(msg.into())
+        Error::Device(one_line(msg.into()))
     }
     /// A [`Error::NonFinite`] or [`Error::TooLong`] with its prompt renumbered from the index
     /// in a forward call to the run's (`id(i)`); any other error unchanged.
@@ -61,6 +61,12 @@ impl Error {
             e => e,
         }
     }
+}
+
+/// A message on one line: line breaks quoted from user text (a CSV header field with a newline, a
+/// JSON key) written as `\n` and `\r`.
+fn one_line(s: String) -> String {
+    if s.contains(['\n', '\r']) { s.replace('\r', "\\r").replace('\n', "\\n") } else { s }
 }
 
 /// Reads a whole file, naming it in the error.

@@ -12,44 +12,10 @@ use common::*;
 use common::kernels::test_driver;
 use patchbay::backend::emu::FiberOrder;
 use patchbay::engine::device_forward::DeviceModel;
+use patchbay::experiments::check::{PatchGolden as Golden, PatchGoldenSweep as GoldenSweep};
 use patchbay::experiments::patch::{ExperimentResult, Method, Pair, SweepSpec};
 use patchbay::model::Model;
 use patchbay::sites::SiteKind;
-use serde::Deserialize;
-
-#[derive(Deserialize)]
-struct Golden {
-    /// Token ids: prompts.json `ids`, then `chat_ids`.
-    prompts: Vec<Vec<u32>>,
-    labels: Vec<u32>,
-    /// Clean label logits at each prompt's last position.
-    clean: Vec<Vec<f32>>,
-    sweeps: Vec<GoldenSweep>,
-}
-
-#[derive(Deserialize)]
-struct GoldenSweep {
-    sites: Vec<String>,
-    units: Option<Vec<usize>>,
-    window: usize,
-    centers: Vec<usize>,
-    positions: Vec<i64>,
-    /// (source, target)
-    pairs: Vec<(usize, usize)>,
-    /// In enumeration order (pair, site, centre).
-    experiments: Vec<GoldenExperiment>,
-}
-
-#[derive(Deserialize)]
-struct GoldenExperiment {
-    source: usize,
-    target: usize,
-    site: String,
-    layers: Vec<usize>,
-    /// Absolute target positions.
-    positions: Vec<usize>,
-    patched: Vec<f32>,
-}
 
 /// Compares every experiment of one method with the golden; returns the max abs error.
 fn compare(tag: &str, golden: &Golden, gs: &GoldenSweep, results: &[ExperimentResult]) -> f32 {

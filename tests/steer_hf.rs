@@ -22,91 +22,48 @@ use patchbay::engine::device_forward::DeviceModel;
 use patchbay::engine::{Engine, RunRequest};
 use patchbay::intervene::{Intervention, Op};
 use patchbay::model::Model;
-use patchbay::sites::{Positions, Site, SiteKind};
-use serde::Deserialize;
+use patchbay::sites::{Positions, Site};
+use patchbay::experiments::check::{LabelGolden, SteerCase as Case};
 
-#[derive(Deserialize)]
-struct Golden {
-    /// Token ids: prompts.json `ids`, then `chat_ids`.
-    prompts: Vec<Vec<u32>>,
-    labels: Vec<u32>,
-    /// Clean label logits at each prompt's last position: [prompt][label].
-    clean: Vec<Vec<f32>>,
-    cases: Vec<Case>,
-}
-
-#[derive(Deserialize)]
-struct Case {
-    /// `add`: x <- x + beta * v, v the sum of `vectors` (unit norm first when `normalise`);
-    /// `project_set`: x <- x + v - beta * P x, `vectors` = [v, subspace], P = U^T U.
-    op: String,
-    /// Short site kind (`resid_post`, ...).
-    site: String,
-    layer: usize,
-    /// `"all"` or a list of positions (-1 = last token).
-    positions: serde_json::Value,
-    beta: f32,
-    normalise: bool,
-    /// Names in steer_vectors.safetensors, under `blocks.<layer>.hook_<site>/`.
-    vectors: Vec<String>,
-    /// Label logits: [prompt][label].
-    steered: Vec<Vec<f32>>,
-}
+type Golden = LabelGolden<Case>;
 
 /// steer_vectors.safetensors: name -> (shape, values).
 type Vectors = HashMap<String, (Vec<usize>, Vec<f32>)>;
 
-impl Case {
-    fn site(&self) -> Site {
-        Site::new(self.layer, SiteKind::from_short_name(&self.site).unwrap_or_else(|| panic!("unknown site {}", self.site)))
-    }
+fn site(c: &Case) -> Site {
+    c.site().unwrap()
+}
 
-    fn positions(&self) -> Positions {
-        match &self.positions {
-            serde_json::Value::String(s) if s == "all" => Positions::All,
-            p => Positions::List(serde_json::from_value(p.clone()).unwrap_or_else(|e| panic!("positions {p}: {e}"))),
-        }
-    }
+fn positions(c: &Case) -> Positions {
+    Positions::parse(&c.positions_text()).unwrap()
+}
 
-    /// The command-line form of the positions (`all`, `-1`).
-    fn positions_arg(&self) -> String {
-        match self.positions() {
-            Positions::All => "all".into(),
-            Positions::List(p) => p.iter().map(i64::to_string).collect::<Vec<_>>().join(","),
-        }
-    }
+fn vector(c: &Case, vectors: &Vectors, name: &str) -> (Vec<usize>, Vec<f32>) {
+    let key = format!("{}/{name}", site(c));
+    vectors.get(&key).unwrap_or_else(|| panic!("steer_vectors.safetensors has no {key}")).clone()
+}
 
-    fn vector(&self, vectors: &Vectors, name: &str) -> (Vec<usize>, Vec<f32>) {
-        let key = format!("{}/{name}", self.site());
-        vectors.get(&key).unwrap_or_else(|| panic!("steer_vectors.safetensors has no {key}")).clone()
-    }
-
-    fn intervention(&self, vectors: &Vectors) -> Intervention {
-        let op = match self.op.as_str() {
-            "add" => {
-                // [d_model]: the sum of the named vectors, in order (as the generator sums them).
-                let mut v = self.vector(vectors, &self.vectors[0]).1;
-                for name in &self.vectors[1..] {
-                    v.iter_mut().zip(self.vector(vectors, name).1).for_each(|(a, b)| *a += b);
-                }
-                Op::Add { beta: self.beta, v, normalize: self.normalise }
+fn intervention(c: &Case, vectors: &Vectors) -> Intervention {
+    let op = match c.op.as_str() {
+        "add" => {
+            // [d_model]: the sum of the named vectors, in order (as the generator sums them).
+            let mut v = vector(c, vectors, &c.vectors[0]).1;
+            for name in &c.vectors[1..] {
+                v.iter_mut().zip(vector(c, vectors, name).1).for_each(|(a, b)| *a += b);
             }
-            "project_set" => {
-                let v = self.vector(vectors, &self.vectors[0]).1;
-                let (shape, u) = self.vector(vectors, &self.vectors[1]); // [k, d_model], orthonormal rows
-                let d = shape[1];
-                // [d_model, d_model]: P = U^T U
-                let p = (0..d * d).map(|ij| (0..shape[0]).map(|k| u[k * d + ij / d] * u[k * d + ij % d]).sum()).collect();
-                Op::ProjectSet { beta: self.beta, p, v }
-            }
-            other => panic!("unknown op {other}"),
-        };
-        Intervention { site: self.site(), prompts: None, positions: self.positions(), units: None, op }
-    }
-
-    fn name(&self) -> String {
-        format!("{} {:?} at {} positions {} beta {} normalise {}", self.op, self.vectors, self.site(), self.positions, self.beta, self.normalise)
-    }
+            Op::Add { beta: c.beta, v, normalize: c.normalise }
+        }
+        "project_set" => {
+            let v = vector(c, vectors, &c.vectors[0]).1;
+            let (shape, u) = vector(c, vectors, &c.vectors[1]); // [k, d_model], orthonormal rows
+            let d = shape[1];
+            // [d_model, d_model]: P = U^T U
+            let p = (0..d * d).map(|ij| (0..shape[0]).map(|k| u[k * d + ij / d] * u[k * d + ij % d]).sum()).collect();
+            Op::ProjectSet { beta: c.beta, p, v }
+        }
+        other => panic!("unknown op {other}"),
+    };
+    Intervention { site: site(c), prompts: None, positions: positions(c), units: None, op }
 }
 
 fn load(family: &str) -> (Model, Golden, Vectors) {
@@ -132,7 +89,7 @@ fn check_cpu(family: &str) {
     let mut worst = assert_close(&format!("{family} clean"), &clean, &golden.clean.concat(), F32_ATOL, F32_RTOL);
     for case in &golden.cases {
         let name = format!("{family} {}", case.name());
-        let got = label_logits(&model, &golden.prompts, &golden.labels, &[case.intervention(&vectors)]);
+        let got = label_logits(&model, &golden.prompts, &golden.labels, &[intervention(case, &vectors)]);
         worst = worst.max(assert_close(&name, &got, &case.steered.concat(), F32_ATOL, F32_RTOL));
         if case.beta == 0.0 && case.op == "add" {
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
@@ -153,7 +110,7 @@ fn check_device(family: &str, order: FiberOrder) {
     let mut worst = assert_forward_close(&format!("{family} clean on {dev_name}"), &run(&[]), &golden.clean.concat()).0;
     let cases: Vec<&Case> = golden.cases.iter().filter(|c| c.beta < 0.0 || c.vectors.len() > 1).collect();
     for case in &cases {
-        let got = run(&[case.intervention(&vectors)]);
+        let got = run(&[intervention(case, &vectors)]);
         worst = worst.max(assert_forward_close(&format!("{family} {} on {dev_name}", case.name()), &got, &case.steered.concat()).0);
     }
     println!("{family}: {} steering cases on {dev_name}: worst max abs error {:.2}% of the case's largest |logit|", cases.len(), worst * 100.0);
@@ -219,7 +176,7 @@ struct ScoreRow {
 fn steer_label_runs(golden: &Golden, model: &Path, token_ids: &Path, vectors: &Path, out: &Path) -> Vec<SteerRun> {
     let mut groups: Vec<(String, Vec<&Case>)> = Vec::new();
     for case in golden.cases.iter().filter(|c| c.op == "add" && c.vectors.len() == 1) {
-        let key = format!("{} {} {} {}", case.site, case.positions_arg(), case.normalise, case.vectors[0]);
+        let key = format!("{} {} {} {}", case.site, case.positions_text(), case.normalise, case.vectors[0]);
         match groups.iter_mut().find(|(k, _)| *k == key) {
             Some((_, cases)) => cases.push(case),
             None => groups.push((key, vec![case])),
@@ -243,7 +200,7 @@ fn steer_label_runs(golden: &Golden, model: &Path, token_ids: &Path, vectors: &P
             args.extend([model.display().to_string(), "--token-ids".into(), token_ids.display().to_string()]);
             args.extend(["--label-token-ids".into(), labels.clone(), "--vector".into(), format!("{}:{}", vectors.display(), c.vectors[0])]);
             args.extend(["--site".into(), c.site.clone(), "--layers".into(), join(layers.iter().map(usize::to_string).collect())]);
-            args.extend([format!("--betas={}", join(betas.iter().map(f32::to_string).collect())), format!("--positions={}", c.positions_arg())]);
+            args.extend([format!("--betas={}", join(betas.iter().map(f32::to_string).collect())), format!("--positions={}", c.positions_text())]);
             if c.normalise {
                 args.push("--normalise".into());
             }

@@ -286,13 +286,24 @@ fn load_config(c: &CommonArgs) -> Result<(ModelConfig, String, DType)> {
     Ok((cfg, name, dtype))
 }
 
-/// Prompt lengths: from --token-ids, or --n-prompts of --prompt-len.
-fn prompt_lens(c: &CommonArgs) -> Result<Vec<usize>> {
-    match &c.token_ids {
-        Some(path) => Ok(load_prompts(PromptSource::TokenIds(path), Path::new(""), false)?.iter().map(Vec::len).collect()),
-        None if c.n_prompts == 0 || c.prompt_len == 0 => Err(Error::input("--n-prompts and --prompt-len must be at least 1")),
-        None => Ok(vec![c.prompt_len; c.n_prompts]),
+/// The largest --n-prompts and number of pairs a plan takes (its prompt lengths and pairs are
+/// held in memory).
+const MAX_PLANNED: usize = 10_000_000;
+
+/// Prompt lengths: from --token-ids, or --n-prompts of --prompt-len; each within the model's
+/// context (max_position_embeddings), checked before anything of that size is drawn.
+fn prompt_lens(c: &CommonArgs, cfg: &ModelConfig) -> Result<Vec<usize>> {
+    let lens = match &c.token_ids {
+        Some(path) => load_prompts(PromptSource::TokenIds(path), Path::new(""), false)?.iter().map(Vec::len).collect(),
+        None if c.n_prompts == 0 || c.prompt_len == 0 => return Err(Error::input("--n-prompts and --prompt-len must be at least 1")),
+        // One length per prompt is held: bounded before it is allocated.
+        None if c.n_prompts > MAX_PLANNED => return Err(Error::input(format!("--n-prompts {}: at most {MAX_PLANNED} prompts can be planned", c.n_prompts))),
+        None => vec![c.prompt_len; c.n_prompts],
+    };
+    if let Some((i, len)) = lens.iter().enumerate().find(|(_, l)| **l > cfg.max_position) {
+        return Err(Error::input(format!("prompt {i} has {len} tokens, past the model's context of {} tokens (max_position_embeddings)", cfg.max_position)));
     }
+    Ok(lens)
 }
 
 fn model_info(cfg: &ModelConfig, name: String, dtype: DType) -> ModelInfo {
@@ -344,7 +355,7 @@ fn print(e: &Estimate, measured: &[Check], as_json: bool) -> Result<()> {
 
 fn passes(c: &CommonArgs, command: &str, workload: Value, spec: impl Fn(&ModelConfig) -> Result<PassSpec>) -> Result<()> {
     let (cfg, name, dtype) = load_config(c)?;
-    let lens = prompt_lens(c)?;
+    let lens = prompt_lens(c, &cfg)?;
     let spec = spec(&cfg)?;
     let devs = devices(&c.device, &cfg, dtype)?;
     let methods = estimate(&cfg, dtype, &lens, &Workload::Passes(spec), &devs)?;
@@ -369,7 +380,7 @@ fn n_labels(list: &[String]) -> Result<usize> {
 
 fn patch(a: PatchCostArgs) -> Result<()> {
     let (cfg, name, dtype) = load_config(&a.common)?;
-    let lens = prompt_lens(&a.common)?;
+    let lens = prompt_lens(&a.common, &cfg)?;
     // Label tokens are drawn with the workload below (as `bench patch` draws them).
     let sweep = a.sweep.spec(cfg.n_layers, Vec::new())?;
     let n_labels = n_labels(&a.labels)?;
@@ -381,6 +392,10 @@ fn patch(a: PatchCostArgs) -> Result<()> {
         },
         (None, n) => (n.unwrap_or(200), None),
     };
+    // The pairs are drawn into memory: bounded before they are.
+    if pairs_n > MAX_PLANNED {
+        return Err(Error::input(format!("{pairs_n} pairs: at most {MAX_PLANNED} pairs can be planned")));
+    }
     let work = PatchWorkloadSpec {
         n_prompts: lens.len(),
         prompt_len: lens[0],

@@ -3,6 +3,7 @@
 pub mod ablate;
 pub mod bench;
 pub mod capture;
+pub mod check;
 pub mod circuit;
 pub mod components;
 pub mod cost;
@@ -31,6 +32,8 @@ pub enum Command {
     Inspect(inspect::InspectArgs),
     /// Run prompts and save activations at chosen sites (and logits) to a safetensors file.
     Capture(capture::CaptureArgs),
+    /// The applicability map: every methodology on every fixture family and engine, graded against Hugging Face references (SUPPORTED, DEGRADED, ERROR, SILENTLY_WRONG).
+    Check(check::CheckArgs),
     /// Circuits as files: build a circuit per emotion from component rankings (build), evaluate circuit-modulated generation against prompting and steering (eval).
     Circuit(circuit::CircuitArgs),
     /// Attention heads and MLP neurons: contributions to a direction and to label logits (contrib), the logit lens (lens).
@@ -67,6 +70,7 @@ impl Command {
             Command::Demo(a) => demo::run(a),
             Command::Inspect(a) => inspect::run(a),
             Command::Capture(a) => capture::run(a),
+            Command::Check(a) => check::run(a),
             Command::Circuit(a) => circuit::run(a),
             Command::Components(a) => components::run(a),
             Command::Directions(a) => directions::run(a),

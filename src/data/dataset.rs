@@ -323,7 +323,9 @@ pub fn load(spec: &DatasetSpec) -> Result<Dataset> {
             declared.extend(spec.filters.iter().map(|f| &f.column));
             for c in declared {
                 if !headers.contains(c) {
-                    return Err(Error::file(path, format!("no column `{c}` (the header has: {})", headers.join(", "))));
+                    // A header field can hold the rest of the file (an unclosed quote): names cut at 40 characters.
+                    let shown: Vec<String> = headers.iter().map(|h| if h.chars().count() > 40 { format!("{}...", h.chars().take(40).collect::<String>()) } else { h.clone() }).collect();
+                    return Err(Error::file(path, format!("no column `{c}` (the header has: {})", shown.join(", "))));
                 }
             }
             let mut record = csv::StringRecord::new();

@@ -131,7 +131,8 @@ pub fn generate(
         }
     }
     let ivs = StepInterventions::new(cfg, prompts, steps)?;
-    progress.inc_length((prompts.len() * spec.max_new_tokens) as u64);
+    // Saturating: a budget past any context (--max-new-tokens 2^64-1) ends at the context instead.
+    progress.inc_length((prompts.len() as u64).saturating_mul(spec.max_new_tokens as u64));
     let mut out = Vec::with_capacity(prompts.len());
     for (b, batch) in prompts.chunks(spec.batch_size).enumerate() {
         let first = b * spec.batch_size;

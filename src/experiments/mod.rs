@@ -3,6 +3,7 @@
 pub mod ablate;
 pub mod ablate_files;
 pub mod bench;
+pub mod check;
 pub mod capture;
 pub mod circuit;
 pub mod components;

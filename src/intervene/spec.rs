@@ -81,7 +81,17 @@ impl Layers {
                 let mut out = Vec::new();
                 for item in t.split(',').filter(|s| !s.trim().is_empty()) {
                     match item.split_once("..") {
-                        Some((a, b)) => out.extend(int(a)?..=int(b)?),
+                        Some((a, b)) => {
+                            let (a, b) = (int(a)?, int(b)?);
+                            // Checked before the range is expanded: `0..99999999999` is refused, not allocated.
+                            if b >= n_layers {
+                                return Err(out_of_range(b, n_layers));
+                            }
+                            if a > b {
+                                return Err(Error::input(format!("layers: `{}` is an empty range (write the lower layer first)", item.trim())));
+                            }
+                            out.extend(a..=b)
+                        }
                         None => out.push(int(item)?),
                     }
                 }
@@ -91,8 +101,8 @@ impl Layers {
         if list.is_empty() {
             return Err(Error::input("layers: empty list"));
         }
-        if let Some(l) = list.iter().find(|&&l| l >= n_layers) {
-            return Err(Error::input(format!("layer {l} is out of range (the model has {n_layers} layers: 0..={})", n_layers.saturating_sub(1))));
+        if let Some(&l) = list.iter().find(|&&l| l >= n_layers) {
+            return Err(out_of_range(l, n_layers));
         }
         let mut seen = std::collections::HashSet::new();
         if let Some(l) = list.iter().find(|l| !seen.insert(**l)) {
@@ -100,6 +110,10 @@ impl Layers {
         }
         Ok(list)
     }
+}
+
+fn out_of_range(l: usize, n_layers: usize) -> Error {
+    Error::input(format!("layer {l} is out of range (the model has {n_layers} layers: 0..={})", n_layers.saturating_sub(1)))
 }
 
 /// `FILE.safetensors[:NAME[+NAME...]]`: the file and the names (empty: the file's only tensor).
@@ -355,6 +369,8 @@ mod tests {
         assert_eq!(Layers::List(vec![3]).resolve(4).unwrap(), [3]);
         assert!(l("4").unwrap_err().to_string().contains("layer 4 is out of range"));
         assert!(l("1,1").unwrap_err().to_string().contains("twice"));
+        assert!(l("0..99999999999").unwrap_err().to_string().contains("layer 99999999999 is out of range"));
+        assert!(l("3..1").unwrap_err().to_string().contains("empty range"));
         assert!(l("x").is_err() && l("").is_err());
     }
 

@@ -116,6 +116,14 @@ pub struct Entry {
     pub end: usize,
 }
 
+impl Entry {
+    /// Bytes of the tensor's shape at `width` bytes per element; None when that overflows (a
+    /// hostile header).
+    fn byte_len(&self, width: usize) -> Option<usize> {
+        self.shape.iter().try_fold(width, |a, &d| a.checked_mul(d))
+    }
+}
+
 /// A safetensors file opened for reading tensor by tensor.
 pub struct TensorFile {
     pub path: PathBuf,
@@ -152,7 +160,8 @@ impl TensorFile {
             let shape = v["shape"].as_array().ok_or_else(|| bad(&format!("tensor `{name}` has no shape")))?.iter().map(|d| d.as_u64().map(|d| d as usize)).collect::<Option<Vec<_>>>().ok_or_else(|| bad("bad shape"))?;
             let off = v["data_offsets"].as_array().filter(|a| a.len() == 2).ok_or_else(|| bad(&format!("tensor `{name}` has no data_offsets")))?;
             let (begin, end) = (off[0].as_u64().unwrap_or(u64::MAX) as usize, off[1].as_u64().unwrap_or(u64::MAX) as usize);
-            if begin > end || 8 + n + end as u64 > file_len {
+            // 8 + n <= file_len (checked above): no sum here can overflow.
+            if begin > end || end as u64 > file_len - 8 - n {
                 return Err(bad(&format!("tensor `{name}` lies outside the file")));
             }
             entries.insert(name, Entry { dtype, shape, begin, end });
@@ -174,13 +183,12 @@ impl TensorFile {
     /// A float tensor (F32, BF16 or F16) as f32: (shape, values).
     pub fn read_f32(&mut self, name: &str) -> Result<(Vec<usize>, Vec<f32>)> {
         let e = self.entry(name)?.clone();
-        let n: usize = e.shape.iter().product();
         let width = match e.dtype.as_str() {
             "F32" => 4,
             "BF16" | "F16" => 2,
             other => return Err(Error::file(&self.path, format!("tensor `{name}`: dtype {other}, expected a float type"))),
         };
-        if e.end - e.begin != n * width {
+        if e.byte_len(width) != Some(e.end - e.begin) {
             return Err(Error::file(&self.path, format!("tensor `{name}`: {} bytes for shape {:?}", e.end - e.begin, e.shape)));
         }
         let b = self.read_bytes(&e)?;
@@ -194,8 +202,7 @@ impl TensorFile {
 
     pub fn read_i64(&mut self, name: &str) -> Result<(Vec<usize>, Vec<i64>)> {
         let e = self.entry(name)?.clone();
-        let n: usize = e.shape.iter().product();
-        if e.dtype != "I64" || e.end - e.begin != n * 8 {
+        if e.dtype != "I64" || e.byte_len(8) != Some(e.end - e.begin) {
             return Err(Error::file(&self.path, format!("tensor `{name}`: expected I64 of shape {:?}", e.shape)));
         }
         let b = self.read_bytes(&e)?;

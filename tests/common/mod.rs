@@ -14,9 +14,10 @@ pub const FAMILIES: [&str; 6] = ["llama", "mistral", "qwen2", "gemma2", "phi3", 
 
 /// The tolerance table: |got - want| <= atol + rtol * |want|.
 /// f32 reference path vs Hugging Face float32 eager: HF's own eager vs sdpa differ by ~4e-6;
-/// our summation order differs from torch's, so 1e-4 absolute on O(1) activations.
-pub const F32_ATOL: f32 = 1e-4;
-pub const F32_RTOL: f32 = 1e-4;
+/// our summation order differs from torch's, so 1e-4 absolute on O(1) activations. The values
+/// are `patchbay check`'s (experiments::check), which grades the applicability map with them.
+pub const F32_ATOL: f32 = patchbay::experiments::check::F32_ATOL as f32;
+pub const F32_RTOL: f32 = patchbay::experiments::check::F32_RTOL as f32;
 /// An f32 kernel vs the CPU reference on the same f32 inputs (O(1) values): only the order of
 /// reductions (block sums of squares, warp dot products) and fma contraction differ, a few ulp
 /// over widths of a few thousand.
@@ -170,8 +171,8 @@ pub fn random_prompts(n: usize, lens: &[usize], vocab: usize, seed: u64) -> Vec<
 /// normalised MSE <= FORWARD_BF16_NMSE. Every bf16 rounding is 2^-9 relative; through two
 /// layers of the tiny models the observed worst is ~2.4% of a tensor's range (attention
 /// patterns and logits, which compound q, k and the residual).
-pub const FORWARD_BF16_REL: f32 = 0.05;
-pub const FORWARD_BF16_NMSE: f32 = 1e-3;
+pub const FORWARD_BF16_REL: f32 = patchbay::experiments::check::BF16_REL as f32;
+pub const FORWARD_BF16_NMSE: f32 = patchbay::experiments::check::BF16_NMSE as f32;
 
 /// Checks a device-forward tensor against an f32 reference with the bf16 forward tolerances;
 /// returns (max abs error / max |ref|, NMSE).
