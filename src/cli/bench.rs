@@ -8,8 +8,6 @@ use serde::Serialize;
 use super::ablate::AblateOpArgs;
 use super::patch::SweepArgs;
 use super::{parse_bytes, print_stdout, progress_bar};
-use patchbay::engine::load_engine;
-use patchbay::backend::DeviceSpec;
 use patchbay::backend::ops::sample::SampleParams;
 use patchbay::experiments::ablate::AblateOp;
 use patchbay::experiments::bench::{AblateBenchSpec, BenchShape, bench_ablate, bench_capture, bench_forward, bench_generate, bench_patch};
@@ -89,9 +87,8 @@ struct CommonArgs {
     /// A Hugging Face model directory (or a `patchbay synth` checkpoint), or a GGUF file.
     #[arg(long)]
     model: PathBuf,
-    /// cpu (the reference), emu (the emulated GPU), cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
-    device: DeviceSpec,
+    #[command(flatten)]
+    engine: super::EngineArgs,
     /// Prompts per forward.
     #[arg(long, default_value_t = 4)]
     batch: usize,
@@ -174,9 +171,8 @@ struct PatchBenchArgs {
     /// A Hugging Face model directory (or a `patchbay synth` checkpoint), or a GGUF file.
     #[arg(long)]
     model: PathBuf,
-    /// cpu (the reference), emu (the emulated GPU), cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
-    device: DeviceSpec,
+    #[command(flatten)]
+    engine: super::EngineArgs,
     #[arg(long, default_value_t = 50)]
     n_prompts: usize,
     #[arg(long, default_value_t = 32)]
@@ -211,9 +207,8 @@ struct AblateBenchArgs {
     /// A Hugging Face model directory (or a `patchbay synth` checkpoint).
     #[arg(long)]
     model: PathBuf,
-    /// cpu (the reference), emu (the emulated GPU), cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
-    device: DeviceSpec,
+    #[command(flatten)]
+    engine: super::EngineArgs,
     #[arg(long, default_value_t = 4)]
     n_prompts: usize,
     #[arg(long, default_value_t = 32)]
@@ -280,7 +275,7 @@ fn table(device: &str, reps: usize, rows: &[(&str, &str, f64, f64)], tail: &str)
 fn forward(a: ForwardArgs) -> Result<()> {
     let c = &a.common;
     let model = Model::load(&c.model)?;
-    let engine = load_engine(&model, c.device, false)?;
+    let engine = c.engine.load(&model, false)?;
     let bar = progress_bar(0, "bench forward", "runs", c.quiet || c.json);
     let r = bench_forward(&*engine, &c.shape(), a.decode_steps, &bar)?;
     bar.finish_and_clear();
@@ -301,7 +296,7 @@ fn capture(a: CaptureBenchArgs) -> Result<()> {
     let model = Model::load(&c.model)?;
     let positions = Positions::parse(&a.positions)?;
     let captures: Vec<Capture> = Site::parse_spec(&a.sites, &model.cfg)?.into_iter().map(|site| Capture { site, positions: positions.clone() }).collect();
-    let engine = load_engine(&model, c.device, false)?;
+    let engine = c.engine.load(&model, false)?;
     let bar = progress_bar(0, "bench capture", "runs", c.quiet || c.json);
     let r = bench_capture(&*engine, &c.shape(), &captures, &bar)?;
     bar.finish_and_clear();
@@ -327,7 +322,7 @@ fn generate(a: GenerateBenchArgs) -> Result<()> {
     };
     let steer = StepIntervention { site, units: None, op: Op::Add { beta: a.beta, v: direction, normalize: true }, scope };
     let sample = SampleParams { temperature: a.temperature, top_p: a.top_p, seed: c.seed };
-    let engine = load_engine(&model, c.device, false)?;
+    let engine = c.engine.load(&model, false)?;
     let bar = progress_bar(0, "bench generate", "runs", c.quiet || c.json);
     let r = bench_generate(&*engine, &c.shape(), a.new_tokens, sample, &steer, &bar)?;
     bar.finish_and_clear();
@@ -352,7 +347,7 @@ fn patch(a: PatchBenchArgs) -> Result<()> {
         mem_budget: parse_bytes(&a.mem_budget)?,
     };
     let bar = progress_bar(0, "bench", "experiments", a.quiet || a.json);
-    let engine = load_engine(&model, a.device, false)?;
+    let engine = a.engine.load(&model, false)?;
     let r = bench_patch(&*engine, &spec, &bar)?;
     bar.finish_and_clear();
     let text = format!("  {} experiments, device {}\n{}", r.methods.experiments, r.device, r.methods.describe());
@@ -376,7 +371,7 @@ fn ablate(a: AblateBenchArgs) -> Result<()> {
         batch_rows: a.batch_rows,
     };
     let bar = progress_bar(0, "bench", "experiments", a.quiet || a.json);
-    let engine = load_engine(&model, a.device, false)?;
+    let engine = a.engine.load(&model, false)?;
     let r = bench_ablate(&*engine, &spec, &bar)?;
     bar.finish_and_clear();
     let text = format!("  {} heads x {} prompts of {} tokens = {} experiments (op {}, positions {}), device {}\n{}", r.heads, r.prompts, r.prompt_len, r.methods.experiments, r.op, r.positions, r.device, r.methods.describe());
