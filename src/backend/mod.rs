@@ -68,7 +68,8 @@ impl DeviceSpec {
 /// activations) with f32 accumulation, the KV cache bf16, the residual stream and every site
 /// f32; the GEMMs use AVX512-BF16 where the CPU has it. The device engines (emu, cuda) always
 /// compute in bf16.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Precision {
     #[default]
     F32,

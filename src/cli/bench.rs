@@ -10,7 +10,7 @@ use super::patch::SweepArgs;
 use super::{parse_bytes, print_stdout, progress_bar};
 use patchbay::backend::ops::sample::SampleParams;
 use patchbay::experiments::ablate::AblateOp;
-use patchbay::experiments::bench::{AblateBenchSpec, BenchShape, bench_ablate, bench_capture, bench_forward, bench_generate, bench_patch};
+use patchbay::experiments::bench::{AblateBenchSpec, BenchShape, bench_ablate, bench_capture, bench_forward, bench_generate, bench_patch, Utilization};
 use patchbay::experiments::generate::StepIntervention;
 use patchbay::experiments::workload::PatchWorkloadSpec;
 use patchbay::intervene::{Capture, Op};
@@ -37,8 +37,11 @@ enum BenchWhat {
   patchbay bench forward --model /tmp/l1b --device cuda --batch 32 --prompt-len 512 --json
 
 JSON fields: device, batch, prompt_len, decode_steps, reps, prefill_s, prefill_tokens_per_s, decode_s,
-decode_tokens_per_s, ratio (prefill/decode tokens/s), peak_rss_bytes; decode fields are null with
---decode-steps 0.")]
+decode_tokens_per_s, ratio (prefill/decode tokens/s), prefill_utilization, peak_rss_bytes; decode
+fields are null with --decode-steps 0. prefill_utilization (null on emu and cuda): precision,
+peak_flops_per_s (this machine's GEMM peak at that precision, measured once per run on a
+[512, 2048] x [2048, 2048] product), flops_per_s (useful FLOPs: GEMMs, attention and lm_head as
+`patchbay cost` counts them), of_peak.")]
     Forward(ForwardArgs),
     /// Capture overhead: the same prefill without and with captures.
     #[command(after_help = "Examples:
@@ -64,7 +67,10 @@ tokens_changed, peak_rss_bytes.")]
   patchbay bench patch --model /tmp/l1b --n-prompts 100 --prompt-len 48 --pairs 200 --sites attn_out,mlp_out,resid_post --window 5 --naive-limit 60 --json
 
 JSON fields: device, experiments, resumed_experiments, naive_experiments, resumed_s, naive_s,
-resumed_per_s, naive_per_s, ratio (resumed/naive per second), max_abs_diff, peak_rss_bytes.")]
+resumed_per_s, naive_per_s, ratio (resumed/naive per second), max_abs_diff, forwards (full
+forwards per experiment: tak = 3, naive, resumed = clean_passes_per_prompt /
+experiments_per_prompt + segment), resumed_utilization and naive_utilization (as bench
+forward's prefill_utilization), peak_rss_bytes.")]
     Patch(PatchBenchArgs),
     /// A head-ablation sweep (every head of every layer), resumed vs naive, on the same experiments.
     #[command(after_help = "Example (every head of a 16-layer model, Wang et al.'s per-head ablation):
@@ -272,6 +278,15 @@ fn table(device: &str, reps: usize, rows: &[(&str, &str, f64, f64)], tail: &str)
     t + tail
 }
 
+/// "  prefill: 12.3 GFLOP/s useful = 25.0% of the f32 GEMM peak (49.2 GFLOP/s)", or why there is
+/// no such figure.
+fn utilization_line(what: &str, u: Option<&Utilization>) -> String {
+    match u {
+        Some(u) => format!("  {what}: {}\n", u.describe()),
+        None => format!("  {what}: fraction of peak not measured (a device engine's GEMM peak is not the host's)\n"),
+    }
+}
+
 fn forward(a: ForwardArgs) -> Result<()> {
     let c = &a.common;
     let model = Model::load(&c.model)?;
@@ -281,13 +296,14 @@ fn forward(a: ForwardArgs) -> Result<()> {
     bar.finish_and_clear();
     let (prefill, decode) = (format!("{} x {} tokens", r.batch, r.prompt_len), format!("{} x {} steps", r.batch, r.decode_steps));
     let mut rows = vec![("prefill", prefill.as_str(), r.prefill_s, r.prefill_tokens_per_s)];
-    let tail = match (r.decode_s, r.decode_tokens_per_s, r.ratio) {
+    let mut tail = match (r.decode_s, r.decode_tokens_per_s, r.ratio) {
         (Some(s), Some(per_s), Some(ratio)) => {
             rows.push(("decode", &decode, s, per_s));
             format!("  ratio prefill/decode tokens/s: {ratio:.2}x\n")
         }
         _ => "  decode: not measured (--decode-steps 0)\n".into(),
     };
+    tail += &utilization_line("prefill", r.prefill_utilization.as_ref());
     report("forward", &c.model, &model, c.json, &r, &table(&r.device, r.reps, &rows, &tail))
 }
 
@@ -350,7 +366,15 @@ fn patch(a: PatchBenchArgs) -> Result<()> {
     let engine = a.engine.load(&model, false)?;
     let r = bench_patch(&*engine, &spec, &bar)?;
     bar.finish_and_clear();
-    let text = format!("  {} experiments, device {}\n{}", r.methods.experiments, r.device, r.methods.describe());
+    let text = format!(
+        "  {} experiments, device {}\n{}{}{}{}",
+        r.methods.experiments,
+        r.device,
+        r.methods.describe(),
+        r.forwards.describe(),
+        utilization_line("resumed", r.resumed_utilization.as_ref()),
+        utilization_line("naive", r.naive_utilization.as_ref())
+    );
     report("patch", &a.model, &model, a.json, &r, &text)
 }
 

@@ -161,6 +161,10 @@ pub trait Engine {
     /// to each sequence's length after the call; positions already in the cache are skipped)
     /// and logits (relative to that length: `-1` is the last new token).
     fn decode(&self, seqs: &mut [&mut DecodeSeq], tokens: &[&[u32]], req: &RunRequest) -> Result<RunOutput>;
+    /// The engine's numerics: the CPU engine's precision; a device computes in bf16.
+    fn precision(&self) -> Precision {
+        Precision::Bf16
+    }
     /// Non-finite values the engine's calls returned so far, where they are allowed and counted
     /// ([`finite::Checked`]); 0 for an engine that does not check.
     fn nonfinite_values(&self) -> u64 {
@@ -213,6 +217,9 @@ struct CpuClean {
 impl Engine for crate::model::Model {
     fn config(&self) -> &ModelConfig {
         &self.cfg
+    }
+    fn precision(&self) -> Precision {
+        self.precision
     }
     fn device_name(&self) -> String {
         match self.precision {
@@ -304,5 +311,8 @@ impl<T: Engine + ?Sized> Engine for &T {
     }
     fn nonfinite_values(&self) -> u64 {
         (**self).nonfinite_values()
+    }
+    fn precision(&self) -> Precision {
+        (**self).precision()
     }
 }
