@@ -12,7 +12,7 @@ Times, with the same thread count on both sides:
 then prints one table. Run it through scripts/side-by-side.sh (a throwaway venv with the pinned
 torch and transformers); not part of the test run.
 
-  scripts/side-by-side.sh --quick                  # 4-layer llama-3.2-1b-shaped checkpoint, minutes
+  scripts/side-by-side.sh --quick                  # 8-layer llama-3.2-1b-shaped checkpoint, minutes
   scripts/side-by-side.sh                          # the 16-layer llama-3.2-1b shape (2.5 GB, ~1 h)
   scripts/side-by-side.sh --model /tmp/l1b         # an existing `patchbay synth` checkpoint
 """
@@ -127,14 +127,16 @@ def hf_tak(model, n_prompts: int, length: int, window: int, n_experiments: int, 
 
 def patchbay(binary: str, args: list[str], threads: int) -> dict:
     env = {**os.environ, "RAYON_NUM_THREADS": str(threads)}
-    out = subprocess.run([binary, *args, "--json", "--quiet"], check=True, capture_output=True, text=True, env=env)
+    out = subprocess.run([binary, *args, "--json", "--quiet"], capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        sys.exit(f"patchbay {' '.join(args)}: {out.stderr.strip()}")
     return json.loads(out.stdout)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="an existing checkpoint (default: patchbay synth --like llama-3.2-1b into a temporary directory)")
-    ap.add_argument("--quick", action="store_true", help="4 layers, 40 pairs over 20 prompts, fewer repetitions")
+    ap.add_argument("--quick", action="store_true", help="8 layers, 40 pairs over 20 prompts, fewer repetitions")
     ap.add_argument("--patchbay", default="target/release/patchbay")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--batch", type=int, default=4)
@@ -154,7 +156,7 @@ def main() -> None:
     if model_dir is None:
         tmp = tempfile.mkdtemp(prefix="side-by-side-")
         model_dir = os.path.join(tmp, "model")
-        layers = ["--layers", "4"] if a.quick else []
+        layers = ["--layers", "8"] if a.quick else []
         subprocess.run([a.patchbay, "synth", "--like", "llama-3.2-1b", *layers, "--out", model_dir], check=True, capture_output=True)
     try:
         rows = {}
