@@ -1,5 +1,5 @@
 //! The one forward pass, for every family (quirks are ModelConfig fields), on the CPU
-//! reference backend. Varlen batch: the rows of all sequences are concatenated, GEMMs run on
+//! backend, at the model's `precision` (f32, the reference, or the device's bf16 numerics). Varlen batch: the rows of all sequences are concatenated, GEMMs run on
 //! all rows at once, attention runs per sequence over its KV cache plus its new rows.
 //! Every site of DESIGN.md section 2 passes through `hooks.apply`, where interventions and
 //! captures happen.

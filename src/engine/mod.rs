@@ -3,7 +3,9 @@
 //!
 //! # Why two forwards
 //!
-//! `forward` is the oracle: f32 throughout, weights converted tile by tile inside a plain GEMM,
+//! `forward` is the oracle: f32 throughout (at `Precision::F32`, the default; at `Bf16` it rounds
+//! GEMM operands, the embedding and the KV cache where the device does), weights converted tile by
+//! tile inside a plain GEMM,
 //! one host buffer per meaning, every step a few lines that mirror the transformers code
 //! (llm.c keeps its CPU reference beside its kernels the same way). It is checked against
 //! Hugging Face (tests/golden_hf.rs) and every faster path is checked against it.
