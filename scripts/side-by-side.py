@@ -193,7 +193,7 @@ def main() -> None:
     head = (
         f"side by side, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {cpu_name()}, {a.threads} threads; "
         f"torch {torch.__version__}, transformers {transformers.__version__}\n"
-        f"checkpoint: llama-3.2-1b shape, {cfg['num_hidden_layers']} layers, bf16 (patchbay synth); prefill {a.batch} x {a.prompt_len} tokens; "
+        f"checkpoint: {a.model or 'patchbay synth --like llama-3.2-1b'}, {cfg['num_hidden_layers']} layers, d_model {cfg['hidden_size']}; prefill {a.batch} x {a.prompt_len} tokens; "
         f"patching: {pairs} pairs over {n_prompts} prompts of {a.patch_len} tokens x {len(SITES)} sites x {cfg['num_hidden_layers']} windows of {a.window} = {n_exp} experiments, last token "
         f"(Tak et al.'s method timed on {tak_n})\n"
     )
