@@ -55,7 +55,7 @@ pub fn matmul_t(x: &[f32], m: usize, w: &Weight, y: &mut [f32]) {
 /// rounded operands.
 ///
 /// Against [`matmul_t`] of the unrounded x (bf16 weights), each output differs by at most
-/// 2^-9 sum_i |x_i w_i| from the rounding of x (one bf16 rounding, relative error <= 2^-9 per
+/// 2^-8 sum_i |x_i w_i| from the rounding of x (one bf16 rounding, relative error <= 2^-8 per
 /// element) plus the f32 summation error of both (about k 2^-24 sum_i |x_i w_i| each).
 pub fn matmul_t_bf16(x: &[f32], m: usize, w: &Weight, y: &mut [f32]) {
     matmul_t_bf16_on(x, m, w, y, has_avx512bf16());
@@ -265,7 +265,9 @@ mod tests {
     /// one step of 32 and past a depth pass (KC), n not a multiple of the tile or the block.
     #[test]
     fn bf16_gemm_matches_the_f32_reference() {
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(rand::rng().random());
+        // A fresh seed each run (PATCHBAY_TEST_SEED replays one, as for the kernel tests).
+        let seed: u64 = std::env::var("PATCHBAY_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| rand::rng().random());
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
         let paths: Vec<bool> = if has_avx512bf16() { vec![true, false] } else { vec![false] };
         for &(m, k, n) in &[(1, 1, 1), (1, 33, 67), (3, 7, 5), (5, 31, 130), (4, 64, 64), (9, 257, 70), (6, 2048 + 37, 9), (2, 4096, 3)] {
             let x = random(&mut rng, m * k);
@@ -281,12 +283,13 @@ mod tests {
                 for &simd in &paths {
                     let mut got = vec![f32::NAN; m * n];
                     matmul_t_bf16_on(&x, m, &w, &mut got, simd);
-                    let what = format!("m {m} k {k} n {n} {dtype:?} simd {simd}");
+                    let what = format!("seed {seed}: m {m} k {k} n {n} {dtype:?} simd {simd}");
                     // Same operands, other summation order: 2 k 2^-24 (k eps) of the magnitude.
                     let same = violation(&got, &want_rounded, &xr, &w_used, m, n, k, k as f32 * f32::EPSILON);
                     assert!(same.is_none(), "{what}: {}", same.unwrap_or_default());
-                    // Against unrounded x: one bf16 rounding of x (2^-9) and the summation.
-                    let exact = violation(&got, &want_exact, &x, &w_used, m, n, k, 1.0 / 512.0 + k as f32 * f32::EPSILON);
+                    // Against unrounded x: one bf16 rounding of x (8 significant bits, round to
+                    // nearest: relative error <= 2^-8) and the summation.
+                    let exact = violation(&got, &want_exact, &x, &w_used, m, n, k, 1.0 / 256.0 + k as f32 * f32::EPSILON);
                     assert!(exact.is_none(), "{what}: {}", exact.unwrap_or_default());
                 }
             }
