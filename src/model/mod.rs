@@ -27,8 +27,8 @@ pub struct Model {
     /// sha256 of config.json (hex), or of a GGUF file's header (metadata and tensor table),
     /// recorded in every output's provenance.
     pub config_hash: String,
-    /// The CPU engine's numerics (`backend::Precision`).
-    pub precision: crate::backend::Precision,
+    /// The CPU engine's numerics.
+    pub precision: config::Precision,
 }
 
 /// sha256 of `bytes`, as lowercase hex.
@@ -60,7 +60,7 @@ impl Model {
 
     /// The same model (its weights shared, not copied) as a CPU engine computing at
     /// `precision`.
-    pub fn with_precision(&self, precision: crate::backend::Precision) -> Model {
+    pub fn with_precision(&self, precision: config::Precision) -> Model {
         Model { precision, ..self.clone() }
     }
 }
