@@ -51,6 +51,17 @@ fn forward_reports_prefill_and_decode() {
     assert!((v["ratio"].as_f64().unwrap() - p / d).abs() <= 1e-9 * p / d, "ratio = prefill / decode tokens/s");
     assert!((p * v["prefill_s"].as_f64().unwrap() - 10.0).abs() < 1e-6, "prefill tokens/s x s = batch x prompt_len");
     assert!(v["peak_rss_bytes"].as_u64().unwrap() > 0);
+    // Useful FLOP/s against the machine's f32 GEMM peak.
+    let u = &v["prefill_utilization"];
+    positive(u, &["peak_flops_per_s", "flops_per_s", "of_peak"]);
+    assert_eq!(u["precision"], "f32");
+    let (f, peak) = (u["flops_per_s"].as_f64().unwrap(), u["peak_flops_per_s"].as_f64().unwrap());
+    assert!((u["of_peak"].as_f64().unwrap() - f / peak).abs() <= 1e-9 * f / peak, "of_peak = flops_per_s / peak: {u}");
+    // The bf16 CPU engine against the bf16 peak.
+    let v = bench_json("forward", &["--batch", "2", "--prompt-len", "5", "--decode-steps", "1", "--reps", "1", "--precision", "bf16"]);
+    assert!(v["device"].as_str().unwrap().starts_with("cpu (bf16)"), "{v}");
+    assert_eq!(v["prefill_utilization"]["precision"], "bf16");
+    positive(&v["prefill_utilization"], &["peak_flops_per_s", "flops_per_s", "of_peak"]);
     // On the emulated device (decoding in its paged KV pool); with no steps, decode is null.
     let model = fixture("llama");
     let (code, out, err) = patchbay(&["bench", "forward", "--model", model.to_str().unwrap(), "--device", "emu", "--batch", "2", "--prompt-len", "3", "--decode-steps", "2", "--reps", "1", "--json"]);
@@ -58,6 +69,7 @@ fn forward_reports_prefill_and_decode() {
     let v: Value = serde_json::from_str(&out).unwrap();
     assert!(v["device"].as_str().unwrap().starts_with("emu"), "{v}");
     positive(&v, &["prefill_tokens_per_s", "decode_tokens_per_s", "ratio"]);
+    assert!(v["prefill_utilization"].is_null(), "the host's GEMM peak is no measure of a device: {v}");
     let v = bench_json("forward", &["--batch", "1", "--prompt-len", "3", "--decode-steps", "0", "--reps", "1"]);
     assert!(v["decode_tokens_per_s"].is_null() && v["ratio"].is_null(), "{v}");
 }
@@ -102,6 +114,16 @@ fn patch_keeps_its_fields() {
     // 3 pairs x 2 sites x 2 centres; the naive method times the first 4.
     assert_eq!((v["experiments"].as_u64(), v["resumed_experiments"].as_u64(), v["naive_experiments"].as_u64()), (Some(12), Some(12), Some(4)));
     assert!(v["max_abs_diff"].as_f64().unwrap() < 1e-3, "resumed and naive disagree: {v}");
+    // Forwards per experiment: Tak et al.'s 3; resumed = clean passes per prompt / experiments
+    // per prompt (12 / 4) + its segment, fewer than the naive method's.
+    let fw = &v["forwards"];
+    positive(fw, &["naive", "resumed", "clean_passes_per_prompt", "segment"]);
+    let num = |f: &str| fw[f].as_f64().unwrap();
+    assert_eq!((num("tak"), num("experiments_per_prompt")), (3.0, 3.0), "{fw}");
+    assert!((num("resumed") - (num("clean_passes_per_prompt") / 3.0 + num("segment"))).abs() < 1e-9, "{fw}");
+    assert!(num("clean_passes_per_prompt") >= 1.0 && num("resumed") < num("naive"), "{fw}");
+    positive(&v["resumed_utilization"], &["flops_per_s", "of_peak"]);
+    positive(&v["naive_utilization"], &["flops_per_s", "of_peak"]);
     // On the emulated device.
     let model = fixture("llama");
     let (code, out, err) = patchbay(&["bench", "patch", "--model", model.to_str().unwrap(), "--device", "emu", "--n-prompts", "3", "--prompt-len", "4", "--pairs", "2", "--sites", "resid_post", "--window", "2", "--json", "--quiet"]);

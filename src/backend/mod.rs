@@ -1,5 +1,6 @@
-//! Compute backends. `cpu` is the plain f32 reference every fast path is checked against;
-//! `device` is the interface the CUDA backend's host code talks to.
+//! Compute backends. `cpu` is the plain f32 reference every fast path is checked against (and
+//! its bf16 variant, [`Precision::Bf16`]); `device` is the interface the CUDA backend's host
+//! code talks to.
 
 pub mod cpu;
 pub mod cuda;
@@ -12,6 +13,7 @@ use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
 
+pub use crate::model::config::Precision;
 use crate::{Error, Result};
 
 /// Where a model runs: `cpu` (the plain reference), `cuda` / `cuda:N` (a GPU), `emu` (the

@@ -9,7 +9,6 @@ use serde_json::json;
 use super::inputs::{InputArgs, LabelArgs, Prompts, manifest};
 use super::patch::MethodArg;
 use super::progress_bar;
-use patchbay::engine::load_engine;
 use patchbay::experiments::ablate::{AblateOp, Component, ablate_sweep, ablations, conditions, mean_sites, parse_heads, prompt_positions, read_groups, site_means, write_operands};
 use patchbay::experiments::ablate_files::SweepPlan;
 use patchbay::experiments::label_files::{Kept, Scope, read_kept, shard_range};
@@ -332,7 +331,7 @@ pub fn run(a: AblateArgs) -> Result<()> {
     };
     let n_kept = kept.rows.len();
     let scope = Scope::new(range.clone(), n_exp, kept);
-    let engine = load_engine(&model, a.inputs.device, a.inputs.allow_nonfinite)?;
+    let engine = a.inputs.engine.load(&model, a.inputs.allow_nonfinite)?;
     let save_manifest = |status: &str, timings: serde_json::Value| -> Result<()> {
         let extra = json!({
             "method": a.method.method().1,

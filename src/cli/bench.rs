@@ -8,11 +8,9 @@ use serde::Serialize;
 use super::ablate::AblateOpArgs;
 use super::patch::SweepArgs;
 use super::{parse_bytes, print_stdout, progress_bar};
-use patchbay::engine::load_engine;
-use patchbay::backend::DeviceSpec;
 use patchbay::backend::ops::sample::SampleParams;
 use patchbay::experiments::ablate::AblateOp;
-use patchbay::experiments::bench::{AblateBenchSpec, BenchShape, bench_ablate, bench_capture, bench_forward, bench_generate, bench_patch};
+use patchbay::experiments::bench::{AblateBenchSpec, BenchShape, bench_ablate, bench_capture, bench_forward, bench_generate, bench_patch, Utilization};
 use patchbay::experiments::generate::StepIntervention;
 use patchbay::experiments::workload::PatchWorkloadSpec;
 use patchbay::intervene::{Capture, Op};
@@ -39,8 +37,11 @@ enum BenchWhat {
   patchbay bench forward --model /tmp/l1b --device cuda --batch 32 --prompt-len 512 --json
 
 JSON fields: device, batch, prompt_len, decode_steps, reps, prefill_s, prefill_tokens_per_s, decode_s,
-decode_tokens_per_s, ratio (prefill/decode tokens/s), peak_rss_bytes; decode fields are null with
---decode-steps 0.")]
+decode_tokens_per_s, ratio (prefill/decode tokens/s), prefill_utilization, peak_rss_bytes; decode
+fields are null with --decode-steps 0. prefill_utilization (null on emu and cuda): precision,
+peak_flops_per_s (this machine's GEMM peak at that precision, measured once per run on a
+[512, 2048] x [2048, 2048] product), flops_per_s (useful FLOPs: GEMMs, attention and lm_head as
+`patchbay cost` counts them), of_peak.")]
     Forward(ForwardArgs),
     /// Capture overhead: the same prefill without and with captures.
     #[command(after_help = "Examples:
@@ -66,7 +67,10 @@ tokens_changed, peak_rss_bytes.")]
   patchbay bench patch --model /tmp/l1b --n-prompts 100 --prompt-len 48 --pairs 200 --sites attn_out,mlp_out,resid_post --window 5 --naive-limit 60 --json
 
 JSON fields: device, experiments, resumed_experiments, naive_experiments, resumed_s, naive_s,
-resumed_per_s, naive_per_s, ratio (resumed/naive per second), max_abs_diff, peak_rss_bytes.")]
+resumed_per_s, naive_per_s, ratio (resumed/naive per second), max_abs_diff, forwards (full
+forwards per experiment: tak = 3, naive, resumed = clean_passes_per_prompt /
+experiments_per_prompt + segment), resumed_utilization and naive_utilization (as bench
+forward's prefill_utilization), peak_rss_bytes.")]
     Patch(PatchBenchArgs),
     /// A head-ablation sweep (every head of every layer), resumed vs naive, on the same experiments.
     #[command(after_help = "Example (every head of a 16-layer model, Wang et al.'s per-head ablation):
@@ -89,9 +93,8 @@ struct CommonArgs {
     /// A Hugging Face model directory (or a `patchbay synth` checkpoint), or a GGUF file.
     #[arg(long)]
     model: PathBuf,
-    /// cpu (the reference), emu (the emulated GPU), cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
-    device: DeviceSpec,
+    #[command(flatten)]
+    engine: super::EngineArgs,
     /// Prompts per forward.
     #[arg(long, default_value_t = 4)]
     batch: usize,
@@ -174,9 +177,8 @@ struct PatchBenchArgs {
     /// A Hugging Face model directory (or a `patchbay synth` checkpoint), or a GGUF file.
     #[arg(long)]
     model: PathBuf,
-    /// cpu (the reference), emu (the emulated GPU), cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
-    device: DeviceSpec,
+    #[command(flatten)]
+    engine: super::EngineArgs,
     #[arg(long, default_value_t = 50)]
     n_prompts: usize,
     #[arg(long, default_value_t = 32)]
@@ -211,9 +213,8 @@ struct AblateBenchArgs {
     /// A Hugging Face model directory (or a `patchbay synth` checkpoint).
     #[arg(long)]
     model: PathBuf,
-    /// cpu (the reference), emu (the emulated GPU), cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
-    device: DeviceSpec,
+    #[command(flatten)]
+    engine: super::EngineArgs,
     #[arg(long, default_value_t = 4)]
     n_prompts: usize,
     #[arg(long, default_value_t = 32)]
@@ -277,22 +278,32 @@ fn table(device: &str, reps: usize, rows: &[(&str, &str, f64, f64)], tail: &str)
     t + tail
 }
 
+/// "  prefill: 12.3 GFLOP/s useful = 25.0% of the f32 GEMM peak (49.2 GFLOP/s)", or why there is
+/// no such figure.
+fn utilization_line(what: &str, u: Option<&Utilization>) -> String {
+    match u {
+        Some(u) => format!("  {what}: {}\n", u.describe()),
+        None => format!("  {what}: fraction of peak not measured (a device engine's GEMM peak is not the host's)\n"),
+    }
+}
+
 fn forward(a: ForwardArgs) -> Result<()> {
     let c = &a.common;
     let model = Model::load(&c.model)?;
-    let engine = load_engine(&model, c.device, false)?;
+    let engine = c.engine.load(&model, false)?;
     let bar = progress_bar(0, "bench forward", "runs", c.quiet || c.json);
     let r = bench_forward(&*engine, &c.shape(), a.decode_steps, &bar)?;
     bar.finish_and_clear();
     let (prefill, decode) = (format!("{} x {} tokens", r.batch, r.prompt_len), format!("{} x {} steps", r.batch, r.decode_steps));
     let mut rows = vec![("prefill", prefill.as_str(), r.prefill_s, r.prefill_tokens_per_s)];
-    let tail = match (r.decode_s, r.decode_tokens_per_s, r.ratio) {
+    let mut tail = match (r.decode_s, r.decode_tokens_per_s, r.ratio) {
         (Some(s), Some(per_s), Some(ratio)) => {
             rows.push(("decode", &decode, s, per_s));
             format!("  ratio prefill/decode tokens/s: {ratio:.2}x\n")
         }
         _ => "  decode: not measured (--decode-steps 0)\n".into(),
     };
+    tail += &utilization_line("prefill", r.prefill_utilization.as_ref());
     report("forward", &c.model, &model, c.json, &r, &table(&r.device, r.reps, &rows, &tail))
 }
 
@@ -301,7 +312,7 @@ fn capture(a: CaptureBenchArgs) -> Result<()> {
     let model = Model::load(&c.model)?;
     let positions = Positions::parse(&a.positions)?;
     let captures: Vec<Capture> = Site::parse_spec(&a.sites, &model.cfg)?.into_iter().map(|site| Capture { site, positions: positions.clone() }).collect();
-    let engine = load_engine(&model, c.device, false)?;
+    let engine = c.engine.load(&model, false)?;
     let bar = progress_bar(0, "bench capture", "runs", c.quiet || c.json);
     let r = bench_capture(&*engine, &c.shape(), &captures, &bar)?;
     bar.finish_and_clear();
@@ -327,7 +338,7 @@ fn generate(a: GenerateBenchArgs) -> Result<()> {
     };
     let steer = StepIntervention { site, units: None, op: Op::Add { beta: a.beta, v: direction, normalize: true }, scope };
     let sample = SampleParams { temperature: a.temperature, top_p: a.top_p, seed: c.seed };
-    let engine = load_engine(&model, c.device, false)?;
+    let engine = c.engine.load(&model, false)?;
     let bar = progress_bar(0, "bench generate", "runs", c.quiet || c.json);
     let r = bench_generate(&*engine, &c.shape(), a.new_tokens, sample, &steer, &bar)?;
     bar.finish_and_clear();
@@ -352,10 +363,18 @@ fn patch(a: PatchBenchArgs) -> Result<()> {
         mem_budget: parse_bytes(&a.mem_budget)?,
     };
     let bar = progress_bar(0, "bench", "experiments", a.quiet || a.json);
-    let engine = load_engine(&model, a.device, false)?;
+    let engine = a.engine.load(&model, false)?;
     let r = bench_patch(&*engine, &spec, &bar)?;
     bar.finish_and_clear();
-    let text = format!("  {} experiments, device {}\n{}", r.methods.experiments, r.device, r.methods.describe());
+    let text = format!(
+        "  {} experiments, device {}\n{}{}{}{}",
+        r.methods.experiments,
+        r.device,
+        r.methods.describe(),
+        r.forwards.describe(),
+        utilization_line("resumed", r.resumed_utilization.as_ref()),
+        utilization_line("naive", r.naive_utilization.as_ref())
+    );
     report("patch", &a.model, &model, a.json, &r, &text)
 }
 
@@ -376,7 +395,7 @@ fn ablate(a: AblateBenchArgs) -> Result<()> {
         batch_rows: a.batch_rows,
     };
     let bar = progress_bar(0, "bench", "experiments", a.quiet || a.json);
-    let engine = load_engine(&model, a.device, false)?;
+    let engine = a.engine.load(&model, false)?;
     let r = bench_ablate(&*engine, &spec, &bar)?;
     bar.finish_and_clear();
     let text = format!("  {} heads x {} prompts of {} tokens = {} experiments (op {}, positions {}), device {}\n{}", r.heads, r.prompts, r.prompt_len, r.methods.experiments, r.op, r.positions, r.device, r.methods.describe());

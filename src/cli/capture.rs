@@ -5,9 +5,7 @@ use std::path::PathBuf;
 use clap::Args;
 
 use super::{progress_bar};
-use patchbay::engine::load_engine;
 use patchbay::{Error, Result};
-use patchbay::backend::DeviceSpec;
 use patchbay::data::prompts::{PromptSource, load_prompts};
 use patchbay::experiments::capture::{CaptureSpec, capture, metadata};
 use patchbay::io::{OutDtype, write_safetensors};
@@ -37,10 +35,8 @@ pub struct CaptureArgs {
     /// Hugging Face model directory, or a GGUF file (FILE.gguf, or a directory holding one).
     #[arg(long)]
     model: PathBuf,
-    /// Compute device: cpu (the f32 reference), cuda / cuda:N (a GPU), emu (the CUDA kernels
-    /// emulated on the CPU: slow, for checking the GPU path without a GPU).
-    #[arg(long, default_value = "cpu")]
-    device: DeviceSpec,
+    #[command(flatten)]
+    engine: super::EngineArgs,
     #[arg(long, help = super::ALLOW_NONFINITE_HELP)]
     allow_nonfinite: bool,
     /// A prompt text (repeatable).
@@ -80,7 +76,7 @@ pub struct CaptureArgs {
 
 pub fn run(a: CaptureArgs) -> Result<()> {
     let model = Model::load(&a.model)?;
-    let engine = load_engine(&model, a.device, a.allow_nonfinite)?;
+    let engine = a.engine.load(&model, a.allow_nonfinite)?;
     let source = match (&a.prompts, &a.token_ids) {
         (Some(p), _) => PromptSource::File(p),
         (_, Some(t)) => PromptSource::TokenIds(t),

@@ -86,7 +86,7 @@ pub fn run(a: CheckArgs) -> Result<()> {
         for family in &families {
             let dir = a.fixtures.join(family);
             let model = Model::load(&dir)?;
-            let engine = load_engine(&model, *device, false)?;
+            let engine = load_engine(&model, *device, None, false)?;
             bar.set_message(format!("check {family} on {device}"));
             let goldens = Goldens { dir, family: family.clone(), max_cases: a.max_cases };
             check_family(engine.as_ref(), &device.to_string(), &goldens, &bar, &mut |c| {

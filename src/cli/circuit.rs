@@ -14,7 +14,6 @@ use super::interventions::{InterventionArgs, parse_numbers};
 use super::judge::Judge;
 use super::steer::{JudgeFlags, JudgeSetup, generation_inputs, judge_passes};
 use super::{command_manifest, merge, progress_bar};
-use patchbay::engine::load_engine;
 use patchbay::data::labels::parse_list;
 use patchbay::data::template::{Template, TokenStats};
 use patchbay::experiments::ablate::Component;
@@ -321,8 +320,8 @@ fn run_eval(a: EvalArgs) -> Result<()> {
     let judge_of = judge_model.as_ref().unwrap_or(&model);
     let JudgeSetup { scorer, targets, valence, template } = a.judge.setup(&a.labels, &emotions, judge_of, judge_tok)?;
     let spec = a.sampling.spec(&model, a.seed);
-    let engine = load_engine(&model, a.inputs.device, a.inputs.allow_nonfinite)?;
-    let judge_engine = judge_model.as_ref().map(|m| load_engine(m, a.inputs.device, a.inputs.allow_nonfinite)).transpose()?;
+    let engine = a.inputs.engine.load(&model, a.inputs.allow_nonfinite)?;
+    let judge_engine = judge_model.as_ref().map(|m| a.inputs.engine.load(m, a.inputs.allow_nonfinite)).transpose()?;
     let judge = Judge { engine: judge_engine.as_deref().unwrap_or(engine.as_ref()), model: judge_of, tok: judge_tok, template, scorer };
     let stats = TokenStats::of(&inputs.ids);
     if !a.quiet {

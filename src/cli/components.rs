@@ -11,7 +11,6 @@ use serde_json::json;
 
 use super::inputs::{InputArgs, LabelArgs, Prompts, manifest};
 use super::{progress_bar};
-use patchbay::engine::load_engine;
 use patchbay::experiments::capture::metadata;
 use patchbay::experiments::components::{BatchTerms, ContribSpec, LensSpec, Readout, contribution_tables, head_heatmaps, lens_heatmap, logit_lens, long_tail_plot, write_table};
 use patchbay::intervene::spec::read_vector;
@@ -188,7 +187,7 @@ fn contrib(a: ContribArgs) -> Result<()> {
     let site = direction_site(&a.site, a.layer, &model)?;
     let (name, direction) = read_vector(&a.vector, site, cfg.d_model, a.normalise)?;
     let readout = Readout::new(&model, site, &direction)?;
-    let engine = load_engine(&model, a.inputs.device, a.inputs.allow_nonfinite)?;
+    let engine = a.inputs.engine.load(&model, a.inputs.allow_nonfinite)?;
     let _lock = patchbay::io::OutLock::acquire(&a.run.out)?;
     std::fs::create_dir_all(a.run.out.join("per_prompt")).map_err(|e| Error::io(&a.run.out, e))?;
     let spec = ContribSpec { readout: &readout, labels: &p.labels, positions: positions.clone(), gold: &gold, batch_size: a.run.batch_size };
@@ -248,7 +247,7 @@ fn lens(a: LensArgs) -> Result<()> {
     let positions = prompt_positions(&a.run.positions)?;
     let p = Prompts::load_labels(&a.inputs, &a.labels, a.run.quiet, a.top_k.is_none())?;
     let model = Model::load(&a.inputs.model)?;
-    let engine = load_engine(&model, a.inputs.device, a.inputs.allow_nonfinite)?;
+    let engine = a.inputs.engine.load(&model, a.inputs.allow_nonfinite)?;
     let bar = progress_bar(p.ids.len() as u64, "lens", "prompts", a.run.quiet);
     let tensors = logit_lens(&model, engine.as_ref(), &p.ids, &p.labels, &LensSpec { positions: positions.clone(), top_k: a.top_k, batch_size: a.run.batch_size }, &bar)?;
     bar.finish_and_clear();

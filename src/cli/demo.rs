@@ -95,7 +95,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
     // ---- model, data, prompts: exactly what `patchbay score` / `probe` / `patch` load ----
     let inputs = InputArgs {
         model: model_dir.clone(),
-        device: DeviceSpec::Cpu,
+        engine: super::EngineArgs { device: DeviceSpec::Cpu, precision: None },
         allow_nonfinite: false,
         data: DatasetArgs {
             dataset: Some(data_path.clone()),

@@ -9,8 +9,6 @@ use clap::{Args, ValueEnum};
 
 use super::inputs::{DatasetArgs, TemplateArgs, encode_dataset};
 use super::{progress_bar};
-use patchbay::engine::load_engine;
-use patchbay::backend::DeviceSpec;
 use patchbay::data::dataset::Dataset;
 use patchbay::data::labels::parse_list;
 use patchbay::data::sev::{self, DEFAULT_CONTEXT};
@@ -99,9 +97,8 @@ pub struct DirectionsArgs {
     /// Hugging Face model directory or GGUF file (class-mean, context-averaged).
     #[arg(long)]
     model: Option<PathBuf>,
-    /// Compute device: cpu (the f32 reference), cuda, cuda:N, or emu (the CUDA emulator).
-    #[arg(long, default_value = "cpu")]
-    device: DeviceSpec,
+    #[command(flatten)]
+    engine: super::EngineArgs,
     #[arg(long, help = super::ALLOW_NONFINITE_HELP)]
     allow_nonfinite: bool,
     #[command(flatten)]
@@ -231,7 +228,7 @@ impl CaptureInputs {
     fn capture(self, a: &DirectionsArgs, ds: &Dataset) -> Result<(ShardMeta, BTreeMap<String, String>)> {
         let prompts = encode_dataset(ds, &self.template, &self.tok, a.quiet)?;
         check_positions(&prompts, &self.positions)?;
-        let engine = load_engine(&self.model, a.device, a.allow_nonfinite)?;
+        let engine = a.engine.load(&self.model, a.allow_nonfinite)?;
         let acts = a.out.join("acts");
         let spec = ShardSpec { sites: self.sites, positions: self.positions.clone(), label_token_ids: Vec::new(), dtype: OutDtype::F32, batch_size: a.batch_size, shard_bytes: 256 << 20 };
         let bar = progress_bar(prompts.len() as u64, "capture", "prompts", a.quiet);

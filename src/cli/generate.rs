@@ -11,7 +11,6 @@ use serde_json::{Value, json};
 use super::inputs::{InputArgs, encode_dataset};
 use super::interventions::{InterventionArgs, parse_numbers};
 use super::{command_manifest, merge, model_json, progress_bar};
-use patchbay::engine::load_engine;
 use patchbay::backend::ops::sample::SampleParams;
 use patchbay::data::prompts::{PromptEntry, PromptSource, load_prompts, read_prompts_file};
 use patchbay::data::dataset::Dataset;
@@ -399,7 +398,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     let model = Model::load(model_dir)?;
     let passes = passes(&a, &model)?;
     let spec = a.sampling.spec(&model, a.seed);
-    let engine = load_engine(&model, a.inputs.device, a.inputs.allow_nonfinite)?;
+    let engine = a.inputs.engine.load(&model, a.inputs.allow_nonfinite)?;
     let stats = TokenStats::of(&inputs.ids);
     if !a.quiet {
         eprintln!("{}", stats.describe());

@@ -7,7 +7,6 @@ use std::path::PathBuf;
 use clap::Args;
 
 use super::progress_bar;
-use patchbay::backend::DeviceSpec;
 use patchbay::data::dataset::{self, Dataset, DatasetSpec, Encoding, Filter, Format, Sample};
 use patchbay::data::labels::{LabelSet, parse_list};
 use patchbay::data::prompts::{PromptSource, load_prompts};
@@ -24,9 +23,8 @@ pub struct InputArgs {
     /// Hugging Face model directory, or a GGUF file (FILE.gguf, or a directory holding one).
     #[arg(long)]
     pub model: PathBuf,
-    /// Compute device: cpu (the f32 reference), cuda, cuda:N, or emu (the CUDA emulator).
-    #[arg(long, default_value = "cpu")]
-    pub device: DeviceSpec,
+    #[command(flatten)]
+    pub engine: super::EngineArgs,
     #[arg(long, help = super::ALLOW_NONFINITE_HELP)]
     pub allow_nonfinite: bool,
     #[command(flatten)]

@@ -9,8 +9,6 @@ use indicatif::ProgressBar;
 use serde_json::json;
 
 use super::{command_manifest, merge, model_json, progress_bar};
-use patchbay::engine::load_engine;
-use patchbay::backend::DeviceSpec;
 use patchbay::data::labels::{LabelSet, parse_list};
 use patchbay::data::template::Template;
 use patchbay::engine::Engine;
@@ -58,9 +56,8 @@ pub struct JudgeArgs {
     /// The judge: a Hugging Face model directory or GGUF file (the generator or another local model).
     #[arg(long)]
     model: PathBuf,
-    /// Compute device: cpu (the f32 reference), cuda, cuda:N, or emu (the CUDA emulator).
-    #[arg(long, default_value = "cpu")]
-    device: DeviceSpec,
+    #[command(flatten)]
+    engine: super::EngineArgs,
     #[arg(long, help = super::ALLOW_NONFINITE_HELP)]
     allow_nonfinite: bool,
     /// A generations.jsonl file (repeatable: one condition each).
@@ -136,7 +133,7 @@ pub fn run(a: JudgeArgs) -> Result<()> {
     let targets: Vec<Option<usize>> = rows.iter().map(|(_, r)| target_of(r)).collect::<Result<_>>()?;
     let mut template = Template::parse(&a.template)?;
     template.chat = a.chat;
-    let engine = load_engine(&model, a.device, a.allow_nonfinite)?;
+    let engine = a.engine.load(&model, a.allow_nonfinite)?;
     let judge = Judge { engine: engine.as_ref(), model: &model, tok: &tok, template, scorer };
     let _lock = patchbay::io::OutLock::acquire(&a.out)?;
     let manifest = |extra: serde_json::Value| {

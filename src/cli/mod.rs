@@ -21,7 +21,7 @@ pub mod score;
 pub mod steer;
 pub mod synth;
 
-use clap::Subcommand;
+use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
 #[derive(Subcommand)]
@@ -86,6 +86,28 @@ impl Command {
             Command::Probe(a) => probe::run(a),
             Command::Steer(a) => steer::run(a),
         }
+    }
+}
+
+/// Where and at which precision a command runs its model: `--device` and `--precision`, the
+/// same for every command that runs one.
+#[derive(Args, Clone, Debug)]
+pub struct EngineArgs {
+    /// Compute device: cpu (patchbay's own CPU engine), cuda, cuda:N (a GPU), or emu (the CUDA
+    /// kernels emulated on the CPU: slow, for checking the GPU path without a GPU).
+    #[arg(long, default_value = "cpu")]
+    pub device: patchbay::backend::DeviceSpec,
+    /// Numerics: f32 (the reference; the cpu default) or bf16 (the GPU's: bf16 weights, GEMM
+    /// operands and KV cache, f32 accumulation and residual stream; the only one of cuda and
+    /// emu, and on the cpu about twice as fast where it has AVX512-BF16).
+    #[arg(long)]
+    pub precision: Option<patchbay::backend::Precision>,
+}
+
+impl EngineArgs {
+    /// The engine (`patchbay::engine::load_engine`).
+    pub fn load<'m>(&self, model: &'m patchbay::model::Model, allow_nonfinite: bool) -> patchbay::Result<Box<dyn patchbay::engine::Engine + 'm>> {
+        patchbay::engine::load_engine(model, self.device, self.precision, allow_nonfinite)
     }
 }
 

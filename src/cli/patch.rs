@@ -9,7 +9,6 @@ use serde_json::json;
 
 use super::inputs::{InputArgs, LabelArgs, Prompts};
 use super::{parse_bytes, progress_bar};
-use patchbay::engine::load_engine;
 use patchbay::experiments::dataset_files::dataset_json;
 use patchbay::experiments::patch::{Method, SweepSpec, experiments};
 use patchbay::experiments::patch_files::{DirRun, SweepPart, random_pairs, read_pairs, run_to_dir};
@@ -176,7 +175,7 @@ pub fn run(a: PatchArgs) -> Result<()> {
     let prompts = &p.ids;
     let labels = &p.labels;
     let model = Model::load(&a.inputs.model)?;
-    let engine = load_engine(&model, a.inputs.device, a.inputs.allow_nonfinite)?;
+    let engine = a.inputs.engine.load(&model, a.inputs.allow_nonfinite)?;
     let cfg = &model.cfg;
     labels.check_vocab(cfg.vocab_size)?;
     let pairs = match (&a.pairs, a.random_pairs) {

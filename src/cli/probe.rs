@@ -13,7 +13,6 @@ use serde_json::json;
 
 use super::inputs::{InputArgs, encode_dataset};
 use super::{progress_bar};
-use patchbay::engine::load_engine;
 use patchbay::data::labels::{LabelSet, parse_list};
 use patchbay::data::template::TokenStats;
 use patchbay::experiments::dataset_files::dataset_json;
@@ -172,7 +171,7 @@ pub fn run(a: ProbeArgs) -> Result<()> {
     }
     // ---- dataset ----
     let model = Model::load(&a.inputs.model)?;
-    let engine = load_engine(&model, a.inputs.device, a.inputs.allow_nonfinite)?;
+    let engine = a.inputs.engine.load(&model, a.inputs.allow_nonfinite)?;
     let cfg = &model.cfg;
     let sites = Site::parse_spec(&a.sites, cfg)?;
     let positions = match Positions::parse(&a.positions)? {

@@ -8,7 +8,6 @@ use serde_json::json;
 
 use super::inputs::{InputArgs, LabelArgs, Prompts, manifest};
 use super::{progress_bar};
-use patchbay::engine::load_engine;
 use patchbay::data::template::TokenStats;
 use patchbay::experiments::dataset_files::write_examples;
 use patchbay::experiments::score::{Scores, label_logits};
@@ -58,7 +57,7 @@ pub fn run(a: ScoreArgs) -> Result<()> {
     }
     let gold = p.gold()?;
     let model = Model::load(&a.inputs.model)?;
-    let engine = load_engine(&model, a.inputs.device, a.inputs.allow_nonfinite)?;
+    let engine = a.inputs.engine.load(&model, a.inputs.allow_nonfinite)?;
     let Prompts { ids: prompts, dataset: ds, template, labels } = p;
     let stats = TokenStats::of(&prompts);
     if !a.quiet {

@@ -11,7 +11,6 @@ use super::inputs::{InputArgs, LabelArgs, Prompts, manifest};
 use super::interventions::InterventionArgs;
 use super::judge::{Judge, Scorer, print_summary, scorer};
 use super::{command_manifest, merge, progress_bar};
-use patchbay::engine::load_engine;
 use patchbay::data::labels::parse_list;
 use patchbay::data::sev::{self, DEFAULT_CONTEXT};
 use patchbay::data::template::{Template, TokenStats};
@@ -215,7 +214,7 @@ fn run_labels(a: SteerArgs) -> Result<()> {
         let controls = random_controls(&conditions, a.seed);
         conditions.extend(controls);
     }
-    let engine = load_engine(&model, a.inputs.device, a.inputs.allow_nonfinite)?;
+    let engine = a.inputs.engine.load(&model, a.inputs.allow_nonfinite)?;
     let _lock = patchbay::io::OutLock::acquire(&a.out)?;
     let Prompts { ids: prompts, dataset: ds, template, labels } = p;
     let bar = progress_bar((prompts.len() * conditions.len()) as u64, "steer", "runs", a.quiet);
@@ -296,8 +295,8 @@ fn run_generate(a: SteerArgs) -> Result<()> {
     let JudgeSetup { scorer, targets, valence, template: judge_template } = a.judge.setup(&a.labels, &directions, judge_of, judge_tok)?;
     let names = scorer.names().to_vec();
     let spec = a.sampling.spec(&model, a.seed);
-    let engine = load_engine(&model, a.inputs.device, a.inputs.allow_nonfinite)?;
-    let judge_engine = judge_model.as_ref().map(|m| load_engine(m, a.inputs.device, a.inputs.allow_nonfinite)).transpose()?;
+    let engine = a.inputs.engine.load(&model, a.inputs.allow_nonfinite)?;
+    let judge_engine = judge_model.as_ref().map(|m| a.inputs.engine.load(m, a.inputs.allow_nonfinite)).transpose()?;
     let judge = Judge { engine: judge_engine.as_deref().unwrap_or(engine.as_ref()), model: judge_of, tok: judge_tok, template: judge_template, scorer };
     let stats = TokenStats::of(&inputs.ids);
     if !a.quiet {

@@ -124,6 +124,9 @@ impl<E: Engine> Engine for Checked<E> {
     fn device_name(&self) -> String {
         self.inner.device_name()
     }
+    fn precision(&self) -> crate::backend::Precision {
+        self.inner.precision()
+    }
     fn run_prompts(&self, prompts: &[Vec<u32>], req: &RunRequest) -> Result<RunOutput> {
         self.check_context(prompts.iter().map(Vec::len))?;
         let out = self.inner.run_prompts(prompts, req)?;

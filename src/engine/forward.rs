@@ -1,5 +1,5 @@
 //! The one forward pass, for every family (quirks are ModelConfig fields), on the CPU
-//! reference backend. Varlen batch: the rows of all sequences are concatenated, GEMMs run on
+//! backend, at the model's `precision` (f32, the reference, or the device's bf16 numerics). Varlen batch: the rows of all sequences are concatenated, GEMMs run on
 //! all rows at once, attention runs per sequence over its KV cache plus its new rows.
 //! Every site of DESIGN.md section 2 passes through `hooks.apply`, where interventions and
 //! captures happen.
@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use rayon::prelude::*;
 
-use crate::backend::cpu;
+use crate::backend::{Precision, cpu};
 use crate::backend::ops::act::act_mul_ref;
 use crate::backend::ops::attention::attention_ref;
 use crate::backend::ops::elementwise::{softcap_ref, sum_heads_ref};
@@ -208,6 +208,10 @@ impl Model {
             }
         }
         let positions: Vec<usize> = rows.row_positions().into_iter().map(|(_, p)| p).collect();
+        // Numerics: f32 throughout, or the device's (backend::Precision::Bf16): the GEMMs round
+        // their operands to bf16, and the embedding and the KV cache are bf16 (rounded here).
+        let prec = self.precision;
+        let bf16 = prec == Precision::Bf16;
         let n_keys = hooks.n_keys();
 
         // x = embed_tokens(ids) (* sqrt(d_model) for Gemma), or the given residual rows
@@ -219,6 +223,9 @@ impl Model {
                 SeqRows::Tokens(tokens) => dst.par_chunks_mut(d).zip(tokens.par_iter()).for_each(|(row, &id)| {
                     let id = id as usize;
                     self.weights.embed.to_f32_range(id * d, (id + 1) * d, row);
+                    if bf16 {
+                        cpu::round_to_bf16(row);
+                    }
                     if let Some(s) = cfg.embed_scale {
                         row.iter_mut().for_each(|v| *v *= s);
                     }
@@ -251,9 +258,9 @@ impl Model {
                 None => a.copy_from_slice(&x),
             }
             hooks.apply(site(SiteKind::AttnIn), &rows, &mut a, d);
-            cpu::linear(&a, t, &lw.q, &mut q);
-            cpu::linear(&a, t, &lw.k, &mut k);
-            cpu::linear(&a, t, &lw.v, &mut v);
+            cpu::linear(&a, t, &lw.q, &mut q, prec);
+            cpu::linear(&a, t, &lw.k, &mut k, prec);
+            cpu::linear(&a, t, &lw.v, &mut v, prec);
             // OLMo 2: q = q_norm(q_proj(x)), k = k_norm(k_proj(x)) over the whole projection.
             if let (Some(qn), Some(kn)) = (&lw.q_norm, &lw.k_norm) {
                 rmsnorm_ref(&q, qn, cfg.norm_eps, cfg.norm_weight, &mut tmp[..t * qw]);
@@ -284,8 +291,13 @@ impl Model {
             seqs.par_iter_mut().zip(z_parts).zip(p_parts).enumerate().for_each(|(s, ((seq, zs), ps))| {
                 let (r0, r1) = (rows.row_start[s], rows.row_start[s] + rows.new_len[s]);
                 let cache = &mut *seq.cache;
+                let at = cache.k[l].len();
                 cache.k[l].extend_from_slice(&k[r0 * kvw..r1 * kvw]);
                 cache.v[l].extend_from_slice(&v[r0 * kvw..r1 * kvw]);
+                if bf16 {
+                    cpu::round_to_bf16(&mut cache.k[l][at..]);
+                    cpu::round_to_bf16(&mut cache.v[l][at..]);
+                }
                 let (kc, vc) = cache.layer(l);
                 attention_ref(
                     &q[r0 * qw..r1 * qw],
@@ -320,7 +332,7 @@ impl Model {
                         let head = r * qw + h * cfg.d_head..r * qw + (h + 1) * cfg.d_head;
                         zh[head.clone()].copy_from_slice(&z[head]);
                     }
-                    cpu::matmul_t(&zh, t, &lw.o.w, &mut oh);
+                    cpu::matmul(&zh, t, &lw.o.w, &mut oh, prec);
                     for r in 0..t {
                         result[(r * cfg.n_heads + h) * d..(r * cfg.n_heads + h + 1) * d].copy_from_slice(&oh[r * d..(r + 1) * d]);
                     }
@@ -328,7 +340,7 @@ impl Model {
                 hooks.apply(site(SiteKind::HeadOut), &rows, &mut result, cfg.n_heads * d);
                 sum_heads_ref(&result, lw.o.b.as_deref(), &mut o, cfg.n_heads, d);
             } else {
-                cpu::linear(&z, t, &lw.o, &mut o);
+                cpu::linear(&z, t, &lw.o, &mut o, prec);
             }
             if let Some(w) = &lw.attn_post_norm {
                 rmsnorm_ref(&o, w, cfg.norm_eps, cfg.norm_weight, &mut tmp[..t * d]);
@@ -344,11 +356,11 @@ impl Model {
                 None => a.copy_from_slice(&x),
             }
             hooks.apply(site(SiteKind::MlpIn), &rows, &mut a, d);
-            cpu::linear(&a, t, &lw.gate, &mut gate);
-            cpu::linear(&a, t, &lw.up, &mut up);
+            cpu::linear(&a, t, &lw.gate, &mut gate, prec);
+            cpu::linear(&a, t, &lw.up, &mut up, prec);
             act_mul_ref(&mut gate, &up, cfg.activation);
             hooks.apply(site(SiteKind::MlpPost), &rows, &mut gate, cfg.d_mlp);
-            cpu::linear(&gate, t, &lw.down, &mut o);
+            cpu::linear(&gate, t, &lw.down, &mut o, prec);
             if let Some(w) = &lw.mlp_post_norm {
                 rmsnorm_ref(&o, w, cfg.norm_eps, cfg.norm_weight, &mut tmp[..t * d]);
                 o.copy_from_slice(&tmp[..t * d]);
@@ -376,7 +388,7 @@ impl Model {
                     a[r * d..(r + 1) * d].iter().copied()
                 })
                 .collect(); // [n, d_model]
-            cpu::matmul_t(&sel, n, &head, &mut logits);
+            cpu::matmul(&sel, n, &head, &mut logits, prec);
             if let Some(c) = cfg.final_softcap {
                 softcap_ref(&mut logits, c);
             }

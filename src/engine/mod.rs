@@ -3,7 +3,9 @@
 //!
 //! # Why two forwards
 //!
-//! `forward` is the oracle: f32 throughout, weights converted tile by tile inside a plain GEMM,
+//! `forward` is the oracle: f32 throughout (at `Precision::F32`, the default; at `Bf16` it rounds
+//! GEMM operands, the embedding and the KV cache where the device does), weights converted tile by
+//! tile inside a plain GEMM,
 //! one host buffer per meaning, every step a few lines that mirror the transformers code
 //! (llm.c keeps its CPU reference beside its kernels the same way). It is checked against
 //! Hugging Face (tests/golden_hf.rs) and every faster path is checked against it.
@@ -40,6 +42,7 @@ pub mod forward;
 use std::any::Any;
 use std::sync::Arc;
 
+use crate::backend::Precision;
 use crate::model::config::ModelConfig;
 use crate::sites::{Positions, Site, SiteKind};
 use crate::intervene::Capture;
@@ -160,6 +163,10 @@ pub trait Engine {
     /// to each sequence's length after the call; positions already in the cache are skipped)
     /// and logits (relative to that length: `-1` is the last new token).
     fn decode(&self, seqs: &mut [&mut DecodeSeq], tokens: &[&[u32]], req: &RunRequest) -> Result<RunOutput>;
+    /// The engine's numerics: the CPU engine's precision; a device computes in bf16.
+    fn precision(&self) -> Precision {
+        Precision::Bf16
+    }
     /// Non-finite values the engine's calls returned so far, where they are allowed and counted
     /// ([`finite::Checked`]); 0 for an engine that does not check.
     fn nonfinite_values(&self) -> u64 {
@@ -183,29 +190,44 @@ pub fn upload(model: &crate::model::Model, device: crate::backend::DeviceSpec) -
     device.driver()?.map(|driver| device_forward::DeviceModel::upload(model, driver)).transpose()
 }
 
-/// The engine for `device`: the CPU reference model itself, or its weights uploaded to a
-/// device (GPU or emulator); every call's outputs checked for NaN and Inf, which stop the run
+/// The engine for `device`: the CPU model itself at `precision` (None: f32, the reference), or
+/// its weights uploaded to a device (GPU or emulator), which computes in bf16 only (an error
+/// for `precision` f32); every call's outputs checked for NaN and Inf, which stop the run
 /// unless `allow_nonfinite` (`--allow-nonfinite`: counted instead, `Engine::nonfinite_values`).
 /// Every command loads its engine here.
-pub fn load_engine(model: &crate::model::Model, device: crate::backend::DeviceSpec, allow_nonfinite: bool) -> Result<Box<dyn Engine + '_>> {
+pub fn load_engine(model: &crate::model::Model, device: crate::backend::DeviceSpec, precision: Option<Precision>, allow_nonfinite: bool) -> Result<Box<dyn Engine + '_>> {
+    if device != crate::backend::DeviceSpec::Cpu && precision == Some(Precision::F32) {
+        return Err(Error::input(format!("precision f32: the {device} engine computes in bf16 only (f32 is the cpu engine's reference precision)")));
+    }
     Ok(match upload(model, device)? {
-        None => Box::new(finite::Checked::new(model, allow_nonfinite)),
+        None => match precision.unwrap_or_default() {
+            Precision::F32 => Box::new(finite::Checked::new(model, allow_nonfinite)),
+            p => Box::new(finite::Checked::new(model.with_precision(p), allow_nonfinite)),
+        },
         Some(d) => Box::new(finite::Checked::new(d, allow_nonfinite)),
     })
 }
 
-/// The CPU reference's clean run: the cache and resid_pre per layer (`[len, d_model]` each).
+/// The CPU engine's clean run: the cache and resid_pre per layer (`[len, d_model]` each), at
+/// the precision that made them.
 struct CpuClean {
     cache: Arc<KvCache>,
     resid: Vec<Vec<f32>>,
+    precision: Precision,
 }
 
 impl Engine for crate::model::Model {
     fn config(&self) -> &ModelConfig {
         &self.cfg
     }
+    fn precision(&self) -> Precision {
+        self.precision
+    }
     fn device_name(&self) -> String {
-        "cpu".into()
+        match self.precision {
+            Precision::F32 => "cpu".into(),
+            p => format!("cpu ({p})"),
+        }
     }
     fn run_prompts(&self, prompts: &[Vec<u32>], req: &RunRequest) -> Result<RunOutput> {
         let mut caches: Vec<KvCache> = prompts.iter().map(|_| KvCache::new(self.cfg.n_layers)).collect();
@@ -229,7 +251,7 @@ impl Engine for crate::model::Model {
                 at += p.len();
             }
         }
-        let runs = caches.into_iter().zip(resid).map(|(cache, resid)| CleanRun::new(cache.len, CpuClean { cache: Arc::new(cache), resid })).collect();
+        let runs = caches.into_iter().zip(resid).map(|(cache, resid)| CleanRun::new(cache.len, CpuClean { cache: Arc::new(cache), resid, precision: self.precision })).collect();
         Ok((runs, out))
     }
     fn run_segments(&self, start_layer: usize, segs: &[Segment], req: &RunRequest) -> Result<RunOutput> {
@@ -238,6 +260,9 @@ impl Engine for crate::model::Model {
             return Err(Error::input(format!("start layer {start_layer} is out of range (the model has {} layers)", self.cfg.n_layers)));
         }
         let cleans: Vec<&CpuClean> = segs.iter().map(|s| s.clean.state::<CpuClean>()).collect::<Result<_>>()?;
+        if let Some(c) = cleans.iter().find(|c| c.precision != self.precision) {
+            return Err(Error::input(format!("a clean run made at precision {} cannot be resumed at {}", c.precision, self.precision)));
+        }
         let mut caches: Vec<KvCache> = segs.iter().zip(&cleans).map(|(s, c)| KvCache::resume(&c.cache, start_layer, s.p0)).collect::<Result<_>>()?;
         let mut seqs: Vec<SeqInput> = segs
             .iter()
@@ -288,5 +313,8 @@ impl<T: Engine + ?Sized> Engine for &T {
     }
     fn nonfinite_values(&self) -> u64 {
         (**self).nonfinite_values()
+    }
+    fn precision(&self) -> Precision {
+        (**self).precision()
     }
 }

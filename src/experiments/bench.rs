@@ -8,23 +8,28 @@
 //! and [`PatchWorkload`]) are shared with the criterion benches (benches/engine.rs).
 
 use std::collections::HashSet;
+use std::sync::OnceLock;
 use std::time::Instant;
 
 use indicatif::ProgressBar;
-use rand::SeedableRng;
+use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
 use crate::backend::ops::sample::SampleParams;
+use crate::backend::{Precision, cpu};
 use crate::engine::forward::RunOutput;
 use crate::engine::{DecodeSeq, Engine, RunRequest};
 use crate::experiments::generate::{GenerateSpec, Generation, StepIntervention, generate};
+use crate::experiments::cost::{MethodCost, PassSpec, Workload, estimate, sweep_cost, workload_plan};
 use crate::experiments::ablate::{AblateOp, ablations, conditions, label_runner, mean_sites, parse_heads, site_means};
 use crate::experiments::patch::Method;
 use crate::experiments::steer::{Readout, SteerRow, one_each};
 use crate::experiments::workload::{PatchWorkload, PatchWorkloadSpec, random_labels, random_prompts};
 use crate::intervene::Capture;
 use crate::io::tensorfile::peak_rss_bytes;
+use crate::model::checkpoint::Weight;
+use crate::model::config::{DType, ModelConfig};
 use crate::sites::Positions;
 use crate::{Error, Result};
 
@@ -38,6 +43,81 @@ pub fn device_label(engine: &dyn Engine) -> String {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let model = cpuinfo.lines().find_map(|l| l.strip_prefix("model name")).and_then(|l| l.split_once(':')).map_or("unknown processor", |(_, m)| m.trim());
     format!("{name} ({model}, {} threads)", rayon::current_num_threads())
+}
+
+/// The machine's own GEMM peak: FLOP/s of the CPU engine's GEMM (`backend::cpu::matmul`) at
+/// each precision on one large, square-ish product (x `[512, 2048]` times bf16 W `[2048,
+/// 2048]`^T, the best of 3 after a warm-up), measured once per process. What the bench's
+/// useful FLOP/s are a fraction of.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct GemmPeak {
+    pub f32_flops_per_s: f64,
+    pub bf16_flops_per_s: f64,
+}
+
+impl GemmPeak {
+    pub fn at(&self, precision: Precision) -> f64 {
+        match precision {
+            Precision::F32 => self.f32_flops_per_s,
+            Precision::Bf16 => self.bf16_flops_per_s,
+        }
+    }
+}
+
+pub fn gemm_peak() -> GemmPeak {
+    static PEAK: OnceLock<GemmPeak> = OnceLock::new();
+    *PEAK.get_or_init(|| {
+        let (m, n, k) = (512, 2048, 2048);
+        let mut rng = ChaCha8Rng::seed_from_u64(0);
+        let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0f32..1.0)).collect(); // [m, k]
+        let w_vals: Vec<f32> = (0..n * k).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+        let w = Weight::from_f32(&w_vals, DType::BF16, vec![n, k]); // [n, k]
+        let mut y = vec![0.0f32; m * n]; // [m, n]
+        let flops = 2.0 * (m * n * k) as f64;
+        let mut best = |p: Precision| {
+            let runs: Vec<f64> = (0..4).map(|_| timed(|| Ok(cpu::matmul(&x, m, &w, &mut y, p))).unwrap_or(f64::INFINITY)).collect();
+            flops / runs[1..].iter().copied().fold(f64::INFINITY, f64::min)
+        };
+        GemmPeak { f32_flops_per_s: best(Precision::F32), bf16_flops_per_s: best(Precision::Bf16) }
+    })
+}
+
+/// Useful work per second against the machine's GEMM peak at the engine's precision.
+#[derive(Clone, Debug, Serialize)]
+pub struct Utilization {
+    pub precision: Precision,
+    /// [`gemm_peak`] at that precision.
+    pub peak_flops_per_s: f64,
+    /// The cost model's FLOPs of the timed work (GEMMs, attention, lm_head rows), per second.
+    pub flops_per_s: f64,
+    /// flops_per_s / peak_flops_per_s
+    pub of_peak: f64,
+}
+
+impl Utilization {
+    /// `flops` done in `seconds` on `engine`; None on a device engine (emu, cuda), whose GEMM
+    /// peak is not the host's.
+    pub fn new(engine: &dyn Engine, flops: f64, seconds: f64) -> Option<Utilization> {
+        if !engine.device_name().starts_with("cpu") {
+            return None;
+        }
+        let precision = engine.precision();
+        let peak_flops_per_s = gemm_peak().at(precision);
+        let flops_per_s = flops / seconds;
+        Some(Utilization { precision, peak_flops_per_s, flops_per_s, of_peak: flops_per_s / peak_flops_per_s })
+    }
+
+    /// "12.3 GFLOP/s useful = 25.0% of the f32 GEMM peak (49.2 GFLOP/s)"
+    pub fn describe(&self) -> String {
+        format!("{:.1} GFLOP/s useful = {:.1}% of the {} GEMM peak ({:.1} GFLOP/s)", self.flops_per_s / 1e9, 100.0 * self.of_peak, self.precision, self.peak_flops_per_s / 1e9)
+    }
+}
+
+/// The cost model's FLOPs of one prefill of `prompts` (logits at the last position).
+fn prefill_flops(cfg: &ModelConfig, prompts: &[Vec<u32>]) -> Result<f64> {
+    let lens: Vec<usize> = prompts.iter().map(Vec::len).collect();
+    let spec = PassSpec { sites: Vec::new(), positions: Positions::All, logits: Some((Positions::List(vec![-1]), cfg.vocab_size)), batch_size: lens.len(), hold_bytes: None };
+    Ok(estimate(cfg, DType::BF16, &lens, &Workload::Passes(spec), &[])?.iter().map(|m| m.total.flops.total).sum())
 }
 
 /// Runs `variants` side by side: one untimed warm-up each, then `reps` rounds of one run each
@@ -149,6 +229,8 @@ pub struct ForwardBench {
     pub decode_tokens_per_s: Option<f64>,
     /// prefill_tokens_per_s / decode_tokens_per_s
     pub ratio: Option<f64>,
+    /// Prefill's useful FLOP/s against the GEMM peak (the CPU engine only).
+    pub prefill_utilization: Option<Utilization>,
     pub peak_rss_bytes: Option<u64>,
 }
 
@@ -179,6 +261,7 @@ pub fn bench_forward(engine: &dyn Engine, shape: &BenchShape, decode_steps: usiz
         decode_s,
         decode_tokens_per_s,
         ratio: decode_tokens_per_s.map(|d| prefill_tokens_per_s / d),
+        prefill_utilization: Utilization::new(engine, prefill_flops(cfg, &prompts)?, times[0]),
         peak_rss_bytes: peak_rss_bytes(),
     })
 }
@@ -325,11 +408,58 @@ impl ResumedVsNaive {
     }
 }
 
+/// Full forwards per experiment (row-layers computed / (n_layers x prompt length)), from the
+/// cost model's plan of the sweep: where the resumed/naive ratio comes from.
+#[derive(Clone, Debug, Serialize)]
+pub struct ForwardCounts {
+    /// Tak et al.'s method: two cached forwards (source, target) and one patched forward.
+    pub tak: f64,
+    /// patchbay's naive method (a clean pass per prompt, one patched forward per experiment).
+    pub naive: f64,
+    /// The resumed method: clean_passes_per_prompt / experiments_per_prompt + segment.
+    pub resumed: f64,
+    pub clean_passes_per_prompt: f64,
+    pub experiments_per_prompt: f64,
+    /// A resumed segment's share of a full forward (its rows and layers).
+    pub segment: f64,
+}
+
+impl ForwardCounts {
+    /// From the costs of both methods' plans on prompts of lengths `lens`.
+    fn new(cfg: &ModelConfig, lens: &[usize], resumed: &MethodCost, naive: &MethodCost) -> ForwardCounts {
+        let full = (cfg.n_layers * lens.iter().sum::<usize>()) as f64 / lens.len() as f64; // row-layers of one forward
+        let n = resumed.items as f64;
+        let clean: f64 = resumed.phases.iter().filter(|p| p.name == "clean").map(|p| p.row_layers).sum();
+        ForwardCounts {
+            tak: 3.0,
+            naive: naive.total.row_layers / full / naive.items as f64,
+            resumed: resumed.total.row_layers / full / n,
+            clean_passes_per_prompt: clean / full / lens.len() as f64,
+            experiments_per_prompt: n / lens.len() as f64,
+            segment: (resumed.total.row_layers - clean) / full / n,
+        }
+    }
+
+    /// The text report's lines.
+    pub fn describe(&self) -> String {
+        format!(
+            "  full forwards per experiment: Tak et al. {:.0} (2 cached + 1 patched); naive {:.2}; resumed {:.3} = {:.2} clean passes per prompt / {:.1} experiments per prompt + {:.3} segment
+  forward-count bound on resumed vs Tak et al.: {:.0}x
+",
+            self.tak, self.naive, self.resumed, self.clean_passes_per_prompt, self.experiments_per_prompt, self.segment, self.tak / self.resumed
+        )
+    }
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct PatchBench {
     pub device: String,
     #[serde(flatten)]
     pub methods: ResumedVsNaive,
+    pub forwards: ForwardCounts,
+    /// Each method's useful FLOP/s against the GEMM peak (the CPU engine only).
+    pub resumed_utilization: Option<Utilization>,
+    pub naive_utilization: Option<Utilization>,
     /// Peak resident memory of the process (bytes), where the OS reports it.
     pub peak_rss_bytes: Option<u64>,
 }
@@ -354,7 +484,19 @@ pub fn bench_patch(engine: &dyn Engine, spec: &PatchWorkloadSpec, progress: &Pro
             }
         }
     }
-    Ok(PatchBench { device: device_label(engine), methods: ResumedVsNaive::new(exps.len(), (resumed.len(), resumed_s), (naive.len(), naive_s), max_abs_diff), peak_rss_bytes: peak_rss_bytes() })
+    let cfg = engine.config();
+    let plan = workload_plan(&w, spec);
+    let lens: Vec<usize> = w.prompts.iter().map(Vec::len).collect();
+    let cost = |method, n| sweep_cost(cfg, DType::BF16, &lens, &plan, exps, method, n, &[]);
+    let (resumed_cost, naive_cost) = (cost(Method::Resumed, exps.len())?, cost(Method::Naive, n_naive.max(1))?);
+    Ok(PatchBench {
+        device: device_label(engine),
+        methods: ResumedVsNaive::new(exps.len(), (resumed.len(), resumed_s), (naive.len(), naive_s), max_abs_diff),
+        forwards: ForwardCounts::new(cfg, &lens, &resumed_cost, &naive_cost),
+        resumed_utilization: Utilization::new(engine, resumed_cost.total.flops.total, resumed_s),
+        naive_utilization: if n_naive == 0 { None } else { Utilization::new(engine, naive_cost.total.flops.total, naive_s) },
+        peak_rss_bytes: peak_rss_bytes(),
+    })
 }
 
 /// `bench ablate`: a head sweep (every head of every layer, one experiment per (head, prompt)).

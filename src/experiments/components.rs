@@ -283,7 +283,7 @@ impl PostNormScales {
             let x = find(captured, Site::new(l, kind))?;
             let rows = x.len() / lin.w.shape[1];
             let mut o = vec![0.0f32; rows * cfg.d_model]; // [rows, d_model]
-            cpu::linear(x, rows, lin, &mut o);
+            cpu::linear(x, rows, lin, &mut o, crate::backend::Precision::F32);
             Ok(inv_rms(&o, cfg.d_model, cfg.norm_eps))
         };
         let (mut attn, mut mlp) = (Vec::new(), Vec::new());

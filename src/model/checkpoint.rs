@@ -57,6 +57,17 @@ impl Weight {
     pub(super) fn owned(bytes: Vec<u8>, dtype: DType, shape: Vec<usize>) -> Weight {
         Weight { n_bytes: bytes.len(), map: Arc::new(Storage::Owned(bytes)), start: 0, dtype, shape }
     }
+    /// An in-memory tensor of `values` stored as `dtype` (rounded to nearest even), `shape`
+    /// row-major (GEMM tests and the bench's peak measurement).
+    pub fn from_f32(values: &[f32], dtype: DType, shape: Vec<usize>) -> Weight {
+        assert_eq!(values.len(), shape.iter().product::<usize>(), "Weight::from_f32: {} values for shape {shape:?}", values.len());
+        let bytes: Vec<u8> = match dtype {
+            DType::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            DType::BF16 => values.iter().flat_map(|&v| half::bf16::from_f32(v).to_le_bytes()).collect(),
+            DType::F16 => values.iter().flat_map(|&v| half::f16::from_f32(v).to_le_bytes()).collect(),
+        };
+        Weight::owned(bytes, dtype, shape)
+    }
     pub fn bytes(&self) -> &[u8] {
         &self.map[self.start..self.start + self.n_bytes]
     }
@@ -284,6 +295,7 @@ pub fn norm_names(cfg: &ModelConfig) -> Result<[Option<&'static str>; 4]> {
 }
 
 /// All weights of a model, checked against its config.
+#[derive(Clone)]
 pub struct ModelWeights {
     pub embed: Weight, // [vocab, d_model]
     pub layers: Vec<LayerWeights>,

@@ -5,7 +5,9 @@
 //! A field that would change the math and that patchbay does not implement is an error naming
 //! the field, never silently ignored.
 
+use std::fmt;
 use std::path::Path;
+use std::str::FromStr;
 
 use serde::Deserialize;
 use serde_json::Value;
@@ -34,6 +36,40 @@ impl Family {
             Family::Phi3 => "phi3",
             Family::Olmo2 => "olmo2",
         }
+    }
+}
+
+/// The numerics of the CPU engine. `f32`: the reference (f32 activations, weights converted
+/// to f32, f32 KV cache), what parity tests and the HF goldens check. `bf16`: the device's
+/// numerics (DESIGN.md section 5) on the CPU: every GEMM operand rounded to bf16 (weights and
+/// activations) with f32 accumulation, the KV cache bf16, the residual stream and every site
+/// f32; the GEMMs use AVX512-BF16 where the CPU has it. The device engines (emu, cuda) always
+/// compute in bf16.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    F32,
+    Bf16,
+}
+
+impl FromStr for Precision {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Precision> {
+        match s {
+            "f32" => Ok(Precision::F32),
+            "bf16" => Ok(Precision::Bf16),
+            _ => Err(Error::input(format!("precision `{s}`: expected f32 or bf16"))),
+        }
+    }
+}
+
+impl fmt::Display for Precision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+        })
     }
 }
 

@@ -16,7 +16,9 @@ use crate::Result;
 use checkpoint::{Checkpoint, ModelWeights};
 use config::ModelConfig;
 
-/// A loaded model: config and memory-mapped weights.
+/// A loaded model: config and memory-mapped weights. It is also the CPU engine, computing at
+/// `precision` (f32, the reference, unless [`Model::with_precision`]).
+#[derive(Clone)]
 pub struct Model {
     /// The model directory, or the GGUF file.
     pub dir: PathBuf,
@@ -25,6 +27,8 @@ pub struct Model {
     /// sha256 of config.json (hex), or of a GGUF file's header (metadata and tensor table),
     /// recorded in every output's provenance.
     pub config_hash: String,
+    /// The CPU engine's numerics.
+    pub precision: config::Precision,
 }
 
 /// sha256 of `bytes`, as lowercase hex.
@@ -40,7 +44,7 @@ impl Model {
             let file = gguf::GgufFile::open(&path)?;
             let cfg = file.config()?;
             let weights = ModelWeights::load(&cfg, &file.checkpoint(&cfg)?)?;
-            return Ok(Model { dir: path, cfg, weights, config_hash: sha256_hex(file.header()) });
+            return Ok(Model { dir: path, cfg, weights, config_hash: sha256_hex(file.header()), precision: Default::default() });
         }
         if !dir.is_dir() {
             let what = if dir.exists() { "is not a directory" } else { "does not exist" };
@@ -51,7 +55,13 @@ impl Model {
         let config_hash = sha256_hex(&config_bytes);
         let ck = Checkpoint::open(dir)?;
         let weights = ModelWeights::load(&cfg, &ck)?;
-        Ok(Model { dir: dir.to_path_buf(), cfg, weights, config_hash })
+        Ok(Model { dir: dir.to_path_buf(), cfg, weights, precision: Default::default(), config_hash })
+    }
+
+    /// The same model (its weights shared, not copied) as a CPU engine computing at
+    /// `precision`.
+    pub fn with_precision(&self, precision: config::Precision) -> Model {
+        Model { precision, ..self.clone() }
     }
 }
 
