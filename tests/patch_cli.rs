@@ -10,7 +10,7 @@ use common::*;
 use patchbay::data::dataset::{self, DatasetSpec};
 use patchbay::data::template::Template;
 use patchbay::experiments::patch::{ExperimentResult, Pair, SummaryRow, summary_grid};
-use patchbay::io::plot::{Grid, heatmap};
+use patchbay::io::plot::{Grid, heatmap, heatmaps_svg};
 use patchbay::model::tokenizer::PromptTokenizer;
 
 fn patchbay(args: &[&str]) -> (i32, String) {
@@ -149,11 +149,16 @@ fn row(site: &str, center: usize, flip_rate: f64) -> SummaryRow {
 
 #[test]
 fn summary_grid_puts_sites_down_and_centres_across() {
-    let g = summary_grid(&[row("z", 3, 0.5), row("z", 1, 0.25), row("attn_out", 1, 1.0)]);
+    let g = summary_grid(&[row("z", 3, 0.5), row("z", 1, 0.25), row("attn_out", 1, 1.0)], 3, Some(&[2, 5]));
     assert_eq!(g.row_labels, ["z", "attn_out"]);
     assert_eq!(g.col_labels, ["1", "3"]);
     assert_eq!(g.values, vec![vec![Some(0.25), Some(0.5)], vec![Some(1.0), None]]);
     assert_eq!(g.range, Some((0.0, 1.0)));
+    // What was patched is on the plot: the window size, the units, the axes.
+    let svg = heatmaps_svg(&g.title, std::slice::from_ref(&g)).unwrap();
+    for want in ["3-layer windows", "units 2,5", "(10 pairs)", "\nwindow centre layer (layers centre ± 1)\n", "\nsite patched\n", "\nattn_out\n", "\nflip rate\n"] {
+        assert!(svg.contains(want), "the patching heatmap lacks `{want}`");
+    }
 }
 
 #[test]
@@ -167,6 +172,8 @@ fn heatmap_draws_cells_in_their_colours_and_refuses_ragged_grids() {
         values: vec![vec![Some(1.0), Some(0.0), None], vec![Some(0.5), Some(-0.5), Some(1.0)]],
         value_label: "v".into(),
         range: Some((-1.0, 1.0)),
+        x_desc: "x".into(),
+        y_desc: "y".into(),
     };
     heatmap(&path, &grid).unwrap();
     let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&path).unwrap()));

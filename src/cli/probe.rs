@@ -35,7 +35,7 @@ const PROBE_HELP: &str = "Examples:
   patchbay probe --model M --dataset d.jsonl --text-col text --label-col none --numeric-cols valence --sites 'blocks.*.hook_resid_post' --positions -1 --folds 5 --out runs/valence
 
 Stages: dataset, tokenize, capture (OUT/acts/shard-*.safetensors, bounded memory: --shard-mb),
-score (OUT/scores.jsonl, score.json, confusion.csv), probe (OUT/probes/<site>.json and
+score (OUT/scores.jsonl, score.json, confusion.csv and .png), probe (OUT/probes/<site>.json and
 <site>.safetensors: weights acting on raw activations), outputs (OUT/probe_results.csv with
 site,layer,position,metric,value,ci_low,ci_high,n; OUT/accuracy_by_layer.png;
 OUT/appraisal_r2.png; OUT/manifest.json; OUT/splits.json). Re-running the same command

@@ -26,7 +26,7 @@ labels (sorted).
 
 Outputs in --out: scores.jsonl (one object per prompt, in input order: index, label_logits in
 label order, pred, and gold/correct/row when known), score.json (accuracy, per-label counts,
-label tokens), confusion.csv (gold down, predicted across), manifest.json.";
+label tokens), confusion.csv (gold down, predicted across) and confusion.png (its heatmap, rows as fractions), manifest.json.";
 
 #[derive(Args)]
 #[command(after_help = SCORE_HELP)]

@@ -533,6 +533,8 @@ pub fn head_grid(rows: &[SummaryRow], op: AblateOp, n_heads: usize) -> Option<Gr
         values: layers.iter().map(|&l| (0..n_heads).map(|h| heads.iter().find(|x| x.0 == l && x.1 == h).map(|x| x.2)).collect()).collect(),
         value_label: if projection { "projection change" } else { "logit change" }.into(),
         range: None,
+        x_desc: "head".into(),
+        y_desc: "layer".into(),
     })
 }
 

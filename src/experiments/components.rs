@@ -430,6 +430,8 @@ pub fn lens_heatmap(path: &Path, label_logits: &[f32], n_layers: usize, labels: 
             values: sum.chunks(nl).map(|r| r.iter().zip(&count).map(|(v, &c)| (c > 0).then(|| v / c as f64)).collect()).collect(),
             value_label: "mean probability".into(),
             range: Some((0.0, 1.0)),
+            x_desc: "label".into(),
+            y_desc: "layer (logit lens)".into(),
         },
     )
 }
@@ -652,6 +654,8 @@ pub fn head_heatmaps(path: &Path, title: &str, stats: &GroupStats, n_heads: usiz
             values: stats.mean(g).chunks(n_heads).map(|r| r.iter().map(|v| Some(*v)).collect()).collect(),
             value_label: "mean contribution".into(),
             range: None,
+            x_desc: "head".into(),
+            y_desc: "layer".into(),
         })
         .collect();
     heatmaps(path, title, &panels)

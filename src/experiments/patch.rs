@@ -588,8 +588,9 @@ pub fn summary_csv(rows: &[SummaryRow]) -> String {
 }
 
 /// The flip rates of a summary as a heatmap grid: sites as rows (in summary order), centre
-/// layers as columns (ascending), None where a site has no experiment at a centre.
-pub fn summary_grid(rows: &[SummaryRow]) -> crate::io::plot::Grid {
+/// layers as columns (ascending), None where a site has no experiment at a centre; the title
+/// says the window size and the units patched (heads or neurons; None: whole sites).
+pub fn summary_grid(rows: &[SummaryRow], window: usize, units: Option<&[usize]>) -> crate::io::plot::Grid {
     let mut sites: Vec<&str> = Vec::new();
     let mut centers: Vec<usize> = Vec::new();
     for r in rows {
@@ -603,11 +604,16 @@ pub fn summary_grid(rows: &[SummaryRow]) -> crate::io::plot::Grid {
     centers.sort_unstable();
     let pairs = rows.iter().map(|r| r.n).max().unwrap_or(0);
     crate::io::plot::Grid {
-        title: format!("Flip rate to the source's prediction by window centre layer ({pairs} pairs)"),
+        title: format!(
+            "Flip rate to the source's prediction, {window}-layer windows{} ({pairs} pairs)",
+            units.map_or(String::new(), |u| format!(", units {}", u.iter().map(usize::to_string).collect::<Vec<_>>().join(",")))
+        ),
         row_labels: sites.iter().map(|s| s.to_string()).collect(),
         col_labels: centers.iter().map(|c| c.to_string()).collect(),
         values: sites.iter().map(|&s| centers.iter().map(|&c| rows.iter().find(|r| r.site == s && r.center == c).map(|r| r.flip_rate)).collect()).collect(),
         value_label: "flip rate".into(),
         range: Some((0.0, 1.0)),
+        x_desc: format!("window centre layer (layers centre ± {})", window / 2),
+        y_desc: "site patched".into(),
     }
 }

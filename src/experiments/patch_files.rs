@@ -124,7 +124,7 @@ pub fn read_done(path: &Path, cut_torn: bool) -> Result<Vec<Done>> {
 /// The outputs of a finished sweep (or merged parts) in `out`: experiments.jsonl rewritten
 /// sorted by id (atomically), summary.csv and heatmap.png (when there are results). Returns
 /// the summary.
-pub fn write_outputs(out: &Path, mut done: Vec<Done>) -> Result<Vec<SummaryRow>> {
+pub fn write_outputs(out: &Path, mut done: Vec<Done>, units: Option<&[usize]>) -> Result<Vec<SummaryRow>> {
     done.sort_by_key(|d| d.result.id);
     let text: String = done.iter().map(|d| format!("{}\n", d.line)).collect();
     let sums: String = done.iter().map(|d| format!("{}\n", crate::io::line_sum(&d.line))).collect();
@@ -135,7 +135,8 @@ pub fn write_outputs(out: &Path, mut done: Vec<Done>) -> Result<Vec<SummaryRow>>
     let summary = summarize(&results);
     crate::io::write_atomic(&out.join("summary.csv"), summary_csv(&summary).as_bytes())?;
     if !summary.is_empty() {
-        crate::io::plot::heatmap(&out.join("heatmap.png"), &summary_grid(&summary))?;
+        let window = results.iter().map(|r| r.layers.len()).max().unwrap_or(0);
+        crate::io::plot::heatmap(&out.join("heatmap.png"), &summary_grid(&summary, window, units))?;
     }
     Ok(summary)
 }
@@ -281,7 +282,7 @@ pub fn run_to_dir(engine: &dyn Engine, prompts: &[Vec<u32>], spec: &SweepSpec, a
     let all = read_done(&jsonl, true)?;
     let n_done = all.len();
     if outcome.is_ok() {
-        write_outputs(r.out, all)?;
+        write_outputs(r.out, all, spec.units.as_deref())?;
     }
     save_manifest(n_done)?;
     outcome?;
@@ -384,7 +385,8 @@ pub fn merge_parts(dirs: &[PathBuf], out: &Path, command_line: Vec<String>) -> R
         return Err(Error::input(format!("{} exists: choose another --out", jsonl.display())));
     }
     let _lock = crate::io::OutLock::acquire(out)?;
-    write_outputs(out, all)?;
+    let units: Option<Vec<usize>> = serde_json::from_value(first.manifest["sweep"]["units"].clone()).unwrap_or(None);
+    write_outputs(out, all, units.as_deref())?;
 
     // The manifest of the whole run, with each shard's own provenance and timings.
     let mut devices: Vec<&Value> = Vec::new();

@@ -132,6 +132,7 @@ impl Scores {
             }
             let bytes = w.into_inner().map_err(|e| Error::file(&path, e.to_string()))?;
             crate::io::write_atomic(&path, &bytes)?;
+            crate::io::plot::heatmap(&dir.join("confusion.png"), &confusion_grid(&self.labels.names, &confusion))?;
         }
         Ok(())
     }
@@ -159,5 +160,20 @@ impl Scores {
             }
         }
         s
+    }
+}
+
+/// The confusion matrix as a heatmap: gold labels down, predictions across (full names, drawn
+/// vertically when they do not fit across a cell), each row as fractions of its gold count.
+pub fn confusion_grid(names: &[String], confusion: &[Vec<usize>]) -> crate::io::plot::Grid {
+    crate::io::plot::Grid {
+        title: "Label scoring: fraction of each gold label predicted as each label".into(),
+        row_labels: names.to_vec(),
+        col_labels: names.to_vec(),
+        values: confusion.iter().map(|row| row.iter().map(|&c| Some(c as f64 / row.iter().sum::<usize>().max(1) as f64)).collect()).collect(),
+        value_label: "fraction".into(),
+        range: Some((0.0, 1.0)),
+        x_desc: "predicted label".into(),
+        y_desc: "gold label".into(),
     }
 }

@@ -93,31 +93,80 @@ pub struct LinePanels {
     pub reference: Option<(String, f64)>,
 }
 
-/// Draws `chart`: up to three panels a row, under the title and the legend.
+/// Draws `chart` to a PNG: up to three panels a row, under the title and the legend.
 pub fn line_panels(path: &Path, chart: &LinePanels) -> Result<()> {
-    use plotters::style::text_anchor::{HPos, Pos, VPos};
-    register_font();
-    let title = &chart.title;
-    let (x_lo, x_hi) = chart.x_range;
-    let cols = chart.panels.len().min(3);
-    let grid_rows = chart.panels.len().div_ceil(cols);
-    let (pw, ph) = (520u32, 380u32);
-    let head = 80u32;
-    // Shared legend: one entry per line, then the reference line.
+    render_png(path, line_panels_size(chart), |root| draw_line_panels(root, chart, path))
+}
+
+/// [`line_panels`] as SVG text (tests read the labels a plot draws).
+pub fn line_panels_svg(chart: &LinePanels) -> Result<String> {
+    render_svg(line_panels_size(chart), |root| draw_line_panels(root, chart, Path::new("plot.svg")))
+}
+
+/// Legend entries (name, colour, dashed) of a line chart, and the width of each.
+fn legend_entries(chart: &LinePanels) -> Vec<(String, RGBColor, bool)> {
     let mut entries: Vec<(String, RGBColor, bool)> = chart.lines.iter().enumerate().map(|(i, s)| (s.clone(), PALETTE[i % PALETTE.len()], false)).collect();
     if let Some((name, _)) = &chart.reference {
         entries.push((name.clone(), RGBColor(90, 90, 90), true));
     }
-    let entry_w = |e: &(String, RGBColor, bool)| 40 + 8 * e.0.chars().count() as i32;
-    let total: i32 = entries.iter().map(entry_w).sum();
+    entries
+}
+
+fn legend_entry_width(e: &(String, RGBColor, bool)) -> i32 {
+    40 + 8 * e.0.chars().count() as i32
+}
+
+/// Panel size, columns, rows and the height of the title and legend band of a line chart.
+const LINE_PANEL: (u32, u32) = (520, 380);
+const LINE_HEAD: u32 = 80;
+
+fn line_panels_size(chart: &LinePanels) -> (u32, u32) {
+    let cols = chart.panels.len().clamp(1, 3);
+    let grid_rows = chart.panels.len().div_ceil(cols).max(1);
+    let total: i32 = legend_entries(chart).iter().map(legend_entry_width).sum();
     // Wide enough for the title and the legend.
-    let w = (pw * cols as u32).max(total as u32 + 40).max(12 * title.chars().count() as u32 + 40);
-    let h = ph * grid_rows as u32 + head;
+    let w = (LINE_PANEL.0 * cols as u32).max(total as u32 + 40).max(12 * chart.title.chars().count() as u32 + 40);
+    (w, LINE_PANEL.1 * grid_rows as u32 + LINE_HEAD)
+}
+
+/// Draws a PNG of size `size` through `draw`.
+fn render_png(path: &Path, (w, h): (u32, u32), draw: impl FnOnce(&DrawingArea<BitMapBackend, plotters::coord::Shift>) -> Result<()>) -> Result<()> {
+    register_font();
     let mut buf = vec![255u8; (w * h * 3) as usize];
     {
         let root = BitMapBackend::with_buffer(&mut buf, (w, h)).into_drawing_area();
+        draw(&root)?;
+        root.present().map_err(plot_err(path))?;
+    }
+    encode_png(path, &buf, w, h)
+}
+
+/// The SVG text of a plot of size `size` drawn through `draw`.
+fn render_svg(size: (u32, u32), draw: impl FnOnce(&DrawingArea<SVGBackend, plotters::coord::Shift>) -> Result<()>) -> Result<String> {
+    register_font();
+    let mut out = String::new();
+    {
+        let root = SVGBackend::with_string(&mut out, size).into_drawing_area();
+        draw(&root)?;
+        root.present().map_err(plot_err(Path::new("plot.svg")))?;
+    }
+    Ok(out)
+}
+
+fn draw_line_panels<DB: DrawingBackend>(root: &DrawingArea<DB, plotters::coord::Shift>, chart: &LinePanels, path: &Path) -> Result<()> {
+    use plotters::style::text_anchor::{HPos, Pos, VPos};
+    let title = &chart.title;
+    let (x_lo, x_hi) = chart.x_range;
+    let cols = chart.panels.len().clamp(1, 3);
+    let grid_rows = chart.panels.len().div_ceil(cols).max(1);
+    // Shared legend: one entry per line, then the reference line.
+    let entries = legend_entries(chart);
+    let entry_w = legend_entry_width;
+    let total: i32 = entries.iter().map(entry_w).sum();
+    let w = root.dim_in_pixel().0;
+    {
         root.fill(&WHITE).map_err(plot_err(path))?;
-        let (top, body) = root.split_vertically(head);
+        let (top, body) = root.split_vertically(LINE_HEAD);
         top.draw(&Text::new(title.to_string(), (w as i32 / 2, 20), ("sans-serif", 22.0).into_font().style(FontStyle::Bold).color(&BLACK).pos(Pos::new(HPos::Center, VPos::Center)))).map_err(plot_err(path))?;
         let mut x = (w as i32 - total) / 2;
         for e in &entries {
@@ -178,9 +227,8 @@ pub fn line_panels(path: &Path, chart: &LinePanels) -> Result<()> {
                 plot.draw_series(line.iter().map(|&p| Circle::new(p, 3, color.filled()))).map_err(plot_err(path))?;
             }
         }
-        root.present().map_err(plot_err(path))?;
     }
-    encode_png(path, &buf, w, h)
+    Ok(())
 }
 
 /// Colour of a value on a diverging ramp: white at 0, blue up to `hi`, red down to `lo` (< 0).
@@ -212,6 +260,9 @@ pub struct Grid {
     /// Name of the value, beside the colour bar.
     pub value_label: String,
     pub range: Option<(f64, f64)>,
+    /// What the columns are (under the column labels) and the rows (beside the row labels).
+    pub x_desc: String,
+    pub y_desc: String,
 }
 
 impl Grid {
@@ -232,45 +283,87 @@ impl Grid {
 
 /// Draws one heatmap, with the value printed in each cell when there is room.
 pub fn heatmap(path: &Path, grid: &Grid) -> Result<()> {
-    draw_heatmaps(path, &grid.title, std::slice::from_ref(grid), false)
+    heatmaps_png(path, &grid.title, std::slice::from_ref(grid), false)
 }
 
 /// Draws `panels` side by side under one `title`, each panel's title above it, with one colour
 /// scale: the first panel's range, or the span of all their values.
 pub fn heatmaps(path: &Path, title: &str, panels: &[Grid]) -> Result<()> {
-    draw_heatmaps(path, title, panels, true)
+    heatmaps_png(path, title, panels, true)
 }
 
-fn draw_heatmaps(path: &Path, title: &str, panels: &[Grid], panel_titles: bool) -> Result<()> {
-    use plotters::style::text_anchor::{HPos, Pos, VPos};
-    register_font();
-    if panels.is_empty() {
-        return Err(Error::input(format!("heatmap `{title}`: nothing to plot")));
+/// [`heatmaps`] as SVG text (tests read the labels a plot draws).
+pub fn heatmaps_svg(title: &str, panels: &[Grid]) -> Result<String> {
+    let layout = HeatLayout::new(title, panels, panels.len() > 1)?;
+    render_svg(layout.size, |root| layout.draw(root, title, panels, Path::new("plot.svg")))
+}
+
+fn heatmaps_png(path: &Path, title: &str, panels: &[Grid], panel_titles: bool) -> Result<()> {
+    let layout = HeatLayout::new(title, panels, panel_titles)?;
+    render_png(path, layout.size, |root| layout.draw(root, title, panels, path))
+}
+
+/// Font size and approximate width per character of column labels.
+const COL_LABEL_PX: (f64, i32) = (12.0, 7);
+
+/// Where the parts of a heatmap figure go.
+struct HeatLayout {
+    size: (u32, u32),
+    panel_titles: bool,
+    /// Colour scale.
+    lo: f64,
+    hi: f64,
+    cell_w: i32,
+    cell_h: i32,
+    label_w: i32,
+    panel_w: i32,
+    top: i32,
+    /// x of the first panel, the width of the panels and the colour bar.
+    ox: i32,
+    content_w: i32,
+    bar_h: i32,
+    /// Column labels drawn vertically (they do not fit across a cell), and the height they take.
+    vertical: bool,
+    col_label_h: i32,
+}
+
+impl HeatLayout {
+    fn new(title: &str, panels: &[Grid], panel_titles: bool) -> Result<HeatLayout> {
+        if panels.is_empty() {
+            return Err(Error::input(format!("heatmap `{title}`: nothing to plot")));
+        }
+        panels.iter().try_for_each(Grid::check)?;
+        let (lo, hi) = panels[0].range.unwrap_or_else(|| {
+            let all = || panels.iter().flat_map(Grid::finite);
+            (all().fold(0.0f64, f64::min), all().fold(0.0f64, f64::max))
+        });
+        let n_cols = panels.iter().map(|g| g.col_labels.len()).max().unwrap_or(1);
+        let n_rows = panels.iter().map(|g| g.row_labels.len()).max().unwrap_or(1);
+        let cell_w: i32 = if n_cols <= 12 { 44 } else { 30 };
+        let cell_h: i32 = 24;
+        let longest_col = panels.iter().flat_map(|g| g.col_labels.iter()).map(|l| l.chars().count() as i32).max().unwrap_or(0);
+        let vertical = longest_col * COL_LABEL_PX.1 > cell_w - 4;
+        let col_label_h = if vertical { longest_col * COL_LABEL_PX.1 + 8 } else { 20 };
+        // Row labels, and the rotated row description left of them.
+        let label_w: i32 = panels.iter().flat_map(|g| g.row_labels.iter()).map(|l| 8 * l.chars().count() as i32 + 20).max().unwrap_or(0).max(60) + 24;
+        let grid_w = cell_w * n_cols as i32;
+        let panel_w = label_w + grid_w + 30;
+        let top: i32 = if panel_titles { 80 } else { 56 };
+        let grid_h = cell_h * n_rows as i32;
+        // Panels then the colour bar, centred under a wider title.
+        let content_w = panel_w * panels.len() as i32 + 120;
+        let w = content_w.max(11 * title.chars().count() as i32 + 40);
+        let ox = (w - content_w) / 2;
+        let bar_h = grid_h.max(120);
+        let h = top + bar_h.max(grid_h + col_label_h + 28) + 16;
+        Ok(HeatLayout { size: (w as u32, h as u32), panel_titles, lo, hi, cell_w, cell_h, label_w, panel_w, top, ox, content_w, bar_h, vertical, col_label_h })
     }
-    panels.iter().try_for_each(Grid::check)?;
-    let (lo, hi) = panels[0].range.unwrap_or_else(|| {
-        let all = || panels.iter().flat_map(Grid::finite);
-        (all().fold(0.0f64, f64::min), all().fold(0.0f64, f64::max))
-    });
-    let n_cols = panels.iter().map(|g| g.col_labels.len()).max().unwrap_or(1);
-    let n_rows = panels.iter().map(|g| g.row_labels.len()).max().unwrap_or(1);
-    let cell_w: i32 = if n_cols <= 12 { 44 } else { 30 };
-    let cell_h: i32 = 24;
-    let label_w: i32 = panels.iter().flat_map(|g| g.row_labels.iter()).map(|l| 8 * l.chars().count() as i32 + 20).max().unwrap_or(0).max(60);
-    let grid_w = cell_w * n_cols as i32;
-    let panel_w = label_w + grid_w + 30;
-    let top: i32 = if panel_titles { 80 } else { 56 };
-    let grid_h = cell_h * n_rows as i32;
-    // Panels then the colour bar, centred under a wider title.
-    let content_w = panel_w * panels.len() as i32 + 120;
-    let w = content_w.max(11 * title.chars().count() as i32 + 40);
-    let ox = (w - content_w) / 2;
-    let bar_h = grid_h.max(120);
-    let (w, h) = (w as u32, (top + bar_h.max(grid_h + 24) + 16) as u32);
-    let show_values = cell_w >= 40;
-    let mut buf = vec![255u8; (w * h * 3) as usize];
-    {
-        let root = BitMapBackend::with_buffer(&mut buf, (w, h)).into_drawing_area();
+
+    fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, plotters::coord::Shift>, title: &str, panels: &[Grid], path: &Path) -> Result<()> {
+        use plotters::style::text_anchor::{HPos, Pos, VPos};
+        let HeatLayout { lo, hi, cell_w, cell_h, label_w, panel_w, top, ox, content_w, bar_h, .. } = *self;
+        let w = self.size.0;
+        let show_values = cell_w >= 40;
         root.fill(&WHITE).map_err(plot_err(path))?;
         let err = plot_err(path);
         let text = |size: f64, hp: HPos| ("sans-serif", size).into_font().color(&BLACK).pos(Pos::new(hp, VPos::Center));
@@ -279,7 +372,7 @@ fn draw_heatmaps(path: &Path, title: &str, panels: &[Grid], panel_titles: bool) 
             let x0 = ox + pi as i32 * panel_w + label_w;
             let gw = cell_w * g.col_labels.len() as i32;
             let gh = cell_h * g.row_labels.len() as i32;
-            if panel_titles {
+            if self.panel_titles {
                 root.draw(&Text::new(g.title.clone(), (x0 + gw / 2, top - 22), text(17.0, HPos::Center))).map_err(&err)?;
             }
             for (ri, (label, row)) in g.row_labels.iter().zip(&g.values).enumerate() {
@@ -300,8 +393,18 @@ fn draw_heatmaps(path: &Path, title: &str, panels: &[Grid], panel_titles: bool) 
             root.draw(&Rectangle::new([(x0, top), (x0 + gw, top + gh)], BLACK.mix(0.5))).map_err(&err)?;
             let every = g.col_labels.len().div_ceil(16).max(1);
             for (ci, c) in g.col_labels.iter().enumerate().filter(|(i, _)| i % every == 0) {
-                root.draw(&Text::new(c.clone(), (x0 + ci as i32 * cell_w + cell_w / 2, top + gh + 12), text(12.0, HPos::Center))).map_err(&err)?;
+                let x = x0 + ci as i32 * cell_w + cell_w / 2;
+                if self.vertical {
+                    let style = ("sans-serif", COL_LABEL_PX.0).into_font().transform(FontTransform::Rotate90).color(&BLACK).pos(Pos::new(HPos::Left, VPos::Center));
+                    root.draw(&Text::new(c.clone(), (x, top + gh + 6), style)).map_err(&err)?;
+                } else {
+                    root.draw(&Text::new(c.clone(), (x, top + gh + 12), text(COL_LABEL_PX.0, HPos::Center))).map_err(&err)?;
+                }
             }
+            // Axis descriptions: under the column labels, and rotated left of the row labels.
+            root.draw(&Text::new(g.x_desc.clone(), (x0 + gw / 2, top + gh + self.col_label_h + 12), text(14.0, HPos::Center))).map_err(&err)?;
+            let y_style = ("sans-serif", 14.0).into_font().transform(FontTransform::Rotate270).color(&BLACK).pos(Pos::new(HPos::Center, VPos::Center));
+            root.draw(&Text::new(g.y_desc.clone(), (x0 - label_w + 10, top + gh / 2), y_style)).map_err(&err)?;
         }
         // Colour bar from lo to hi.
         let bx = ox + content_w - 90;
@@ -316,7 +419,6 @@ fn draw_heatmaps(path: &Path, title: &str, panels: &[Grid], panel_titles: bool) 
         root.draw(&Text::new(format!("{hi:.2}"), (bx + 20, top + 6), text(12.0, HPos::Left))).map_err(&err)?;
         root.draw(&Text::new(format!("{lo:.2}"), (bx + 20, top + bar_h - 6), text(12.0, HPos::Left))).map_err(&err)?;
         root.draw(&Text::new(panels[0].value_label.clone(), (bx + 8, top - 14), text(14.0, HPos::Center))).map_err(&err)?;
-        root.present().map_err(&err)?;
+        Ok(())
     }
-    encode_png(path, &buf, w, h)
 }

@@ -30,7 +30,6 @@ use crate::experiments::steer::{Projection, label_sweep, random_controls};
 use crate::experiments::top_k::{read_ranking, set_conditions, top_k_sets, top_k_sweep};
 use crate::intervene::spec::{InterventionSpec, Layers, read_vector, resolve_all};
 use crate::io::OutDtype;
-use crate::io::plot::{Grid, heatmap};
 use crate::learn::directions::{Versus, class_mean_directions};
 use crate::learn::logreg::LogRegParams;
 use crate::learn::penalty::{ALPHA_GRID, Penalty};
@@ -122,21 +121,6 @@ pub fn run(inp: &DemoInputs, rep: &Reporter) -> Result<()> {
     report.lap("capture");
     let score_out = out.join("score");
     let scores = score_captured(&acts, &run.meta, labels, gold.iter().map(|&g| Some(g)).collect(), &score_out, &ds.examples.iter().map(|e| e.row).collect::<Vec<_>>())?;
-    let confusion = scores.confusion();
-    // Column labels: the first three letters when they tell the labels apart (narrow columns).
-    let short: Vec<String> = labels.names.iter().map(|l| l.chars().take(3).collect()).collect();
-    let short_unique = short.iter().collect::<HashSet<_>>().len() == short.len();
-    heatmap(
-        &score_out.join("confusion.png"),
-        &Grid {
-            title: "Label scoring: gold (rows) x predicted (columns), fraction of the row".into(),
-            row_labels: labels.names.clone(),
-            col_labels: if short_unique { short } else { labels.names.clone() },
-            values: confusion.iter().map(|row| row.iter().map(|&c| Some(c as f64 / row.iter().sum::<usize>().max(1) as f64)).collect()).collect(),
-            value_label: "fraction".into(),
-            range: Some((0.0, 1.0)),
-        },
-    )?;
     let accuracy = scores.accuracy().unwrap_or(f64::NAN);
     let majority = majority_rate(&gold, &(0..n).collect::<Vec<_>>(), k);
     (rep.say)(format!("score: accuracy {accuracy:.3} (majority class {majority:.3})"));
@@ -199,7 +183,7 @@ pub fn run(inp: &DemoInputs, rep: &Reporter) -> Result<()> {
     let (_, outcome) = append_results(model, prompts, &sweep, &exps, &settings, &jsonl, None)?;
     bar.finish_and_clear();
     outcome?;
-    let summary = write_outputs(&patch_out, read_done(&jsonl, false)?)?;
+    let summary = write_outputs(&patch_out, read_done(&jsonl, false)?, None)?;
     let cmd = format!("patchbay patch {data_flags} --pairs {} --sites {SITES} --window {window} --positions -1 --out runs/patch", sh(&pairs_path));
     let (section, numbers) = patch_context(&summary, pairs.len(), correct.len(), window, &cmd);
     (rep.say)(format!("patch: {} experiments, highest flip rate {}", exps.len(), numbers["best"]));

@@ -10,6 +10,11 @@ use crate::{Error, Result};
 /// Accuracy by layer: one panel per position, one line per site with its 95% interval as a
 /// band, and `chance` (the majority-class rate) as a dashed line.
 pub fn accuracy_by_layer(path: &Path, rows: &[ResultRow], chance: Option<f64>, title: &str) -> Result<()> {
+    line_panels(path, &accuracy_chart(rows, chance, title)?)
+}
+
+/// The chart [`accuracy_by_layer`] draws.
+pub fn accuracy_chart(rows: &[ResultRow], chance: Option<f64>, title: &str) -> Result<LinePanels> {
     let acc: Vec<&ResultRow> = rows.iter().filter(|r| r.metric == "accuracy").collect();
     if acc.is_empty() {
         return Err(Error::input("no accuracy results to plot"));
@@ -40,11 +45,16 @@ pub fn accuracy_by_layer(path: &Path, rows: &[ResultRow], chance: Option<f64>, t
         y_range: (0.0, 1.0),
         reference: chance.map(|c| (format!("majority class ({c:.2})"), c)),
     };
-    line_panels(path, &chart)
+    Ok(chart)
 }
 
 /// Heatmaps of R^2 (numeric column x layer), one panel per site, at `position`.
 pub fn r2_heatmap(path: &Path, rows: &[ResultRow], position: i64, title: &str) -> Result<()> {
+    heatmaps(path, title, &r2_panels(rows, position)?)
+}
+
+/// The panels [`r2_heatmap`] draws.
+pub fn r2_panels(rows: &[ResultRow], position: i64) -> Result<Vec<Grid>> {
     let r2: Vec<&ResultRow> = rows.iter().filter(|r| r.metric.starts_with("r2:") && r.position == position).collect();
     if r2.is_empty() {
         return Err(Error::input("no R^2 results to plot"));
@@ -70,7 +80,9 @@ pub fn r2_heatmap(path: &Path, rows: &[ResultRow], position: i64, title: &str) -
                 .collect(),
             value_label: "R²".into(),
             range: Some((lo, hi)),
+            x_desc: "layer".into(),
+            y_desc: "appraisal (ridge probe target)".into(),
         })
         .collect();
-    heatmaps(path, title, &panels)
+    Ok(panels)
 }
