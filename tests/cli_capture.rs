@@ -643,3 +643,30 @@ fn capture_on_the_emulated_device_matches_hf() {
         assert_eq!(f.tensors.len(), golden.len());
     }
 }
+
+/// `tokenize` shows the ids every command runs (here: the fixture's recorded ids of its texts,
+/// plain and chat) with their strings, as text and as JSON.
+#[test]
+fn tokenize_shows_the_ids_the_commands_run() {
+    for family in ["llama", "phi3"] {
+        let model = fixture(family);
+        let fx = fixture_prompts(family);
+        let texts: Vec<String> = serde_json::from_value(fx["texts"].clone()).unwrap();
+        let ids = prompt_ids(family);
+        let (code, stdout, stderr) = patchbay(&["tokenize", "--model", model.to_str().unwrap(), "--text", &texts[0], "--text", &texts[1], "--json"]);
+        assert_eq!(code, 0, "{stderr}");
+        let tok = patchbay::model::tokenizer::PromptTokenizer::load(&model).unwrap();
+        for (i, line) in stdout.lines().enumerate() {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            let got: Vec<u32> = serde_json::from_value(v["ids"].clone()).unwrap();
+            assert_eq!(got, ids[i], "{family}: prompt {i}");
+            let strings: Vec<String> = serde_json::from_value(v["tokens"].clone()).unwrap();
+            assert_eq!(strings, got.iter().map(|&t| tok.id_to_token(t).unwrap()).collect::<Vec<_>>());
+        }
+        assert_eq!(stdout.lines().count(), 2);
+        let (code, text, _) = patchbay(&["tokenize", "--model", model.to_str().unwrap(), "--text", &texts[0]]);
+        assert_eq!(code, 0);
+        assert!(text.starts_with(&format!("prompt 0: {} tokens\n", ids[0].len())), "{text}");
+        assert!(text.contains(&format!("{:>7}  {:?}", ids[0][1], tok.id_to_token(ids[0][1]).unwrap())), "{text}");
+    }
+}

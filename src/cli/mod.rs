@@ -20,6 +20,7 @@ pub mod probe;
 pub mod score;
 pub mod steer;
 pub mod synth;
+pub mod tokenize;
 
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -32,6 +33,8 @@ pub enum Command {
     Inspect(inspect::InspectArgs),
     /// Run prompts and save activations at chosen sites (and logits) to a safetensors file.
     Capture(capture::CaptureArgs),
+    /// Show a prompt's token ids and strings, as every command encodes it (BOS, chat template).
+    Tokenize(tokenize::TokenizeArgs),
     /// The applicability map: every methodology on every fixture family and engine, graded against Hugging Face references (SUPPORTED, DEGRADED, ERROR, SILENTLY_WRONG).
     Check(check::CheckArgs),
     /// Circuits as files: build a circuit per emotion from component rankings (build), evaluate circuit-modulated generation against prompting and steering (eval).
@@ -70,6 +73,7 @@ impl Command {
             Command::Demo(a) => demo::run(a),
             Command::Inspect(a) => inspect::run(a),
             Command::Capture(a) => capture::run(a),
+            Command::Tokenize(a) => tokenize::run(a),
             Command::Check(a) => check::run(a),
             Command::Circuit(a) => circuit::run(a),
             Command::Components(a) => components::run(a),
