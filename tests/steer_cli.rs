@@ -323,3 +323,41 @@ fn bad_input_is_one_line_and_writes_nothing() {
     let (_, err) = patchbay(&steer_args("llama", &ids, &dir.path().join("x"), &["--vector", &v("sadness"), "--betas=1"]));
     assert!(err.contains("available: bad, blocks.0.hook_resid_post/anger") && err.contains("in all)"), "{err}");
 }
+
+/// `--only-correct` on steer, ablate and components contrib keeps exactly the prompts `score`
+/// finds the model predicts correctly (and refuses prompts without gold labels).
+#[test]
+fn only_correct_keeps_the_prompts_the_model_gets_right() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = Model::load(&fixture("llama")).unwrap();
+    let vf = dir.path().join("dirs.safetensors");
+    vector_file(&vf, &model, &[SiteKind::ResidPost], &["joy"], &[]);
+    let ds = format!("{}/tests/data/emotions.csv", env!("CARGO_MANIFEST_DIR"));
+    let m = fixture("llama").display().to_string();
+    let data = ["--model", &m, "--dataset", &ds, "--label-col", "emotion", "--rename", "no-emotion=neutral", "--labels", "anger,joy,sadness", "--filter", "emotion=anger", "--filter", "emotion=joy", "--filter", "emotion=sadness", "--template", "tak", "--quiet"];
+    let run = |cmd: &[&str], extra: &[&str], name: &str| -> std::path::PathBuf {
+        let out = dir.path().join(name);
+        let a: Vec<&str> = cmd.iter().chain(&data).chain(extra).copied().chain(["--out", out.to_str().unwrap()]).collect();
+        let (code, err) = patchbay(&a.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        assert_eq!(code, 0, "{cmd:?}: {err}");
+        out
+    };
+    let scores = read_jsonl(&run(&["score"], &[], "score").join("scores.jsonl"));
+    let correct: Vec<u64> = scores.iter().filter(|s| s["correct"] == true).map(|s| s["index"].as_u64().unwrap()).collect();
+    assert!(!correct.is_empty() && correct.len() < scores.len(), "{} of {}", correct.len(), scores.len());
+    let vector = format!("{}:joy", vf.display());
+    let steer = run(&["steer", "--mode", "labels"], &["--vector", &vector, "--layers", "1", "--betas=2", "--only-correct"], "steer");
+    let ablate = run(&["ablate"], &["--heads", "0.1", "--op", "zero", "--only-correct"], "ablate");
+    for out in [&steer, &ablate] {
+        let clean = read_jsonl(&out.join("clean.jsonl"));
+        assert_eq!(clean.len(), correct.len(), "{}", out.display());
+        assert!(clean.iter().all(|c| c["pred"] == c["gold"]), "{}: a kept prompt is predicted wrongly", out.display());
+    }
+    let contrib = run(&["components", "contrib"], &["--vector", &vector, "--site", "resid_post", "--layer", "1", "--only-correct"], "contrib");
+    let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(contrib.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest["n_prompts"].as_u64(), Some(correct.len() as u64));
+    // No gold labels: refused.
+    let ids = ids_file(dir.path(), "llama");
+    let (code, err) = patchbay(&steer_args("llama", &ids, &dir.path().join("x"), &["--vector", &vector, "--layers", "1", "--betas=2", "--only-correct"]));
+    assert!(code == 1 && err.contains("--only-correct needs a dataset with gold labels"), "{err}");
+}

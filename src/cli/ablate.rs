@@ -123,6 +123,9 @@ pub struct AblateArgs {
     inputs: InputArgs,
     #[command(flatten)]
     labels: LabelArgs,
+    /// Only the prompts the model predicts correctly over the label set (needs gold labels), as Tak et al. select theirs.
+    #[arg(long)]
+    only_correct: bool,
     /// Heads ablated, one experiment each: `all` or LAYER.HEAD,... (e.g. 0.1,3.2).
     #[arg(long)]
     heads: Option<String>,
@@ -288,7 +291,11 @@ pub fn run(a: AblateArgs) -> Result<()> {
     let cfg = &model.cfg;
     let plan = plan(&a, cfg)?;
     let projection = projection(&a, cfg)?;
-    let p = Prompts::load(&a.inputs, &a.labels, a.quiet)?;
+    let mut p = Prompts::load(&a.inputs, &a.labels, a.quiet)?;
+    let engine = a.inputs.engine.load(&model, a.inputs.allow_nonfinite)?;
+    if a.only_correct {
+        p.retain_correct(engine.as_ref(), a.quiet)?;
+    }
     let gold = p.gold()?;
     let _lock = patchbay::io::OutLock::acquire(&a.out)?;
     let Prompts { ids: prompts, dataset: ds, template, labels } = p;
@@ -331,7 +338,6 @@ pub fn run(a: AblateArgs) -> Result<()> {
     };
     let n_kept = kept.rows.len();
     let scope = Scope::new(range.clone(), n_exp, kept);
-    let engine = a.inputs.engine.load(&model, a.inputs.allow_nonfinite)?;
     let save_manifest = |status: &str, timings: serde_json::Value| -> Result<()> {
         let extra = json!({
             "method": a.method.method().1,

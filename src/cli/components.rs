@@ -96,6 +96,9 @@ struct ContribArgs {
     inputs: InputArgs,
     #[command(flatten)]
     labels: LabelArgs,
+    /// Only the prompts the model predicts correctly over the label set (needs gold labels), as Tak et al. select theirs.
+    #[arg(long)]
+    only_correct: bool,
     /// The direction: FILE.safetensors[:NAME]; NAME is a tensor name or <site>/<NAME> at the site (a `patchbay directions` class); A+B sums vectors.
     #[arg(long)]
     vector: String,
@@ -180,14 +183,17 @@ fn write_json(path: &std::path::Path, v: &serde_json::Value) -> Result<()> {
 fn contrib(a: ContribArgs) -> Result<()> {
     let t0 = Instant::now();
     let positions = prompt_positions(&a.run.positions)?;
-    let p = Prompts::load(&a.inputs, &a.labels, a.run.quiet)?;
-    let gold = p.gold()?;
+    let mut p = Prompts::load(&a.inputs, &a.labels, a.run.quiet)?;
     let model = Model::load(&a.inputs.model)?;
     let cfg = &model.cfg;
     let site = direction_site(&a.site, a.layer, &model)?;
     let (name, direction) = read_vector(&a.vector, site, cfg.d_model, a.normalise)?;
     let readout = Readout::new(&model, site, &direction)?;
     let engine = a.inputs.engine.load(&model, a.inputs.allow_nonfinite)?;
+    if a.only_correct {
+        p.retain_correct(engine.as_ref(), a.run.quiet)?;
+    }
+    let gold = p.gold()?;
     let _lock = patchbay::io::OutLock::acquire(&a.run.out)?;
     std::fs::create_dir_all(a.run.out.join("per_prompt")).map_err(|e| Error::io(&a.run.out, e))?;
     let spec = ContribSpec { readout: &readout, labels: &p.labels, positions: positions.clone(), gold: &gold, batch_size: a.run.batch_size };

@@ -110,6 +110,34 @@ impl Prompts {
             })
             .collect()
     }
+
+    /// Keeps only the prompts the model predicts correctly over the label set (`--only-correct`,
+    /// as Tak et al. select theirs), with their dataset rows. Needs gold labels; refuses to
+    /// keep none. Says how many it kept unless `quiet`.
+    pub fn retain_correct(&mut self, engine: &dyn Engine, quiet: bool) -> Result<()> {
+        let gold = self.gold()?;
+        if gold.iter().all(Option::is_none) {
+            return Err(Error::input("--only-correct needs a dataset with gold labels (a label column), not --token-ids"));
+        }
+        let bar = progress_bar(self.ids.len() as u64, "predict", "prompts", quiet);
+        let logits = patchbay::experiments::score::label_logits(engine, &self.ids, &self.labels, &[], 8, &bar)?;
+        bar.finish_and_clear();
+        let keep: Vec<bool> = logits.chunks(self.labels.len()).zip(&gold).map(|(l, g)| *g == Some(patchbay::logits::argmax(l))).collect();
+        let (n, kept) = (keep.len(), keep.iter().filter(|&&k| k).count());
+        if kept == 0 {
+            return Err(Error::input(format!("--only-correct: the model predicts none of the {n} prompts correctly over the label set [{}]", self.labels.names.join(", "))));
+        }
+        let mut mask = keep.iter();
+        self.ids.retain(|_| *mask.next().unwrap_or(&false));
+        if let Some(ds) = &mut self.dataset {
+            let mut mask = keep.iter();
+            ds.examples.retain(|_| *mask.next().unwrap_or(&false));
+        }
+        if !quiet {
+            eprintln!("--only-correct: kept the {kept} of {n} prompts the model predicts correctly");
+        }
+        Ok(())
+    }
 }
 
 /// The manifest of a command run on prompts (the parts of [`Prompts`]): the command, patchbay's

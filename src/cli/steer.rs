@@ -105,6 +105,9 @@ pub struct SteerArgs {
     /// What is read from the steered runs.
     #[arg(long, value_enum, default_value = "labels")]
     mode: Mode,
+    /// Only the prompts the model predicts correctly over the label set (needs gold labels), as Tak et al. select theirs (--mode labels).
+    #[arg(long)]
+    only_correct: bool,
     #[command(flatten)]
     inputs: InputArgs,
     #[command(flatten)]
@@ -206,8 +209,7 @@ fn run_labels(a: SteerArgs) -> Result<()> {
     }
     let t0 = Instant::now();
     let specs = a.interventions.specs()?;
-    let p = Prompts::load(&a.inputs, &a.labels, a.quiet)?;
-    let gold = p.gold()?;
+    let mut p = Prompts::load(&a.inputs, &a.labels, a.quiet)?;
     let model = Model::load(&a.inputs.model)?;
     let mut conditions = resolve_all(&specs, &model.cfg, false)?;
     if !a.no_random_control {
@@ -215,6 +217,10 @@ fn run_labels(a: SteerArgs) -> Result<()> {
         conditions.extend(controls);
     }
     let engine = a.inputs.engine.load(&model, a.inputs.allow_nonfinite)?;
+    if a.only_correct {
+        p.retain_correct(engine.as_ref(), a.quiet)?;
+    }
+    let gold = p.gold()?;
     let _lock = patchbay::io::OutLock::acquire(&a.out)?;
     let Prompts { ids: prompts, dataset: ds, template, labels } = p;
     let bar = progress_bar((prompts.len() * conditions.len()) as u64, "steer", "runs", a.quiet);
@@ -276,6 +282,9 @@ fn valences(labels: &[String], overrides: Option<&str>) -> Result<Vec<usize>> {
 }
 
 fn run_generate(a: SteerArgs) -> Result<()> {
+    if a.only_correct {
+        return Err(Error::input("--only-correct is for --mode labels (generated texts have no gold label to predict)"));
+    }
     let t0 = Instant::now();
     let specs = a.interventions.specs()?;
     let model = Model::load(&a.inputs.model)?;
