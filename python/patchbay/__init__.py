@@ -7,7 +7,8 @@
     acts["blocks.3.hook_resid_post"]                         # [n_prompts, n_positions, d_model]
 
 Interventions are the small classes below; pass a list of them as ``interventions=`` to
-``Model.capture``, ``Model.score`` and ``Model.generate``. ``site`` (the first argument) is a TransformerLens name
+``Model.capture``, ``Model.score`` and ``Model.generate``, and as experiments (one each, or a list
+applied together) to the label sweeps ``Model.steer`` and ``Model.ablate``. ``site`` (the first argument) is a TransformerLens name
 (``blocks.3.hook_resid_post``, ``blocks.2.attn.hook_z``); the keyword ``positions`` is ``"all"``,
 ``"last"``, ``"last:K"``, an integer or a list (``-1`` = the last token), and for ``generate``
 also ``"generated"`` or ``"X+generated"``; ``heads`` select heads at head sites (q, k, v,

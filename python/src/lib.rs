@@ -36,6 +36,8 @@ use patchbay::experiments::inspect::{model_info, site_entry};
 use patchbay::experiments::patch::{ExperimentResult, Method, Pair, RunSettings, SweepSpec, experiments, run_sweep};
 use patchbay::experiments::patch_files::{DirRun, read_done, run_to_dir};
 use patchbay::experiments::score::{Scores, label_logits};
+use patchbay::experiments::steer::{Readout, steer_labels};
+use patchbay::intervene::spec::Condition;
 use patchbay::intervene::{Intervention, Op};
 use patchbay::io::{OutDtype, OutTensor};
 use patchbay::learn::directions::projector;
@@ -589,6 +591,102 @@ impl PyModel {
             .map_err(py_err)?;
         let rows: Vec<serde_json::Value> = gens.iter().enumerate().map(|(i, g)| json!({"index": i, "tokens": g.tokens, "text": g.text, "stop": g.stop, "seed": g.seed})).collect();
         to_py(py, &json!(rows))
+    }
+
+    /// A label sweep (as `patchbay steer --mode labels`): every prompt clean and under each
+    /// experiment of `experiments` (an intervention, or a list of them applied together), each
+    /// resumed from the prompt's clean run at the experiment's first layer; the label logits at
+    /// the last token. Returns `clean_logits` `[n_prompts, n_labels]`, `clean_pred`,
+    /// `label_logits` `[n_experiments, n_prompts, n_labels]`, `pred` `[n_experiments, n_prompts]`
+    /// and `labels`. `ablate` is the same sweep under its own name.
+    #[pyo3(signature = (experiments, token_ids = None, texts = None, label_token_ids = None, labels = None, chat = false, batch_rows = 256))]
+    #[allow(clippy::too_many_arguments)]
+    fn steer<'py>(
+        &self,
+        py: Python<'py>,
+        experiments: &Bound<'py, PyAny>,
+        token_ids: Option<&Bound<'py, PyAny>>,
+        texts: Option<Names>,
+        label_token_ids: Option<&Bound<'py, PyAny>>,
+        labels: Option<Names>,
+        chat: bool,
+        batch_rows: usize,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let prompts = self.prompts(py, token_ids, texts, chat)?;
+        let labels = self.labels(label_token_ids, labels)?;
+        let mut exps: Vec<Vec<Condition>> = Vec::new();
+        for (e, item) in experiments.try_iter()?.enumerate() {
+            let item = item?;
+            let parsed = self.parse_all(py, &item, &prompts).map_err(|err| prefix(py, err, &format!("experiments[{e}]")))?;
+            let conds = parsed
+                .into_iter()
+                .map(|p| match (&p.prompts, &p.op) {
+                    (Some(_), _) => Err(input_err(format!("experiments[{e}]: prompts= is not supported by a sweep (every prompt runs every experiment)"))),
+                    (_, Op::Patch { .. }) => Err(input_err(format!("experiments[{e}]: Patch values are per prompt: use patch() or score(interventions=...)"))),
+                    _ => {
+                        let beta = match p.op {
+                            Op::Add { beta, .. } | Op::ProjectSet { beta, .. } => beta,
+                            Op::Scale { alpha } => alpha,
+                            _ => 0.0,
+                        };
+                        Ok(Condition { direction: format!("experiment {e}"), site: p.site, beta, op: p.op, positions: p.scope, units: p.units })
+                    }
+                })
+                .collect::<PyResult<Vec<Condition>>>()?;
+            exps.push(conds);
+        }
+        let (n, k, n_exp) = (prompts.len(), labels.len(), exps.len());
+        let mut clean = vec![0.0f32; n * k]; // [n_prompts, n_labels]
+        let mut steered = vec![0.0f32; n_exp * n * k]; // [n_experiments, n_prompts, n_labels]
+        let readout = Readout { label_tokens: &labels.token_ids, projection: None };
+        py.detach(|| {
+            steer_labels(
+                &self.engine(),
+                &prompts,
+                readout,
+                &exps,
+                batch_rows,
+                &ProgressBar::hidden(),
+                &mut |i, logits, _| {
+                    clean[i * k..(i + 1) * k].copy_from_slice(logits);
+                    Ok(())
+                },
+                &mut |rows| {
+                    for r in rows {
+                        steered[(r.condition * n + r.index) * k..][..k].copy_from_slice(&r.label_logits);
+                    }
+                    Ok(())
+                },
+            )
+        })
+        .map_err(py_err)?;
+        let argmax_rows = |x: &[f32]| -> Vec<i64> { x.chunks(k.max(1)).map(|r| patchbay::logits::argmax(r) as i64).collect() };
+        let out = PyDict::new(py);
+        out.set_item("clean_pred", PyArray1::from_vec(py, argmax_rows(&clean)))?;
+        out.set_item("pred", PyArray1::from_vec(py, argmax_rows(&steered)).reshape([n_exp, n])?)?;
+        out.set_item("clean_logits", PyArray1::from_vec(py, clean).reshape([n, k])?)?;
+        out.set_item("label_logits", PyArray1::from_vec(py, steered).reshape([n_exp, n, k])?)?;
+        out.set_item("labels", labels.names.clone())?;
+        Ok(out)
+    }
+
+    /// [`Model::steer`] under the name of `patchbay ablate`: experiments of `Zero`, `Mean`,
+    /// `Scale` (or `Add`) at heads (`heads=` at `attn.hook_z`) or neurons (`neurons=` at
+    /// `mlp.hook_post`).
+    #[pyo3(signature = (experiments, token_ids = None, texts = None, label_token_ids = None, labels = None, chat = false, batch_rows = 256))]
+    #[allow(clippy::too_many_arguments)]
+    fn ablate<'py>(
+        &self,
+        py: Python<'py>,
+        experiments: &Bound<'py, PyAny>,
+        token_ids: Option<&Bound<'py, PyAny>>,
+        texts: Option<Names>,
+        label_token_ids: Option<&Bound<'py, PyAny>>,
+        labels: Option<Names>,
+        chat: bool,
+        batch_rows: usize,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        self.steer(py, experiments, token_ids, texts, label_token_ids, labels, chat, batch_rows)
     }
 
     fn __repr__(&self) -> String {

@@ -129,3 +129,37 @@ def test_arrays_from_anything_numpy_reads(model, rng):
         assert np.array_equal(got, want)
     square = [ids[0], ids[0]]
     assert np.array_equal(model.capture(token_ids=np.array(square), sites=s, positions=-1)[s], model.capture(token_ids=square, sites=s, positions=-1)[s])
+
+
+def test_steer_and_ablate_sweeps_equal_one_scored_run_per_experiment(model, rng):
+    """steer() / ablate() resume every experiment from the clean run; each row equals score()
+    with the same interventions (a full forward), and the clean rows equal score() alone."""
+    ids = fixture_ids("llama")
+    d = model.config["d_model"]
+    labels = [5, 40, 65, 262]
+    v = rng.standard_normal(d).astype(np.float32)
+    beta = float(rng.uniform(1.0, 4.0))
+    experiments = [
+        patchbay.Add(site(1), v, beta, positions="last"),
+        [patchbay.Zero("blocks.0.attn.hook_z", heads=[1]), patchbay.Scale("blocks.1.mlp.hook_post", 0.5, neurons=[3, 7])],
+        patchbay.Scale(site(0), 1.0),  # the identity: the clean run
+    ]
+    out = model.steer(experiments, token_ids=ids, label_token_ids=labels)
+    n = len(ids)
+    assert out["label_logits"].shape == (3, n, len(labels)) and out["clean_logits"].shape == (n, len(labels))
+    clean = model.score(token_ids=ids, label_token_ids=labels)["label_logits"]
+    np.testing.assert_allclose(out["clean_logits"], clean, rtol=1e-4, atol=1e-4)
+    for e, ex in enumerate(experiments):
+        want = model.score(token_ids=ids, label_token_ids=labels, interventions=ex)["label_logits"]
+        np.testing.assert_allclose(out["label_logits"][e], want, rtol=1e-4, atol=1e-4, err_msg=f"experiment {e}")
+    np.testing.assert_array_equal(out["label_logits"][2], out["clean_logits"])
+    assert not np.allclose(out["label_logits"][0], out["clean_logits"]), "the add changes nothing: the test cannot fail"
+    np.testing.assert_array_equal(out["pred"], out["label_logits"].argmax(-1))
+    abl = model.ablate([patchbay.Zero("blocks.0.attn.hook_z", heads=[h]) for h in range(2)], token_ids=ids, label_token_ids=labels)
+    for h in range(2):
+        want = model.score(token_ids=ids, label_token_ids=labels, interventions=patchbay.Zero("blocks.0.attn.hook_z", heads=[h]))["label_logits"]
+        np.testing.assert_allclose(abl["label_logits"][h], want, rtol=1e-4, atol=1e-4)
+    with pytest.raises(patchbay.InputError, match="Patch values are per prompt"):
+        model.steer([patchbay.Patch(site(1), np.zeros(d, np.float32), positions=-1)], token_ids=ids, label_token_ids=labels)
+    with pytest.raises(patchbay.InputError, match="prompts= is not supported"):
+        model.steer([patchbay.Add(site(1), v, 1.0, prompts=[0])], token_ids=ids, label_token_ids=labels)
