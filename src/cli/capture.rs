@@ -92,7 +92,7 @@ pub fn run(a: CaptureArgs) -> Result<()> {
     // where the tokenizer has no string; no strings when the model has no tokenizer).
     md.insert("token_ids".into(), serde_json::to_string(&prompts).map_err(|e| Error::input(e.to_string()))?);
     if let Ok(tok) = PromptTokenizer::load(&a.model) {
-        let strings: Vec<Vec<String>> = prompts.iter().map(|p| p.iter().map(|&t| tok.id_to_token(t).unwrap_or_else(|| format!("<id {t}>"))).collect()).collect();
+        let strings: Vec<Vec<String>> = prompts.iter().map(|p| tok.token_strings(p)).collect();
         md.insert("tokens".into(), serde_json::to_string(&strings).map_err(|e| Error::input(e.to_string()))?);
     }
     write_safetensors(&a.out, &tensors, &md)?;

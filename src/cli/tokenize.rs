@@ -49,10 +49,9 @@ pub fn run(a: TokenizeArgs) -> Result<()> {
     };
     let prompts = load_prompts(source, &a.model, a.chat)?;
     let tok = PromptTokenizer::load(&a.model)?;
-    let strings = |ids: &[u32]| -> Vec<String> { ids.iter().map(|&t| tok.id_to_token(t).unwrap_or_else(|| format!("<id {t}>"))).collect() };
     let mut out = String::new();
     for (i, ids) in prompts.iter().enumerate() {
-        let tokens = strings(ids);
+        let tokens = tok.token_strings(ids);
         if a.json {
             out.push_str(&serde_json::to_string(&json!({"index": i, "ids": ids, "tokens": tokens})).map_err(|e| Error::input(e.to_string()))?);
             out.push('\n');

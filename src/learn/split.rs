@@ -98,16 +98,28 @@ impl Split {
         (train, test)
     }
 
+    /// Every fit of this evaluation: each fold (k-fold; fold 0 is the training part of
+    /// held-out), then, for k-fold, None: the refit on every example.
+    pub fn fits(&self) -> Vec<Option<usize>> {
+        (0..self.n_folds).map(Some).chain(matches!(self.eval, Eval::KFold(_)).then_some(None)).collect()
+    }
+
+    /// (train, test) indices of fit `fold`: [`Split::fold`], or every example and no test for
+    /// None.
+    pub fn fit_rows(&self, fold: Option<usize>) -> (Vec<usize>, Vec<usize>) {
+        match fold {
+            Some(f) => self.fold(f),
+            None => ((0..self.test_fold.len()).collect(), Vec::new()),
+        }
+    }
+
     /// The training rows of fit `fold` (None: every example, the model k-fold evaluation
     /// refits on all of them) and their inner k-fold split, stratified by class when `classes`
     /// (one per example) are given, seeded from this split's seed and the fit. The inner
     /// split's examples are the training rows in order: `inner.test_fold[j]` belongs to
     /// `train[j]`. Used to choose a penalty on the training rows only.
     pub fn inner(&self, fold: Option<usize>, classes: Option<&[usize]>, k: usize) -> Result<(Vec<usize>, Split)> {
-        let train = match fold {
-            Some(f) => self.fold(f).0,
-            None => (0..self.test_fold.len()).collect(),
-        };
+        let train = self.fit_rows(fold).0;
         let sub: Option<Vec<usize>> = classes.map(|c| train.iter().map(|&i| c[i]).collect());
         let seed = self.seed ^ 0x5bd1_e995_u64.wrapping_mul(fold.map_or(0, |f| f as u64 + 1));
         let inner = Split::new(train.len(), sub.as_deref(), Eval::KFold(k), seed)

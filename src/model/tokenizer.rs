@@ -423,6 +423,11 @@ impl PromptTokenizer {
         self.tokenizer.id_to_token(id)
     }
 
+    /// The token strings of a prompt's ids (`<id N>` for an id the vocabulary has no string for).
+    pub fn token_strings(&self, ids: &[u32]) -> Vec<String> {
+        ids.iter().map(|&t| self.id_to_token(t).unwrap_or_else(|| format!("<id {t}>"))).collect()
+    }
+
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
         self.tokenizer.token_to_id(token)
     }

@@ -108,6 +108,12 @@ pub struct ChosenRow {
     pub value: f64,
 }
 
+/// The fit whose model is saved: the training part (fold 0) with held-out evaluation, the refit
+/// on every example (None) with k-fold.
+fn saved_fold(split: &Split) -> Option<usize> {
+    matches!(split.eval, Eval::Holdout(_)).then_some(0)
+}
+
 /// The name of fit `fold` in regularisation.csv and splits.json.
 pub fn fit_name(fold: Option<usize>) -> String {
     fold.map_or("all".to_string(), |f| format!("fold {f}"))
@@ -266,8 +272,8 @@ pub fn run_probes(shard_dir: &Path, targets: &ProbeTargets, split: &Split, param
             ("positions".to_string(), serde_json::to_string(&meta.positions).unwrap_or_default()),
             ("classes".to_string(), serde_json::to_string(&class_names).unwrap_or_default()),
             ("numeric".to_string(), serde_json::to_string(&targets.numeric_names).unwrap_or_default()),
-            ("C".to_string(), saved_penalty(&out, &params.c, "C")),
-            ("alpha".to_string(), saved_penalty(&out, &params.alpha, "alpha:")),
+            ("C".to_string(), saved_penalty(&out, &params.c, "C", split)),
+            ("alpha".to_string(), saved_penalty(&out, &params.alpha, "alpha:", split)),
             ("standardize".to_string(), params.standardize.to_string()),
             ("eval".to_string(), split.eval.describe()),
             ("space".to_string(), "weights act on raw activations (standardisation folded in); mean/scale are the fit's standardisation".to_string()),
@@ -288,13 +294,14 @@ pub fn run_probes(shard_dir: &Path, targets: &ProbeTargets, split: &Split, param
 
 /// The weight file's record of a penalty: the fixed value, or, for a grid, the saved models'
 /// choices as JSON (`{"pos-1": {"C": 0.1}}` / `{"pos-1": {"alpha:pleasantness": 100}}`).
-fn saved_penalty(out: &[PosOut], penalty: &Penalty, prefix: &str) -> String {
+fn saved_penalty(out: &[PosOut], penalty: &Penalty, prefix: &str, split: &Split) -> String {
     match penalty {
         Penalty::Fixed(v) => v.to_string(),
         Penalty::Grid(_) => {
+            let saved_fit = fit_name(saved_fold(split));
             let per_pos: BTreeMap<String, BTreeMap<&str, f64>> = out
                 .iter()
-                .map(|po| (format!("pos{}", po.position), po.chosen.iter().filter(|(p, f, _)| p.starts_with(prefix) && *f == po.saved_fit).map(|(p, _, v)| (p.as_str(), *v)).collect()))
+                .map(|po| (format!("pos{}", po.position), po.chosen.iter().filter(|(p, f, _)| p.starts_with(prefix) && *f == saved_fit).map(|(p, _, v)| (p.as_str(), *v)).collect()))
                 .collect();
             serde_json::to_string(&per_pos).unwrap_or_default()
         }
@@ -306,8 +313,6 @@ struct PosOut {
     position: i64,
     /// Penalties chosen by inner cross-validation: (penalty, fit, value).
     chosen: Vec<(String, String, f64)>,
-    /// The fit whose model is saved (`fit_name`).
-    saved_fit: String,
     /// (metric, value, ci, n)
     metrics: Vec<(String, f64, (f64, f64), usize)>,
     /// Saved classifier: (W [k, d], b [k], k), raw space.
@@ -534,14 +539,9 @@ fn run_ridge(x: &[f32], d: usize, targets: &ProbeTargets, split: &Split, params:
     let mut oof = Vec::new();
     let mut alphas = Vec::new();
     // Each evaluated fit predicts its test rows; the last one fitted is the saved model.
-    let evaluated: Vec<Option<usize>> = (0..split.n_folds).map(Some).collect();
-    let refit = matches!(split.eval, Eval::KFold(_));
     let mut saved = None;
-    for fold in evaluated.into_iter().chain(refit.then_some(None)) {
-        let (train, test) = match fold {
-            Some(f) => split.fold(f),
-            None => ((0..n).collect(), Vec::new()),
-        };
+    for fold in split.fits() {
+        let (train, test) = split.fit_rows(fold);
         let (xs, ys) = rows_of(&test);
         let m = less(all.as_ref(), &train, &xs, &ys, test.len());
         let (model, chosen) = fit_with_alphas(fold, &train, m.as_ref())?;
@@ -559,17 +559,11 @@ fn run_ridge(x: &[f32], d: usize, targets: &ProbeTargets, split: &Split, params:
 /// All probes of one site: `per_pos[p]` is `[n, d]`; `positions[p]` its position.
 fn probe_site(per_pos: &[Vec<f32>], positions: &[i64], d: usize, targets: &ProbeTargets, split: &Split, params: &ProbeParams) -> Result<Vec<PosOut>> {
     let n_pos = per_pos.len();
-    let holdout = matches!(split.eval, Eval::Holdout(_));
-    let saved_fold = if holdout { Some(0) } else { None };
+    let saved_fold = saved_fold(split);
     let mut tasks = Vec::new();
     for p in 0..n_pos {
         if targets.classes.is_some() {
-            for f in 0..split.n_folds {
-                tasks.push(Task::LogReg { p, fold: Some(f) });
-            }
-            if !holdout {
-                tasks.push(Task::LogReg { p, fold: None });
-            }
+            tasks.extend(split.fits().into_iter().map(|fold| Task::LogReg { p, fold }));
         }
         if !targets.numeric_names.is_empty() {
             tasks.push(Task::Ridge { p });
@@ -580,10 +574,7 @@ fn probe_site(per_pos: &[Vec<f32>], positions: &[i64], d: usize, targets: &Probe
         .map(|t| match *t {
             Task::LogReg { p, fold } => {
                 let classes = targets.classes.as_deref().unwrap_or(&[]);
-                let (train, test): (Vec<usize>, Vec<usize>) = match fold {
-                    Some(f) => split.fold(f),
-                    None => ((0..classes.len()).collect(), Vec::new()),
-                };
+                let (train, test) = split.fit_rows(fold);
                 let mut fits = Fits::default();
                 let c = choose_c(&per_pos[p], d, classes, split, fold, params, &mut fits)?;
                 let (pred, model, converged) = run_logreg(&per_pos[p], d, classes, &train, &test, c.value, params, fold == saved_fold);
@@ -598,7 +589,7 @@ fn probe_site(per_pos: &[Vec<f32>], positions: &[i64], d: usize, targets: &Probe
         .collect();
     let mut pos: Vec<PosOut> = positions
         .iter()
-        .map(|&position| PosOut { position, chosen: Vec::new(), saved_fit: fit_name(saved_fold), metrics: Vec::new(), logreg: None, classes: Vec::new(), ridge: None, mean: vec![0.0; d], scale: vec![1.0; d], unconverged: 0, fits: 0 })
+        .map(|&position| PosOut { position, chosen: Vec::new(), metrics: Vec::new(), logreg: None, classes: Vec::new(), ridge: None, mean: vec![0.0; d], scale: vec![1.0; d], unconverged: 0, fits: 0 })
         .collect();
     // Out-of-fold predictions per position.
     let mut cls_pred: Vec<Vec<(usize, usize)>> = vec![Vec::new(); n_pos];

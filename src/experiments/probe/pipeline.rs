@@ -208,9 +208,8 @@ pub fn run(inp: &ProbeInputs, s: &ProbeSettings, started: Instant, mut timings: 
     let mut splits_json = json!({"targets": targets, "split": split, "params": params, "acts": "acts", "positions": positions, "sites": run.meta.sites});
     if params.c.is_grid() || params.alpha.is_grid() {
         // Per fit: the inner fold of each of its training rows (ascending example order).
-        let fits = (0..split.n_folds).map(Some).chain(matches!(eval, Eval::KFold(_)).then_some(None));
         let mut inner = Map::new();
-        for fold in fits {
+        for fold in split.fits() {
             inner.insert(fit_name(fold), json!(split.inner(fold, targets.classes.as_deref(), params.inner_folds)?.1.test_fold));
         }
         splits_json["inner_test_fold"] = Value::Object(inner);
