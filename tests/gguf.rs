@@ -406,16 +406,6 @@ fn qwen2_fixture_as_gguf() {
 // ---------------------------------------------------------------------------------------------
 // SmolLM2-135M-Instruct, the real GGUF (scripts/fetch-smollm2.sh).
 
-fn smollm2_path() -> Option<PathBuf> {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join(".cache/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
-    if p.exists() {
-        Some(p)
-    } else {
-        println!("SKIPPED: {} is absent (scripts/fetch-smollm2.sh fetches it)", p.display());
-        None
-    }
-}
-
 /// Logits at the last position of SmolLM2 from the Q4_1 GGUF against transformers' GGUF loader
 /// (float32), for a plain, a chat and a non-ASCII prompt; token ids exactly.
 ///

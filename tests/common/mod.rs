@@ -30,6 +30,18 @@ pub const KERNEL_F32_RTOL: f32 = 1e-5;
 pub const BF16_ATOL: f32 = 1e-5;
 pub const BF16_RTOL: f32 = 1.0 / 128.0;
 
+/// SmolLM2-135M-Instruct, the real GGUF (scripts/fetch-smollm2.sh, which scripts/test.sh runs);
+/// None, with a printed notice, where it could not be fetched.
+pub fn smollm2_path() -> Option<PathBuf> {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join(".cache/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    if p.exists() {
+        Some(p)
+    } else {
+        println!("SKIPPED: {} is absent (scripts/fetch-smollm2.sh fetches it)", p.display());
+        None
+    }
+}
+
 pub fn fixtures_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests").join("fixtures")
 }
