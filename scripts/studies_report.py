@@ -60,6 +60,11 @@ class Report:
     def path(self, *parts):
         return os.path.join(self.out, *parts)
 
+    def section(self, title, *stages):
+        """Adds the heading; True when every stage it reads has finished."""
+        self.add(f"### {title}", "")
+        return all([self.has(s) for s in stages])
+
     def has(self, stage):
         done = os.path.exists(self.path(stage, ".done"))
         if not done:
@@ -93,8 +98,7 @@ def valence_share(share):
 def tak(r):
     r.add("## Tak et al. 2025: probing, patching and appraisal steering", "")
 
-    r.add("### The model's own answer (`score`, the study's prompt and few-shot examples)", "")
-    if r.has("score"):
+    if r.section("The model's own answer (`score`, the study's prompt and few-shot examples)", "score"):
         s = json.load(open(r.path("score", "score.json")))
         labels = s["labels"]
         top = max(labels, key=lambda x: x["predicted"])
@@ -106,8 +110,7 @@ def tak(r):
               + ", ".join(f"{x['label']} {f(x['recall'], 2)}" for x in labels) + ".", "")
         r.figure("score", "confusion.png", "confusion matrix")
 
-    r.add("### Probes by layer (`probe`: logistic for the emotion, ridge for the appraisals)", "")
-    if r.has("probe"):
+    if r.section("Probes by layer (`probe`: logistic for the emotion, ridge for the appraisals)", "probe"):
         rows = read_csv(r.path("probe", "probe_results.csv"))
         acc = [x for x in rows if x["metric"] == "accuracy"]
         r.add("| site | layer 0 | best layer | best accuracy (95% CI) | last layer | n test |", "|---|---|---|---|---|---|")
@@ -134,8 +137,7 @@ def tak(r):
         r.figure("probe", "accuracy_by_layer.png", "probe accuracy by layer")
         r.figure("probe", "appraisal_r2.png", "appraisal R^2 by layer")
 
-    r.add("### Activation patching between correctly predicted prompts of different emotions (`patch`)", "")
-    if r.has("patch"):
+    if r.section("Activation patching between correctly predicted prompts of different emotions (`patch`)", "patch"):
         rows = read_csv(r.path("patch", "summary.csv"))
         n_pairs = int(rows[0]["n"]) if rows else 0
         r.add(f"{n_pairs} (source, target) pairs, each window of 5 layers at the last token; flip rate = share of "
@@ -156,8 +158,7 @@ def tak(r):
         r.numbers["patch"] = {"pairs": n_pairs, **patch_numbers}
         r.figure("patch", "heatmap.png", "flip rate by site and window centre")
 
-    r.add("### Steering along the appraisal probes (`directions --method probe`, `steer --mode labels`)", "")
-    if r.has("steer"):
+    if r.section("Steering along the appraisal probes (`directions --method probe`, `steer --mode labels`)", "steer"):
         clean = read_jsonl(r.path("steer", "clean.jsonl"))
         rows = read_jsonl(r.path("steer", "scores.jsonl"))
         labels = sorted({x["pred"] for x in clean} | {x["pred"] for x in rows})
@@ -184,8 +185,7 @@ def tak(r):
 def wang(r, layer):
     r.add("## Wang et al. 2025: directions, components, ablation and steered generation", "")
 
-    r.add("### Emotion and valence directions (`directions`)", "")
-    if r.has("sev-dirs") and r.has("emotion-dirs"):
+    if r.section("Emotion and valence directions (`directions`)", "sev-dirs", "emotion-dirs"):
         site = f"blocks.{layer}.hook_resid_post"
         sev = read_safetensors(r.path("sev-dirs", "directions.safetensors"))
         emo = read_safetensors(r.path("emotion-dirs", "directions.safetensors"))
@@ -202,8 +202,7 @@ def wang(r, layer):
         r.add("")
         r.numbers["directions"] = {"site": site, "cosine": cos}
 
-    r.add("### Head and neuron contributions to the joy direction (`components contrib`)", "")
-    if r.has("contrib"):
+    if r.section("Head and neuron contributions to the joy direction (`components contrib`)", "contrib"):
         numbers = {}
         for kind, unit in (("heads", "head"), ("neurons", "neuron")):
             rows = [x for x in read_csv(r.path("contrib", f"{kind}.csv")) if x["label"] == "joy"]
@@ -219,8 +218,7 @@ def wang(r, layer):
         r.figure("contrib", "heads.png", "head contributions per label")
         r.figure("contrib", "long_tail.png", "contributions against rank")
 
-    r.add("### Top-k ablation curves (`ablate --ranking --top-k`, zero ablation)", "")
-    if r.has("topk"):
+    if r.section("Top-k ablation curves (`ablate --ranking --top-k`, zero ablation)", "topk"):
         rows = read_csv(r.path("topk", "top_k.csv"))
         ks = sorted({int(x["k"]) for x in rows})
         r.add("Change of the joy projection (the emotion representation at the steering layer) and of the joy logit, "
@@ -241,8 +239,7 @@ def wang(r, layer):
         r.numbers["top_k"] = curve
         r.figure("topk", "top_k.png", "top-k curves")
 
-    r.add("### Steered generation, judged by the emotion probe (`steer --mode generate`)", "")
-    if r.has("generate"):
+    if r.section("Steered generation, judged by the emotion probe (`steer --mode generate`)", "generate"):
         rows = read_csv(r.path("generate", "summary.csv"))
         val = read_csv(r.path("generate", "valence.csv"))
         judge = json.load(open(r.path("generate", "judge.json")))

@@ -4,7 +4,7 @@
 //! word as it would follow "Answer:"), so " anger" -> its first id. Two labels resolving to the
 //! same token would be indistinguishable: that is an error naming both.
 
-use crate::model::tokenizer::PromptTokenizer;
+use crate::model::tokenizer::{PromptTokenizer, unknown_token};
 use crate::{Error, Result};
 
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -39,7 +39,7 @@ impl LabelSet {
             let &first = ids.first().ok_or_else(|| Error::input(format!("label `{name}` encodes to no token")))?;
             token_ids.push(first);
         }
-        let tokens = token_ids.iter().map(|&id| tok.id_to_token(id).unwrap_or_else(|| format!("<{id}>"))).collect();
+        let tokens = tok.token_strings(&token_ids);
         LabelSet::from_ids(names.to_vec(), token_ids, tokens)
     }
 
@@ -57,7 +57,10 @@ impl LabelSet {
             names.push(name);
             ids.push(id);
         }
-        let tokens = ids.iter().map(|&id| tok.and_then(|t| t.id_to_token(id)).unwrap_or_else(|| format!("<{id}>"))).collect();
+        let tokens = match tok {
+            Some(t) => t.token_strings(&ids),
+            None => ids.iter().map(|&id| unknown_token(id)).collect(),
+        };
         LabelSet::from_ids(names, ids, tokens)
     }
 

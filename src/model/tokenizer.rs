@@ -228,6 +228,11 @@ fn diagnose_tokenizer_json(bytes: &[u8]) -> Option<String> {
     }
 }
 
+/// How reports name a token id without a string (no tokenizer, or an id the vocabulary lacks).
+pub fn unknown_token(id: u32) -> String {
+    format!("<id {id}>")
+}
+
 impl PromptTokenizer {
     /// Loads DIR/tokenizer.json (required) and DIR/tokenizer_config.json (optional: chat_template,
     /// bos_token, eos_token, add_bos_token...). Also honours DIR/special_tokens_map.json and
@@ -425,7 +430,7 @@ impl PromptTokenizer {
 
     /// The token strings of a prompt's ids (`<id N>` for an id the vocabulary has no string for).
     pub fn token_strings(&self, ids: &[u32]) -> Vec<String> {
-        ids.iter().map(|&t| self.id_to_token(t).unwrap_or_else(|| format!("<id {t}>"))).collect()
+        ids.iter().map(|&t| self.id_to_token(t).unwrap_or_else(|| unknown_token(t))).collect()
     }
 
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
