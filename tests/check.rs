@@ -42,7 +42,7 @@ const METHODOLOGIES: [&str; 8] = ["capture", "logits", "attention_pattern", "pat
 fn the_map_has_no_silently_wrong_cell() {
     let w = tempfile::tempdir().unwrap();
     let fixtures = fixtures_dir();
-    for (device, max_cases) in [("cpu", None), ("emu", Some("4"))] {
+    for (device, max_cases) in [("cpu", None), ("cpu-bf16", Some("4")), ("emu", Some("4"))] {
         let out = w.path().join(device);
         let mut args = vec!["--fixtures", fixtures.to_str().unwrap(), "--devices", device];
         if let Some(m) = max_cases {

@@ -6,7 +6,7 @@ use clap::Args;
 use serde_json::json;
 
 use super::progress_bar;
-use patchbay::backend::DeviceSpec;
+use patchbay::backend::{DeviceSpec, Precision};
 use patchbay::engine::load_engine;
 use patchbay::experiments::check::{Cell, Goldens, Methodology, Verdict, check_family, markdown};
 use patchbay::io::{JsonlFile, OutLock, write_atomic};
@@ -14,7 +14,7 @@ use patchbay::model::Model;
 use patchbay::{Error, Result};
 
 const CHECK_HELP: &str = "Examples:
-  patchbay check --out runs/map                                  # every fixture family on cpu and emu
+  patchbay check --out runs/map                                  # every fixture family on cpu, cpu-bf16 and emu
   patchbay check --devices cuda --out runs/map-gpu                # on the GPU
   patchbay check --families llama,gemma2 --devices emu --max-cases 6 --out /tmp/map
 
@@ -45,9 +45,10 @@ pub struct CheckArgs {
     /// Families (comma-separated); default: every subdirectory of --fixtures with golden.safetensors.
     #[arg(long, value_delimiter = ',')]
     families: Vec<String>,
-    /// Engines (comma-separated): cpu (the f32 reference), emu (the CUDA kernels emulated on the CPU), cuda / cuda:N.
-    #[arg(long, value_delimiter = ',', default_value = "cpu,emu")]
-    devices: Vec<DeviceSpec>,
+    /// Engines (comma-separated): cpu (the f32 reference), cpu-bf16 (the cpu engine at --precision bf16),
+    /// emu (the CUDA kernels emulated on the CPU), cuda / cuda:N.
+    #[arg(long, value_delimiter = ',', default_value = "cpu,cpu-bf16,emu")]
+    devices: Vec<CheckEngine>,
     /// At most this many cases per methodology and family (spread evenly over each golden's cases); default all.
     #[arg(long)]
     max_cases: Option<usize>,
@@ -57,6 +58,32 @@ pub struct CheckArgs {
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
+}
+
+/// An engine of the map: a device, and for the cpu a precision (`cpu-bf16`); named as given.
+#[derive(Clone, Copy, Debug)]
+struct CheckEngine {
+    device: DeviceSpec,
+    precision: Option<Precision>,
+}
+
+impl std::str::FromStr for CheckEngine {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<CheckEngine> {
+        match s {
+            "cpu-bf16" => Ok(CheckEngine { device: DeviceSpec::Cpu, precision: Some(Precision::Bf16) }),
+            _ => s.parse().map(|device| CheckEngine { device, precision: None }).map_err(|_| Error::input(format!("engine `{s}`: expected cpu, cpu-bf16, emu, cuda or cuda:N"))),
+        }
+    }
+}
+
+impl std::fmt::Display for CheckEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.precision {
+            Some(Precision::Bf16) => write!(f, "{}-bf16", self.device),
+            _ => write!(f, "{}", self.device),
+        }
+    }
 }
 
 pub fn run(a: CheckArgs) -> Result<()> {
@@ -86,7 +113,7 @@ pub fn run(a: CheckArgs) -> Result<()> {
         for family in &families {
             let dir = a.fixtures.join(family);
             let model = Model::load(&dir)?;
-            let engine = load_engine(&model, *device, None, false)?;
+            let engine = load_engine(&model, device.device, device.precision, false)?;
             bar.set_message(format!("check {family} on {device}"));
             let goldens = Goldens { dir, family: family.clone(), max_cases: a.max_cases };
             check_family(engine.as_ref(), &device.to_string(), &goldens, &bar, &mut |c| {
