@@ -89,21 +89,20 @@ mkdir -p "$OUT"
 printf '{"model": "%s", "data": "%s", "sev": "%s", "layer": %s, "n_layers": %s, "small": %s}\n' \
     "$MODEL" "$DATA_NAME" "$SEV" "$LAYER" "$N_LAYERS" "$SMALL" > "$OUT/studies.json"
 
-# stage NAME CMD...: runs a patchbay command into OUT/NAME unless OUT/NAME/.done exists; the command
-# line (with the binary as `patchbay`) goes to OUT/commands.sh, which the report quotes.
+# stage NAME CMD...: runs a patchbay command into OUT/NAME unless OUT/NAME/.done exists; then
+# writes its command line (the binary as `patchbay`) to OUT/NAME/command.sh (the report gathers
+# them into OUT/commands.sh) and its seconds to OUT/NAME/.done.
 stage() {
     local name=$1; shift
     if [ -f "$OUT/$name/.done" ]; then
         echo "studies.sh: $name done earlier (remove $OUT/$name/.done to run it again)" >&2
         return
     fi
-    printf '# %s\npatchbay' "$name" >> "$OUT/commands.sh"
-    printf ' %q' "$@" >> "$OUT/commands.sh"
-    printf '\n' >> "$OUT/commands.sh"
     echo "studies.sh: [$name] patchbay $*" >&2
     local t0=$SECONDS
     rm -rf "$OUT/$name"
     "$BIN" "$@" --out "$OUT/$name" "${QUIET[@]}"
+    { printf 'patchbay'; printf ' %q' "$@" --out "$OUT/$name"; printf '\n'; } > "$OUT/$name/command.sh"
     echo "$((SECONDS - t0))" > "$OUT/$name/.done"
 }
 
@@ -130,9 +129,10 @@ stage steer steer --mode labels --model "$MODEL" "${DATA[@]}" --sample "$STEER_N
     --site resid_post --layers "$LAYER" --positions all --betas=-64,-32,32,64 --normalise
 
 # ---- Wang et al. 2025 ----
-# Valence directions on SEV: x(scenario, positive|negative) - x(scenario, neutral), averaged.
+# Valence directions on SEV: x(scenario, positive|negative) - x(scenario, neutral), averaged, each
+# scenario read through the same tak prompt as the emotion directions below (so they compare).
 stage sev-dirs directions --method context-averaged --model "$MODEL" --dataset "$SEV" --limit "$SEV_LIMIT" \
-    --sites resid_post
+    --template tak --sites resid_post
 # Emotion directions: class means on the emotion dataset, each emotion against the rest.
 stage emotion-dirs directions --model "$MODEL" "${DATA[@]}" --sample "$DIR_N" --stratify --sample-seed 1 \
     --template tak --labels "$EMOTIONS" --sites resid_post

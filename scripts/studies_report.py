@@ -182,25 +182,31 @@ def tak(r):
         r.figure("steer", "shares.png", "predicted-label shares against beta")
 
 
-def wang(r, layer):
+def wang(r, layer, probe_layer):
     r.add("## Wang et al. 2025: directions, components, ablation and steered generation", "")
 
     if r.section("Emotion and valence directions (`directions`)", "sev-dirs", "emotion-dirs"):
-        site = f"blocks.{layer}.hook_resid_post"
         sev = read_safetensors(r.path("sev-dirs", "directions.safetensors"))
         emo = read_safetensors(r.path("emotion-dirs", "directions.safetensors"))
-        emotions = sorted(k.split("/", 1)[1] for k in emo if k.startswith(site + "/"))
-        variants = sorted(k.split("/", 1)[1] for k in sev if k.startswith(site + "/"))
-        r.add(f"SEV's valence directions (context-averaged: x(scenario, variant) - x(scenario, neutral)) against the "
-              f"emotion directions (class means on the emotion dataset, each against the rest), cosine at {site}:", "",
-              "| SEV direction | " + " | ".join(emotions) + " |", "|---" * (len(emotions) + 1) + "|")
+        sites = [f"blocks.{l}.hook_resid_post" for l in dict.fromkeys([layer, probe_layer]) if l is not None]
+        emotions = sorted(k.split("/", 1)[1] for k in emo if k.startswith(sites[0] + "/"))
+        variants = sorted(k.split("/", 1)[1] for k in sev if k.startswith(sites[0] + "/"))
+        r.add("SEV's valence directions (context-averaged: x(scenario, variant) - x(scenario, neutral)) against the "
+              "emotion directions (class means on the emotion dataset, each against the rest), cosine at the steering "
+              "layer and at the layer of the best resid_post emotion probe:", "",
+              "| site | SEV direction | " + " | ".join(emotions) + " |", "|---" * (len(emotions) + 2) + "|")
         cos = {}
-        for v in variants:
-            row = {e: cosine(sev[f"{site}/{v}"], emo[f"{site}/{e}"]) for e in emotions}
-            cos[v] = row
-            r.add(f"| {v} | " + " | ".join(f(row[e], 2) for e in emotions) + " |")
+        for site in sites:
+            rows = {v: sev[f"{site}/{v}"] for v in variants}
+            # The valence axis: what separates the two valences, without what both events share.
+            if "positive" in rows and "negative" in rows:
+                rows["positive - negative"] = [p - n for p, n in zip(rows["positive"], rows["negative"])]
+            for v, vec in rows.items():
+                row = {e: cosine(vec, emo[f"{site}/{e}"]) for e in emotions}
+                cos.setdefault(site, {})[v] = row
+                r.add(f"| {site} | {v} | " + " | ".join(f(row[e], 2) for e in emotions) + " |")
         r.add("")
-        r.numbers["directions"] = {"site": site, "cosine": cos}
+        r.numbers["directions"] = {"cosine": cos}
 
     if r.section("Head and neuron contributions to the joy direction (`components contrib`)", "contrib"):
         numbers = {}
@@ -288,16 +294,22 @@ def main():
           f"emotion data {meta['data']}; scenarios `{meta['sev']}`; {'small (smoke) sizes' if meta['small'] else 'full sizes'}. "
           "Every number below is read from the files each command wrote; `report.json` holds them.", "")
     tak(r)
-    wang(r, meta["layer"])
+    wang(r, meta["layer"], r.numbers.get("probe", {}).get("resid_post", {}).get("best_layer"))
     stages = ["score", "probe", "patch", "appraisal-dirs", "steer", "sev-dirs", "emotion-dirs", "contrib", "topk", "generate"]
     r.add("## Timings and commands", "", "| stage | seconds |", "|---|---|")
     for s in stages:
         t = r.seconds(s)
         r.add(f"| {s} | {'not run' if t is None else t} |")
-    r.add("", "The commands, as run (`commands.sh`):", "", "```sh")
-    with open(os.path.join(out, "commands.sh"), encoding="utf-8") as fh:
-        r.add(fh.read().rstrip("\n"))
-    r.add("```", "")
+    commands = []
+    for s in stages:
+        try:
+            with open(r.path(s, "command.sh"), encoding="utf-8") as fh:
+                commands.append(f"# {s}\n{fh.read().rstrip()}")
+        except OSError:
+            pass
+    with open(os.path.join(out, "commands.sh"), "w", encoding="utf-8") as fh:
+        fh.write("\n".join(commands) + "\n")
+    r.add("", "The commands, as run (`commands.sh`):", "", "```sh", *commands, "```", "")
     with open(os.path.join(out, "report.md"), "w", encoding="utf-8") as fh:
         fh.write("\n".join(r.lines) + "\n")
     with open(os.path.join(out, "report.json"), "w", encoding="utf-8") as fh:

@@ -61,12 +61,18 @@ fn both_studies_run_on_smollm2_and_resume() {
     assert_eq!(numbers["patch"]["pairs"], 3);
     // Steering: 2 appraisal directions and their random controls at 4 strengths.
     assert_eq!(numbers["steer"]["conditions"].as_array().unwrap().len(), 16);
+    // Cosines of SEV's valence directions with the 13 emotion directions, at the steering layer
+    // (and at the best probe's layer when it is another).
     let cos = numbers["directions"]["cosine"].as_object().unwrap();
-    assert_eq!(cos.keys().collect::<Vec<_>>(), ["negative", "positive"]);
-    for (variant, row) in cos {
-        assert_eq!(row.as_object().unwrap().len(), 13, "{variant}");
-        for (emotion, c) in row.as_object().unwrap() {
-            assert!(number(c, emotion).abs() <= 1.0 + 1e-9);
+    assert!(cos.contains_key("blocks.15.hook_resid_post") && (1..=2).contains(&cos.len()), "{cos:?}");
+    for (site, by_variant) in cos {
+        let by_variant = by_variant.as_object().unwrap();
+        assert_eq!(by_variant.keys().collect::<Vec<_>>(), ["negative", "positive", "positive - negative"], "{site}");
+        for (variant, row) in by_variant {
+            assert_eq!(row.as_object().unwrap().len(), 13, "{site} {variant}");
+            for (emotion, c) in row.as_object().unwrap() {
+                assert!(number(c, emotion).abs() <= 1.0 + 1e-9);
+            }
         }
     }
     assert_eq!(numbers["contrib"]["heads"]["top"].as_array().unwrap().len(), 5);
