@@ -89,6 +89,15 @@ mkdir -p "$OUT"
 printf '{"model": "%s", "data": "%s", "sev": "%s", "layer": %s, "n_layers": %s, "small": %s}\n' \
     "$MODEL" "$DATA_NAME" "$SEV" "$LAYER" "$N_LAYERS" "$SMALL" > "$OUT/studies.json"
 
+# shell_word ARG: ARG as one word of a shell command line, quoted only where it needs it.
+shell_word() {
+    if [[ $1 =~ ^[A-Za-z0-9_./:=,+@%-]+$ ]]; then
+        printf ' %s' "$1"
+    else
+        printf " '%s'" "${1//\'/\'\\\'\'}"
+    fi
+}
+
 # stage NAME CMD...: runs a patchbay command into OUT/NAME unless OUT/NAME/.done exists; then
 # writes its command line (the binary as `patchbay`) to OUT/NAME/command.sh (the report gathers
 # them into OUT/commands.sh) and its seconds to OUT/NAME/.done.
@@ -102,7 +111,7 @@ stage() {
     local t0=$SECONDS
     rm -rf "$OUT/$name"
     "$BIN" "$@" --out "$OUT/$name" "${QUIET[@]}"
-    { printf 'patchbay'; printf ' %q' "$@" --out "$OUT/$name"; printf '\n'; } > "$OUT/$name/command.sh"
+    { printf 'patchbay'; for arg in "$@" --out "$OUT/$name"; do shell_word "$arg"; done; printf '\n'; } > "$OUT/$name/command.sh"
     echo "$((SECONDS - t0))" > "$OUT/$name/.done"
 }
 

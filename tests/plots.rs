@@ -4,7 +4,7 @@
 use patchbay::experiments::probe::ResultRow;
 use patchbay::experiments::probe::plots::{accuracy_chart, r2_panels};
 use patchbay::experiments::score::confusion_grid;
-use patchbay::io::plot::{heatmaps_svg, line_panels_svg};
+use patchbay::io::plot::{heatmaps_svg, line_panels_svg, series_color};
 
 fn row(site: &str, layer: usize, metric: &str, value: f64) -> ResultRow {
     ResultRow { site: site.into(), layer, position: -1, metric: metric.into(), value, ci_low: value - 0.1, ci_high: value + 0.1, n: 40 }
@@ -55,4 +55,21 @@ fn probe_plots_label_their_axes() {
     let panels = r2_panels(&rows, -1).unwrap();
     let svg = heatmaps_svg("Ridge probe R² by layer", &panels).unwrap();
     assert_has(&svg, "the R² heatmap", &["Ridge probe R² by layer", "layer", "appraisal (ridge probe target)", "pleasantness", "suddenness", "R²"]);
+}
+
+/// A chart of the 13 emotions (steer's shares.png) gives each line its own colour, clearly apart
+/// (a palette that wrapped at 8 drew anger and relief in one blue); later series stay distinct.
+#[test]
+fn series_colours_are_distinct() {
+    let colours: Vec<(u8, u8, u8)> = (0..40).map(|i| { let c = series_color(i); (c.0, c.1, c.2) }).collect();
+    let dist = |a: (u8, u8, u8), b: (u8, u8, u8)| {
+        let d = |x: u8, y: u8| (x as f64 - y as f64).powi(2);
+        (d(a.0, b.0) + d(a.1, b.1) + d(a.2, b.2)).sqrt()
+    };
+    for i in 0..colours.len() {
+        for j in 0..i {
+            let min = if i < 16 { 60.0 } else { 1.0 };
+            assert!(dist(colours[i], colours[j]) >= min, "series {j} and {i}: {:?} and {:?}", colours[j], colours[i]);
+        }
+    }
 }

@@ -27,7 +27,9 @@ fn register_font() {
     });
 }
 
-const PALETTE: [RGBColor; 8] = [
+/// Series colours: matplotlib's tab10, then six darker ones, so that a chart of the 13 emotions
+/// has a distinct colour per line; past 16, hues at the golden angle.
+const PALETTE: [RGBColor; 16] = [
     RGBColor(31, 119, 180),
     RGBColor(255, 127, 14),
     RGBColor(44, 160, 44),
@@ -36,7 +38,25 @@ const PALETTE: [RGBColor; 8] = [
     RGBColor(140, 86, 75),
     RGBColor(227, 119, 194),
     RGBColor(127, 127, 127),
+    RGBColor(188, 189, 34),
+    RGBColor(23, 190, 207),
+    RGBColor(0, 0, 128),
+    RGBColor(128, 0, 0),
+    RGBColor(0, 128, 128),
+    RGBColor(0, 0, 0),
+    RGBColor(240, 50, 230),
+    RGBColor(200, 160, 0),
 ];
+
+/// The colour of series `i` of a chart (its line, band, markers and legend entry).
+pub fn series_color(i: usize) -> RGBColor {
+    if let Some(&c) = PALETTE.get(i) {
+        return c;
+    }
+    let hue = ((i - PALETTE.len()) as f64 * 137.507_764) % 360.0;
+    let rgb = HSLColor(hue / 360.0, 0.7, if i % 2 == 0 { 0.35 } else { 0.5 }).to_backend_color().rgb;
+    RGBColor(rgb.0, rgb.1, rgb.2)
+}
 
 fn encode_png(path: &Path, buf: &[u8], w: u32, h: u32) -> Result<()> {
     let mut out = Vec::new();
@@ -105,7 +125,7 @@ pub fn line_panels_svg(chart: &LinePanels) -> Result<String> {
 
 /// Legend entries (name, colour, dashed) of a line chart, and the width of each.
 fn legend_entries(chart: &LinePanels) -> Vec<(String, RGBColor, bool)> {
-    let mut entries: Vec<(String, RGBColor, bool)> = chart.lines.iter().enumerate().map(|(i, s)| (s.clone(), PALETTE[i % PALETTE.len()], false)).collect();
+    let mut entries: Vec<(String, RGBColor, bool)> = chart.lines.iter().enumerate().map(|(i, s)| (s.clone(), series_color(i), false)).collect();
     if let Some((name, _)) = &chart.reference {
         entries.push((name.clone(), RGBColor(90, 90, 90), true));
     }
@@ -209,7 +229,7 @@ fn draw_line_panels<DB: DrawingBackend>(root: &DrawingArea<DB, plotters::coord::
                 plot.draw_series(DashedLineSeries::new(vec![(xr.start, c), (xr.end, c)], 6, 4, RGBColor(90, 90, 90).stroke_width(2))).map_err(plot_err(path))?;
             }
             for (si, pts) in lines.iter().enumerate() {
-                let color = PALETTE[si % PALETTE.len()];
+                let color = series_color(si);
                 if pts.is_empty() {
                     continue;
                 }
