@@ -1,4 +1,4 @@
-//! `patchbay judge`: which emotion generated texts express, judged locally by label scoring.
+//! `patchbay judge`: which emotion generated texts express, judged locally by label scoring or a saved probe.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};

@@ -45,7 +45,7 @@ pub enum Command {
     Directions(directions::DirectionsArgs),
     /// Generate text from prompts (KV-cache decoding, greedy or sampled) on any device: generations.jsonl.
     Generate(generate::GenerateArgs),
-    /// Which emotion generated texts express, judged locally by label scoring (per condition and beta, accuracy against the steering target).
+    /// Which emotion generated texts express, judged locally by label scoring or a saved probe (per condition and beta, accuracy against the steering target).
     Judge(judge::JudgeArgs),
     /// Activation-patching sweeps resumed from clean runs (the Tak et al. protocol and general sweeps).
     Patch(patch::PatchArgs),

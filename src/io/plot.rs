@@ -45,7 +45,7 @@ const PALETTE: [RGBColor; 16] = [
     RGBColor(0, 128, 128),
     RGBColor(0, 0, 0),
     RGBColor(240, 50, 230),
-    RGBColor(200, 160, 0),
+    RGBColor(0, 100, 0),
 ];
 
 /// The colour of series `i` of a chart (its line, band, markers and legend entry).
