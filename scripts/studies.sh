@@ -59,6 +59,8 @@ if [ "$MODEL" = "$SMOLLM2" ] && [ ! -f "$MODEL" ]; then
 fi
 [ -e "$MODEL" ] || { echo "studies.sh: no model at '$MODEL'" >&2; exit 1; }
 [ -f "$SEV" ] || { echo "studies.sh: no SEV file at '$SEV'" >&2; exit 1; }
+PY=$(command -v python3 || command -v python || true)
+[ -n "$PY" ] || { echo "studies.sh: needs python3 for the report (scripts/studies_report.py)" >&2; exit 1; }
 
 # The dataset's flags: crowd-enVENT through its preset, or the bundled corpus's columns.
 if [ -n "$ENVENT" ]; then
@@ -167,6 +169,5 @@ stage generate steer --mode generate --model "$MODEL" --sev "$SEV" --limit "$GEN
     --max-new-tokens "$GEN_TOKENS" \
     --judge-probe "$OUT/probe/probes/blocks.$JUDGE_LAYER.hook_resid_post.safetensors" --judge-template tak
 
-PY=$(command -v python3 || command -v python)
 "$PY" "$ROOT/scripts/studies_report.py" "$OUT"
 echo "studies.sh: report in $OUT/report.md" >&2
