@@ -22,8 +22,9 @@
 # Options: --model FILE (a GGUF file or HF directory), --envent CSV (crowd-enVENT; default the
 # bundled synthetic corpus demo/corpus.csv, its test split), --sev JSONL (default the 5 bundled
 # scenarios of tests/data/sev_tiny.jsonl), --out DIR (default studies-out), --small, --layer L (the
-# layer of directions, contributions and steering; default the model's middle layer), --bin PATH
-# (the patchbay binary; default `patchbay` on PATH, else target/release/patchbay).
+# layer of directions, contributions and steering; default the model's middle layer), --device D
+# and --precision P (every command's engine: cpu, emu, cuda, cuda:N; f32, bf16), --bin PATH (the
+# patchbay binary; default `patchbay` on PATH, else target/release/patchbay).
 # A stage whose OUT/<stage>/.done exists is skipped: a killed run resumes at the stage it was in.
 set -euo pipefail
 # Paths given on the command line are relative to the current directory; the bundled files are
@@ -37,6 +38,7 @@ OUT=studies-out
 SMALL=0
 LAYER=""
 BIN=""
+ENGINE=()
 while [ $# -gt 0 ]; do
     case "$1" in
         --model) MODEL=$2; shift 2 ;;
@@ -46,7 +48,9 @@ while [ $# -gt 0 ]; do
         --small) SMALL=1; shift ;;
         --layer) LAYER=$2; shift 2 ;;
         --bin) BIN=$2; shift 2 ;;
-        -h|--help) sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        --device) ENGINE+=(--device "$2"); shift 2 ;;
+        --precision) ENGINE+=(--precision "$2"); shift 2 ;;
+        -h|--help) sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "studies.sh: unknown option '$1' (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -88,8 +92,8 @@ fi
 SITE=blocks.$LAYER.hook_resid_post
 QUIET=(); [ -t 2 ] || QUIET=(--quiet)
 mkdir -p "$OUT"
-printf '{"model": "%s", "data": "%s", "sev": "%s", "layer": %s, "n_layers": %s, "small": %s}\n' \
-    "$MODEL" "$DATA_NAME" "$SEV" "$LAYER" "$N_LAYERS" "$SMALL" > "$OUT/studies.json"
+printf '{"model": "%s", "engine": "%s", "data": "%s", "sev": "%s", "layer": %s, "n_layers": %s, "small": %s}\n' \
+    "$MODEL" "${ENGINE[*]:-the default (cpu, f32)}" "$DATA_NAME" "$SEV" "$LAYER" "$N_LAYERS" "$SMALL" > "$OUT/studies.json"
 
 # shell_word ARG: ARG as one word of a shell command line, quoted only where it needs it.
 shell_word() {
@@ -119,22 +123,22 @@ stage() {
 
 # ---- Tak et al. 2025 ----
 # The model's own answer: the study's prompt with its few-shot examples (joy and sadness).
-stage score score --model "$MODEL" "${DATA[@]}" --sample "$SCORE_N" --stratify \
+stage score score --model "$MODEL" "${ENGINE[@]}" "${DATA[@]}" --sample "$SCORE_N" --stratify \
     --template tak --shots tak --labels "$EMOTIONS"
 # Probes of every layer's attn_out, mlp_out and resid_post at the last token of the zero-shot
 # prompt (the prompt the judge below renders generated text with), penalties chosen by inner CV.
-stage probe probe --model "$MODEL" "${DATA[@]}" --sample "$PROBE_N" --stratify --sample-seed 1 \
+stage probe probe --model "$MODEL" "${ENGINE[@]}" "${DATA[@]}" --sample "$PROBE_N" --stratify --sample-seed 1 \
     --template tak --labels "$EMOTIONS" --sites attn_out,mlp_out,resid_post --positions -1 \
     --C auto --alpha auto --inner-folds "$INNER"
 # Patching between correctly predicted prompts of different emotions, 5-layer windows.
-stage patch patch --model "$MODEL" "${DATA[@]}" --sample "$SCORE_N" --stratify \
+stage patch patch --model "$MODEL" "${ENGINE[@]}" "${DATA[@]}" --sample "$SCORE_N" --stratify \
     --template tak --shots tak --labels "$EMOTIONS" --random-pairs "$PAIRS" --different-labels \
     --only-correct --sites attn_out,mlp_out,resid_post --window 5 --positions -1
 # Appraisal directions: the ridge probes' rows at the steering layer.
 stage appraisal-dirs directions --method probe --probe-weights "$OUT/probe/probes/$SITE.safetensors" \
     --labels pleasantness,other_responsblt
 # Steering along them (unit directions, strengths in residual-norm units) and a same-norm random one.
-stage steer steer --mode labels --model "$MODEL" "${DATA[@]}" --sample "$STEER_N" --stratify --sample-seed 2 \
+stage steer steer --mode labels --model "$MODEL" "${ENGINE[@]}" "${DATA[@]}" --sample "$STEER_N" --stratify --sample-seed 2 \
     --template tak --shots tak --labels "$EMOTIONS" \
     --vector "$OUT/appraisal-dirs/directions.safetensors:pleasantness,other_responsblt" \
     --site resid_post --layers "$LAYER" --positions all --betas=-64,-32,32,64 --normalise
@@ -142,17 +146,17 @@ stage steer steer --mode labels --model "$MODEL" "${DATA[@]}" --sample "$STEER_N
 # ---- Wang et al. 2025 ----
 # Valence directions on SEV: x(scenario, positive|negative) - x(scenario, neutral), averaged, each
 # scenario read through the same tak prompt as the emotion directions below (so they compare).
-stage sev-dirs directions --method context-averaged --model "$MODEL" --dataset "$SEV" --limit "$SEV_LIMIT" \
+stage sev-dirs directions --method context-averaged --model "$MODEL" "${ENGINE[@]}" --dataset "$SEV" --limit "$SEV_LIMIT" \
     --template tak --sites resid_post
 # Emotion directions: class means on the emotion dataset, each emotion against the rest.
-stage emotion-dirs directions --model "$MODEL" "${DATA[@]}" --sample "$DIR_N" --stratify --sample-seed 1 \
+stage emotion-dirs directions --model "$MODEL" "${ENGINE[@]}" "${DATA[@]}" --sample "$DIR_N" --stratify --sample-seed 1 \
     --template tak --labels "$EMOTIONS" --sites resid_post
 # Each head's and neuron's contribution to the joy direction at the steering layer.
-stage contrib components contrib --model "$MODEL" "${DATA[@]}" --sample "$CONTRIB_N" --stratify --sample-seed 3 \
+stage contrib components contrib --model "$MODEL" "${ENGINE[@]}" "${DATA[@]}" --sample "$CONTRIB_N" --stratify --sample-seed 3 \
     --template tak --labels "$EMOTIONS" --vector "$OUT/emotion-dirs/directions.safetensors:joy" \
     --site resid_post --layer "$LAYER" --positions last
 # Top-k ablation curves: the top components for joy zeroed together, against random sets.
-stage topk ablate --model "$MODEL" "${DATA[@]}" --filter emotion=joy --limit "$ABLATE_N" \
+stage topk ablate --model "$MODEL" "${ENGINE[@]}" "${DATA[@]}" --filter emotion=joy --limit "$ABLATE_N" \
     --template tak --labels "$EMOTIONS" \
     --ranking "$OUT/contrib/heads.csv" --ranking "$OUT/contrib/neurons.csv" --ranking-label joy \
     --top-k "$TOPK" --random-draws "$DRAWS" --op zero --positions all \
@@ -162,7 +166,7 @@ stage topk ablate --model "$MODEL" "${DATA[@]}" --filter emotion=joy --limit "$A
 # around each generated text, as the probe's own prompts).
 JUDGE_LAYER=$(awk -F, '$1 == "resid_post" && $4 == "accuracy" && $5 > best { best = $5; layer = $2 } END { print layer }' \
     "$OUT/probe/probe_results.csv")
-stage generate steer --mode generate --model "$MODEL" --sev "$SEV" --limit "$GEN_SCENARIOS" \
+stage generate steer --mode generate --model "$MODEL" "${ENGINE[@]}" --sev "$SEV" --limit "$GEN_SCENARIOS" \
     --template '{text} I feel' \
     --vector "$OUT/emotion-dirs/directions.safetensors:joy,anger,sadness,fear" \
     --site resid_post --layers "$LAYER" --positions 'last:4+generated' --betas=32,64 --normalise \

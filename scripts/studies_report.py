@@ -291,6 +291,7 @@ def main():
     r = Report(out)
     r.add(f"# Both emotion studies on {os.path.basename(meta['model'])}", "",
           f"Model `{meta['model']}` ({meta['n_layers']} layers; directions, contributions and steering at layer {meta['layer']}); "
+          f"engine {meta.get('engine', 'the default (cpu, f32)')}; "
           f"emotion data {meta['data']}; scenarios `{meta['sev']}`; {'small (smoke) sizes' if meta['small'] else 'full sizes'}. "
           "Every number below is read from the files each command wrote; `report.json` holds them.", "")
     tak(r)

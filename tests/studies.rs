@@ -102,4 +102,12 @@ fn both_studies_run_on_smollm2_and_resume() {
     assert_eq!(stderr.trim(), "studies.sh: no SEV file at '/nonexistent/sev.jsonl'");
     let bad = studies(&dir.path().join("bad"), &["--layers", "3"]);
     assert_eq!(String::from_utf8_lossy(&bad.stderr).trim(), "studies.sh: unknown option '--layers' (see --help)");
+    // --device reaches every command: a device that does not exist stops the first one with its
+    // own one-line message.
+    let bad = studies(&dir.path().join("bad-device"), &["--device", "tpu"]);
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(!bad.status.success());
+    assert!(stderr.contains("[score] patchbay score --model") && stderr.contains("--device tpu"), "{stderr}");
+    assert!(stderr.contains("device `tpu`: expected cpu, cuda, cuda:N"), "{stderr}");
+    assert!(!dir.path().join("bad-device/score/.done").exists());
 }
