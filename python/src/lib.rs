@@ -19,7 +19,7 @@ use numpy::{PyArray1, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArrayMethods}
 use pyo3::create_exception;
 use pyo3::exceptions::PyException;
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyList};
+use pyo3::types::{PyDict, PyList, PyTuple};
 use serde_json::json;
 
 use patchbay::backend::DeviceSpec;
@@ -670,23 +670,12 @@ impl PyModel {
         Ok(out)
     }
 
-    /// [`Model::steer`] under the name of `patchbay ablate`: experiments of `Zero`, `Mean`,
-    /// `Scale` (or `Add`) at heads (`heads=` at `attn.hook_z`) or neurons (`neurons=` at
-    /// `mlp.hook_post`).
-    #[pyo3(signature = (experiments, token_ids = None, texts = None, label_token_ids = None, labels = None, chat = false, batch_rows = 256))]
-    #[allow(clippy::too_many_arguments)]
-    fn ablate<'py>(
-        &self,
-        py: Python<'py>,
-        experiments: &Bound<'py, PyAny>,
-        token_ids: Option<&Bound<'py, PyAny>>,
-        texts: Option<Names>,
-        label_token_ids: Option<&Bound<'py, PyAny>>,
-        labels: Option<Names>,
-        chat: bool,
-        batch_rows: usize,
-    ) -> PyResult<Bound<'py, PyDict>> {
-        self.steer(py, experiments, token_ids, texts, label_token_ids, labels, chat, batch_rows)
+    /// [`Model::steer`] under the name of `patchbay ablate`, with steer's arguments: experiments
+    /// of `Zero`, `Mean`, `Scale` (or `Add`) at heads (`heads=` at `attn.hook_z`) or neurons
+    /// (`neurons=` at `mlp.hook_post`).
+    #[pyo3(signature = (*args, **kwargs))]
+    fn ablate<'py>(slf: &Bound<'py, Self>, args: &Bound<'py, PyTuple>, kwargs: Option<&Bound<'py, PyDict>>) -> PyResult<Bound<'py, PyAny>> {
+        slf.call_method("steer", args, kwargs)
     }
 
     fn __repr__(&self) -> String {
