@@ -108,6 +108,14 @@ fn data(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests").join("data").join(name)
 }
 
+/// A dataset as the commands load it: text, an `emotion` label and one numeric column.
+fn load_emotions(path: &Path, numeric: &str) -> patchbay::Result<()> {
+    let mut spec = DatasetSpec::new(path.to_path_buf(), "text");
+    spec.label_column = Some("emotion".into());
+    spec.numeric_columns = vec![numeric.into()];
+    load_dataset(&spec).map(|_| ())
+}
+
 fn vectors_file() -> String {
     llama().join("steer_vectors.safetensors").display().to_string()
 }
@@ -153,12 +161,7 @@ fn targets() -> Vec<Target> {
             seed: || read(&data("emotions.csv")),
             kind: Kind::Bytes,
             setup: |_| {},
-            parse: |d| {
-                let mut spec = DatasetSpec::new(d.join("data.csv"), "text");
-                spec.label_column = Some("emotion".into());
-                spec.numeric_columns = vec!["pleasantness".into()];
-                load_dataset(&spec).map(|_| ())
-            },
+            parse: |d| load_emotions(&d.join("data.csv"), "pleasantness"),
         },
         Target {
             name: "jsonl",
@@ -169,12 +172,7 @@ fn targets() -> Vec<Target> {
             },
             kind: Kind::JsonLines,
             setup: |_| {},
-            parse: |d| {
-                let mut spec = DatasetSpec::new(d.join("data.jsonl"), "text");
-                spec.label_column = Some("emotion".into());
-                spec.numeric_columns = vec!["score".into()];
-                load_dataset(&spec).map(|_| ())
-            },
+            parse: |d| load_emotions(&d.join("data.jsonl"), "score"),
         },
         Target {
             name: "pairs",
