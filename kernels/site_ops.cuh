@@ -5,6 +5,8 @@
 // w = sum of lens; element j of the selected vector is row[start_k + e] with j = (lens of the
 // earlier ranges) + e. With x the selected vector:
 //   PATCH   x <- operands[operand .. +w]                   (the row's source values)
+//   PATCH_ROW  the selected elements <- the same elements of a source row held on the device:
+//           row[i] <- src[i], src the float address `operand` (a whole row; no copy first)
 //   ADD     x <- x + param * v,  v = operands[operand .. +w]
 //   PROJECT x <- x - param * P x + v,  P = operands[operand .. +w*w] ([w, w] row-major),
 //           v = the w floats after P; P x goes through scratch[seed .. +w] (global memory,
@@ -35,6 +37,7 @@
 #define SITE_RANDOM 5
 #define SITE_SCALE 6
 #define SITE_CAPTURE 7
+#define SITE_PATCH_ROW 8
 
 // One op on one row (48 bytes; mirrored by `SiteOp` in src/backend/ops/site_ops.rs, the field
 // offsets of both checked by build/layout.rs; the SITE_* codes above are the Rust consts' source).
@@ -45,7 +48,8 @@ struct SiteOp {
     int n_slices;     // number of pairs (0 for CAPTURE)
     int width;        // w = sum of the lens
     int pos;          // absolute position of the row (RANDOM's noise key)
-    long long operand;  // float offset into operands (PATCH, ADD, MEAN, PROJECT) or capture (CAPTURE)
+    long long operand;  // float offset into operands (PATCH, ADD, MEAN, PROJECT) or capture (CAPTURE);
+                        // PATCH_ROW: the device address of the source row
     float param;      // ADD, PROJECT: beta; SCALE: alpha
     int pad;
     unsigned long long seed;  // RANDOM: the seed; PROJECT: float offset into scratch (w floats)
@@ -128,6 +132,10 @@ static __device__ void site_apply_active(const SitePlan& p, int a, float* x, int
         case SITE_MEAN: {
             const float* v = p.operands + op.operand;
             site_for_each(sl, op.n_slices, [&](int j, int i) { x[i] = v[j]; });
+        } break;
+        case SITE_PATCH_ROW: {
+            const float* src = (const float*)op.operand;
+            site_for_each(sl, op.n_slices, [&](int, int i) { x[i] = src[i]; });
         } break;
         case SITE_ADD: {
             const float* v = p.operands + op.operand;

@@ -184,3 +184,46 @@ fn bad_plans_are_errors() {
     assert!(e(site_ops(&**drv, &x, 5, 14, &dp, Some(&cap))).contains("x has"));
     site_ops(&**drv, &x, 4, 14, &dp, Some(&cap)).unwrap();
 }
+
+/// A patch from rows held on the device (`add_patch_row`, `Op::PatchHeld`) reads the source rows
+/// in place and equals a `Patch` of the same elements gathered on the host: random selections,
+/// rows patched from different source rows, mixed with other ops on the same row, on wide rows
+/// (several warps) and narrow ones.
+#[test]
+fn patch_row_reads_held_rows_in_place() {
+    for (order, drv) in test_drivers() {
+        let mut rng = Rng::seeded(0x5173_0003);
+        for &(t, width) in &[(1, 1), (5, 19), (9, 517)] {
+            let n_src = 4;
+            let src0 = rng.normals(n_src * width);
+            let src: DeviceBuffer<f32> = upload(&drv, &src0); // [n_src, width]
+            let x0 = rng.normals(t * width);
+            let mut want = x0.clone();
+            let mut b = SitePlanBuilder::new();
+            for row in (0..t).filter(|r| r % 2 == 0) {
+                let slices = random_slices(&mut rng, width);
+                let s = rng.below(n_src);
+                b.add_patch_row(row, row, src.ptr().offset(s * width * 4), width, &slices).unwrap();
+                let scale = Op::Scale { alpha: 2.0 };
+                b.add_op(row, row, &scale, 0, &[(0, width)]).unwrap();
+                let r = &mut want[row * width..(row + 1) * width];
+                for &(a, n) in &slices {
+                    r[a..a + n].copy_from_slice(&src0[s * width + a..s * width + a + n]);
+                }
+                r.iter_mut().for_each(|v| *v *= 2.0);
+            }
+            let x = upload(&drv, &x0);
+            site_ops(&*drv, &x, t, width, &b.upload(&drv).unwrap(), None).unwrap();
+            assert_eq!(x.download().unwrap(), want, "{order} t {t} width {width}");
+            assert_eq!(src.download().unwrap(), src0, "{order}: the held rows are read, not written");
+        }
+        // A selection past the held row, and a null row, are refused when added.
+        let mut b = SitePlanBuilder::new();
+        let src: DeviceBuffer<f32> = upload(&drv, &[0.0; 8]);
+        assert!(b.add_patch_row(0, 0, src.ptr(), 8, &[(4, 5)]).unwrap_err().to_string().contains("past the held source row"));
+        assert!(b.add_patch_row(0, 0, patchbay::backend::device::DevPtr::NULL, 8, &[(0, 8)]).unwrap_err().to_string().contains("null"));
+        let held = Op::Patch { values: vec![0.0; 8] };
+        b.add_op(0, 0, &held, 0, &[(0, 8)]).unwrap();
+        assert_eq!(b.upload(&drv).unwrap().n_active(), 1, "{order}: refused adds leave nothing behind");
+    }
+}

@@ -219,3 +219,90 @@ fn windows_and_centres() {
     assert_eq!(window_layers(14, 5, 16), None);
     assert_eq!(all_centers(1, 4), vec![0, 1, 2, 3]);
 }
+
+/// A whole resumed sweep on the device brings back the label logits of its calls (and each
+/// call's non-finite count) and nothing else: the sources' values at the patched sites are held
+/// on the device from the clean pass to the segments that read them, never downloaded, and not
+/// uploaded again either (the uploads are a fraction of what the values would take).
+#[test]
+fn device_sweep_moves_no_activations_through_the_host() {
+    let dir = synth_family("llama", 6, 12);
+    let model = Model::load(dir.path()).unwrap();
+    let (emu, dev) = counted_device(&model);
+    let prompts = random_prompts(5, &DEVICE_LENS, model.cfg.vocab_size, 5);
+    let pairs: Vec<Pair> = (0..5).flat_map(|s| (0..5).filter(move |&t| t != s).map(move |t| Pair { source: s, target: t })).collect();
+    let labels = vec![3u32, 50, 7, 200, 99];
+    let spec = SweepSpec { sites: vec![SiteKind::ResidPost, SiteKind::AttnOut, SiteKind::MlpOut], units: None, window: 3, centers: all_centers(3, 6), positions: vec![-1, -2], label_tokens: labels.clone() };
+    let before = emu.traffic();
+    let results = run_patch_sweep(&dev, &prompts, &spec, &pairs, Method::Resumed, 64, usize::MAX);
+    let t = emu.traffic().since(before);
+    // Per call: the label logits, then the non-finite count (one u64). The clean pass reads
+    // every prompt's logits once, each segment its experiments'.
+    let calls = t.dtoh / 2;
+    assert_eq!(t.dtoh % 2, 0, "{t:?}");
+    assert_eq!(t.dtoh_bytes as usize, (prompts.len() + results.len()) * labels.len() * 4 + calls as usize * 8, "{t:?}");
+    let source_bytes = results.len() * spec.window * spec.positions.len() * model.cfg.d_model * 4;
+    eprintln!("sweep of {} experiments in {calls} calls: uploads {} B in {} copies; the patched values would be {source_bytes} B", results.len(), t.htod_bytes, t.htod);
+    assert!((t.htod_bytes as usize) < source_bytes / 2, "{t:?}: {source_bytes} B of source values");
+    assert!(results.iter().any(|r| r.patched != r.clean_target), "no patch changed the logits");
+}
+
+/// `Op::PatchHeld` from captures held by the engine that made them equals `Op::Patch` with the
+/// same values, on the CPU and on the device (where the captures do not come back when finite);
+/// held rows can be selected per batch (`for_batch`); rows a device holds are refused by the CPU
+/// and by another device's engine; host-held rows patch on a device (uploaded as a Patch).
+#[test]
+fn held_captures_patch_like_their_values() {
+    use patchbay::intervene::{Capture, for_batch};
+    let dir = synth_family("gemma2", 4, 21);
+    let model = Model::load(dir.path()).unwrap();
+    let (_, dev) = counted_device(&model);
+    let (_, other) = counted_device(&model);
+    let prompts = random_prompts(3, &[19, 26, 11], model.cfg.vocab_size, 8);
+    let (site, units) = (Site::new(2, SiteKind::Z), Some(vec![1, 3]));
+    let caps = [Capture { site, positions: Positions::List(vec![-1, -3]) }];
+    let last = Positions::List(vec![-1]);
+    let labels = [3u32, 50, 7];
+    let engines: [(&str, &dyn Engine); 2] = [("cpu", &model), ("emu", &dev)];
+    for (name, engine) in engines {
+        let hold = RunRequest { captures: &caps, hold_captures: true, ..Default::default() };
+        let out = engine.run_prompts(&prompts[..2], &hold).unwrap();
+        let held = out.held.clone().unwrap();
+        let values = model.run_prompts(&prompts[..2], &RunRequest { captures: &caps, ..Default::default() }).unwrap().captured.remove(0).data;
+        assert_eq!(out.captured[0].data.is_empty(), name == "emu", "{name}: held captures come back on the CPU only");
+        let w = values.len() / 4;
+        // Prompt 2 patched at two positions from prompt 1's rows (rows 2, 3 of the capture).
+        let patch = |op: Op| vec![Intervention { site, prompts: Some(vec![0]), positions: Positions::List(vec![-1, -4]), units: units.clone(), op }];
+        let from = held.rows(0, vec![2, 3]).unwrap();
+        let sel = |r: usize| [w / 4..w / 2, 3 * w / 4..w].into_iter().flat_map(|c| values[r * w..(r + 1) * w][c].to_vec()).collect::<Vec<f32>>();
+        let host: Vec<f32> = [sel(2), sel(3)].concat();
+        let run = |ivs: &[Intervention]| engine.run_prompts(&prompts[2..], &RunRequest { interventions: ivs, logits_at: Some(&last), logit_tokens: Some(&labels), ..Default::default() }).unwrap().logits;
+        let (got, want) = (run(&patch(Op::PatchHeld { from: from.clone() })), run(&patch(Op::Patch { values: host })));
+        // The device's own capture (bf16 forward) against the CPU's f32 values: close, not equal.
+        assert_forward_close(&format!("{name}: held vs host patch"), &got, &want);
+        assert_ne!(got, run(&[]), "{name}: the patch changed nothing");
+        // for_batch keeps the held rows of the batch's prompts: one row each, for prompts 0 and 2 of 3.
+        let iv = Intervention { site, prompts: None, positions: Positions::List(vec![-1]), units: None, op: Op::PatchHeld { from: held.rows(0, vec![0, 2, 1]).unwrap() } };
+        let batch = for_batch(&[iv], &model.cfg, &prompts, 1..3).unwrap();
+        assert!(matches!(&batch[0].op, Op::PatchHeld { from } if from.rows == [2, 1]), "{:?}", batch[0].op);
+        let bad = Intervention { site, prompts: None, positions: Positions::List(vec![-1]), units: None, op: Op::PatchHeld { from: held.rows(0, vec![0, 1]).unwrap() } };
+        assert!(for_batch(&[bad], &model.cfg, &prompts, 1..3).unwrap_err().to_string().contains("2 held rows, expected 1 or 3"));
+        // A held row of another site's width.
+        let wrong = vec![Intervention { site: Site::new(2, SiteKind::MlpOut), prompts: None, positions: last.clone(), units: None, op: Op::PatchHeld { from: held.rows(0, vec![2]).unwrap() } }];
+        let err = engine.run_prompts(&prompts[2..], &RunRequest { interventions: &wrong, ..Default::default() }).err().unwrap().to_string();
+        assert!(err.contains("held rows of") && err.contains("the site's rows have"), "{name}: {err}");
+        if name == "emu" {
+            let err = model.run_prompts(&prompts[2..], &RunRequest { interventions: &patch(Op::PatchHeld { from: from.clone() }), ..Default::default() }).err().unwrap().to_string();
+            assert!(err.contains("rows a device holds"), "{err}");
+            let err = other.run_prompts(&prompts[2..], &RunRequest { interventions: &patch(Op::PatchHeld { from: from.clone() }), ..Default::default() }).err().unwrap().to_string();
+            assert!(err.contains("another engine"), "{err}");
+            let pattern = [Capture { site: Site::new(0, SiteKind::Pattern), positions: last.clone() }];
+            let err = dev.run_prompts(&prompts[..1], &RunRequest { captures: &pattern, hold_captures: true, ..Default::default() }).err().unwrap().to_string();
+            assert!(err.contains("not held"), "{err}");
+        } else {
+            // Rows the CPU holds patch on a device too (they are uploaded).
+            let on_dev = dev.run_prompts(&prompts[2..], &RunRequest { interventions: &patch(Op::PatchHeld { from: from.clone() }), logits_at: Some(&last), logit_tokens: Some(&labels), ..Default::default() }).unwrap().logits;
+            assert_forward_close("cpu-held rows on the device", &on_dev, &got);
+        }
+    }
+}

@@ -24,11 +24,11 @@ use crate::backend::ops::rope::{RopeTables, rope};
 use crate::backend::ops::site_ops::{DeviceSitePlan, SitePlanBuilder, site_ops};
 use crate::engine::{CleanRun, DecodeSeq, Engine, Segment};
 use crate::engine::forward::{RunOutput, RunRequest};
-use crate::intervene::{Hooks, RowMap};
+use crate::intervene::{Held, Hooks, Op, RowMap};
 use crate::model::Model;
 use crate::model::checkpoint::{Linear, Weight};
 use crate::model::config::{ModelConfig, NormWeight};
-use crate::sites::{Positions, Site, SiteKind};
+use crate::sites::{Site, SiteKind};
 use crate::{Error, Result};
 
 /// Positions per KV cache block.
@@ -125,6 +125,30 @@ impl Drop for DeviceClean {
     fn drop(&mut self) {
         lock(&self.pool).give_back(&self.blocks);
     }
+}
+
+/// Captures held on the device (`RunRequest::hold_captures`): the call's capture arena.
+struct DeviceHeld {
+    /// The engine's pool: identifies the engine that made them.
+    pool: Arc<Mutex<KvPool>>,
+    /// Every capture of the call, each from its base: [sum over captures of rows x width].
+    arena: DeviceBuffer<f32>,
+    /// Float offset of each capture in `arena`.
+    bases: Vec<usize>,
+}
+
+/// What one device forward call returns besides the captures (left in `Hooks`).
+struct CallOut {
+    /// [n_logit_rows, vocab or n_tokens]
+    logits: Vec<f32>,
+    /// (sequence, absolute position) of each logits row.
+    logit_rows: Vec<(usize, usize)>,
+    /// resid_pre of every layer when `Call::keep_resid`: [n_layers, T, d_model].
+    kept: Option<DeviceBuffer<f32>>,
+    /// NaN and +-Inf among the logits and captures (counted on the device).
+    nonfinite: u64,
+    /// The captures held on the device, when asked.
+    held: Option<Held>,
 }
 
 /// A device sequence being decoded: the pool blocks of its positions, given back on drop.
@@ -272,11 +296,13 @@ impl DeviceModel {
     }
 
     /// One forward call over `call.seqs` from `call.start_layer` on, with its KV blocks in
-    /// `pool`, applying `hooks`. Returns the logits at `logits_at` (positions relative to each
-    /// sequence's length), their (sequence, position), resid_pre when `call.keep_resid`, and the
-    /// number of NaN and +-Inf among the logits and captures returned (counted on the device).
-    #[allow(clippy::type_complexity)]
-    fn forward(&self, call: &Call, pool: &mut KvPool, rows: &RowMap, hooks: &mut Hooks, logits_at: Option<&Positions>, logit_tokens: Option<&[u32]>) -> Result<(Vec<f32>, Vec<(usize, usize)>, Option<DeviceBuffer<f32>>, u64)> {
+    /// `pool`, applying `hooks`. Returns the logits at `req.logits_at` (positions relative to
+    /// each sequence's length), their (sequence, position), resid_pre when `call.keep_resid`,
+    /// the number of NaN and +-Inf among the logits and captures (counted on the device), and
+    /// with `req.hold_captures` the captures held on the device (downloaded into `hooks` only
+    /// when one is not finite).
+    fn forward(&self, call: &Call, pool: &mut KvPool, rows: &RowMap, hooks: &mut Hooks, req: &RunRequest) -> Result<CallOut> {
+        let (logits_at, logit_tokens) = (req.logits_at, req.logit_tokens);
         let cfg = &self.cfg;
         let drv = &self.driver;
         let (d, qw, kvw, dm) = (cfg.d_model, cfg.q_width(), cfg.kv_width(), cfg.d_mlp);
@@ -334,10 +360,23 @@ impl DeviceModel {
         }
         let arena = DeviceBuffer::<f32>::filled(drv, arena_len.max(1), 0)?;
         let nonfinite = DeviceBuffer::<u64>::filled(drv, 1, 0)?; // [1] NaN/Inf among what is returned
+        if req.hold_captures && hooks.captured().iter().any(|c| c.site.kind == SiteKind::Pattern) {
+            return Err(Error::input("attention patterns can be captured, not held on the device (they cannot be patched)"));
+        }
         let plan = |site: Site| -> Result<DeviceSitePlan> {
             let mut b = SitePlanBuilder::new();
             for ro in hooks.row_ops(site, rows) {
-                b.add_op(ro.row, ro.pos, ro.op, ro.operand_row, ro.slices)?;
+                match ro.op {
+                    // Read in place from the arena of the call that captured them.
+                    Op::PatchHeld { from } => {
+                        let held = from.held.state::<DeviceHeld>().filter(|h| Arc::ptr_eq(&h.pool, &self.pool));
+                        let held = held.ok_or_else(|| Error::input("a patch reads held rows that another engine (device) holds"))?;
+                        let (w, _) = from.held.shape(from.capture).unwrap_or_default();
+                        let r = from.rows[if from.rows.len() == 1 { 0 } else { ro.operand_row }];
+                        b.add_patch_row(ro.row, ro.pos, held.arena.ptr().offset((held.bases[from.capture] + r * w) * 4), w, ro.slices)?;
+                    }
+                    op => b.add_op(ro.row, ro.pos, op, ro.operand_row, ro.slices)?,
+                }
             }
             if site.kind != SiteKind::Pattern {
                 for rc in hooks.row_captures(site, rows) {
@@ -506,11 +545,14 @@ impl DeviceModel {
             logits = out.download()?;
         }
 
-        // ---- captures back to the host ----
+        // ---- captures back to the host (held ones only when one is not finite) ----
         count_nonfinite(&**drv, &arena, arena_len, &nonfinite)?;
         let nonfinite = nonfinite.download()?[0];
-        let arena_host = if arena_len == 0 { Vec::new() } else { arena.download()? }; // nothing captured: nothing comes back
-        for site in Site::all(cfg).into_iter().filter(|s| s.kind != SiteKind::Pattern) {
+        let arena_host = if arena_len == 0 || (req.hold_captures && nonfinite == 0) { Vec::new() } else { arena.download()? }; // nothing captured: nothing comes back
+        if req.hold_captures && arena_host.is_empty() {
+            (0..hooks.captured().len()).for_each(|c| hooks.captured_mut(c).data = Vec::new());
+        }
+        for site in Site::all(cfg).into_iter().filter(|s| s.kind != SiteKind::Pattern && !arena_host.is_empty()) {
             for rc in hooks.row_captures(site, rows) {
                 let c = hooks.captured_mut(rc.capture);
                 let w: usize = c.token_shape.iter().product();
@@ -527,7 +569,11 @@ impl DeviceModel {
             }
         }
         self.driver.synchronize()?;
-        Ok((logits, logit_rows, kept, nonfinite))
+        let held = req.hold_captures.then(|| {
+            let shapes = hooks.captured().iter().map(|c| (c.token_shape.iter().product(), c.positions.iter().map(Vec::len).sum())).collect();
+            Held::new(shapes, DeviceHeld { pool: self.pool.clone(), arena, bases })
+        });
+        Ok(CallOut { logits, logit_rows, kept, nonfinite, held })
     }
 
     /// Runs `prompts` from layer 0 on fresh pool blocks; returns each prompt's blocks (the
@@ -555,8 +601,8 @@ impl DeviceModel {
     fn run_call(&self, call: &Call, pool: &mut KvPool, req: &RunRequest) -> Result<(RunOutput, Option<DeviceBuffer<f32>>)> {
         let rows = RowMap::new(call.seqs.iter().map(|s| s.pos0).collect(), call.seqs.iter().map(|s| s.n_new).collect());
         let mut hooks = Hooks::new(&self.cfg, &rows, req.interventions, req.captures, req.n_keys)?;
-        let (logits, logit_rows, kept, nonfinite) = self.forward(call, pool, &rows, &mut hooks, req.logits_at, req.logit_tokens)?;
-        Ok((RunOutput { logits, logit_rows, captured: hooks.into_captured(), nonfinite: Some(nonfinite) }, kept))
+        let out = self.forward(call, pool, &rows, &mut hooks, req)?;
+        Ok((RunOutput { logits: out.logits, logit_rows: out.logit_rows, captured: hooks.into_captured(), held: out.held, nonfinite: Some(out.nonfinite) }, out.kept))
     }
 }
 

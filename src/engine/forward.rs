@@ -14,7 +14,7 @@ use crate::backend::ops::attention::attention_ref;
 use crate::backend::ops::elementwise::{softcap_ref, sum_heads_ref};
 use crate::backend::ops::norm::rmsnorm_ref;
 use crate::backend::ops::rope::rope_ref;
-use crate::intervene::{Capture, Captured, Hooks, Intervention, RowMap};
+use crate::intervene::{Capture, Captured, Held, Hooks, Intervention, RowMap};
 use crate::model::Model;
 use crate::sites::{Positions, Site, SiteKind};
 use crate::{Error, Result};
@@ -118,6 +118,9 @@ pub struct RunRequest<'a> {
     pub logit_tokens: Option<&'a [u32]>,
     /// Key columns of captured patterns (None: the longest sequence).
     pub n_keys: Option<usize>,
+    /// Also hold the captures where they were made ([`RunOutput::held`]), for later patches
+    /// that read them in place ([`Op::PatchHeld`](crate::intervene::Op)).
+    pub hold_captures: bool,
 }
 
 /// The result of [`Model::run`].
@@ -126,8 +129,11 @@ pub struct RunOutput {
     pub logits: Vec<f32>,
     /// (sequence, absolute position) of each logits row.
     pub logit_rows: Vec<(usize, usize)>,
-    /// The captures, in request order.
+    /// The captures, in request order. With `hold_captures`, a device leaves their `data` empty
+    /// (nothing comes back) unless one of them is not finite.
     pub captured: Vec<Captured>,
+    /// With `hold_captures`: the captures, held by the engine (capture indices in request order).
+    pub held: Option<Held>,
     /// NaN and +-Inf among the logits and captures, when the engine counted them as it made
     /// them (a device: one counter the kernels add to, read once per call); None when not.
     pub nonfinite: Option<u64>,
@@ -149,7 +155,7 @@ impl Model {
         logits_at: Option<&Positions>,
         n_keys: Option<usize>,
     ) -> Result<RunOutput> {
-        self.run_from(0, seqs, &RunRequest { interventions, captures, logits_at, logit_tokens: None, n_keys })
+        self.run_from(0, seqs, &RunRequest { interventions, captures, logits_at, n_keys, ..Default::default() })
     }
 
     /// As [`Model::run`], starting at block `start_layer`: every sequence feeds residual rows
@@ -157,8 +163,12 @@ impl Model {
     /// layer or below. This is the resumed segment of DESIGN.md section 1.
     pub fn run_from(&self, start_layer: usize, seqs: &mut [SeqInput], req: &RunRequest) -> Result<RunOutput> {
         let mut hooks = Hooks::new(&self.cfg, &row_map(seqs, self.cfg.d_model), req.interventions, req.captures, req.n_keys)?;
+        if hooks.reads_device_held() {
+            return Err(Error::input("a patch reads rows a device holds: only that device's engine can apply it"));
+        }
         let out = self.forward(start_layer, seqs, &mut hooks, req.logits_at, req.logit_tokens)?;
-        Ok(RunOutput { logits: out.logits, logit_rows: out.logit_rows, captured: hooks.into_captured(), nonfinite: None })
+        let captured = hooks.into_captured();
+        Ok(RunOutput { logits: out.logits, logit_rows: out.logit_rows, held: req.hold_captures.then(|| Held::host(&captured)), captured, nonfinite: None })
     }
 
     /// Runs `seqs` (new rows after each cache) through blocks `start_layer..`, applying `hooks`.

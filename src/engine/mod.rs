@@ -45,7 +45,7 @@ use std::sync::Arc;
 use crate::backend::Precision;
 use crate::model::config::ModelConfig;
 use crate::sites::{Positions, Site, SiteKind};
-use crate::intervene::Capture;
+use crate::intervene::{Capture, Held};
 use crate::{Error, Result};
 use forward::{KvCache, SeqInput, SeqRows};
 pub use forward::{RunOutput, RunRequest};
@@ -239,10 +239,11 @@ impl Engine for crate::model::Model {
         let captures: Vec<Capture> = req.captures.iter().cloned().chain(resid_pre_captures(&self.cfg)).collect();
         let mut caches: Vec<KvCache> = prompts.iter().map(|_| KvCache::new(self.cfg.n_layers)).collect();
         let mut seqs: Vec<SeqInput> = prompts.iter().zip(caches.iter_mut()).map(|(p, c)| SeqInput::tokens(p, c)).collect();
-        let mut out = self.run_from(0, &mut seqs, &RunRequest { captures: &captures, ..*req })?;
+        let mut out = self.run_from(0, &mut seqs, &RunRequest { captures: &captures, hold_captures: false, ..*req })?;
         // Split each layer's [sum(len), d] capture into the prompts' rows.
         let d = self.cfg.d_model;
         let resid_all = out.captured.split_off(n_user);
+        out.held = req.hold_captures.then(|| Held::host(&out.captured));
         let mut resid: Vec<Vec<Vec<f32>>> = prompts.iter().map(|_| Vec::with_capacity(self.cfg.n_layers)).collect();
         for layer in resid_all {
             let mut at = 0;

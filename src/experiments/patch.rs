@@ -14,7 +14,7 @@ use indicatif::ProgressBar;
 use serde::{Deserialize, Serialize};
 
 use crate::engine::{CleanRun, Engine, RunRequest, Segment};
-use crate::intervene::{Capture, Intervention, Op};
+use crate::intervene::{Capture, HeldRows, Intervention, Op};
 use crate::logits::{argmax, label_metrics_row};
 use crate::sites::{Positions, Site, SiteKind};
 use crate::{Error, Result};
@@ -162,8 +162,9 @@ pub struct RunSettings<'a> {
 
 /// Clean values a sweep needs from one prompt used as a source.
 struct SourceClean {
-    /// Patched sites -> [n_positions, width] at the patch positions.
-    values: HashMap<Site, Vec<f32>>,
+    /// Patched sites -> its rows at the patch positions, held by the engine where they were
+    /// captured (on a device they never come to the host).
+    values: HashMap<Site, HeldRows>,
     label_logits: Vec<f32>,
 }
 
@@ -213,7 +214,7 @@ pub fn run_sweep(
     let clean_pass = |chunk: &[usize], with_sources: bool, keep: bool| -> Result<(Vec<CleanRun>, HashMap<usize, SourceClean>, Vec<Vec<f32>>)> {
         let sites: Vec<Site> = if with_sources { chunk.iter().filter_map(|p| source_sites.get(p)).flatten().copied().collect::<BTreeSet<_>>().into_iter().collect() } else { Vec::new() };
         let caps: Vec<Capture> = sites.iter().map(|&site| Capture { site, positions: positions.clone() }).collect();
-        let req = RunRequest { captures: &caps, logits_at: Some(&last), logit_tokens: Some(&spec.label_tokens), ..Default::default() };
+        let req = RunRequest { captures: &caps, logits_at: Some(&last), logit_tokens: Some(&spec.label_tokens), hold_captures: true, ..Default::default() };
         let chunk_prompts: Vec<Vec<u32>> = chunk.iter().map(|&p| prompts[p].clone()).collect();
         let failed = |e: Error| Error::input(format!("clean pass of prompts {chunk:?}: {}", e.in_batch(|i| chunk[i])));
         let (runs, out) = if keep { engine.run_clean(&chunk_prompts, &req).map_err(failed)? } else { (Vec::new(), engine.run_prompts(&chunk_prompts, &req).map_err(failed)?) };
@@ -221,16 +222,13 @@ pub fn run_sweep(
         let mut row0 = 0;
         for (k, p) in chunk.iter().enumerate() {
             let n_rows = out.captured.first().map_or(0, |c| c.positions[k].len());
-            if let Some(wanted) = source_sites.get(p).filter(|_| with_sources) {
+            if let (Some(wanted), Some(held)) = (source_sites.get(p).filter(|_| with_sources), &out.held) {
                 let values = sites
                     .iter()
-                    .zip(&out.captured)
-                    .filter(|(site, _)| wanted.contains(site))
-                    .map(|(&site, c)| {
-                        let w: usize = c.token_shape.iter().product();
-                        (site, c.data[row0 * w..(row0 + n_rows) * w].to_vec())
-                    })
-                    .collect();
+                    .enumerate()
+                    .filter(|(_, site)| wanted.contains(site))
+                    .map(|(c, &site)| Ok((site, held.rows(c, (row0..row0 + n_rows).collect())?)))
+                    .collect::<Result<_>>()?;
                 sources.insert(*p, SourceClean { values, label_logits: out.logits[k * n_labels..(k + 1) * n_labels].to_vec() });
             }
             row0 += n_rows;
@@ -245,24 +243,13 @@ pub fn run_sweep(
         let mut ivs = Vec::with_capacity(e.layers.len());
         for &l in &e.layers {
             let site = Site::new(l, e.site);
-            let (n_units, unit_w) = e.site.units(cfg, 0);
-            let full = &src.values[&site]; // [n_positions, n_units * unit_w]
-            let values = match &spec.units {
-                None => full.clone(),
-                Some(units) => {
-                    if let Some(&bad) = units.iter().find(|&&u| u >= n_units) {
-                        return Err(Error::input(format!("{} {bad} is out of range (0..{n_units}) at {site}", e.site.unit_name())));
-                    }
-                    full.chunks(n_units * unit_w).flat_map(|row| units.iter().flat_map(move |&u| row[u * unit_w..(u + 1) * unit_w].iter().copied())).collect()
-                }
-            };
-            ivs.push(Intervention {
-                site,
-                prompts: Some(vec![seq]),
-                positions: Positions::List(abs.iter().map(|&p| p as i64).collect()),
-                units: spec.units.clone(),
-                op: Op::Patch { values },
-            });
+            let (n_units, _) = e.site.units(cfg, 0);
+            if let Some(&bad) = spec.units.iter().flatten().find(|&&u| u >= n_units) {
+                return Err(Error::input(format!("{} {bad} is out of range (0..{n_units}) at {site}", e.site.unit_name())));
+            }
+            // The source's rows at the patch positions (whole rows: the units are selected in both).
+            let from = src.values[&site].clone();
+            ivs.push(Intervention { site, prompts: Some(vec![seq]), positions: Positions::List(abs.iter().map(|&p| p as i64).collect()), units: spec.units.clone(), op: Op::PatchHeld { from } });
         }
         Ok((ivs, abs))
     };

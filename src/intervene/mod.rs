@@ -5,6 +5,7 @@
 //! The functions here are the reference semantics every fast path reproduces. [`spec`] is the
 //! grammar the command line and JSON spec files use to name interventions.
 
+pub mod held;
 pub mod spec;
 
 use std::collections::HashMap;
@@ -14,6 +15,7 @@ use crate::model::config::ModelConfig;
 use crate::rng::gaussian;
 use crate::sites::{Positions, Site, SiteKind};
 use crate::{Error, Result};
+pub use held::{Held, HeldRows};
 
 /// What an intervention does to the selected slice `x` (width W = selected units x unit width).
 #[derive(Clone, Debug, PartialEq)]
@@ -21,6 +23,12 @@ pub enum Op {
     /// x <- source activation. `values` is `[n_rows, W]`, one row per selected (prompt, position)
     /// in prompt-major order, or `[W]` for the same value at every row.
     Patch { values: Vec<f32> },
+    /// As `Patch`, from rows an engine holds (`RunRequest::hold_captures`): the selected
+    /// elements of x <- the same elements of a held row of the same site kind (held rows are
+    /// whole rows), one row per selected (prompt, position) in prompt-major order, or one for
+    /// every row. Only the engine that holds them reads them in place; the CPU reference reads
+    /// host-held rows (`Hooks::new` turns them into a `Patch`).
+    PatchHeld { from: HeldRows },
     /// x <- x + beta * v, v (W) scaled to unit norm first when `normalize`.
     Add { beta: f32, v: Vec<f32>, normalize: bool },
     /// x <- x - beta * P x + v, P `[W, W]` row-major (a projection onto a subspace), v (W).
@@ -44,13 +52,13 @@ impl Op {
             Op::Add { beta, .. } => *beta == 0.0,
             Op::ProjectSet { beta, v, .. } => *beta == 0.0 && v.iter().all(|&x| x == 0.0),
             Op::Scale { alpha } => *alpha == 1.0,
-            Op::Patch { .. } | Op::Zero | Op::Mean { .. } | Op::RandomEqualNorm { .. } => false,
+            Op::Patch { .. } | Op::PatchHeld { .. } | Op::Zero | Op::Mean { .. } | Op::RandomEqualNorm { .. } => false,
         }
     }
 
     pub fn name(&self) -> &'static str {
         match self {
-            Op::Patch { .. } => "patch",
+            Op::Patch { .. } | Op::PatchHeld { .. } => "patch",
             Op::Add { .. } => "add",
             Op::ProjectSet { .. } => "project_set",
             Op::Zero => "zero",
@@ -90,28 +98,39 @@ pub fn for_batch(interventions: &[Intervention], cfg: &ModelConfig, prompts: &[V
         if in_batch.is_empty() {
             continue;
         }
+        // A Patch (or PatchHeld) with one row per (prompt, position) keeps its rows of the batch.
         let op = match &iv.op {
-            Op::Patch { values } => {
+            Op::Patch { .. } | Op::PatchHeld { .. } => {
                 let (n_units, unit_w) = iv.site.kind.units(cfg, 0);
                 let width = iv.units.as_ref().map_or(n_units, Vec::len) * unit_w;
+                let one_row = match &iv.op {
+                    Op::PatchHeld { from } => from.rows.len() == 1,
+                    Op::Patch { values } => values.len() == width,
+                    _ => false,
+                };
                 let rows = |p: usize| iv.positions.resolve(prompts[p].len()).map(|r| r.len()).map_err(|e| Error::input(format!("{}, prompt {p}: {e}", what())));
-                if values.len() == width {
+                if one_row {
                     iv.op.clone()
                 } else {
                     let counts = order.iter().map(|&p| rows(p)).collect::<Result<Vec<_>>>()?;
                     let total: usize = counts.iter().sum();
-                    if values.len() != total * width {
-                        return Err(Error::input(format!("{}: patch values have {} elements, expected {width} (one row) or {total} x {width} (one row per prompt and position)", what(), values.len())));
-                    }
-                    let mut kept = Vec::new();
+                    let mut kept = Vec::new(); // operand rows of the batch's prompts
                     let mut row = 0;
                     for (&p, n) in order.iter().zip(counts) {
                         if batch.contains(&p) {
-                            kept.extend_from_slice(&values[row * width..(row + n) * width]);
+                            kept.extend(row..row + n);
                         }
                         row += n;
                     }
-                    Op::Patch { values: kept }
+                    match &iv.op {
+                        Op::Patch { values } if values.len() == total * width => Op::Patch { values: kept.iter().flat_map(|&r| values[r * width..(r + 1) * width].iter().copied()).collect() },
+                        Op::Patch { values } => {
+                            return Err(Error::input(format!("{}: patch values have {} elements, expected {width} (one row) or {total} x {width} (one row per prompt and position)", what(), values.len())));
+                        }
+                        Op::PatchHeld { from } if from.rows.len() == total => Op::PatchHeld { from: from.select(kept) },
+                        Op::PatchHeld { from } => return Err(Error::input(format!("{}: {} held rows, expected 1 or {total} (one per prompt and position)", what(), from.rows.len()))),
+                        op => op.clone(),
+                    }
                 }
             }
             op => op.clone(),
@@ -303,6 +322,15 @@ impl Hooks {
             }
             check_operands(&iv.op, width, resolved_rows.len()).map_err(|e| Error::input(format!("{what}: {e}")))?;
             let op = match &iv.op {
+                Op::PatchHeld { from } => {
+                    if from.width() != n_units * unit_w {
+                        return Err(Error::input(format!("{what}: held rows of {} floats, the site's rows have {}", from.width(), n_units * unit_w)));
+                    }
+                    match from.gather(&slices) {
+                        Some(values) => Op::Patch { values },
+                        None => iv.op.clone(),
+                    }
+                }
                 Op::Add { beta, v, normalize: true } => {
                     let n = norm(v);
                     if n == 0.0 {
@@ -331,6 +359,12 @@ impl Hooks {
 
     pub fn n_keys(&self) -> usize {
         self.n_keys
+    }
+
+    /// True when a patch reads rows a device holds: only that device's forward applies it
+    /// (`Hooks::new` turned host-held rows into plain patches).
+    pub fn reads_device_held(&self) -> bool {
+        self.by_site.values().flat_map(|h| &h.interventions).any(|iv| matches!(iv.op, Op::PatchHeld { .. }))
     }
 
     /// True when anything (intervention or capture) happens at `site`: the forward uses this to
@@ -428,6 +462,13 @@ pub fn check_operands(op: &Op, width: usize, n_rows: usize) -> std::result::Resu
                 Err(format!("patch values have {} elements, expected {width} (one row) or {n_rows} x {width}", values.len()))
             }
         }
+        Op::PatchHeld { from } => {
+            if from.rows.len() == 1 || from.rows.len() == n_rows {
+                Ok(())
+            } else {
+                Err(format!("{} held rows, expected 1 or {n_rows}", from.rows.len()))
+            }
+        }
         Op::Add { v, .. } => want("v", v.len(), width),
         Op::ProjectSet { p, v, .. } => want("P", p.len(), width * width).and(want("v", v.len(), width)),
         Op::Mean { mean } => want("mean", mean.len(), width),
@@ -444,6 +485,10 @@ pub fn apply_op(op: &Op, x: &mut [f32], k: usize, pos: usize) {
             let src = if values.len() == w { values.as_slice() } else { &values[k * w..(k + 1) * w] };
             x.copy_from_slice(src);
         }
+        // Host-held rows reach here as a Patch (`Hooks::new`); rows a device holds are read only
+        // by that device's kernels, and the CPU forward refuses them. NaN, never stale values,
+        // should one get here.
+        Op::PatchHeld { .. } => x.fill(f32::NAN),
         Op::Add { beta, v, .. } => x.iter_mut().zip(v).for_each(|(x, v)| *x += beta * v),
         Op::ProjectSet { beta, p, v } => project_set(x, w, *beta, p, v),
         Op::Zero => x.fill(0.0),

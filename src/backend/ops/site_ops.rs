@@ -37,7 +37,8 @@ pub struct SiteOp {
     pub n_slices: i32,
     pub width: i32,
     pub pos: i32,
-    /// Float offset into `operands` (PATCH, ADD, MEAN, PROJECT) or into `capture` (CAPTURE).
+    /// Float offset into `operands` (PATCH, ADD, MEAN, PROJECT) or into `capture` (CAPTURE);
+    /// PATCH_ROW: the source row's device address.
     pub operand: i64,
     pub param: f32,
     pub pad: i32,
@@ -160,6 +161,8 @@ impl SitePlanBuilder {
         }
         (s.slice_begin, s.n_slices) = self.intern_slices(merged)?;
         match op {
+            // Interned slices only; nothing is added.
+            Op::PatchHeld { .. } => return Err(Error::input("site plan: a patch from held rows needs its device address (add_patch_row)")),
             Op::Patch { values } => {
                 s.code = SITE_PATCH;
                 let src = if values.len() == w { values.as_slice() } else { &values[operand_row * w..(operand_row + 1) * w] };
@@ -191,6 +194,25 @@ impl SitePlanBuilder {
                 s.param = *alpha;
             }
         }
+        self.ops.push(s);
+        Ok(())
+    }
+
+    /// Adds a patch of row `row` (absolute position `pos`) from a source row held on the device
+    /// at `src` (`src_width` floats, a whole row of the same site): the selected element ranges
+    /// `slices` of the row <- the same elements of the source (`Op::PatchHeld`). The caller
+    /// guarantees `src` stays allocated while the plan is used.
+    pub fn add_patch_row(&mut self, row: usize, pos: usize, src: DevPtr, src_width: usize, slices: &[(usize, usize)]) -> Result<()> {
+        let (merged, w) = merge_slices(slices)?;
+        if let Some(end) = merged.iter().map(|s| s.0 + s.1).max().filter(|&end| end > src_width) {
+            return Err(Error::input(format!("site plan: a selected range ends at {end}, past the held source row's {src_width} floats")));
+        }
+        if src.is_null() {
+            return Err(Error::input("site plan: a held source row at a null address"));
+        }
+        let operand = i64::try_from(src.0).map_err(|_| Error::input(format!("site plan: source address {:#x} does not fit 63 bits", src.0)))?;
+        let mut s = SiteOp { row: to_i32(row, "site plan: row")?, pos: to_i32(pos, "site plan: position")?, width: w as i32, code: SITE_PATCH_ROW, operand, ..SiteOp::default() };
+        (s.slice_begin, s.n_slices) = self.intern_slices(merged)?;
         self.ops.push(s);
         Ok(())
     }

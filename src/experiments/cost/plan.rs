@@ -11,7 +11,7 @@ use super::{Call, Path};
 use crate::engine::forward::RunOutput;
 use crate::engine::{CleanRun, DecodeSeq, Engine, RunRequest, Segment};
 use crate::experiments::patch::{CleanSchedule, Experiment, Method, Pair, RunSettings, SweepSpec, run_sweep};
-use crate::intervene::{Hooks, RowMap};
+use crate::intervene::{Held, Hooks, RowMap};
 use crate::model::config::ModelConfig;
 use crate::sites::{Positions, Site, SiteKind};
 use crate::{Error, Result};
@@ -162,7 +162,7 @@ impl Planner<'_> {
             held_captures: captures_held(&calls),
         };
         calls.push((phase, call));
-        Ok(RunOutput { logits: vec![0.0; logit_rows.len() * logit_width], logit_rows, captured, nonfinite: None })
+        Ok(RunOutput { logits: vec![0.0; logit_rows.len() * logit_width], logit_rows, held: req.hold_captures.then(|| Held::host(&captured)), captured, nonfinite: None })
     }
 }
 
