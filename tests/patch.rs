@@ -13,6 +13,7 @@ use patchbay::engine::device_forward::BLOCK_SIZE;
 use patchbay::engine::{Engine, RunRequest, Segment};
 use patchbay::experiments::cost;
 use patchbay::intervene::{Intervention, Op};
+use patchbay::logits::label_metrics_row;
 use patchbay::sites::{Positions, Site};
 use std::collections::HashSet;
 
@@ -236,15 +237,34 @@ fn device_sweep_moves_no_activations_through_the_host() {
     let before = emu.traffic();
     let results = run_patch_sweep(&dev, &prompts, &spec, &pairs, Method::Resumed, 64, usize::MAX);
     let t = emu.traffic().since(before);
-    // Per call: the label logits, then the non-finite count (one u64). The clean pass reads
-    // every prompt's logits once, each segment its experiments'.
-    let calls = t.dtoh / 2;
-    assert_eq!(t.dtoh % 2, 0, "{t:?}");
-    assert_eq!(t.dtoh_bytes as usize, (prompts.len() + results.len()) * labels.len() * 4 + calls as usize * 8, "{t:?}");
+    // Per call the label logits and the non-finite count (one u64); a segment call also its
+    // experiments' label metrics (pred, logit difference, probability, log-sum-exp: 4 x 4 bytes
+    // each, 4 downloads). The clean pass reads every prompt's logits once.
+    let (n_exp, l) = (results.len(), labels.len());
+    let rest = t.dtoh_bytes as usize - (prompts.len() + n_exp) * l * 4 - n_exp * 16;
+    assert_eq!(rest % 8, 0, "{t:?}");
+    let calls = rest / 8;
+    let segment_calls = (t.dtoh as usize - 2 * calls) / 4;
+    assert!(segment_calls >= 1 && segment_calls < calls && t.dtoh as usize == 2 * calls + 4 * segment_calls, "{t:?}: {calls} calls");
+    // The metrics came from the device's label_metrics kernel: they agree with the reference
+    // on the logits that came back.
+    for r in &results {
+        let m = label_metrics_row(&r.patched, r.source_pred as i32, r.target_pred as i32, r.source_pred as i32);
+        assert_eq!(r.pred, m.pred as usize, "experiment {}", r.id);
+        assert_close(&format!("experiment {} metrics", r.id), &[r.logit_diff, r.source_prob], &[m.logit_diff, m.prob], 1e-6, 1e-5);
+    }
     let source_bytes = results.len() * spec.window * spec.positions.len() * model.cfg.d_model * 4;
     eprintln!("sweep of {} experiments in {calls} calls: uploads {} B in {} copies; the patched values would be {source_bytes} B", results.len(), t.htod_bytes, t.htod);
     assert!((t.htod_bytes as usize) < source_bytes / 2, "{t:?}: {source_bytes} B of source values");
     assert!(results.iter().any(|r| r.patched != r.clean_target), "no patch changed the logits");
+    // Metric indices must match the logits rows, on both engines.
+    let last = Positions::List(vec![-1]);
+    let bad = RunRequest { logits_at: Some(&last), logit_tokens: Some(&labels), label_metrics: Some(&[[0, 1, 0]; 2]), ..Default::default() };
+    let engines: [&dyn Engine; 2] = [&model, &dev];
+    for engine in engines {
+        let err = engine.run_prompts(&prompts[..1], &bad).err().unwrap().to_string();
+        assert!(err.contains("2 index triples for 1 logits rows"), "{}: {err}", engine.device_name());
+    }
 }
 
 /// `Op::PatchHeld` from captures held by the engine that made them equals `Op::Patch` with the

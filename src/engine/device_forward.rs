@@ -18,13 +18,15 @@ use crate::backend::ops::attention::{AttnParams, PagedBatch, PagedSeq, PatternOu
 use crate::backend::ops::elementwise::{bias_add, count_nonfinite, gather_rows_bf16, gather_rows_f32_bf16, head_mask, softcap, sum_heads, to_bf16};
 use crate::backend::ops::embed::embed_tokens;
 use crate::backend::ops::norm::{AddNorm, add_norm};
+use crate::backend::ops::metrics::{LabelMetrics, label_metrics};
 use crate::backend::ops::kv::{SlotCopies, kv_copy_slots, kv_write};
 use crate::backend::ops::norm::qk_norm;
 use crate::backend::ops::rope::{RopeTables, rope};
 use crate::backend::ops::site_ops::{DeviceSitePlan, SitePlanBuilder, site_ops};
 use crate::engine::{CleanRun, DecodeSeq, Engine, Segment};
-use crate::engine::forward::{RunOutput, RunRequest};
+use crate::engine::forward::{RunOutput, RunRequest, metric_columns};
 use crate::intervene::{Held, Hooks, Op, RowMap};
+use crate::logits::LabelMetricsRow;
 use crate::model::Model;
 use crate::model::checkpoint::{Linear, Weight};
 use crate::model::config::{ModelConfig, NormWeight};
@@ -149,6 +151,8 @@ struct CallOut {
     nonfinite: u64,
     /// The captures held on the device, when asked.
     held: Option<Held>,
+    /// The label metrics of the logits rows, when asked.
+    metrics: Vec<LabelMetricsRow>,
 }
 
 /// A device sequence being decoded: the pool blocks of its positions, given back on drop.
@@ -293,6 +297,20 @@ impl DeviceModel {
             bias_add(&*self.driver, y, b, t, l.out)?;
         }
         Ok(())
+    }
+
+    /// `label_metrics_f32` over the label logits `logits` (`[n, l]`, on the device) with the
+    /// per-row label indices `cols` (a, b, c columns, `[n]` each): only the metrics come back.
+    fn label_metrics(&self, logits: &DeviceBuffer<f32>, n: usize, l: usize, cols: &[Vec<i32>; 3]) -> Result<Vec<LabelMetricsRow>> {
+        let drv = &self.driver;
+        let up = |k: usize| DeviceBuffer::from_slice(drv, &cols[k]);
+        let (a, b, c) = (up(0)?, up(1)?, up(2)?); // [n] each
+        let pred = DeviceBuffer::<i32>::alloc(drv, n)?; // [n]
+        let out = || DeviceBuffer::<f32>::alloc(drv, n);
+        let (logit_diff, prob, logsumexp) = (out()?, out()?, out()?); // [n] each
+        label_metrics(&**drv, &LabelMetrics { logits, n, l, a: &a, b: &b, c: &c, pred: &pred, logit_diff: &logit_diff, prob: &prob, logsumexp: &logsumexp })?;
+        let (pred, logit_diff, prob, logsumexp) = (pred.download()?, logit_diff.download()?, prob.download()?, logsumexp.download()?);
+        Ok((0..n).map(|r| LabelMetricsRow { pred: pred[r], logit_diff: logit_diff[r], prob: prob[r], logsumexp: logsumexp[r] }).collect())
     }
 
     /// One forward call over `call.seqs` from `call.start_layer` on, with its KV blocks in
@@ -515,7 +533,9 @@ impl DeviceModel {
 
         // ---- logits at the requested rows (a now holds the final norm's output) ----
         let logit_rows = rows.select(logits_at, "logits")?;
+        metric_columns(req, logit_rows.len())?;
         let mut logits = Vec::new();
+        let mut metrics = Vec::new();
         if !logit_rows.is_empty() {
             let n = logit_rows.len();
             let sel: Vec<i32> = logit_rows.iter().map(|&(s, p)| rows.row(s, p).unwrap_or_default() as i32).collect();
@@ -543,6 +563,9 @@ impl DeviceModel {
             }
             count_nonfinite(&**drv, &out, n * n_out, &nonfinite)?;
             logits = out.download()?;
+            if let Some(cols) = metric_columns(req, n)? {
+                metrics = self.label_metrics(&out, n, n_out, &cols)?;
+            }
         }
 
         // ---- captures back to the host (held ones only when one is not finite) ----
@@ -573,7 +596,7 @@ impl DeviceModel {
             let shapes = hooks.captured().iter().map(|c| (c.token_shape.iter().product(), c.positions.iter().map(Vec::len).sum())).collect();
             Held::new(shapes, DeviceHeld { pool: self.pool.clone(), arena, bases })
         });
-        Ok(CallOut { logits, logit_rows, kept, nonfinite, held })
+        Ok(CallOut { logits, logit_rows, kept, nonfinite, held, metrics })
     }
 
     /// Runs `prompts` from layer 0 on fresh pool blocks; returns each prompt's blocks (the
@@ -602,7 +625,7 @@ impl DeviceModel {
         let rows = RowMap::new(call.seqs.iter().map(|s| s.pos0).collect(), call.seqs.iter().map(|s| s.n_new).collect());
         let mut hooks = Hooks::new(&self.cfg, &rows, req.interventions, req.captures, req.n_keys)?;
         let out = self.forward(call, pool, &rows, &mut hooks, req)?;
-        Ok((RunOutput { logits: out.logits, logit_rows: out.logit_rows, captured: hooks.into_captured(), held: out.held, nonfinite: Some(out.nonfinite) }, out.kept))
+        Ok((RunOutput { logits: out.logits, logit_rows: out.logit_rows, captured: hooks.into_captured(), held: out.held, metrics: out.metrics, nonfinite: Some(out.nonfinite) }, out.kept))
     }
 }
 

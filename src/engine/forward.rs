@@ -12,9 +12,11 @@ use crate::backend::{Precision, cpu};
 use crate::backend::ops::act::act_mul_ref;
 use crate::backend::ops::attention::attention_ref;
 use crate::backend::ops::elementwise::{softcap_ref, sum_heads_ref};
+use crate::backend::ops::metrics::label_metrics_ref;
 use crate::backend::ops::norm::rmsnorm_ref;
 use crate::backend::ops::rope::rope_ref;
 use crate::intervene::{Capture, Captured, Held, Hooks, Intervention, RowMap};
+use crate::logits::LabelMetricsRow;
 use crate::model::Model;
 use crate::sites::{Positions, Site, SiteKind};
 use crate::{Error, Result};
@@ -118,6 +120,10 @@ pub struct RunRequest<'a> {
     pub logit_tokens: Option<&'a [u32]>,
     /// Key columns of captured patterns (None: the longest sequence).
     pub n_keys: Option<usize>,
+    /// Label indices (a, b, c) per logits row (in `RunOutput::logit_rows` order): the engine
+    /// also computes [`label_metrics_row`] of each row (`RunOutput::metrics`), a device with its
+    /// `label_metrics_f32` kernel, so only the logits and the metrics come back.
+    pub label_metrics: Option<&'a [[i32; 3]]>,
     /// Also hold the captures where they were made ([`RunOutput::held`]), for later patches
     /// that read them in place ([`Op::PatchHeld`](crate::intervene::Op)).
     pub hold_captures: bool,
@@ -134,9 +140,31 @@ pub struct RunOutput {
     pub captured: Vec<Captured>,
     /// With `hold_captures`: the captures, held by the engine (capture indices in request order).
     pub held: Option<Held>,
+    /// With `label_metrics`: the metrics of each logits row; else empty.
+    pub metrics: Vec<LabelMetricsRow>,
     /// NaN and +-Inf among the logits and captures, when the engine counted them as it made
     /// them (a device: one counter the kernels add to, read once per call); None when not.
     pub nonfinite: Option<u64>,
+}
+
+/// The request's label-metric indices as (a, b, c) columns, checked against the call's `n_rows`
+/// logits rows; None when not asked.
+pub(crate) fn metric_columns(req: &RunRequest, n_rows: usize) -> Result<Option<[Vec<i32>; 3]>> {
+    let Some(idx) = req.label_metrics else { return Ok(None) };
+    if idx.len() != n_rows {
+        return Err(Error::input(format!("label metrics: {} index triples for {n_rows} logits rows", idx.len())));
+    }
+    Ok(Some([0, 1, 2].map(|k| idx.iter().map(|r| r[k]).collect())))
+}
+
+/// [`label_metrics_ref`] of `logits` (`[n_rows, width]`) at the request's indices (empty when
+/// not asked): the engines that compute on the host.
+pub(crate) fn host_label_metrics(req: &RunRequest, logits: &[f32], n_rows: usize) -> Result<Vec<LabelMetricsRow>> {
+    match metric_columns(req, n_rows)? {
+        None => Ok(Vec::new()),
+        Some(_) if n_rows == 0 => Ok(Vec::new()),
+        Some([a, b, c]) => label_metrics_ref(logits, logits.len() / n_rows, &a, &b, &c),
+    }
 }
 
 fn row_map(seqs: &[SeqInput], d_model: usize) -> RowMap {
@@ -167,8 +195,9 @@ impl Model {
             return Err(Error::input("a patch reads rows a device holds: only that device's engine can apply it"));
         }
         let out = self.forward(start_layer, seqs, &mut hooks, req.logits_at, req.logit_tokens)?;
+        let metrics = host_label_metrics(req, &out.logits, out.logit_rows.len())?;
         let captured = hooks.into_captured();
-        Ok(RunOutput { logits: out.logits, logit_rows: out.logit_rows, held: req.hold_captures.then(|| Held::host(&captured)), captured, nonfinite: None })
+        Ok(RunOutput { logits: out.logits, logit_rows: out.logit_rows, held: req.hold_captures.then(|| Held::host(&captured)), captured, metrics, nonfinite: None })
     }
 
     /// Runs `seqs` (new rows after each cache) through blocks `start_layer..`, applying `hooks`.

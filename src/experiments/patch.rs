@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::engine::{CleanRun, Engine, RunRequest, Segment};
 use crate::intervene::{Capture, HeldRows, Intervention, Op};
-use crate::logits::{argmax, label_metrics_row};
+use crate::logits::{LabelMetricsRow, argmax};
 use crate::sites::{Positions, Site, SiteKind};
 use crate::{Error, Result};
 
@@ -253,11 +253,16 @@ pub fn run_sweep(
         }
         Ok((ivs, abs))
     };
-    let result = |e: &Experiment, src: &SourceClean, abs: Vec<usize>, clean_target: &[f32], patched: Vec<f32>| -> ExperimentResult {
+    // The label indices of an experiment's metrics (computed by the engine, on a device by its
+    // label_metrics kernel): pred, patched[source_pred] - patched[target_pred],
+    // softmax(patched)[source_pred].
+    let metric_index = |src: &SourceClean, clean_target: &[f32]| -> [i32; 3] {
+        let (target_pred, source_pred) = (argmax(clean_target) as i32, argmax(&src.label_logits) as i32);
+        [source_pred, target_pred, source_pred]
+    };
+    let result = |e: &Experiment, src: &SourceClean, abs: Vec<usize>, clean_target: &[f32], patched: Vec<f32>, m: LabelMetricsRow| -> ExperimentResult {
         let clean_source = src.label_logits.clone();
         let (target_pred, source_pred) = (argmax(clean_target), argmax(&clean_source));
-        // pred, patched[source_pred] - patched[target_pred], softmax(patched)[source_pred]
-        let m = label_metrics_row(&patched, source_pred as i32, target_pred as i32, source_pred as i32);
         let pred = m.pred as usize;
         ExperimentResult {
             id: e.id,
@@ -297,9 +302,10 @@ pub fn run_sweep(
                     clean_targets.insert(t, engine.run_prompts(target, &req).map_err(|e| e.in_batch(|_| t))?.logits);
                 }
                 let (ivs, abs) = interventions(e, src, 0)?;
-                let req = RunRequest { interventions: &ivs, logits_at: Some(&last), logit_tokens: Some(&spec.label_tokens), ..Default::default() };
-                let out = engine.run_prompts(target, &req).map_err(|e| e.in_batch(|_| t))?;
-                emit(result(e, src, abs, &clean_targets[&t], out.logits))?;
+                let index = [metric_index(src, &clean_targets[&t])];
+                let req = RunRequest { interventions: &ivs, logits_at: Some(&last), logit_tokens: Some(&spec.label_tokens), label_metrics: Some(&index), ..Default::default() };
+                let mut out = engine.run_prompts(target, &req).map_err(|e| e.in_batch(|_| t))?;
+                emit(result(e, src, abs, &clean_targets[&t], out.logits, out.metrics.remove(0)))?;
                 settings.progress.inc(1);
             }
         }
@@ -374,11 +380,12 @@ pub fn run_sweep(
                     }
                     let segments: Vec<Segment> = batch.iter().map(|(e, _, _, p0)| Segment { clean: &clean[&e.pair.target].0, p0: *p0 }).collect();
                     let ivs: Vec<Intervention> = batch.iter().flat_map(|b| b.1.iter().cloned()).collect();
-                    let req = RunRequest { interventions: &ivs, logits_at: Some(&last), logit_tokens: Some(&spec.label_tokens), ..Default::default() };
+                    let index: Vec<[i32; 3]> = batch.iter().map(|b| metric_index(&sources[&b.0.pair.source], &clean[&b.0.pair.target].1)).collect();
+                    let req = RunRequest { interventions: &ivs, logits_at: Some(&last), logit_tokens: Some(&spec.label_tokens), label_metrics: Some(&index), ..Default::default() };
                     let out = engine.run_segments(layer, &segments, &req).map_err(|e| e.in_batch(|k| batch[k].0.pair.target))?;
                     for (k, (e, _, abs, _)) in batch.into_iter().enumerate().filter(|(_, b)| !skip.contains(&b.0.id)) {
                         let patched = out.logits[k * n_labels..(k + 1) * n_labels].to_vec();
-                        emit(result(e, &sources[&e.pair.source], abs, &clean[&e.pair.target].1, patched))?;
+                        emit(result(e, &sources[&e.pair.source], abs, &clean[&e.pair.target].1, patched, out.metrics[k]))?;
                         settings.progress.inc(1);
                     }
                 }

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use indicatif::ProgressBar;
 
 use super::{Call, Path};
-use crate::engine::forward::RunOutput;
+use crate::engine::forward::{RunOutput, host_label_metrics};
 use crate::engine::{CleanRun, DecodeSeq, Engine, RunRequest, Segment};
 use crate::experiments::patch::{CleanSchedule, Experiment, Method, Pair, RunSettings, SweepSpec, run_sweep};
 use crate::intervene::{Held, Hooks, RowMap};
@@ -162,7 +162,9 @@ impl Planner<'_> {
             held_captures: captures_held(&calls),
         };
         calls.push((phase, call));
-        Ok(RunOutput { logits: vec![0.0; logit_rows.len() * logit_width], logit_rows, held: req.hold_captures.then(|| Held::host(&captured)), captured, nonfinite: None })
+        let logits = vec![0.0; logit_rows.len() * logit_width];
+        let metrics = host_label_metrics(req, &logits, logit_rows.len())?;
+        Ok(RunOutput { logits, logit_rows, held: req.hold_captures.then(|| Held::host(&captured)), captured, metrics, nonfinite: None })
     }
 }
 
