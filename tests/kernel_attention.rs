@@ -399,8 +399,7 @@ fn rope_kv_write_attention_chain() {
         let mut d_q = upload(&drv, &q);
         let mut d_k = upload(&drv, &k);
         let d_v = upload(&drv, &v);
-        rope(drv.as_ref(), &mut d_q, &batch, &tables_d, h, dh).unwrap();
-        rope(drv.as_ref(), &mut d_k, &batch, &tables_d, kv, dh).unwrap();
+        rope(drv.as_ref(), &mut d_q, h, Some((&mut d_k, kv)), &batch, &tables_d, dh).unwrap();
         let mut kc = poisoned::<bf16>(&drv, n_blocks * bs * kvw);
         let mut vc = poisoned::<bf16>(&drv, n_blocks * bs * kvw);
         kv_write(drv.as_ref(), &d_k, &d_v, &mut kc, &mut vc, &batch, kvw).unwrap();

@@ -1,6 +1,6 @@
 //! kernels/rope.cu against the CPU reference on fresh random inputs, in two fiber orders:
 //! rope_f32 vs `rope_ref` per sequence (several sequences with their own frequency tables and
-//! factors, positions past 100k, partial rotary dims).
+//! factors, positions past 100k, partial rotary dims), on q alone and on q and k in one launch.
 
 mod common;
 
@@ -48,14 +48,18 @@ fn rope_matches_rope_ref() {
     ];
     for c in &cases {
         let t: usize = c.seqs.iter().map(|s| s.1).sum();
-        let w = c.n_heads * c.d_head;
+        // k has half the heads (grouped-query attention), none for a single head: q alone.
+        let n_kv = c.n_heads / 2;
+        let (w, wk) = (c.n_heads * c.d_head, n_kv * c.d_head);
         let x: Vec<f32> = (0..t * w).map(|_| rng.uniform(-2.0, 2.0)).collect();
+        let xk: Vec<f32> = (0..t * wk).map(|_| rng.uniform(-2.0, 2.0)).collect();
         let tables = tables_for(&mut rng, c.seqs.len(), c.rotary_dim);
-        let mut want = x.clone();
+        let (mut want, mut want_k) = (x.clone(), xk.clone());
         let mut r0 = 0;
         for (s, &(pos0, n)) in c.seqs.iter().enumerate() {
             let pos: Vec<usize> = (pos0..pos0 + n).collect();
             rope_ref(&mut want[r0 * w..(r0 + n) * w], c.n_heads, c.d_head, &pos, &tables[s].0, tables[s].1);
+            rope_ref(&mut want_k[r0 * wk..(r0 + n) * wk], n_kv, c.d_head, &pos, &tables[s].0, tables[s].1);
             r0 += n;
         }
         // Every sequence gets blocks of its own (rope reads positions only).
@@ -75,15 +79,16 @@ fn rope_matches_rope_ref() {
             let seqs: Vec<PagedSeq> = c.seqs.iter().zip(&tables_b).map(|(&(pos0, n_new), b)| PagedSeq { pos0, n_new, blocks: b }).collect();
             let batch = PagedBatch::new(&drv, &seqs, bs, next as usize).unwrap();
             let tab = RopeTables::new(&drv, &tables).unwrap();
-            let mut d_x = upload(&drv, &x);
-            rope(drv.as_ref(), &mut d_x, &batch, &tab, c.n_heads, c.d_head).unwrap();
-            let got = d_x.download().unwrap();
-            let err = assert_close(&name, &got, &want, KERNEL_F32_ATOL, KERNEL_F32_RTOL);
-            eprintln!("{name}: max abs err {err:.2e}");
-            // Dims past rotary_dim are untouched, bit for bit.
-            for (i, (g, x)) in got.iter().zip(&x).enumerate() {
-                if i % c.d_head >= c.rotary_dim {
-                    assert_eq!(g.to_bits(), x.to_bits(), "{name}: element {i} past rotary_dim changed");
+            let (mut d_x, mut d_k) = (upload(&drv, &x), upload(&drv, &xk));
+            rope(drv.as_ref(), &mut d_x, c.n_heads, (n_kv > 0).then_some((&mut d_k, n_kv)), &batch, &tab, c.d_head).unwrap();
+            for (part, got, x, want) in [("q", d_x.download().unwrap(), &x, &want), ("k", d_k.download().unwrap(), &xk, &want_k)] {
+                let err = assert_close(&format!("{name} {part}"), &got, want, KERNEL_F32_ATOL, KERNEL_F32_RTOL);
+                eprintln!("{name} {part}: max abs err {err:.2e}");
+                // Dims past rotary_dim are untouched, bit for bit.
+                for (i, (g, x)) in got.iter().zip(x).enumerate() {
+                    if i % c.d_head >= c.rotary_dim {
+                        assert_eq!(g.to_bits(), x.to_bits(), "{name} {part}: element {i} past rotary_dim changed");
+                    }
                 }
             }
         }
@@ -101,8 +106,10 @@ fn bad_inputs_are_errors() {
     let tab = RopeTables::new(&drv, &[(vec![1.0; 4], 1.0)]).unwrap();
     let two = RopeTables::new(&drv, &[(vec![1.0; 4], 1.0), (vec![1.0; 4], 1.0)]).unwrap();
     assert!(RopeTables::new(&drv, &[(vec![1.0; 4], 1.0), (vec![1.0; 3], 1.0)]).is_err());
-    assert!(msg(rope(drv.as_ref(), &mut x, &batch, &two, 1, 8)).contains("2 frequency tables for a batch of 1"));
-    assert!(msg(rope(drv.as_ref(), &mut x, &batch, &tab, 1, 4)).contains("exceeds d_head"));
-    assert!(msg(rope(drv.as_ref(), &mut x, &batch, &tab, 2, 8)).contains("expected [3, 2, 8]"));
-    rope(drv.as_ref(), &mut x, &batch, &tab, 1, 8).unwrap();
+    let mut k = DeviceBuffer::<f32>::filled(&drv, 3 * 8, 0).unwrap();
+    assert!(msg(rope(drv.as_ref(), &mut x, 1, None, &batch, &two, 8)).contains("2 frequency tables for a batch of 1"));
+    assert!(msg(rope(drv.as_ref(), &mut x, 1, None, &batch, &tab, 4)).contains("exceeds d_head"));
+    assert!(msg(rope(drv.as_ref(), &mut x, 2, None, &batch, &tab, 8)).contains("q has 24 elements, expected [3, 2, 8]"));
+    assert!(msg(rope(drv.as_ref(), &mut x, 1, Some((&mut k, 2)), &batch, &tab, 8)).contains("k has 24 elements, expected [3, 2, 8]"));
+    rope(drv.as_ref(), &mut x, 1, Some((&mut k, 1)), &batch, &tab, 8).unwrap();
 }

@@ -466,8 +466,7 @@ impl DeviceModel {
             site_ops(&**drv, &q, t, qw, &plan(site(SiteKind::Q))?, Some(&arena))?;
             site_ops(&**drv, &k, t, kvw, &plan(site(SiteKind::K))?, Some(&arena))?;
             site_ops(&**drv, &v, t, kvw, &plan(site(SiteKind::V))?, Some(&arena))?;
-            rope(&**drv, &mut q, &batch, &rope_tables, cfg.n_heads, cfg.d_head)?;
-            rope(&**drv, &mut k, &batch, &rope_tables, cfg.n_kv_heads, cfg.d_head)?;
+            rope(&**drv, &mut q, cfg.n_heads, Some((&mut k, cfg.n_kv_heads)), &batch, &rope_tables, cfg.d_head)?;
             site_ops(&**drv, &q, t, qw, &plan(site(SiteKind::RotQ))?, Some(&arena))?;
             site_ops(&**drv, &k, t, kvw, &plan(site(SiteKind::RotK))?, Some(&arena))?;
             kv_write(&**drv, &k, &v, k_cache, v_cache, &batch, kvw)?;

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use rayon::prelude::*;
 
-use crate::backend::device::{DeviceBuffer, Driver, KernelArgs, LaunchConfig};
+use crate::backend::device::{DevPtr, DeviceBuffer, Driver, KernelArgs, LaunchConfig};
 use crate::backend::kernels::entry;
 use crate::backend::ops::attention::PagedBatch;
 use crate::backend::ops::common::to_i32;
@@ -47,8 +47,9 @@ impl RopeTables {
 
 /// In place: rotate-half RoPE of every row of `batch` at its absolute position, with its
 /// sequence's frequencies, on the first `tables.rotary_dim()` dims of each head (as
-/// [`rope_ref`]). x: `[T, n_heads, d_head]` f32, T = batch.n_rows().
-pub fn rope(driver: &dyn Driver, x: &mut DeviceBuffer<f32>, batch: &PagedBatch, tables: &RopeTables, n_heads: usize, d_head: usize) -> Result<()> {
+/// [`rope_ref`]) of `q` (`[T, n_heads, d_head]` f32, T = batch.n_rows()) and, in the same launch,
+/// of `k` when given (`(k, n_kv_heads)`, `[T, n_kv_heads, d_head]`).
+pub fn rope(driver: &dyn Driver, q: &mut DeviceBuffer<f32>, n_heads: usize, k: Option<(&mut DeviceBuffer<f32>, usize)>, batch: &PagedBatch, tables: &RopeTables, d_head: usize) -> Result<()> {
     let t = batch.n_rows();
     if tables.n_seqs != batch.n_seqs() {
         return Err(Error::input(format!("rope: {} frequency tables for a batch of {} sequences", tables.n_seqs, batch.n_seqs())));
@@ -57,29 +58,37 @@ pub fn rope(driver: &dyn Driver, x: &mut DeviceBuffer<f32>, batch: &PagedBatch, 
     if rd > d_head {
         return Err(Error::input(format!("rope: rotary_dim {rd} exceeds d_head {d_head}")));
     }
-    let width = n_heads.checked_mul(d_head).ok_or_else(|| Error::input("rope: width overflows"))?;
-    if t.checked_mul(width) != Some(x.len()) {
-        return Err(Error::input(format!("rope: x has {} elements, expected [{t}, {n_heads}, {d_head}]", x.len())));
+    let n_kv = k.as_ref().map_or(0, |k| k.1);
+    for (name, x, heads) in [("q", Some(&*q), n_heads), ("k", k.as_ref().map(|k| &*k.0), n_kv)] {
+        let width = heads.checked_mul(d_head).ok_or_else(|| Error::input(format!("rope: {name} width overflows")))?;
+        if let Some(x) = x
+            && t.checked_mul(width) != Some(x.len())
+        {
+            return Err(Error::input(format!("rope: {name} has {} elements, expected [{t}, {heads}, {d_head}]", x.len())));
+        }
+        to_i32(width, "rope: row width")?;
     }
-    if t == 0 || rd == 0 || n_heads == 0 {
+    if t == 0 || rd == 0 || n_heads + n_kv == 0 {
         return Ok(());
     }
-    let (t_i, h_i, d_i, rd_i) =
-        (to_i32(t, "rope: rows")?, to_i32(n_heads, "rope: heads")?, to_i32(d_head, "rope: d_head")?, to_i32(rd, "rope: rotary_dim")?);
-    to_i32(width, "rope: row width")?;
+    let (t_i, hq_i, hk_i, d_i, rd_i) = (to_i32(t, "rope: rows")?, to_i32(n_heads, "rope: heads")?, to_i32(n_kv, "rope: kv heads")?, to_i32(d_head, "rope: d_head")?, to_i32(rd, "rope: rotary_dim")?);
+    to_i32((n_heads + n_kv) * rd / 2, "rope: pairs per row")?;
     let cfg = LaunchConfig { grid: (t as u32, 1, 1), block: (THREADS, 1, 1), shared_bytes: (rd * 4) as u32 };
-    // SAFETY: x holds [T, n_heads, d_head] (checked); pos and row_seq are the batch's [T]
-    // arrays with row_seq < S = the tables' sequence count (checked), inv_freq is
-    // [S, rotary_dim / 2] and attn_factor [S]; rotary_dim <= d_head; shared memory = rotary_dim f32.
+    // SAFETY: q holds [T, n_heads, d_head] and k (when given) [T, n_kv_heads, d_head] (checked;
+    // null with n_k = 0 otherwise); pos and row_seq are the batch's [T] arrays with row_seq < S =
+    // the tables' sequence count (checked), inv_freq is [S, rotary_dim / 2] and attn_factor [S];
+    // rotary_dim <= d_head; shared memory = rotary_dim f32.
     unsafe {
         KernelArgs::new()
-            .ptr(x.ptr())
+            .ptr(q.ptr())
+            .ptr(k.map_or(DevPtr::NULL, |k| k.0.ptr()))
             .ptr(batch.d_pos().ptr())
             .ptr(batch.d_row_seq().ptr())
             .ptr(tables.inv_freq.ptr())
             .ptr(tables.attn_factor.ptr())
             .i32(t_i)
-            .i32(h_i)
+            .i32(hq_i)
+            .i32(hk_i)
             .i32(d_i)
             .i32(rd_i)
             .launch(driver, entry::ROPE_F32, cfg)
@@ -91,6 +100,9 @@ pub fn rope(driver: &dyn Driver, x: &mut DeviceBuffer<f32>, batch: &PagedBatch, 
 /// cos/sin multiplied by `attn_factor`.  x: [rows, n_heads, d_head], positions: (rows).
 pub fn rope_ref(x: &mut [f32], n_heads: usize, d_head: usize, positions: &[usize], inv_freq: &[f32], attn_factor: f32) {
     let half = inv_freq.len();
+    if n_heads * d_head == 0 {
+        return; // no heads: nothing to rotate
+    }
     x.par_chunks_mut(n_heads * d_head).zip(positions.par_iter()).for_each(|(row, &pos)| {
         for i in 0..half {
             let angle = pos as f32 * inv_freq[i];

@@ -92,7 +92,8 @@ pub struct Memory {
 
 /// Ops dispatched per layer of a forward call without head_out hooks (forward.rs: 2 norms, 7
 /// GEMMs, RoPE, attention, 2 residual adds, act; device_forward.rs: 7 GEMMs, 2 fused
-/// add+norms with the post-norms fused in, 2 RoPE, the KV write, attention, the bf16 cast of z,
+/// add+norms with the post-norms fused in, RoPE of q and k in one launch, the KV write,
+/// attention, the bf16 cast of z,
 /// act, and the copy of the partial clean block where a resumed segment starts inside one),
 /// plus bias adds, q/k norms and (CPU) post-norms. The emulator's counter agrees on the GPU
 /// path (tests/patch.rs).
@@ -101,7 +102,7 @@ pub fn layer_dispatches(cfg: &ModelConfig, path: Path, copies_slots: bool) -> f6
     let extra = bias + 2.0 * cfg.qk_norm as u8 as f64;
     extra + match path {
         Path::Cpu => 14.0 + 2.0 * cfg.post_norms as u8 as f64,
-        Path::Gpu => 15.0 + copies_slots as u8 as f64,
+        Path::Gpu => 14.0 + copies_slots as u8 as f64,
     }
 }
 
