@@ -9,7 +9,7 @@ use std::process::Command;
 
 use common::*;
 use patchbay::experiments::cost::{self, Hardware, MethodCost, PassSpec, PatchPlan, Path, Workload, estimate, gpu, keys_sum};
-use patchbay::experiments::patch::{Pair, SweepSpec, all_centers, experiments};
+use patchbay::experiments::patch::{Overflow, Pair, SweepSpec, all_centers, experiments};
 use patchbay::model::config::{DType, ModelConfig};
 use patchbay::sites::{Positions, Site, SiteKind};
 use serde_json::Value;
@@ -122,7 +122,7 @@ fn small_plan(cfg: &ModelConfig, sites: Vec<SiteKind>, window: usize, units: Opt
     let lens = vec![9, 14, 6, 11, 20, 8];
     let pairs = vec![Pair { source: 0, target: 1 }, Pair { source: 2, target: 1 }, Pair { source: 4, target: 3 }, Pair { source: 1, target: 5 }, Pair { source: 0, target: 4 }];
     let sweep = SweepSpec { sites, units, window, centers: all_centers(window, cfg.n_layers), positions: vec![-1, -3], label_tokens: vec![3, 50, 7, 200] };
-    (lens, PatchPlan { pairs, sweep, batch_rows: 16, mem_budget: 1 << 40 })
+    (lens, PatchPlan { pairs, sweep, batch_rows: 16, mem_budget: 1 << 40, overflow: Overflow::Auto })
 }
 
 /// The distinct sources of `pairs`, and the targets that are not sources: where the budget holds
@@ -193,7 +193,7 @@ fn resumed_beats_naive_on_a_tak_like_sweep_on_every_device() {
     let lens = vec![48; 20];
     let pairs: Vec<Pair> = (0..30).map(|i| Pair { source: i % 20, target: (i * 7 + 3) % 20 }).filter(|p| p.source != p.target).collect();
     let sweep = SweepSpec { sites: vec![SiteKind::AttnOut, SiteKind::MlpOut, SiteKind::ResidPost], units: None, window: 5, centers: all_centers(5, 16), positions: vec![-1], label_tokens: (0..13).collect() };
-    let plan = PatchPlan { pairs, sweep, batch_rows: 256, mem_budget: 1 << 31 };
+    let plan = PatchPlan { pairs, sweep, batch_rows: 256, mem_budget: 1 << 31, overflow: Overflow::Auto };
     let devices: Vec<Hardware> = ["a100", "h100", "h200"].iter().map(|d| gpu(d).unwrap()).collect();
     let m = estimate(&cfg, DType::BF16, &lens, &Workload::Patch { plan, resumed: true, naive: true }, &devices).unwrap();
     let (r, n) = (method(&m, "resumed"), method(&m, "naive"));
@@ -219,7 +219,7 @@ fn costs_grow_with_pairs_prompt_length_and_layers() {
         let lens = vec![len; 8];
         let pairs: Vec<Pair> = (0..n_pairs).map(|i| Pair { source: i % 8, target: (i + 1 + i / 8) % 8 }).collect();
         let sweep = SweepSpec { sites: vec![SiteKind::AttnOut, SiteKind::ResidPost], units: None, window: 3, centers: all_centers(3, n_layers), positions: vec![-1], label_tokens: vec![1, 2, 3] };
-        estimate(&cfg, DType::BF16, &lens, &Workload::Patch { plan: PatchPlan { pairs, sweep, batch_rows: 64, mem_budget: 1 << 30 }, resumed: true, naive: true }, &h100()).unwrap()
+        estimate(&cfg, DType::BF16, &lens, &Workload::Patch { plan: PatchPlan { pairs, sweep, batch_rows: 64, mem_budget: 1 << 30, overflow: Overflow::Auto }, resumed: true, naive: true }, &h100()).unwrap()
     };
     let base = run(8, 16, 6);
     for bigger in [run(12, 16, 6), run(8, 32, 6), run(8, 16, 12)] {
@@ -251,8 +251,10 @@ fn the_memory_budget_bounds_the_clean_runs_held() {
 
 /// A Tak-like sweep where every prompt is a source and a target of pairs drawn across target
 /// groups: with the budget holding every target's clean run, each prompt has one clean pass
-/// (clean row-layers = the prompts' total); with a budget for a few targets, the other groups
-/// recompute theirs (more row-layers, never more than a pass per source and one per target).
+/// (clean row-layers = the prompts' total); with a budget for a few targets, the other groups'
+/// clean runs are spilled (still one pass per prompt) or recomputed (more row-layers, never more
+/// than a pass per source and one per target). `auto` picks whichever its estimates say is
+/// faster: recomputing on a GPU. The row-layers are the CPU path's.
 #[test]
 fn one_clean_pass_per_prompt_where_the_budget_holds_the_targets() {
     let cfg = config("llama", 8);
@@ -261,20 +263,30 @@ fn one_clean_pass_per_prompt_where_the_budget_holds_the_targets() {
     let sweep = SweepSpec { sites: vec![SiteKind::AttnOut, SiteKind::ResidPost], units: None, window: 3, centers: all_centers(3, 8), positions: vec![-1], label_tokens: (0..5).collect() };
     let used: std::collections::BTreeSet<usize> = pairs.iter().flat_map(|p| [p.source, p.target]).collect();
     let prompt_row_layers = (used.iter().map(|&p| lens[p]).sum::<usize>() * cfg.n_layers) as f64;
-    let clean_row_layers = |mem_budget: usize| {
-        let plan = PatchPlan { pairs: pairs.clone(), sweep: sweep.clone(), batch_rows: 64, mem_budget };
+    let clean_row_layers = |mem_budget: usize, overflow: Overflow| {
+        let plan = PatchPlan { pairs: pairs.clone(), sweep: sweep.clone(), batch_rows: 64, mem_budget, overflow };
         let m = estimate(&cfg, DType::BF16, &lens, &Workload::Patch { plan: plan.clone(), resumed: true, naive: false }, &h100()).unwrap();
         let exps = experiments(&plan.pairs, &plan.sweep, cfg.n_layers).unwrap();
-        (m[0].phases.iter().find(|p| p.name == "clean").unwrap().row_layers, cost::clean_schedule(&cfg, Path::Cpu, &lens, &plan, &exps))
+        (m[0].phases.iter().find(|p| p.name == "clean").unwrap().row_layers, cost::clean_schedule(&cfg, Path::Cpu, &lens, &plan, &exps), cost::clean_schedule(&cfg, Path::Gpu, &lens, &plan, &exps))
     };
-    let (all, schedule) = clean_row_layers(1 << 40);
+    let state = |s: &patchbay::experiments::patch::CleanSchedule| s.summary()["target_clean_runs"].as_str().unwrap().to_string();
+    let (all, schedule, gpu) = clean_row_layers(1 << 40, Overflow::Spill);
     assert!(schedule.groups.len() > 2, "targets in several groups");
     assert_eq!(all, prompt_row_layers);
-    assert_eq!(schedule.summary()["target_clean_runs"], "held");
-    let (few, schedule) = clean_row_layers(schedule.source_bytes + 70 * cost::clean_run_bytes(&cfg, Path::Cpu, 18));
-    assert!(schedule.recomputed() > 0 && !schedule.held.is_empty(), "{schedule:?}");
-    assert_eq!(schedule.summary()["target_clean_runs"], "recompute");
-    assert!(few > all && few <= 2.0 * prompt_row_layers, "{few} vs {all}");
+    assert_eq!((state(&schedule), state(&gpu)), ("held".into(), "held".into()));
+    let budget = schedule.source_bytes + 70 * cost::clean_run_bytes(&cfg, Path::Cpu, 18);
+    let (spilled, schedule, _) = clean_row_layers(budget, Overflow::Spill);
+    assert!(schedule.not_held() > 0 && !schedule.held.is_empty(), "{schedule:?}");
+    assert_eq!(state(&schedule), "spill");
+    assert_eq!(schedule.summary()["spilled_targets"], schedule.not_held());
+    assert_eq!(spilled, all, "spilled clean runs are not recomputed");
+    let (recomputed, schedule, _) = clean_row_layers(budget, Overflow::Recompute);
+    assert_eq!(state(&schedule), "recompute");
+    assert!(recomputed > all && recomputed <= 2.0 * prompt_row_layers, "{recomputed} vs {all}");
+    let (_, cpu, gpu) = clean_row_layers(budget, Overflow::Auto);
+    assert_eq!(state(&cpu), if cpu.spill_s < cpu.recompute_s { "spill" } else { "recompute" }, "{cpu:?}");
+    assert!(cpu.summary()["estimate_s"]["spill"].as_f64().unwrap() > 0.0);
+    assert_eq!(state(&gpu), "recompute", "{gpu:?}");
 }
 
 #[test]

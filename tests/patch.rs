@@ -17,7 +17,7 @@ use patchbay::logits::label_metrics_row;
 use patchbay::sites::{Positions, Site};
 use std::collections::HashSet;
 
-use patchbay::experiments::patch::{CleanSchedule, ExperimentResult, Method, Pair, RunSettings, SweepSpec, all_centers, experiments, run_sweep};
+use patchbay::experiments::patch::{CleanSchedule, ExperimentResult, Method, Overflow, Pair, RunSettings, SweepSpec, all_centers, experiments, run_sweep};
 use patchbay::model::Model;
 use patchbay::sites::SiteKind;
 
@@ -107,46 +107,96 @@ const DEVICE_SAME_RTOL: f32 = 1e-3;
 
 /// Sources and targets interleave across target groups (group 0's sources are targets of later
 /// groups and the other way round) and the memory budget holds the clean runs of the first
-/// groups only, so the others are recomputed in their group: still equal to the naive method,
-/// with the same numbers as when every clean run is held.
+/// groups only. The others are spilled from the clean pass to a file and read back in their
+/// group, or recomputed then (the device, planned as a GPU, recomputes by default): every way
+/// equals the naive method, and a resumed or sharded run of the later groups gives the same
+/// bits as the whole run. (Not the same bits as when every clean run is held: the budget also
+/// cuts the target groups, so the segments are batched differently.)
 #[test]
-fn resumed_equals_naive_when_the_budget_forces_recomputing() {
+fn resumed_equals_naive_when_the_budget_forces_spilling_or_recomputing() {
     let dir = synth_family("llama", 6, 31);
     let model = Model::load(dir.path()).unwrap();
+    let (_, dev) = counted_device(&model);
     let prompts = random_prompts(8, &[33, 41, 30, 37, 35, 40, 32, 36], model.cfg.vocab_size, 7);
     // Each target's source lies in another group, before or after it.
     let pairs: Vec<Pair> = (0..8).flat_map(|t| [Pair { source: (t + 5) % 8, target: t }, Pair { source: (t + 2) % 8, target: t }]).collect();
     let spec = SweepSpec { sites: vec![SiteKind::ResidPost, SiteKind::MlpOut], units: None, window: 3, centers: all_centers(3, 6), positions: vec![-1, -2], label_tokens: vec![3, 50, 7, 200] };
     let exps = experiments(&pairs, &spec, 6).unwrap();
-    // Room for the source values and the clean runs of about two targets.
-    let all = CleanSchedule::new(&model, &prompts, &exps, &spec, usize::MAX);
-    let budget = all.source_bytes + 2 * model.clean_run_bytes(41);
-    let tight = CleanSchedule::new(&model, &prompts, &exps, &spec, budget);
-    assert!(tight.groups.len() > 2, "{tight:?}");
-    assert!(!tight.held.is_empty() && tight.recomputed() > 0, "{tight:?}");
-    assert_eq!((all.held.len(), all.recomputed()), (8, 0));
-    assert_eq!(tight.summary()["target_clean_runs"], "recompute");
-    let naive = run_patch_sweep(&model, &prompts, &spec, &pairs, Method::Naive, 0, 0);
-    let recomputed = run_patch_sweep(&model, &prompts, &spec, &pairs, Method::Resumed, 20, budget);
-    let held = run_patch_sweep(&model, &prompts, &spec, &pairs, Method::Resumed, 20, usize::MAX);
-    assert_same("recomputed", &recomputed, &naive);
-    assert_same("held", &held, &naive);
-    // Resumed with the first groups done (skipped), and as a shard of the later groups: the
-    // passes left to run give the same bits as the whole run.
-    let later: HashSet<usize> = tight.groups[1..].iter().flatten().copied().collect();
-    let skip: HashSet<usize> = exps.iter().filter(|e| !later.contains(&e.pair.target)).map(|e| e.id).collect();
-    let settings = RunSettings { method: Method::Resumed, skip: &skip, batch_rows: 20, mem_budget: budget, progress: &indicatif::ProgressBar::hidden() };
-    let mut rest = Vec::new();
-    run_sweep(&model, &prompts, &spec, &exps, &settings, &mut |r| {
-        rest.push(r);
-        Ok(())
-    })
-    .unwrap();
-    assert_eq!(rest.len(), exps.len() - skip.len());
-    for r in &rest {
-        assert_eq!(r, &recomputed[r.id], "experiment {}", r.id);
+    // The device in `auto` recomputes (planned as a GPU); each engine also runs the other way.
+    let runs: [(&dyn Engine, Overflow, &str, f32, f32); 4] = [
+        (&model, Overflow::Spill, "spill", F32_ATOL, F32_RTOL),
+        (&model, Overflow::Recompute, "recompute", F32_ATOL, F32_RTOL),
+        (&dev, Overflow::Auto, "recompute", DEVICE_SAME_ATOL, DEVICE_SAME_RTOL),
+        (&dev, Overflow::Spill, "spill", DEVICE_SAME_ATOL, DEVICE_SAME_RTOL),
+    ];
+    for (engine, overflow, mode, atol, rtol) in runs {
+        let name = format!("{} {overflow:?}", engine.device_name());
+        let sweep = |mem_budget: usize, method: Method, skip: &HashSet<usize>| {
+            let settings = RunSettings { method, skip, batch_rows: 20, mem_budget, overflow, progress: &indicatif::ProgressBar::hidden() };
+            let mut out = Vec::new();
+            run_sweep(engine, &prompts, &spec, &exps, &settings, &mut |r| {
+                out.push(r);
+                Ok(())
+            })
+            .unwrap();
+            out.sort_by_key(|r| r.id);
+            out
+        };
+        // Room for the source values and the clean runs of about two targets.
+        let all = CleanSchedule::new(engine, &prompts, &exps, &spec, usize::MAX, overflow);
+        let budget = all.source_bytes + 2 * engine.clean_run_bytes(41);
+        let tight = CleanSchedule::new(engine, &prompts, &exps, &spec, budget, overflow);
+        assert!(tight.groups.len() > 2, "{name}: {tight:?}");
+        assert!(!tight.held.is_empty() && tight.not_held() > 0, "{name}: {tight:?}");
+        assert_eq!((all.held.len(), all.not_held()), (8, 0));
+        assert_eq!(tight.summary()["target_clean_runs"], mode, "{name}: {}", tight.summary());
+        let none = HashSet::new();
+        let naive = sweep(0, Method::Naive, &none);
+        let resumed = sweep(budget, Method::Resumed, &none);
+        let held = sweep(usize::MAX, Method::Resumed, &none);
+        assert_same_within(&format!("{name}"), &resumed, &naive, atol, rtol);
+        assert_same_within(&format!("{name} held"), &held, &naive, atol, rtol);
+        // Resumed with the first groups done (skipped), and as a shard of the later groups: the
+        // passes left to run give the same bits as the whole run.
+        let later: HashSet<usize> = tight.groups[1..].iter().flatten().copied().collect();
+        let skip: HashSet<usize> = exps.iter().filter(|e| !later.contains(&e.pair.target)).map(|e| e.id).collect();
+        let rest = sweep(budget, Method::Resumed, &skip);
+        assert_eq!(rest.len(), exps.len() - skip.len());
+        for r in &rest {
+            assert_eq!(r, &resumed[r.id], "{name}: experiment {}", r.id);
+        }
+        assert!(naive.iter().any(|r| r.patched != r.clean_target), "no patch changed the logits");
     }
-    assert!(naive.iter().any(|r| r.patched != r.clean_target), "no patch changed the logits");
+    assert_eq!(dev.kv_blocks().0, 0, "every spilled or recomputed clean run gave its KV blocks back");
+}
+
+/// A clean run written as bytes and made again from them is the same run: segments resumed from
+/// either give the same bits, on the CPU and on the device; bytes of the wrong size are refused.
+#[test]
+fn clean_runs_round_trip_through_bytes() {
+    let dir = synth_family("qwen2", 4, 17);
+    let model = Model::load(dir.path()).unwrap();
+    let (_, dev) = counted_device(&model);
+    let prompts = random_prompts(2, &[21, 35], model.cfg.vocab_size, 6);
+    let last = Positions::List(vec![-1]);
+    let req = RunRequest { logits_at: Some(&last), logit_tokens: Some(&[3, 50, 7]), ..Default::default() };
+    let engines: [&dyn Engine; 2] = [&model, &dev];
+    for engine in engines {
+        let name = engine.device_name();
+        let (runs, _) = engine.run_clean(&prompts, &RunRequest::default()).unwrap();
+        let bytes = engine.clean_run_to_bytes(&runs[1]).unwrap();
+        assert_eq!(engine.clean_run_from_bytes(35, &bytes[1..]).err().map(|e| e.to_string().contains("expected")), Some(true), "{name}");
+        let again = engine.clean_run_from_bytes(35, &bytes).unwrap();
+        assert_eq!(engine.clean_run_to_bytes(&again).unwrap(), bytes, "{name}: bytes of the restored run");
+        for p0 in [16, 19, 34] {
+            let seg = |clean| [Segment { clean, p0 }];
+            let a = engine.run_segments(1, &seg(&runs[1]), &req).unwrap().logits;
+            let b = engine.run_segments(1, &seg(&again), &req).unwrap().logits;
+            assert_eq!(a, b, "{name}: segment from {p0}");
+        }
+    }
+    let (runs, _) = model.run_clean(&prompts, &RunRequest::default()).unwrap();
+    assert!(dev.clean_run_to_bytes(&runs[0]).is_err(), "a CPU clean run is not the device's to spill");
 }
 
 /// A device with counters, and the model uploaded to it.

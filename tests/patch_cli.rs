@@ -80,6 +80,27 @@ fn killed_sweep_resumes_to_the_same_results() {
         assert_close(&format!("experiment {}", r.id), &r.patched, &n.patched, F32_ATOL, F32_RTOL);
         assert_eq!(r.pred, n.pred);
     }
+    // A budget that holds no clean run: spilled or recomputed as --overflow says (the manifest
+    // tells which), the same numbers; a killed spilling run resumes to the same bytes.
+    for overflow in ["spill", "recompute"] {
+        let dir = out(overflow);
+        let (code, err) = run(&dir, &["--mem-budget", "1", "--overflow", overflow]);
+        assert_eq!(code, 0, "{err}");
+        let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap();
+        let clean = &manifest["clean_runs"];
+        assert_eq!((clean["target_clean_runs"].as_str(), clean["held_targets"].as_u64()), (Some(overflow), Some(0)), "{clean}");
+        assert!(clean["estimate_s"]["spill"].as_f64().unwrap() > 0.0, "{clean}");
+        let mut got = results(&dir);
+        got.sort_by_key(|r| r.id);
+        for (g, n) in got.iter().zip(&naive) {
+            assert_close(&format!("{overflow}: experiment {}", g.id), &g.patched, &n.patched, F32_ATOL, F32_RTOL);
+        }
+    }
+    let (code, err) = run(&out("spill-killed"), &["--mem-budget", "1", "--overflow", "spill", "--stop-after", "9"]);
+    assert_eq!(code, 1, "{err}");
+    let (code, err) = run(&out("spill-killed"), &["--mem-budget", "1", "--overflow", "spill", "--resume"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(std::fs::read(out("spill-killed").join("experiments.jsonl")).unwrap() == std::fs::read(out("spill").join("experiments.jsonl")).unwrap(), "a resumed spilling run differs");
 }
 
 #[test]

@@ -6,8 +6,8 @@ use clap::{Args, Subcommand, ValueEnum};
 use serde::Serialize;
 
 use super::ablate::AblateOpArgs;
-use super::patch::SweepArgs;
-use super::{parse_bytes, print_stdout, progress_bar};
+use super::patch::{ResumedArgs, SweepArgs};
+use super::{print_stdout, progress_bar};
 use patchbay::backend::ops::sample::SampleParams;
 use patchbay::experiments::ablate::AblateOp;
 use patchbay::experiments::bench::{AblateBenchSpec, BenchShape, bench_ablate, bench_capture, bench_forward, bench_generate, bench_patch, Utilization};
@@ -194,12 +194,8 @@ struct PatchBenchArgs {
     /// Time the naive method on only the first K experiments (it is slow).
     #[arg(long)]
     naive_limit: Option<usize>,
-    /// Rows per batched resumed forward.
-    #[arg(long, default_value_t = 256)]
-    batch_rows: usize,
-    /// Memory for clean KV caches, e.g. 2G.
-    #[arg(long, default_value = "2G")]
-    mem_budget: String,
+    #[command(flatten)]
+    memory: ResumedArgs,
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
@@ -351,6 +347,7 @@ fn generate(a: GenerateBenchArgs) -> Result<()> {
 
 fn patch(a: PatchBenchArgs) -> Result<()> {
     let model = Model::load(&a.model)?;
+    let (mem_budget, overflow) = a.memory.memory()?;
     let spec = PatchWorkloadSpec {
         n_prompts: a.n_prompts,
         prompt_len: a.prompt_len,
@@ -359,8 +356,9 @@ fn patch(a: PatchBenchArgs) -> Result<()> {
         n_labels: a.labels,
         seed: a.seed,
         naive_limit: a.naive_limit,
-        batch_rows: a.batch_rows,
-        mem_budget: parse_bytes(&a.mem_budget)?,
+        batch_rows: a.memory.batch_rows,
+        mem_budget,
+        overflow,
     };
     let bar = progress_bar(0, "bench", "experiments", a.quiet || a.json);
     let engine = a.engine.load(&model, false)?;

@@ -7,8 +7,8 @@ use clap::{Args, Subcommand, ValueEnum};
 use serde::Serialize;
 use serde_json::{Value, json};
 
-use super::patch::SweepArgs;
-use super::{parse_bytes, print_stdout, progress_bar};
+use super::patch::{ResumedArgs, SweepArgs};
+use super::{print_stdout, progress_bar};
 use patchbay::data::prompts::{PromptSource, load_prompts};
 use patchbay::experiments::cost::{self, Check, Estimate, ModelInfo, PassSpec, PatchPlan, Workload, clean_schedule, devices, duration, estimate, measure_sweep, patch_experiments, ratio, render, workload_plan};
 use patchbay::experiments::patch::{Method, Pair};
@@ -149,12 +149,8 @@ struct PatchCostArgs {
     /// Methods estimated.
     #[arg(long, value_enum, default_value_t = MethodArg::Both)]
     method: MethodArg,
-    /// Rows per batched resumed forward.
-    #[arg(long, default_value_t = 256)]
-    batch_rows: usize,
-    /// Memory for clean KV caches, e.g. 2G.
-    #[arg(long, default_value = "2G")]
-    mem_budget: String,
+    #[command(flatten)]
+    memory: ResumedArgs,
     /// Run the sweep on the CPU (needs --model with weights) and print measured beside estimated time.
     #[arg(long)]
     measure: bool,
@@ -396,6 +392,7 @@ fn patch(a: PatchCostArgs) -> Result<()> {
     if pairs_n > MAX_PLANNED {
         return Err(Error::input(format!("{pairs_n} pairs: at most {MAX_PLANNED} pairs can be planned")));
     }
+    let (mem_budget, overflow) = a.memory.memory()?;
     let work = PatchWorkloadSpec {
         n_prompts: lens.len(),
         prompt_len: lens[0],
@@ -404,8 +401,9 @@ fn patch(a: PatchCostArgs) -> Result<()> {
         n_labels,
         seed: a.seed,
         naive_limit: a.naive_limit,
-        batch_rows: a.batch_rows,
-        mem_budget: parse_bytes(&a.mem_budget)?,
+        batch_rows: a.memory.batch_rows,
+        mem_budget,
+        overflow,
     };
     if work.sweep.window == 0 || work.sweep.window > cfg.n_layers {
         return Err(Error::input(format!("window {} must be in 1..={}", work.sweep.window, cfg.n_layers)));
@@ -421,10 +419,10 @@ fn patch(a: PatchCostArgs) -> Result<()> {
         Some(path) => read_pairs(path, lens.len())?,
         None => workload_plan(&drawn, &work).pairs,
     };
-    let plan = PatchPlan { pairs, sweep: drawn.sweep.clone(), batch_rows: a.batch_rows, mem_budget: work.mem_budget };
+    let plan = PatchPlan { pairs, sweep: drawn.sweep.clone(), batch_rows: a.memory.batch_rows, mem_budget: work.mem_budget, overflow: work.overflow };
     let workload = json!({
         "prompts": lens_json(&lens), "pairs": plan.pairs.len(), "sites": a.sweep.sites_text(), "units": plan.sweep.units, "window": plan.sweep.window,
-        "centers": plan.sweep.centers, "positions": plan.sweep.positions, "labels": n_labels, "batch_rows": a.batch_rows, "mem_budget_bytes": plan.mem_budget,
+        "centers": plan.sweep.centers, "positions": plan.sweep.positions, "labels": n_labels, "batch_rows": a.memory.batch_rows, "mem_budget_bytes": plan.mem_budget, "overflow": plan.overflow.name(),
     });
     let devs = devices(&a.common.device, &cfg, dtype)?;
     let (resumed, naive) = (a.method != MethodArg::Naive, a.method != MethodArg::Resumed);

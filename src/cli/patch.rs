@@ -10,7 +10,7 @@ use serde_json::json;
 use super::inputs::{InputArgs, LabelArgs, Prompts};
 use super::{parse_bytes, progress_bar};
 use patchbay::experiments::dataset_files::dataset_json;
-use patchbay::experiments::patch::{Method, SweepSpec, experiments};
+use patchbay::experiments::patch::{Method, Overflow, SweepSpec, experiments};
 use patchbay::experiments::patch_files::{DirRun, SweepPart, random_pairs, read_pairs, run_to_dir};
 use patchbay::model::Model;
 use patchbay::sites::SiteKind;
@@ -54,6 +54,43 @@ the sweep: give every shard the same).";
 pub enum LabelsBy {
     Gold,
     Pred,
+}
+
+/// How the resumed method batches and holds clean runs (`patch`, `bench patch`, `cost patch`).
+#[derive(Args)]
+pub struct ResumedArgs {
+    /// Rows per batched resumed forward.
+    #[arg(long, default_value_t = 256)]
+    pub batch_rows: usize,
+    /// Memory for the targets' kept clean runs (KV caches and residuals), e.g. 2G.
+    #[arg(long, default_value = "2G")]
+    mem_budget: String,
+    /// Where the targets' clean runs beyond --mem-budget come from: auto (whichever the cost
+    /// model finds faster: spill on a CPU unless the model is tiny, recompute on a GPU), spill
+    /// (written once to a temporary file in $TMPDIR, read back when their group comes), or
+    /// recompute (run again when their group comes). The manifest's clean_runs says which.
+    #[arg(long, value_enum, default_value_t = OverflowArg::Auto)]
+    overflow: OverflowArg,
+}
+
+/// `--overflow`.
+#[derive(Clone, Copy, ValueEnum)]
+enum OverflowArg {
+    Auto,
+    Spill,
+    Recompute,
+}
+
+impl ResumedArgs {
+    /// The memory budget in bytes and where the clean runs beyond it come from.
+    pub fn memory(&self) -> Result<(usize, Overflow)> {
+        let overflow = match self.overflow {
+            OverflowArg::Auto => Overflow::Auto,
+            OverflowArg::Spill => Overflow::Spill,
+            OverflowArg::Recompute => Overflow::Recompute,
+        };
+        Ok((parse_bytes(&self.mem_budget)?, overflow))
+    }
 }
 
 /// `--method` of `patch` and `ablate`.
@@ -100,12 +137,8 @@ pub struct PatchArgs {
     /// resumed: one clean pass per prompt, experiments resumed from it; naive: a full forward each.
     #[arg(long, value_enum, default_value_t = MethodArg::Resumed)]
     method: MethodArg,
-    /// Rows per batched resumed forward.
-    #[arg(long, default_value_t = 256)]
-    batch_rows: usize,
-    /// Memory for the kept clean runs of one target group (KV caches and residuals), e.g. 2G.
-    #[arg(long, default_value = "2G")]
-    mem_budget: String,
+    #[command(flatten)]
+    memory: ResumedArgs,
     /// Run part I of N of the sweep (0 <= I < N), e.g. 0/4; combine the parts with `patchbay merge`.
     #[arg(long, value_name = "I/N")]
     shard: Option<SweepPart>,
@@ -192,7 +225,7 @@ pub fn run(a: PatchArgs) -> Result<()> {
             // The model's prediction of every prompt, when pairs are chosen by it.
             let pred: Option<Vec<String>> = if a.only_correct || a.different_labels == Some(LabelsBy::Pred) {
                 let bar = progress_bar(prompts.len() as u64, "predict", "prompts", a.quiet);
-                let batch = (a.batch_rows / prompts.iter().map(Vec::len).max().unwrap_or(1)).max(1);
+                let batch = (a.memory.batch_rows / prompts.iter().map(Vec::len).max().unwrap_or(1)).max(1);
                 let logits = patchbay::experiments::score::label_logits(engine.as_ref(), prompts, &labels, &[], batch, &bar)?;
                 bar.finish_and_clear();
                 Some(logits.chunks(labels.len()).map(|l| labels.names[patchbay::logits::argmax(l)].clone()).collect())
@@ -219,18 +252,19 @@ pub fn run(a: PatchArgs) -> Result<()> {
     };
     let spec = a.sweep.spec(cfg.n_layers, labels.token_ids.clone())?;
     let all_exps = experiments(&pairs, &spec, cfg.n_layers)?;
-    let mem_budget = parse_bytes(&a.mem_budget)?;
+    let (mem_budget, overflow) = a.memory.memory()?;
     let (method, method_name) = a.method.method();
     let run = DirRun {
         out: &a.out,
         started,
         method,
-        batch_rows: a.batch_rows,
+        batch_rows: a.memory.batch_rows,
         mem_budget,
+        overflow,
         part: a.shard,
         resume: a.resume,
         stop_after: a.stop_after,
-        sweep_id: spec.identity(&model.config_hash, prompts, &pairs, &a.sweep.sites_text(), a.batch_rows, mem_budget),
+        sweep_id: spec.identity(&model.config_hash, prompts, &pairs, &a.sweep.sites_text(), a.memory.batch_rows, mem_budget, overflow),
         provenance: json!({
             "command": "patch",
             "patchbay_version": env!("CARGO_PKG_VERSION"),

@@ -36,6 +36,10 @@ use crate::{Error, Result};
 /// Positions per KV cache block.
 pub const BLOCK_SIZE: usize = 16;
 
+/// A rough rate of a device forward, in FLOP/s: a GPU's bf16 tensor cores at a fraction of
+/// their peak (`Engine::forward_flops_per_s`; the emulator is planned as the GPU it stands for).
+pub const DEVICE_FLOPS_PER_S: f64 = 1e14;
+
 /// Bytes a kept device clean run of `len` positions holds: bf16 keys and values in whole
 /// blocks and f32 resid_pre, per layer.
 pub fn clean_run_bytes(cfg: &ModelConfig, len: usize) -> usize {
@@ -700,6 +704,65 @@ impl Engine for DeviceModel {
 
     fn clean_run_bytes(&self, len: usize) -> usize {
         clean_run_bytes(&self.cfg, len)
+    }
+
+    /// Per layer: the keys then the values of the run's whole blocks (bf16), then its resid_pre
+    /// rows (f32).
+    fn clean_run_to_bytes(&self, run: &CleanRun) -> Result<Vec<u8>> {
+        let c = run.state::<DeviceClean>()?;
+        if !Arc::ptr_eq(&c.pool, &self.pool) {
+            return Err(Error::input("a clean run can only be spilled by the engine (device) that made it"));
+        }
+        let (d, kvw) = (self.cfg.d_model, self.cfg.kv_width());
+        let block_bytes = BLOCK_SIZE * kvw * 2;
+        let layer_bytes = 2 * c.blocks.len() * block_bytes + run.len * d * 4;
+        let mut out = vec![0u8; self.cfg.n_layers * layer_bytes];
+        let pool = lock(&self.pool);
+        for (l, chunk) in out.chunks_exact_mut(layer_bytes).enumerate() {
+            let (kv, resid) = chunk.split_at_mut(2 * c.blocks.len() * block_bytes);
+            for (cache, part) in [&pool.k[l], &pool.v[l]].into_iter().zip(kv.chunks_exact_mut(c.blocks.len() * block_bytes)) {
+                for (&b, dst) in c.blocks.iter().zip(part.chunks_exact_mut(block_bytes)) {
+                    self.driver.dtoh(cache.ptr().offset(b as usize * block_bytes), dst)?;
+                }
+            }
+            self.driver.dtoh(c.resid.ptr().offset((l * c.call_rows + c.row0) * d * 4), resid)?;
+        }
+        Ok(out)
+    }
+
+    fn clean_run_from_bytes(&self, len: usize, bytes: &[u8]) -> Result<CleanRun> {
+        let (d, kvw, n_layers) = (self.cfg.d_model, self.cfg.kv_width(), self.cfg.n_layers);
+        let n_blocks = len.div_ceil(BLOCK_SIZE);
+        let block_bytes = BLOCK_SIZE * kvw * 2;
+        let layer_bytes = 2 * n_blocks * block_bytes + len * d * 4;
+        if bytes.len() != n_layers * layer_bytes {
+            return Err(Error::input(format!("a spilled clean run of {len} positions has {} bytes, expected {}", bytes.len(), n_layers * layer_bytes)));
+        }
+        let resid = DeviceBuffer::<f32>::alloc(&self.driver, n_layers * len * d)?; // [n_layers, len, d_model]
+        let mut pool = lock(&self.pool);
+        let blocks = pool.take(&self.driver, n_blocks)?;
+        let restore = |pool: &KvPool| -> Result<()> {
+            for (l, chunk) in bytes.chunks_exact(layer_bytes).enumerate() {
+                let (kv, rows) = chunk.split_at(2 * n_blocks * block_bytes);
+                for (cache, part) in [&pool.k[l], &pool.v[l]].into_iter().zip(kv.chunks_exact(n_blocks * block_bytes)) {
+                    for (&b, src) in blocks.iter().zip(part.chunks_exact(block_bytes)) {
+                        self.driver.htod(cache.ptr().offset(b as usize * block_bytes), src)?;
+                    }
+                }
+                self.driver.htod(resid.ptr().offset(l * len * d * 4), rows)?;
+            }
+            Ok(())
+        };
+        if let Err(e) = restore(&pool) {
+            pool.give_back(&blocks);
+            return Err(e);
+        }
+        drop(pool);
+        Ok(CleanRun::new(len, DeviceClean { pool: self.pool.clone(), blocks, resid: Arc::new(resid), call_rows: len, row0: 0 }))
+    }
+
+    fn forward_flops_per_s(&self) -> f64 {
+        DEVICE_FLOPS_PER_S
     }
 
     fn start_decode(&self) -> Result<DecodeSeq> {

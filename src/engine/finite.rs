@@ -147,6 +147,15 @@ impl<E: Engine> Engine for Checked<E> {
     fn clean_run_bytes(&self, len: usize) -> usize {
         self.inner.clean_run_bytes(len)
     }
+    fn clean_run_to_bytes(&self, run: &CleanRun) -> Result<Vec<u8>> {
+        self.inner.clean_run_to_bytes(run)
+    }
+    fn clean_run_from_bytes(&self, len: usize, bytes: &[u8]) -> Result<CleanRun> {
+        self.inner.clean_run_from_bytes(len, bytes)
+    }
+    fn forward_flops_per_s(&self) -> f64 {
+        self.inner.forward_flops_per_s()
+    }
     fn start_decode(&self) -> Result<DecodeSeq> {
         self.inner.start_decode()
     }

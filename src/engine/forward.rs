@@ -42,6 +42,12 @@ impl KvCache {
         KvCache { prefix: None, k: vec![Vec::new(); n_layers], v: vec![Vec::new(); n_layers], len: 0, first_layer: 0 }
     }
 
+    /// A complete cache of `len` positions from its keys and values per layer
+    /// (`[len, n_kv_heads, d_head]` each).
+    pub(crate) fn from_layers(k: Vec<Vec<f32>>, v: Vec<Vec<f32>>, len: usize) -> KvCache {
+        KvCache { prefix: None, k, v, len, first_layer: 0 }
+    }
+
     /// A cache continuing positions `0..p0` of `clean` (which must be complete at `layer` and
     /// above), for a segment resumed at `layer`.
     pub fn resume(clean: &Arc<KvCache>, layer: usize, p0: usize) -> Result<KvCache> {

@@ -156,6 +156,15 @@ pub trait Engine {
     fn run_segments(&self, start_layer: usize, segs: &[Segment], req: &RunRequest) -> Result<RunOutput>;
     /// Bytes a kept clean run of `len` positions holds (for memory budgets).
     fn clean_run_bytes(&self, len: usize) -> usize;
+    /// A kept clean run as bytes (its KV cache and residuals as the engine holds them), to
+    /// spill it out of memory; [`Engine::clean_run_from_bytes`] makes it again, bit for bit.
+    fn clean_run_to_bytes(&self, run: &CleanRun) -> Result<Vec<u8>>;
+    /// The clean run of `len` positions that [`Engine::clean_run_to_bytes`] wrote as `bytes`.
+    fn clean_run_from_bytes(&self, len: usize, bytes: &[u8]) -> Result<CleanRun>;
+    /// A rough rate of this engine's forward, in FLOP/s (not a measurement: the resumed
+    /// method weighs it against disk bandwidth to choose between recomputing the clean runs a
+    /// memory budget cannot hold and spilling them, and the two differ by orders of magnitude).
+    fn forward_flops_per_s(&self) -> f64;
     /// A new, empty sequence for [`Engine::decode`].
     fn start_decode(&self) -> Result<DecodeSeq>;
     /// Appends `tokens[i]` to `seqs[i]` in one forward over every sequence's new tokens after
@@ -182,6 +191,12 @@ fn resid_pre_captures(cfg: &ModelConfig) -> Vec<Capture> {
 /// Bytes a kept CPU clean run of `len` positions holds: f32 keys, values and resid_pre per layer.
 pub fn clean_run_bytes(cfg: &ModelConfig, len: usize) -> usize {
     len * (2 * cfg.kv_width() + cfg.d_model) * 4 * cfg.n_layers
+}
+
+/// A rough rate of the CPU engine's forward: about 50 GFLOP/s per thread with AVX-512
+/// (`patchbay bench forward` measures the real one).
+pub fn cpu_forward_flops_per_s() -> f64 {
+    5e10 * rayon::current_num_threads() as f64
 }
 
 /// The model's weights uploaded to `device` (GPU or emulator), or None for `cpu`, where the
@@ -276,6 +291,37 @@ impl Engine for crate::model::Model {
     fn clean_run_bytes(&self, len: usize) -> usize {
         clean_run_bytes(&self.cfg, len)
     }
+    fn clean_run_to_bytes(&self, run: &CleanRun) -> Result<Vec<u8>> {
+        let c = run.state::<CpuClean>()?;
+        let mut out = Vec::with_capacity(clean_run_bytes(&self.cfg, run.len));
+        for (l, resid) in c.resid.iter().enumerate() {
+            let (k, v) = c.cache.layer(l);
+            for part in [&k[..], &v[..], resid] {
+                out.extend_from_slice(bytemuck::cast_slice(part));
+            }
+        }
+        Ok(out)
+    }
+    fn clean_run_from_bytes(&self, len: usize, bytes: &[u8]) -> Result<CleanRun> {
+        let (kvw, d) = (self.cfg.kv_width(), self.cfg.d_model);
+        if bytes.len() != clean_run_bytes(&self.cfg, len) {
+            return Err(Error::input(format!("a spilled clean run of {len} positions has {} bytes, expected {}", bytes.len(), clean_run_bytes(&self.cfg, len))));
+        }
+        let f: Vec<f32> = bytes.chunks_exact(4).map(|b| f32::from_ne_bytes([b[0], b[1], b[2], b[3]])).collect(); // per layer: k [len, kvw], v [len, kvw], resid [len, d]
+        let (mut k, mut v, mut resid) = (Vec::new(), Vec::new(), Vec::new());
+        for layer in f.chunks_exact(len * (2 * kvw + d)) {
+            let (kl, rest) = layer.split_at(len * kvw);
+            let (vl, rl) = rest.split_at(len * kvw);
+            k.push(kl.to_vec());
+            v.push(vl.to_vec());
+            resid.push(rl.to_vec());
+        }
+        let cache = KvCache::from_layers(k, v, len);
+        Ok(CleanRun::new(len, CpuClean { cache: Arc::new(cache), resid, precision: self.precision }))
+    }
+    fn forward_flops_per_s(&self) -> f64 {
+        cpu_forward_flops_per_s()
+    }
     fn start_decode(&self) -> Result<DecodeSeq> {
         Ok(DecodeSeq::new(KvCache::new(self.cfg.n_layers)))
     }
@@ -305,6 +351,15 @@ impl<T: Engine + ?Sized> Engine for &T {
     }
     fn clean_run_bytes(&self, len: usize) -> usize {
         (**self).clean_run_bytes(len)
+    }
+    fn clean_run_to_bytes(&self, run: &CleanRun) -> Result<Vec<u8>> {
+        (**self).clean_run_to_bytes(run)
+    }
+    fn clean_run_from_bytes(&self, len: usize, bytes: &[u8]) -> Result<CleanRun> {
+        (**self).clean_run_from_bytes(len, bytes)
+    }
+    fn forward_flops_per_s(&self) -> f64 {
+        (**self).forward_flops_per_s()
     }
     fn start_decode(&self) -> Result<DecodeSeq> {
         (**self).start_decode()

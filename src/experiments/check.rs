@@ -26,7 +26,7 @@ use crate::engine::Engine;
 use crate::experiments::ablate::{AblateOp, Ablation, Component, conditions, label_runner};
 use crate::experiments::capture::{CaptureSpec, capture};
 use crate::experiments::generate::{GenerateSpec, generate};
-use crate::experiments::patch::{Method, Pair, RunSettings, SweepSpec, experiments, run_sweep};
+use crate::experiments::patch::{Method, Overflow, Pair, RunSettings, SweepSpec, experiments, run_sweep};
 use crate::experiments::steer::{Readout, one_each, step_intervention};
 use crate::intervene::spec::{InterventionSpec, Layers};
 use crate::io::tensorfile::TensorFile;
@@ -419,7 +419,7 @@ fn patch_drift(engine: &dyn Engine, g: &PatchGolden, method: Method, max_cases: 
         }
         let skip = all.iter().filter(|e| keep.binary_search(&(first + e.id)).is_err()).map(|e| e.id).collect();
         first += all.len();
-        let settings = RunSettings { method, skip: &skip, batch_rows: 256, mem_budget: 2 << 30, progress: &ProgressBar::hidden() };
+        let settings = RunSettings { method, skip: &skip, batch_rows: 256, mem_budget: 2 << 30, overflow: Overflow::Auto, progress: &ProgressBar::hidden() };
         let mut results = Vec::new();
         run_sweep(engine, &g.prompts, &spec, &all, &settings, &mut |r| {
             results.push(r);

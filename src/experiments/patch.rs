@@ -60,8 +60,8 @@ impl SweepSpec {
 
     /// What identifies a sweep of this spec (the `sweep` of its manifest): a run directory
     /// holding another is refused, and the parts of one sweep share it. `sites` as given.
-    pub fn identity(&self, config_sha256: &str, prompts: &[Vec<u32>], pairs: &[Pair], sites: &str, batch_rows: usize, mem_budget: usize) -> serde_json::Value {
-        serde_json::json!({"model_config_sha256": config_sha256, "prompts": prompts, "pairs": pairs, "sites": sites, "units": self.units, "window": self.window, "centers": self.centers, "positions": self.positions, "labels": self.label_tokens, "batch_rows": batch_rows, "mem_budget": mem_budget})
+    pub fn identity(&self, config_sha256: &str, prompts: &[Vec<u32>], pairs: &[Pair], sites: &str, batch_rows: usize, mem_budget: usize, overflow: Overflow) -> serde_json::Value {
+        serde_json::json!({"model_config_sha256": config_sha256, "prompts": prompts, "pairs": pairs, "sites": sites, "units": self.units, "window": self.window, "centers": self.centers, "positions": self.positions, "labels": self.label_tokens, "batch_rows": batch_rows, "mem_budget": mem_budget, "overflow": overflow.name()})
     }
 }
 
@@ -148,6 +148,29 @@ pub enum Method {
     Naive,
 }
 
+/// Where the targets' clean runs that the memory budget cannot hold come from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Overflow {
+    /// Whichever the engine's rough forward rate and [`SPILL_BYTES_PER_S`] say is faster.
+    #[default]
+    Auto,
+    /// Spilled from the clean pass to a temporary file, read back in their group.
+    Spill,
+    /// Recomputed in their group.
+    Recompute,
+}
+
+impl Overflow {
+    /// Its name in sweep identities.
+    pub fn name(self) -> &'static str {
+        match self {
+            Overflow::Auto => "auto",
+            Overflow::Spill => "spill",
+            Overflow::Recompute => "recompute",
+        }
+    }
+}
+
 /// Execution settings.
 pub struct RunSettings<'a> {
     pub method: Method,
@@ -157,6 +180,8 @@ pub struct RunSettings<'a> {
     pub batch_rows: usize,
     /// Bytes of clean KV caches held at once; targets beyond are processed in later groups.
     pub mem_budget: usize,
+    /// Where the clean runs beyond `mem_budget` come from.
+    pub overflow: Overflow,
     pub progress: &'a ProgressBar,
 }
 
@@ -322,14 +347,16 @@ pub fn run_sweep(
             for e in exps {
                 by_target.entry(e.pair.target).or_default().push(e);
             }
-            let schedule = CleanSchedule::new(engine, prompts, exps, spec, settings.mem_budget);
+            let schedule = CleanSchedule::new(engine, prompts, exps, spec, settings.mem_budget, settings.overflow);
             let live = |group: &[usize]| group.iter().any(|t| by_target[t].iter().any(|e| !skip.contains(&e.id)));
             // Prompts the sweep's clean pass is run for: sources of live groups, and their held targets.
+            // Targets whose clean runs the pass spills (the budget does not hold them).
+            let spilled_target = |p: &usize| schedule.spill && by_target.contains_key(p) && !schedule.held.contains(p);
             let mut needed: HashSet<usize> = HashSet::new();
             for group in schedule.groups.iter().filter(|g| live(g)) {
                 for t in group {
                     needed.extend(by_target[t].iter().map(|e| e.pair.source));
-                    if schedule.held.contains(t) {
+                    if schedule.held.contains(t) || spilled_target(t) {
                         needed.insert(*t);
                     }
                 }
@@ -338,25 +365,35 @@ pub fn run_sweep(
             // Clean runs (KV cache, resid_pre at every layer) and label logits of targets, kept
             // until their group is done.
             let mut clean: HashMap<usize, (CleanRun, Vec<f32>)> = HashMap::new();
+            let mut spill = Spill::default();
             for chunk in chunk_by_rows(&schedule.clean_pass, |&p| prompts[p].len(), settings.batch_rows) {
                 if !chunk.iter().any(|p| needed.contains(p)) {
                     continue;
                 }
-                let keep = |p: &usize| schedule.held.contains(p) && needed.contains(p);
+                let keep = |p: &usize| (schedule.held.contains(p) || spilled_target(p)) && needed.contains(p);
                 let (runs, srcs, logits) = clean_pass(chunk, true, chunk.iter().any(keep))?;
                 sources.extend(srcs);
                 for ((p, run), logits) in chunk.iter().zip(runs).zip(logits) {
-                    if keep(p) {
+                    if keep(p) && spilled_target(p) {
+                        spill.write(*p, &engine.clean_run_to_bytes(&run)?, logits)?;
+                    } else if keep(p) {
                         clean.insert(*p, (run, logits));
                     }
                 }
             }
             for group in schedule.groups.iter().filter(|g| live(g)) {
-                // Targets whose clean runs the budget did not hold: recomputed now.
-                let recompute: Vec<usize> = group.iter().copied().filter(|t| !schedule.held.contains(t)).collect();
-                for chunk in chunk_by_rows(&recompute, |&t| prompts[t].len(), settings.batch_rows) {
-                    let (runs, _, logits) = clean_pass(chunk, false, true)?;
-                    clean.extend(chunk.iter().copied().zip(runs.into_iter().zip(logits)));
+                // Targets whose clean runs the budget did not hold: read back, or recomputed now.
+                let rest: Vec<usize> = group.iter().copied().filter(|t| !schedule.held.contains(t)).collect();
+                if schedule.spill {
+                    for &t in &rest {
+                        let (bytes, logits) = spill.read(t)?;
+                        clean.insert(t, (engine.clean_run_from_bytes(prompts[t].len(), &bytes)?, logits));
+                    }
+                } else {
+                    for chunk in chunk_by_rows(&rest, |&t| prompts[t].len(), settings.batch_rows) {
+                        let (runs, _, logits) = clean_pass(chunk, false, true)?;
+                        clean.extend(chunk.iter().copied().zip(runs.into_iter().zip(logits)));
+                    }
                 }
                 // Segments of this group, by start layer then id.
                 let mut segs: Vec<(usize, &Experiment)> = group.iter().flat_map(|t| by_target[t].iter().map(|e| (e.layers[0], *e))).collect();
@@ -398,6 +435,48 @@ pub fn run_sweep(
     Ok(())
 }
 
+/// Clean runs spilled out of memory: their bytes in one anonymous temporary file (removed when
+/// closed, also when the run is killed), with their label logits.
+#[derive(Default)]
+struct Spill {
+    file: Option<std::fs::File>,
+    /// End of the file.
+    end: u64,
+    /// Prompt -> (offset, bytes, label logits).
+    runs: HashMap<usize, (u64, usize, Vec<f32>)>,
+}
+
+impl Spill {
+    fn failed(e: std::io::Error) -> Error {
+        Error::io(std::env::temp_dir(), e)
+    }
+
+    fn write(&mut self, prompt: usize, bytes: &[u8], logits: Vec<f32>) -> Result<()> {
+        use std::io::Write;
+        let file = match &mut self.file {
+            Some(file) => file,
+            None => self.file.insert(tempfile::tempfile().map_err(Spill::failed)?),
+        };
+        file.write_all(bytes).map_err(Spill::failed)?;
+        self.runs.insert(prompt, (self.end, bytes.len(), logits));
+        self.end += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// The bytes and label logits of `prompt`'s spilled clean run.
+    fn read(&mut self, prompt: usize) -> Result<(Vec<u8>, Vec<f32>)> {
+        use std::io::{Read, Seek, SeekFrom};
+        let (offset, n, logits) = self.runs.get(&prompt).cloned().ok_or_else(|| Error::input(format!("prompt {prompt}: its clean run was not spilled")))?;
+        let mut bytes = vec![0u8; n];
+        if let Some(file) = self.file.as_mut() {
+            file.seek(SeekFrom::Start(offset)).map_err(Spill::failed)?;
+            file.read_exact(&mut bytes).map_err(Spill::failed)?;
+            file.seek(SeekFrom::End(0)).map_err(Spill::failed)?;
+        }
+        Ok((bytes, logits))
+    }
+}
+
 /// Most targets in one group of the resumed method: bounds the unit of computation so that
 /// sweeps split into shards of whole groups (64 targets of a Tak-style sweep, positions -1, give
 /// batches of a few hundred segment rows per start layer).
@@ -434,28 +513,41 @@ fn source_sites(exps: &[Experiment]) -> BTreeMap<usize, BTreeSet<Site>> {
     out
 }
 
+/// A rough rate of writing a spilled clean run to the temporary directory and reading it back
+/// (an SSD), in bytes/s, weighed against the engine's forward rate.
+pub const SPILL_BYTES_PER_S: f64 = 1e9;
+
 /// Where the resumed method's clean runs come from. One clean pass runs every source and every
 /// held target once (index order, batched by rows); the sources' patched values it captures are
 /// kept for the whole sweep (small: sites x window layers x positions x width, f32). The
 /// targets' clean runs (KV caches and resid_pre at every layer: large) are held from that pass
-/// for the first target groups that fit the memory budget beside the source values; the other
-/// groups recompute theirs when they come (a target that is also a source then runs twice).
-/// Depends only on the sweep and the budget, so every run and shard of a sweep makes the same
-/// passes.
+/// for the first target groups that fit the memory budget beside the source values. The other
+/// groups' clean runs either come from that pass too, spilled to a temporary file and read back
+/// when their group comes, or are recomputed then (a target that is also a source then runs
+/// twice): as [`Overflow`] says; by default whichever the engine's rough forward rate and
+/// [`SPILL_BYTES_PER_S`] say is faster (on a CPU spilling unless the model is tiny, on a GPU
+/// recomputing). Depends only on the sweep, the budget and the
+/// engine, so every run and shard of a sweep makes the same passes.
 #[derive(Clone, Debug)]
 pub struct CleanSchedule {
     /// The target groups ([`target_groups`]), in the order they run.
     pub groups: Vec<Vec<usize>>,
     /// Targets whose clean runs are held from the sweep's clean pass.
     pub held: BTreeSet<usize>,
-    /// Prompts of the sweep's clean pass, in index order: every source and every held target.
+    /// The other targets' clean runs are spilled from the clean pass (else recomputed).
+    pub spill: bool,
+    /// Estimated seconds to recompute, and to spill and read back, the clean runs not held.
+    pub recompute_s: f64,
+    pub spill_s: f64,
+    /// Prompts of the sweep's clean pass, in index order: every source and every held (or
+    /// spilled) target.
     pub clean_pass: Vec<usize>,
     /// Bytes of the source values kept for the whole sweep (f32, every position patched).
     pub source_bytes: usize,
 }
 
 impl CleanSchedule {
-    pub fn new(engine: &dyn Engine, prompts: &[Vec<u32>], exps: &[Experiment], spec: &SweepSpec, mem_budget: usize) -> CleanSchedule {
+    pub fn new(engine: &dyn Engine, prompts: &[Vec<u32>], exps: &[Experiment], spec: &SweepSpec, mem_budget: usize, overflow: Overflow) -> CleanSchedule {
         let cfg = engine.config();
         let groups = target_groups(engine, prompts, exps, mem_budget);
         let sources = source_sites(exps);
@@ -463,31 +555,53 @@ impl CleanSchedule {
             let (n, w) = site.kind.units(cfg, 0);
             n * w
         };
+        let len = |t: usize| prompts.get(t).map_or(0, Vec::len);
         let source_bytes = sources.values().flatten().map(width).sum::<usize>() * spec.positions.len() * 4;
         let mut budget = mem_budget.saturating_sub(source_bytes);
         let mut held = BTreeSet::new();
         for group in &groups {
-            let bytes: usize = group.iter().map(|&t| engine.clean_run_bytes(prompts.get(t).map_or(0, Vec::len))).sum();
+            let bytes: usize = group.iter().map(|&t| engine.clean_run_bytes(len(t))).sum();
             if bytes > budget {
                 break;
             }
             budget -= bytes;
             held.extend(group.iter().copied());
         }
-        let clean_pass = sources.keys().chain(&held).copied().collect::<BTreeSet<_>>().into_iter().collect();
-        CleanSchedule { groups, held, clean_pass, source_bytes }
+        let rest: Vec<usize> = groups.iter().flatten().copied().filter(|t| !held.contains(t)).collect();
+        // About 2 FLOPs per parameter and token; the spill is written once and read once.
+        let recompute_s = rest.iter().map(|&t| 2.0 * cfg.n_params().0 as f64 * len(t) as f64).sum::<f64>() / engine.forward_flops_per_s();
+        let spill_s = rest.iter().map(|&t| 2.0 * engine.clean_run_bytes(len(t)) as f64).sum::<f64>() / SPILL_BYTES_PER_S;
+        let spill = !rest.is_empty()
+            && match overflow {
+                Overflow::Auto => spill_s < recompute_s,
+                Overflow::Spill => true,
+                Overflow::Recompute => false,
+            };
+        let spilled = rest.iter().filter(|_| spill);
+        let clean_pass = sources.keys().chain(&held).chain(spilled).copied().collect::<BTreeSet<_>>().into_iter().collect();
+        CleanSchedule { groups, held, spill, recompute_s, spill_s, clean_pass, source_bytes }
     }
 
-    /// Targets whose clean runs are recomputed in their group.
-    pub fn recomputed(&self) -> usize {
+    /// Targets whose clean runs are not held from the clean pass (spilled or recomputed).
+    pub fn not_held(&self) -> usize {
         self.groups.iter().map(Vec::len).sum::<usize>() - self.held.len()
     }
 
-    /// The schedule in the manifest: "held" (every prompt's clean pass runs once) or "recompute"
-    /// (the budget holds the clean runs of `held_targets` targets only), and the counts.
+    /// The schedule in the manifest: "held" (every prompt's clean pass runs once and is held),
+    /// "spill" (the budget holds the clean runs of `held_targets` targets, the others are spilled
+    /// to a temporary file) or "recompute" (they are recomputed in their group), the counts and,
+    /// when not all are held, the estimates the choice was made on.
     pub fn summary(&self) -> serde_json::Value {
-        let state = if self.recomputed() == 0 { "held" } else { "recompute" };
-        serde_json::json!({"target_clean_runs": state, "held_targets": self.held.len(), "recomputed_targets": self.recomputed(), "source_bytes": self.source_bytes})
+        let state = match (self.not_held(), self.spill) {
+            (0, _) => "held",
+            (_, true) => "spill",
+            (_, false) => "recompute",
+        };
+        let mut s = serde_json::json!({"target_clean_runs": state, "held_targets": self.held.len(), "spilled_targets": if self.spill { self.not_held() } else { 0 }, "recomputed_targets": if self.spill { 0 } else { self.not_held() }, "source_bytes": self.source_bytes});
+        if self.not_held() > 0 {
+            s["estimate_s"] = serde_json::json!({"recompute": self.recompute_s, "spill": self.spill_s});
+        }
+        s
     }
 }
 

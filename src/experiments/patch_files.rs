@@ -19,7 +19,7 @@ use indicatif::ProgressBar;
 use serde_json::{Value, json};
 
 use crate::engine::Engine;
-use crate::experiments::patch::{CleanSchedule, Experiment, ExperimentResult, GROUP_TARGETS, Method, Pair, RunSettings, SummaryRow, SweepSpec, run_sweep, summarize, summary_csv, summary_grid, target_groups};
+use crate::experiments::patch::{CleanSchedule, Experiment, ExperimentResult, GROUP_TARGETS, Method, Overflow, Pair, RunSettings, SummaryRow, SweepSpec, run_sweep, summarize, summary_csv, summary_grid, target_groups};
 use crate::rng::{self, PairsOf};
 use crate::{Error, Result};
 
@@ -181,6 +181,7 @@ pub struct DirRun<'a> {
     pub method: Method,
     pub batch_rows: usize,
     pub mem_budget: usize,
+    pub overflow: Overflow,
     /// Run only this part of the sweep.
     pub part: Option<SweepPart>,
     /// Continue the run found in `out` (else finding one is an error).
@@ -251,7 +252,7 @@ pub fn run_to_dir(engine: &dyn Engine, prompts: &[Vec<u32>], spec: &SweepSpec, a
         std::fs::remove_file(crate::io::sums_path(&jsonl)).map_err(|e| Error::io(r.out, e))?;
     }
     // Where the resumed method's clean runs come from (held from one pass, or recomputed).
-    let clean_runs = (r.method == Method::Resumed).then(|| CleanSchedule::new(engine, prompts, all_exps, spec, r.mem_budget).summary());
+    let clean_runs = (r.method == Method::Resumed).then(|| CleanSchedule::new(engine, prompts, all_exps, spec, r.mem_budget, r.overflow).summary());
     let save_manifest = |done: usize| {
         let mut m = r.provenance.clone();
         let run = json!({
@@ -276,7 +277,7 @@ pub fn run_to_dir(engine: &dyn Engine, prompts: &[Vec<u32>], spec: &SweepSpec, a
     let skip: HashSet<usize> = all_exps.iter().map(|e| e.id).filter(|id| done_ids.contains(id) || !mine.contains(id)).collect();
 
     progress.set_length((n_mine - done_ids.len()) as u64);
-    let settings = RunSettings { method: r.method, skip: &skip, batch_rows: r.batch_rows, mem_budget: r.mem_budget, progress };
+    let settings = RunSettings { method: r.method, skip: &skip, batch_rows: r.batch_rows, mem_budget: r.mem_budget, overflow: r.overflow, progress };
     let (written, outcome) = append_results(engine, prompts, spec, all_exps, &settings, &jsonl, r.stop_after)?;
     progress.finish_and_clear();
     let all = read_done(&jsonl, true)?;

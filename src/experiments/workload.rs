@@ -10,7 +10,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::engine::Engine;
-use crate::experiments::patch::{Experiment, ExperimentResult, Method, Pair, RunSettings, SweepSpec, experiments, run_sweep};
+use crate::experiments::patch::{Experiment, ExperimentResult, Method, Overflow, Pair, RunSettings, SweepSpec, experiments, run_sweep};
 use crate::model::config::ModelConfig;
 use crate::rng::{PairsOf, random_pairs};
 use crate::{Error, Result};
@@ -48,6 +48,7 @@ pub struct PatchWorkloadSpec {
     pub naive_limit: Option<usize>,
     pub batch_rows: usize,
     pub mem_budget: usize,
+    pub overflow: Overflow,
 }
 
 /// A random patching sweep's inputs and experiments.
@@ -77,7 +78,7 @@ impl PatchWorkload {
 
     /// Runs the experiments not in `skip` with `method`; returns the seconds and the results.
     pub fn run(&self, engine: &dyn Engine, method: Method, skip: &HashSet<usize>, spec: &PatchWorkloadSpec, progress: &ProgressBar) -> Result<(f64, Vec<ExperimentResult>)> {
-        let settings = RunSettings { method, skip, batch_rows: spec.batch_rows, mem_budget: spec.mem_budget, progress };
+        let settings = RunSettings { method, skip, batch_rows: spec.batch_rows, mem_budget: spec.mem_budget, overflow: spec.overflow, progress };
         let mut out = Vec::new();
         let t0 = Instant::now();
         run_sweep(engine, &self.prompts, &self.sweep, &self.exps, &settings, &mut |r| {

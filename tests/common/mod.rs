@@ -228,7 +228,7 @@ pub fn run_patch_sweep(
     use patchbay::experiments::patch::{RunSettings, experiments, run_sweep};
     let exps = experiments(pairs, spec, engine.config().n_layers).unwrap();
     let mut out = Vec::new();
-    let settings = RunSettings { method, skip: &std::collections::HashSet::new(), batch_rows, mem_budget, progress: &indicatif::ProgressBar::hidden() };
+    let settings = RunSettings { method, skip: &std::collections::HashSet::new(), batch_rows, mem_budget, overflow: patchbay::experiments::patch::Overflow::Auto, progress: &indicatif::ProgressBar::hidden() };
     run_sweep(engine, prompts, spec, &exps, &settings, &mut |r| {
         out.push(r);
         Ok(())

@@ -18,7 +18,7 @@ pub fn workload_plan(w: &PatchWorkload, spec: &PatchWorkloadSpec) -> PatchPlan {
     // Experiments are enumerated pair-major: one pair per (sites x centres) experiments.
     let per_pair = (w.sweep.sites.len() * w.sweep.centers.len()).max(1);
     let pairs = w.exps.iter().step_by(per_pair).map(|e| e.pair).collect();
-    PatchPlan { pairs, sweep: w.sweep.clone(), batch_rows: spec.batch_rows, mem_budget: spec.mem_budget }
+    PatchPlan { pairs, sweep: w.sweep.clone(), batch_rows: spec.batch_rows, mem_budget: spec.mem_budget, overflow: spec.overflow }
 }
 
 /// (running, waiting for a CPU) nanoseconds summed over this process's threads, from Linux's

@@ -10,7 +10,7 @@ use indicatif::ProgressBar;
 use super::{Call, Path};
 use crate::engine::forward::{RunOutput, host_label_metrics};
 use crate::engine::{CleanRun, DecodeSeq, Engine, RunRequest, Segment};
-use crate::experiments::patch::{CleanSchedule, Experiment, Method, Pair, RunSettings, SweepSpec, run_sweep};
+use crate::experiments::patch::{CleanSchedule, Experiment, Method, Overflow, Pair, RunSettings, SweepSpec, run_sweep};
 use crate::intervene::{Held, Hooks, RowMap};
 use crate::model::config::ModelConfig;
 use crate::sites::{Positions, Site, SiteKind};
@@ -38,6 +38,7 @@ pub struct PatchPlan {
     pub sweep: SweepSpec,
     pub batch_rows: usize,
     pub mem_budget: usize,
+    pub overflow: Overflow,
 }
 
 /// A named group of calls (a phase of a method), in the order the calls are made.
@@ -204,6 +205,23 @@ impl Engine for Planner<'_> {
     fn clean_run_bytes(&self, len: usize) -> usize {
         clean_run_bytes(self.cfg, self.path, len)
     }
+    /// Nothing to write: a plan holds no values (the spill file stays empty).
+    fn clean_run_to_bytes(&self, run: &CleanRun) -> Result<Vec<u8>> {
+        run.state::<PlannedClean>()?;
+        Ok(Vec::new())
+    }
+    fn clean_run_from_bytes(&self, len: usize, _: &[u8]) -> Result<CleanRun> {
+        let bytes = self.clean_run_bytes(len);
+        self.held_clean.fetch_add(bytes, Ordering::Relaxed);
+        Ok(CleanRun::new(len, PlannedClean { bytes, held: self.held_clean.clone() }))
+    }
+    /// As the engine on `path` says.
+    fn forward_flops_per_s(&self) -> f64 {
+        match self.path {
+            Path::Cpu => crate::engine::cpu_forward_flops_per_s(),
+            Path::Gpu => crate::engine::device_forward::DEVICE_FLOPS_PER_S,
+        }
+    }
     fn start_decode(&self) -> Result<DecodeSeq> {
         Ok(DecodeSeq::new(PlannedDecode))
     }
@@ -223,7 +241,7 @@ struct PlannedDecode;
 pub fn clean_schedule(cfg: &ModelConfig, path: Path, lens: &[usize], plan: &PatchPlan, exps: &[Experiment]) -> CleanSchedule {
     let prompts: Vec<Vec<u32>> = lens.iter().map(|&n| vec![0; n]).collect();
     let planner = Planner { cfg, path, calls: Mutex::new(Vec::new()), held_clean: Arc::new(AtomicUsize::new(0)) };
-    CleanSchedule::new(&planner, &prompts, exps, &plan.sweep, plan.mem_budget)
+    CleanSchedule::new(&planner, &prompts, exps, &plan.sweep, plan.mem_budget, plan.overflow)
 }
 
 /// The calls `run_sweep` makes for `method` on `path`, over prompts of lengths `lens`, running
@@ -233,7 +251,7 @@ pub(super) fn sweep_calls(cfg: &ModelConfig, path: Path, lens: &[usize], plan: &
     let planner = Planner { cfg, path, calls: Mutex::new(Vec::new()), held_clean: Arc::new(AtomicUsize::new(0)) };
     let skip: HashSet<usize> = exps.iter().skip(limit).map(|e| e.id).collect();
     let progress = ProgressBar::hidden();
-    let settings = RunSettings { method, skip: &skip, batch_rows: plan.batch_rows, mem_budget: plan.mem_budget, progress: &progress };
+    let settings = RunSettings { method, skip: &skip, batch_rows: plan.batch_rows, mem_budget: plan.mem_budget, overflow: plan.overflow, progress: &progress };
     run_sweep(&planner, &prompts, &plan.sweep, exps, &settings, &mut |_| Ok(()))?;
     Ok(phases(planner.calls.into_inner().map_err(|_| Error::input("cost planner: poisoned lock"))?))
 }

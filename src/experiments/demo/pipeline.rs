@@ -19,7 +19,7 @@ use crate::experiments::Reporter;
 use crate::experiments::dataset_files::dataset_json;
 use crate::experiments::directions::{SiteDirections, write_directions};
 use crate::experiments::label_files::Scope;
-use crate::experiments::patch::{Method, RunSettings, SweepSpec, all_centers, experiments};
+use crate::experiments::patch::{Method, Overflow, RunSettings, SweepSpec, all_centers, experiments};
 use crate::experiments::patch_files::{append_results, read_done, write_outputs};
 use crate::experiments::probe::pipeline::{ProbePlots, majority_rate, probe_stage, score_captured};
 use crate::experiments::probe::{ProbeParams, ProbeTargets};
@@ -179,7 +179,7 @@ pub fn run(inp: &DemoInputs, rep: &Reporter) -> Result<()> {
     }
     let bar = (rep.bar)(exps.len() as u64, "patch", "experiments");
     let skip = HashSet::new();
-    let settings = RunSettings { method: Method::Resumed, skip: &skip, batch_rows: 256, mem_budget: 2 << 30, progress: &bar };
+    let settings = RunSettings { method: Method::Resumed, skip: &skip, batch_rows: 256, mem_budget: 2 << 30, overflow: Overflow::Auto, progress: &bar };
     let (_, outcome) = append_results(model, prompts, &sweep, &exps, &settings, &jsonl, None)?;
     bar.finish_and_clear();
     outcome?;
