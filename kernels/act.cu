@@ -1,8 +1,10 @@
-// Gated MLP activation with the MlpPost site ops. Per row t, element i:
-//   g = gate[t,i] (+ gate_b[i]), u = up[t,i] (+ up_b[i])
-//   gate[t,i] <- act(g) * u,  act = silu: g / (1 + exp(-g))
+// Gated MLP activation with the MlpPost site ops, on the output of the one GEMM of the stacked
+// gate and up projections (row t: the gate projection, then the up projection). Per row t,
+// element i < I:
+//   g = gate_up[t,i] (+ gate_b[i]), u = gate_up[t,I+i] (+ up_b[i])
+//   gate_up[t,i] <- act(g) * u,  act = silu: g / (1 + exp(-g))
 //                             gelu_tanh: 0.5 g (1 + tanh(0.7978846 (g + 0.044715 g^3)))
-//   site ops on the row (MlpPost interventions, captures); out_bf16[t,i] <- bf16(gate[t,i])
+//   site ops on the row (MlpPost interventions, captures); out_bf16[t,i] <- bf16(gate_up[t,i])
 // as src/backend/ops/act.rs `act_mul_ref` (bias as cpu.rs `linear` adds it before).
 // One block per row, each thread owning elements threadIdx.x + k * blockDim.x (no barrier
 // between element-wise steps); site ops only on rows that have them. f32 in/out, bf16 copy
@@ -11,8 +13,8 @@
 #include "site_ops.cuh"
 
 extern "C" __global__ void act_mul_f32(
-    float* gate,                // [T, I] in: gate projection; out: act(gate) * up after site ops
-    const float* up,            // [T, I]
+    float* gate_up,             // [T, 2I] in: per row the gate then the up projection;
+                                // out: the first I of each row <- act(gate) * up after site ops
     const float* gate_b,        // [I] or null
     const float* up_b,          // [I] or null
     __nv_bfloat16* out_bf16,    // [T, I] or null
@@ -23,8 +25,8 @@ extern "C" __global__ void act_mul_f32(
 ) {
     const int t = blockIdx.x;
     if (t >= T) return;
-    float* g = gate + (long long)t * I;
-    const float* u = up + (long long)t * I;
+    float* g = gate_up + (long long)t * 2 * I;
+    const float* u = g + I;
     for (int i = threadIdx.x; i < I; i += blockDim.x) {
         float x = g[i];
         float y = u[i];

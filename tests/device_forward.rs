@@ -169,3 +169,38 @@ fn emu_label_logits_are_columns_of_full_logits() {
         assert_eq!(sel.logits, want, "{family}: label logits differ from the full logits' columns");
     }
 }
+
+/// Every bias the families may have (q/k/v, o, and the MLP's: the gate and up biases are added
+/// by the activation kernel after the stacked gate-up GEMM, the down bias by its own launch) on
+/// the device against the CPU reference: the MLP neurons (MlpPost, captured with a Scale on
+/// them) and the logits.
+#[test]
+fn emu_matches_cpu_with_every_bias() {
+    let text = std::fs::read_to_string(fixture("llama").join("config.json")).unwrap();
+    let mut cfg: serde_json::Value = serde_json::from_str(&text).unwrap();
+    for key in ["mlp_bias", "attention_bias"] {
+        cfg[key] = true.into();
+    }
+    cfg["num_hidden_layers"] = 3.into();
+    let dir = tempfile::tempdir().unwrap();
+    patchbay::model::synth::write_checkpoint(&cfg, dir.path(), 5).unwrap();
+    let mut model = Model::load(dir.path()).unwrap();
+    assert!(model.cfg.mlp_bias && model.cfg.qkv_bias, "the config has the biases");
+    // Biases of the size of the activations (synth draws them small), so that one left out
+    // shows beyond the bf16 tolerance.
+    for lw in &mut model.weights.layers {
+        for lin in [&mut lw.q, &mut lw.k, &mut lw.v, &mut lw.o, &mut lw.gate, &mut lw.up, &mut lw.down] {
+            lin.b.iter_mut().flatten().for_each(|b| *b *= 50.0);
+        }
+    }
+    let (name, dev) = device(&model, FiberOrder::Reverse);
+    let prompts = random_prompts(2, &[13, 7], model.cfg.vocab_size, 3);
+    let site = Site::new(1, SiteKind::MlpPost);
+    let ivs = [Intervention { site, prompts: None, positions: Positions::List(vec![-1]), units: Some(vec![0, 7, 30]), op: Op::Scale { alpha: -2.0 } }];
+    let caps = [Capture { site, positions: Positions::All }];
+    let all = Positions::All;
+    let req = RunRequest { interventions: &ivs, captures: &caps, logits_at: Some(&all), ..Default::default() };
+    let (got, want) = (dev.run_prompts(&prompts, &req).unwrap(), model.run_prompts(&prompts, &req).unwrap());
+    assert_forward_close(&format!("{name}: mlp_post"), &got.captured[0].data, &want.captured[0].data);
+    assert_forward_close(&format!("{name}: logits"), &got.logits, &want.logits);
+}

@@ -1,5 +1,6 @@
-//! kernels/act.cu (`act_mul_f32`) against `act_mul_ref` (biases added first, as `bias_add_ref`)
-//! followed by the MlpPost site ops (`site_op_ref`), odd sizes, both activations.
+//! kernels/act.cu (`act_mul_f32`, on the stacked gate and up projections) against `act_mul_ref`
+//! (biases added first, as `bias_add_ref`) followed by the MlpPost site ops (`site_op_ref`), odd
+//! sizes, both activations.
 
 mod common;
 
@@ -41,8 +42,9 @@ fn act_mul_matches_reference() {
                     let mut want_cap = vec![f32::NAN; cap_len];
                     plan.apply(&mut g, n, &mut want_cap);
 
-                    let gate = upload(&drv, &gate0);
-                    let up = upload(&drv, &up0);
+                    // Per row the gate projection, then the up projection (one stacked GEMM's output).
+                    let gate_up0: Vec<f32> = gate0.chunks(n).zip(up0.chunks(n)).flat_map(|(g, u)| g.iter().chain(u).copied()).collect();
+                    let gate_up = upload(&drv, &gate_up0);
                     let gb_b = upload(&drv, &gb);
                     let ub_b = upload(&drv, &ub);
                     let out: DeviceBuffer<bf16> = poisoned(&drv, t * n);
@@ -51,8 +53,7 @@ fn act_mul_matches_reference() {
                     act_mul(
                         &*drv,
                         &ActMul {
-                            gate: &gate,
-                            up: &up,
+                            gate_up: &gate_up,
                             gate_b: gate_bias.then_some(&gb_b),
                             up_b: up_bias.then_some(&ub_b),
                             out_bf16: with_bf16.then_some(&out),
@@ -64,7 +65,10 @@ fn act_mul_matches_reference() {
                         },
                     )
                     .unwrap();
-                    let got = gate.download().unwrap();
+                    let rows = gate_up.download().unwrap();
+                    let got: Vec<f32> = rows.chunks(2 * n).flat_map(|r| r[..n].to_vec()).collect();
+                    let up_after: Vec<f32> = rows.chunks(2 * n).flat_map(|r| r[n..].to_vec()).collect();
+                    assert_eq!(up_after, up0, "{name}: the up half is read, not written");
                     assert_close(&name, &got, &g, KERNEL_F32_ATOL, KERNEL_F32_RTOL);
                     assert_close(&format!("{name} capture"), &cap.download().unwrap()[..cap_len], &want_cap, KERNEL_F32_ATOL, KERNEL_F32_RTOL);
                     let got_h = bf16_to_f32(&out.download().unwrap());
@@ -84,13 +88,13 @@ fn act_mul_matches_reference() {
 fn bad_arguments_are_errors() {
     let (_, drv) = &test_drivers()[0];
     let (t, n) = (3, 10);
-    let full: DeviceBuffer<f32> = upload(drv, &vec![0.0; t * n]);
-    let short: DeviceBuffer<f32> = upload(drv, &vec![0.0; t * n - 1]);
-    let base = ActMul { gate: &full, up: &full, gate_b: None, up_b: None, out_bf16: None, t, i: n, act: Activation::Silu, site: None, capture: None };
+    let full: DeviceBuffer<f32> = upload(drv, &vec![0.0; 2 * t * n]);
+    let short: DeviceBuffer<f32> = upload(drv, &vec![0.0; 2 * t * n - 1]);
+    let bias: DeviceBuffer<f32> = upload(drv, &vec![0.0; n - 1]);
+    let base = ActMul { gate_up: &full, gate_b: None, up_b: None, out_bf16: None, t, i: n, act: Activation::Silu, site: None, capture: None };
     let e = |a: ActMul| act_mul(&**drv, &a).unwrap_err().to_string();
-    assert!(e(ActMul { gate: &short, ..base }).contains("gate"));
-    assert!(e(ActMul { up: &short, ..base }).contains("up"));
-    assert!(e(ActMul { up_b: Some(&short), i: t * n, t: 1, ..base }).contains("up_b"));
+    assert!(e(ActMul { gate_up: &short, ..base }).contains("gate_up"));
+    assert!(e(ActMul { up_b: Some(&bias), ..base }).contains("up_b"));
     assert!(e(ActMul { i: 0, ..base }).contains("bad shape"));
     act_mul(&**drv, &base).unwrap();
     assert!(full.download().unwrap().iter().all(|&v| v == 0.0), "silu(0) * 0 = 0");

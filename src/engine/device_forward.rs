@@ -64,8 +64,11 @@ struct DeviceLayer {
     o: DeviceLinear,
     attn_post_norm: Option<DeviceBuffer<f32>>,
     mlp_norm: Option<DeviceBuffer<f32>>,
-    gate: DeviceLinear,
-    up: DeviceLinear,
+    /// The gate and up projections stacked (one GEMM): w `[2 d_mlp, d_model]`, no bias here.
+    gate_up: DeviceLinear,
+    /// `[d_mlp]` their biases, added by the activation kernel.
+    gate_b: Option<DeviceBuffer<f32>>,
+    up_b: Option<DeviceBuffer<f32>>,
     down: DeviceLinear,
     mlp_post_norm: Option<DeviceBuffer<f32>>,
 }
@@ -217,27 +220,36 @@ pub struct DeviceModel {
     layers: Vec<DeviceLayer>,
 }
 
-/// Uploads a weight as bf16, converting from its stored dtype a chunk at a time (never a
-/// whole f32 copy of the model on the host).
-fn upload_weight(driver: &Arc<dyn Driver>, w: &Weight) -> Result<DeviceBuffer<bf16>> {
-    let n = w.numel();
-    let buf = DeviceBuffer::<bf16>::alloc(driver, n)?;
-    if w.dtype == crate::model::config::DType::BF16 {
-        driver.htod(buf.ptr(), w.bytes())?;
-        return Ok(buf);
-    }
-    const CHUNK: usize = 1 << 20;
-    let mut f = vec![0.0f32; CHUNK.min(n)];
-    let mut h = vec![bf16::ZERO; CHUNK.min(n)];
-    let mut i = 0;
-    while i < n {
-        let m = CHUNK.min(n - i);
-        w.to_f32_range(i, i + m, &mut f[..m]);
-        h[..m].iter_mut().zip(&f[..m]).for_each(|(h, f)| *h = bf16::from_f32(*f));
-        driver.htod(buf.ptr().offset(i * 2), bytemuck::cast_slice(&h[..m]))?;
-        i += m;
+/// Uploads weights as bf16, stacked (the rows of each after the previous one's), converting
+/// from their stored dtype a chunk at a time (never a whole f32 copy of the model on the host).
+fn upload_weights(driver: &Arc<dyn Driver>, parts: &[&Weight]) -> Result<DeviceBuffer<bf16>> {
+    let buf = DeviceBuffer::<bf16>::alloc(driver, parts.iter().map(|w| w.numel()).sum())?;
+    let mut at = 0; // elements uploaded so far
+    for w in parts {
+        let n = w.numel();
+        if w.dtype == crate::model::config::DType::BF16 {
+            driver.htod(buf.ptr().offset(at * 2), w.bytes())?;
+            at += n;
+            continue;
+        }
+        const CHUNK: usize = 1 << 20;
+        let mut f = vec![0.0f32; CHUNK.min(n)];
+        let mut h = vec![bf16::ZERO; CHUNK.min(n)];
+        let mut i = 0;
+        while i < n {
+            let m = CHUNK.min(n - i);
+            w.to_f32_range(i, i + m, &mut f[..m]);
+            h[..m].iter_mut().zip(&f[..m]).for_each(|(h, f)| *h = bf16::from_f32(*f));
+            driver.htod(buf.ptr().offset((at + i) * 2), bytemuck::cast_slice(&h[..m]))?;
+            i += m;
+        }
+        at += n;
     }
     Ok(buf)
+}
+
+fn upload_weight(driver: &Arc<dyn Driver>, w: &Weight) -> Result<DeviceBuffer<bf16>> {
+    upload_weights(driver, &[w])
 }
 
 fn upload_f32(driver: &Arc<dyn Driver>, v: &Option<Vec<f32>>) -> Result<Option<DeviceBuffer<f32>>> {
@@ -266,8 +278,9 @@ impl DeviceModel {
                     o: upload_linear(&driver, &lw.o)?,
                     attn_post_norm: upload_f32(&driver, &lw.attn_post_norm)?,
                     mlp_norm: upload_f32(&driver, &lw.mlp_norm)?,
-                    gate: upload_linear(&driver, &lw.gate)?,
-                    up: upload_linear(&driver, &lw.up)?,
+                    gate_up: DeviceLinear { w: upload_weights(&driver, &[&lw.gate.w, &lw.up.w])?, b: None, out: 2 * lw.gate.w.shape[0], inp: lw.gate.w.shape[1] },
+                    gate_b: upload_f32(&driver, &lw.gate.b)?,
+                    up_b: upload_f32(&driver, &lw.up.b)?,
                     down: upload_linear(&driver, &lw.down)?,
                     mlp_post_norm: upload_f32(&driver, &lw.mlp_post_norm)?,
                 })
@@ -368,8 +381,7 @@ impl DeviceModel {
         let mut z = DeviceBuffer::<f32>::alloc(drv, t * qw)?; // [T, n_heads, d_head]
         let z16 = DeviceBuffer::<bf16>::alloc(drv, t * qw)?; // [T, n_heads * d_head] o_proj operand
         let o = DeviceBuffer::<f32>::alloc(drv, t * d)?; // [T, d_model] sublayer output
-        let gate = DeviceBuffer::<f32>::alloc(drv, t * dm)?; // [T, d_mlp] gate, then act(gate) * up
-        let up = DeviceBuffer::<f32>::alloc(drv, t * dm)?; // [T, d_mlp]
+        let gate_up = DeviceBuffer::<f32>::alloc(drv, t * 2 * dm)?; // [T, 2 d_mlp] gate then up per row; then act(gate) * up in the gate half
         let post16 = DeviceBuffer::<bf16>::alloc(drv, t * dm)?; // [T, d_mlp] down_proj operand
         let kept = if call.keep_resid { Some(DeviceBuffer::<f32>::alloc(drv, cfg.n_layers * t * d)?) } else { None }; // [n_layers, T, d_model]
 
@@ -516,11 +528,10 @@ impl DeviceModel {
                 &plan(site(SiteKind::MlpIn))?,
             )?;
             // ---- MLP ----
-            self.linear(&a16, t, &lw.gate, &gate)?;
-            self.linear(&a16, t, &lw.up, &up)?;
+            self.linear(&a16, t, &lw.gate_up, &gate_up)?;
             act_mul(
                 &**drv,
-                &ActMul { gate: &gate, up: &up, gate_b: None, up_b: None, out_bf16: Some(&post16), t, i: dm, act: cfg.activation, site: Some(&plan(site(SiteKind::MlpPost))?), capture: Some(&arena) },
+                &ActMul { gate_up: &gate_up, gate_b: lw.gate_b.as_ref(), up_b: lw.up_b.as_ref(), out_bf16: Some(&post16), t, i: dm, act: cfg.activation, site: Some(&plan(site(SiteKind::MlpPost))?), capture: Some(&arena) },
             )?;
             self.linear(&post16, t, &lw.down, &o)?;
             // mlp_out = post_norm(o); MlpOut; x += mlp_out; ResidPost; then the next layer's

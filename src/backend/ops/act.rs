@@ -1,5 +1,6 @@
-//! Gated MLP activation with the MlpPost site ops (kernels/act.cu, `act_mul_f32`):
-//! gate <- act(gate + gate_b) * (up + up_b), then site ops, then a bf16 copy for the down GEMM.
+//! Gated MLP activation with the MlpPost site ops (kernels/act.cu, `act_mul_f32`) on the output
+//! of the stacked gate and up projections (one GEMM): gate <- act(gate + gate_b) * (up + up_b),
+//! then site ops, then a bf16 copy for the down GEMM.
 //! CPU reference: [`act_mul_ref`].
 
 use half::bf16;
@@ -14,10 +15,9 @@ use crate::{Error, Result};
 
 /// The operands of one [`act_mul`] launch. Buffers may be longer than `t` rows.
 pub struct ActMul<'a> {
-    /// `[t, i]` in: gate projection; out: act(gate) * up after site ops.
-    pub gate: &'a DeviceBuffer<f32>,
-    /// `[t, i]`
-    pub up: &'a DeviceBuffer<f32>,
+    /// `[t, 2i]` in: per row the gate projection, then the up projection; out: the first i
+    /// of each row <- act(gate) * up after site ops (the up half is left as it was).
+    pub gate_up: &'a DeviceBuffer<f32>,
     /// `[i]` biases of the gate and up projections (added before the activation), if any.
     pub gate_b: Option<&'a DeviceBuffer<f32>>,
     pub up_b: Option<&'a DeviceBuffer<f32>>,
@@ -38,8 +38,7 @@ pub fn act_mul(driver: &dyn Driver, a: &ActMul) -> Result<()> {
         return Err(Error::input(format!("act_mul: bad shape [{t}, {n}]")));
     }
     let tn = t * n;
-    at_least("act_mul", "gate", a.gate, tn)?;
-    at_least("act_mul", "up", a.up, tn)?;
+    at_least("act_mul", "gate_up", a.gate_up, 2 * tn)?;
     at_least_opt("act_mul", "gate_b", a.gate_b, n)?;
     at_least_opt("act_mul", "up_b", a.up_b, n)?;
     at_least_opt("act_mul", "out_bf16", a.out_bf16, tn)?;
@@ -52,12 +51,12 @@ pub fn act_mul(driver: &dyn Driver, a: &ActMul) -> Result<()> {
         Activation::GeluTanh => 1,
     };
     let cfg = LaunchConfig { grid: (t as u32, 1, 1), block: (row_block(n), 1, 1), shared_bytes: 0 };
-    // SAFETY: gate, up (and out_bf16) hold t x i elements, biases i, checked above; absent ones
-    // are null, which the kernel tests; the site plan was bound to [t, i] and the capture arena.
+    // SAFETY: gate_up holds t x 2i elements, out_bf16 t x i, biases i, checked above; absent
+    // ones are null, which the kernel tests; the site plan was bound to [t, i] and the capture
+    // arena (it reads and writes the first i of each row).
     unsafe {
         KernelArgs::new()
-            .ptr(a.gate.ptr())
-            .ptr(a.up.ptr())
+            .ptr(a.gate_up.ptr())
             .ptr(opt_ptr(a.gate_b))
             .ptr(opt_ptr(a.up_b))
             .ptr(opt_ptr(a.out_bf16))

@@ -91,19 +91,20 @@ pub struct Memory {
 }
 
 /// Ops dispatched per layer of a forward call without head_out hooks (forward.rs: 2 norms, 7
-/// GEMMs, RoPE, attention, 2 residual adds, act; device_forward.rs: 7 GEMMs, 2 fused
-/// add+norms with the post-norms fused in, RoPE of q and k in one launch, the KV write,
-/// attention, the bf16 cast of z,
-/// act, and the copy of the partial clean block where a resumed segment starts inside one),
-/// plus bias adds, q/k norms and (CPU) post-norms. The emulator's counter agrees on the GPU
-/// path (tests/patch.rs).
+/// GEMMs, RoPE, attention, 2 residual adds, act, plus bias adds, q/k norms and post-norms;
+/// device_forward.rs: 6 GEMMs (gate and up stacked in one), 2 fused add+norms with the
+/// post-norms fused in, RoPE of q and k in one launch, the KV write, attention, the bf16 cast
+/// of z, act (with the gate and up biases), and the copy of the partial clean block where a
+/// resumed segment starts inside one, plus the other bias adds and q/k norms). The emulator's
+/// counter agrees on the GPU path (tests/patch.rs).
 pub fn layer_dispatches(cfg: &ModelConfig, path: Path, copies_slots: bool) -> f64 {
-    let bias = 3.0 * cfg.qkv_bias as u8 as f64 + cfg.o_bias as u8 as f64 + 3.0 * cfg.mlp_bias as u8 as f64;
-    let extra = bias + 2.0 * cfg.qk_norm as u8 as f64;
-    extra + match path {
-        Path::Cpu => 14.0 + 2.0 * cfg.post_norms as u8 as f64,
-        Path::Gpu => 14.0 + copies_slots as u8 as f64,
-    }
+    let bias = |mlp_adds: f64| 3.0 * cfg.qkv_bias as u8 as f64 + cfg.o_bias as u8 as f64 + mlp_adds * cfg.mlp_bias as u8 as f64;
+    let qk_norms = 2.0 * cfg.qk_norm as u8 as f64;
+    qk_norms
+        + match path {
+            Path::Cpu => 14.0 + 2.0 * cfg.post_norms as u8 as f64 + bias(3.0),
+            Path::Gpu => 13.0 + copies_slots as u8 as f64 + bias(1.0),
+        }
 }
 
 /// The ops of a call, for the roofline: each is bound by its FLOPs or its bytes.
