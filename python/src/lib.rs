@@ -33,7 +33,7 @@ use patchbay::backend::ops::sample::SampleParams;
 use patchbay::experiments::capture::{CaptureSpec, capture};
 use patchbay::experiments::generate::{GenerateSpec, StepIntervention, generate};
 use patchbay::experiments::inspect::{model_info, site_entry};
-use patchbay::experiments::patch::{ExperimentResult, Method, Pair, RunSettings, SweepSpec, experiments, run_sweep};
+use patchbay::experiments::patch::{ExperimentResult, Method, Overflow, Pair, RunSettings, SweepSpec, experiments, run_sweep};
 use patchbay::experiments::patch_files::{DirRun, read_done, run_to_dir};
 use patchbay::experiments::score::{Scores, label_logits};
 use patchbay::experiments::steer::{Readout, steer_labels};
@@ -442,8 +442,10 @@ impl PyModel {
     /// and the window's layers, and reads the label logits at the target's last token.
     /// Returns one dict per experiment with the fields of experiments.jsonl, by id; with `out`,
     /// also writes the run directory of `patchbay patch` (experiments.jsonl, summary.csv,
-    /// heatmap.png, manifest.json; `resume=True` continues a killed run there).
-    #[pyo3(signature = (token_ids = None, texts = None, label_token_ids = None, labels = None, pairs = None, sites = None, window = 5, positions = None, layers = None, heads = None, neurons = None, method = "resumed", batch_rows = 256, mem_budget = 2usize << 30, out = None, resume = false, chat = false))]
+    /// heatmap.png, manifest.json; `resume=True` continues a killed run there). `overflow`
+    /// ("auto", "spill" or "recompute") says where the clean runs beyond `mem_budget` come
+    /// from, as `patch --overflow`.
+    #[pyo3(signature = (token_ids = None, texts = None, label_token_ids = None, labels = None, pairs = None, sites = None, window = 5, positions = None, layers = None, heads = None, neurons = None, method = "resumed", batch_rows = 256, mem_budget = 2usize << 30, overflow = "auto", out = None, resume = false, chat = false))]
     #[allow(clippy::too_many_arguments)]
     fn patch<'py>(
         &self,
@@ -462,6 +464,7 @@ impl PyModel {
         method: &str,
         batch_rows: usize,
         mem_budget: usize,
+        overflow: &str,
         out: Option<PathBuf>,
         resume: bool,
         chat: bool,
@@ -496,6 +499,12 @@ impl PyModel {
             "naive" => Method::Naive,
             m => return Err(input_err(format!("method `{m}`: expected resumed or naive"))),
         };
+        let overflow = match overflow {
+            "auto" => Overflow::Auto,
+            "spill" => Overflow::Spill,
+            "recompute" => Overflow::Recompute,
+            o => return Err(input_err(format!("overflow `{o}`: expected auto, spill or recompute"))),
+        };
         let lines: Vec<String> = match &out {
             Some(dir) => {
                 let run = DirRun {
@@ -504,10 +513,11 @@ impl PyModel {
                     method,
                     batch_rows,
                     mem_budget,
+                    overflow,
                     part: None,
                     resume,
                     stop_after: None,
-                    sweep_id: spec.identity(&self.model.config_hash, &prompts, &pairs, &sites.join(","), batch_rows, mem_budget),
+                    sweep_id: spec.identity(&self.model.config_hash, &prompts, &pairs, &sites.join(","), batch_rows, mem_budget, overflow),
                     provenance: json!({
                         "command": "patch",
                         "interface": "python",
@@ -530,7 +540,7 @@ impl PyModel {
             None => {
                 let mut results: Vec<ExperimentResult> = Vec::with_capacity(exps.len());
                 let skip = HashSet::new();
-                let settings = RunSettings { method, skip: &skip, batch_rows, mem_budget, progress: &ProgressBar::hidden() };
+                let settings = RunSettings { method, skip: &skip, batch_rows, mem_budget, overflow, progress: &ProgressBar::hidden() };
                 py.detach(|| run_sweep(&self.engine(), &prompts, &spec, &exps, &settings, &mut |r| Ok(results.push(r)))).map_err(py_err)?;
                 results.sort_by_key(|r| r.id);
                 results.iter().map(|r| serde_json::to_string(r).map_err(|e| input_err(e.to_string()))).collect::<PyResult<_>>()?

@@ -104,6 +104,10 @@ def test_patch_equals_cli(cli, tmp_path, family, method):
     kw = dict(token_ids=ids, label_token_ids=[11, 42, 97], pairs=pairs, sites=["resid_post", "attn_out", "z"],
               window=1, positions=[-1, -2], method=method, batch_rows=16)
     assert m.patch(**kw) == want
+    # No clean run held: spilled to a file (or recomputed) and read back, the same predictions.
+    for overflow in ["spill", "recompute"]:
+        spilled = m.patch(**kw, mem_budget=1, overflow=overflow)
+        assert [(r["id"], r["pred"]) for r in spilled] == [(r["id"], r["pred"]) for r in want], overflow
     got = m.patch(**kw, out=tmp_path / "py")
     assert got == want
     for f in ["experiments.jsonl", "summary.csv"]:

@@ -52,6 +52,7 @@ def test_bad_input(model):
     raises(I, lambda: model.patch(token_ids=ids, label_token_ids=[11, 42], pairs=[(0, 7)], window=1), "out of range")
     raises(I, lambda: model.patch(token_ids=ids, label_token_ids=[11, 42], pairs=[(0, 1)], window=1, method="fast"), "method `fast`")
     raises(I, lambda: model.patch(token_ids=ids, label_token_ids=[11, 42], pairs=[(0, 1)], window=9), "window 9")
+    raises(I, lambda: model.patch(token_ids=ids, label_token_ids=[11, 42], pairs=[(0, 1)], window=1, overflow="disk"), "overflow `disk`")
     raises(I, lambda: model.patch(token_ids=ids, label_token_ids=[11, 42], pairs=[(0, 1)], sites="pattern", window=1), "pattern")
 
 
