@@ -154,7 +154,7 @@ fn resumed_equals_naive_when_the_budget_forces_spilling_or_recomputing() {
         let naive = sweep(0, Method::Naive, &none);
         let resumed = sweep(budget, Method::Resumed, &none);
         let held = sweep(usize::MAX, Method::Resumed, &none);
-        assert_same_within(&format!("{name}"), &resumed, &naive, atol, rtol);
+        assert_same_within(&name, &resumed, &naive, atol, rtol);
         assert_same_within(&format!("{name} held"), &held, &naive, atol, rtol);
         // Resumed with the first groups done (skipped), and as a shard of the later groups: the
         // passes left to run give the same bits as the whole run.

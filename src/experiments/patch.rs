@@ -60,6 +60,7 @@ impl SweepSpec {
 
     /// What identifies a sweep of this spec (the `sweep` of its manifest): a run directory
     /// holding another is refused, and the parts of one sweep share it. `sites` as given.
+    #[allow(clippy::too_many_arguments)]
     pub fn identity(&self, config_sha256: &str, prompts: &[Vec<u32>], pairs: &[Pair], sites: &str, batch_rows: usize, mem_budget: usize, overflow: Overflow) -> serde_json::Value {
         serde_json::json!({"model_config_sha256": config_sha256, "prompts": prompts, "pairs": pairs, "sites": sites, "units": self.units, "window": self.window, "centers": self.centers, "positions": self.positions, "labels": self.label_tokens, "batch_rows": batch_rows, "mem_budget": mem_budget, "overflow": overflow.name()})
     }
