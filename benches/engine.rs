@@ -17,7 +17,7 @@ use rand_chacha::ChaCha8Rng;
 use patchbay::backend::ops::sample::SampleParams;
 use patchbay::experiments::bench::{decode, prefill, prefilled};
 use patchbay::experiments::generate::{GenerateSpec, StepIntervention, generate};
-use patchbay::experiments::patch::{Method, SweepSpec, all_centers};
+use patchbay::experiments::patch::{Method, Overflow, SweepSpec, all_centers};
 use patchbay::experiments::workload::{PatchWorkload, PatchWorkloadSpec, random_prompts};
 use patchbay::intervene::Capture;
 use patchbay::model::Model;
@@ -77,6 +77,7 @@ fn benches(c: &mut Criterion) {
         naive_limit: None,
         batch_rows: 256,
         mem_budget: 1 << 30,
+        overflow: Overflow::Auto,
     };
     let work = PatchWorkload::new(&spec, cfg).expect("the sweep");
     let mut g = c.benchmark_group("patch");

@@ -5,9 +5,10 @@
 //   round to nearest even (__float2bfloat16, the same rounding as half::bf16::from_f32).
 //   One block per row t, threads stride over kv_width.
 //
-// kv_copy_slots_bf16:  k_cache[dst[i], :] <- k_cache[src[i], :], v_cache likewise: the
-//   copy-on-write of a resumed segment's partial prefix block (its first positions are the
-//   clean run's, the rest its own). One block per copied slot, threads stride over kv_width.
+// kv_copy_slots_bf16:  for every layer l, k_caches[l][dst[i], :] <- k_caches[l][src[i], :],
+//   v_caches likewise: the copy-on-write of a resumed segment's partial prefix block (its first
+//   positions are the clean run's, the rest its own), in one launch for all the layers of a
+//   call. One block per (copied slot, layer), threads stride over kv_width.
 //   Host-validated (SlotCopies in ops/kv.rs): slots in range, destinations distinct and never
 //   a source; out-of-range slots are skipped so device memory stays safe regardless.
 //
@@ -34,13 +35,15 @@ extern "C" __global__ void kv_write_bf16(
 }
 
 extern "C" __global__ void kv_copy_slots_bf16(
-    __nv_bfloat16* k_cache,   // [n_slots, kv_width]
-    __nv_bfloat16* v_cache,   // [n_slots, kv_width]
+    __nv_bfloat16* const* k_caches,  // [n_layers] -> [n_slots, kv_width]
+    __nv_bfloat16* const* v_caches,  // [n_layers] -> [n_slots, kv_width]
     const int* src_slot,      // [n]
     const int* dst_slot,      // [n]
-    int n, int kv_width, int n_slots) {
-    const int i = blockIdx.x;
-    if (i >= n) return;
+    int n, int n_layers, int kv_width, int n_slots) {
+    const int i = blockIdx.x, l = blockIdx.y;
+    if (i >= n || l >= n_layers) return;
+    __nv_bfloat16* k_cache = k_caches[l];
+    __nv_bfloat16* v_cache = v_caches[l];
     const int s = src_slot[i], d = dst_slot[i];
     if (s < 0 || s >= n_slots || d < 0 || d >= n_slots) return;
     const size_t src = (size_t)s * kv_width;

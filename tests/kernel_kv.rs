@@ -1,6 +1,7 @@
 //! kernels/kv.cu against the CPU references on fresh random inputs, in two fiber orders:
 //! kv_write_bf16 vs `kv_write_ref` (bf16 rounding into the paged cache, bit for bit, nothing
-//! else written), kv_copy_slots_bf16 vs `kv_copy_slots_ref` (bit for bit, nothing else written).
+//! else written), kv_copy_slots_bf16 vs `kv_copy_slots_ref` (bit for bit, nothing else written, every
+//! layer of one launch).
 
 mod common;
 
@@ -88,11 +89,17 @@ fn kv_copy_slots_copies_exactly_the_listed_slots() {
         for (order, drv) in test_drivers() {
             let name = format!("kv_copy_slots kv_width {kvw} slots {n_slots} copies {n_copies} [{order}, seed {seed}]");
             let copies = SlotCopies::new(&drv, &pairs, n_slots).unwrap();
-            let (mut kc, mut vc) = (upload(&drv, &k), upload(&drv, &v));
-            kv_copy_slots(drv.as_ref(), &mut kc, &mut vc, &copies, kvw).unwrap();
-            for (what, got, want) in [("k", kc.download().unwrap(), &k_want), ("v", vc.download().unwrap(), &v_want)] {
-                if let Some(i) = got.iter().zip(want.iter()).position(|(g, w)| g.to_bits() != w.to_bits()) {
-                    panic!("{name}: {what} cache element {i} (slot {}): got {:#06x}, want {:#06x}", i / kvw, got[i].to_bits(), want[i].to_bits());
+            // Three layers in one launch: each its own caches (the second layer's negated).
+            let neg = |x: &[bf16]| x.iter().map(|v| -*v).collect::<Vec<bf16>>();
+            let layers = |x: &[bf16]| vec![upload(&drv, x), upload(&drv, &neg(x)), upload(&drv, x)];
+            let (mut kc, mut vc) = (layers(&k), layers(&v));
+            kv_copy_slots(&drv, &mut kc, &mut vc, &copies, kvw).unwrap();
+            for (l, (kl, vl)) in kc.iter().zip(&vc).enumerate() {
+                let (kw, vw) = if l == 1 { (neg(&k_want), neg(&v_want)) } else { (k_want.clone(), v_want.clone()) };
+                for (what, got, want) in [("k", kl.download().unwrap(), &kw), ("v", vl.download().unwrap(), &vw)] {
+                    if let Some(i) = got.iter().zip(want.iter()).position(|(g, w)| g.to_bits() != w.to_bits()) {
+                        panic!("{name}: layer {l} {what} cache element {i} (slot {}): got {:#06x}, want {:#06x}", i / kvw, got[i].to_bits(), want[i].to_bits());
+                    }
                 }
             }
         }
@@ -117,5 +124,8 @@ fn bad_inputs_are_errors() {
     assert!(err(&[(0, 2), (1, 2)]).contains("slot 2 is written twice"));
     assert!(err(&[(0, 1), (1, 2)]).contains("slot 1 is both copied from and written"));
     let copies = SlotCopies::new(&drv, &[(0, 3)], 4).unwrap();
-    assert!(msg(kv_copy_slots(drv.as_ref(), &mut kc, &mut short, &copies, 8)).contains("v_cache"));
+    let mut kcs = vec![kc, DeviceBuffer::<bf16>::filled(&drv, 4 * 8, 0).unwrap()];
+    let mut vcs = vec![DeviceBuffer::<bf16>::filled(&drv, 4 * 8, 0).unwrap(), short];
+    assert!(msg(kv_copy_slots(&drv, &mut kcs, &mut vcs, &copies, 8)).contains("v_cache of layer 1"));
+    assert!(msg(kv_copy_slots(&drv, &mut kcs, &mut vcs[..1], &copies, 8)).contains("2 key caches but 1 value caches"));
 }

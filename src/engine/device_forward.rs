@@ -463,6 +463,9 @@ impl DeviceModel {
         }
         norm([&plan(Site::new(start, SiteKind::ResidPre))?, &empty], None, self.layers[start].attn_norm.as_ref(), &plan(Site::new(start, SiteKind::AttnIn))?)?;
 
+        // Resumed segments' partial clean blocks, copied in every layer from the start layer on
+        // (one launch) before any layer reads them.
+        kv_copy_slots(drv, &mut pool.k[start..], &mut pool.v[start..], &copies, kvw)?;
         let mut patterns: Vec<(usize, Vec<f32>, Vec<(usize, usize, usize)>)> = Vec::new(); // (layer, [n_pat, n_keys], (capture, out_row, head))
         for (l, lw) in self.layers.iter().enumerate().skip(start) {
             let site = |kind| Site::new(l, kind);
@@ -470,7 +473,6 @@ impl DeviceModel {
                 drv.dtod(kept.ptr().offset(l * t * d * 4), resid.ptr(), t * d * 4)?;
             }
             let (k_cache, v_cache) = (&mut pool.k[l], &mut pool.v[l]);
-            kv_copy_slots(&**drv, k_cache, v_cache, &copies, kvw)?;
             // ---- attention ----
             self.linear(&a16, t, &lw.q, &q)?;
             self.linear(&a16, t, &lw.k, &k)?;

@@ -88,24 +88,32 @@ impl SlotCopies {
     }
 }
 
-/// Applies `copies` to one layer's caches k_cache, v_cache `[>= n_slots, kv_width]` bf16.
-pub fn kv_copy_slots(driver: &dyn Driver, k_cache: &mut DeviceBuffer<bf16>, v_cache: &mut DeviceBuffer<bf16>, copies: &SlotCopies, kv_width: usize) -> Result<()> {
+/// Applies `copies` to every layer's caches `k_caches[l]`, `v_caches[l]` (`[>= n_slots,
+/// kv_width]` bf16 each), in one launch.
+pub fn kv_copy_slots(driver: &Arc<dyn Driver>, k_caches: &mut [DeviceBuffer<bf16>], v_caches: &mut [DeviceBuffer<bf16>], copies: &SlotCopies, kv_width: usize) -> Result<()> {
     let need = copies.n_slots.checked_mul(kv_width).ok_or_else(|| Error::input("kv_copy_slots: cache size overflows"))?;
-    for (name, c) in [("k_cache", &*k_cache), ("v_cache", &*v_cache)] {
-        if c.len() < need {
-            return Err(Error::input(format!("kv_copy_slots: {name} has {} elements, the copies address {} slots of {kv_width}", c.len(), copies.n_slots)));
+    if k_caches.len() != v_caches.len() {
+        return Err(Error::input(format!("kv_copy_slots: {} key caches but {} value caches", k_caches.len(), v_caches.len())));
+    }
+    for (name, caches) in [("k_cache", &*k_caches), ("v_cache", &*v_caches)] {
+        if let Some((l, c)) = caches.iter().enumerate().find(|(_, c)| c.len() < need) {
+            return Err(Error::input(format!("kv_copy_slots: {name} of layer {l} has {} elements, the copies address {} slots of {kv_width}", c.len(), copies.n_slots)));
         }
     }
-    if copies.n == 0 || kv_width == 0 {
+    let n_layers = k_caches.len();
+    if copies.n == 0 || kv_width == 0 || n_layers == 0 {
         return Ok(());
     }
-    let (n_i, w_i, s_i) = (to_i32(copies.n, "kv_copy_slots: copies")?, to_i32(kv_width, "kv_copy_slots: kv_width")?, to_i32(copies.n_slots, "kv_copy_slots: slots")?);
-    let cfg = LaunchConfig { grid: (copies.n as u32, 1, 1), block: (THREADS, 1, 1), shared_bytes: 0 };
-    // SAFETY: every slot is < n_slots (checked in SlotCopies::new) and the caches hold n_slots x
-    // kv_width; destinations are distinct and never sources, so no element is both read and
-    // written; k_cache and v_cache are distinct (two &mut).
+    let (n_i, l_i, w_i, s_i) = (to_i32(copies.n, "kv_copy_slots: copies")?, to_i32(n_layers, "kv_copy_slots: layers")?, to_i32(kv_width, "kv_copy_slots: kv_width")?, to_i32(copies.n_slots, "kv_copy_slots: slots")?);
+    let ptrs = |caches: &[DeviceBuffer<bf16>]| DeviceBuffer::from_slice(driver, &caches.iter().map(|c| c.ptr().0).collect::<Vec<u64>>());
+    let (k_ptrs, v_ptrs) = (ptrs(k_caches)?, ptrs(v_caches)?); // [n_layers] each
+    let cfg = LaunchConfig { grid: (copies.n as u32, n_layers as u32, 1), block: (THREADS, 1, 1), shared_bytes: 0 };
+    // SAFETY: every slot is < n_slots (checked in SlotCopies::new) and each layer's caches hold
+    // n_slots x kv_width (checked); destinations are distinct and never sources, so no element
+    // is both read and written; the key and value caches are distinct buffers (two &mut
+    // slices), their addresses in k_ptrs and v_ptrs ([n_layers] each).
     unsafe {
-        KernelArgs::new().ptr(k_cache.ptr()).ptr(v_cache.ptr()).ptr(copies.src.ptr()).ptr(copies.dst.ptr()).i32(n_i).i32(w_i).i32(s_i).launch(driver, entry::KV_COPY_SLOTS_BF16, cfg)
+        KernelArgs::new().ptr(k_ptrs.ptr()).ptr(v_ptrs.ptr()).ptr(copies.src.ptr()).ptr(copies.dst.ptr()).i32(n_i).i32(l_i).i32(w_i).i32(s_i).launch(&**driver, entry::KV_COPY_SLOTS_BF16, cfg)
     }
 }
 

@@ -94,16 +94,16 @@ pub struct Memory {
 /// GEMMs, RoPE, attention, 2 residual adds, act, plus bias adds, q/k norms and post-norms;
 /// device_forward.rs: 6 GEMMs (gate and up stacked in one), 2 fused add+norms with the
 /// post-norms fused in, RoPE of q and k in one launch, the KV write, attention, the bf16 cast
-/// of z, act (with the gate and up biases), and the copy of the partial clean block where a
-/// resumed segment starts inside one, plus the other bias adds and q/k norms). The emulator's
-/// counter agrees on the GPU path (tests/patch.rs).
-pub fn layer_dispatches(cfg: &ModelConfig, path: Path, copies_slots: bool) -> f64 {
+/// of z, act (with the gate and up biases), plus the other bias adds and q/k norms; the copy of
+/// the partial clean blocks where resumed segments start inside one is one launch per call for
+/// all layers). The emulator's counter agrees on the GPU path (tests/patch.rs).
+pub fn layer_dispatches(cfg: &ModelConfig, path: Path) -> f64 {
     let bias = |mlp_adds: f64| 3.0 * cfg.qkv_bias as u8 as f64 + cfg.o_bias as u8 as f64 + mlp_adds * cfg.mlp_bias as u8 as f64;
     let qk_norms = 2.0 * cfg.qk_norm as u8 as f64;
     qk_norms
         + match path {
             Path::Cpu => 14.0 + 2.0 * cfg.post_norms as u8 as f64 + bias(3.0),
-            Path::Gpu => 13.0 + copies_slots as u8 as f64 + bias(1.0),
+            Path::Gpu => 13.0 + bias(1.0),
         }
 }
 
@@ -238,7 +238,8 @@ pub(super) fn call_work(cfg: &ModelConfig, call: &Call, path: Path, weight_dtype
         Path::Cpu => (3.0, 1.0, s * nl),
         Path::Gpu => (4.0, 2.0, 0.0),
     };
-    let dispatches = nl * layer_dispatches(cfg, path, call.resumed && call.seqs.iter().any(|s| s.0 % BLOCK_SIZE != 0)) + ho * per_head * nh + per_call;
+    let slot_copies = (path == Path::Gpu && call.resumed && call.seqs.iter().any(|s| s.0 % BLOCK_SIZE != 0)) as u8 as f64;
+    let dispatches = nl * layer_dispatches(cfg, path) + ho * per_head * nh + per_call + slot_copies;
 
     // Memory: the call's buffers and its own KV cache.
     let buffers = match path {
