@@ -549,7 +549,7 @@ impl DeviceModel {
 
         // ---- logits at the requested rows (a now holds the final norm's output) ----
         let logit_rows = rows.select(logits_at, "logits")?;
-        metric_columns(req, logit_rows.len())?;
+        let metric_cols = metric_columns(req, logit_rows.len())?;
         let mut logits = Vec::new();
         let mut metrics = Vec::new();
         if !logit_rows.is_empty() {
@@ -579,8 +579,8 @@ impl DeviceModel {
             }
             count_nonfinite(&**drv, &out, n * n_out, &nonfinite)?;
             logits = out.download()?;
-            if let Some(cols) = metric_columns(req, n)? {
-                metrics = self.label_metrics(&out, n, n_out, &cols)?;
+            if let Some(cols) = &metric_cols {
+                metrics = self.label_metrics(&out, n, n_out, cols)?;
             }
         }
 
@@ -608,10 +608,7 @@ impl DeviceModel {
             }
         }
         self.driver.synchronize()?;
-        let held = req.hold_captures.then(|| {
-            let shapes = hooks.captured().iter().map(|c| (c.token_shape.iter().product(), c.positions.iter().map(Vec::len).sum())).collect();
-            Held::new(shapes, DeviceHeld { pool: self.pool.clone(), arena, bases })
-        });
+        let held = req.hold_captures.then(|| Held::new(hooks.captured(), DeviceHeld { pool: self.pool.clone(), arena, bases }));
         Ok(CallOut { logits, logit_rows, kept, nonfinite, held, metrics })
     }
 

@@ -20,15 +20,16 @@ pub struct Held {
 }
 
 impl Held {
-    /// Held captures of the given shapes ((row width, rows) per capture) in an engine's `state`.
-    pub fn new<S: Any + Send + Sync>(shapes: Vec<(usize, usize)>, state: S) -> Held {
-        Held { shapes: shapes.into(), state: Arc::new(state) }
+    /// The captures `captured` of a call (their shapes; the data may be empty), held in an
+    /// engine's `state`.
+    pub fn new<S: Any + Send + Sync>(captured: &[Captured], state: S) -> Held {
+        let shapes = captured.iter().map(|c| (c.token_shape.iter().product(), c.positions.iter().map(Vec::len).sum())).collect();
+        Held { shapes, state: Arc::new(state) }
     }
 
     /// Host-held captures: the data itself (the CPU engine's).
     pub fn host(captured: &[Captured]) -> Held {
-        let shapes = captured.iter().map(|c| (c.token_shape.iter().product(), c.positions.iter().map(Vec::len).sum())).collect();
-        Held::new(shapes, HostHeld(captured.iter().map(|c| c.data.clone()).collect()))
+        Held::new(captured, HostHeld(captured.iter().map(|c| c.data.clone()).collect()))
     }
 
     /// The engine-specific state, when `S` is its type.

@@ -139,6 +139,13 @@ fn captures_held(calls: &[(&'static str, Call)]) -> usize {
 }
 
 impl Planner<'_> {
+    /// A planned clean run of `len` positions, counted as held until dropped.
+    fn planned_clean(&self, len: usize) -> CleanRun {
+        let bytes = self.clean_run_bytes(len);
+        self.held_clean.fetch_add(bytes, Ordering::Relaxed);
+        CleanRun::new(len, PlannedClean { bytes, held: self.held_clean.clone() })
+    }
+
     /// Records one call; `kept` f32 values are kept besides the request's captures (clean runs).
     fn record(&self, phase: &'static str, start_layer: usize, seqs: Vec<(usize, usize)>, req: &RunRequest, kept: usize) -> Result<RunOutput> {
         let rows = RowMap::new(seqs.iter().map(|s| s.0).collect(), seqs.iter().map(|s| s.1).collect());
@@ -183,14 +190,7 @@ impl Engine for Planner<'_> {
     fn run_clean(&self, prompts: &[Vec<u32>], req: &RunRequest) -> Result<(Vec<CleanRun>, RunOutput)> {
         let positions: usize = prompts.iter().map(Vec::len).sum();
         let out = self.record("clean", 0, prompts.iter().map(|p| (0, p.len())).collect(), req, positions * self.cfg.d_model * self.cfg.n_layers)?;
-        let runs = prompts
-            .iter()
-            .map(|p| {
-                let bytes = self.clean_run_bytes(p.len());
-                self.held_clean.fetch_add(bytes, Ordering::Relaxed);
-                CleanRun::new(p.len(), PlannedClean { bytes, held: self.held_clean.clone() })
-            })
-            .collect();
+        let runs = prompts.iter().map(|p| self.planned_clean(p.len())).collect();
         Ok((runs, out))
     }
     fn run_segments(&self, start_layer: usize, segs: &[Segment], req: &RunRequest) -> Result<RunOutput> {
@@ -211,9 +211,7 @@ impl Engine for Planner<'_> {
         Ok(Vec::new())
     }
     fn clean_run_from_bytes(&self, len: usize, _: &[u8]) -> Result<CleanRun> {
-        let bytes = self.clean_run_bytes(len);
-        self.held_clean.fetch_add(bytes, Ordering::Relaxed);
-        Ok(CleanRun::new(len, PlannedClean { bytes, held: self.held_clean.clone() }))
+        Ok(self.planned_clean(len))
     }
     /// As the engine on `path` says.
     fn forward_flops_per_s(&self) -> f64 {
