@@ -1,18 +1,22 @@
 //! The CPU engine's GEMMs, multithreaded with rayon over tiles of output columns; weights stay
 //! in their stored dtype and are converted tile by tile inside the GEMM (no converted copy of
 //! the model ever exists). Two precisions ([`Precision`]):
-//! - f32 (the reference, [`matmul_t`]): weight tiles converted to f32, multiplied with the
-//!   `gemm` crate.
+//! - f32 (the reference, [`matmul_t`]): weight tiles converted to f32 and multiplied in f32.
+//!   From [`PANEL_MIN_ROWS`] rows where the CPU has AVX-512 (prefill, patching batches), by the
+//!   panel microkernel here: x packed once per call as transposed panels of 64 rows, each
+//!   weight broadcast against 4 vectors of rows (6 x 4 accumulators), every output one FMA
+//!   chain in depth order. Measured on the Xeon (Emerald Rapids, 2 cores) this was written on:
+//!   about 240 GFLOP/s at 256 x 2048 x 2048, where the `gemm` crate reaches about 155 (the
+//!   FMA units' limit is 2 x 189). Below, and on other CPUs, the `gemm` crate.
 //! - bf16 ([`matmul_t_bf16`]): the device's GEMM numerics, bf16 operands (activations rounded
 //!   to nearest even; a bf16 checkpoint's weights read as stored) and f32 accumulation. Where
 //!   the CPU has AVX512-BF16 and the GEMM has few rows (decode, small batches: bound by the
 //!   weights' bytes), a `vdpbf16ps` microkernel reads both operands in bf16, half the bytes of
 //!   f32; otherwise the f32 GEMM of the rounded operands (the same products, exact in f32,
-//!   summed in another order). Why not `vdpbf16ps` everywhere: on the Xeon (Emerald Rapids,
-//!   AMX not exposed) this was written on, it retires about a third as many instructions per
-//!   second as f32 FMA (32 vs 16 multiply-adds each), so at 64 rows and more the f32 FMA GEMM
-//!   is as fast or faster (measured: 4 rows 2.8x faster with `vdpbf16ps`, 64 rows even, 256
-//!   rows 10% slower).
+//!   summed in another order). Why not `vdpbf16ps` everywhere: on that Xeon (AMX not exposed)
+//!   one core retires 1.4 G `vdpbf16ps` per second against 5.9 G f32 FMA (32 vs 16
+//!   multiply-adds each: 88 vs 189 GFLOP/s), so once the weights' bytes stop bounding the GEMM
+//!   the f32 FMA kernels win (measured: 4 rows 2.8x faster with `vdpbf16ps`, 64 rows even).
 //!
 //! The other references sit next to their kernels' launchers: `ops/<op>.rs` `<op>_ref`.
 
@@ -24,7 +28,7 @@ use crate::backend::ops::elementwise::bias_add_ref;
 use crate::model::checkpoint::{Linear, Weight};
 use crate::model::config::DType;
 
-/// Output columns (rows of W) per GEMM task.
+/// Output columns (rows of W) per GEMM task of the `gemm` crate and `vdpbf16ps` paths.
 const TILE_N: usize = 64;
 
 /// y = x W^T (+ b) at `precision`.  x: [m, k], W: [n, k] (stored dtype), y: [m, n].
@@ -92,16 +96,14 @@ fn matmul_t_bf16_on(x: &[f32], m: usize, w: &Weight, y: &mut [f32], simd: bool) 
         return;
     }
     if !simd || m >= DOT_MAX_ROWS {
-        let mut xr = x.to_vec(); // [m, k]
-        xr.par_chunks_mut(4096).for_each(round_to_bf16);
-        matmul_f32_tiles(&xr, m, w, y, w.dtype != DType::BF16);
+        matmul_f32_tiles(x, m, w, y, true);
         return;
     }
     #[cfg(target_arch = "x86_64")]
     {
         let x16: Vec<u16> = x.par_iter().map(|&v| bf16::from_f32(v).to_bits()).collect(); // [m, k]
         let stored = (w.dtype == DType::BF16).then(|| w.bytes().as_ptr() as usize);
-        par_tiles(n, y, <(Vec<f32>, Vec<u16>)>::default, |(f, h), n0, nb, y_cols| {
+        par_tiles(n, TILE_N, y, <(Vec<f32>, Vec<u16>)>::default, |(f, h), n0, nb, y_cols| {
             let w_tile = match stored {
                 // The checkpoint's bytes, read by unaligned loads only.
                 Some(base) => (base + n0 * k * 2) as *const u16,
@@ -125,15 +127,29 @@ fn check_shapes(x: &[f32], m: usize, w: &Weight, y: &[f32]) {
     assert!(x.len() == m * k && y.len() == m * n, "matmul: x {} (m {m} k {k}), y {} (n {n})", x.len(), y.len());
 }
 
-/// y = x W^T with the `gemm` crate, W converted to f32 tile by tile (and rounded to bf16 when
-/// `round_w`).
-fn matmul_f32_tiles(x: &[f32], m: usize, w: &Weight, y: &mut [f32], round_w: bool) {
+/// y = x W^T in f32, W converted to f32 tile by tile; with `bf16_operands`, of x and W rounded
+/// to bf16 (x as it is packed or copied, W tile by tile unless stored so). The panel
+/// microkernel from [`PANEL_MIN_ROWS`] rows where the CPU has AVX-512, else the `gemm` crate.
+fn matmul_f32_tiles(x: &[f32], m: usize, w: &Weight, y: &mut [f32], bf16_operands: bool) {
     let (n, k) = (w.shape[0], w.shape[1]);
     check_shapes(x, m, w, y);
     if m == 0 {
         return;
     }
-    par_tiles(n, y, Vec::new, |tile: &mut Vec<f32>, n0, nb, y_cols| {
+    #[cfg(target_arch = "x86_64")]
+    if m >= PANEL_MIN_ROWS && std::is_x86_feature_detected!("avx512f") {
+        panel_gemm(x, m, w, y, bf16_operands);
+        return;
+    }
+    let x_rounded: Vec<f32>; // [m, k]
+    let x = if bf16_operands {
+        x_rounded = x.par_iter().map(|&v| bf16::from_f32(v).to_f32()).collect();
+        &x_rounded
+    } else {
+        x
+    };
+    let round_w = bf16_operands && w.dtype != DType::BF16;
+    par_tiles(n, TILE_N, y, Vec::new, |tile: &mut Vec<f32>, n0, nb, y_cols| {
         tile.resize(nb * k, 0.0);
         w.to_f32_range(n0 * k, (n0 + nb) * k, tile);
         if round_w {
@@ -147,15 +163,131 @@ fn matmul_f32_tiles(x: &[f32], m: usize, w: &Weight, y: &mut [f32], round_w: boo
     });
 }
 
-/// Runs `f(state, n0, nb, y_cols)` for every tile of TILE_N output columns `n0..n0 + nb` of
+/// Runs `f(state, n0, nb, y_cols)` for every tile of `tile_n` output columns `n0..n0 + nb` of
 /// y (`[m, n]`), tiles in parallel, each task with its own `state`; y_cols points at column n0
 /// of y's first row. Each call may write only its own columns.
-fn par_tiles<S>(n: usize, y: &mut [f32], init: impl Fn() -> S + Sync + Send, f: impl Fn(&mut S, usize, usize, *mut f32) + Sync + Send) {
+fn par_tiles<S>(n: usize, tile_n: usize, y: &mut [f32], init: impl Fn() -> S + Sync + Send, f: impl Fn(&mut S, usize, usize, *mut f32) + Sync + Send) {
     let y_addr = y.as_mut_ptr() as usize;
-    (0..n.div_ceil(TILE_N)).into_par_iter().for_each_init(init, |state, t| {
-        let n0 = t * TILE_N;
-        f(state, n0, TILE_N.min(n - n0), (y_addr as *mut f32).wrapping_add(n0));
+    (0..n.div_ceil(tile_n)).into_par_iter().for_each_init(init, |state, t| {
+        let n0 = t * tile_n;
+        f(state, n0, tile_n.min(n - n0), (y_addr as *mut f32).wrapping_add(n0));
     });
+}
+
+/// Rows of x per packed panel: the 16 lanes of 4 AVX-512 vectors.
+#[cfg(target_arch = "x86_64")]
+const PANEL: usize = 64;
+/// Rows of W per panel microkernel call: GROUP x 4 accumulators of the 32 vector registers.
+#[cfg(target_arch = "x86_64")]
+const GROUP: usize = 6;
+/// Output columns per panel GEMM task, a multiple of GROUP.
+#[cfg(target_arch = "x86_64")]
+const PANEL_TILE_N: usize = 96;
+/// Depth per pass of the panel GEMM: the pass's slices of x's panel (512 KiB) and of W's tile
+/// (768 KiB) stay in L2 while every group of W rows streams past the panel.
+#[cfg(target_arch = "x86_64")]
+const PANEL_KC: usize = 2048;
+/// Rows from which the f32 GEMM runs the panel microkernel rather than the `gemm` crate (on
+/// the Xeon this was written on: even at 16 rows, 1.7x faster at 32, 1.5x at 64 and more).
+pub const PANEL_MIN_ROWS: usize = 32;
+
+/// y = x W^T with the panel microkernel. x is packed once, transposed by panels of PANEL rows
+/// (`xp[panel][p][row]`); each task converts one tile of W to f32 (rows padded with zeros to a
+/// multiple of GROUP) and, per panel, runs GROUP rows of W at a time against the panel:
+/// broadcast w[j, p], multiply-add the panel's 4 vectors of x[.., p]. Every output is one
+/// chain of fused multiply-adds over p in order, so a row's result does not depend on the
+/// other rows of the call. With `bf16_operands`, x is rounded as it is packed.
+#[cfg(target_arch = "x86_64")]
+fn panel_gemm(x: &[f32], m: usize, w: &Weight, y: &mut [f32], bf16_operands: bool) {
+    let (n, k) = (w.shape[0], w.shape[1]);
+    let panels = m.div_ceil(PANEL);
+    let mut xp = vec![0.0f32; panels * k * PANEL]; // [panels, k, PANEL]: x^T by panels, zero past row m
+    xp.par_chunks_mut(k * PANEL).enumerate().for_each(|(b, panel)| {
+        for r in 0..PANEL.min(m - b * PANEL) {
+            for (p, &v) in x[(b * PANEL + r) * k..][..k].iter().enumerate() {
+                panel[p * PANEL + r] = if bf16_operands { bf16::from_f32(v).to_f32() } else { v };
+            }
+        }
+    });
+    let round_w = bf16_operands && w.dtype != DType::BF16;
+    par_tiles(n, PANEL_TILE_N, y, <(Vec<f32>, Vec<f32>)>::default, |(tile, acc), n0, nb, y_cols| {
+        let rows_w = nb.div_ceil(GROUP) * GROUP;
+        tile.resize(rows_w * k, 0.0); // [rows_w, k]: rows n0..n0+nb of W, then zeros
+        w.to_f32_range(n0 * k, (n0 + nb) * k, &mut tile[..nb * k]);
+        tile[nb * k..].fill(0.0);
+        if round_w {
+            round_to_bf16(&mut tile[..nb * k]);
+        }
+        acc.resize(rows_w * PANEL, 0.0); // [rows_w, PANEL]: y^T of one panel
+        for b in 0..panels {
+            let rows = PANEL.min(m - b * PANEL);
+            for k0 in (0..k).step_by(PANEL_KC) {
+                let kc = PANEL_KC.min(k - k0);
+                for j in (0..rows_w).step_by(GROUP) {
+                    let (xb, wb, ab) = (xp[b * k * PANEL + k0 * PANEL..].as_ptr(), tile[j * k + k0..].as_ptr(), acc[j * PANEL..].as_mut_ptr());
+                    // SAFETY: avx512f was checked by the caller; xb covers kc rows of PANEL,
+                    // wb GROUP rows of stride k from depth k0 (k0 + kc <= k), ab GROUP rows of
+                    // PANEL (j + GROUP <= rows_w).
+                    unsafe {
+                        match rows.div_ceil(16) {
+                            1 => panel_block::<1>(xb, kc, wb, k, ab, k0 == 0),
+                            2 => panel_block::<2>(xb, kc, wb, k, ab, k0 == 0),
+                            3 => panel_block::<3>(xb, kc, wb, k, ab, k0 == 0),
+                            _ => panel_block::<4>(xb, kc, wb, k, ab, k0 == 0),
+                        }
+                    }
+                }
+            }
+            for r in 0..rows {
+                // SAFETY: y_cols is columns n0..n0+nb of y ([m, n], row stride n), which no
+                // other task writes; row b * PANEL + r < m.
+                let y_row = unsafe { std::slice::from_raw_parts_mut(y_cols.add((b * PANEL + r) * n), nb) };
+                for (j, v) in y_row.iter_mut().enumerate() {
+                    *v = acc[j * PANEL + r];
+                }
+            }
+        }
+    });
+}
+
+/// acc[j][16 v + l] (+)= sum_{p < kc} w[j, p] xp[p][16 v + l] for j < GROUP, v < V, l < 16
+/// (w row stride `ldw`, xp row stride PANEL, acc row stride PANEL); starts from zero when
+/// `first`, else from acc.
+///
+/// # Safety
+/// The CPU has AVX-512F; the pointers cover the shapes above.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn panel_block<const V: usize>(xp: *const f32, kc: usize, w: *const f32, ldw: usize, acc: *mut f32, first: bool) {
+    use std::arch::x86_64::*;
+    unsafe {
+        let mut a = [[_mm512_setzero_ps(); V]; GROUP];
+        if !first {
+            for (j, row) in a.iter_mut().enumerate() {
+                for (v, r) in row.iter_mut().enumerate() {
+                    *r = _mm512_loadu_ps(acc.add(j * PANEL + 16 * v));
+                }
+            }
+        }
+        for p in 0..kc {
+            let mut xv = [_mm512_setzero_ps(); V];
+            for (v, r) in xv.iter_mut().enumerate() {
+                *r = _mm512_loadu_ps(xp.add(p * PANEL + 16 * v));
+            }
+            for (j, row) in a.iter_mut().enumerate() {
+                let s = _mm512_set1_ps(*w.add(j * ldw + p));
+                for (r, xr) in row.iter_mut().zip(&xv) {
+                    *r = _mm512_fmadd_ps(s, *xr, *r);
+                }
+            }
+        }
+        for (j, row) in a.iter().enumerate() {
+            for (v, r) in row.iter().enumerate() {
+                _mm512_storeu_ps(acc.add(j * PANEL + 16 * v), *r);
+            }
+        }
+    }
 }
 
 /// Rows of x per microkernel block.
@@ -269,7 +401,7 @@ mod tests {
         let seed: u64 = std::env::var("PATCHBAY_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| rand::rng().random());
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
         let paths: Vec<bool> = if has_avx512bf16() { vec![true, false] } else { vec![false] };
-        for &(m, k, n) in &[(1, 1, 1), (1, 33, 67), (3, 7, 5), (5, 31, 130), (4, 64, 64), (9, 257, 70), (6, 2048 + 37, 9), (2, 4096, 3)] {
+        for &(m, k, n) in &[(1, 1, 1), (1, 33, 67), (3, 7, 5), (5, 31, 130), (4, 64, 64), (9, 257, 70), (6, 2048 + 37, 9), (2, 4096, 3), (70, 300, 101)] {
             let x = random(&mut rng, m * k);
             let w_vals = random(&mut rng, n * k);
             for dtype in [DType::BF16, DType::F32] {
@@ -291,6 +423,36 @@ mod tests {
                     // nearest: relative error <= 2^-8) and the summation.
                     let exact = violation(&got, &want_exact, &x, &w_used, m, n, k, 1.0 / 256.0 + k as f32 * f32::EPSILON);
                     assert!(exact.is_none(), "{what}: {}", exact.unwrap_or_default());
+                }
+            }
+        }
+    }
+
+    /// The f32 GEMM (the panel microkernel from PANEL_MIN_ROWS rows where the CPU has AVX-512)
+    /// against a plain f64 sum, on fresh random inputs and a y poisoned with NaN: rows not a
+    /// multiple of a vector or a panel, k past a depth pass, n not a multiple of a group or a
+    /// tile. And each row's bits do not depend on the other rows of the call.
+    #[test]
+    fn f32_gemm_matches_a_plain_sum_and_rows_are_independent() {
+        let seed: u64 = std::env::var("PATCHBAY_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| rand::rng().random());
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        for &(m, k, n) in &[(32, 1, 1), (33, 7, 5), (47, 300, 97), (64, 2048 + 37, 13), (130, 129, 200), (65, 17, 2 * 96 + 5)] {
+            let x = random(&mut rng, m * k);
+            let w_vals = random(&mut rng, n * k);
+            for dtype in [DType::F32, DType::BF16] {
+                let w = Weight::from_f32(&w_vals, dtype, vec![n, k]);
+                let w_used: Vec<f32> = if dtype == DType::BF16 { round(&w_vals) } else { w_vals.clone() };
+                let mut got = vec![f32::NAN; m * n];
+                matmul_t(&x, m, &w, &mut got);
+                let want: Vec<f32> = (0..m * n).map(|o| (0..k).map(|p| x[o / n * k + p] as f64 * w_used[o % n * k + p] as f64).sum::<f64>() as f32).collect();
+                let what = format!("seed {seed}: m {m} k {k} n {n} {dtype:?} panel {}", m >= PANEL_MIN_ROWS);
+                let bad = violation(&got, &want, &x, &w_used, m, n, k, k as f32 * f32::EPSILON);
+                assert!(bad.is_none(), "{what}: {}", bad.unwrap_or_default());
+                // The last m - 3 rows alone (still a panel call when m - 3 >= PANEL_MIN_ROWS).
+                let mut tail = vec![f32::NAN; (m - 3) * n];
+                matmul_t(&x[3 * k..], m - 3, &w, &mut tail);
+                if m - 3 >= PANEL_MIN_ROWS {
+                    assert!(tail.iter().zip(&got[3 * n..]).all(|(a, b)| a.to_bits() == b.to_bits()), "{what}: rows 3.. alone differ from the same rows in the whole call");
                 }
             }
         }

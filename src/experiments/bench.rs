@@ -47,7 +47,7 @@ pub fn device_label(engine: &dyn Engine) -> String {
 
 /// The machine's own GEMM peak: FLOP/s of the CPU engine's GEMM (`backend::cpu::matmul`) at
 /// each precision on one large, square-ish product (x `[512, 2048]` times bf16 W `[2048,
-/// 2048]`^T, the best of 3 after a warm-up), measured once per process. What the bench's
+/// 2048]`^T, the best of 7 after a warm-up), measured once per process. What the bench's
 /// useful FLOP/s are a fraction of.
 #[derive(Clone, Copy, Debug, Serialize)]
 pub struct GemmPeak {
@@ -75,7 +75,7 @@ pub fn gemm_peak() -> GemmPeak {
         let mut y = vec![0.0f32; m * n]; // [m, n]
         let flops = 2.0 * (m * n * k) as f64;
         let mut best = |p: Precision| {
-            let runs: Vec<f64> = (0..4).map(|_| timed(|| Ok(cpu::matmul(&x, m, &w, &mut y, p))).unwrap_or(f64::INFINITY)).collect();
+            let runs: Vec<f64> = (0..8).map(|_| timed(|| Ok(cpu::matmul(&x, m, &w, &mut y, p))).unwrap_or(f64::INFINITY)).collect();
             flops / runs[1..].iter().copied().fold(f64::INFINITY, f64::min)
         };
         GemmPeak { f32_flops_per_s: best(Precision::F32), bf16_flops_per_s: best(Precision::Bf16) }
