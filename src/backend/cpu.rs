@@ -1,22 +1,28 @@
 //! The CPU engine's GEMMs, multithreaded with rayon over tiles of output columns; weights stay
 //! in their stored dtype and are converted tile by tile inside the GEMM (no converted copy of
 //! the model ever exists). Two precisions ([`Precision`]):
-//! - f32 (the reference, [`matmul_t`]): weight tiles converted to f32 and multiplied in f32.
-//!   From [`PANEL_MIN_ROWS`] rows where the CPU has AVX-512 (prefill, patching batches), by the
-//!   panel microkernel here: x packed once per call as transposed panels of 64 rows, each
-//!   weight broadcast against 4 vectors of rows (6 x 4 accumulators), every output one FMA
-//!   chain in depth order. Measured on the Xeon (Emerald Rapids, 2 cores) this was written on:
-//!   about 240 GFLOP/s at 256 x 2048 x 2048, where the `gemm` crate reaches about 155 (the
-//!   FMA units' limit is 2 x 189). Below, and on other CPUs, the `gemm` crate.
+//! - f32 (the reference, [`matmul_t`]): f32 operands, f32 accumulation.
 //! - bf16 ([`matmul_t_bf16`]): the device's GEMM numerics, bf16 operands (activations rounded
-//!   to nearest even; a bf16 checkpoint's weights read as stored) and f32 accumulation. Where
-//!   the CPU has AVX512-BF16 and the GEMM has few rows (decode, small batches: bound by the
-//!   weights' bytes), a `vdpbf16ps` microkernel reads both operands in bf16, half the bytes of
-//!   f32; otherwise the f32 GEMM of the rounded operands (the same products, exact in f32,
-//!   summed in another order). Why not `vdpbf16ps` everywhere: on that Xeon (AMX not exposed)
-//!   one core retires 1.4 G `vdpbf16ps` per second against 5.9 G f32 FMA (32 vs 16
-//!   multiply-adds each: 88 vs 189 GFLOP/s), so once the weights' bytes stop bounding the GEMM
-//!   the f32 FMA kernels win (measured: 4 rows 2.8x faster with `vdpbf16ps`, 64 rows even).
+//!   to nearest even; a bf16 checkpoint's weights read as stored) and f32 accumulation, computed
+//!   as the f32 GEMM of the rounded operands (their products are exact in f32).
+//!
+//! Both run the same kernels, by row count, where the CPU has AVX-512 (F, BW, VL):
+//! - from [`PANEL_MIN_ROWS`] rows (prefill, patching batches; compute-bound) the panel
+//!   microkernel: x packed once per call as transposed panels of 64 rows, each weight broadcast
+//!   against 4 vectors of rows (6 x 4 accumulators), every output one FMA chain in depth order.
+//!   Measured on the Xeon (Emerald Rapids, 2 cores) this was written on: about 240 GFLOP/s at
+//!   256 x 2048 x 2048, where the `gemm` crate reaches about 155 (the FMA units' limit is
+//!   2 x 189);
+//! - below (decode, small batches; bound by the weights' bytes) the dot microkernel, reading W
+//!   in bf16 (a bf16 checkpoint's bytes as stored) and widening it to f32 in registers: decode
+//!   2.2x faster than converting each weight tile to f32 first. f32 weights at f32 take the
+//!   `gemm` crate here, as every GEMM does on other CPUs.
+//!
+//! Why not `vdpbf16ps` (AVX512-BF16) for bf16: on that Xeon (AMX not exposed) one core retires
+//! 1.4 G `vdpbf16ps` per second against 5.9 G f32 FMA (32 vs 16 multiply-adds each: 88 vs 189
+//! GFLOP/s). A `vdpbf16ps` dot microkernel (this module until 2026-12-05) read both operands in
+//! bf16 and was 1.3x slower than the dot microkernel at 4 rows and 1.2x slower than the panel
+//! one at 48; the weights' bytes, which bound decode, are the same bf16 in both.
 //!
 //! The other references sit next to their kernels' launchers: `ops/<op>.rs` `<op>_ref`.
 
@@ -28,7 +34,7 @@ use crate::backend::ops::elementwise::bias_add_ref;
 use crate::model::checkpoint::{Linear, Weight};
 use crate::model::config::DType;
 
-/// Output columns (rows of W) per GEMM task of the `gemm` crate and `vdpbf16ps` paths.
+/// Output columns (rows of W) per GEMM task of the `gemm` crate and dot microkernel paths.
 const TILE_N: usize = 64;
 
 /// y = x W^T (+ b) at `precision`.  x: [m, k], W: [n, k] (stored dtype), y: [m, n].
@@ -47,22 +53,20 @@ pub fn matmul(x: &[f32], m: usize, w: &Weight, y: &mut [f32], precision: Precisi
     }
 }
 
-/// y = x W^T in f32.  x: [m, k], W: [n, k], y: [m, n]. Each tile of W is converted to f32 and
-/// multiplied with the `gemm` crate.
+/// y = x W^T in f32.  x: [m, k], W: [n, k], y: [m, n].
 pub fn matmul_t(x: &[f32], m: usize, w: &Weight, y: &mut [f32]) {
-    matmul_f32_tiles(x, m, w, y, false);
+    gemm_on(x, m, w, y, false, has_avx512());
 }
 
 /// y = x W^T with bf16 operands and f32 accumulation.  x: [m, k] (rounded to bf16 here),
-/// W: [n, k] (rounded to bf16 unless stored so), y: [m, n]. The `vdpbf16ps` microkernel for
-/// fewer than [`DOT_MAX_ROWS`] rows where the CPU has AVX512-BF16, else the f32 GEMM of the
-/// rounded operands.
+/// W: [n, k] (rounded to bf16 unless stored so), y: [m, n]: the f32 GEMM of the rounded
+/// operands (their products are exact in f32).
 ///
 /// Against [`matmul_t`] of the unrounded x (bf16 weights), each output differs by at most
 /// 2^-8 sum_i |x_i w_i| from the rounding of x (one bf16 rounding, relative error <= 2^-8 per
 /// element) plus the f32 summation error of both (about k 2^-24 sum_i |x_i w_i| each).
 pub fn matmul_t_bf16(x: &[f32], m: usize, w: &Weight, y: &mut [f32]) {
-    matmul_t_bf16_on(x, m, w, y, has_avx512bf16());
+    gemm_on(x, m, w, y, true, has_avx512());
 }
 
 /// Rounds every element to bf16 (nearest even), in place: the device's bf16 buffers (KV cache,
@@ -71,54 +75,15 @@ pub fn round_to_bf16(x: &mut [f32]) {
     x.iter_mut().for_each(|v| *v = bf16::from_f32(*v).to_f32());
 }
 
-/// Rows from which [`matmul_t_bf16`] runs the f32 GEMM of the rounded operands rather than
-/// the `vdpbf16ps` microkernel (see the module's notes).
-pub const DOT_MAX_ROWS: usize = 64;
-
-/// Whether this CPU runs the `vdpbf16ps` microkernel (AVX512-F, -BW and -BF16).
-pub fn has_avx512bf16() -> bool {
+/// Whether this CPU runs the microkernels (AVX512-F, -BW and -VL).
+pub fn has_avx512() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512bw") && std::is_x86_feature_detected!("avx512bf16")
+        std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512bw") && std::is_x86_feature_detected!("avx512vl")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
         false
-    }
-}
-
-/// [`matmul_t_bf16`] with the microkernel for fewer than DOT_MAX_ROWS rows when `simd` (which
-/// the caller has checked the CPU runs), else the f32 GEMM of the rounded operands.
-fn matmul_t_bf16_on(x: &[f32], m: usize, w: &Weight, y: &mut [f32], simd: bool) {
-    let (n, k) = (w.shape[0], w.shape[1]);
-    check_shapes(x, m, w, y);
-    if m == 0 {
-        return;
-    }
-    if !simd || m >= DOT_MAX_ROWS {
-        matmul_f32_tiles(x, m, w, y, true);
-        return;
-    }
-    #[cfg(target_arch = "x86_64")]
-    {
-        let x16: Vec<u16> = x.par_iter().map(|&v| bf16::from_f32(v).to_bits()).collect(); // [m, k]
-        let stored = (w.dtype == DType::BF16).then(|| w.bytes().as_ptr() as usize);
-        par_tiles(n, TILE_N, y, <(Vec<f32>, Vec<u16>)>::default, |(f, h), n0, nb, y_cols| {
-            let w_tile = match stored {
-                // The checkpoint's bytes, read by unaligned loads only.
-                Some(base) => (base + n0 * k * 2) as *const u16,
-                None => {
-                    f.resize(nb * k, 0.0);
-                    w.to_f32_range(n0 * k, (n0 + nb) * k, f);
-                    h.clear();
-                    h.extend(f.iter().map(|&v| bf16::from_f32(v).to_bits()));
-                    h.as_ptr()
-                }
-            };
-            // SAFETY: the caller checked the CPU features; x16 is [m, k], w_tile [nb, k] (rows
-            // n0..n0+nb of W), y_cols columns n0..n0+nb of y ([m, n], row stride n).
-            unsafe { dot_tile(x16.as_ptr(), m, k, w_tile, nb, y_cols, n) };
-        });
     }
 }
 
@@ -128,26 +93,36 @@ fn check_shapes(x: &[f32], m: usize, w: &Weight, y: &[f32]) {
 }
 
 /// y = x W^T in f32, W converted to f32 tile by tile; with `bf16_operands`, of x and W rounded
-/// to bf16 (x as it is packed or copied, W tile by tile unless stored so). The panel
-/// microkernel from [`PANEL_MIN_ROWS`] rows where the CPU has AVX-512, else the `gemm` crate.
-fn matmul_f32_tiles(x: &[f32], m: usize, w: &Weight, y: &mut [f32], bf16_operands: bool) {
+/// to bf16 (x as it is packed or copied, W tile by tile unless stored so). Where `simd` (the
+/// caller has checked [`has_avx512`]): the panel microkernel from [`PANEL_MIN_ROWS`] rows; below,
+/// the dot microkernel, on W in bf16 (a bf16 checkpoint's bytes as stored, or a rounded tile);
+/// f32 weights in f32 below PANEL_MIN_ROWS, and every GEMM without `simd`, through the `gemm`
+/// crate.
+fn gemm_on(x: &[f32], m: usize, w: &Weight, y: &mut [f32], bf16_operands: bool, simd: bool) {
     let (n, k) = (w.shape[0], w.shape[1]);
     check_shapes(x, m, w, y);
     if m == 0 {
         return;
     }
     #[cfg(target_arch = "x86_64")]
-    if m >= PANEL_MIN_ROWS && std::is_x86_feature_detected!("avx512f") {
-        panel_gemm(x, m, w, y, bf16_operands);
+    if simd && m >= PANEL_MIN_ROWS {
+        // SAFETY: `simd`: the caller checked has_avx512.
+        unsafe { panel_gemm(x, m, w, y, bf16_operands) };
         return;
     }
     let x_rounded: Vec<f32>; // [m, k]
     let x = if bf16_operands {
-        x_rounded = x.par_iter().map(|&v| bf16::from_f32(v).to_f32()).collect();
+        x_rounded = x.par_iter().with_min_len(1 << 16).map(|&v| bf16::from_f32(v).to_f32()).collect();
         &x_rounded
     } else {
         x
     };
+    #[cfg(target_arch = "x86_64")]
+    if simd && (bf16_operands || w.dtype == DType::BF16) {
+        // SAFETY: `simd`: the caller checked has_avx512.
+        unsafe { dot_gemm(x, m, w, y) };
+        return;
+    }
     let round_w = bf16_operands && w.dtype != DType::BF16;
     par_tiles(n, TILE_N, y, Vec::new, |tile: &mut Vec<f32>, n0, nb, y_cols| {
         tile.resize(nb * k, 0.0);
@@ -160,6 +135,33 @@ fn matmul_f32_tiles(x: &[f32], m: usize, w: &Weight, y: &mut [f32], bf16_operand
         unsafe {
             gemm::gemm(m, nb, k, y_cols, 1, n as isize, false, x.as_ptr(), 1, k as isize, tile.as_ptr(), k as isize, 1, 0.0, 1.0, false, false, false, gemm::Parallelism::None);
         }
+    });
+}
+
+/// y = x W^T with the dot microkernel, W in bf16: a bf16 checkpoint's bytes as stored, else
+/// each tile converted and rounded to bf16 (only the bf16 GEMM calls it so).
+///
+/// # Safety
+/// The CPU has AVX512-F, -BW and -VL.
+#[cfg(target_arch = "x86_64")]
+unsafe fn dot_gemm(x: &[f32], m: usize, w: &Weight, y: &mut [f32]) {
+    let (n, k) = (w.shape[0], w.shape[1]);
+    let stored = (w.dtype == DType::BF16).then(|| w.bytes().as_ptr() as usize);
+    par_tiles(n, TILE_N, y, <(Vec<f32>, Vec<u16>)>::default, |(f, h), n0, nb, y_cols| {
+        let w_tile = match stored {
+            // The checkpoint's bytes, read by unaligned loads only.
+            Some(base) => (base + n0 * k * 2) as *const u16,
+            None => {
+                f.resize(nb * k, 0.0);
+                w.to_f32_range(n0 * k, (n0 + nb) * k, f);
+                h.clear();
+                h.extend(f.iter().map(|&v| bf16::from_f32(v).to_bits()));
+                h.as_ptr()
+            }
+        };
+        // SAFETY: the CPU has the features (this fn's contract); x is [m, k], w_tile [nb, k]
+        // (rows n0..n0+nb of W), y_cols columns n0..n0+nb of y ([m, n], row stride n).
+        unsafe { dot_tile(x.as_ptr(), m, k, w_tile, nb, y_cols, n) };
     });
 }
 
@@ -187,8 +189,9 @@ const PANEL_TILE_N: usize = 96;
 /// (768 KiB) stay in L2 while every group of W rows streams past the panel.
 #[cfg(target_arch = "x86_64")]
 const PANEL_KC: usize = 2048;
-/// Rows from which the f32 GEMM runs the panel microkernel rather than the `gemm` crate (on
-/// the Xeon this was written on: even at 16 rows, 1.7x faster at 32, 1.5x at 64 and more).
+/// Rows from which the GEMMs run the panel microkernel rather than the dot one (on the Xeon this
+/// was written on: the panel 1.2x faster at 48 rows; against the `gemm` crate even at 16 rows,
+/// 1.7x faster at 32, 1.5x at 64 and more).
 pub const PANEL_MIN_ROWS: usize = 32;
 
 /// y = x W^T with the panel microkernel. x is packed once, transposed by panels of PANEL rows
@@ -197,8 +200,11 @@ pub const PANEL_MIN_ROWS: usize = 32;
 /// broadcast w[j, p], multiply-add the panel's 4 vectors of x[.., p]. Every output is one
 /// chain of fused multiply-adds over p in order, so a row's result does not depend on the
 /// other rows of the call. With `bf16_operands`, x is rounded as it is packed.
+///
+/// # Safety
+/// The CPU has AVX512-F.
 #[cfg(target_arch = "x86_64")]
-fn panel_gemm(x: &[f32], m: usize, w: &Weight, y: &mut [f32], bf16_operands: bool) {
+unsafe fn panel_gemm(x: &[f32], m: usize, w: &Weight, y: &mut [f32], bf16_operands: bool) {
     let (n, k) = (w.shape[0], w.shape[1]);
     let panels = m.div_ceil(PANEL);
     let mut xp = vec![0.0f32; panels * k * PANEL]; // [panels, k, PANEL]: x^T by panels, zero past row m
@@ -225,7 +231,7 @@ fn panel_gemm(x: &[f32], m: usize, w: &Weight, y: &mut [f32], bf16_operands: boo
                 let kc = PANEL_KC.min(k - k0);
                 for j in (0..rows_w).step_by(GROUP) {
                     let (xb, wb, ab) = (xp[b * k * PANEL + k0 * PANEL..].as_ptr(), tile[j * k + k0..].as_ptr(), acc[j * PANEL..].as_mut_ptr());
-                    // SAFETY: avx512f was checked by the caller; xb covers kc rows of PANEL,
+                    // SAFETY: the CPU has avx512f (this fn's contract); xb covers kc rows of PANEL,
                     // wb GROUP rows of stride k from depth k0 (k0 + kc <= k), ab GROUP rows of
                     // PANEL (j + GROUP <= rows_w).
                     unsafe {
@@ -296,19 +302,20 @@ const MR: usize = 4;
 /// Rows of W per microkernel block.
 #[cfg(target_arch = "x86_64")]
 const NR: usize = 4;
-/// Depth per pass: a block's MR + NR rows of KC bf16 (32 KiB) stay in L1 while it runs.
+/// Depth per pass: a block's MR rows of KC f32 and NR of KC bf16 (48 KiB) stay in L1/L2 while
+/// it runs.
 #[cfg(target_arch = "x86_64")]
 const KC: usize = 2048;
 
-/// y[i, j] = sum_p x[i, p] w[j, p] for i < m, j < nb; x `[m, k]` and w `[nb, k]` bf16 bits,
-/// y row stride `ldy`. Loops: depth passes of KC, then MR x NR blocks, W rows outer so a
+/// y[i, j] = sum_p x[i, p] w[j, p] for i < m, j < nb; x `[m, k]` f32 and w `[nb, k]` bf16
+/// bits, y row stride `ldy`. Loops: depth passes of KC, then MR x NR blocks, W rows outer so a
 /// block of W stays in L1 while every row of x streams past it.
 ///
 /// # Safety
-/// The CPU has AVX512-F, -BW and -BF16; the pointers cover the shapes above.
+/// The CPU has AVX512-F, -BW and -VL; the pointers cover the shapes above.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-unsafe fn dot_tile(x: *const u16, m: usize, k: usize, w: *const u16, nb: usize, y: *mut f32, ldy: usize) {
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn dot_tile(x: *const f32, m: usize, k: usize, w: *const u16, nb: usize, y: *mut f32, ldy: usize) {
     unsafe {
         for i in 0..m {
             std::ptr::write_bytes(y.add(i * ldy), 0, nb);
@@ -332,29 +339,31 @@ unsafe fn dot_tile(x: *const u16, m: usize, k: usize, w: *const u16, nb: usize, 
     }
 }
 
-/// y[i, j] += sum_{p < kc} x[i, p] w[j, p] for i < R, j < C (x, w row stride `ld`): R x C
-/// accumulators of 16 f32 lanes, each `vdpbf16ps` adding 32 bf16 products pairwise; the last
-/// partial step loads under a mask (masked-off elements read as 0 and never touch memory).
+/// y[i, j] += sum_{p < kc} x[i, p] w[j, p] for i < R, j < C (x, w row stride `ld` elements):
+/// R x C accumulators of 16 f32 lanes; each step widens 16 bf16 weights to f32 (exact: a
+/// shift) and multiply-adds them with 16 elements of x. The last partial step loads under a
+/// mask (masked-off elements read as 0 and never touch memory).
 ///
 /// # Safety
 /// As [`dot_tile`].
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 #[inline]
-unsafe fn block<const R: usize, const C: usize>(x: *const u16, w: *const u16, ld: usize, kc: usize, y: *mut f32, ldy: usize) {
+unsafe fn block<const R: usize, const C: usize>(x: *const f32, w: *const u16, ld: usize, kc: usize, y: *mut f32, ldy: usize) {
     use std::arch::x86_64::*;
     unsafe {
         let mut acc = [[_mm512_setzero_ps(); C]; R];
-        for p in (0..kc).step_by(32) {
-            let mask: __mmask32 = if kc - p >= 32 { !0 } else { (1u32 << (kc - p)) - 1 };
-            let mut wv = [_mm512_setzero_si512(); C];
+        for p in (0..kc).step_by(16) {
+            let mask: __mmask16 = if kc - p >= 16 { !0 } else { (1u16 << (kc - p)) - 1 };
+            let mut wv = [_mm512_setzero_ps(); C];
             for (j, v) in wv.iter_mut().enumerate() {
-                *v = _mm512_maskz_loadu_epi16(mask, w.add(j * ld + p) as *const i16);
+                let bits = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, w.add(j * ld + p) as *const i16));
+                *v = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(bits));
             }
             for (i, row) in acc.iter_mut().enumerate() {
-                let xv: __m512bh = std::mem::transmute(_mm512_maskz_loadu_epi16(mask, x.add(i * ld + p) as *const i16));
+                let xv = _mm512_maskz_loadu_ps(mask, x.add(i * ld + p));
                 for (a, v) in row.iter_mut().zip(&wv) {
-                    *a = _mm512_dpbf16_ps(*a, xv, std::mem::transmute::<__m512i, __m512bh>(*v));
+                    *a = _mm512_fmadd_ps(xv, *v, *a);
                 }
             }
         }
@@ -392,67 +401,85 @@ mod tests {
         })
     }
 
-    /// The bf16 GEMM (microkernel where the CPU has it, and the fallback) against the f32 GEMM
-    /// on fresh random inputs of awkward shapes: m = 1 and not a multiple of MR, k odd, below
-    /// one step of 32 and past a depth pass (KC), n not a multiple of the tile or the block.
-    #[test]
-    fn bf16_gemm_matches_the_f32_reference() {
-        // A fresh seed each run (PATCHBAY_TEST_SEED replays one, as for the kernel tests).
+    /// y = x W^T summed in f64, rounded once to f32: what the GEMMs are held to.
+    fn plain(x: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
+        (0..m * n).map(|o| (0..k).map(|p| x[o / n * k + p] as f64 * w[o % n * k + p] as f64).sum::<f64>() as f32).collect()
+    }
+
+    /// A fresh seed each run (PATCHBAY_TEST_SEED replays one, as for the kernel tests).
+    fn seeded() -> (u64, rand_chacha::ChaCha8Rng) {
         let seed: u64 = std::env::var("PATCHBAY_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| rand::rng().random());
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-        let paths: Vec<bool> = if has_avx512bf16() { vec![true, false] } else { vec![false] };
-        for &(m, k, n) in &[(1, 1, 1), (1, 33, 67), (3, 7, 5), (5, 31, 130), (4, 64, 64), (9, 257, 70), (6, 2048 + 37, 9), (2, 4096, 3), (70, 300, 101)] {
+        (seed, rand_chacha::ChaCha8Rng::seed_from_u64(seed))
+    }
+
+    /// The microkernels where the CPU has them, and the `gemm` crate path always.
+    fn paths() -> Vec<bool> {
+        if has_avx512() { vec![true, false] } else { vec![false] }
+    }
+
+    /// Awkward shapes for every path: m = 1, rows off a dot block (MR), a vector and a panel,
+    /// on both sides of PANEL_MIN_ROWS; k odd, below one step of 16 and past a depth pass (KC,
+    /// PANEL_KC); n off a block, a group and a tile.
+    const SHAPES: [(usize, usize, usize); 14] =
+        [(1, 1, 1), (1, 33, 67), (3, 7, 5), (5, 31, 130), (4, 64, 64), (9, 257, 70), (6, 2048 + 37, 9), (31, 300, 70), (32, 1, 1), (33, 7, 5), (47, 300, 97), (64, 2048 + 37, 13), (130, 129, 200), (65, 17, 2 * 96 + 5)];
+
+    /// The f32 GEMM (panel microkernel from PANEL_MIN_ROWS rows, dot microkernel below for bf16
+    /// weights, the `gemm` crate) against a plain f64 sum, on fresh random inputs and a y
+    /// poisoned with NaN; and each row's bits are the same whatever other rows share the call
+    /// (on the microkernel paths, when both calls take the same one).
+    #[test]
+    fn f32_gemm_matches_a_plain_sum_and_rows_are_independent() {
+        let (seed, mut rng) = seeded();
+        for &(m, k, n) in &SHAPES {
             let x = random(&mut rng, m * k);
             let w_vals = random(&mut rng, n * k);
+            for dtype in [DType::F32, DType::BF16] {
+                let w = Weight::from_f32(&w_vals, dtype, vec![n, k]);
+                let w_used: Vec<f32> = if dtype == DType::BF16 { round(&w_vals) } else { w_vals.clone() };
+                let want = plain(&x, &w_used, m, n, k);
+                for simd in paths() {
+                    let mut got = vec![f32::NAN; m * n];
+                    gemm_on(&x, m, &w, &mut got, false, simd);
+                    let what = format!("seed {seed}: m {m} k {k} n {n} {dtype:?} simd {simd}");
+                    let bad = violation(&got, &want, &x, &w_used, m, n, k, k as f32 * f32::EPSILON);
+                    assert!(bad.is_none(), "{what}: {}", bad.unwrap_or_default());
+                    // The last m - 3 rows alone, through the same microkernel as the whole call.
+                    let same_kernel = simd && m > 3 && ((m - 3 >= PANEL_MIN_ROWS) || (m < PANEL_MIN_ROWS && dtype == DType::BF16));
+                    if same_kernel {
+                        let mut tail = vec![f32::NAN; (m - 3) * n];
+                        gemm_on(&x[3 * k..], m - 3, &w, &mut tail, false, simd);
+                        assert!(tail.iter().zip(&got[3 * n..]).all(|(a, b)| a.to_bits() == b.to_bits()), "{what}: rows 3.. alone differ from the same rows in the whole call");
+                    }
+                }
+            }
+        }
+    }
+
+    /// The bf16 GEMM on every path against plain f64 sums: of the same rounded operands (only
+    /// the summation differs), and of the unrounded x (one bf16 rounding more).
+    #[test]
+    fn bf16_gemm_matches_the_f32_reference() {
+        let (seed, mut rng) = seeded();
+        for &(m, k, n) in &SHAPES {
+            let x = random(&mut rng, m * k);
+            let w_vals = random(&mut rng, n * k);
+            let w_used = round(&w_vals); // what the bf16 GEMM multiplies by
+            let xr = round(&x);
+            let want_rounded = plain(&xr, &w_used, m, n, k);
+            let want_exact = plain(&x, &w_used, m, n, k);
             for dtype in [DType::BF16, DType::F32] {
                 let w = Weight::from_f32(&w_vals, dtype, vec![n, k]);
-                let w_used = round(&w_vals); // what the bf16 GEMM multiplies by
-                let mut want_exact = vec![0.0; m * n]; // f32 GEMM of unrounded x
-                matmul_t(&x, m, &Weight::from_f32(&w_used, DType::F32, vec![n, k]), &mut want_exact);
-                let mut want_rounded = vec![0.0; m * n]; // f32 GEMM of the bf16 operands
-                let xr = round(&x);
-                matmul_t(&xr, m, &Weight::from_f32(&w_used, DType::F32, vec![n, k]), &mut want_rounded);
-                for &simd in &paths {
+                for simd in paths() {
                     let mut got = vec![f32::NAN; m * n];
-                    matmul_t_bf16_on(&x, m, &w, &mut got, simd);
+                    gemm_on(&x, m, &w, &mut got, true, simd);
                     let what = format!("seed {seed}: m {m} k {k} n {n} {dtype:?} simd {simd}");
-                    // Same operands, other summation order: 2 k 2^-24 (k eps) of the magnitude.
+                    // Same operands, other summation order: k 2^-23 (k eps) of the magnitude.
                     let same = violation(&got, &want_rounded, &xr, &w_used, m, n, k, k as f32 * f32::EPSILON);
                     assert!(same.is_none(), "{what}: {}", same.unwrap_or_default());
                     // Against unrounded x: one bf16 rounding of x (8 significant bits, round to
                     // nearest: relative error <= 2^-8) and the summation.
                     let exact = violation(&got, &want_exact, &x, &w_used, m, n, k, 1.0 / 256.0 + k as f32 * f32::EPSILON);
                     assert!(exact.is_none(), "{what}: {}", exact.unwrap_or_default());
-                }
-            }
-        }
-    }
-
-    /// The f32 GEMM (the panel microkernel from PANEL_MIN_ROWS rows where the CPU has AVX-512)
-    /// against a plain f64 sum, on fresh random inputs and a y poisoned with NaN: rows not a
-    /// multiple of a vector or a panel, k past a depth pass, n not a multiple of a group or a
-    /// tile. And each row's bits do not depend on the other rows of the call.
-    #[test]
-    fn f32_gemm_matches_a_plain_sum_and_rows_are_independent() {
-        let seed: u64 = std::env::var("PATCHBAY_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| rand::rng().random());
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-        for &(m, k, n) in &[(32, 1, 1), (33, 7, 5), (47, 300, 97), (64, 2048 + 37, 13), (130, 129, 200), (65, 17, 2 * 96 + 5)] {
-            let x = random(&mut rng, m * k);
-            let w_vals = random(&mut rng, n * k);
-            for dtype in [DType::F32, DType::BF16] {
-                let w = Weight::from_f32(&w_vals, dtype, vec![n, k]);
-                let w_used: Vec<f32> = if dtype == DType::BF16 { round(&w_vals) } else { w_vals.clone() };
-                let mut got = vec![f32::NAN; m * n];
-                matmul_t(&x, m, &w, &mut got);
-                let want: Vec<f32> = (0..m * n).map(|o| (0..k).map(|p| x[o / n * k + p] as f64 * w_used[o % n * k + p] as f64).sum::<f64>() as f32).collect();
-                let what = format!("seed {seed}: m {m} k {k} n {n} {dtype:?} panel {}", m >= PANEL_MIN_ROWS);
-                let bad = violation(&got, &want, &x, &w_used, m, n, k, k as f32 * f32::EPSILON);
-                assert!(bad.is_none(), "{what}: {}", bad.unwrap_or_default());
-                // The last m - 3 rows alone (still a panel call when m - 3 >= PANEL_MIN_ROWS).
-                let mut tail = vec![f32::NAN; (m - 3) * n];
-                matmul_t(&x[3 * k..], m - 3, &w, &mut tail);
-                if m - 3 >= PANEL_MIN_ROWS {
-                    assert!(tail.iter().zip(&got[3 * n..]).all(|(a, b)| a.to_bits() == b.to_bits()), "{what}: rows 3.. alone differ from the same rows in the whole call");
                 }
             }
         }

@@ -103,7 +103,7 @@ pub struct EngineArgs {
     pub device: patchbay::backend::DeviceSpec,
     /// Numerics: f32 (the reference; the cpu default) or bf16 (the GPU's: bf16 weights, GEMM
     /// operands and KV cache, f32 accumulation and residual stream; the only one of cuda and
-    /// emu, and on the cpu about twice as fast where it has AVX512-BF16).
+    /// emu; on the cpu, a preview of a GPU run at about the speed of f32).
     #[arg(long)]
     pub precision: Option<patchbay::backend::Precision>,
 }

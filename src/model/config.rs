@@ -43,8 +43,8 @@ impl Family {
 /// to f32, f32 KV cache), what parity tests and the HF goldens check. `bf16`: the device's
 /// numerics (DESIGN.md section 5) on the CPU: every GEMM operand rounded to bf16 (weights and
 /// activations) with f32 accumulation, the KV cache bf16, the residual stream and every site
-/// f32; the GEMMs use AVX512-BF16 where the CPU has it. The device engines (emu, cuda) always
-/// compute in bf16.
+/// f32 (the GEMMs run as f32 FMA on the rounded operands: `backend::cpu`). The device engines
+/// (emu, cuda) always compute in bf16.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {
