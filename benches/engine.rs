@@ -1,6 +1,7 @@
 //! Criterion benches of the engine's costs on a tiny random Llama-shaped checkpoint written at
-//! start into a temporary directory (no weights are committed): prefill, decode after a KV
-//! cache, capture overhead, patching resumed vs naive, generation with and without steering.
+//! start into a temporary directory (no weights are committed): the CPU GEMM at each precision
+//! (decode and prefill row counts), prefill, decode after a KV cache, capture overhead, patching
+//! resumed vs naive, generation with and without steering.
 //! Each group holds the variants to compare. `cargo bench --bench engine`; `cargo test --benches`
 //! runs every bench once as a test.
 //!
@@ -14,6 +15,8 @@ use indicatif::ProgressBar;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
+use patchbay::backend::Precision;
+use patchbay::backend::cpu;
 use patchbay::backend::ops::sample::SampleParams;
 use patchbay::experiments::bench::{decode, prefill, prefilled};
 use patchbay::experiments::generate::{GenerateSpec, StepIntervention, generate};
@@ -21,6 +24,8 @@ use patchbay::experiments::patch::{Method, Overflow, SweepSpec, all_centers};
 use patchbay::experiments::workload::{PatchWorkload, PatchWorkloadSpec, random_prompts};
 use patchbay::intervene::Capture;
 use patchbay::model::Model;
+use patchbay::model::checkpoint::Weight;
+use patchbay::model::config::DType;
 use patchbay::model::synth::{preset, write_checkpoint};
 use patchbay::sites::{Positions, Site, SiteKind, TokenScope};
 
@@ -49,6 +54,23 @@ fn benches(c: &mut Criterion) {
     let mut rng = ChaCha8Rng::seed_from_u64(0);
     let prompts = random_prompts(&mut rng, BATCH, PROMPT_LEN, cfg.vocab_size);
     let tokens = random_prompts(&mut rng, BATCH, STEPS, cfg.vocab_size); // [batch][steps]
+
+    // The CPU GEMM y = x W^T, W [1024, 1024] bf16, at decode (4 rows: the dot microkernel) and
+    // prefill (256 rows: the panel microkernel) row counts; throughput in FLOPs.
+    let mut g = c.benchmark_group("gemm");
+    g.sample_size(20);
+    let (n, k) = (1024, 1024);
+    let w_vals: Vec<f32> = (0..n * k).map(|i| ((i * 7919) % 2001) as f32 / 1000.0 - 1.0).collect();
+    let w = Weight::from_f32(&w_vals, DType::BF16, vec![n, k]); // [n, k]
+    for m in [4, 256] {
+        let x: Vec<f32> = (0..m * k).map(|i| ((i * 104_729) % 1999) as f32 / 999.0 - 1.0).collect(); // [m, k]
+        let mut y = vec![0.0f32; m * n]; // [m, n]
+        g.throughput(Throughput::Elements((2 * m * n * k) as u64));
+        for precision in [Precision::F32, Precision::Bf16] {
+            g.bench_function(format!("{m}_rows_{precision}"), |b| b.iter(|| cpu::matmul(black_box(&x), m, &w, &mut y, precision)));
+        }
+    }
+    g.finish();
 
     let mut g = c.benchmark_group("forward");
     g.sample_size(20);
