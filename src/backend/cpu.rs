@@ -107,7 +107,7 @@ fn gemm_on(x: &[f32], m: usize, w: &Weight, y: &mut [f32], bf16_operands: bool, 
     #[cfg(target_arch = "x86_64")]
     if simd && m >= PANEL_MIN_ROWS {
         // SAFETY: `simd`: the caller checked has_avx512.
-        unsafe { panel_gemm(x, m, w, y, bf16_operands) };
+        unsafe { avx512::panel_gemm(x, m, w, y, bf16_operands) };
         return;
     }
     let x_rounded: Vec<f32>; // [m, k]
@@ -120,7 +120,7 @@ fn gemm_on(x: &[f32], m: usize, w: &Weight, y: &mut [f32], bf16_operands: bool, 
     #[cfg(target_arch = "x86_64")]
     if simd && (bf16_operands || w.dtype == DType::BF16) {
         // SAFETY: `simd`: the caller checked has_avx512.
-        unsafe { dot_gemm(x, m, w, y) };
+        unsafe { avx512::dot_gemm(x, m, w, y) };
         return;
     }
     let round_w = bf16_operands && w.dtype != DType::BF16;
@@ -138,32 +138,6 @@ fn gemm_on(x: &[f32], m: usize, w: &Weight, y: &mut [f32], bf16_operands: bool, 
     });
 }
 
-/// y = x W^T with the dot microkernel, W in bf16: a bf16 checkpoint's bytes as stored, else
-/// each tile converted and rounded to bf16 (only the bf16 GEMM calls it so).
-///
-/// # Safety
-/// The CPU has AVX512-F, -BW and -VL.
-#[cfg(target_arch = "x86_64")]
-unsafe fn dot_gemm(x: &[f32], m: usize, w: &Weight, y: &mut [f32]) {
-    let (n, k) = (w.shape[0], w.shape[1]);
-    let stored = (w.dtype == DType::BF16).then(|| w.bytes().as_ptr() as usize);
-    par_tiles(n, TILE_N, y, <(Vec<f32>, Vec<u16>)>::default, |(f, h), n0, nb, y_cols| {
-        let w_tile = match stored {
-            // The checkpoint's bytes, read by unaligned loads only.
-            Some(base) => (base + n0 * k * 2) as *const u16,
-            None => {
-                f.resize(nb * k, 0.0);
-                w.to_f32_range(n0 * k, (n0 + nb) * k, f);
-                h.clear();
-                h.extend(f.iter().map(|&v| bf16::from_f32(v).to_bits()));
-                h.as_ptr()
-            }
-        };
-        // SAFETY: the CPU has the features (this fn's contract); x is [m, k], w_tile [nb, k]
-        // (rows n0..n0+nb of W), y_cols columns n0..n0+nb of y ([m, n], row stride n).
-        unsafe { dot_tile(x.as_ptr(), m, k, w_tile, nb, y_cols, n) };
-    });
-}
 
 /// Runs `f(state, n0, nb, y_cols)` for every tile of `tile_n` output columns `n0..n0 + nb` of
 /// y (`[m, n]`), tiles in parallel, each task with its own `state`; y_cols points at column n0
@@ -176,200 +150,228 @@ fn par_tiles<S>(n: usize, tile_n: usize, y: &mut [f32], init: impl Fn() -> S + S
     });
 }
 
-/// Rows of x per packed panel: the 16 lanes of 4 AVX-512 vectors.
-#[cfg(target_arch = "x86_64")]
-const PANEL: usize = 64;
-/// Rows of W per panel microkernel call: GROUP x 4 accumulators of the 32 vector registers.
-#[cfg(target_arch = "x86_64")]
-const GROUP: usize = 6;
-/// Output columns per panel GEMM task, a multiple of GROUP.
-#[cfg(target_arch = "x86_64")]
-const PANEL_TILE_N: usize = 96;
-/// Depth per pass of the panel GEMM: the pass's slices of x's panel (512 KiB) and of W's tile
-/// (768 KiB) stay in L2 while every group of W rows streams past the panel.
-#[cfg(target_arch = "x86_64")]
-const PANEL_KC: usize = 2048;
-/// Rows from which the GEMMs run the panel microkernel rather than the dot one (on the Xeon this
-/// was written on: the panel 1.2x faster at 48 rows; against the `gemm` crate even at 16 rows,
-/// 1.7x faster at 32, 1.5x at 64 and more).
+/// Rows from which the GEMMs run the panel microkernel rather than the dot one (measured in
+/// prefill on the Xeon this was written on: the dot one 1.3x faster at 24 rows, the panel 1.05x
+/// at 48; against the `gemm` crate the panel is even at 16 rows, 1.7x faster at 32, 1.5x at 64
+/// and more).
 pub const PANEL_MIN_ROWS: usize = 32;
 
-/// y = x W^T with the panel microkernel. x is packed once, transposed by panels of PANEL rows
-/// (`xp[panel][p][row]`); each task converts one tile of W to f32 (rows padded with zeros to a
-/// multiple of GROUP) and, per panel, runs GROUP rows of W at a time against the panel:
-/// broadcast w[j, p], multiply-add the panel's 4 vectors of x[.., p]. Every output is one
-/// chain of fused multiply-adds over p in order, so a row's result does not depend on the
-/// other rows of the call. With `bf16_operands`, x is rounded as it is packed.
-///
-/// # Safety
-/// The CPU has AVX512-F.
+/// The AVX-512 microkernels (x86-64 only; callers check [`has_avx512`] at run time).
 #[cfg(target_arch = "x86_64")]
-unsafe fn panel_gemm(x: &[f32], m: usize, w: &Weight, y: &mut [f32], bf16_operands: bool) {
-    let (n, k) = (w.shape[0], w.shape[1]);
-    let panels = m.div_ceil(PANEL);
-    let mut xp = vec![0.0f32; panels * k * PANEL]; // [panels, k, PANEL]: x^T by panels, zero past row m
-    xp.par_chunks_mut(k * PANEL).enumerate().for_each(|(b, panel)| {
-        for r in 0..PANEL.min(m - b * PANEL) {
-            for (p, &v) in x[(b * PANEL + r) * k..][..k].iter().enumerate() {
-                panel[p * PANEL + r] = if bf16_operands { bf16::from_f32(v).to_f32() } else { v };
+mod avx512 {
+    use half::bf16;
+    use rayon::prelude::*;
+
+    use super::{TILE_N, par_tiles, round_to_bf16};
+    use crate::model::checkpoint::Weight;
+    use crate::model::config::DType;
+
+    /// y = x W^T with the dot microkernel, W in bf16: a bf16 checkpoint's bytes as stored, else
+    /// each tile converted and rounded to bf16 (only the bf16 GEMM calls it so).
+    ///
+    /// # Safety
+    /// The CPU has AVX512-F, -BW and -VL.
+    pub(super) unsafe fn dot_gemm(x: &[f32], m: usize, w: &Weight, y: &mut [f32]) {
+        let (n, k) = (w.shape[0], w.shape[1]);
+        let stored = (w.dtype == DType::BF16).then(|| w.bytes().as_ptr() as usize);
+        par_tiles(n, TILE_N, y, <(Vec<f32>, Vec<u16>)>::default, |(f, h), n0, nb, y_cols| {
+            let w_tile = match stored {
+                // The checkpoint's bytes, read by unaligned loads only.
+                Some(base) => (base + n0 * k * 2) as *const u16,
+                None => {
+                    f.resize(nb * k, 0.0);
+                    w.to_f32_range(n0 * k, (n0 + nb) * k, f);
+                    h.clear();
+                    h.extend(f.iter().map(|&v| bf16::from_f32(v).to_bits()));
+                    h.as_ptr()
+                }
+            };
+            // SAFETY: the CPU has the features (this fn's contract); x is [m, k], w_tile [nb, k]
+            // (rows n0..n0+nb of W), y_cols columns n0..n0+nb of y ([m, n], row stride n).
+            unsafe { dot_tile(x.as_ptr(), m, k, w_tile, nb, y_cols, n) };
+        });
+    }
+
+    /// Rows of x per packed panel: the 16 lanes of 4 AVX-512 vectors.
+    const PANEL: usize = 64;
+    /// Rows of W per panel microkernel call: GROUP x 4 accumulators of the 32 vector registers.
+    const GROUP: usize = 6;
+    /// Output columns per panel GEMM task, a multiple of GROUP.
+    const PANEL_TILE_N: usize = 96;
+    /// Depth per pass of the panel GEMM: the pass's slices of x's panel (512 KiB) and of W's tile
+    /// (768 KiB) stay in L2 while every group of W rows streams past the panel.
+    const PANEL_KC: usize = 2048;
+
+    /// y = x W^T with the panel microkernel. x is packed once, transposed by panels of PANEL rows
+    /// (`xp[panel][p][row]`); each task converts one tile of W to f32 (rows padded with zeros to a
+    /// multiple of GROUP) and, per panel, runs GROUP rows of W at a time against the panel:
+    /// broadcast w[j, p], multiply-add the panel's 4 vectors of x[.., p]. Every output is one
+    /// chain of fused multiply-adds over p in order, so a row's result does not depend on the
+    /// other rows of the call. With `bf16_operands`, x is rounded as it is packed.
+    ///
+    /// # Safety
+    /// The CPU has AVX512-F.
+    pub(super) unsafe fn panel_gemm(x: &[f32], m: usize, w: &Weight, y: &mut [f32], bf16_operands: bool) {
+        let (n, k) = (w.shape[0], w.shape[1]);
+        let panels = m.div_ceil(PANEL);
+        let mut xp = vec![0.0f32; panels * k * PANEL]; // [panels, k, PANEL]: x^T by panels, zero past row m
+        xp.par_chunks_mut(k * PANEL).enumerate().for_each(|(b, panel)| {
+            for r in 0..PANEL.min(m - b * PANEL) {
+                for (p, &v) in x[(b * PANEL + r) * k..][..k].iter().enumerate() {
+                    panel[p * PANEL + r] = if bf16_operands { bf16::from_f32(v).to_f32() } else { v };
+                }
+            }
+        });
+        let round_w = bf16_operands && w.dtype != DType::BF16;
+        par_tiles(n, PANEL_TILE_N, y, <(Vec<f32>, Vec<f32>)>::default, |(tile, acc), n0, nb, y_cols| {
+            let rows_w = nb.div_ceil(GROUP) * GROUP;
+            tile.resize(rows_w * k, 0.0); // [rows_w, k]: rows n0..n0+nb of W, then zeros
+            w.to_f32_range(n0 * k, (n0 + nb) * k, &mut tile[..nb * k]);
+            tile[nb * k..].fill(0.0);
+            if round_w {
+                round_to_bf16(&mut tile[..nb * k]);
+            }
+            acc.resize(rows_w * PANEL, 0.0); // [rows_w, PANEL]: y^T of one panel
+            for b in 0..panels {
+                let rows = PANEL.min(m - b * PANEL);
+                for k0 in (0..k).step_by(PANEL_KC) {
+                    let kc = PANEL_KC.min(k - k0);
+                    for j in (0..rows_w).step_by(GROUP) {
+                        let (xb, wb, ab) = (xp[b * k * PANEL + k0 * PANEL..].as_ptr(), tile[j * k + k0..].as_ptr(), acc[j * PANEL..].as_mut_ptr());
+                        // SAFETY: the CPU has avx512f (this fn's contract); xb covers kc rows of PANEL,
+                        // wb GROUP rows of stride k from depth k0 (k0 + kc <= k), ab GROUP rows of
+                        // PANEL (j + GROUP <= rows_w).
+                        unsafe {
+                            match rows.div_ceil(16) {
+                                1 => panel_block::<1>(xb, kc, wb, k, ab, k0 == 0),
+                                2 => panel_block::<2>(xb, kc, wb, k, ab, k0 == 0),
+                                3 => panel_block::<3>(xb, kc, wb, k, ab, k0 == 0),
+                                _ => panel_block::<4>(xb, kc, wb, k, ab, k0 == 0),
+                            }
+                        }
+                    }
+                }
+                for r in 0..rows {
+                    // SAFETY: y_cols is columns n0..n0+nb of y ([m, n], row stride n), which no
+                    // other task writes; row b * PANEL + r < m.
+                    let y_row = unsafe { std::slice::from_raw_parts_mut(y_cols.add((b * PANEL + r) * n), nb) };
+                    for (j, v) in y_row.iter_mut().enumerate() {
+                        *v = acc[j * PANEL + r];
+                    }
+                }
+            }
+        });
+    }
+
+    /// acc[j][16 v + l] (+)= sum_{p < kc} w[j, p] xp[p][16 v + l] for j < GROUP, v < V, l < 16
+    /// (w row stride `ldw`, xp row stride PANEL, acc row stride PANEL); starts from zero when
+    /// `first`, else from acc.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F; the pointers cover the shapes above.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn panel_block<const V: usize>(xp: *const f32, kc: usize, w: *const f32, ldw: usize, acc: *mut f32, first: bool) {
+        use std::arch::x86_64::*;
+        unsafe {
+            let mut a = [[_mm512_setzero_ps(); V]; GROUP];
+            if !first {
+                for (j, row) in a.iter_mut().enumerate() {
+                    for (v, r) in row.iter_mut().enumerate() {
+                        *r = _mm512_loadu_ps(acc.add(j * PANEL + 16 * v));
+                    }
+                }
+            }
+            for p in 0..kc {
+                let mut xv = [_mm512_setzero_ps(); V];
+                for (v, r) in xv.iter_mut().enumerate() {
+                    *r = _mm512_loadu_ps(xp.add(p * PANEL + 16 * v));
+                }
+                for (j, row) in a.iter_mut().enumerate() {
+                    let s = _mm512_set1_ps(*w.add(j * ldw + p));
+                    for (r, xr) in row.iter_mut().zip(&xv) {
+                        *r = _mm512_fmadd_ps(s, *xr, *r);
+                    }
+                }
+            }
+            for (j, row) in a.iter().enumerate() {
+                for (v, r) in row.iter().enumerate() {
+                    _mm512_storeu_ps(acc.add(j * PANEL + 16 * v), *r);
+                }
             }
         }
-    });
-    let round_w = bf16_operands && w.dtype != DType::BF16;
-    par_tiles(n, PANEL_TILE_N, y, <(Vec<f32>, Vec<f32>)>::default, |(tile, acc), n0, nb, y_cols| {
-        let rows_w = nb.div_ceil(GROUP) * GROUP;
-        tile.resize(rows_w * k, 0.0); // [rows_w, k]: rows n0..n0+nb of W, then zeros
-        w.to_f32_range(n0 * k, (n0 + nb) * k, &mut tile[..nb * k]);
-        tile[nb * k..].fill(0.0);
-        if round_w {
-            round_to_bf16(&mut tile[..nb * k]);
-        }
-        acc.resize(rows_w * PANEL, 0.0); // [rows_w, PANEL]: y^T of one panel
-        for b in 0..panels {
-            let rows = PANEL.min(m - b * PANEL);
-            for k0 in (0..k).step_by(PANEL_KC) {
-                let kc = PANEL_KC.min(k - k0);
-                for j in (0..rows_w).step_by(GROUP) {
-                    let (xb, wb, ab) = (xp[b * k * PANEL + k0 * PANEL..].as_ptr(), tile[j * k + k0..].as_ptr(), acc[j * PANEL..].as_mut_ptr());
-                    // SAFETY: the CPU has avx512f (this fn's contract); xb covers kc rows of PANEL,
-                    // wb GROUP rows of stride k from depth k0 (k0 + kc <= k), ab GROUP rows of
-                    // PANEL (j + GROUP <= rows_w).
-                    unsafe {
-                        match rows.div_ceil(16) {
-                            1 => panel_block::<1>(xb, kc, wb, k, ab, k0 == 0),
-                            2 => panel_block::<2>(xb, kc, wb, k, ab, k0 == 0),
-                            3 => panel_block::<3>(xb, kc, wb, k, ab, k0 == 0),
-                            _ => panel_block::<4>(xb, kc, wb, k, ab, k0 == 0),
+    }
+
+    /// Rows of x per microkernel block.
+    const MR: usize = 4;
+    /// Rows of W per microkernel block.
+    const NR: usize = 4;
+    /// Depth per pass: a block's MR rows of KC f32 and NR of KC bf16 (48 KiB) stay in L1/L2 while
+    /// it runs.
+    const KC: usize = 2048;
+
+    /// y[i, j] = sum_p x[i, p] w[j, p] for i < m, j < nb; x `[m, k]` f32 and w `[nb, k]` bf16
+    /// bits, y row stride `ldy`. Loops: depth passes of KC, then MR x NR blocks, W rows outer so a
+    /// block of W stays in L1 while every row of x streams past it.
+    ///
+    /// # Safety
+    /// The CPU has AVX512-F, -BW and -VL; the pointers cover the shapes above.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    unsafe fn dot_tile(x: *const f32, m: usize, k: usize, w: *const u16, nb: usize, y: *mut f32, ldy: usize) {
+        unsafe {
+            for i in 0..m {
+                std::ptr::write_bytes(y.add(i * ldy), 0, nb);
+            }
+            for k0 in (0..k).step_by(KC) {
+                let kc = KC.min(k - k0);
+                for j in (0..nb).step_by(NR) {
+                    let nr = NR.min(nb - j);
+                    for i in (0..m).step_by(MR) {
+                        let mr = MR.min(m - i);
+                        let (xb, wb, yb) = (x.add(i * k + k0), w.add(j * k + k0), y.add(i * ldy + j));
+                        match (mr == MR, nr == NR) {
+                            (true, true) => block::<MR, NR>(xb, wb, k, kc, yb, ldy),
+                            (true, false) => (0..nr).for_each(|jj| block::<MR, 1>(xb, wb.add(jj * k), k, kc, yb.add(jj), ldy)),
+                            (false, true) => (0..mr).for_each(|ii| block::<1, NR>(xb.add(ii * k), wb, k, kc, yb.add(ii * ldy), ldy)),
+                            (false, false) => (0..mr).for_each(|ii| (0..nr).for_each(|jj| block::<1, 1>(xb.add(ii * k), wb.add(jj * k), k, kc, yb.add(ii * ldy + jj), ldy))),
                         }
                     }
                 }
             }
-            for r in 0..rows {
-                // SAFETY: y_cols is columns n0..n0+nb of y ([m, n], row stride n), which no
-                // other task writes; row b * PANEL + r < m.
-                let y_row = unsafe { std::slice::from_raw_parts_mut(y_cols.add((b * PANEL + r) * n), nb) };
-                for (j, v) in y_row.iter_mut().enumerate() {
-                    *v = acc[j * PANEL + r];
-                }
-            }
-        }
-    });
-}
-
-/// acc[j][16 v + l] (+)= sum_{p < kc} w[j, p] xp[p][16 v + l] for j < GROUP, v < V, l < 16
-/// (w row stride `ldw`, xp row stride PANEL, acc row stride PANEL); starts from zero when
-/// `first`, else from acc.
-///
-/// # Safety
-/// The CPU has AVX-512F; the pointers cover the shapes above.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-#[inline]
-unsafe fn panel_block<const V: usize>(xp: *const f32, kc: usize, w: *const f32, ldw: usize, acc: *mut f32, first: bool) {
-    use std::arch::x86_64::*;
-    unsafe {
-        let mut a = [[_mm512_setzero_ps(); V]; GROUP];
-        if !first {
-            for (j, row) in a.iter_mut().enumerate() {
-                for (v, r) in row.iter_mut().enumerate() {
-                    *r = _mm512_loadu_ps(acc.add(j * PANEL + 16 * v));
-                }
-            }
-        }
-        for p in 0..kc {
-            let mut xv = [_mm512_setzero_ps(); V];
-            for (v, r) in xv.iter_mut().enumerate() {
-                *r = _mm512_loadu_ps(xp.add(p * PANEL + 16 * v));
-            }
-            for (j, row) in a.iter_mut().enumerate() {
-                let s = _mm512_set1_ps(*w.add(j * ldw + p));
-                for (r, xr) in row.iter_mut().zip(&xv) {
-                    *r = _mm512_fmadd_ps(s, *xr, *r);
-                }
-            }
-        }
-        for (j, row) in a.iter().enumerate() {
-            for (v, r) in row.iter().enumerate() {
-                _mm512_storeu_ps(acc.add(j * PANEL + 16 * v), *r);
-            }
         }
     }
-}
 
-/// Rows of x per microkernel block.
-#[cfg(target_arch = "x86_64")]
-const MR: usize = 4;
-/// Rows of W per microkernel block.
-#[cfg(target_arch = "x86_64")]
-const NR: usize = 4;
-/// Depth per pass: a block's MR rows of KC f32 and NR of KC bf16 (48 KiB) stay in L1/L2 while
-/// it runs.
-#[cfg(target_arch = "x86_64")]
-const KC: usize = 2048;
-
-/// y[i, j] = sum_p x[i, p] w[j, p] for i < m, j < nb; x `[m, k]` f32 and w `[nb, k]` bf16
-/// bits, y row stride `ldy`. Loops: depth passes of KC, then MR x NR blocks, W rows outer so a
-/// block of W stays in L1 while every row of x streams past it.
-///
-/// # Safety
-/// The CPU has AVX512-F, -BW and -VL; the pointers cover the shapes above.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-unsafe fn dot_tile(x: *const f32, m: usize, k: usize, w: *const u16, nb: usize, y: *mut f32, ldy: usize) {
-    unsafe {
-        for i in 0..m {
-            std::ptr::write_bytes(y.add(i * ldy), 0, nb);
-        }
-        for k0 in (0..k).step_by(KC) {
-            let kc = KC.min(k - k0);
-            for j in (0..nb).step_by(NR) {
-                let nr = NR.min(nb - j);
-                for i in (0..m).step_by(MR) {
-                    let mr = MR.min(m - i);
-                    let (xb, wb, yb) = (x.add(i * k + k0), w.add(j * k + k0), y.add(i * ldy + j));
-                    match (mr == MR, nr == NR) {
-                        (true, true) => block::<MR, NR>(xb, wb, k, kc, yb, ldy),
-                        (true, false) => (0..nr).for_each(|jj| block::<MR, 1>(xb, wb.add(jj * k), k, kc, yb.add(jj), ldy)),
-                        (false, true) => (0..mr).for_each(|ii| block::<1, NR>(xb.add(ii * k), wb, k, kc, yb.add(ii * ldy), ldy)),
-                        (false, false) => (0..mr).for_each(|ii| (0..nr).for_each(|jj| block::<1, 1>(xb.add(ii * k), wb.add(jj * k), k, kc, yb.add(ii * ldy + jj), ldy))),
+    /// y[i, j] += sum_{p < kc} x[i, p] w[j, p] for i < R, j < C (x, w row stride `ld` elements):
+    /// R x C accumulators of 16 f32 lanes; each step widens 16 bf16 weights to f32 (exact: a
+    /// shift) and multiply-adds them with 16 elements of x. The last partial step loads under a
+    /// mask (masked-off elements read as 0 and never touch memory).
+    ///
+    /// # Safety
+    /// As [`dot_tile`].
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    #[inline]
+    unsafe fn block<const R: usize, const C: usize>(x: *const f32, w: *const u16, ld: usize, kc: usize, y: *mut f32, ldy: usize) {
+        use std::arch::x86_64::*;
+        unsafe {
+            let mut acc = [[_mm512_setzero_ps(); C]; R];
+            for p in (0..kc).step_by(16) {
+                let mask: __mmask16 = if kc - p >= 16 { !0 } else { (1u16 << (kc - p)) - 1 };
+                let mut wv = [_mm512_setzero_ps(); C];
+                for (j, v) in wv.iter_mut().enumerate() {
+                    let bits = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, w.add(j * ld + p) as *const i16));
+                    *v = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(bits));
+                }
+                for (i, row) in acc.iter_mut().enumerate() {
+                    let xv = _mm512_maskz_loadu_ps(mask, x.add(i * ld + p));
+                    for (a, v) in row.iter_mut().zip(&wv) {
+                        *a = _mm512_fmadd_ps(xv, *v, *a);
                     }
                 }
             }
-        }
-    }
-}
-
-/// y[i, j] += sum_{p < kc} x[i, p] w[j, p] for i < R, j < C (x, w row stride `ld` elements):
-/// R x C accumulators of 16 f32 lanes; each step widens 16 bf16 weights to f32 (exact: a
-/// shift) and multiply-adds them with 16 elements of x. The last partial step loads under a
-/// mask (masked-off elements read as 0 and never touch memory).
-///
-/// # Safety
-/// As [`dot_tile`].
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-#[inline]
-unsafe fn block<const R: usize, const C: usize>(x: *const f32, w: *const u16, ld: usize, kc: usize, y: *mut f32, ldy: usize) {
-    use std::arch::x86_64::*;
-    unsafe {
-        let mut acc = [[_mm512_setzero_ps(); C]; R];
-        for p in (0..kc).step_by(16) {
-            let mask: __mmask16 = if kc - p >= 16 { !0 } else { (1u16 << (kc - p)) - 1 };
-            let mut wv = [_mm512_setzero_ps(); C];
-            for (j, v) in wv.iter_mut().enumerate() {
-                let bits = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, w.add(j * ld + p) as *const i16));
-                *v = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(bits));
-            }
-            for (i, row) in acc.iter_mut().enumerate() {
-                let xv = _mm512_maskz_loadu_ps(mask, x.add(i * ld + p));
-                for (a, v) in row.iter_mut().zip(&wv) {
-                    *a = _mm512_fmadd_ps(xv, *v, *a);
+            for (i, row) in acc.iter().enumerate() {
+                for (j, a) in row.iter().enumerate() {
+                    *y.add(i * ldy + j) += _mm512_reduce_add_ps(*a);
                 }
-            }
-        }
-        for (i, row) in acc.iter().enumerate() {
-            for (j, a) in row.iter().enumerate() {
-                *y.add(i * ldy + j) += _mm512_reduce_add_ps(*a);
             }
         }
     }
