@@ -207,7 +207,8 @@ mod avx512 {
     /// multiple of GROUP) and, per panel, runs GROUP rows of W at a time against the panel:
     /// broadcast w[j, p], multiply-add the panel's 4 vectors of x[.., p]. Every output is one
     /// chain of fused multiply-adds over p in order, so a row's result does not depend on the
-    /// other rows of the call. With `bf16_operands`, x is rounded as it is packed.
+    /// other rows of the call (among calls of PANEL_MIN_ROWS rows or more: below, the dot
+    /// microkernel sums in another order). With `bf16_operands`, x is rounded as it is packed.
     ///
     /// # Safety
     /// The CPU has AVX512-F.
