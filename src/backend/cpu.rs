@@ -92,12 +92,12 @@ fn check_shapes(x: &[f32], m: usize, w: &Weight, y: &[f32]) {
     assert!(x.len() == m * k && y.len() == m * n, "matmul: x {} (m {m} k {k}), y {} (n {n})", x.len(), y.len());
 }
 
-/// y = x W^T in f32, W converted to f32 tile by tile; with `bf16_operands`, of x and W rounded
-/// to bf16 (x as it is packed or copied, W tile by tile unless stored so). Where `simd` (the
-/// caller has checked [`has_avx512`]): the panel microkernel from [`PANEL_MIN_ROWS`] rows; below,
-/// the dot microkernel, on W in bf16 (a bf16 checkpoint's bytes as stored, or a rounded tile);
-/// f32 weights in f32 below PANEL_MIN_ROWS, and every GEMM without `simd`, through the `gemm`
-/// crate.
+/// y = x W^T in f32; with `bf16_operands`, of x and W rounded to bf16 (x as it is packed or
+/// copied, W tile by tile unless stored so). Where `simd` (the caller has checked
+/// [`has_avx512`]): the panel microkernel from [`PANEL_MIN_ROWS`] rows; below, the dot
+/// microkernel, on W in bf16 (a bf16 checkpoint's bytes as stored, or a rounded tile). f32
+/// weights in f32 below PANEL_MIN_ROWS, and every GEMM without `simd`: W converted to f32 tile by
+/// tile and multiplied with the `gemm` crate.
 fn gemm_on(x: &[f32], m: usize, w: &Weight, y: &mut [f32], bf16_operands: bool, simd: bool) {
     let (n, k) = (w.shape[0], w.shape[1]);
     check_shapes(x, m, w, y);
@@ -137,7 +137,6 @@ fn gemm_on(x: &[f32], m: usize, w: &Weight, y: &mut [f32], bf16_operands: bool, 
         }
     });
 }
-
 
 /// Runs `f(state, n0, nb, y_cols)` for every tile of `tile_n` output columns `n0..n0 + nb` of
 /// y (`[m, n]`), tiles in parallel, each task with its own `state`; y_cols points at column n0
